@@ -1,0 +1,3 @@
+"""Compression passes: one module per pass, registered by decorator; imported explicitly here."""
+from . import cleanup  # noqa: F401
+from . import fold_bn  # noqa: F401

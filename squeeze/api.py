@@ -1,0 +1,259 @@
+"""The Python API, used by the CLI too (one code path):
+
+    result = squeeze.compress("model.onnx", passes="cleanup,fold-bn", eval="test.npz", targets="cpu")
+    result.model          # the compressed onnx.ModelProto
+    result.report         # the report dict (report.json's content)
+    result.save("out/")   # model.onnx, report.json, report.md
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+
+from . import __version__, report as report_mod, runtime, verify
+from .data import Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
+from .errors import OutputError, PassError, SqueezeError, TargetError
+from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
+from .pipeline import evaluate, model_stats, run_pipeline
+from .registry import get_pass, get_target
+from .spec import Call, bind
+from .timing import time_calls
+
+SYNTHETIC_SAMPLES = 32
+CHECK_SAMPLES = 8
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: dict
+    failure: str | None = None
+    exception: BaseException | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
+        """Write model.onnx, report.json and report.md into `out_dir` (atomically, each file)."""
+        out = prepare_out_dir(Path(out_dir), force=force)
+        save_model(self.model, out / "model.onnx")
+        self.report["final"]["bytes"]["file"] = file_bytes(out / "model.onnx")
+        report_mod.write(self.report, out)
+        return out
+
+    def raise_for_failure(self) -> None:
+        if self.failure:
+            raise PassError(self.failure)
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[str] = "", *,
+             calib: str | os.PathLike | Dataset | None = None, eval: str | os.PathLike | Dataset | None = None,
+             targets: str | Iterable[str] = "cpu", seed: int = 0,
+             input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None, threads: int | None = None,
+             runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
+             progress: Callable[[str], None] | None = None) -> Result:
+    """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
+
+    With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
+    pass fails), then the report. Bad input raises a SqueezeError subclass with a one-line message.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda msg: None)
+    pass_calls = bind(_join(passes), get_pass)
+    target_calls = bind(_join(targets), get_target)
+    out = prepare_out_dir(Path(out_dir), force=force) if out_dir is not None else None
+
+    source_path: Path | None = None
+    if isinstance(model, onnx.ModelProto):
+        original = model
+    else:
+        source_path = Path(model)
+        say(f"loading {source_path}")
+        original = load_model(source_path)
+    source_hash = sha256(source_path) if source_path else None
+    specs = input_specs(original)
+    overrides = parse_shape_overrides(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
+    calib_data = _dataset(calib, specs, overrides)
+    eval_data = _dataset(eval, specs, overrides)
+    shapes = resolve_shapes(specs, overrides, calib_data or eval_data)
+    if calib_data is None:
+        calib_data = synthesize(specs, shapes, SYNTHETIC_SAMPLES, seed)
+    for data in (calib_data, eval_data):
+        if data is not None:
+            _check_fits(data, specs, shapes)
+
+    say("measuring the original model")
+    original_stats = model_stats(original, shapes)
+    original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
+    original_accuracy = evaluate(original, eval_data, threads)
+
+    result = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
+                          threads=threads, progress=say)
+    final = result.model
+    files: list[Path] = []
+    final_stats = model_stats(final, shapes)
+    if out is not None:
+        files += save_model(final, out / "model.onnx")
+        final_stats["bytes"]["file"] = file_bytes(out / "model.onnx")
+    else:
+        final_stats["bytes"]["file"] = serialized_bytes(final)
+
+    reference = eval_data or calib_data
+    say("comparing the final model with the original")
+    final_fidelity = verify.fidelity(runtime.run(original, reference, threads=threads),
+                                     runtime.run(final, reference, threads=threads)) if pass_calls else None
+    final_accuracy = evaluate(final, eval_data, threads) if pass_calls else original_accuracy
+
+    report: dict[str, Any] = {
+        "squeeze_version": __version__,
+        "model": {"path": str(source_path) if source_path else None, "sha256": source_hash,
+                  "inputs": {s.name: list(shapes[s.name]) for s in specs}},
+        "seed": seed,
+        "data": {"calib": calib_data.source, "calib_samples": len(calib_data), "calib_synthetic":
+                 calib_data.source.startswith("synthetic"),
+                 "eval": eval_data.source if eval_data else None, "eval_samples": len(eval_data) if eval_data else 0},
+        "pass_spec": ",".join(str(c) for c in pass_calls),
+        "original": original_stats,
+        "final": final_stats,
+        "passes": result.steps,
+        "fidelity": final_fidelity,
+        "failure": result.failure,
+        "environment": _environment(threads),
+    }
+    if original_accuracy is not None:
+        report["accuracy"] = {"original": original_accuracy, "final": final_accuracy,
+                              "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}
+    samples = reference.samples(CHECK_SAMPLES)
+    report["onnxruntime"] = _ort_latency(original, final, samples[0], threads, runs, bool(pass_calls))
+    report["targets"] = [_run_target(call, original, final, shapes, samples, out, runs, report["onnxruntime"],
+                                     bool(pass_calls), threads, say) for call in target_calls]
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    if out is not None:
+        report_mod.write(report, out)
+        files += [out / "report.json", out / "report.md"]
+    return Result(final, report, result.failure, result.exception, files)
+
+
+def _join(spec: str | Iterable[str]) -> str:
+    return spec if isinstance(spec, str) else ",".join(spec)
+
+
+def _dataset(value, specs, overrides) -> Dataset | None:
+    if value is None or isinstance(value, Dataset):
+        return value
+    return load_npz(value, specs, overrides or None)
+
+
+def _check_fits(data: Dataset, specs, shapes) -> None:
+    from .errors import DataError  # noqa: PLC0415
+    for spec in specs:
+        sample = data.sample_shape(spec)
+        if tuple(sample) != tuple(shapes[spec.name]):
+            raise DataError(f"{data.source}: samples of {spec.name!r} have shape {list(sample)}, but the model "
+                            f"is measured with {list(shapes[spec.name])}")
+
+
+def prepare_out_dir(out: Path, force: bool = False) -> Path:
+    """Create `out`, or reuse it if it is empty or holds an earlier squeeze report; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link; give a real directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file() and not force:
+        raise OutputError(f"{out}: directory is not empty and holds no squeeze report; "
+                          "choose another -o or pass --force")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".squeeze-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def _ort_latency(original, final, feed, threads, runs, compressed) -> dict:
+    result = {}
+    for key, model in (("original", original), ("final", final)) if compressed else (("original", original),):
+        sess = runtime.session(model, threads)
+        result[key] = time_calls(lambda: sess.run(None, feed), runs=runs)
+        del sess
+    if not compressed:
+        result["final"] = result["original"]
+    return result
+
+
+def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_latency, compressed, threads,
+                say) -> dict:
+    row: dict[str, Any] = {"name": call.name, "spec": str(call)}
+    target = call.entry.obj(**call.params)
+    missing = target.missing()
+    if missing:
+        row["error"] = missing
+        return row
+    try:
+        from squeeze.targets import tvm_build  # noqa: PLC0415
+        tvm_build.set_threads(threads)
+        workdir = out if out is not None else Path(".")
+        say(f"{call.name}: compiling the compressed model with TVM")
+        artifact = target.build(final, shapes, workdir)
+        say(f"{call.name}: measuring")
+        measured = target.measure(artifact, samples, runs)
+        row["method"] = measured.method
+        row["latency_ms"] = measured.latency_ms
+        row["build_seconds"] = artifact.build_seconds
+        row["notes"] = measured.notes
+        row.update(measured.extra)
+        row.update({k: v for k, v in artifact.info.items()})
+        if measured.outputs is not None:
+            row["numeric_check"] = _numeric_check(final, samples, measured.outputs, threads)
+        if target.host_native:
+            row["baseline"] = {"engine": "onnxruntime", "model": "original", "latency_ms": ort_latency["original"]}
+            if measured.latency_ms:
+                row["speedup"] = round(ort_latency["original"]["p50"] / measured.latency_ms["p50"], 4)
+        if compressed and measured.latency_ms:
+            say(f"{call.name}: compiling and measuring the original model for comparison")
+            original_measured = target.measure(target.build(original, shapes, workdir), samples[:1], runs)
+            row["original_latency_ms"] = original_measured.latency_ms
+            row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"] / measured.latency_ms["p50"], 4)
+    except SqueezeError as exc:
+        row["error"] = str(exc)
+    return row
+
+
+def _numeric_check(model, samples, outputs: dict[str, np.ndarray], threads) -> dict:
+    """Compare a target's outputs with ONNX Runtime's on the same model and samples."""
+    sess = runtime.session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, s) for s in samples]
+    ref = {n: np.stack([r[i] for r in runs]) for i, n in enumerate(names)}
+    got = {n: outputs[str(i)] for i, n in enumerate(names) if str(i) in outputs}
+    if len(got) != len(ref) or any(got[n].shape != ref[n].shape for n in names):
+        return {"ok": False, "error": f"output shapes differ: TVM {[list(v.shape) for v in got.values()]} "
+                                      f"vs ONNX Runtime {[list(v.shape) for v in ref.values()]}"}
+    fid = verify.fidelity(ref, got)
+    fid.pop("outputs", None)
+    fid["samples"] = len(samples)
+    fid["ok"] = bool(fid.get("max_abs_rel", 0) <= 1e-3 and fid.get("top1_agreement", 1.0) == 1.0)
+    return fid
+
+
+def _environment(threads) -> dict:
+    import onnxruntime  # noqa: PLC0415
+    env = {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+           "numpy": np.__version__, "machine": platform.machine(), "threads": threads or runtime.cpu_count()}
+    try:
+        from importlib.metadata import version  # noqa: PLC0415
+        env["tvm"] = version("apache-tvm")
+    except Exception:  # not installed: the report says so
+        env["tvm"] = None
+    return env

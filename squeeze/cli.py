@@ -1,0 +1,135 @@
+"""Command line: `squeeze MODEL [--passes SPEC] [--target LIST] ...`, plus `squeeze passes|targets|inspect`.
+
+User errors print one line and exit 2 (tracebacks only with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import SqueezeError
+
+SUBCOMMANDS = ("passes", "targets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return _subcommand(argv[0], argv[1:])
+        return _run(argv)
+    except SqueezeError as exc:
+        if debug:
+            raise
+        print(f"squeeze: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("squeeze: interrupted", file=sys.stderr)
+        return 130
+
+
+class _ArgumentError(SqueezeError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        raise _ArgumentError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="squeeze",
+        description="Compress an ONNX model with verified graph rewrites, compile it with TVM, and measure it. "
+                    "Other commands: 'squeeze passes' and 'squeeze targets' list what is available.",
+        epilog="Example: squeeze model.onnx --passes 'cleanup,fold-bn' --target cpu --eval test.npz")
+    p.add_argument("model", help="the ONNX model to compress (never modified)")
+    p.add_argument("--passes", default="", metavar="SPEC",
+                   help="comma-separated passes, e.g. 'prune(ratio=0.5,criterion=fpgm),quant' (default: none)")
+    p.add_argument("--target", default="cpu", metavar="LIST",
+                   help="comma-separated targets to compile and measure on (default: cpu; 'none' skips)")
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs (arrays named after the model inputs)")
+    p.add_argument("--eval", metavar="FILE.npz", help="evaluation inputs, optionally with integer 'labels'")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: MODEL_STEM.squeeze/ beside the model)")
+    p.add_argument("--seed", type=int, default=0, help="seed for everything random (default 0)")
+    p.add_argument("--input-shape", action="append", metavar="NAME=1x3x32x32",
+                   help="concrete shape for an input with dynamic dimensions (repeatable)")
+    p.add_argument("--threads", type=int, metavar="N", help="threads for ONNX Runtime and TVM (default: all cores)")
+    p.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per latency measurement (default 50)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty output folder squeeze did not create")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"squeeze {__version__}")
+    return p
+
+
+def _run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise _ArgumentError("--threads must be at least 1")
+    if args.runs < 1:
+        raise _ArgumentError("--runs must be at least 1")
+    model = Path(args.model)
+    out = Path(args.output) if args.output else model.with_name(model.stem + ".squeeze")
+    from .runtime import cpu_count  # noqa: PLC0415
+    threads = args.threads or cpu_count()
+    from .api import compress  # noqa: PLC0415
+    progress = _Progress()
+    targets = "" if args.target.strip().lower() == "none" else args.target
+    result = compress(model, args.passes, calib=args.calib, eval=args.eval, targets=targets, seed=args.seed,
+                      input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
+                      force=args.force, progress=progress)
+    progress.done()
+    from .report import terminal_table  # noqa: PLC0415
+    print(terminal_table(result.report))
+    print(f"wrote {out / 'model.onnx'}, {out / 'report.json'}, {out / 'report.md'}")
+    if result.failure:
+        if args.debug and result.exception is not None:
+            raise result.exception
+        print(f"squeeze: error: {result.failure} (kept the last good model)", file=sys.stderr)
+        return 2
+    return 0
+
+
+class _Progress:
+    """One self-overwriting status line on a terminal; silent when stderr is not a TTY (CI logs)."""
+
+    def __init__(self) -> None:
+        self.live = sys.stderr.isatty() and os.environ.get("CI") is None
+        self.start = time.perf_counter()
+        self.width = 0
+
+    def __call__(self, message: str) -> None:
+        if self.live:
+            text = f"[{time.perf_counter() - self.start:6.1f}s] {message}"
+            sys.stderr.write("\r" + text.ljust(self.width))
+            sys.stderr.flush()
+            self.width = len(text)
+
+    def done(self) -> None:
+        if self.live and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
+def _subcommand(name: str, argv: list[str]) -> int:
+    parser = _Parser(prog=f"squeeze {name}", description=f"List the registered {name} and their parameters.")
+    parser.add_argument("--debug", action="store_true")
+    parser.parse_args(argv)
+    from .registry import all_passes, all_targets  # noqa: PLC0415
+    entries = all_passes() if name == "passes" else all_targets()
+    for entry in sorted(entries.values(), key=lambda e: e.name):
+        print(f"{entry.name}: {entry.summary}")
+        for p in entry.params:
+            bounds = f" in {p.range}" if p.range else ""
+            default = str(p.default).lower() if isinstance(p.default, bool) else p.default
+            print(f"    {p.name}: {p.type_name}{bounds} = {default}" + (f"  — {p.help}" if p.help else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Model inputs: specs, concrete shapes, calibration/evaluation data from .npz, and synthetic inputs.
+
+A `Dataset` holds one array per model input with the samples on the first axis, plus optional integer labels.
+`batches()` yields feeds the model accepts: slices along a leading batch dimension when the model has one that
+is dynamic, otherwise one sample at a time.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import DataError
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input that is not an initializer: its name, numpy dtype and (possibly symbolic) shape."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs of `model` (initializers that old IR versions also list as inputs are left out)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise DataError(f"input {value.name!r} is not a tensor; squeeze handles tensor inputs only")
+        dims: list[Dim] = []
+        for d in ttype.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)), tuple(dims)))
+    return specs
+
+
+def parse_shape_overrides(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse `--input-shape NAME=1x3x32x32` items (a bare `1x3x32x32` applies to a single-input model as `''`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items or []:
+        name, _, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise DataError(f"--input-shape {item!r}: expected NAME=DxDxD, e.g. input=1x3x32x32") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise DataError(f"--input-shape {item!r}: dimensions must be positive integers")
+        shapes[name] = shape
+    return shapes
+
+
+def resolve_shapes(specs: list[InputSpec], overrides: dict[str, tuple[int, ...]],
+                   data: "Dataset | None" = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shape (batch 1 where the batch is dynamic) for every input, from overrides, data or the model."""
+    if "" in overrides:
+        if len(specs) != 1:
+            raise DataError("--input-shape without NAME= is only allowed for single-input models; "
+                            f"inputs are: {', '.join(s.name for s in specs)}")
+        overrides = {specs[0].name: overrides[""]}
+    unknown = set(overrides) - {s.name for s in specs}
+    if unknown:
+        raise DataError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are: "
+                        f"{', '.join(s.name for s in specs)}")
+    shapes = {}
+    for spec in specs:
+        if spec.name in overrides:
+            shape = overrides[spec.name]
+            if len(shape) != len(spec.shape) or any(isinstance(m, int) and m != d for m, d in zip(spec.shape, shape)):
+                raise DataError(f"--input-shape {spec.name}={'x'.join(map(str, shape))} does not fit the model's "
+                                f"shape {_fmt(spec.shape)}")
+        elif spec.is_static:
+            shape = tuple(spec.shape)  # type: ignore[arg-type]
+        elif data is not None and spec.name in data.arrays:
+            shape = data.sample_shape(spec)
+        elif len(spec.shape) > 0 and all(isinstance(d, int) for d in spec.shape[1:]):
+            shape = (1,) + tuple(spec.shape[1:])  # only the batch dimension is dynamic: use batch 1
+        else:
+            raise DataError(f"input {spec.name!r} has dynamic dimensions {_fmt(spec.shape)}; give them with "
+                            f"--input-shape {spec.name}={'x'.join(str(d) if isinstance(d, int) else 'N' for d in spec.shape)}"
+                            " or pass --calib data")
+        shapes[spec.name] = shape
+    return shapes
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+@dataclass
+class Dataset:
+    """Arrays named after the model inputs (samples on axis 0), optional labels, and where they came from."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    source: str = "synthetic"
+    # per input: True if each sample is fed with the model's own leading batch axis (arr[i:i+1]).
+    stacked: dict[str, bool] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def sample_shape(self, spec: InputSpec) -> tuple[int, ...]:
+        arr = self.arrays[spec.name]
+        return (1,) + arr.shape[1:] if self.stacked.get(spec.name, True) else arr.shape[1:]
+
+    def subset(self, start: int, stop: int | None = None) -> "Dataset":
+        return Dataset({k: v[start:stop] for k, v in self.arrays.items()},
+                       None if self.labels is None else self.labels[start:stop], self.source, dict(self.stacked))
+
+    def samples(self, count: int) -> list[dict[str, np.ndarray]]:
+        """The first `count` samples, each as a single-sample feed (batch 1 where the model has a batch axis)."""
+        feeds = []
+        for i in range(min(count, len(self))):
+            feeds.append({k: (v[i:i + 1] if self.stacked.get(k, True) else v[i]) for k, v in self.arrays.items()})
+        return feeds
+
+    def batches(self, specs: list[InputSpec], max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds for the model: whole batches along a dynamic leading axis, else one sample per feed."""
+        dynamic_batch = all(self.stacked.get(s.name, True) and s.shape and not isinstance(s.shape[0], int)
+                            for s in specs)
+        step = max_batch if dynamic_batch else 1
+        for start in range(0, len(self), step):
+            feed = {}
+            for spec in specs:
+                arr = self.arrays[spec.name]
+                feed[spec.name] = arr[start:start + step] if self.stacked.get(spec.name, True) else arr[start]
+            yield feed
+
+
+def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
+    """Load calibration/eval data: arrays named after the inputs (or one unnamed array), optional `labels`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            raw = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    labels = raw.pop("labels", None)
+    names = [s.name for s in specs]
+    if len(specs) == 1 and specs[0].name not in raw and len(raw) == 1:
+        raw = {specs[0].name: next(iter(raw.values()))}
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise DataError(f"{path}: no array for input(s) {missing}; the file has {sorted(raw) or 'no arrays'} "
+                        f"(name arrays after the model inputs: {names}, plus an optional 'labels')")
+    extra = sorted(set(raw) - set(names))
+    if extra:
+        raise DataError(f"{path}: arrays {extra} match no model input (inputs: {names}, plus optional 'labels')")
+    arrays, stacked, count = {}, {}, None
+    for spec in specs:
+        arr = raw[spec.name]
+        if arr.ndim == 0:
+            raise DataError(f"{path}: array {spec.name!r} is a scalar; the first axis must be the samples")
+        rank = len(spec.shape)
+        if arr.ndim == rank:
+            stacked[spec.name] = True
+            sample = (1,) + arr.shape[1:]
+        elif arr.ndim == rank + 1:
+            stacked[spec.name] = False
+            sample = arr.shape[1:]
+        else:
+            raise DataError(f"{path}: array {spec.name!r} has shape {list(arr.shape)}, but the model expects "
+                            f"samples of shape {_fmt(spec.shape)} (first axis = samples)")
+        want = shapes.get(spec.name) if shapes else None
+        first = 1 if stacked[spec.name] else 0
+        fixed = [m if isinstance(m, int) else None for m in spec.shape]
+        if want:
+            fixed = list(want)
+        if any(m is not None and m != d for m, d in zip(fixed[first:], sample[first:])):
+            raise DataError(f"{path}: array {spec.name!r} has samples of shape {list(sample)}, but the model "
+                            f"expects {_fmt(want or spec.shape)}")
+        if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+            raise DataError(f"{path}: array {spec.name!r} has non-numeric dtype {arr.dtype}")
+        arrays[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
+        if count is not None and len(arr) != count:
+            raise DataError(f"{path}: arrays have different sample counts ({count} vs {len(arr)} for {spec.name!r})")
+        count = len(arr)
+    if count == 0:
+        raise DataError(f"{path}: the arrays hold no samples")
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or len(labels) != count:
+            raise DataError(f"{path}: 'labels' must be a 1-D integer array with one label per sample ({count})")
+        labels = labels.astype(np.int64)
+    return Dataset(arrays, labels, f"{path} ({count} samples)", stacked)
+
+
+def synthesize(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> Dataset:
+    """Random inputs from the specs: N(0,1) for floats, small non-negative integers for integer inputs."""
+    rng = np.random.default_rng(seed)
+    arrays, stacked = {}, {}
+    for spec in specs:
+        shape = shapes[spec.name]
+        # A leading dimension of 1 is the batch: stack samples along it; otherwise each sample is a whole feed.
+        stacked[spec.name] = len(shape) > 0 and shape[0] == 1
+        full = (count,) + (shape[1:] if stacked[spec.name] else shape)
+        if spec.dtype.kind == "f":
+            arr = rng.standard_normal(full).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            arr = rng.integers(0, 2, full).astype(spec.dtype)
+        else:
+            arr = rng.integers(0, 4, full).astype(spec.dtype)
+        arrays[spec.name] = arr
+    return Dataset(arrays, None, f"synthetic (N(0,1), seed {seed}, {count} samples)", stacked)

@@ -1,0 +1,150 @@
+"""Reports: `report.json` (the source of truth), `report.md`, and the short table printed at the end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .model import write_text_atomic
+
+SCHEMA_VERSION = 1
+
+
+def write(report: dict, out: Path) -> None:
+    report = {"schema": SCHEMA_VERSION, **report}
+    write_text_atomic(out / "report.json", json.dumps(_plain(report), indent=2, sort_keys=False) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _macs(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.2f} M"
+
+
+def _ms(lat: dict | None) -> str:
+    return "—" if not lat else f"{lat['p50']:.3f} ms (p90 {lat['p90']:.3f})"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if not a or not b else f"{a / b:.2f}×"
+
+
+def _fid(f: dict | None) -> str:
+    if not f:
+        return "—"
+    text = f"max abs {f.get('max_abs', float('nan')):.2e}, rel L2 {f.get('rel_l2', float('nan')):.2e}"
+    if "top1_agreement" in f:
+        text += f", top-1 agree {100 * f['top1_agreement']:.2f} %"
+    return text
+
+
+def markdown(report: dict) -> str:
+    o, f = report["original"], report["final"]
+    lines = [f"# squeeze report: {Path(report['model']['path']).name if report['model']['path'] else 'model'}", ""]
+    lines += [f"- passes: `{report['pass_spec'] or '(none)'}`",
+              f"- calibration data: {report['data']['calib']}",
+              f"- evaluation data: {report['data']['eval'] or '(none)'}",
+              f"- inputs: {', '.join(f'{k} {v}' for k, v in report['model']['inputs'].items())}",
+              f"- seed {report['seed']}; squeeze {report['squeeze_version']}, onnxruntime "
+              f"{report['environment']['onnxruntime']}, TVM {report['environment']['tvm']}; "
+              f"{report['environment']['threads']} thread(s)", ""]
+    if report.get("failure"):
+        lines += [f"**Pipeline stopped:** {report['failure']}. The saved model is the last one that verified.", ""]
+    lines += ["## Size and compute", "", "| | original | final | ratio |", "|---|---:|---:|---:|",
+              f"| file size | {_mb(o['bytes'].get('file'))} | {_mb(f['bytes'].get('file'))} | "
+              f"{_ratio(o['bytes'].get('file'), f['bytes'].get('file'))} |",
+              f"| parameters | {o['param_count']:,} | {f['param_count']:,} | {_ratio(o['param_count'], f['param_count'])} |",
+              f"| MACs | {_macs(o['macs'])} | {_macs(f['macs'])} | {_ratio(o['macs'], f['macs'])} |",
+              f"| nodes | {o['nodes']} | {f['nodes']} | |", ""]
+    if o.get("macs_not_counted"):
+        lines += ["Ops counted as zero MACs: " + ", ".join(f"{k} ×{v}" for k, v in o["macs_not_counted"].items()), ""]
+    acc = report.get("accuracy")
+    if acc:
+        lines += ["## Accuracy", "", f"top-1 original {100 * acc['original']['top1']:.2f} %, final "
+                  f"{100 * acc['final']['top1']:.2f} % (drop {acc['drop_pts']:.2f} pts, n = {acc['original']['n']})", ""]
+    if report.get("fidelity"):
+        lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
+    if report["passes"]:
+        lines += ["## Passes", "", "| pass | seconds | size | params | MACs | fidelity vs previous | top-1 | notes |",
+                  "|---|---:|---:|---:|---:|---|---:|---|"]
+        for step in report["passes"]:
+            if "failed" in step:
+                lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | | | | **failed** | | {step['failed']} |")
+                continue
+            top1 = f"{100 * step['accuracy']['top1']:.2f} %" if step.get("accuracy") else "—"
+            notes = "; ".join(step.get("notes", [])).replace("|", "\\|")
+            lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | {_mb(step['bytes']['onnx'])} | "
+                         f"{step['param_count']:,} | {_macs(step['macs'])} | {_fid(step['fidelity'])} | {top1} | {notes} |")
+        lines.append("")
+    lines += ["## Targets", "", "| target | method | latency (compressed) | original (same target) | "
+              "ONNX Runtime original | speed-up vs ORT | TVM vs ORT check |", "|---|---|---|---|---|---:|---|"]
+    for row in report["targets"]:
+        if "error" in row:
+            lines.append(f"| {row['spec']} | — | **error:** {row['error']} | | | | |")
+            continue
+        check = row.get("numeric_check") or {}
+        ok = ("ok" if check.get("ok") else "MISMATCH") if check else "—"
+        base = row.get("baseline", {}).get("latency_ms")
+        speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
+        lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))} | "
+                     f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} |")
+        lines[-1] += f" {ok}: {_fid(check)} |"
+    ort = report.get("onnxruntime", {})
+    lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
+              "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
+              "after warm-up; p50 is the median.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
+    return "\n".join(lines)
+
+
+def terminal_table(report: dict) -> str:
+    """A few lines for the end of a CLI run."""
+    o, f = report["original"], report["final"]
+    rows = [("", "original", "final", "ratio"),
+            ("file size", _mb(o["bytes"].get("file")), _mb(f["bytes"].get("file")),
+             _ratio(o["bytes"].get("file"), f["bytes"].get("file"))),
+            ("parameters", f"{o['param_count']:,}", f"{f['param_count']:,}", _ratio(o["param_count"], f["param_count"])),
+            ("MACs", _macs(o["macs"]), _macs(f["macs"]), _ratio(o["macs"], f["macs"]))]
+    acc = report.get("accuracy")
+    if acc:
+        rows.append(("top-1", f"{100 * acc['original']['top1']:.2f} %", f"{100 * acc['final']['top1']:.2f} %",
+                     f"{-acc['drop_pts']:+.2f} pts"))
+    ort = report.get("onnxruntime", {})
+    rows.append(("ONNX Runtime", _short(ort.get("original")), _short(ort.get("final")),
+                 _ratio((ort.get("original") or {}).get("p50"), (ort.get("final") or {}).get("p50"))))
+    for row in report["targets"]:
+        if "error" in row:
+            rows.append((f"{row['name']}", "error", row["error"][:60], ""))
+            continue
+        label = f"{row['name']} [{row['method']}]"
+        rows.append((label, _short(row.get("original_latency_ms") or row.get("latency_ms")),
+                     _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
+                                                          (row.get("latency_ms") or {}).get("p50"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def _short(lat: dict | None) -> str:
+    return "—" if not lat else f"{lat['p50']:.3f} ms"

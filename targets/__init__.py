@@ -1,0 +1,2 @@
+"""Targets: one module per target, registered by decorator; imported explicitly here."""
+from . import cpu  # noqa: F401
