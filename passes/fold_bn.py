@@ -1,6 +1,9 @@
-"""`fold-bn`: fold BatchNormalization into the Conv, ConvTranspose or Gemm that feeds it (lossless).
+"""`fold-bn`: fold inference-mode BatchNormalization into a neighbouring linear layer (lossless).
 
-y = γ (x − μ) / √(σ² + ε) + β with x = W·a + b becomes y = (s·W)·a + s(b − μ) + β, s = γ / √(σ² + ε).
+BN is the per-channel affine map y = s·x + t with s = γ / √(σ² + ε), t = β − μ·s.
+- Backward, into the Conv/ConvTranspose/Gemm that produces x: W' = s·W (per output channel), b' = s·b + t.
+- Forward, into the Conv (no padding) or Flatten→Gemm that consumes y, when nothing foldable precedes it
+  (e.g. Conv→ReLU→BN→Flatten→Gemm): W' = W·s (per input channel), b' = b + W·t.
 """
 from __future__ import annotations
 
@@ -10,101 +13,178 @@ import onnx_graphsurgeon as gs
 from squeeze.context import Context
 from squeeze.registry import register_pass
 
-FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+from .graph_util import fresh_name
 
 
 @register_pass("fold-bn")
 def fold_bn(graph: gs.Graph, ctx: Context) -> None:
-    """Fold each inference-mode BatchNormalization into the Conv/ConvTranspose/Gemm before it."""
+    """Fold each inference-mode BatchNormalization into the Conv/Gemm before it (or after it)."""
     norms = [n for n in graph.nodes if n.op == "BatchNormalization"]
     if not norms:
         ctx.note("no BatchNormalization nodes in the model")
-    folded = 0
+    folded = []
     for bn in norms:
-        reason = _fold(graph, bn)
+        reason = _affine(bn)
+        if reason is None:
+            scale, shift = _scale_shift(bn)
+            back = _fold_backward(graph, bn, scale, shift)
+            reason = back if back is None else _fold_forward(graph, bn, scale, shift)
+            if reason is not None:
+                reason = f"{back}; and forward: {reason}"
         if reason:
             ctx.note(f"kept {bn.name or 'BatchNormalization'}: {reason}")
         else:
-            folded += 1
+            folded.append(bn.name)
+    if folded:
+        ctx.note(f"folded {len(folded)} BatchNormalization node(s): {', '.join(folded)}")
     ctx.details["folded"] = folded
-    ctx.details["kept"] = len(norms) - folded
+    ctx.details["kept"] = len(norms) - len(folded)
 
 
-def _fold(graph: gs.Graph, bn: gs.Node) -> str | None:
-    """Fold `bn` into its producer; return why not, or None on success."""
+def _affine(bn: gs.Node) -> str | None:
+    """Why `bn` is not a constant per-channel affine map (None if it is)."""
     if bn.attrs.get("training_mode", 0):
         return "training_mode=1"
-    if len(bn.outputs) > 1 and any(t.outputs or t in graph.outputs for t in bn.outputs[1:]):
+    if any(t.outputs for t in bn.outputs[1:]):
         return "uses its running-statistics outputs"
-    params = bn.inputs[1:5]
-    if len(params) < 4 or not all(isinstance(t, gs.Constant) for t in params):
+    if len(bn.inputs) < 5 or not all(isinstance(t, gs.Constant) for t in bn.inputs[1:5]):
         return "scale/bias/mean/var are not constants"
+    return None
+
+
+def _scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    gamma, beta, mean, var = (t.values.astype(np.float64) for t in bn.inputs[1:5])
+    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def _fold_backward(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray) -> str | None:
     x = bn.inputs[0]
     if len(x.inputs) != 1:
-        return "input is not produced by a node"
+        return "its input is not produced by a node"
     producer = x.inputs[0]
-    if producer.op not in FOLDABLE:
+    if producer.op not in ("Conv", "ConvTranspose", "Gemm"):
         return f"preceded by {producer.op}, not Conv/ConvTranspose/Gemm"
     if len(x.outputs) != 1 or x in graph.outputs:
         return f"the output of {producer.name} is also used elsewhere"
-    weight = producer.inputs[1]
-    if not isinstance(weight, gs.Constant):
-        return f"{producer.name} has a non-constant weight"
-    if len(producer.inputs) > 2 and not isinstance(producer.inputs[2], gs.Constant):
-        return f"{producer.name} has a non-constant bias"
-    if len(producer.inputs) > 2 and producer.inputs[2].values.size not in (1, len(params[0].values)):
-        return f"{producer.name} has a bias that is not per-channel"
-    gamma, beta, mean, var = (p.values.astype(np.float64) for p in params)
-    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-    shift = beta - mean * scale
-    w = weight.values
+    reason = _constant_weights(producer, len(scale))
+    if reason:
+        return reason
+    w = producer.inputs[1].values
     w64 = w.astype(np.float64)
-    channels = len(scale)
     if producer.op == "Conv":
-        if w.shape[0] != channels:
+        if w.shape[0] != len(scale):
             return "channel count mismatch"
         new_w = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif producer.op == "ConvTranspose":
+    elif producer.op == "ConvTranspose":  # weight [C_in, C_out/group, k...]
         group = int(producer.attrs.get("group", 1))
         per_group = w.shape[1]
-        if per_group * group != channels:
+        if per_group * group != len(scale):
             return "channel count mismatch"
         blocks = w64.reshape((group, w.shape[0] // group, per_group) + w.shape[2:])
         new_w = (blocks * scale.reshape((group, 1, per_group) + (1,) * (w.ndim - 2))).reshape(w.shape)
-    else:  # Gemm: Y = alpha·A'·B' + beta·C; the output features are B' columns
+    else:  # Gemm: Y = alpha·A'·B' + beta·C, output features are the columns of B'
         trans_b = int(producer.attrs.get("transB", 0))
-        if (w.shape[0] if trans_b else w.shape[1]) != channels or x.shape is None or len(x.shape or []) != 2:
-            return "Gemm output is not [N, channels]"
+        if (w.shape[0] if trans_b else w.shape[1]) != len(scale):
+            return "Gemm output features do not match the BatchNormalization channels"
         new_w = w64 * (scale[:, None] if trans_b else scale[None, :])
-    bias = _bias(producer, channels)
+    bias = _bias(producer, len(scale))
     if producer.op == "Gemm":
         bias = bias * float(producer.attrs.get("beta", 1.0))
         producer.attrs["beta"] = 1.0
-    new_b = bias * scale + shift
-    dtype = w.dtype
-    producer.inputs[1] = gs.Constant(_fresh(graph, weight.name + "_bnfolded"), new_w.astype(dtype))
-    b_const = gs.Constant(_fresh(graph, (producer.name or "node") + "_bias_bnfolded"), new_b.astype(dtype))
-    if len(producer.inputs) > 2:
-        producer.inputs[2] = b_const
-    else:
-        producer.inputs.append(b_const)
-    # The producer now writes the BN's output tensor directly.
+    _set_weights(graph, producer, new_w, bias * scale + shift, w.dtype)
     out = bn.outputs[0]
     bn.outputs.clear()
-    producer.outputs[0] = out
+    producer.outputs[0] = out  # the producer now writes the BN's output tensor directly
+    return None
+
+
+def _fold_forward(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    y = bn.outputs[0]
+    if y in graph.outputs or len(y.outputs) != 1:
+        return "its output has several consumers or is a graph output"
+    consumer = y.outputs[0]
+    spatial = 1
+    flatten = None
+    if consumer.op == "Flatten" and int(consumer.attrs.get("axis", 1)) == 1:
+        flatten, out = consumer, consumer.outputs[0]
+        if out in graph.outputs or len(out.outputs) != 1 or out.outputs[0].op != "Gemm":
+            return "Flatten is not followed by a single Gemm"
+        consumer = out.outputs[0]
+        if consumer.inputs[0] is not out or consumer.attrs.get("transA", 0):
+            return "Gemm does not take the flattened tensor as its (untransposed) first input"
+    elif consumer.op not in ("Conv", "Gemm") or consumer.inputs[0] is not y:
+        return f"followed by {consumer.op}, not Conv/Gemm/Flatten→Gemm"
+    reason = _constant_weights(consumer, None)
+    if reason:
+        return reason
+    w = consumer.inputs[1].values
+    w64 = w.astype(np.float64)
+    channels = len(scale)
+    if consumer.op == "Conv":
+        if any(int(p) != 0 for p in consumer.attrs.get("pads", [])) or consumer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return "the following Conv pads its input (padding would see the shift)"
+        group = int(consumer.attrs.get("group", 1))
+        per_group = w.shape[1]
+        if per_group * group != channels:
+            return "channel count mismatch"
+        # input channel of weight [o, j] is (o // (M/group)) * per_group + j
+        in_channel = (np.arange(w.shape[0])[:, None] // (w.shape[0] // group)) * per_group + np.arange(per_group)[None, :]
+        s = scale[in_channel].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+        t = shift[in_channel].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+        new_w = w64 * s
+        extra = (w64 * t).reshape(w.shape[0], -1).sum(axis=1)
+    else:
+        trans_b = int(consumer.attrs.get("transB", 0))
+        mat = w64.T if trans_b else w64  # [K, N]
+        if mat.shape[0] % channels:
+            return "Gemm input features are not a multiple of the channels"
+        spatial = mat.shape[0] // channels
+        if flatten is None and spatial != 1:
+            return "Gemm input features do not match the channels"
+        s = np.repeat(scale, spatial)[:, None]
+        t = np.repeat(shift, spatial)[:, None]
+        alpha = float(consumer.attrs.get("alpha", 1.0))
+        new_mat = mat * s
+        extra = alpha * (mat * t).sum(axis=0)
+        new_w = new_mat.T if trans_b else new_mat
+    bias = _bias(consumer, w.shape[0] if consumer.op == "Conv" else len(extra))
+    if consumer.op == "Gemm":
+        bias = bias * float(consumer.attrs.get("beta", 1.0))
+        consumer.attrs["beta"] = 1.0
+    _set_weights(graph, consumer, new_w, bias + extra, w.dtype)
+    # Bypass the BN: whoever read its output now reads its input.
+    x = bn.inputs[0]
+    for node in list(y.outputs):
+        node.inputs[node.inputs.index(y)] = x
+    bn.outputs.clear()
+    return None
+
+
+def _constant_weights(node: gs.Node, channels: int | None) -> str | None:
+    if not isinstance(node.inputs[1], gs.Constant):
+        return f"{node.name} has a non-constant weight"
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if not isinstance(node.inputs[2], gs.Constant):
+            return f"{node.name} has a non-constant bias"
+        out_features = channels or node.inputs[2].values.size
+        if node.inputs[2].values.size not in (1, out_features) or node.inputs[2].values.ndim > 2:
+            return f"{node.name} has a bias that is not per-channel"
     return None
 
 
 def _bias(node: gs.Node, channels: int) -> np.ndarray:
-    """The producer's bias as a per-channel vector (a scalar bias is broadcast; absent means zero)."""
-    if len(node.inputs) > 2:
+    """The node's bias as a per-channel vector (a scalar bias is broadcast; absent means zero)."""
+    if len(node.inputs) > 2 and node.inputs[2].name:
         return np.broadcast_to(node.inputs[2].values.astype(np.float64).reshape(-1), (channels,)).copy()
     return np.zeros(channels)
 
 
-def _fresh(graph: gs.Graph, name: str) -> str:
-    names = set(graph.tensors().keys())
-    candidate, i = name, 1
-    while candidate in names:
-        candidate, i = f"{name}_{i}", i + 1
-    return candidate
+def _set_weights(graph: gs.Graph, node: gs.Node, weight: np.ndarray, bias: np.ndarray, dtype) -> None:
+    """Give `node` new weight and bias constants (fresh tensors: a shared original stays untouched)."""
+    node.inputs[1] = gs.Constant(fresh_name(graph, node.inputs[1].name + "_bnfolded"), weight.astype(dtype))
+    b = gs.Constant(fresh_name(graph, (node.name or node.op) + "_bias_bnfolded"), bias.astype(dtype))
+    if len(node.inputs) > 2:
+        node.inputs[2] = b
+    else:
+        node.inputs.append(b)
