@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # for `benchmarks.corpus`
+sys.path.append(str(REPO))  # for `benchmarks.corpus`; appended so the installed squeeze wins
 
 from benchmarks import corpus as corpus_mod  # noqa: E402
 
