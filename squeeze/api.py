@@ -60,7 +60,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
              targets: str | Iterable[str] = "cpu", seed: int = 0,
              input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None, threads: int | None = None,
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
-             progress: Callable[[str], None] | None = None) -> Result:
+             max_drop: float | None = None, progress: Callable[[str], None] | None = None) -> Result:
     """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
 
     With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
@@ -70,7 +70,6 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     say = progress or (lambda msg: None)
     pass_calls = bind(_join(passes), get_pass)
     target_calls = bind(_join(targets), get_target)
-    out = prepare_out_dir(Path(out_dir), force=force) if out_dir is not None else None
 
     source_path: Path | None = None
     if isinstance(model, onnx.ModelProto):
@@ -90,14 +89,18 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     for data in (calib_data, eval_data):
         if data is not None:
             _check_fits(data, specs, shapes)
+    # Only now that the inputs are known to be good: a failed run must not leave an empty output folder behind.
+    out = prepare_out_dir(Path(out_dir), force=force) if out_dir is not None else None
 
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
     original_accuracy = evaluate(original, eval_data, threads)
 
+    if max_drop is not None and max_drop < 0:
+        raise SqueezeError("--max-drop must be a non-negative number of points")
     result = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
-                          threads=threads, progress=say)
+                          threads=threads, progress=say, max_drop=max_drop)
     final = result.model
     files: list[Path] = []
     final_stats = model_stats(final, shapes)
@@ -122,6 +125,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
                  calib_data.source.startswith("synthetic"),
                  "eval": eval_data.source if eval_data else None, "eval_samples": len(eval_data) if eval_data else 0},
         "pass_spec": ",".join(str(c) for c in pass_calls),
+        "max_drop": max_drop,
         "original": original_stats,
         "final": final_stats,
         "passes": result.steps,

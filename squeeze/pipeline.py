@@ -45,32 +45,65 @@ def evaluate(model: onnx.ModelProto, data: Dataset | None, threads: int | None =
     return None if acc is None else {k: v for k, v in acc.items() if k != "correct"}
 
 
+def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, calib: Dataset,
+               shapes: dict[str, tuple[int, ...]], seed: int, threads: int | None) -> tuple[onnx.ModelProto, Context]:
+    """Run one pass with `params` on a fresh copy of `current`; return the verified model and the pass context.
+
+    Raises SqueezeError (or whatever a buggy pass raises) when the pass fails or its output does not verify.
+    """
+    ctx = Context(calib=calib, seed=seed, model=current, input_shapes=shapes, threads=threads)
+    graph = to_graph(current)
+    try:
+        call.entry.obj(graph, ctx, **params)
+    except BaseException as exc:
+        exc.squeeze_context = ctx  # type: ignore[attr-defined]  (notes survive a failure)
+        raise
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    candidate = to_model(graph, like=current)
+    verify.check_structure(candidate)
+    return candidate, ctx
+
+
 def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shapes: dict[str, tuple[int, ...]],
                  seed: int = 0, eval_data: Dataset | None = None, threads: int | None = None,
-                 progress: Callable[[str], None] = lambda msg: None) -> PipelineResult:
-    """Apply `calls` in order; each step is verified against the model before it."""
+                 progress: Callable[[str], None] = lambda msg: None, max_drop: float | None = None
+                 ) -> PipelineResult:
+    """Apply `calls` in order; each step is verified against the model before it.
+
+    With `max_drop`, the accuracy guard (squeeze.guard) backs a pass off until the drop from the original model
+    (top-1 points with labels, else disagreement) is at most `max_drop`, down to reverting the pass.
+    """
     current = model
     previous_out = runtime.run(current, calib, threads=threads)
     original_out = previous_out
     result = PipelineResult(current)
+    guard = None
+    if max_drop is not None:
+        from .guard import Guard  # noqa: PLC0415
+        guard = Guard(model, max_drop, eval_data if eval_data is not None else calib, calib, threads)
     for index, call in enumerate(calls, 1):
         progress(f"pass {index}/{len(calls)}: {call}")
-        ctx = Context(calib=calib, seed=seed, model=current, input_shapes=shapes, threads=threads)
         step: dict[str, Any] = {"name": call.name, "params": call.params, "spec": str(call)}
         start = time.perf_counter()
+
+        def attempt(params: dict[str, Any]) -> tuple[onnx.ModelProto, Context]:
+            return apply_pass(call, params, current, calib, shapes, seed, threads)
+
         try:
-            graph = to_graph(current)
-            call.entry.obj(graph, ctx, **call.params)
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            candidate = to_model(graph, like=current)
-            verify.check_structure(candidate)
+            if guard is None:
+                candidate, ctx = attempt(call.params)
+            else:
+                candidate, ctx, backoff = guard.run(call, attempt, progress)
+                step["guard"] = backoff
+                if backoff.get("params") is not None:
+                    step["params"] = backoff["params"]
             out = runtime.run(candidate, calib, threads=threads)
         except SqueezeError as exc:
-            return _fail(result, step, ctx, start, f"pass {call.name!r} failed: {exc}")
+            return _fail(result, step, exc, start, f"pass {call.name!r} failed: {exc}")
         except Exception as exc:  # a bug in a pass must not lose the user's work
             exc.add_note(f"in pass {call.name!r}")
-            return _fail(result, step, ctx, start, f"pass {call.name!r} failed with {type(exc).__name__}: "
-                                                   f"{str(exc).splitlines()[0] if str(exc) else ''}", exc)
+            return _fail(result, step, exc, start, f"pass {call.name!r} failed with {type(exc).__name__}: "
+                                                   f"{str(exc).splitlines()[0] if str(exc) else ''}")
         step["seconds"] = round(time.perf_counter() - start, 4)
         step.update(model_stats(candidate, shapes))
         step["fidelity"] = verify.fidelity(previous_out, out)
@@ -87,11 +120,11 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
     return result
 
 
-def _fail(result: PipelineResult, step: dict, ctx: Context, start: float, message: str,
-          exc: BaseException | None = None) -> PipelineResult:
+def _fail(result: PipelineResult, step: dict, exc: BaseException, start: float, message: str) -> PipelineResult:
     step["seconds"] = round(time.perf_counter() - start, 4)
     step["failed"] = message
-    step["notes"] = ctx.notes
+    ctx = getattr(exc, "squeeze_context", None)
+    step["notes"] = ctx.notes if ctx is not None else []
     result.steps.append(step)
     result.failure = message
     result.exception = exc

@@ -54,6 +54,30 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """How the accuracy guard (`--max-drop`) weakens a pass.
+
+    `param` is the strength parameter and `weaken` maps a value to a weaker one (None when it cannot go weaker).
+    If `skip` names a list parameter of layer names, the guard first leaves the most sensitive layers untouched;
+    the pass must then list the layers it changed in `ctx.details["layers"]`.
+    """
+
+    param: str
+    weaken: Callable[[Any], Any]
+    skip: str | None = None
+
+
+def halve(floor: float = 0.02) -> Callable[[float], float | None]:
+    """Weaken a ratio-like strength by halving it, until it falls below `floor`."""
+    return lambda v: (v / 2 if v / 2 >= floor else None)
+
+
+def step_up(limit: int) -> Callable[[int], int | None]:
+    """Weaken a bits-like strength by one step up, until `limit`."""
+    return lambda v: (v + 1 if v + 1 <= limit else None)
+
+
+@dataclass(frozen=True)
 class Entry:
     """A registered pass or target: its name, the callable, its parameters and a one-line summary."""
 
@@ -61,6 +85,7 @@ class Entry:
     obj: Any
     params: tuple[Param, ...]
     summary: str
+    backoff: Backoff | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -82,10 +107,10 @@ PASSES: dict[str, Entry] = {}
 TARGETS: dict[str, Entry] = {}
 
 
-def register_pass(name: str) -> Callable:
-    """Register `fn(graph, ctx, *, ...)` as the pass called `name`."""
+def register_pass(name: str, backoff: Backoff | None = None) -> Callable:
+    """Register `fn(graph, ctx, *, ...)` as the pass called `name` (`backoff`: how the accuracy guard weakens it)."""
     def decorate(fn: Callable) -> Callable:
-        _register(PASSES, "pass", name, fn, skip=2)
+        _register(PASSES, "pass", name, fn, skip=2, backoff=backoff)
         return fn
     return decorate
 
@@ -99,7 +124,8 @@ def register_target(name: str) -> Callable:
     return decorate
 
 
-def _register(table: dict[str, Entry], kind: str, name: str, obj: Any, skip: int, signature_of: Any = None) -> None:
+def _register(table: dict[str, Entry], kind: str, name: str, obj: Any, skip: int, signature_of: Any = None,
+              backoff: Backoff | None = None) -> None:
     if name in table:
         raise ValueError(f"{kind} {name!r} is registered twice")
     fn = signature_of or obj
@@ -120,7 +146,10 @@ def _register(table: dict[str, Entry], kind: str, name: str, obj: Any, skip: int
             bounds = next((e for e in extras if isinstance(e, Range)), None)
         params.append(Param(p.name, base, p.default, help_text, bounds))
     doc = inspect.getdoc(obj) or ""
-    table[name] = Entry(name, obj, tuple(params), doc.splitlines()[0] if doc else "")
+    names = {p.name for p in params}
+    if backoff is not None and (backoff.param not in names or (backoff.skip and backoff.skip not in names)):
+        raise ValueError(f"{kind} {name!r}: backoff names a parameter the {kind} does not have")
+    table[name] = Entry(name, obj, tuple(params), doc.splitlines()[0] if doc else "", backoff)
 
 
 def get_pass(name: str) -> Entry:

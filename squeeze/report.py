@@ -16,6 +16,8 @@ def write(report: dict, out: Path) -> None:
     report = {"schema": SCHEMA_VERSION, **report}
     write_text_atomic(out / "report.json", json.dumps(_plain(report), indent=2, sort_keys=False) + "\n")
     write_text_atomic(out / "report.md", markdown(report))
+    from .html import render  # noqa: PLC0415  (matplotlib is imported only when a report is written)
+    write_text_atomic(out / "report.html", render(_plain(report)))
 
 
 def _plain(value: Any) -> Any:

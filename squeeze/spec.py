@@ -7,6 +7,7 @@ Names may contain hyphens (`fold-bn`). Parsing uses Python's `ast`; binding and 
 from __future__ import annotations
 
 import ast
+import keyword
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from .registry import Entry
 
 _HYPHEN = "__hy__"
 _HYPHEN_IN_NAME = re.compile(r"(?<=[A-Za-z0-9_])-(?=[A-Za-z_])")
+_QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
 
 @dataclass
@@ -41,7 +43,9 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
     spec = (spec or "").strip()
     if not spec:
         return []
-    source = _HYPHEN_IN_NAME.sub(_HYPHEN, spec)
+    # Hyphens in bare words become a placeholder Python accepts in names; quoted strings are left as they are.
+    source = "".join(part if i % 2 else _HYPHEN_IN_NAME.sub(_HYPHEN, part)
+                     for i, part in enumerate(_QUOTED.split(spec)))
     try:
         tree = ast.parse(f"({source},)", mode="eval").body
     except SyntaxError:
@@ -99,9 +103,21 @@ def _name(text: str) -> str:
     return text.replace(_HYPHEN, "-")
 
 
+_BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(-[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def _fmt(value: Any) -> str:
+    """A spec literal that parses back to `value` (strings are quoted unless they read back as a bare word)."""
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, list):
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        bare = _BARE_WORD.fullmatch(value) and value.lower() not in ("true", "false", "none") \
+            and not keyword.iskeyword(value)
+        return value if bare else repr(value)
+    if isinstance(value, (list, tuple)):
         return "[" + ",".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_fmt(k)}:{_fmt(v)}" for k, v in value.items()) + "}"
+    return repr(value)

@@ -1,0 +1,198 @@
+"""`report.html`: one self-contained page (inline SVG plots from matplotlib, inline CSS, no network)."""
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("summary", "pipeline", "layers", "targets", "fidelity", "guard")
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt.rcParams.update({"svg.hashsalt": "squeeze", "svg.fonttype": "none", "font.size": 9})
+    return plt
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    _plt().close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _stages(report: dict) -> list[tuple[str, dict]]:
+    stages = [("original", report["original"])]
+    stages += [(s["spec"], s) for s in report["passes"] if "failed" not in s]
+    return stages
+
+
+def _waterfall(report: dict) -> str:
+    plt = _plt()
+    stages = _stages(report)
+    labels = [name if len(name) < 24 else name[:22] + "…" for name, _ in stages]
+    size = [s["bytes"].get("onnx", 0) / 1e3 for _, s in stages]
+    packed = [s["bytes"].get("packed") for _, s in stages]
+    macs = [s["macs"] / 1e6 for _, s in stages]
+    acc = [(s.get("accuracy") or {}).get("top1") for _, s in stages]
+    if report.get("accuracy"):
+        acc[0] = report["accuracy"]["original"]["top1"]
+    panels = 3 if any(a is not None for a in acc) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(3.4 * panels, 2.8))
+    x = range(len(stages))
+    axes[0].bar(x, size, color="#4c72b0", label="ONNX file")
+    if any(p is not None for p in packed):
+        axes[0].bar(x, [p / 1e3 if isinstance(p, (int, float)) else 0 for p in packed], width=0.4,
+                    color="#dd8452", label="packed")
+        axes[0].legend()
+    axes[0].set_title("size (kB)")
+    axes[1].bar(x, macs, color="#55a868")
+    axes[1].set_title("MACs (M)")
+    if panels == 3:
+        axes[2].plot(list(x), [100 * a if a is not None else float("nan") for a in acc], "o-", color="#c44e52")
+        axes[2].set_title("top-1 (%)")
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def _layer_macs(report: dict) -> str | None:
+    plt = _plt()
+    before, after = report["original"].get("macs_per_node", {}), report["final"].get("macs_per_node", {})
+    names = list(before)
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 1.5), 2.8))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [before[n] / 1e6 for n in names], width=0.4, label="original", color="#4c72b0")
+    ax.bar([i + 0.2 for i in x], [after.get(n, 0) / 1e6 for n in names], width=0.4, label="final", color="#55a868")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([n[-28:] for n in names], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("MACs (M)")
+    ax.legend()
+    ax.set_title("MACs per layer")
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def _latency(report: dict) -> str | None:
+    plt = _plt()
+    rows = [r for r in report["targets"] if r.get("latency_ms")]
+    ort = report.get("onnxruntime") or {}
+    bars: list[tuple[str, float | None, float | None]] = []
+    if ort.get("original"):
+        bars.append(("onnxruntime [native]", ort["original"]["p50"], (ort.get("final") or {}).get("p50")))
+    for r in rows:
+        bars.append((f"{r['name']} [{r['method']}]", (r.get("original_latency_ms") or {}).get("p50"),
+                     r["latency_ms"]["p50"]))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 0.5 * len(bars) + 1.2))
+    y = range(len(bars))
+    ax.barh([i + 0.2 for i in y], [b[1] or 0 for b in bars], height=0.4, label="original", color="#4c72b0")
+    ax.barh([i - 0.2 for i in y], [b[2] or 0 for b in bars], height=0.4, label="compressed", color="#55a868")
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([b[0] for b in bars])
+    ax.set_xlabel("latency p50 (ms)")
+    ax.legend()
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(r.get(k, '')))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)[:200]
+    return str(value)
+
+
+def _details_tables(report: dict) -> str:
+    """Per-layer tables that passes put in `details` (any list of dicts), plus bits/param per layer."""
+    parts = []
+    for step in report["passes"]:
+        for key, value in (step.get("details") or {}).items():
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                parts.append(f"<h3>{_esc(step['spec'])}: {_esc(key)}</h3>" + _table(value))
+        bpp = (step.get("bytes") or {}).get("bits_per_param")
+        if isinstance(bpp, dict) and isinstance(bpp.get("layers"), dict):
+            rows = [{"layer": k, "bits/param": v} for k, v in bpp["layers"].items()]
+            parts.append(f"<h3>{_esc(step['spec'])}: bits per parameter</h3>" + _table(rows))
+    return "".join(parts)
+
+
+def render(report: dict) -> str:
+    """The whole page as a string."""
+    o, f = report["original"], report["final"]
+    name = Path(report["model"]["path"]).name if report["model"].get("path") else "model"
+    summary_rows = [
+        {"": "file size (bytes)", "original": o["bytes"].get("file"), "final": f["bytes"].get("file")},
+        {"": "parameters", "original": o["param_count"], "final": f["param_count"]},
+        {"": "MACs", "original": o["macs"], "final": f["macs"]},
+    ]
+    if report.get("accuracy"):
+        acc = report["accuracy"]
+        summary_rows.append({"": "top-1", "original": acc["original"]["top1"], "final": acc["final"]["top1"]})
+    fidelity_rows = [{"pass": s["spec"], "max abs": (s.get("fidelity") or {}).get("max_abs"),
+                      "rel L2": (s.get("fidelity") or {}).get("rel_l2"),
+                      "top-1 agreement": (s.get("fidelity") or {}).get("top1_agreement"),
+                      "top-1": (s.get("accuracy") or {}).get("top1"),
+                      "notes": "; ".join(s.get("notes", [])) or s.get("failed", "")} for s in report["passes"]]
+    target_rows = [{"target": r["spec"], "method": r.get("method", "—"),
+                    "latency p50 (ms)": (r.get("latency_ms") or {}).get("p50"),
+                    "original p50 (ms)": (r.get("original_latency_ms") or {}).get("p50"),
+                    "TVM vs ORT": ("ok" if (r.get("numeric_check") or {}).get("ok") else "mismatch")
+                    if r.get("numeric_check") else "—", "error": r.get("error", "")} for r in report["targets"]]
+    guard_rows = [{"pass": s["spec"], "action": s["guard"]["action"], "drop (pts)": s["guard"]["drop"],
+                   "limit": s["guard"]["max_drop"], "skipped": ", ".join(s["guard"].get("skipped", [])),
+                   "basis": s["guard"]["basis"]} for s in report["passes"] if s.get("guard")]
+    layers_svg = _layer_macs(report)
+    latency_svg = _latency(report)
+    sections = {
+        "summary": "<p>" + "<br>".join(_esc(x) for x in (
+            f"passes: {report['pass_spec'] or '(none)'}", f"calibration: {report['data']['calib']}",
+            f"evaluation: {report['data']['eval'] or '(none)'}",
+            f"squeeze {report['squeeze_version']}, TVM {report['environment'].get('tvm')}, onnxruntime "
+            f"{report['environment'].get('onnxruntime')}, {report['environment'].get('threads')} thread(s)")) + "</p>"
+        + (f"<p class='bad'>Pipeline stopped: {_esc(report['failure'])}</p>" if report.get("failure") else "")
+        + _table(summary_rows),
+        "pipeline": _waterfall(report),
+        "layers": (layers_svg or "<p>No layers with counted MACs.</p>") + _details_tables(report),
+        "targets": (latency_svg or "") + _table(target_rows)
+        + "<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
+          "device through TVM RPC; emulated / opencl-cpu = correctness only; instruction-count = simulator counts.</p>",
+        "fidelity": _table(fidelity_rows) or "<p>No passes.</p>",
+        "guard": _table(guard_rows) or "<p>The accuracy guard was not used"
+        + (" (no pass needed backing off)." if report.get("max_drop") is not None else " (no --max-drop).") + "</p>",
+    }
+    titles = {"summary": "Summary", "pipeline": "Pipeline: size, MACs and accuracy after each pass",
+              "layers": "Per layer", "targets": "Targets: latency, original vs compressed", "fidelity":
+              "Fidelity per pass", "guard": "Accuracy guard"}
+    body = "".join(f"<section id='{k}'><h2>{titles[k]}</h2>{sections[k]}</section>" for k in SECTIONS)
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>squeeze report: {_esc(name)}</title>"
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:.5em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px;"
+            "text-align:right}th{background:#f3f3f3}section{margin-bottom:2em}.bad{color:#b00}svg{max-width:100%;"
+            f"height:auto}}</style></head><body><h1>squeeze report: {_esc(name)}</h1>{body}</body></html>\n")

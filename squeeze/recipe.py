@@ -1,0 +1,111 @@
+"""Recipe files (`--recipe recipe.yaml` or `.toml`): the same pipeline as the flags, under version control.
+
+    model: models/digits_cnn.onnx          # paths are relative to the recipe file
+    passes:                                # a spec string, or a list of specs / {name: {param: value}}
+      - cleanup
+      - fold-bn: {}
+    target: cpu                            # string or list
+    calib: models/digits_calib.npz
+    eval: models/digits_test.npz
+    output: digits.squeeze
+    seed: 0
+    max_drop: 1.0
+    input_shape: {input: 1x1x8x8}
+
+Flags given on the command line override the recipe.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import SqueezeError
+
+KEYS = {"model", "passes", "target", "targets", "calib", "eval", "output", "seed", "max_drop", "input_shape",
+        "threads", "runs", "force"}
+PATH_KEYS = ("model", "calib", "eval", "output")
+
+
+class RecipeError(SqueezeError):
+    pass
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a recipe into CLI-shaped values (passes/targets as spec strings, paths resolved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # noqa: PLC0415
+            data = yaml.safe_load(text)
+        else:
+            raise RecipeError(f"{path}: a recipe must be .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # yaml.YAMLError and friends
+        if type(exc).__module__.startswith("yaml"):
+            raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+        raise
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of settings")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise RecipeError(f"{path}: unknown setting(s) {unknown}; valid: {', '.join(sorted(KEYS))}")
+    out: dict[str, Any] = dict(data)
+    if "targets" in out:
+        out["target"] = out.pop("targets")
+    for key in PATH_KEYS:
+        if key in out and out[key] is not None:
+            out[key] = str((path.parent / str(out[key])))
+    if "passes" in out:
+        out["passes"] = _spec(out["passes"], path, "passes")
+    if "target" in out:
+        out["target"] = _spec(out["target"], path, "target")
+    if "input_shape" in out:
+        shapes = out["input_shape"]
+        if isinstance(shapes, dict):
+            out["input_shape"] = [f"{k}={v}" for k, v in shapes.items()]
+        elif isinstance(shapes, str):
+            out["input_shape"] = [shapes]
+    return out
+
+
+def _spec(value: Any, path: Path, key: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise RecipeError(f"{path}: '{key}' must be a spec string or a list")
+    items = []
+    for item in value:
+        if isinstance(item, str):
+            items.append(item)
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, params), = item.items()
+            params = params or {}
+            if not isinstance(params, dict):
+                raise RecipeError(f"{path}: parameters of {name!r} must be a mapping")
+            items.append(name + ("(" + ",".join(f"{k}={_literal(v)}" for k, v in params.items()) + ")" if params else ""))
+        else:
+            raise RecipeError(f"{path}: each entry of '{key}' is a spec string or {{name: {{param: value}}}}")
+    return ",".join(items)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_literal(k)}:{_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)

@@ -1,0 +1,77 @@
+"""The accuracy guard backs a pass off (sensitive layers first, then strength, then revert) to meet --max-drop."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import squeeze
+from squeeze.registry import PASSES, Backoff, halve, register_pass
+from squeeze.data import load_npz, input_specs
+from squeeze.model import load_model
+
+from conftest import REPO
+
+MODEL = REPO / "models" / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def noise_pass():
+    """A lossy test pass: adds relative Gaussian noise of size `strength` to every Conv/Gemm weight."""
+    name = "test-noise"
+
+    @register_pass(name, backoff=Backoff("strength", halve(0.01), skip="skip"))
+    def noise(graph: gs.Graph, ctx, *, strength: Annotated[float, "relative noise"] = 1.0,
+              skip: Annotated[list[str], "layers left untouched"] = []) -> None:  # noqa: B006
+        """Add noise to weights."""
+        rng = np.random.default_rng(ctx.seed)
+        layers = []
+        for node in graph.nodes:
+            if node.op in ("Conv", "Gemm") and isinstance(node.inputs[1], gs.Constant):
+                w = node.inputs[1].values
+                layers.append(node.name)
+                noise_ = rng.standard_normal(w.shape).astype(w.dtype) * np.abs(w).mean() * strength
+                if node.name not in skip:
+                    node.inputs[1] = gs.Constant(node.inputs[1].name + "_noisy", (w + noise_).astype(w.dtype))
+        ctx.details["layers"] = layers
+
+    yield name
+    del PASSES[name]
+
+
+def _drop(result) -> float:
+    return result.report["accuracy"]["drop_pts"]
+
+
+def test_without_guard_the_noise_hurts(noise_pass):
+    result = squeeze.compress(MODEL, f"{noise_pass}(strength=1.0)", eval=REPO / "models/digits_test.npz",
+                              targets="")
+    assert _drop(result) > 5.0
+
+
+def test_guard_backs_off_to_meet_the_limit(noise_pass):
+    result = squeeze.compress(MODEL, f"{noise_pass}(strength=1.0)", eval=REPO / "models/digits_test.npz",
+                              calib=REPO / "models/digits_calib.npz", targets="", max_drop=0.5)
+    assert _drop(result) <= 0.5
+    guard = result.report["passes"][0]["guard"]
+    assert guard["action"] in ("skipped sensitive layers", "weakened strength", "reverted")
+    assert guard["attempts"][0]["drop"] > 0.5          # the first attempt broke the limit
+    assert guard["drop"] <= 0.5                        # the chosen one does not
+    assert any("accuracy guard" in n for n in result.report["passes"][0]["notes"])
+    if guard["action"] == "skipped sensitive layers":
+        assert set(guard["sensitivity"]) >= set(guard["skipped"])
+
+
+def test_guard_reverts_when_nothing_fits(noise_pass):
+    result = squeeze.compress(MODEL, f"{noise_pass}(strength=50.0)", eval=REPO / "models/digits_test.npz",
+                              targets="", max_drop=0.0)
+    # max_drop 0 with a noisy pass: every weaker setting still changes predictions on some sample, or not;
+    # either way the final model respects the limit.
+    assert _drop(result) <= 0.0 + 1e-9
+
+
+def test_negative_max_drop_is_an_error():
+    with pytest.raises(squeeze.SqueezeError):
+        squeeze.compress(MODEL, "cleanup", targets="", max_drop=-1)
