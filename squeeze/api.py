@@ -21,6 +21,7 @@ from . import __version__, report as report_mod, runtime, verify
 from .data import Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
 from .errors import OutputError, PassError, SqueezeError, TargetError
 from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
+from .outdir import OutputDir
 from .pipeline import evaluate, model_stats, run_pipeline
 from .registry import get_pass, get_target
 from .spec import Call, bind
@@ -44,11 +45,13 @@ class Result:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write model.onnx, report.json and report.md into `out_dir` (atomically, each file)."""
-        out = prepare_out_dir(Path(out_dir), force=force)
-        save_model(self.model, out / "model.onnx")
-        self.report["final"]["bytes"]["file"] = file_bytes(out / "model.onnx")
-        report_mod.write(self.report, out)
-        return out
+        with OutputDir(Path(out_dir), force=force) as out:
+            assert out.staging is not None
+            save_model(self.model, out.staging / "model.onnx")
+            self.report["final"]["bytes"]["file"] = file_bytes(out.staging / "model.onnx")
+            report_mod.write(self.report, out.staging)
+            self.files = out.commit()
+        return Path(out_dir)
 
     def raise_for_failure(self) -> None:
         if self.failure:
@@ -89,24 +92,35 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     for data in (calib_data, eval_data):
         if data is not None:
             _check_fits(data, specs, shapes)
+    if max_drop is not None and max_drop < 0:
+        raise SqueezeError("--max-drop must be a non-negative number of points")
+    job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,
+               calib_data=calib_data, eval_data=eval_data, pass_calls=pass_calls, target_calls=target_calls,
+               seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started)
+    if out_dir is None:
+        return _run_job(None, **job)
     # Only now that the inputs are known to be good: a failed run must not leave an empty output folder behind.
-    out = prepare_out_dir(Path(out_dir), force=force) if out_dir is not None else None
+    with OutputDir(Path(out_dir), force=force) as out:
+        result = _run_job(out.staging, **job)
+        result.files = out.commit()
+    return result
 
+
+def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, shapes, calib_data, eval_data,
+             pass_calls, target_calls, seed, threads, runs, max_drop, say, started) -> Result:
+    """Everything after the inputs are validated; files go to `stage` (committed by the caller)."""
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
     original_accuracy = evaluate(original, eval_data, threads)
 
-    if max_drop is not None and max_drop < 0:
-        raise SqueezeError("--max-drop must be a non-negative number of points")
     result = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
                           threads=threads, progress=say, max_drop=max_drop)
     final = result.model
-    files: list[Path] = []
     final_stats = model_stats(final, shapes)
-    if out is not None:
-        files += save_model(final, out / "model.onnx")
-        final_stats["bytes"]["file"] = file_bytes(out / "model.onnx")
+    if stage is not None:
+        save_model(final, stage / "model.onnx")
+        final_stats["bytes"]["file"] = file_bytes(stage / "model.onnx")
     else:
         final_stats["bytes"]["file"] = serialized_bytes(final)
 
@@ -138,13 +152,13 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
                               "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}
     samples = reference.samples(CHECK_SAMPLES)
     report["onnxruntime"] = _ort_latency(original, final, samples[0], threads, runs, bool(pass_calls))
-    report["targets"] = [_run_target(call, original, final, shapes, samples, out, runs, report["onnxruntime"],
+    report["targets"] = [_run_target(call, original, final, shapes, samples, stage, runs, report["onnxruntime"],
                                      bool(pass_calls), threads, say) for call in target_calls]
     report["seconds"] = round(time.perf_counter() - started, 3)
-    if out is not None:
-        report_mod.write(report, out)
-        files += [out / "report.json", out / "report.md"]
-    return Result(final, report, result.failure, result.exception, files)
+    if stage is not None:
+        report_mod.write(report, stage)
+    return Result(final, report, result.failure, result.exception)
+
 
 
 def _join(spec: str | Iterable[str]) -> str:
@@ -164,25 +178,6 @@ def _check_fits(data: Dataset, specs, shapes) -> None:
         if tuple(sample) != tuple(shapes[spec.name]):
             raise DataError(f"{data.source}: samples of {spec.name!r} have shape {list(sample)}, but the model "
                             f"is measured with {list(shapes[spec.name])}")
-
-
-def prepare_out_dir(out: Path, force: bool = False) -> Path:
-    """Create `out`, or reuse it if it is empty or holds an earlier squeeze report; refuse anything else."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a directory")
-    if out.is_symlink():
-        raise OutputError(f"{out}: is a symbolic link; give a real directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file() and not force:
-        raise OutputError(f"{out}: directory is not empty and holds no squeeze report; "
-                          "choose another -o or pass --force")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".squeeze-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"{out}: output directory is not writable ({exc.strerror or exc})") from None
-    return out
 
 
 def _ort_latency(original, final, feed, threads, runs, compressed) -> dict:
@@ -231,6 +226,8 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
             row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"] / measured.latency_ms["p50"], 4)
     except SqueezeError as exc:
         row["error"] = str(exc)
+    except Exception as exc:  # a target bug must not lose the model and the rest of the report
+        row["error"] = f"internal error in target {call.name!r}: {type(exc).__name__}: {str(exc)[:200]}"
     return row
 
 

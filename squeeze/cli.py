@@ -19,6 +19,7 @@ SUBCOMMANDS = ("passes", "targets", "report", "compare")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _interrupt_on_sigterm()
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return _subcommand(argv[0], argv[1:])
@@ -29,8 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"squeeze: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("squeeze: interrupted", file=sys.stderr)
+        print("squeeze: interrupted; earlier outputs were left as they were", file=sys.stderr)
         return 130
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so staging folders are removed and locks released."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, handler)
 
 
 class _ArgumentError(SqueezeError):
