@@ -122,6 +122,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (dict, list)):

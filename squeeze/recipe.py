@@ -109,3 +109,14 @@ def _literal(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{_literal(k)}:{_literal(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def arguments(path: str | Path) -> dict[str, Any]:
+    """A recipe as keyword arguments for `squeeze.compress` (the Python twin of `squeeze --recipe`)."""
+    r = load(path)
+    if "model" not in r:
+        raise RecipeError(f"{path}: the recipe names no model")
+    names = {"model": "model", "passes": "passes", "target": "targets", "calib": "calib", "eval": "eval",
+             "output": "out_dir", "seed": "seed", "max_drop": "max_drop", "input_shape": "input_shapes",
+             "threads": "threads", "runs": "runs", "force": "force"}
+    return {names[k]: v for k, v in r.items()}
