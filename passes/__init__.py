@@ -1,3 +1,6 @@
 """Compression passes: one module per pass, registered by decorator; imported explicitly here."""
 from . import cleanup  # noqa: F401
 from . import fold_bn  # noqa: F401
+from . import quant, codebook  # noqa: F401
+from . import prune, slim  # noqa: F401
+from . import blockperm  # noqa: F401

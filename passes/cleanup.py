@@ -62,6 +62,7 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
                 if t is dst:
                     consumer.inputs[i] = src
     node.outputs.clear()
+    node.inputs.clear()  # a bypassed node must not count as a consumer of `src` (see the graph-output case)
     return True
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
              targets: str | Iterable[str] = "cpu", seed: int = 0,
              input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None, threads: int | None = None,
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
-             max_drop: float | None = None, progress: Callable[[str], None] | None = None) -> Result:
+             max_drop: float | None = None, progress: Callable[[str], None] | None = None,
+             rpc: str | None = None, tracker: str | None = None, key: str | None = None,
+             tune: int | None = None, tune_cache: str | None = None) -> Result:
     """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
 
     With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
@@ -73,6 +76,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     say = progress or (lambda msg: None)
     pass_calls = bind(_join(passes), get_pass)
     target_calls = bind(_join(targets), get_target)
+    _target_defaults(target_calls, tune=tune, tune_cache=tune_cache)
+    runner = None
+    if rpc or tracker or key:  # a device over TVM RPC for the targets that can use one (targets/remote.py)
+        from squeeze.targets.remote import Runner  # noqa: PLC0415
+        runner = Runner.from_args(rpc, tracker, key)
 
     source_path: Path | None = None
     if isinstance(model, onnx.ModelProto):
@@ -96,7 +104,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
         raise SqueezeError("--max-drop must be a non-negative number of points")
     job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,
                calib_data=calib_data, eval_data=eval_data, pass_calls=pass_calls, target_calls=target_calls,
-               seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started)
+               seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started, runner=runner)
     if out_dir is None:
         return _run_job(None, **job)
     # Only now that the inputs are known to be good: a failed run must not leave an empty output folder behind.
@@ -107,7 +115,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
 
 def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, shapes, calib_data, eval_data,
-             pass_calls, target_calls, seed, threads, runs, max_drop, say, started) -> Result:
+             pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None) -> Result:
     """Everything after the inputs are validated; files go to `stage` (committed by the caller)."""
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
@@ -152,13 +160,25 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
                               "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}
     samples = reference.samples(CHECK_SAMPLES)
     report["onnxruntime"] = _ort_latency(original, final, samples[0], threads, runs, bool(pass_calls))
-    report["targets"] = [_run_target(call, original, final, shapes, samples, stage, runs, report["onnxruntime"],
-                                     bool(pass_calls), threads, say) for call in target_calls]
+    with tempfile.TemporaryDirectory(prefix="squeeze-targets-") as scratch:  # never the working directory
+        workdir = stage if stage is not None else Path(scratch)
+        report["targets"] = [_run_target(call, original, final, shapes, samples, workdir, runs,
+                                         report["onnxruntime"], bool(pass_calls), threads, say, runner)
+                             for call in target_calls]
     report["seconds"] = round(time.perf_counter() - started, 3)
     if stage is not None:
         report_mod.write(report, stage)
     return Result(final, report, result.failure, result.exception)
 
+
+
+def _target_defaults(calls: list[Call], **values) -> None:
+    """--tune/--tune-cache: a default for every target that has that parameter, unless its spec sets it."""
+    for call in calls:
+        names = {p.name for p in call.entry.params}
+        for key, value in values.items():
+            if value is not None and key in names and key not in call.given:
+                call.params[key] = value
 
 
 def _join(spec: str | Iterable[str]) -> str:
@@ -192,9 +212,10 @@ def _ort_latency(original, final, feed, threads, runs, compressed) -> dict:
 
 
 def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_latency, compressed, threads,
-                say) -> dict:
+                say, runner=None) -> dict:
     row: dict[str, Any] = {"name": call.name, "spec": str(call)}
     target = call.entry.obj(**call.params)
+    target.runner = runner
     missing = target.missing()
     if missing:
         row["error"] = missing
@@ -202,7 +223,7 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
     try:
         from squeeze.targets import tvm_build  # noqa: PLC0415
         tvm_build.set_threads(threads)
-        workdir = out if out is not None else Path(".")
+        workdir = out
         say(f"{call.name}: compiling the compressed model with TVM")
         artifact = target.build(final, shapes, workdir)
         say(f"{call.name}: measuring")
@@ -215,15 +236,19 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
         row.update({k: v for k, v in artifact.info.items()})
         if measured.outputs is not None:
             row["numeric_check"] = _numeric_check(final, samples, measured.outputs, threads)
-        if target.host_native:
+        if target.host_native and measured.method == "native":
             row["baseline"] = {"engine": "onnxruntime", "model": "original", "latency_ms": ort_latency["original"]}
             if measured.latency_ms:
                 row["speedup"] = round(ort_latency["original"]["p50"] / measured.latency_ms["p50"], 4)
-        if compressed and measured.latency_ms:
+        if compressed and (measured.latency_ms or measured.method == "instruction-count"):
             say(f"{call.name}: compiling and measuring the original model for comparison")
             original_measured = target.measure(target.build(original, shapes, workdir), samples[:1], runs)
-            row["original_latency_ms"] = original_measured.latency_ms
-            row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"] / measured.latency_ms["p50"], 4)
+            if measured.latency_ms and original_measured.latency_ms:
+                row["original_latency_ms"] = original_measured.latency_ms
+                row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"] / measured.latency_ms["p50"], 4)
+            for k in ("flash_bytes", "ram_bytes", "instructions"):  # MCU rows compare memory and counts
+                if original_measured.extra.get(k) is not None:
+                    row[f"original_{k}"] = original_measured.extra[k]
     except SqueezeError as exc:
         row["error"] = str(exc)
     except Exception as exc:  # a target bug must not lose the model and the rest of the report
@@ -233,19 +258,36 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
 
 def _numeric_check(model, samples, outputs: dict[str, np.ndarray], threads) -> dict:
     """Compare a target's outputs with ONNX Runtime's on the same model and samples."""
-    sess = runtime.session(model, threads)
+    # ONNX Runtime's optimizer rewrites QDQ graphs (integer kernels, its own bias quantization, other summation
+    # orders) and moves values by a quantization step; a QDQ model is compared with its exact semantics instead.
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    sess = runtime.session(model, threads, optimize=not qdq)
     names = [o.name for o in sess.get_outputs()]
     runs = [sess.run(names, s) for s in samples]
-    ref = {n: np.stack([r[i] for r in runs]) for i, n in enumerate(names)}
-    got = {n: outputs[str(i)] for i, n in enumerate(names) if str(i) in outputs}
+    # Samples × the model's own output shape; merge the two leading axes ([8,1,10] → [8,10]) so that fidelity
+    # sees class scores and checks top-1 agreement.
+    ref = {n: _merge_samples(np.stack([r[i] for r in runs])) for i, n in enumerate(names)}
+    got = {n: _merge_samples(outputs[str(i)]) for i, n in enumerate(names) if str(i) in outputs}
     if len(got) != len(ref) or any(got[n].shape != ref[n].shape for n in names):
         return {"ok": False, "error": f"output shapes differ: TVM {[list(v.shape) for v in got.values()]} "
                                       f"vs ONNX Runtime {[list(v.shape) for v in ref.values()]}"}
     fid = verify.fidelity(ref, got)
     fid.pop("outputs", None)
     fid["samples"] = len(samples)
-    fid["ok"] = bool(fid.get("max_abs_rel", 0) <= 1e-3 and fid.get("top1_agreement", 1.0) == 1.0)
+    if qdq:
+        # Float summation orders differ between engines; a value on a rounding boundary then lands one
+        # quantization step away and the step propagates. Allow that (1 % relative L2), not a wrong kernel.
+        fid["reference"] = "onnxruntime with graph optimizations off (exact QDQ semantics)"
+        fid["tolerance"] = "rel_l2 <= 1e-2 (one-step rounding flips of quantized activations)"
+        close = fid.get("rel_l2", 0) <= 1e-2
+    else:
+        close = fid.get("max_abs_rel", 0) <= 1e-3
+    fid["ok"] = bool(close and fid.get("top1_agreement", 1.0) == 1.0)
     return fid
+
+
+def _merge_samples(arr: np.ndarray) -> np.ndarray:
+    return arr.reshape((-1,) + arr.shape[2:]) if arr.ndim >= 2 else arr
 
 
 def _environment(threads) -> dict:

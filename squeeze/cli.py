@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .errors import SqueezeError
 
-SUBCOMMANDS = ("passes", "targets", "report", "compare")
+SUBCOMMANDS = ("passes", "targets", "report", "compare", "doctor", "pack", "unpack", "inspect")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, metavar="PTS",
                    help="accuracy guard: back passes off so top-1 drops at most PTS points (else disagreement)")
     p.add_argument("--runs", type=int, default=None, metavar="N", help="timed runs per latency measurement (default 50)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="measure device targets (arm, mobile-gpu, gpu, cpu) on the TVM "
+                   "RPC server there (python -m tvm.exec.rpc_server on the device)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="ask this TVM RPC tracker for a device (with --key)")
+    p.add_argument("--key", metavar="KEY", help="the key the device's rpc_server registered with the tracker")
+    p.add_argument("--tune", type=int, metavar="TRIALS", help="MetaSchedule trials for the targets that tune "
+                   "(cpu), cached and reused by later runs (default 0: default schedules only)")
+    p.add_argument("--tune-cache", metavar="DIR", help="tuning database folder (default $SQUEEZE_CACHE/tuning, "
+                   "else ~/.cache/squeeze/tuning)")
     p.add_argument("--force", action="store_true", default=None, help="write into a non-empty output folder squeeze did not create")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"squeeze {__version__}")
@@ -104,6 +112,8 @@ def _run(argv: list[str]) -> int:
         raise _ArgumentError("--threads must be at least 1")
     if args.runs < 1:
         raise _ArgumentError("--runs must be at least 1")
+    if args.tune is not None and args.tune < 0:
+        raise _ArgumentError("--tune must be 0 or more trials")
     model = Path(args.model)
     out = Path(args.output) if args.output else model.with_name(model.stem + ".squeeze")
     from .runtime import cpu_count  # noqa: PLC0415
@@ -113,7 +123,8 @@ def _run(argv: list[str]) -> int:
     targets = "" if args.target.strip().lower() == "none" else args.target
     result = compress(model, args.passes, calib=args.calib, eval=args.eval, targets=targets, seed=args.seed,
                       input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
-                      force=args.force, max_drop=args.max_drop, progress=progress)
+                      force=args.force, max_drop=args.max_drop, progress=progress,
+                      rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache)
     progress.done()
     from .report import terminal_table  # noqa: PLC0415
     print(terminal_table(result.report))
@@ -174,7 +185,70 @@ def _compare_cmd(argv: list[str]) -> int:
     return 0
 
 
+def _doctor_cmd(argv: list[str]) -> int:
+    parser = _Parser(prog="squeeze doctor", description="Which toolchains, emulators and devices each target "
+                     "needs, and whether they are here.")
+    parser.add_argument("--install", action="store_true", help="first run scripts/install-toolchains.sh (apt-get)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .targets.toolchains import doctor  # noqa: PLC0415
+    return doctor(install=args.install)
+
+
+def _pack_cmd(argv: list[str]) -> int:
+    parser = _Parser(prog="squeeze pack", description="Write a model's deployable weights into a packed container "
+                     "(bit-packed indices, Huffman coding); 'squeeze unpack' restores the model bit for bit.")
+    parser.add_argument("model", help="the ONNX model to pack (never modified)")
+    parser.add_argument("-o", "--output", metavar="FILE.sqz", help="container to write (default: MODEL.sqz)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .pack import describe, pack_file  # noqa: PLC0415
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".sqz")
+    print(describe(pack_file(args.model, out, force=args.force), out))
+    return 0
+
+
+def _unpack_cmd(argv: list[str]) -> int:
+    parser = _Parser(prog="squeeze unpack", description="Restore the ONNX model from a 'squeeze pack' container.")
+    parser.add_argument("packed", help="the container written by 'squeeze pack'")
+    parser.add_argument("-o", "--output", metavar="MODEL.onnx", help="model to write (default: PACKED.onnx)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .pack import unpack_file  # noqa: PLC0415
+    out = Path(args.output) if args.output else Path(args.packed).with_suffix(".onnx")
+    unpack_file(args.packed, out, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect_cmd(argv: list[str]) -> int:
+    parser = _Parser(prog="squeeze inspect", description="Print the model's channel groups: the channels that must "
+                     "be pruned together, their members, and whether each group can be pruned (or why not).")
+    parser.add_argument("model", help="the ONNX model to analyse (never modified)")
+    parser.add_argument("--input-shape", action="append", metavar="NAME=1x3x32x32",
+                        help="concrete shape for an input with dynamic dimensions (repeatable)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .data import input_specs, parse_shape_overrides  # noqa: PLC0415
+    from .model import load_model, to_graph  # noqa: PLC0415
+    from .passes.channels import channel_groups, describe  # noqa: PLC0415
+    model = load_model(args.model)
+    shapes = parse_shape_overrides(args.input_shape)
+    if "" in shapes:
+        shapes = {spec.name: shapes[""] for spec in input_specs(model)[:1]}
+    print(describe(channel_groups(to_graph(model), shapes)))
+    return 0
+
+
 def _subcommand(name: str, argv: list[str]) -> int:
+    if name == "inspect":
+        return _inspect_cmd(argv)
+    if name in ("pack", "unpack"):
+        return _pack_cmd(argv) if name == "pack" else _unpack_cmd(argv)
+    if name == "doctor":
+        return _doctor_cmd(argv)
     if name == "report":
         return _report_cmd(argv)
     if name == "compare":

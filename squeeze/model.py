@@ -42,7 +42,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _check_external_data_locations(model, path.parent)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx reports a missing file as invalid
         raise ModelLoadError(f"{path}: cannot load external data: {_first_line(exc)}") from exc
     try:
         if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from . import metrics, runtime, verify
+from . import metrics, pack, runtime, verify
 from .context import Context
 from .data import Dataset
 from .errors import PassError, SqueezeError
@@ -32,7 +32,8 @@ class PipelineResult:
 def model_stats(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict:
     """Size and compute figures recorded for the original, each pass and the final model."""
     s = metrics.summary(model, shapes)
-    return {"param_count": s["params"], "bytes": {"onnx": serialized_bytes(model)}, "macs": s["macs"],
+    return {"param_count": s["params"], "bytes": {"onnx": serialized_bytes(model), **pack.size_report(model)},
+            "macs": s["macs"],
             "nodes": s["nodes"], "ops": s["ops"], "macs_not_counted": s["macs_not_counted"],
             "macs_per_node": s["macs_per_node"]}
 

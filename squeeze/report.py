@@ -110,13 +110,18 @@ def markdown(report: dict) -> str:
         ok = ("ok" if check.get("ok") else "MISMATCH") if check else "—"
         base = row.get("baseline", {}).get("latency_ms")
         speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
-        lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))} | "
+        emulator = " (emulator time, not representative)" if row["method"] == "emulated" else ""
+        lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))}{emulator} | "
                      f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} |")
         lines[-1] += f" {ok}: {_fid(check)} |"
+    lines += _device_counts(report["targets"])
     ort = report.get("onnxruntime", {})
     lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
               "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
-              "after warm-up; p50 is the median.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
+              "after warm-up; p50 is the median. `rpc` = timed on a device through TVM RPC. `emulated` = run in qemu: "
+              "outputs are checked, the time is the emulator's (not representative). `opencl-cpu` = the OpenCL "
+              "kernels run on a CPU OpenCL (PoCL): correctness only. `instruction-count` = bare-metal firmware in "
+              "QEMU with -icount: instructions, not cycles.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
     return "\n".join(lines)
 
 
@@ -131,7 +136,7 @@ def terminal_table(report: dict) -> str:
     acc = report.get("accuracy")
     if acc:
         rows.append(("top-1", f"{100 * acc['original']['top1']:.2f} %", f"{100 * acc['final']['top1']:.2f} %",
-                     f"{-acc['drop_pts']:+.2f} pts"))
+                     f"{0.0 - acc['drop_pts']:+.2f} pts"))
     ort = report.get("onnxruntime", {})
     rows.append(("ONNX Runtime", _short(ort.get("original")), _short(ort.get("final")),
                  _ratio((ort.get("original") or {}).get("p50"), (ort.get("final") or {}).get("p50"))))
@@ -140,12 +145,39 @@ def terminal_table(report: dict) -> str:
             rows.append((f"{row['name']}", "error", row["error"][:60], ""))
             continue
         label = f"{row['name']} [{row['method']}]"
-        rows.append((label, _short(row.get("original_latency_ms") or row.get("latency_ms")),
-                     _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
-                                                          (row.get("latency_ms") or {}).get("p50"))))
+        if row.get("latency_ms") or "flash_bytes" not in row:
+            rows.append((label, _short(row.get("original_latency_ms") or row.get("latency_ms")),
+                         _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
+                                                              (row.get("latency_ms") or {}).get("p50"))))
+        for key, what, fmt in _COUNTS:  # MCU rows: flash, RAM, instructions (original vs final)
+            if row.get(key) is not None:
+                rows.append((f"{row['name']} {what}", fmt(row.get(f"original_{key}") or row[key]), fmt(row[key]),
+                             _ratio(row.get(f"original_{key}") or row[key], row[key])))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
+
+
+_COUNTS = (("flash_bytes", "flash", lambda n: _mb(n)), ("ram_bytes", "RAM", lambda n: _mb(n)),
+           ("instructions", "instructions", lambda n: f"{n / 1e6:.2f} M"))
+
+
+def _device_counts(rows: list[dict]) -> list[str]:
+    """Flash, RAM and instruction counts of bare-metal targets, original vs final."""
+    counted = [r for r in rows if "error" not in r and r.get("flash_bytes") is not None]
+    if not counted:
+        return []
+    lines = ["", "| target | flash (final) | flash (original) | RAM (final) | RAM (original) | instructions (final) | "
+             "instructions (original) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in counted:
+        cells = []
+        for key, _, fmt in _COUNTS:
+            cells += [fmt(r[key]) if r.get(key) is not None else "—",
+                      fmt(r[f"original_{key}"]) if r.get(f"original_{key}") is not None else "—"]
+        lines.append(f"| {r['spec']} | " + " | ".join(cells) + " |")
+    lines += ["", "Flash = code + weights + initialised data; RAM = arena + workspace + data/bss + measured stack. "
+              "Instructions are counted by QEMU (-icount), not cycles: on silicon they differ."]
+    return lines
 
 
 def _short(lat: dict | None) -> str:

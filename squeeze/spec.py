@@ -17,6 +17,9 @@ from .registry import Entry
 
 _HYPHEN = "__hy__"
 _HYPHEN_IN_NAME = re.compile(r"(?<=[A-Za-z0-9_])-(?=[A-Za-z_])")
+# A bare value that is a Python keyword (`scope=global`) is quoted before parsing (True/False/None stay literals).
+_KEYWORD_VALUE = re.compile(r"(=\s*)(" + "|".join(k for k in keyword.kwlist if k not in ("True", "False", "None"))
+                            + r")(?=\s*[,)\]}]|\s*$)")
 _QUOTED = re.compile(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
 
@@ -44,7 +47,7 @@ def parse(spec: str) -> list[tuple[str, dict[str, Any]]]:
     if not spec:
         return []
     # Hyphens in bare words become a placeholder Python accepts in names; quoted strings are left as they are.
-    source = "".join(part if i % 2 else _HYPHEN_IN_NAME.sub(_HYPHEN, part)
+    source = "".join(part if i % 2 else _KEYWORD_VALUE.sub(r"\1'\2'", _HYPHEN_IN_NAME.sub(_HYPHEN, part))
                      for i, part in enumerate(_QUOTED.split(spec)))
     try:
         tree = ast.parse(f"({source},)", mode="eval").body

@@ -54,6 +54,8 @@ class Target(ABC):
     name: ClassVar[str] = ""
     #: True when the target runs on this machine, so ONNX Runtime on the same machine is a fair baseline.
     host_native: ClassVar[bool] = False
+    #: A `remote.Runner` (a device behind --rpc or --tracker/--key), set by the core before build; None = local.
+    runner: Any = None
 
     def missing(self) -> str | None:
         """None if the target can build and measure here, else what is missing and how to install it."""

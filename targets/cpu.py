@@ -1,4 +1,9 @@
-"""`cpu`: the host CPU, compiled by TVM with LLVM for the exact host micro-architecture and timed natively."""
+"""`cpu`: the host CPU, compiled by TVM with LLVM for the exact host micro-architecture and timed natively.
+
+Functions get squeeze's default schedules (`targets/schedules`: packed, vectorized, parallel kernels) unless
+`schedules=false` asks for TVM's own pipeline; `tune=N` (CLI `--tune N`) first spends N MetaSchedule trials,
+cached in a database (`targets/tuning.py`) that later builds reuse.
+"""
 from __future__ import annotations
 
 import time
@@ -8,7 +13,7 @@ from typing import Annotated
 import numpy as np
 import onnx
 
-from squeeze.registry import register_target
+from squeeze.registry import Range, register_target
 
 from . import tvm_build
 from .base import Artifact, Measurement, Target
@@ -20,8 +25,15 @@ class Cpu(Target):
 
     host_native = True
 
-    def __init__(self, *, mcpu: Annotated[str, "LLVM CPU name; 'host' asks LLVM for this machine's"] = "host"):
+    def __init__(self, *, mcpu: Annotated[str, "LLVM CPU name; 'host' asks LLVM for this machine's"] = "host",
+                 schedules: Annotated[bool, "squeeze's default schedules; false: TVM's default pipeline"] = True,
+                 tune: Annotated[int, Range(0, 100_000), "MetaSchedule trials before building (0: none)"] = 0,
+                 tune_cache: Annotated[str, "tuning database folder (default $SQUEEZE_CACHE/tuning, "
+                                            "else ~/.cache/squeeze/tuning)"] = ""):
         self.mcpu = mcpu
+        self.schedules = schedules
+        self.tune = tune
+        self.tune_cache = tune_cache
 
     def tvm_target(self):
         tvm = tvm_build.tvm()
@@ -32,14 +44,30 @@ class Cpu(Target):
         start = time.perf_counter()
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
-        executable = tvm_build.compile_module(mod, target)
+        info = {"tvm_target": str(target), "schedules": "squeeze" if self.schedules else "tvm-default"}
+        pipeline = None
+        if self.schedules:
+            from . import schedules  # noqa: PLC0415
+            database = None
+            if self.tune and self.runner is None:  # tuning measures here; a remote device would need its own
+                from . import tuning  # noqa: PLC0415
+                cache = tuning.cache_dir(self.tune_cache or None)
+                database = tuning.tune(mod, target, trials=self.tune, cache=cache, threads=tvm_build.threads())
+                info["tuning"] = {"trials": self.tune, "database": str(tuning.database_dir(
+                    cache, target, tvm_build.threads())), "seconds": tvm_build.seconds_since(start)}
+            pipeline = schedules.build_pipeline(target, database)
+        executable = tvm_build.compile_module(mod, target, pipeline)
         names = [i.name for i in model.graph.input if i.name in shapes]
         return Artifact(self.name, handle=(executable, names), build_seconds=tvm_build.seconds_since(start),
-                        info={"tvm_target": str(target)})
+                        info=info)
 
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
         tvm = tvm_build.tvm()
         executable, names = artifact.handle
+        if self.runner is not None:  # --rpc / --tracker: export, upload and time on the device (remote.py)
+            from .remote import measure_executable  # noqa: PLC0415
+            outputs, latency, info = measure_executable(self.runner, executable, names, samples, runs)
+            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info)
         runner = tvm_build.VMRunner(executable, tvm.cpu(), names)
         outputs = [runner.run(s) for s in samples]
         latency = runner.time(samples[0], runs)

@@ -44,6 +44,17 @@ def set_threads(threads: int | None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
+def threads() -> int:
+    """The thread count TVM's runtime uses in this process (TVM_NUM_THREADS, else the cores we may run on)."""
+    value = os.environ.get("TVM_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def host_cpu() -> str:
     """The host CPU as LLVM names it (`mcpu=native` silently means `generic` in TVM 0.27)."""
     return tvm().get_global_func("target.llvm_get_system_cpu")()
@@ -80,13 +91,16 @@ def _op_hint(model: onnx.ModelProto, exc: BaseException) -> str:
     return ""
 
 
-def compile_module(mod, target) -> Any:
-    """`tvm.compile` with Relax's default pipeline for `target`."""
+def compile_module(mod, target, pipeline=None) -> Any:
+    """`tvm.compile` with `pipeline` (a Relax pass; default: Relax's default pipeline for `target`).
+
+    CPU targets pass `schedules.build_pipeline(target)` for squeeze's default schedules.
+    """
     _tvm = tvm()
     from tvm import relax  # noqa: PLC0415
     try:
         with keep_affinity():
-            return _tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
+            return _tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target))
     except Exception as exc:
         raise TargetError(f"TVM failed to compile the model: {type(exc).__name__}: {_first_line(exc)}") from exc
 

@@ -23,3 +23,29 @@ def corpus():
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def temp_pass():
+    """Register passes for one test only: `temp_pass("test-name")(fn)`; removed from the registry afterwards."""
+    from squeeze.registry import PASSES, all_passes, register_pass
+    all_passes()  # load the real passes first, so a test's name can never shadow one of them
+    added: list[str] = []
+
+    def register(name: str):
+        def decorate(fn):
+            register_pass(name)(fn)
+            added.append(name)
+            return fn
+        return decorate
+
+    yield register
+    for name in added:
+        PASSES.pop(name, None)
+
+
+@pytest.fixture
+def digits_copy(tmp_path, repo) -> Path:
+    """A private copy of models/digits_cnn.onnx in tmp_path (tests never write beside the repo's model)."""
+    import shutil
+    return Path(shutil.copy(repo / "models" / "digits_cnn.onnx", tmp_path / "digits_cnn.onnx"))

@@ -1,0 +1,267 @@
+"""Benchmark `blockperm`: accuracy, parameters, MACs and measured TVM CPU latency, per rewritten layer and per model.
+
+    python benchmarks/blockperm.py                                   # → benchmarks/results/blockperm.md
+    python benchmarks/blockperm.py --models mnist_burn --blocks 2 4 --out /tmp/blockperm.md
+
+For every model and block count B: `blockperm(blocks=B)` with and without compensation (first 256 labelled
+samples calibrate, the rest evaluate). Then, in the same process and one after another, TVM (cpu target: LLVM for
+this host's CPU, Relax default pipeline, batch 1) times
+- each rewritten layer on its own: the original node(s) vs the block form (runtime Gathers, Reshapes, the
+  batched MatMul or grouped Conv, bias Add), both cut out of their models between the same input and output
+  tensor (`onnx.utils.Extractor`); folded permutations live in the neighbours' weights and cost nothing;
+- the whole model, original vs rewritten;
+and ONNX Runtime does the same for comparison. Each latency is the median of `--repeats` alternating rounds of
+TVM's own timing loop (warm-up, then at least `--runs` calls; p50). Ratios are original / rewritten (> 1: faster).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import corpus  # noqa: E402
+
+MODELS = ["mnist_burn", "marabou_cifar10_medium", "cifar10_resnet4b"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--blocks", nargs="+", type=int, default=[4])
+    parser.add_argument("--runs", type=int, default=100, help="timed calls per latency measurement (at least)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds per latency pair")
+    parser.add_argument("--threads", type=int, default=1, help="TVM and ONNX Runtime threads (1: least noise)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "blockperm.md")
+    args = parser.parse_args(argv)
+
+    from squeeze.targets import tvm_build  # noqa: PLC0415
+    tvm_build.set_threads(args.threads)
+    command = "python benchmarks/blockperm.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    lines = _header(command, args)
+    print("\n".join(lines), flush=True)
+    started = time.perf_counter()
+    summary, per_layer = [], []
+    for name in args.models:
+        for blocks in args.blocks:
+            print(f"\n== {name}, blocks={blocks}", flush=True)
+            model_row, layer_rows = run_model(name, blocks, args)
+            summary.append(model_row)
+            per_layer.extend(layer_rows)
+    lines += ["", "## Whole models", "",
+              "Accuracy on the evaluation split (labels), parameters and MACs of the rewritten layers and of the whole "
+              "model, TVM CPU and ONNX Runtime latency of the whole model (batch 1, original / rewritten).", ""]
+    lines += _table(summary)
+    lines += ["", "## Rewritten layers", "",
+              "Each layer cut out between its input and output tensor and timed alone; `Gather` lists the runtime "
+              "permutations its block form kept (folded ones cost nothing).", ""]
+    lines += _table(per_layer)
+    lines += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(per_layer) - len(summary) - 12:]))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- one model
+
+def run_model(name: str, blocks: int, args) -> tuple[dict, list[dict]]:
+    from squeeze import metrics, runtime  # noqa: PLC0415
+    from squeeze.data import input_specs, resolve_shapes  # noqa: PLC0415
+    from squeeze.model import load_model  # noqa: PLC0415
+    from squeeze.pipeline import run_pipeline  # noqa: PLC0415
+    from squeeze.registry import get_pass  # noqa: PLC0415
+    from squeeze.spec import bind  # noqa: PLC0415
+
+    original = load_model(corpus.model_path(name))
+    calib, evald = corpus.split(corpus.dataset(name), 256)
+    input_name = corpus._input_name(name)
+    shapes = resolve_shapes(input_specs(original), {input_name: (1,) + calib.arrays[input_name].shape[1:]})
+    results = {}
+    for compensate in (True, False):
+        spec = f"blockperm(blocks={blocks}, compensate={compensate})"
+        t0 = time.perf_counter()
+        result = run_pipeline(original, bind(spec, get_pass), calib, shapes, seed=0, threads=args.threads)
+        if result.failure:
+            raise SystemExit(f"{name}: {result.failure}")
+        results[compensate] = (result, time.perf_counter() - t0)
+        print(f"  {spec}: {results[compensate][1]:.1f} s", flush=True)
+    result, seconds = results[True]
+    model = result.model
+    step = result.steps[0]
+    table = step["details"]["layer_table"]
+    out_name = original.graph.output[0].name
+
+    def accuracy(m: onnx.ModelProto) -> float:
+        out = runtime.run(m, evald, [out_name], threads=args.threads)[out_name]
+        return 100.0 * float((out.reshape(len(evald), -1).argmax(1) == evald.labels).mean())
+
+    acc = {"orig": accuracy(original), "comp": accuracy(model), "plain": accuracy(results[False][0].model)}
+    feed = {input_name: calib.arrays[input_name][:1]}
+    whole_before, whole_after = metrics.summary(original, shapes), metrics.summary(model, shapes)
+    tvm_lat = _latency_pair(original, model, feed, args, "tvm")
+    ort_lat = _latency_pair(original, model, feed, args, "ort")
+    p_before = sum(r["params_before"] for r in table)
+    p_after = sum(r["params_after"] for r in table)
+    model_row = {
+        "model": name, "B": blocks, "layers": len(table),
+        "top-1 orig": f"{acc['orig']:.2f}", "top-1 comp.": f"{acc['comp']:.2f}",
+        "top-1 no comp.": f"{acc['plain']:.2f}", "drop (comp.)": f"{acc['orig'] - acc['comp']:.2f}",
+        "layer params": f"{p_before:,} → {p_after:,} ({p_before / p_after:.2f}×)",
+        "model MACs ratio": f"{whole_before['macs'] / whole_after['macs']:.2f}×",
+        "TVM ms orig": f"{tvm_lat[0]:.4f}", "TVM ms new": f"{tvm_lat[1]:.4f}",
+        "TVM ratio": f"{tvm_lat[0] / tvm_lat[1]:.2f}×",
+        "ORT ms orig": f"{ort_lat[0]:.4f}", "ORT ms new": f"{ort_lat[1]:.4f}",
+        "ORT ratio": f"{ort_lat[0] / ort_lat[1]:.2f}×",
+        "pass s": f"{seconds:.1f}",
+    }
+    print("  " + ", ".join(f"{k}: {v}" for k, v in model_row.items()), flush=True)
+    layer_rows = []
+    fixed_orig, fixed_new = _with_shapes(original, shapes), _with_shapes(model, shapes)
+    values = runtime.activations(original, calib.subset(0, 1), _layer_inputs(original, table))
+    values.update({k: v for k, v in feed.items()})
+    for r in table:
+        x_name, y_name = _io(original, r["layer"])
+        before = onnx.utils.Extractor(fixed_orig).extract_model([x_name], [y_name])
+        after = onnx.utils.Extractor(fixed_new).extract_model([x_name], [y_name])
+        layer_shapes = {x_name: tuple(values[x_name].shape)}
+        layer_feed = {x_name: values[x_name]}
+        macs_b, macs_a = metrics.summary(before, layer_shapes)["macs"], metrics.summary(after, layer_shapes)["macs"]
+        tvm_l = _latency_pair(before, after, layer_feed, args, "tvm")
+        ort_l = _latency_pair(before, after, layer_feed, args, "ort")
+        row = {
+            "model": name, "layer": r["layer"], "op": r["op"], "B": r["blocks"],
+            "shape → blocks": f"{r['shape']} → {r['blocks']}×{r['block_shape']}",
+            "kept energy (id / rand)": f"{r['kept_energy']:.3f} ({r['kept_energy_identity']:.3f} / "
+                                       f"{r['kept_energy_random']:.3f})",
+            "params ratio": f"{r['params_before'] / r['params_after']:.2f}×",
+            "MAC ratio": f"{macs_b / macs_a:.2f}×",
+            "TVM µs orig": f"{1000 * tvm_l[0]:.1f}", "TVM µs new": f"{1000 * tvm_l[1]:.1f}",
+            "TVM ratio": f"{tvm_l[0] / tvm_l[1]:.2f}×",
+            "ORT µs orig": f"{1000 * ort_l[0]:.1f}", "ORT µs new": f"{1000 * ort_l[1]:.1f}",
+            "ORT ratio": f"{ort_l[0] / ort_l[1]:.2f}×",
+            "Gather": ", ".join(g.split(" (")[0] for g in r["runtime_gather"]) or "—",
+        }
+        layer_rows.append(row)
+        print("  " + ", ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+    return model_row, layer_rows
+
+
+def _io(model: onnx.ModelProto, layer: str) -> tuple[str, str]:
+    """The input and output tensor of a layer in the original model (a MatMul's output after its bias Add)."""
+    node = next(n for n in model.graph.node if n.name == layer)
+    out = node.output[0]
+    if node.op_type == "MatMul":
+        consumers = [n for n in model.graph.node if out in n.input]
+        if len(consumers) == 1 and consumers[0].op_type == "Add":
+            out = consumers[0].output[0]
+    return node.input[0], out
+
+
+def _layer_inputs(model: onnx.ModelProto, table: list[dict]) -> list[str]:
+    inputs = {i.name for i in model.graph.input}
+    return sorted({_io(model, r["layer"])[0] for r in table} - inputs)
+
+
+def _with_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """A copy with fixed input shapes and inferred value_info (what `onnx.utils.Extractor` needs)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            for d, n in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+                d.Clear()
+                d.dim_value = int(n)
+    return onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+
+
+# ------------------------------------------------------------------------------------------------- latency
+
+def _latency_pair(before: onnx.ModelProto, after: onnx.ModelProto, feed: dict, args, engine: str
+                  ) -> tuple[float, float]:
+    """Median p50 (ms) of `before` and `after`, measured in alternating rounds."""
+    runners = [_runner(m, feed, args, engine) for m in (before, after)]
+    rounds: list[list[float]] = [[], []]
+    for _ in range(args.repeats):
+        for i, run in enumerate(runners):
+            rounds[i].append(run())
+    return float(np.median(rounds[0])), float(np.median(rounds[1]))
+
+
+def _runner(model: onnx.ModelProto, feed: dict, args, engine: str):
+    from squeeze.timing import time_calls  # noqa: PLC0415
+    if engine == "ort":
+        from squeeze import runtime  # noqa: PLC0415
+        sess = runtime.session(model, args.threads)
+        return lambda: time_calls(lambda: sess.run(None, feed), runs=args.runs)["p50"]
+    from squeeze.targets import tvm_build  # noqa: PLC0415
+    tvm = tvm_build.tvm()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    names = list(feed)
+    mod = tvm_build.import_onnx(model, {k: tuple(v.shape) for k, v in feed.items()})
+    vm = tvm_build.VMRunner(tvm_build.compile_module(mod, target), tvm.cpu(), names)
+    got = vm.run(feed)[0]
+    from squeeze import runtime  # noqa: PLC0415
+    ref = runtime.session(model).run(None, feed)[0]
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+    if err > 1e-4:
+        raise SystemExit(f"TVM and ONNX Runtime disagree ({err:.2e}) on {model.graph.name}")
+    return lambda: vm.time(feed, args.runs)["p50"]
+
+
+# -------------------------------------------------------------------------------------------------- output
+
+def _header(command: str, args) -> list[str]:
+    import onnxruntime  # noqa: PLC0415
+
+    from squeeze.targets import tvm_build  # noqa: PLC0415
+    tvm = tvm_build.tvm()
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or cpu
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        "# blockperm benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}, squeeze commit {commit} (plus working tree)",
+        f"- machine: {cpu}, {cores} usable core(s) (shared with other jobs), {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}",
+        f"- TVM {tvm.__version__} (llvm, mcpu={tvm_build.host_cpu()}, Relax default pipeline, no tuning), ONNX "
+        f"Runtime {onnxruntime.__version__} (CPU EP); {args.threads} thread(s) each; batch 1",
+        f"- latency: median over {args.repeats} alternating rounds of p50 over ≥ {args.runs} calls after warm-up",
+        "- data: first 256 labelled samples calibrate, the rest evaluate (MNIST: 9744, CIFAR-10: 761)",
+    ]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    out += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""`codebook`: weight sharing with learned codebooks; the model stays a runnable ONNX graph.
+
+Two granularities:
+- `unit=weight` (Han et al., "Deep Compression", ICLR 2016): per layer, k-means with 2^bits centroids, linearly
+  initialised between the smallest and largest weight; every weight becomes a `bits`-bit index.
+- `unit=kernel` (Yu et al., "Kernel Quantization for Efficient Network Compression", 2020): per convolution,
+  the k×k kernels are clustered into a codebook of `kernels` entries; every (output, input) kernel becomes an
+  index, and the codebook values are quantized to `codebook_bits`. Layers without k×k kernels (1×1 convs,
+  Gemm, MatMul) get the per-weight codebook.
+
+Weights that are exactly zero (unstructured pruning) keep a reserved zero centroid. With `compensate` (and real
+calibration data), the centroids are refitted by least squares so the layer's outputs on the calibration inputs
+match the float layer's, and the bias absorbs the remaining mean error (bias correction, Nagel et al. 2019).
+
+The weight initializer is replaced by the codebook, the bit-packed indices, and the standard ops that rebuild
+it (Cast, Gather, Add, Mul, Div, Sub, Reshape, Slice), which ONNX Runtime runs and TVM folds at compile
+time. `squeeze pack` then Huffman codes the indices (`squeeze.pack`).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Annotated, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import scipy.sparse
+
+from squeeze.context import Context
+from squeeze.registry import Backoff, Range, register_pass, step_up
+
+from .weights import Builder, Layer, calibrate, find_layers, select_layers
+
+ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact with a reserved centroid
+RIDGE = 1e-3          # relative ridge of the least-squares refit, towards the k-means centroids
+MAX_Z = 16_000_000    # floats in the refit's design matrix (rows are subsampled to stay under it)
+MAX_GRAM_INPUTS = 4608  # a kernel refit needs the inputs' Gram matrix; larger layers skip the refit
+
+
+@register_pass("codebook", backoff=Backoff("bits", step_up(8), skip="skip"))
+def codebook(graph: gs.Graph, ctx: Context, *,
+             unit: Annotated[Literal["weight", "kernel"], "cluster single weights (Deep Compression) or whole "
+                             "k×k kernels (Kernel Quantization)"] = "weight",
+             bits: Annotated[int, Range(1, 8), "index bits per weight: 2^bits centroids per layer (unit=weight, "
+                             "and layers without k×k kernels under unit=kernel)"] = 4,
+             kernels: Annotated[int, Range(2, 256), "codebook entries per conv layer (unit=kernel)"] = 64,
+             codebook_bits: Annotated[int, Range(0, 8), "bits per kernel-codebook value (unit=kernel); "
+                                      "0 keeps it float"] = 6,
+             compensate: Annotated[bool, "refit centroids by least squares on the layer outputs over the "
+                                   "calibration data, then correct the bias"] = True,
+             skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
+             = [],  # noqa: B006 (never mutated)
+             ) -> None:
+    """Share weights through per-layer codebooks: k-means over weights or k×k kernels, indices bit-packed."""
+    layers, skipped = select_layers(find_layers(graph), skip)
+    usable = []
+    for layer in layers:
+        if layer.values is None:
+            skipped[layer.name] = "its weight is computed, not a float constant (already compressed?)"
+        elif layer.values.size < 2:
+            skipped[layer.name] = "a single weight"
+        else:
+            usable.append(layer)
+    by_weight: dict[str, list[Layer]] = {}
+    for layer in usable:
+        by_weight.setdefault(layer.weight.name, []).append(layer)
+    refit = compensate and not ctx.calib_is_synthetic
+    if compensate and ctx.calib_is_synthetic:
+        ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
+    rows = {}
+    if refit and usable:
+        rows = calibrate(ctx.model, ctx.calib, [ls[0] for ls in by_weight.values() if len(ls) == 1],
+                         seed=ctx.seed, threads=ctx.threads)
+    builder = Builder(graph)
+    per_layer = []
+    for consumers in by_weight.values():
+        layer = consumers[0]
+        w = layer.values
+        kernel = unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
+        size = kernels if kernel else 1 << bits
+        vectors = w.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
+        centroids, labels, zero = _cluster(vectors, size, ctx.seed)
+        x = rows.get(layer.name) if len(consumers) == 1 else None
+        entry = {"layer": layer.name, "op": layer.op, "unit": "kernel" if kernel else "weight",
+                 "params": int(w.size), "centroids": int(len(centroids)),
+                 "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
+        if x is not None:
+            entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x)
+            centroids = _refit(layer, w, centroids, labels, x, kernel, zero)
+        codes = None
+        if kernel and codebook_bits:
+            codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
+            centroids = (codes.astype(np.float32) - np.float32(zero_point)) * np.float32(step)
+            entry["codebook_bits"] = codebook_bits
+        shared = centroids.astype(w.dtype)[labels].reshape(w.shape)
+        entry["weight_rel_err"] = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
+        if x is not None:
+            _correct_bias(builder, layer, w, shared, x)
+            entry["output_rel_err"] = _output_error(layer, w, shared, x)
+        rebuilt = _rebuild(builder, layer, labels, centroids.astype(w.dtype), codes,
+                           (zero_point, step, codebook_bits) if codes is not None else None, kernel)
+        for c in consumers:
+            c.node.inputs[c.weight_index] = rebuilt
+        per_layer.append(entry)
+    _report(ctx, per_layer, skipped, unit, refit, [c.name for ls in by_weight.values() for c in ls])
+
+
+def _index_bits(count: int) -> int:
+    return max(1, int(np.ceil(np.log2(count))))
+
+
+def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(centroids [K, d], labels [n], zero reserved?) — k-means, index 0 is the zero vector when reserved."""
+    from sklearn.cluster import KMeans  # noqa: PLC0415 (heavy import, only when the pass runs)
+    is_zero = ~vectors.any(axis=1)
+    zero = bool(is_zero.mean() >= ZERO_SHARE) and size > 1
+    points = vectors[~is_zero] if zero else vectors
+    room = size - 1 if zero else size
+    labels = np.zeros(len(vectors), np.int64)
+    unique, inverse = np.unique(points, axis=0, return_inverse=True)
+    if len(unique) <= room:
+        centroids, point_labels = unique, inverse.ravel()
+    else:
+        if vectors.shape[1] == 1:  # Deep Compression's linear initialisation over [min, max]
+            init = np.linspace(points.min(), points.max(), room)[:, None]
+        else:
+            init = "k-means++"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            km = KMeans(n_clusters=room, init=init, n_init=1, max_iter=300, tol=1e-6, random_state=seed)
+            point_labels = km.fit_predict(points)
+        centroids = km.cluster_centers_
+        used = np.unique(point_labels)  # drop empty clusters, renumber
+        remap = np.full(room, -1)
+        remap[used] = np.arange(len(used))
+        centroids, point_labels = centroids[used], remap[point_labels]
+    if zero:
+        centroids = np.concatenate([np.zeros((1, vectors.shape[1])), centroids])
+        labels[~is_zero] = point_labels + 1
+    else:
+        labels = point_labels.astype(np.int64)
+    return centroids, labels, zero
+
+
+def _output_error(layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray) -> float:
+    """Relative L2 error of the layer's outputs X·Wᵀ on the calibration rows."""
+    ref = np.einsum("gpd,god->gpo", x, layer.matrix(w).astype(np.float32))
+    new = np.einsum("gpd,god->gpo", x, layer.matrix(shared).astype(np.float32))
+    return float(np.linalg.norm(new - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+           kernel: bool, zero: bool) -> np.ndarray:
+    """Least-squares centroids: minimise ‖X·Wᵀ − X·Ŵ(c)ᵀ‖² over the calibration rows, ridge towards k-means.
+
+    Ŵ(c) is linear in the centroids: every output is Σ_k c_k · (sum of the inputs whose weight has label k), so
+    the normal equations are K×K (per-weight) or (K·k²)×(K·k²) (kernels, through the inputs' Gram matrix).
+    """
+    count, dim = centroids.shape
+    wm = layer.matrix(w).astype(np.float64)                 # [G, O, D]
+    groups, outs, inputs = wm.shape
+    if kernel:
+        if inputs > MAX_GRAM_INPUTS:
+            return centroids
+        lab = labels.reshape(groups, outs, inputs // dim)   # kernel labels per (group, output, input channel)
+        normal, rhs = _kernel_system(wm, lab, x, count, dim)
+    else:
+        lab = layer.matrix(labels.reshape(w.shape))         # [G, O, D]
+        normal, rhs = _weight_system(wm, lab, x, count)
+    free = np.arange(count * dim) if not zero else np.arange(dim, count * dim)  # the zero centroid stays 0
+    a = normal[np.ix_(free, free)]
+    b = rhs[free]
+    prior = centroids.ravel()[free]
+    ridge = RIDGE * max(np.trace(a) / max(len(free), 1), 1e-30)
+    try:
+        solved = np.linalg.solve(a + ridge * np.eye(len(free)), b + ridge * prior)
+    except np.linalg.LinAlgError:
+        return centroids
+    out = centroids.ravel().copy()
+    out[free] = solved
+    return out.reshape(count, dim)
+
+
+def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations for scalar centroids from Z[p, o, k] = Σ_{d: label[o,d]=k} X[p, d]."""
+    normal = np.zeros((count, count))
+    rhs = np.zeros(count)
+    groups, outs, inputs = wm.shape
+    keep = max(1, min(x.shape[1], MAX_Z // max(outs * count, 1)))
+    for g in range(groups):
+        xg = x[g, :keep].astype(np.float64)
+        cols = (np.arange(outs)[:, None] * count + lab[g]).ravel()          # [O·D] column of each weight
+        rows = np.tile(np.arange(inputs), outs)
+        select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
+        z = np.asarray(xg @ select).reshape(len(xg), outs, count)
+        y = xg @ wm[g].T                                                  # [P, O]
+        normal += np.einsum("pok,pol->kl", z, z)
+        rhs += np.einsum("pok,po->k", z, y)
+    return normal, rhs
+
+
+def _kernel_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, count: int, dim: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations for kernel centroids [K, k²] through the Gram matrix of each group's input rows."""
+    groups, outs, inputs = wm.shape
+    channels = inputs // dim
+    normal = np.zeros((count, dim, count, dim))
+    rhs = np.zeros((count, dim))
+    for g in range(groups):
+        xg = x[g].astype(np.float64)
+        gram = xg.T @ xg                                                   # [(i,j), (m,n)]
+        onehot = np.zeros((outs, channels, count))
+        onehot[np.arange(outs)[:, None], np.arange(channels)[None, :], lab[g]] = 1.0
+        flat = onehot.reshape(outs, channels * count)
+        pairs = (flat.T @ flat).reshape(channels, count, channels, count)  # [i, k, m, l]
+        g4 = gram.reshape(channels, dim, channels, dim)                   # [i, j, m, n]
+        t = pairs.transpose(1, 3, 0, 2).reshape(count * count, channels * channels)
+        gg = g4.transpose(0, 2, 1, 3).reshape(channels * channels, dim * dim)
+        normal += (t @ gg).reshape(count, count, dim, dim).transpose(0, 2, 1, 3)
+        gw = (wm[g] @ gram).reshape(outs, channels, dim)                  # (G·W_o) per output
+        rhs += np.einsum("oik,oij->kj", onehot, gw)
+    return normal.reshape(count * dim, count * dim), rhs.ravel()
+
+
+def _quantize_codebook(centroids: np.ndarray, bits: int) -> tuple[np.ndarray, int, float]:
+    """Uniform asymmetric quantization of the codebook values with an exact zero: (codes, zero point, step)."""
+    lo, hi = min(float(centroids.min()), 0.0), max(float(centroids.max()), 0.0)
+    levels = (1 << bits) - 1
+    step = (hi - lo) / levels if hi > lo else 1.0
+    zero_point = int(np.clip(round(-lo / step), 0, levels))
+    codes = np.clip(np.round(centroids / step) + zero_point, 0, levels).astype(np.int64)
+    return codes, zero_point, float(np.float32(step))
+
+
+def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray) -> None:
+    """Add the mean output error (W − Ŵ)·E[x] on the calibration rows to the bias (Nagel et al., 2019)."""
+    bias = layer.bias()
+    if bias is None:
+        return
+    mean = x.astype(np.float64).mean(axis=1)                                    # [G, D]
+    delta = np.einsum("god,gd->go", layer.matrix(w).astype(np.float64) - layer.matrix(shared), mean).ravel()
+    layer.set_bias(builder, bias + layer.output_scale() * delta, w.dtype)
+
+
+def _rebuild(builder: Builder, layer: Layer, labels: np.ndarray, centroids: np.ndarray, codes: np.ndarray | None,
+             quant: tuple[int, float, int] | None, kernel: bool) -> gs.Variable:
+    """Codebook + packed indices + the ops that rebuild the weight tensor; returns the rebuilt tensor."""
+    w = layer.values
+    name = layer.weight.name
+    dtype = w.dtype
+    index, _ = builder.indices(labels, _index_bits(len(centroids)), f"{name}_index")
+    if codes is not None:
+        zero_point, step, code_bits = quant
+        raw, _ = builder.indices(codes.ravel(), code_bits, f"{name}_codebook_codes")
+        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+        values = builder.op("Cast", [raw], f"{name}_codebook_values", None, None, to=onnx_type)
+        centred = builder.op("Sub", [values, builder.const(f"{name}_codebook_zero", np.array(zero_point, dtype))],
+                             f"{name}_codebook_centred", None, None)
+        scaled = builder.op("Mul", [centred, builder.const(f"{name}_codebook_step", np.array(step, dtype))],
+                            f"{name}_codebook_scaled", None, None)
+        table = builder.reshape(scaled, list(centroids.shape), f"{name}_codebook", dtype)
+    else:
+        table = builder.const(f"{name}_codebook", centroids if kernel else centroids.ravel())
+    gathered = builder.op("Gather", [table, index], f"{name}_gathered", None, None, axis=0)
+    return builder.reshape(gathered, list(w.shape), f"{name}_shared", dtype)
+
+
+def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], unit: str, refit: bool,
+            changed: list[str]) -> None:
+    ctx.details["layers"] = changed
+    ctx.details["per_layer"] = per_layer
+    if skipped:
+        ctx.details["skipped"] = skipped
+        ctx.note("left in float: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    if not per_layer:
+        ctx.note("no layer with a float constant weight to cluster")
+        return
+    kinds = {e["unit"] for e in per_layer}
+    if unit == "kernel" and "weight" in kinds:
+        ctx.note("layers without k×k kernels (1×1 convs, Gemm, MatMul) use the per-weight codebook")
+    text = f"clustered {len(per_layer)} weight tensor(s)"
+    if refit:
+        errs = [(e["output_rel_err_kmeans"], e["output_rel_err"]) for e in per_layer if "output_rel_err" in e]
+        if errs:
+            text += (f"; least-squares refit + bias correction: mean output error "
+                     f"{np.mean([a for a, _ in errs]):.4f} → {np.mean([b for _, b in errs]):.4f} (relative L2)")
+    ctx.note(text)

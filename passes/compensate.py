@@ -1,0 +1,596 @@
+"""Retrain-free compensation after channel removal: refit the layers that read the cut channels.
+
+After `channels.apply_plan`, every Conv/Gemm/MatMul that read a cut group (a *consumer*) sees fewer input
+channels. Layer by layer, in graph order, on the already-pruned and already-repaired network, each consumer's
+weights are refit by ridge least squares so that its output on calibration activations matches the UNPRUNED
+model's output (as in ThiNet, Luo et al. 2017, and Channel Pruning, He et al. 2017):
+
+    W = argmin ‖X W − Y‖² + λ‖W − W₀‖²        X: pruned-network inputs (im2col rows for a Conv)
+                                                Y: original outputs (kept channels), W₀: the cut original weights
+
+The ridge term pulls toward the original weights, not toward zero: a Gemm after Flatten has far more inputs than
+there are calibration images, and the original weights are the best prior there is (solved in the dual then).
+Candidates — no change, bias correction for the mean shift (Nagel et al. 2019), ridge refits with λ on a grid,
+and for BatchNormalization re-estimated statistics — are compared on held-out calibration images (every 4th),
+with the loss measured after the next nonlinearity (BN→ReLU applied to both sides); the best is refit on all
+calibration images and kept only if it beats no change. Deterministic (fixed row sampling seeded by ctx.seed),
+solved per layer, never per sample.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
+
+from squeeze import runtime
+from squeeze.context import Context
+from squeeze.data import Dataset
+from squeeze.model import to_model
+
+from .channels import (Group, constant_value, infer_shapes, node_labels, set_constant_input, tensor_masks,
+                       topological_order)
+
+#: Ridge strengths tried, relative to the mean diagonal of XᵀX.
+ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: Activations kept in memory for compensation (calibration samples are capped to fit).
+MEMORY_BUDGET = 1 << 30
+#: Work budget for one Gram matrix (rows × columns²); rows are subsampled to fit.
+GRAM_FLOPS = 2e9
+HOLDOUT_EVERY = 4
+
+
+@dataclass
+class _Layer:
+    node: gs.Node
+    kind: str             # "conv" | "gemm" | "matmul" | "bn"
+    x: str                # input tensor (read from the pruned network)
+    y: str                # target tensor (read from the original network)
+    bias_node: gs.Node | None = None  # MatMul: the Add that holds its bias
+    bias_index: int = 1
+    label: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def compensate(graph: gs.Graph, ctx: Context, plan: Mapping[Group, np.ndarray], *, downstream: bool = True,
+               data: Dataset | None = None, refit_all: bool = True, cache: dict | None = None,
+               notes: bool = True) -> list[dict]:
+    """Refit, in graph order, every layer that reads a cut group — and, with `downstream`, every later
+    Conv/Gemm/MatMul whose input changed — and re-estimate BatchNorm statistics downstream of the cut.
+
+    `graph` is the already-cut graph; `ctx.model` the unpruned model, `data` the calibration samples (default
+    `ctx.calib`, capped to a memory budget). `refit_all=False` keeps the fit on the non-held-out samples (for
+    honest held-out measurements); `cache` holds the unpruned model's activations across calls. Returns one
+    report row per layer.
+    """
+    if ctx.model is None:
+        if notes:
+            ctx.note("compensation skipped: no reference model")
+        return []
+    if ctx.calib_is_synthetic:
+        if notes:
+            ctx.note("compensation skipped: the calibration data is synthetic (give --calib with real inputs)")
+        return []
+    layers, skipped = _layers(graph, plan, downstream)
+    if notes:
+        for text in skipped:
+            ctx.note(text)
+    if not layers:
+        return []
+    with _single_threaded_blas():
+        rows, n, held = _compensate(graph, ctx, plan, layers, data, refit_all, cache)
+    changed = [r for r in rows if r["method"] != "none"]
+    if rows and notes:
+        ctx.note(f"compensation refit {len(changed)} of {len(rows)} layer(s) on {n} calibration samples "
+                 f"({held} held out to choose): " + ", ".join(f"{r['node']} {r['method']}" for r in rows))
+    return rows
+
+
+@contextmanager
+def _single_threaded_blas():
+    """One BLAS thread: results do not depend on the core count (determinism), and small LAPACK calls are much
+    faster than with threads competing for two busy cores."""
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415  (installed with scikit-learn)
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@dataclass
+class _Fit:
+    """What every layer fitter shares: held-out samples, row sampling, the unpruned activations."""
+
+    holdout: np.ndarray
+    rng: np.random.Generator
+    original: dict[str, np.ndarray]
+    refit_all: bool
+
+
+def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[dict], int, int]:
+    masks = tensor_masks(plan)
+    data = data if data is not None else _budgeted(ctx, graph, layers)
+    shift = 0 if all(data.stacked.get(k, True) for k in data.arrays) else 1
+    names = sorted({layer.y for layer in layers} | {layer.x for layer in layers if layer.kind == "bn"})
+    cache = cache if cache is not None else {}
+    missing = [name for name in names if name not in cache]
+    if missing:
+        cache.update(runtime.activations(ctx.model, data, missing, threads=ctx.threads))
+    original = {}
+    for name in names:
+        value = _select(cache[name], masks.get(name), shift)
+        original[name] = value[:, 0] if shift else value
+    n = len(data)
+    holdout = (np.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if n >= 2 * HOLDOUT_EVERY else np.zeros(n, bool)
+    fit = _Fit(holdout, np.random.default_rng(ctx.seed), original, refit_all)
+    rows: list[dict] = []
+    pending = list(layers)
+    graph_inputs = {t.name for t in graph.inputs}
+    while pending:
+        wave = _ready(pending)
+        wanted = sorted({layer.x for layer in wave} - graph_inputs)
+        current = runtime.activations(to_model(graph, like=ctx.model), data, wanted, threads=ctx.threads) \
+            if wanted else {}
+        for name in {layer.x for layer in wave} & graph_inputs:
+            current[name] = data.arrays[name] if shift == 0 else data.arrays[name][:, None]
+        for layer in wave:
+            x = current[layer.x][:, 0] if shift else current[layer.x]
+            rows.append(FITTERS[layer.kind](graph, layer, x, original[layer.y], fit))
+        pending = [layer for layer in pending if layer not in wave]
+    return rows, n, int(holdout.sum())
+
+
+def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool) -> tuple[list[_Layer], list[str]]:
+    """The consumers of the cut groups, plus BatchNormalizations (and, with `downstream`, Conv/Gemm/MatMul)
+    downstream of any cut, in graph order."""
+    order = {id(n): i for i, n in enumerate(topological_order(graph))}
+    labels = node_labels(graph)
+    chosen: dict[int, _Layer] = {}
+    skipped = []
+    for group in plan:
+        for m in group.consumers:
+            if id(m.node) in chosen:
+                continue
+            layer = _layer_for(m.node, labels[id(m.node)])
+            if layer is None:
+                skipped.append(f"compensation: {m.op} '{labels[id(m.node)]}' is not refit (unsupported form)")
+            else:
+                chosen[id(m.node)] = layer
+    tensors = graph.tensors()
+    frontier = [tensors[s.tensor] for g in plan for s in g.slots if s.tensor in tensors]
+    seen: set[int] = set()
+    while frontier:
+        t = frontier.pop()
+        for node in t.outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op == "BatchNormalization" and id(node) not in chosen and _bn_constant(node):
+                chosen[id(node)] = _Layer(node, "bn", node.inputs[0].name, node.outputs[0].name,
+                                          label=labels[id(node)])
+            elif downstream and node.op in ("Conv", "Gemm", "MatMul") and id(node) not in chosen:
+                layer = _layer_for(node, labels[id(node)])
+                if layer is not None:
+                    chosen[id(node)] = layer
+            frontier.extend(node.outputs)
+    return sorted(chosen.values(), key=lambda layer: order[id(layer.node)]), skipped
+
+
+def _layer_for(node: gs.Node, label: str) -> _Layer | None:
+    if constant_value(node.inputs[1]) is None:
+        return None
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
+        return _Layer(node, "conv", node.inputs[0].name, node.outputs[0].name, label=label)
+    if node.op == "Gemm" and not node.attrs.get("transA", 0):
+        return _Layer(node, "gemm", node.inputs[0].name, node.outputs[0].name, label=label)
+    if node.op == "MatMul" and constant_value(node.inputs[1]).ndim == 2:
+        out = node.outputs[0]
+        n = constant_value(node.inputs[1]).shape[1]
+        if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+            add = out.outputs[0]
+            for i, t in enumerate(add.inputs):
+                value = constant_value(t)
+                if t is not out and value is not None and value.size == n and value.shape[-1] == n:
+                    return _Layer(node, "matmul", node.inputs[0].name, add.outputs[0].name, add, i, label)
+        return _Layer(node, "matmul", node.inputs[0].name, out.name, label=label)
+    return None
+
+
+def _bn_constant(node: gs.Node) -> bool:
+    return all(constant_value(t) is not None for t in node.inputs[1:5]) and not node.attrs.get("training_mode", 0)
+
+
+def _ready(pending: list[_Layer]) -> list[_Layer]:
+    """The pending layers whose inputs no other pending layer influences."""
+    ids = {id(layer.node) for layer in pending}
+    wave = []
+    for layer in pending:
+        upstream = _ancestors(layer.node)
+        if not upstream & (ids - {id(layer.node)}):
+            wave.append(layer)
+    return wave or pending[:1]
+
+
+def _ancestors(node: gs.Node) -> set[int]:
+    seen: set[int] = set()
+    stack = [t for t in node.inputs]
+    while stack:
+        t = stack.pop()
+        for producer in t.inputs:
+            if id(producer) not in seen:
+                seen.add(id(producer))
+                stack.extend(producer.inputs)
+    return seen
+
+
+def _budgeted(ctx: Context, graph: gs.Graph, layers: list[_Layer]):
+    """The calibration data, capped so that the activations compensation holds stay within MEMORY_BUDGET."""
+    shapes = infer_shapes(graph, ctx.input_shapes)
+    per_sample = 0
+    for layer in layers:
+        for name in (layer.x, layer.y):
+            shape = shapes.get(name)
+            if shape is not None and all(d is not None for d in shape):
+                per_sample += 8 * int(np.prod(shape))  # float32 original + pruned, and a working copy
+    limit = max(16, MEMORY_BUDGET // max(per_sample, 1))
+    if len(ctx.calib) > limit:
+        ctx.note(f"compensation uses the first {limit} of {len(ctx.calib)} calibration samples (memory budget)")
+        return ctx.calib.subset(0, limit)
+    return ctx.calib
+
+
+def _select(value: np.ndarray, cut, shift: int) -> np.ndarray:
+    """The original tensor restricted to the channels the pruned network keeps."""
+    if cut is None or cut.keep.all():
+        return value
+    return np.take(value, cut.indices(), axis=cut.axis + shift)
+
+
+# ------------------------------------------------------------------------------------- post-op (nonlinearity)
+
+
+@dataclass
+class PostOp:
+    """What the network applies to a layer's output up to and including its next nonlinearity, on channel-last
+    rows [R, C]: a per-channel affine map (folded BatchNormalizations), then an activation (or none).
+    `floor` is True when the activation is ReLU-like (zero below 0), which the ReLU-aware refit exploits."""
+
+    scale: np.ndarray | float = 1.0
+    shift: np.ndarray | float = 0.0
+    activation: Callable[[np.ndarray], np.ndarray] | None = None
+    floor: bool = False
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = rows * self.scale + self.shift
+        return self.activation(rows) if self.activation is not None else rows
+
+
+def post_op(tensor: gs.Tensor) -> PostOp:
+    """The PostOp after `tensor`: BatchNormalizations, then ReLU/LeakyRelu/Clip/Sigmoid/Tanh/HardSwish; the
+    identity when something else comes first (e.g. a residual Add)."""
+    op = PostOp()
+    for _ in range(8):
+        if len(tensor.outputs) != 1:
+            break
+        node = tensor.outputs[0]
+        if node.op == "BatchNormalization" and _bn_constant(node):
+            gamma, beta, mean, var = (constant_value(t).astype(np.float64) for t in node.inputs[1:5])
+            scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+            op.scale, op.shift = op.scale * scale, op.shift * scale + beta - mean * scale
+            tensor = node.outputs[0]
+            continue
+        op.activation = _activation(node)
+        op.floor = node.op == "Relu" or (node.op == "Clip" and _clip_bounds(node)[0] == 0.0)
+        break
+    return op
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float]:
+    lo = node.attrs.get("min") if "min" in node.attrs else (
+        constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
+    hi = node.attrs.get("max") if "max" in node.attrs else (
+        constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None)
+    return (-np.inf if lo is None else float(np.asarray(lo))), (np.inf if hi is None else float(np.asarray(hi)))
+
+
+def _activation(node: gs.Node) -> Callable[[np.ndarray], np.ndarray] | None:
+    if node.op == "Relu":
+        return lambda r: np.maximum(r, 0.0)
+    if node.op == "LeakyRelu":
+        alpha = float(node.attrs.get("alpha", 0.01))
+        return lambda r: np.where(r > 0, r, alpha * r)
+    if node.op == "Clip":
+        lo, hi = _clip_bounds(node)
+        return lambda r: np.clip(r, lo, hi)
+    if node.op == "Sigmoid":
+        return lambda r: 1.0 / (1.0 + np.exp(-r))
+    if node.op == "Tanh":
+        return np.tanh
+    if node.op == "HardSwish":
+        return lambda r: r * np.clip(r / 6.0 + 0.5, 0.0, 1.0)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ least squares
+
+
+def _relative_loss(pred: np.ndarray, target: np.ndarray) -> float:
+    denom = float((target ** 2).sum())
+    return float(((pred - target) ** 2).sum()) / (denom if denom > 0 else 1.0)
+
+
+def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np.ndarray, b0: np.ndarray | None,
+          post: PostOp, refit_all: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Choose among no change, bias correction and ridge refits toward (w0, b0) — plain, and ReLU-aware when a
+    ReLU follows — by the held-out loss after `post`; then (with `refit_all`) refit the winner on all rows.
+    x: [rows, inputs], y: [rows, outputs], w0: [inputs, outputs]; b0 None means no bias is fitted."""
+    fit_bias = b0 is not None
+    in_sample = xh is xt
+    target_h = post(yh)
+    xh = xh.astype(np.float64)
+    n_in = w0.shape[0]
+
+    def split(wa):
+        return wa[:n_in], (wa[n_in] if fit_bias else None)
+
+    def loss(wa):
+        w, b = split(wa)
+        return _relative_loss(post(xh @ w + (b if b is not None else 0.0)), target_h)
+
+    wa0 = np.vstack([w0, b0[None, :]]) if fit_bias else w0
+    xat = _augment(xt, fit_bias)
+    solve = _ridge(xat)
+    resid_t = yt - xat @ wa0
+    candidates = [("none", None, loss(wa0))]
+    if fit_bias:
+        bias = wa0.copy()
+        bias[n_in] += resid_t.mean(axis=0)
+        candidates.append(("bias", None, loss(bias)))
+    plain = [(alpha, loss(wa0 + solve(resid_t, alpha))) for alpha in ALPHAS]
+    candidates += [("ls", alpha, value) for alpha, value in plain]
+    if post.floor:
+        alpha = min(plain, key=lambda c: c[1])[0]
+        candidates.append(("ls-relu", alpha, loss(_relu_fit(xat, yt, wa0, solve, alpha, post))))
+    method, alpha, best = min(candidates, key=lambda c: c[2])
+    info = {"loss_before": candidates[0][2], "loss_after": best,
+            "rows": int(len(xt) + (0 if in_sample else len(xh))), "inputs": int(n_in)}
+    if best >= candidates[0][2] * (1 - 1e-4):
+        return w0, b0, {**info, "method": "none", "loss_after": candidates[0][2]}
+    xa, y_all = xat, yt
+    if refit_all and not in_sample:
+        xa, y_all = np.vstack([xat, _augment(xh, fit_bias)]), np.vstack([yt, yh])
+        solve = _ridge(xa)
+    if method == "bias":
+        wa = wa0.copy()
+        wa[n_in] += (y_all - xa @ wa0).mean(axis=0)
+    elif method == "ls":
+        wa = wa0 + solve(y_all - xa @ wa0, alpha)
+    else:
+        wa = _relu_fit(xa, y_all, wa0, solve, alpha, post)
+    w, b = split(wa)
+    return w, b, {**info, "method": method if method == "bias" else f"{method}(alpha={alpha:g})"}
+
+
+def _relu_fit(x: np.ndarray, y: np.ndarray, wa0: np.ndarray, solve, alpha: float, post: PostOp,
+              iterations: int = 3) -> np.ndarray:
+    """Ridge refit that ignores errors a following ReLU hides: where the target is clipped (zero after the
+    ReLU), a prediction that is clipped too counts as exact, and one that is not is pulled to the threshold."""
+    scale = np.broadcast_to(np.asarray(post.scale, dtype=np.float64), (y.shape[1],))
+    shift = np.broadcast_to(np.asarray(post.shift, dtype=np.float64), (y.shape[1],))
+    safe = np.where(scale == 0, 1.0, scale)
+    threshold = np.where(scale == 0, 0.0, -shift / safe)
+    clipped = (y * scale + shift) <= 0
+    wa = wa0 + solve(y - x @ wa0, alpha)
+    for _ in range(iterations):
+        pred = x @ wa
+        target = np.where(clipped, np.where(pred * scale + shift <= 0, pred, threshold), y)
+        wa = wa0 + solve(target - x @ wa0, alpha)
+    return wa
+
+
+def _augment(x: np.ndarray, bias: bool) -> np.ndarray:
+    return np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]) if bias else x
+
+
+def _ridge(x: np.ndarray) -> Callable[[np.ndarray, float], np.ndarray]:
+    """A solver for Δ = argmin ‖xΔ − r‖² + λ‖Δ‖², λ = α·mean(diag xᵀx), for any r and α from one
+    eigendecomposition: of xᵀx (primal) or, with more columns than rows, of xxᵀ (dual)."""
+    rows, cols = x.shape
+    x32 = x.astype(np.float32, copy=False)
+    if cols <= rows:
+        gram = (x32.T @ x32).astype(np.float64)
+        scale = max(np.trace(gram) / cols, 1e-12)
+        evals, q = np.linalg.eigh(gram)
+        evals = np.maximum(evals, 0.0)
+
+        def primal(resid: np.ndarray, alpha: float) -> np.ndarray:
+            xr = (x32.T @ resid.astype(np.float32)).astype(np.float64)
+            return q @ ((q.T @ xr) / (evals + alpha * scale)[:, None])
+        return primal
+    kernel = (x32 @ x32.T).astype(np.float64)
+    scale = max(np.trace(kernel) / cols, 1e-12)
+    evals, q = np.linalg.eigh(kernel)
+    evals = np.maximum(evals, 0.0)
+
+    def dual(resid: np.ndarray, alpha: float) -> np.ndarray:
+        coef = q @ ((q.T @ resid.astype(np.float64)) / (evals + alpha * scale)[:, None])
+        return (x32.T @ coef.astype(np.float32)).astype(np.float64)
+    return dual
+
+
+def _row_budget(cols: int) -> int:
+    return int(np.clip(GRAM_FLOPS / max(cols, 1) ** 2, 4 * cols, 65536))
+
+
+# ---------------------------------------------------------------------------------------------- per layer
+
+
+def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
+    node = layer.node
+    w = constant_value(node.inputs[1])
+    out_ch, cols = w.shape[0], int(np.prod(w.shape[1:]))
+    bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    b0 = constant_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
+    windows = _windows(node, x, w.shape[2:])
+    spatial = y.shape[2:]
+    budget = _row_budget(cols + 1)
+    xt, yt = _conv_rows(windows, y, np.flatnonzero(~fit.holdout), spatial, budget, fit.rng)
+    xh, yh = _conv_rows(windows, y, np.flatnonzero(fit.holdout), spatial, max(budget // 3, 1), fit.rng)
+    if not len(xh):
+        xh, yh = xt, yt
+    w0 = w.reshape(out_ch, -1).T.astype(np.float64)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all)
+    if info["method"] != "none":
+        set_constant_input(graph, node, 1, new_w.T.reshape(w.shape).astype(w.dtype))
+        set_constant_input(graph, node, 2, new_b.astype(w.dtype))
+    return {"node": layer.label, "op": node.op, **info}
+
+
+def _windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """Sliding windows [N, C, *out_positions(unstrided), *kernel] of the padded input (a view, no copy)."""
+    d = len(kernel)
+    strides = list(node.attrs.get("strides", [1] * d))
+    dil = list(node.attrs.get("dilations", [1] * d))
+    pads = _conv_pads(node, x.shape[2:], kernel, strides, dil)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    eff = [dil[i] * (kernel[i] - 1) + 1 for i in range(d)]
+    win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + d)))
+    win = win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
+    return win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+
+
+def _conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
+    d = len(kernel)
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(d):
+            out = -(-size[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size[i])
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * d)
+    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
+
+
+def _conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, budget: int, rng):
+    """im2col rows (and matching output rows) at up to `budget` positions sampled from `images`."""
+    per_image = int(np.prod(spatial))
+    total = len(images) * per_image
+    if total == 0:
+        cols = windows.shape[1] * int(np.prod(windows.shape[2 + len(spatial):]))
+        return np.zeros((0, cols), np.float32), np.zeros((0, y.shape[1]))
+    picks = np.sort(rng.choice(total, size=min(budget, total), replace=False))
+    n_idx = images[picks // per_image]
+    pos = np.unravel_index(picks % per_image, spatial)
+    patches = windows[(n_idx, slice(None)) + tuple(pos)]
+    rows = patches.reshape(len(picks), -1).astype(np.float32)
+    target = y[(n_idx, slice(None)) + tuple(pos)].astype(np.float64)
+    return rows, target
+
+
+def _sample_rows(x: np.ndarray, y: np.ndarray, holdout: np.ndarray, n_out: int):
+    """Rows of a Gemm/MatMul problem: (train x, train y, held-out x, held-out y); held-out = train if none."""
+    xt = x[~holdout].reshape(-1, x.shape[-1]).astype(np.float32)
+    yt = y[~holdout].reshape(-1, n_out).astype(np.float64)
+    if not holdout.any():
+        return xt, yt, xt, yt
+    return xt, yt, x[holdout].reshape(-1, x.shape[-1]).astype(np.float32), y[holdout].reshape(-1, n_out).astype(np.float64)
+
+
+def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
+    node = layer.node
+    b = constant_value(node.inputs[1])
+    trans_b = int(node.attrs.get("transB", 0))
+    alpha = float(node.attrs.get("alpha", 1.0))
+    beta = float(node.attrs.get("beta", 1.0))
+    w0 = (b.T if trans_b else b).astype(np.float64) * alpha
+    n_out = w0.shape[1]
+    c_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    c = constant_value(c_t) if c_t is not None else None
+    if c is not None and c.ndim == 2 and c.shape[0] > 1:
+        b0 = None  # a per-row C: leave the bias alone
+    else:
+        b0 = np.broadcast_to(beta * (c.astype(np.float64).reshape(-1) if c is not None else np.zeros(1)),
+                             (n_out,)).copy()
+    xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all)
+    if info["method"] != "none":
+        weight = new_w / alpha
+        set_constant_input(graph, node, 1, (weight.T if trans_b else weight).astype(b.dtype))
+        if new_b is not None:
+            if beta == 0.0:
+                node.attrs["beta"] = beta = 1.0
+            shape = c.shape if c is not None and c.size == n_out else (n_out,)
+            set_constant_input(graph, node, 2, (new_b / beta).reshape(shape).astype(b.dtype))
+    return {"node": layer.label, "op": node.op, **info}
+
+
+def _fit_matmul(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
+    node = layer.node
+    b = constant_value(node.inputs[1])
+    w0 = b.astype(np.float64)
+    n_out = w0.shape[1]
+    bias = constant_value(layer.bias_node.inputs[layer.bias_index]) if layer.bias_node is not None else None
+    b0 = bias.astype(np.float64).reshape(-1) if bias is not None else None
+    xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
+    post = post_op(layer.bias_node.outputs[0] if layer.bias_node is not None else node.outputs[0])
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post, fit.refit_all)
+    if info["method"] != "none":
+        set_constant_input(graph, node, 1, new_w.astype(b.dtype))
+        if new_b is not None:
+            set_constant_input(graph, layer.bias_node, layer.bias_index, new_b.reshape(bias.shape).astype(bias.dtype))
+    return {"node": layer.label, "op": node.op, **info}
+
+
+def _fit_bn(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
+    """Re-estimate BN statistics so the pruned network's normalised channels have the original's mean and spread."""
+    node = layer.node
+    gamma, beta, mean, var = (constant_value(t).astype(np.float64) for t in node.inputs[1:5])
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    z = fit.original[layer.x]
+    holdout = fit.holdout
+
+    def rows(a, which):
+        a = np.moveaxis(a[which], 1, -1)
+        return a.reshape(-1, a.shape[-1]).astype(np.float64)
+
+    train = ~holdout
+    xt, zt = rows(x, train), rows(z, train)
+    xh, yh = (rows(x, holdout), rows(y, holdout)) if holdout.any() else (xt, rows(y, train))
+    sigma = np.sqrt(var + eps)
+    s_new = sigma * np.sqrt(xt.var(axis=0) + 1e-12) / np.sqrt(zt.var(axis=0) + 1e-12)
+    m_new = xt.mean(axis=0) - s_new * (zt.mean(axis=0) - mean) / sigma
+    post = post_op(node.outputs[0])
+
+    def apply(rows_, m, s):
+        return gamma * (rows_ - m) / s + beta
+
+    before = _relative_loss(post(apply(xh, mean, sigma)), post(yh))
+    after = _relative_loss(post(apply(xh, m_new, s_new)), post(yh))
+    info = {"node": layer.label, "op": node.op, "loss_before": before, "rows": int(len(xt) + len(xh)),
+            "inputs": int(len(mean))}
+    if after >= before * (1 - 1e-4):
+        return {**info, "method": "none", "loss_after": before}
+    if holdout.any() and fit.refit_all:  # re-estimate on every calibration sample
+        xa, za = rows(x, np.ones_like(holdout)), rows(z, np.ones_like(holdout))
+        s_new = sigma * np.sqrt(xa.var(axis=0) + 1e-12) / np.sqrt(za.var(axis=0) + 1e-12)
+        m_new = xa.mean(axis=0) - s_new * (za.mean(axis=0) - mean) / sigma
+    dtype = constant_value(node.inputs[3]).dtype
+    set_constant_input(graph, node, 3, m_new.astype(dtype))
+    set_constant_input(graph, node, 4, np.maximum(s_new ** 2 - eps, 0.0).astype(dtype))
+    return {**info, "method": "bn-stats", "loss_after": after}
+
+
+FITTERS: dict[str, Callable] = {"conv": _fit_conv, "gemm": _fit_gemm, "matmul": _fit_matmul, "bn": _fit_bn}

@@ -1,0 +1,305 @@
+"""`prune`: filter pruning that really removes channels, then repairs the next layers without retraining.
+
+The channel groups come from `channels.channel_groups` (residual Adds, Concat offsets, Flatten→Gemm, depthwise
+convs ...); a group's score combines every Conv/Gemm that writes it. Criteria (importance functions, one per
+name in `IMPORTANCES`):
+
+- `l1` / `l2`: norm of each output filter (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), times the
+  |scale| of a BatchNormalization that directly follows the writer, so the norm is the one the network sees;
+- `fpgm`: distance of each filter to the others — filters near the geometric median are replaceable
+  (He et al. 2019, "Filter Pruning via Geometric Median");
+- `activation`: mean |activation| of the channel on calibration data (as in ThiNet, Luo et al. 2017, and NISP).
+
+Compensation (`compensate.py`) then refits the layers that read the cut channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Callable, Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from squeeze import runtime, verify
+from squeeze.context import Context
+from squeeze.data import Dataset
+from squeeze.model import to_graph, to_model
+from squeeze.registry import Range, register_pass
+
+from . import compensate as compensation
+from .channels import (Group, Member, apply_plan, channel_groups, constant_value, note_unprunable, plan_removal,
+                       round_keep, summarize_plan)
+
+Importance = Callable[[Group], np.ndarray]
+
+
+# ------------------------------------------------------------------------------------------- importance
+
+
+def output_filters(member: Member) -> np.ndarray:
+    """The filters a producer uses to write the group's channels, one row per channel [length, weights]."""
+    node, s = member.node, member.slot
+    w = constant_value(node.inputs[1]).astype(np.float64)
+    if node.op == "Conv":
+        rows = w.reshape(w.shape[0], -1)
+    elif node.op == "ConvTranspose":  # [C_in, M, k...] with group 1
+        rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+    elif node.op == "Gemm":
+        rows = w if node.attrs.get("transB", 0) else w.T
+        rows = rows * float(node.attrs.get("alpha", 1.0))
+    else:  # MatMul [K, N]
+        rows = w.T
+    return rows[s.offset:s.offset + s.length]
+
+
+def following_scale(node: gs.Node) -> np.ndarray | None:
+    """|γ/σ| of a BatchNormalization that directly follows `node` (through ReLU-like ops), else None."""
+    tensor = node.outputs[0]
+    for _ in range(8):
+        if len(tensor.outputs) != 1:
+            return None
+        nxt = tensor.outputs[0]
+        if nxt.op == "BatchNormalization":
+            params = [constant_value(t) for t in nxt.inputs[1:5]]
+            if any(p is None for p in params):
+                return None
+            gamma, _, _, var = (p.astype(np.float64) for p in params)
+            return np.abs(gamma) / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
+        if nxt.op not in ("Relu", "LeakyRelu", "Clip", "Dropout", "Identity", "MaxPool"):
+            return None
+        tensor = nxt.outputs[0]
+    return None
+
+
+def _scaled_filters(member: Member) -> np.ndarray:
+    rows = output_filters(member)
+    scale = following_scale(member.node)
+    s = member.slot
+    if scale is not None and scale.size == s.width:
+        rows = rows * scale[s.offset:s.offset + s.length, None]
+    return rows
+
+
+def _per_producer(group: Group, score: Callable[[np.ndarray], np.ndarray], normalize: bool) -> np.ndarray:
+    total = np.zeros(group.size)
+    for m in group.producers:
+        values = score(_scaled_filters(m))
+        if normalize:
+            mean = values.mean()
+            values = values / mean if mean > 0 else values
+        total[m.slot.start:m.slot.start + m.slot.length] += values
+    return total
+
+
+def l1_importance(group: Group) -> np.ndarray:
+    """Sum over the group's writers of each channel's filter L1 norm (Li et al. 2017)."""
+    return _per_producer(group, lambda rows: np.abs(rows).sum(axis=1), normalize=False)
+
+
+def l2_importance(group: Group) -> np.ndarray:
+    """Sum over the group's writers of each channel's filter L2 norm."""
+    return _per_producer(group, lambda rows: np.sqrt((rows ** 2).sum(axis=1)), normalize=False)
+
+
+def fpgm_importance(group: Group) -> np.ndarray:
+    """Sum of Euclidean distances from each filter to all others (He et al. 2019): near the median = redundant."""
+    def distances(rows: np.ndarray) -> np.ndarray:
+        sq = (rows ** 2).sum(axis=1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
+        return np.sqrt(d2).sum(axis=1)
+    return _per_producer(group, distances, normalize=True)
+
+
+def activation_importance(groups: list[Group], ctx: Context, max_samples: int = 128) -> Importance:
+    """Mean |activation| of each channel where the next layers read it, on calibration data (ThiNet, NISP)."""
+    wanted: dict[Group, list] = {}
+    names: list[str] = []
+    for g in groups:
+        slots = list({m.slot.tensor: m.slot for m in g.consumers}.values()) or g.slots[:1]
+        wanted[g] = slots
+        names.extend(s.tensor for s in slots)
+    data = ctx.calib.subset(0, min(len(ctx.calib), max_samples))
+    values = runtime.activations(ctx.model, data, sorted(set(names)), threads=ctx.threads)
+    shift = 0 if all(data.stacked.get(k, True) for k in data.arrays) else 1
+
+    def importance(group: Group) -> np.ndarray:
+        total, count = np.zeros(group.size), np.zeros(group.size)
+        for s in wanted[group]:
+            x = np.moveaxis(np.abs(values[s.tensor].astype(np.float64)), s.axis + shift, -1)
+            per_position = x.reshape(-1, x.shape[-1]).mean(axis=0).reshape(s.outer, s.width, s.inner).mean(axis=(0, 2))
+            total[s.start:s.start + s.length] += per_position[s.offset:s.offset + s.length]
+            count[s.start:s.start + s.length] += 1
+        return total / np.maximum(count, 1)
+    return importance
+
+
+# ------------------------------------------------------------------------------------------- sensitivity
+
+#: Fractions of a group removed when measuring its sensitivity, and the calibration samples used.
+SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
+SENSITIVITY_SAMPLES = 256
+SENSITIVITY_DOWNSTREAM = True
+
+
+def output_loss(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
+    """How far a model's outputs moved: KL divergence of the class distributions for class-score outputs
+    (logits, log-probabilities or probabilities), relative squared error otherwise; summed over outputs."""
+    total = 0.0
+    for name, ref in reference.items():
+        new = candidate[name]
+        if verify.looks_like_scores(ref):
+            p, q = _distribution(ref), _distribution(new)
+            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+        else:
+            ref64 = ref.astype(np.float64)
+            total += float(((new.astype(np.float64) - ref64) ** 2).sum() / max((ref64 ** 2).sum(), 1e-30))
+    return total
+
+
+def _distribution(scores: np.ndarray) -> np.ndarray:
+    x = scores.reshape(scores.shape[0], -1).astype(np.float64)
+    if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return x
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np.ndarray], multiple: int,
+                       compensate: bool) -> dict[Group, np.ndarray]:
+    """Per channel: the measured rise of the output loss per MAC saved when its group alone loses channels in
+    score order (each group cut at SENSITIVITY_LEVELS, compensated like the pass, measured on held-out
+    calibration samples), so that one global ranking spends the pruning where it hurts least per MAC."""
+    data = ctx.calib.subset(0, min(len(ctx.calib), SENSITIVITY_SAMPLES))
+    n = len(data)
+    held = np.arange(n) % compensation.HOLDOUT_EVERY == compensation.HOLDOUT_EVERY - 1
+    if n < 2 * compensation.HOLDOUT_EVERY:
+        held = np.ones(n, bool)
+    measured = Dataset({k: v[held] for k, v in data.arrays.items()}, None, data.source, dict(data.stacked))
+    reference = runtime.run(ctx.model, measured, threads=ctx.threads)
+    cache: dict = {}
+    result = {}
+    for group in groups:
+        order = np.argsort(np.asarray(scores[group], dtype=np.float64), kind="stable")  # removal order
+        points = [(0, 0.0)]
+        for level in SENSITIVITY_LEVELS:
+            removed = group.size - round_keep(group.size, group.size * (1 - level), multiple)
+            if removed <= points[-1][0]:
+                continue
+            graph = to_graph(ctx.model)
+            twin = channel_groups(graph, ctx.input_shapes)[group.index]
+            plan = {twin: np.sort(order[removed:])}
+            apply_plan(graph, plan)
+            if compensate:
+                compensation.compensate(graph, ctx, plan, downstream=SENSITIVITY_DOWNSTREAM, data=data, refit_all=False, cache=cache,
+                                        notes=False)
+            out = runtime.run(to_model(graph, like=ctx.model), measured, threads=ctx.threads)
+            points.append((removed, output_loss(reference, out)))
+        result[group] = _marginal_per_mac(group, order, points)
+    return result
+
+
+def _marginal_per_mac(group: Group, order: np.ndarray, points: list[tuple[int, float]]) -> np.ndarray:
+    """Score of the channel removed j-th: the slope of the measured loss curve there (made non-decreasing, and
+    twice the last slope beyond the last level), divided by the MACs one channel of the group costs."""
+    slopes = np.zeros(group.size)
+    last = 0.0
+    for (k0, l0), (k1, l1) in zip(points, points[1:]):
+        last = max(last, (l1 - l0) / (k1 - k0), 0.0)
+        slopes[k0:k1] = last
+    slopes[points[-1][0]:] = 2 * last if last > 0 else 1.0
+    slopes = np.maximum.accumulate(slopes) + 1e-12 * np.arange(group.size)  # keep the within-group order
+    per_channel = np.empty(group.size)
+    per_channel[order] = slopes
+    return per_channel / max(group.macs_removed(1), 1)
+
+
+def importance_for(criterion: str, groups: list[Group], ctx: Context) -> Importance:
+    if criterion == "activation":
+        return activation_importance(groups, ctx)
+    return IMPORTANCES[criterion]
+
+
+#: Weight-only criteria; `activation` needs calibration data and is built by `activation_importance`.
+IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, "fpgm": fpgm_importance}
+
+
+# ------------------------------------------------------------------------------------------------- the pass
+
+
+@register_pass("prune")
+def prune(graph: gs.Graph, ctx: Context, *,
+          ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
+                           "fraction of the channels of the prunable groups to remove"] = 0.3,
+          criterion: Annotated[Literal["l1", "l2", "fpgm", "activation"],
+                               "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|"] = "l1",
+          scope: Annotated[Literal["global", "layer", "sensitivity"],
+                           "layer: every group loses `ratio`; global: the lowest-ranked channels overall (scores "
+                           "divided by their group's mean); sensitivity: overall, by measured output loss per MAC "
+                           "saved (slower: cuts each group at 3 levels)"] = "layer",
+          multiple: Annotated[int, Range(1, None), "kept channels are a multiple of this (8/16 suit SIMD)"] = 1,
+          compensate: Annotated[bool, "refit the next layers by least squares on calibration data"] = True,
+          ) -> None:
+    """Filter pruning: physically remove the lowest-ranked channels of every prunable group, then compensate."""
+    groups = channel_groups(graph, ctx.input_shapes)
+    note_unprunable(ctx, groups)
+    if ratio == 0:
+        ctx.note("ratio=0: nothing removed")
+        return
+    ranking = rank_channels(groups, ctx, criterion=criterion, scope=scope, multiple=multiple, compensate=compensate)
+    if not ranking.groups:
+        ctx.note("no prunable channel group: nothing removed")
+        return
+    plan = ranking.plan(ratio)
+    ctx.details["criterion"], ctx.details["scope"] = criterion, scope
+    ctx.details["groups"] = summarize_plan(ctx, ranking.groups, plan, ranking.scores, ratio, scope, multiple)
+    if not plan:
+        ctx.note(f"ratio={ratio:g} removes no channel after rounding to multiples of {multiple}")
+        return
+    apply_plan(graph, plan)
+    if compensate:
+        ctx.details["compensation"] = compensation.compensate(graph, ctx, plan)
+
+
+@dataclass
+class Ranking:
+    """Which channels go first, for any ratio: the candidate groups, their criterion scores, and what the
+    plan ranks by (the scores, or for `sensitivity` the measured loss per MAC)."""
+
+    groups: list[Group]
+    scores: dict[Group, np.ndarray]
+    keys: dict[Group, np.ndarray]
+    scope: str
+    multiple: int
+    normalize: bool = True
+
+    def plan(self, ratio: float) -> dict[Group, np.ndarray]:
+        return plan_removal(self.keys, ratio, self.scope, self.multiple, normalize=self.normalize)
+
+
+def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: str, multiple: int,
+                  compensate: bool) -> Ranking:
+    """Score the prunable groups with `criterion` (and, for scope `sensitivity`, measure each group's loss
+    curve); the Ranking then gives the plan for any ratio."""
+    candidates = _candidates(groups, ctx, multiple)
+    if not candidates:
+        return Ranking([], {}, {}, scope, multiple)
+    importance = importance_for(criterion, candidates, ctx)
+    scores = {g: importance(g) for g in candidates}
+    if scope == "sensitivity":
+        return Ranking(candidates, scores, sensitivity_scores(ctx, candidates, scores, multiple, compensate),
+                       "global", multiple, normalize=False)
+    return Ranking(candidates, scores, scores, scope, multiple)
+
+
+def _candidates(groups: list[Group], ctx: Context, multiple: int) -> list[Group]:
+    out = []
+    for g in groups:
+        if not g.prunable:
+            continue
+        if not g.producers:
+            ctx.note(f"group {g.index} ({g.size} channels) has no weights that write it; left as is")
+        elif g.size <= multiple:
+            ctx.note(f"group {g.index} ({g.name}, {g.size} channels) is not larger than multiple={multiple}; kept")
+        else:
+            out.append(g)
+    return out

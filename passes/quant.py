@@ -1,0 +1,399 @@
+"""`quant`: integer quantization as QDQ (QuantizeLinear / DequantizeLinear) in the ONNX graph.
+
+Weights: symmetric, per output channel (or per tensor), stored as int8 initializers (`bits=8`), or with fewer
+bits bit-packed and rebuilt to int8 by standard ops, or as ONNX INT4 tensors (`int4=onnx`, opset 21; ONNX
+Runtime runs them, TVM 0.27 cannot load INT4 tensors). Activations (`activations`, on by default when real
+calibration data is given): the input of every quantized layer gets a per-tensor uint8 QuantizeLinear →
+DequantizeLinear pair with a range calibrated by `method`:
+- `minmax`: the observed range;
+- `percentile`: the `percentile`-th percentile of the values (and the mirrored one below), clipping outliers;
+- `mse`: the clipping range that minimises the mean squared quantization error of the calibration values.
+
+Rounding (`rounding`): `nearest`; `bias-correct` adds the mean output error on the calibration data to the bias
+(Nagel et al., "Data-Free Quantization", ICCV 2019); `adaround` learns, per layer, whether each weight rounds up
+or down so the layer's output on the calibration data changes least (Nagel et al., "Up or Down? Adaptive
+Rounding for Post-Training Quantization", ICML 2020), then corrects the bias.
+
+Per-channel DequantizeLinear needs opset 13 (ONNX Runtime rejects `axis` before): older models are upgraded with
+onnx.version_converter first. TVM 0.27 lowers QDQ to float arithmetic (it folds the weight dequantization into
+float constants and runs float kernels), so the result is *int8 storage, float compute*: smaller files, the
+accuracy of int8, no int8 speed-up; the pass says so in its notes and details.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from squeeze.context import Context
+from squeeze.registry import Backoff, Range, register_pass, step_up
+
+from .weights import Builder, Layer, calibrate, find_layers, select_layers, upgrade_opset
+
+COMPUTE = "int8 storage, float compute"
+ACTIVATION_SAMPLE = 400_000   # calibration values kept per activation tensor (uniformly sampled)
+MSE_CANDIDATES = 100
+GRAM_LIMIT = 2048             # AdaRound uses the inputs' Gram matrix up to this many inputs per output
+ZETA, GAMMA = 1.1, -0.1       # AdaRound's rectified sigmoid stretch
+
+
+@register_pass("quant", backoff=Backoff("bits", step_up(8), skip="skip"))
+def quant(graph: gs.Graph, ctx: Context, *,
+          bits: Annotated[int, Range(2, 8), "weight bits, symmetric (activations are always 8-bit)"] = 8,
+          per_channel: Annotated[bool, "one weight scale per output channel (opset ≥ 13; older models are "
+                                 "upgraded)"] = True,
+          activations: Annotated[bool | None, "quantize layer inputs to uint8 too; default: on when --calib "
+                                 "data is given"] = None,
+          method: Annotated[Literal["minmax", "percentile", "mse"], "activation range calibration"] = "mse",
+          percentile: Annotated[float, Range(90.0, 100.0), "percentile kept by method=percentile"] = 99.99,
+          rounding: Annotated[Literal["nearest", "bias-correct", "adaround"], "weight rounding: to nearest, "
+                              "plus bias correction, or learned on the calibration data (AdaRound)"] = "nearest",
+          skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
+          = [],  # noqa: B006 (never mutated)
+          int4: Annotated[Literal["packed", "onnx"], "bits ≤ 4: bit-packed and rebuilt to int8 (runs "
+                          "everywhere), or ONNX INT4 tensors (opset 21; TVM 0.27 cannot load them)"] = "packed",
+          iters: Annotated[int, Range(10, 100_000), "AdaRound optimisation steps per layer"] = 1000,
+          ) -> None:
+    """Int8 QDQ: per-channel symmetric weights, calibrated uint8 activations, optional AdaRound."""
+    onnx_int4 = int4 == "onnx" and bits <= 4
+    need = 21 if onnx_int4 else (13 if per_channel else 10)
+    model = ctx.model
+    before = int(graph.opset or need)
+    if before < need:
+        model = upgrade_opset(graph, ctx.model, need)
+        ctx.note(f"opset upgraded {before} → {need} with onnx.version_converter "
+                 f"({'INT4 tensors' if onnx_int4 else 'per-channel DequantizeLinear needs axis'})")
+        ctx.details["opset"] = {"from": before, "to": need}
+    layers, skipped = select_layers(find_layers(graph), skip)
+    quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic
+    if activations and ctx.calib_is_synthetic:
+        ctx.note("activation ranges come from synthetic N(0,1) inputs; pass --calib with real inputs")
+    tensors = _activation_tensors(layers) if quantize_inputs else []
+    chunk = 8
+    stats = _ActivationStats(tensors, ctx.seed, chunks=-(-len(ctx.calib) // chunk))
+    # Layer input rows serve the learned rounding and the per-layer sensitivity table.
+    rows = calibrate(model, ctx.calib, layers, seed=ctx.seed, threads=ctx.threads,
+                     tensors=[t.name for t in tensors], on_chunk=stats.add, chunk=chunk)
+    ranges = {t.name: stats.range(t.name, method, percentile) for t in tensors}
+    builder = Builder(graph)
+    learn = rounding != "nearest" and not ctx.calib_is_synthetic
+    if rounding != "nearest" and ctx.calib_is_synthetic:
+        ctx.note(f"rounding={rounding} needs real calibration data; rounded to nearest instead")
+    per_layer, scales = [], {}
+    for layer in layers:
+        entry = {"layer": layer.name, "op": layer.op}
+        x = rows.get(layer.name)
+        act = ranges.get(layer.input.name)
+        w = layer.values
+        if w is None:
+            entry["weights"] = "kept (computed weight, e.g. already compressed)"
+        else:
+            entry.update(_quantize_weight(builder, layer, w, bits, per_channel, onnx_int4, x if learn else None,
+                                          rounding, iters, ctx.seed))
+        if x is not None and w is not None:
+            entry["sqnr_db"] = _sqnr(layer, w, entry["_dequantized"], x, act)
+        if w is not None:
+            scales[layer.name] = entry.pop("_scale")
+        entry.pop("_dequantized", None)
+        if act is not None:
+            entry["input_scale"], entry["input_zero_point"] = act[0], act[1]
+        per_layer.append(entry)
+    sources = {l.name: l.input.name for l in layers}
+    for tensor in tensors:
+        scale, zero_point = ranges[tensor.name]
+        _insert_qdq(builder, tensor, [l for l in layers if l.input is tensor], scale, zero_point)
+    biases = sum(_quantize_bias(builder, l, ranges[sources[l.name]][0], *scales[l.name])
+                 for l in layers if l.name in scales and sources[l.name] in ranges)
+    _report(ctx, per_layer, skipped, bits, per_channel, quantize_inputs, method, len(tensors), onnx_int4, rounding,
+            learn)
+    if biases:
+        ctx.note(f"{biases} bias(es) stored as int32 with scale input_scale × weight_scale (as an integer "
+                 "kernel adds them; ONNX Runtime would otherwise requantize float biases itself)")
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+def _weight_scale(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
+    """Symmetric scales: max |w| per output channel (or overall) over qmax; never zero."""
+    if axis is None:
+        peak = np.abs(w).max(initial=0.0)
+    else:
+        peak = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+    scale = (np.asarray(peak, np.float64) / qmax).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def _broadcast(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None:
+        return scale
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def _quantize_weight(builder: Builder, layer: Layer, w: np.ndarray, bits: int, per_channel: bool, onnx_int4: bool,
+                     x: np.ndarray | None, rounding: str, iters: int, seed: int) -> dict:
+    qmax = (1 << (bits - 1)) - 1
+    axis = layer.out_axis if per_channel else None
+    if axis is not None and layer.op == "ConvTranspose" and layer.groups > 1:
+        axis = None  # output channels are split over groups on axis 1: one scale per tensor instead
+    scale = _weight_scale(w.astype(np.float32), axis, qmax)
+    full = _broadcast(scale, axis, w.ndim)
+    w32 = w.astype(np.float32)
+    q = np.clip(np.round(w32 / full), -qmax, qmax)
+    info: dict = {"bits": bits, "scales": int(scale.size)}
+    if x is not None and rounding == "adaround" and layer.has_matrix:
+        learned, gain = _adaround(layer, w32, full, qmax, x, iters, seed)
+        if learned is not None:
+            q = learned
+            info["adaround_error_ratio"] = gain
+    dequantized = (q * full).astype(np.float32)
+    if x is not None and rounding in ("bias-correct", "adaround"):
+        _correct_bias(builder, layer, w32, dequantized, x)
+        info["bias_corrected"] = layer.bias() is not None
+    q = q.astype(np.int8)
+    name = layer.weight.name
+    stored, info["storage"] = builder.integers(q, bits, name, onnx_int4)
+    attrs = {"axis": axis} if axis is not None else {}
+    deq = builder.op("DequantizeLinear", [stored, builder.const(f"{name}_scale", scale)], f"{name}_dequantized",
+                     np.float32, list(w.shape), **attrs)
+    if w.dtype != np.float32:
+        deq = builder.op("Cast", [deq], f"{name}_dequantized_cast", w.dtype, list(w.shape),
+                         to=onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
+    layer.node.inputs[layer.weight_index] = deq
+    info["_dequantized"] = dequantized
+    info["_scale"] = (scale, axis)
+    return info
+
+
+def _quantize_bias(builder: Builder, layer: Layer, input_scale: float, weight_scale: np.ndarray,
+                   axis: int | None) -> int:
+    """Store a Conv/Gemm bias as int32 with scale input_scale × weight_scale, dequantized in the graph."""
+    if layer.op not in ("Conv", "Gemm") or layer.output_scale() != 1.0:
+        return 0
+    if len(layer.node.inputs) < 3 or not layer.node.inputs[2].name:
+        return 0
+    bias = layer.bias()
+    if bias is None:
+        return 0
+    scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    if axis is None:
+        scale = scale.reshape(())
+    q = np.clip(np.round(bias / np.where(scale > 0, scale, 1)), -2**31, 2**31 - 1).astype(np.int32)
+    name = layer.node.inputs[2].name
+    attrs = {"axis": 0} if scale.ndim else {}
+    deq = builder.op("DequantizeLinear", [builder.const(f"{name}_int32", q), builder.const(f"{name}_scale", scale)],
+                     f"{name}_dequantized", np.float32, [q.size], **attrs)
+    if layer.op == "Gemm":
+        layer.node.attrs["beta"] = 1.0
+    layer.node.inputs[2] = deq
+    return 1
+
+
+def _adaround(layer: Layer, w: np.ndarray, full_scale: np.ndarray, qmax: int, x: np.ndarray, iters: int,
+              seed: int) -> tuple[np.ndarray | None, float]:
+    """Learned rounding (AdaRound): minimise ‖(Ŵ − W)·Xᵀ‖² over the rounding direction of every weight.
+
+    Ŵ = s·clip(⌊W/s⌋ + h(V)), h the rectified sigmoid; the regulariser Σ 1 − |2h − 1|^β (β annealed 20 → 2)
+    drives h to 0 or 1. Optimised with Adam in the [groups, outputs, inputs] matrix view. Returns the integer
+    weights (None if learned rounding is not better than rounding to nearest on the calibration rows) and the
+    ratio of output errors learned / nearest.
+    """
+    rng = np.random.default_rng(seed)
+    wm = layer.matrix(w).astype(np.float64)
+    sm = layer.matrix(np.broadcast_to(full_scale, w.shape).astype(np.float64))
+    scaled = wm / sm
+    floor = np.floor(scaled)
+    rest = scaled - floor
+    v = -np.log((ZETA - GAMMA) / (np.clip(rest, 1e-4, 1 - 1e-4) - GAMMA) - 1)
+    groups, outs, inputs = wm.shape
+    xs = x.astype(np.float64)
+    use_gram = inputs <= GRAM_LIMIT
+    if use_gram:
+        gram = np.einsum("gpd,gpe->gde", xs, xs) / xs.shape[1]
+    else:
+        keep = min(xs.shape[1], max(64, 2_000_000 // inputs))
+        xs = xs[:, rng.permutation(xs.shape[1])[:keep]]
+
+    def error(wq: np.ndarray) -> tuple[float, np.ndarray]:
+        delta = wq - wm
+        if use_gram:
+            gd = np.einsum("god,gde->goe", delta, gram)
+            return float(np.einsum("god,god->", delta, gd)), 2 * gd
+        r = np.einsum("god,gpd->gop", delta, xs) / xs.shape[1]
+        return float(np.einsum("gop,gop->", r, r)) * xs.shape[1], 2 * np.einsum("gop,gpd->god", r, xs)
+
+    def weights(q: np.ndarray) -> np.ndarray:
+        return sm * np.clip(q, -qmax, qmax)
+
+    nearest = np.clip(np.round(scaled), -qmax, qmax)
+    base, _ = error(weights(nearest))
+    if base <= 0:
+        return None, 1.0
+    m1, m2 = np.zeros_like(v), np.zeros_like(v)
+    # the output error is normalised by its value at round-to-nearest, the regulariser averaged over weights
+    lr, b1, b2, lam, warm = 1e-2, 0.9, 0.999, 3.0, 0.2
+    for t in range(1, iters + 1):
+        sig = 1 / (1 + np.exp(-v))
+        h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
+        q = floor + h
+        inside = (q >= -qmax) & (q <= qmax)
+        _, grad_w = error(weights(q))
+        grad = grad_w / base * sm * inside
+        progress = (t / iters - warm) / (1 - warm)
+        if progress > 0:  # after the warm-up, the regulariser pulls every h to 0 or 1
+            beta = 2 + 18 * max(0.0, 1 - progress)
+            u = 2 * h - 1
+            grad = grad - lam * beta * np.sign(u) * np.abs(u) ** (beta - 1) * 2 / h.size
+        grad = grad * ((h > 0) & (h < 1)) * sig * (1 - sig) * (ZETA - GAMMA)
+        m1 = b1 * m1 + (1 - b1) * grad
+        m2 = b2 * m2 + (1 - b2) * grad * grad
+        v -= lr * (m1 / (1 - b1 ** t)) / (np.sqrt(m2 / (1 - b2 ** t)) + 1e-8)
+    h = np.clip(1 / (1 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    learned = np.clip(floor + (h >= 0.5), -qmax, qmax)
+    got, _ = error(weights(learned))
+    if got >= base:
+        return None, 1.0
+    return layer.from_matrix(learned), round(got / base, 4)
+
+
+def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, dequantized: np.ndarray, x: np.ndarray) -> None:
+    """Add (W − Ŵ)·E[x] over the calibration rows to the bias, so the mean output is unchanged."""
+    bias = layer.bias()
+    if bias is None:
+        return
+    mean = x.astype(np.float64).mean(axis=1)
+    delta = np.einsum("god,gd->go", layer.matrix(w).astype(np.float64) - layer.matrix(dequantized), mean).ravel()
+    layer.set_bias(builder, bias + layer.output_scale() * delta, w.dtype)
+
+
+def _sqnr(layer: Layer, w: np.ndarray, dequantized: np.ndarray, x: np.ndarray, act) -> float:
+    """Signal-to-quantization-noise ratio (dB) of the layer's output on the calibration rows, with its input
+    quantized as it will be (when activations are quantized): the per-layer sensitivity shown in the report."""
+    xq = x if act is None else _fake_quant(x, act[0], act[1])
+    ref = np.einsum("gpd,god->gpo", x, layer.matrix(w.astype(np.float32)))
+    new = np.einsum("gpd,god->gpo", xq, layer.matrix(dequantized))
+    noise = float(np.sum((new - ref) ** 2))
+    return round(float(10 * np.log10(float(np.sum(ref ** 2)) / noise)), 2) if noise > 0 else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+def _activation_tensors(layers: list[Layer]) -> list[gs.Tensor]:
+    seen, out = set(), []
+    for layer in layers:
+        t = layer.input
+        if isinstance(t, gs.Variable) and t.name not in seen and t.dtype in (np.float32, None):
+            seen.add(t.name)
+            out.append(t)
+    return out
+
+
+class _ActivationStats:
+    """Exact min/max and a uniform sample of the values of each tensor, gathered chunk by chunk."""
+
+    def __init__(self, tensors: list[gs.Tensor], seed: int, chunks: int):
+        self.rng = np.random.default_rng(seed)
+        self.quota = -(-ACTIVATION_SAMPLE // max(chunks, 1))
+        self.lo = {t.name: np.inf for t in tensors}
+        self.hi = {t.name: -np.inf for t in tensors}
+        self.samples: dict[str, list[np.ndarray]] = {t.name: [] for t in tensors}
+        self.seen = {t.name: 0 for t in tensors}
+
+    def add(self, values: dict[str, np.ndarray]) -> None:
+        for name, arr in values.items():
+            flat = arr.astype(np.float32).ravel()
+            self.lo[name] = min(self.lo[name], float(flat.min()))
+            self.hi[name] = max(self.hi[name], float(flat.max()))
+            self.seen[name] += flat.size
+            take = min(flat.size, self.quota)
+            self.samples[name].append(self.rng.choice(flat, size=take, replace=False) if take < flat.size else flat)
+
+    def range(self, name: str, method: str, percentile: float) -> tuple[float, int]:
+        """(scale, uint8 zero point) for `name`."""
+        values = np.concatenate(self.samples[name])
+        if values.size > ACTIVATION_SAMPLE:
+            values = self.rng.choice(values, size=ACTIVATION_SAMPLE, replace=False)
+        lo, hi = min(self.lo[name], 0.0), max(self.hi[name], 0.0)
+        if method == "percentile":
+            hi = max(float(np.percentile(values, percentile)), 0.0) if hi > 0 else 0.0
+            lo = min(float(np.percentile(values, 100 - percentile)), 0.0) if lo < 0 else 0.0
+        elif method == "mse":
+            lo, hi = _mse_range(values, lo, hi)
+        return _scale_zero_point(lo, hi)
+
+
+def _scale_zero_point(lo: float, hi: float) -> tuple[float, int]:
+    if hi <= lo:
+        return 1.0, 0
+    scale = float(np.float32((hi - lo) / 255.0))
+    zero_point = int(np.clip(round(-lo / scale), 0, 255))
+    return scale, zero_point
+
+
+def _fake_quant(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    s = np.float32(scale)
+    return ((np.clip(np.round(x / s) + zero_point, 0, 255) - zero_point) * s).astype(np.float32)
+
+
+def _mse_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The clipped range α·[lo, hi] (α in (0, 1]) whose uint8 quantization has the least squared error."""
+    best = (np.inf, lo, hi)
+    for alpha in np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES):
+        scale, zp = _scale_zero_point(alpha * lo, alpha * hi)
+        err = float(np.mean((_fake_quant(values, scale, zp) - values) ** 2))
+        if err < best[0]:
+            best = (err, alpha * lo, alpha * hi)
+    return best[1], best[2]
+
+
+def _insert_qdq(builder: Builder, tensor: gs.Tensor, consumers: list[Layer], scale: float, zero_point: int) -> None:
+    """x → QuantizeLinear → DequantizeLinear → the quantized layers (other readers of x keep the float x)."""
+    s = builder.const(f"{tensor.name}_scale", np.array(scale, np.float32))
+    z = builder.const(f"{tensor.name}_zero_point", np.array(zero_point, np.uint8))
+    q = builder.op("QuantizeLinear", [tensor, s, z], f"{tensor.name}_quantized", np.uint8, tensor.shape)
+    dq = builder.op("DequantizeLinear", [q, s, z], f"{tensor.name}_dequantized", np.float32, tensor.shape)
+    for layer in consumers:
+        node = layer.node
+        for i, t in enumerate(node.inputs):
+            if t is tensor and i != layer.weight_index:
+                node.inputs[i] = dq
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], bits: int, per_channel: bool,
+            quantize_inputs: bool, method: str, tensors: int, onnx_int4: bool, rounding: str, learned: bool) -> None:
+    weights = [e for e in per_layer if "bits" in e]
+    ctx.details["compute"] = COMPUTE
+    ctx.details["layers"] = [e["layer"] for e in per_layer]
+    ctx.details["per_layer"] = per_layer
+    ctx.details["weights"] = {"bits": bits, "per_channel": per_channel, "layers": len(weights),
+                              "rounding": rounding if learned else "nearest",
+                              "storage": weights[0]["storage"] if weights else None}
+    ctx.details["activations"] = ({"dtype": "uint8", "granularity": "per tensor", "method": method,
+                                   "tensors": tensors, "samples": len(ctx.calib)} if quantize_inputs else None)
+    if skipped:
+        ctx.details["skipped"] = skipped
+        ctx.note("left in float: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    if not per_layer:
+        ctx.note("no Conv/Gemm/MatMul layer to quantize")
+        return
+    text = (f"{bits}-bit {'per-channel' if per_channel else 'per-tensor'} symmetric weights in "
+            f"{len(weights)} layer(s)" if weights else "weights left as they are (computed, e.g. already compressed)")
+    if quantize_inputs:
+        text += f", uint8 activations at {tensors} layer input(s) ({method} calibration on {len(ctx.calib)} samples)"
+    ctx.note(text + f"; {COMPUTE}: TVM 0.27 and the CPU target dequantize to float and run float kernels, "
+                    "so expect smaller files, not int8 speed")
+    if onnx_int4:
+        ctx.note("weights stored as ONNX INT4 tensors: ONNX Runtime runs them; TVM 0.27 cannot load INT4 "
+                 "(use int4=packed for TVM targets)")
+    ranked = sorted((e for e in per_layer if isinstance(e.get("sqnr_db"), float) and np.isfinite(e["sqnr_db"])),
+                    key=lambda e: e["sqnr_db"])
+    if len(ranked) > 2:
+        worst = ranked[:2]
+        ctx.note("most sensitive layers (lowest output SQNR on calibration data): "
+                 + ", ".join(f"{e['layer']} ({e['sqnr_db']:.1f} dB)" for e in worst)
+                 + f"; skip=[{','.join(repr(e['layer']) for e in worst)}] keeps them in float")

@@ -1,0 +1,410 @@
+"""Weight-layer helpers shared by the quantization passes (`quant`, `codebook`).
+
+- `find_layers` / `select_layers`: the Conv, ConvTranspose, Gemm and MatMul nodes with a weight, and the `skip`
+  list a user gives (node names, op types, fnmatch patterns, or `first` / `last`).
+- `Layer.matrix` / `Layer.from_matrix`: every weight as [groups, outputs per group, inputs per output], the
+  view in which a layer is Y = X·Wᵀ, so rounding and least-squares refits are written once for all layer types.
+- `calibrate`: one pass over the calibration data that samples each layer's input rows X (im2col patches for a
+  convolution) and hands every chunk of activations to a callback (activation statistics).
+- `Builder`: fresh names, and the standard ONNX ops that rebuild a weight from bit-packed indices (Cast, Gather,
+  Add, Mul, Div, Sub, Reshape, Slice) — opset-aware, so ONNX Runtime and TVM both run them (TVM folds them away).
+- `upgrade_opset`: raise a graph's opset with onnx.version_converter (per-channel QDQ needs opset 13).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from squeeze import runtime
+from squeeze.data import Dataset
+from squeeze.errors import PassError
+from squeeze.pack import pack_bits, unpack_bits
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+@dataclass
+class Layer:
+    """A node that multiplies its input by a weight: which input is the weight and how to view it as a matrix."""
+
+    node: gs.Node
+    weight_index: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    @property
+    def weight(self) -> gs.Tensor:
+        return self.node.inputs[self.weight_index]
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """The weight array when it is a float constant (None when it is computed, e.g. already compressed)."""
+        w = self.weight
+        if isinstance(w, gs.Constant) and np.issubdtype(w.values.dtype, np.floating):
+            return w.values
+        return None
+
+    @property
+    def input(self) -> gs.Tensor:
+        return self.node.inputs[1 - self.weight_index if self.op == "MatMul" else 0]
+
+    @property
+    def groups(self) -> int:
+        return int(self.node.attrs.get("group", 1)) if self.op in ("Conv", "ConvTranspose") else 1
+
+    @property
+    def out_axis(self) -> int:
+        """The weight axis that indexes output channels (per-channel quantization axis)."""
+        if self.op == "ConvTranspose":
+            return 1
+        if self.op == "Gemm":
+            return 0 if self.node.attrs.get("transB", 0) else 1
+        if self.op == "MatMul":
+            return len(self.weight.shape) - 1
+        return 0
+
+    @property
+    def kernel_size(self) -> int:
+        """Elements per (output, input) kernel: k×k for a 2-D convolution, 1 otherwise."""
+        if self.op not in ("Conv", "ConvTranspose"):
+            return 1
+        return int(np.prod(self.weight.shape[2:]))
+
+    @property
+    def has_matrix(self) -> bool:
+        """Whether Y = X·Wᵀ is available here (2-D Conv, Gemm with constant B, 2-D MatMul weight)."""
+        shape = self.weight.shape
+        if self.op == "Conv":
+            return len(shape) == 4
+        if self.op == "Gemm":
+            return self.weight_index == 1
+        if self.op == "MatMul":
+            return self.weight_index == 1 and len(shape) == 2
+        return False
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """[groups, outputs per group, inputs per output] view of weight `w` (a copy for Gemm/MatMul)."""
+        if self.op == "Conv":
+            return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        if self.op == "Gemm" and self.node.attrs.get("transB", 0):
+            return w[None]
+        return w.T[None]
+
+    def from_matrix(self, m: np.ndarray) -> np.ndarray:
+        shape = self.weight.shape
+        if self.op == "Conv":
+            return m.reshape(shape)
+        if self.op == "Gemm" and self.node.attrs.get("transB", 0):
+            return m[0]
+        return np.ascontiguousarray(m[0].T)
+
+    def output_scale(self) -> float:
+        """Gemm's alpha (outputs are alpha·X·Wᵀ); 1 for the others."""
+        return float(self.node.attrs.get("alpha", 1.0)) if self.op == "Gemm" else 1.0
+
+    @property
+    def out_count(self) -> int:
+        """Number of output channels (features)."""
+        shape = self.weight.shape
+        if self.op == "ConvTranspose":
+            return int(shape[1]) * self.groups
+        return int(shape[self.out_axis])
+
+    def bias(self) -> np.ndarray | None:
+        """The per-output bias as seen at the output (Gemm: beta·C), zeros if absent; None if not adjustable."""
+        if self.op in ("MatMul", "ConvTranspose") or (self.op == "Gemm" and self.weight_index != 1):
+            return None
+        count = self.out_count
+        if len(self.node.inputs) > 2 and self.node.inputs[2].name:
+            b = self.node.inputs[2]
+            if not isinstance(b, gs.Constant) or b.values.size not in (1, count):
+                return None
+            beta = float(self.node.attrs.get("beta", 1.0)) if self.op == "Gemm" else 1.0
+            return np.broadcast_to(b.values.astype(np.float64).ravel() * beta, (count,)).copy()
+        return np.zeros(count)
+
+    def set_bias(self, builder: "Builder", values: np.ndarray, dtype) -> None:
+        """Give the node a fresh per-output bias constant (Gemm: beta set to 1)."""
+        b = builder.const((self.name or self.op) + "_bias_corrected", values.astype(dtype))
+        if self.op == "Gemm":
+            self.node.attrs["beta"] = 1.0
+        if len(self.node.inputs) > 2:
+            self.node.inputs[2] = b
+        else:
+            self.node.inputs.append(b)
+
+
+def find_layers(graph: gs.Graph) -> list[Layer]:
+    """Every Conv/ConvTranspose/Gemm/MatMul with a weight input (constant or computed), in graph order."""
+    layers = []
+    for position, node in enumerate(graph.nodes):
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        if not node.name:  # the name squeeze.pack gives an unnamed layer, so reports line up across passes
+            node.name = fresh_node_name(graph, f"{node.op}_{position}")
+        index = 1
+        if node.op == "MatMul" and not isinstance(node.inputs[1], gs.Constant) \
+                and isinstance(node.inputs[0], gs.Constant):
+            index = 0
+        if node.op == "Gemm" and node.attrs.get("transA", 0) and isinstance(node.inputs[0], gs.Constant):
+            continue  # a constant A with a computed B: not a weight layer in the usual sense
+        if isinstance(node.inputs[index], gs.Variable) and not node.inputs[index].inputs:
+            continue  # the weight is a graph input: nothing to compress
+        layers.append(Layer(node, index))
+    return layers
+
+
+def fresh_node_name(graph: gs.Graph, name: str) -> str:
+    used = {n.name for n in graph.nodes}
+    candidate, i = name, 1
+    while candidate in used:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def select_layers(layers: list[Layer], skip: Iterable[str]) -> tuple[list[Layer], dict[str, str]]:
+    """Split `layers` into (kept, {skipped name: why}); `skip` holds names, op types, patterns, first/last.
+
+    Raises PassError naming the layers when an entry matches nothing, so a typo does not go unnoticed.
+    """
+    skip = list(skip or [])
+    skipped: dict[str, str] = {}
+    for entry in skip:
+        hits = []
+        if entry == "first" and layers:
+            hits = [layers[0]]
+        elif entry == "last" and layers:
+            hits = [layers[-1]]
+        else:
+            hits = [l for l in layers if l.name == entry or l.op == entry or fnmatch.fnmatchcase(l.name, entry)]
+        if not hits:
+            names = ", ".join(l.name for l in layers[:20]) + (" ..." if len(layers) > 20 else "")
+            raise PassError(f"skip entry {entry!r} matches no layer; layers are: {names} (or give an op type, "
+                            "a pattern like 'conv*', 'first' or 'last')")
+        for l in hits:
+            skipped.setdefault(l.name, f"skip={entry}")
+    return [l for l in layers if l.name not in skipped], skipped
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def _conv_geometry(node: gs.Node, in_hw: tuple[int, int], kernel: tuple[int, int]):
+    """(pads top/left/bottom/right, strides, dilations) of a 2-D Conv, auto_pad resolved."""
+    strides = list(node.attrs.get("strides", [1, 1]))
+    dilations = list(node.attrs.get("dilations", [1, 1]))
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0, 0, 0, 0]
+        for a in range(2):
+            out = -(-in_hw[a] // strides[a])
+            total = max(0, (out - 1) * strides[a] + (kernel[a] - 1) * dilations[a] + 1 - in_hw[a])
+            small, big = total // 2, total - total // 2
+            pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    return pads, strides, dilations
+
+
+def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `rows` sampled input rows of `layer` from its input activation `x`: [groups, P, D] float32."""
+    if layer.op == "Conv":
+        kernel = tuple(int(k) for k in layer.weight.shape[2:])
+        n, c, h, w = x.shape
+        (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(layer.node, (h, w), kernel)
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+        oh = (h + pt + pb - dh * (kernel[0] - 1) - 1) // sh + 1
+        ow = (w + pl + pr - dw * (kernel[1] - 1) - 1) // sw + 1
+        total = n * oh * ow
+        pick = rng.choice(total, size=min(rows, total), replace=False) if total > rows else np.arange(total)
+        ni, rem = np.divmod(pick, oh * ow)
+        yi, xi = np.divmod(rem, ow)
+        r = yi[:, None] * sh + np.arange(kernel[0])[None, :] * dh
+        q = xi[:, None] * sw + np.arange(kernel[1])[None, :] * dw
+        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
+                     q[:, None, None, :]]
+        g = layer.groups
+        return patches.reshape(len(pick), g, -1).transpose(1, 0, 2).astype(np.float32)
+    if layer.op == "Gemm":
+        a = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
+        if layer.node.attrs.get("transA", 0):
+            a = a.T
+    else:
+        a = x.reshape(-1, x.shape[-1])
+    if len(a) > rows:
+        a = a[rng.choice(len(a), size=rows, replace=False)]
+    return a[None].astype(np.float32)
+
+
+def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, rows: int = 4096,
+              budget: int = 2_000_000, seed: int = 0, threads: int | None = None, chunk: int = 16,
+              tensors: Iterable[str] = (), on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None
+              ) -> dict[str, np.ndarray]:
+    """One run over `data`: sampled input rows [groups, P, D] per layer (name) with `has_matrix`, at most
+    `rows` rows and `budget` floats per layer; `on_chunk` gets the activations of `tensors` chunk by chunk."""
+    rng = np.random.default_rng(seed)
+    wanted = [l for l in layers if l.has_matrix]
+    names = sorted({l.input.name for l in wanted} | set(tensors))
+    inputs = {i.name for i in model.graph.input}
+    computed = [n for n in names if n not in inputs]
+    exposed = runtime.with_outputs(model, computed) if computed else model
+    sess = runtime.session(exposed, threads, optimize=False) if computed else None
+    stacked = all(data.stacked.get(n, True) for n in inputs if n in data.arrays)
+    chunks = max(1, -(-len(data) // chunk))
+    limit = {}
+    for l in wanted:
+        w = l.matrix(np.zeros(l.weight.shape, np.float32))
+        limit[l.name] = max(1, min(rows, budget // max(1, w.shape[0] * w.shape[2])))
+    collected: dict[str, list[np.ndarray]] = {l.name: [] for l in wanted}
+    for start in range(0, len(data), chunk):
+        part = data.subset(start, start + chunk)
+        values = runtime.run(exposed, part, computed, sess=sess) if computed else {}
+        for n in names:
+            if n in inputs:
+                values[n] = part.arrays[n]
+        if not stacked:
+            values = {k: v.reshape((-1,) + v.shape[2:]) if v.ndim >= 2 else v for k, v in values.items()}
+        for l in wanted:
+            share = -(-limit[l.name] // chunks)
+            collected[l.name].append(layer_rows(l, values[l.input.name].astype(np.float32), share, rng))
+        if on_chunk is not None:
+            on_chunk({n: values[n] for n in tensors})
+    return {k: np.concatenate(v, axis=1)[:, :limit[k]] for k, v in collected.items() if v}
+
+
+# ---------------------------------------------------------------------------------------------- rebuild ops
+
+class Builder:
+    """Adds nodes and constants with fresh names, and the standard-op subgraphs that rebuild weights from packed
+    integers (small constants shared between layers)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.opset = int(graph.opset or 13)
+        self._shared: dict[tuple, gs.Constant] = {}
+        self._names = set(graph.tensors().keys())
+        self._node_names = {n.name for n in graph.nodes}
+        if self.opset < 7:
+            raise PassError(f"the model has opset {self.opset}; the weight rebuild needs opset ≥ 7 "
+                            "(numpy-style broadcasting). Upgrade it first, e.g. with onnx.version_converter")
+
+    def fresh(self, name: str, taken: set[str] | None = None) -> str:
+        taken = self._names if taken is None else taken
+        candidate, i = name, 1
+        while candidate in taken:
+            candidate, i = f"{name}_{i}", i + 1
+        taken.add(candidate)
+        return candidate
+
+    def const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh(name), np.ascontiguousarray(values))
+
+    def shared(self, key: tuple, name: str, values: np.ndarray) -> gs.Constant:
+        if key not in self._shared:
+            self._shared[key] = self.const(name, values)
+        return self._shared[key]
+
+    def op(self, op: str, inputs: list[gs.Tensor], name: str, dtype, shape, **attrs) -> gs.Variable:
+        """Append a node; its output gets `dtype`/`shape` (None for both leaves it untyped, which keeps small
+        intermediate tensors out of the exported value_info)."""
+        out = gs.Variable(self.fresh(name), dtype=dtype, shape=None if shape is None else list(shape))
+        node = gs.Node(op, name=self.fresh(name, self._node_names), attrs=attrs, inputs=inputs, outputs=[out])
+        self.graph.nodes.append(node)
+        return out
+
+    def indices(self, symbols: np.ndarray, bits: int, name: str) -> tuple[gs.Variable, gs.Constant]:
+        """int64 [count] tensor of `symbols` (< 2**bits), stored bit-packed; also the stored constant."""
+        count = int(symbols.size)
+        if bits == 8:
+            stored = self.const(f"{name}_u8", symbols.astype(np.uint8).ravel())
+            return self.op("Cast", [stored], f"{name}_i64", None, None, to=onnx.TensorProto.INT64), stored
+        packed = pack_bits(symbols, bits)
+        groups = packed.shape[0]
+        stored = self.const(f"{name}_packed{bits}", packed)
+        # Symbol k of a group starts at bit b·k: in byte ⌊b·k/8⌋ at offset b·k mod 8, and spans at most two
+        # bytes. Gather those two bytes per symbol, join them (lo + 256·hi), shift and mask: small exact integers.
+        start = bits * np.arange(8)
+        lo_index = self.shared(("lo", bits), f"pack{bits}_lo_byte", (start // 8).astype(np.int64))
+        hi_index = self.shared(("hi", bits), f"pack{bits}_hi_byte",
+                               np.minimum(start // 8 + 1, bits - 1).astype(np.int64))
+        shift = self.shared(("shift", bits), f"pack{bits}_shift", (2 ** (start % 8)).astype(np.int64))
+        base = self.shared(("base", bits), f"pack{bits}_base", np.array(1 << bits, np.int64))
+        byte = self.shared(("byte",), "pack_byte", np.array(256, np.int64))
+        wide = self.op("Cast", [stored], f"{name}_wide", None, None, to=onnx.TensorProto.INT64)
+        lo = self.op("Gather", [wide, lo_index], f"{name}_lo", None, None, axis=1)
+        hi = self.op("Gather", [wide, hi_index], f"{name}_hi", None, None, axis=1)
+        pair = self.op("Add", [lo, self.op("Mul", [hi, byte], f"{name}_hi256", None, None)],
+                       f"{name}_pair", None, None)
+        high = self.op("Div", [pair, shift], f"{name}_shifted", None, None)
+        top = self.op("Mul", [self.op("Div", [high, base], f"{name}_q", None, None), base],
+                      f"{name}_top", None, None)
+        symbols_2d = self.op("Sub", [high, top], f"{name}_sym", None, None)
+        flat = self.op("Reshape", [symbols_2d, self.shared(("shape", -1), "flat_shape", np.array([-1], np.int64))],
+                       f"{name}_flat", None, None)
+        if groups * 8 != count:
+            flat = self._slice(flat, count, f"{name}_idx")
+        return flat, stored
+
+    def integers(self, q: np.ndarray, bits: int, name: str, onnx_int4: bool = False) -> tuple[gs.Tensor, str]:
+        """Signed integers `q` (|q| < 2^(bits−1)) as an int8-typed tensor of q's shape, and how it is stored: an
+        int8 constant (8 bits), an ONNX INT4 constant, or bit-packed offset codes rebuilt to int8 by standard
+        ops."""
+        q = np.asarray(q)
+        if bits == 8:
+            return self.const(f"{name}_int8", q.astype(np.int8)), "int8"
+        if onnx_int4:
+            proto = onnx.helper.make_tensor(self.fresh(f"{name}_int4"), onnx.TensorProto.INT4, list(q.shape),
+                                            q.astype(np.int8).ravel().tolist())
+            return gs.Constant(proto.name, LazyValues(proto)), "onnx INT4"
+        symbols = q.astype(np.int64).ravel() + (1 << (bits - 1))
+        index, _ = self.indices(symbols, bits, f"{name}_q{bits}")
+        offset = self.shared(("offset", bits), f"q{bits}_offset", np.array(1 << (bits - 1), np.int64))
+        centred = self.op("Sub", [index, offset], f"{name}_q{bits}_signed", None, None)
+        narrow = self.op("Cast", [centred], f"{name}_q{bits}_int8", None, None, to=onnx.TensorProto.INT8)
+        return self.reshape(narrow, list(q.shape), f"{name}_q{bits}_shaped", np.int8), f"{bits}-bit packed"
+
+    def _slice(self, x: gs.Variable, count: int, name: str) -> gs.Variable:
+        if self.opset >= 10:
+            starts = self.shared(("zero",), "slice_start_0", np.array([0], np.int64))
+            ends = self.const(f"{name}_end", np.array([count], np.int64))
+            return self.op("Slice", [x, starts, ends], name, None, None)
+        return self.op("Slice", [x], name, None, None, starts=[0], ends=[count], axes=[0])
+
+    def reshape(self, x: gs.Variable, shape, name: str, dtype=np.float32) -> gs.Variable:
+        target = self.const(f"{name}_shape", np.array(shape, np.int64))
+        return self.op("Reshape", [x, target], name, dtype, shape)
+
+
+# ---------------------------------------------------------------------------------------------- opset
+
+def upgrade_opset(graph: gs.Graph, model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """Convert `model` (the graph's source) to `version` and make `graph` that converted graph; returns it."""
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:  # the converter raises several types; the message says which adapter failed
+        raise PassError(f"cannot upgrade the model to opset {version} with onnx.version_converter: "
+                        f"{str(exc).strip().splitlines()[0][:200]}") from exc
+    new = gs.import_onnx(converted)
+    graph.nodes, graph.inputs, graph.outputs = new.nodes, new.inputs, new.outputs
+    graph.opset, graph.import_domains = new.opset, new.import_domains
+    return converted
+
+
+def default_opset(graph: gs.Graph) -> int:
+    return int(graph.opset or 13)

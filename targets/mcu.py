@@ -1,0 +1,252 @@
+"""`mcu`: bare-metal Cortex-M4/M7. TVM lowers the model to C kernels; squeeze emits the rest of the firmware.
+
+TVM 0.27 has no AOT executor, so `mcu_program` walks the memory-planned Relax `main` and writes a C entry point
+over one static arena with the weights as `const` arrays (flash). `arm-none-eabi-gcc` builds it for the board's
+core; QEMU runs it on an MPS2 FPGA board model (`mps2-an386`: Cortex-M4, `mps2-an500`: Cortex-M7) with
+semihosting and `-icount`, so the outputs are checked against ONNX Runtime and the instructions counted
+(`method=instruction-count`: an instruction count, not cycles — on silicon, wait states, pipeline stalls and
+the memory system make cycles differ).
+
+Flash = text + rodata + initialised data of a firmware that runs the model once (startup, runtime hooks, kernels,
+weights); RAM = data + bss (arena, workspace pool) + the stack's measured high-water mark. A named board whose
+flash or RAM is too small fails with the tensors that dominate.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import onnx
+
+from squeeze.errors import TargetError
+from squeeze.registry import Range, register_target
+
+from . import mcu_program, toolchains, tvm_build
+from .base import Artifact, Measurement, Target
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Board:
+    cpu: str            # gcc -mcpu and the emulated core
+    flash: int          # bytes
+    ram: int            # bytes
+    clock_mhz: int      # for the note only: instructions are not cycles
+    machine: str        # the QEMU board that runs it (same core)
+    note: str = ""
+
+
+# Flash/RAM from the vendors' datasheets (RAM: all on-chip SRAM the linker can use for data, CCM included).
+BOARDS = {
+    "mps2-an386": Board("cortex-m4", 4 * MiB, 4 * MiB, 25, "mps2-an386", "the emulated board itself"),
+    "mps2-an500": Board("cortex-m7", 4 * MiB, 4 * MiB, 25, "mps2-an500", "the emulated board itself"),
+    "stm32f401": Board("cortex-m4", 512 * KiB, 96 * KiB, 84, "mps2-an386"),
+    "stm32f407": Board("cortex-m4", 1 * MiB, 192 * KiB, 168, "mps2-an386", "128 KiB SRAM + 64 KiB CCM"),
+    "stm32f446": Board("cortex-m4", 512 * KiB, 128 * KiB, 180, "mps2-an386"),
+    "stm32l476": Board("cortex-m4", 1 * MiB, 128 * KiB, 80, "mps2-an386"),
+    "nrf52840": Board("cortex-m4", 1 * MiB, 256 * KiB, 64, "mps2-an386"),
+    "stm32f746": Board("cortex-m7", 1 * MiB, 320 * KiB, 216, "mps2-an500"),
+    "stm32h743": Board("cortex-m7", 2 * MiB, 1 * MiB, 480, "mps2-an500"),
+}
+BoardName = Literal["mps2-an386", "mps2-an500", "stm32f401", "stm32f407", "stm32f446", "stm32l476", "nrf52840",
+                    "stm32f746", "stm32h743"]
+
+FPU = {"cortex-m4": ["-mfpu=fpv4-sp-d16"], "cortex-m7": ["-mfpu=fpv5-d16"]}
+# The QEMU MPS2 boards: 4 MiB SSRAM1 at 0 (holds the image, "flash") and 4 MiB SSRAM2/3 at 0x20000000 (RAM).
+EMU_FLASH = (0x00000000, 4 * MiB)
+EMU_RAM = (0x20000000, 4 * MiB)
+STACK_BYTES = 64 * KiB
+
+
+@register_target("mcu")
+class Mcu(Target):
+    """Bare-metal Cortex-M: TVM C kernels + squeeze's static-arena entry point, run in QEMU (instruction count)."""
+
+    def __init__(self, *, board: Annotated[BoardName, "board preset: core, flash and RAM (see docs)"] = "mps2-an386",
+                 opt: Annotated[Literal["O2", "Os", "O3"], "arm-none-eabi-gcc optimisation level"] = "O2",
+                 runs: Annotated[int, Range(1, 1000), "timed runs in the emulator (counts are deterministic)"] = 3,
+                 timeout: Annotated[int, Range(10, 3600), "seconds before the emulator run is abandoned"] = 300):
+        self.board_name = board
+        self.board = BOARDS[board]
+        self.opt = opt
+        self.runs = runs
+        self.timeout = timeout
+
+    def missing(self) -> str | None:
+        gone = toolchains.missing("mcu")
+        if gone:
+            return f"mcu: {gone}"
+        if not toolchains.newlib_present():
+            return f"mcu: newlib for arm-none-eabi not found; {toolchains.install_hint('mcu')}"
+        return None
+
+    def tvm_target(self):
+        tvm = tvm_build.tvm()
+        return tvm.target.Target({"kind": "c", "mcpu": self.board.cpu})
+
+    def cflags(self) -> list[str]:
+        return ([f"-mcpu={self.board.cpu}", "-mthumb", "-mfloat-abi=hard", *FPU[self.board.cpu], f"-{self.opt}",
+                 "-ffunction-sections", "-fdata-sections", "-fno-common", "-Wno-unused-variable",
+                 "-Wno-unused-but-set-variable"] + [f"-I{d}" for d in mcu_program.include_dirs()])
+
+    # -------------------------------------------------------------------------------------------- build
+
+    def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
+        start = time.perf_counter()
+        target = self.tvm_target()
+        mod = tvm_build.import_onnx(model, shapes)
+        program = mcu_program.lower(mod, target, mcu_program.const_names(model))
+        source = mcu_program.kernels_c(program, target)
+        workspace = mcu_program.workspace_bytes(source)
+        self._check_fit(program, flash=program.const_bytes, ram=program.arena_bytes + workspace, estimate=True)
+
+        folder = _folder(workdir, f"mcu-{self.board_name}", model)
+        files = {"squeeze_model.h": mcu_program.MODEL_H, "model.c": mcu_program.emit_model(program),
+                 "kernels.c": source, "runtime.c": mcu_program.RUNTIME_C, "startup.c": mcu_program.STARTUP_C,
+                 "firmware.ld": mcu_program.linker_script(*EMU_FLASH, *EMU_RAM, STACK_BYTES),
+                 "deploy_main.c": DEPLOY_MAIN}
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        objects = []
+        for name in ("model.c", "kernels.c", "runtime.c", "startup.c"):
+            obj = folder / (name[:-2] + ".o")
+            defines = [f"-DSQUEEZE_WORKSPACE_BYTES={max(workspace, 64)}"] if name == "runtime.c" else []
+            toolchains.run_tool(["arm-none-eabi-gcc", *self.cflags(), *defines, "-c", name, "-o", obj.name],
+                                what=f"arm-none-eabi-gcc {name}", cwd=folder)
+            objects.append(obj)
+        elf = self._link(folder, objects, "deploy_main.c", "firmware.elf")
+        sizes = section_sizes(elf)
+        flash = sizes["text"] + sizes["rodata"] + sizes["data"]
+        static_ram = sizes["data"] + sizes["bss"]
+        self._check_fit(program, flash=flash, ram=static_ram, estimate=False)
+        info = {"tvm_target": str(target), "board": self.board_name, "cpu": self.board.cpu,
+                "emulator": f"qemu-system-arm -M {self.board.machine}", "artifact_dir": _relative(folder, workdir)}
+        memory = {"flash_bytes": flash, "ram_static_bytes": static_ram, "arena_bytes": program.arena_bytes,
+                  "workspace_pool_bytes": workspace, "weights_bytes": program.const_bytes,
+                  "kernels": len({k for k, _ in program.calls}), "calls": len(program.calls),
+                  "board_flash_bytes": self.board.flash, "board_ram_bytes": self.board.ram}
+        names = [i.name for i in model.graph.input if i.name in shapes]
+        return Artifact(self.name, handle={"program": program, "folder": folder, "objects": objects,
+                                           "flash": flash, "static_ram": static_ram, "names": names,
+                                           "memory": memory},
+                        files=[folder / n for n in files] + [elf], build_seconds=tvm_build.seconds_since(start),
+                        info=info)
+
+    def _link(self, folder: Path, objects: list[Path], main_c: str, out: str) -> Path:
+        toolchains.run_tool(["arm-none-eabi-gcc", *self.cflags(), "-nostartfiles", "-T", "firmware.ld",
+                             "-Wl,--gc-sections", f"-Wl,-Map={out[:-4]}.map", "--specs=nano.specs",
+                             "--specs=nosys.specs", main_c, *[o.name for o in objects], "-lm", "-o", out],
+                            what=f"linking {out}", cwd=folder)
+        return folder / out
+
+    def _check_fit(self, program: mcu_program.Program, *, flash: int, ram: int, estimate: bool) -> None:
+        board = self.board
+        problems = []
+        if flash > board.flash:
+            problems.append(f"flash {_kib(flash)} > {_kib(board.flash)} (largest weights: "
+                            f"{mcu_program.describe_consts(program)})")
+        if ram > board.ram:
+            problems.append(f"RAM {_kib(ram)} > {_kib(board.ram)} (largest activation buffers: "
+                            f"{mcu_program.describe_storages(program)})")
+        if problems:
+            what = "at least" if estimate else ""
+            raise TargetError(f"mcu: the model does not fit {self.board_name} ({board.cpu}): needs {what} "
+                              + "; ".join(problems) + ". Compress further (prune, quant, codebook) or pick a "
+                              "bigger board")
+
+    # -------------------------------------------------------------------------------------------- measure
+
+    def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
+        handle = artifact.handle
+        program: mcu_program.Program = handle["program"]
+        folder: Path = handle["folder"]
+        names = handle["names"]
+        (folder / "test_main.c").write_text(mcu_program.emit_harness(program, samples, names, self.runs,
+                                                                      calibrate=True))
+        elf = self._link(folder, handle["objects"], "test_main.c", "test_firmware.elf")
+        cmd = ["qemu-system-arm", "-M", self.board.machine, "-cpu", self.board.cpu, "-nographic", "-monitor", "none",
+               "-serial", "none", "-semihosting-config", "enable=on,target=native", "-icount", "shift=0",
+               "-kernel", elf.name]
+        text = toolchains.run_tool(cmd, what=f"qemu-system-arm -M {self.board.machine}", cwd=folder,
+                                   timeout=self.timeout, check=False)
+        result = mcu_program.parse_run(text, program, len(samples))
+        stacked = {str(i): np.stack([row[i] for row in result.outputs]) for i in range(len(program.outputs))}
+        per_tick = 2_000_000 / result.calib_ticks if result.calib_ticks else None
+        ticks = result.ticks / result.timed_runs
+        instructions = int(round(ticks * per_tick)) if per_tick else None
+        ram = handle["static_ram"] + result.stack_used
+        memory = dict(handle["memory"], ram_bytes=ram, stack_bytes=result.stack_used,
+                      workspace_peak_bytes=result.workspace_peak)
+        notes = [f"instruction count from QEMU -icount on {self.board.machine} ({self.board.cpu}); not cycles: "
+                 f"on silicon, flash wait states, pipeline stalls and the FPU make cycles differ "
+                 f"(at {self.board.clock_mhz} MHz and 1 instruction/cycle it would be "
+                 f"{instructions / (self.board.clock_mhz * 1e3):.2f} ms)" if instructions else
+                 "instruction count unavailable (counter calibration failed)"]
+        if ram > self.board.ram:
+            raise TargetError(f"mcu: the model does not fit {self.board_name}: RAM {_kib(ram)} (static "
+                              f"{_kib(handle['static_ram'])} + stack {_kib(result.stack_used)}) > "
+                              f"{_kib(self.board.ram)}; largest activation buffers: "
+                              f"{mcu_program.describe_storages(program)}")
+        extra = {"flash_bytes": handle["flash"], "ram_bytes": ram, "instructions": instructions,
+                 "memory": memory, "emulated_runs": result.timed_runs}
+        return Measurement("instruction-count", latency_ms=None, outputs=stacked, notes=notes, extra=extra)
+
+
+DEPLOY_MAIN = """\
+/* What a deployment links: run the model once. The application copies its input into squeeze_inputs[i].data
+   and reads squeeze_outputs[o].data after squeeze_model_run() returns 0. */
+#include "squeeze_model.h"
+int main(void) { return squeeze_model_run(); }
+"""
+
+
+def section_sizes(elf: Path) -> dict[str, int]:
+    """text / rodata / data / bss / test bytes of a firmware ELF (arm-none-eabi-size -A)."""
+    out = toolchains.run_tool(["arm-none-eabi-size", "-A", "-d", str(elf)], what="arm-none-eabi-size")
+    sizes = {"text": 0, "rodata": 0, "data": 0, "bss": 0, "test": 0}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            continue
+        name, size = parts[0], int(parts[1])
+        if name == ".text":
+            sizes["text"] += size
+        elif name in (".rodata", ".ARM.exidx"):
+            sizes["rodata"] += size
+        elif name == ".data":
+            sizes["data"] += size
+        elif name == ".bss":
+            sizes["bss"] += size
+        elif name == ".squeeze_test":
+            sizes["test"] += size
+    return sizes
+
+
+def _folder(workdir: Path, stem: str, model: onnx.ModelProto) -> Path:
+    """OUTDIR/<stem>-<model digest>: the compressed and the original model build side by side."""
+    base = Path(workdir)
+    if base.resolve() == Path.cwd().resolve():  # the API without an output folder: never litter the cwd
+        base = Path(tempfile.mkdtemp(prefix="squeeze-"))
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()[:8]
+    folder = base / f"{stem}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _relative(path: Path, base: Path) -> str:
+    """`path` relative to the output folder (the report must not name the staging folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"

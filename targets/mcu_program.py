@@ -1,0 +1,816 @@
+"""A standalone C program from a Relax module: TVM's kernels plus an entry point squeeze writes itself.
+
+TVM 0.27 has no AOT executor and no microTVM, so for targets without a TVM runtime (bare-metal `mcu`, and the
+`arm` emulation check) squeeze lowers the model with Relax's own passes up to static memory planning
+(`StaticPlanBlockMemory`), walks the planned `main` — `alloc_storage` / `alloc_tensor` / kernel calls /
+reshapes — and emits:
+
+- `model.c`: one static arena (every planned storage, the inputs and the outputs at fixed offsets), the weights as
+  `const` arrays (flash), a `const DLTensor` per tensor view, and `squeeze_model_run()` that calls the kernels in
+  order through their packed-function ABI (`TVMFFIAny` arguments holding `DLTensor*`);
+- `runtime.c`: the few runtime hooks TVM's kernels call (workspace allocator over a static pool with a measured
+  peak, serial `TVMBackendParallelLaunch`, error stub);
+- `main.c`: a test harness that embeds sample inputs, runs them, prints every output as hex words (exact), counts
+  time/instructions over repeated runs and reports workspace and stack use;
+- for Cortex-M: `startup.c` (vector table, reset handler, FPU enable, stack painting, semihosting) and a linker
+  script for the QEMU MPS2 boards.
+
+The kernels are TVM's: C source from target `c` (bare metal) or an object file from LLVM (e.g. aarch64 NEON,
+the same code that goes into the exported shared library).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from squeeze.errors import TargetError
+
+from . import tvm_build
+
+ALIGN = 64  # TVM kernels may assume 64-byte aligned buffers (kAllocAlignment)
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class Tensor:
+    """One tensor view the kernels see: where its bytes live, its shape and dtype."""
+
+    key: str                      # C identifier of its DLTensor
+    shape: tuple[int, ...]
+    dtype: str
+    region: str                   # "arena" (offset into the arena) or "const" (its own const array)
+    offset: int = 0
+    data: np.ndarray | None = None  # constants only
+    label: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * _itemsize(self.dtype)
+
+
+@dataclass
+class Storage:
+    offset: int
+    nbytes: int
+    tensors: list[str] = field(default_factory=list)  # labels of the tensors planned into it
+
+
+@dataclass
+class Program:
+    """The planned model: arena layout, constants, kernel calls in order, inputs and outputs."""
+
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    consts: list[Tensor]
+    views: list[Tensor]            # every arena tensor view passed to a kernel (inputs/outputs included)
+    calls: list[tuple[str, list[str]]]
+    storages: list[Storage]
+    arena_bytes: int
+    tir: Any                       # IRModule of the PrimFuncs (kernels)
+
+    @property
+    def const_bytes(self) -> int:
+        return sum(c.nbytes for c in self.consts)
+
+    def dominant_consts(self, n: int = 5) -> list[Tensor]:
+        return sorted(self.consts, key=lambda c: -c.nbytes)[:n]
+
+    def dominant_storages(self, n: int = 5) -> list[Storage]:
+        return sorted(self.storages, key=lambda s: -s.nbytes)[:n]
+
+
+# ------------------------------------------------------------------------------------------------ lowering
+
+def relax_passes(target) -> list:
+    """Relax's CPU pipeline (cpu_generic) up to static memory planning: what `tvm.compile` runs before the VM."""
+    tvm_build.tvm()
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+    return (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + cpu.dataflow_lower_passes(target)
+            + [relax.transform.StaticPlanBlockMemory(), relax.transform.AttachGlobalSymbol()])
+
+
+def lower(mod, target, names: dict[str, str] | None = None) -> Program:
+    """Plan `mod` (an imported Relax module with static shapes) for `target` and walk its `main`."""
+    tvm = tvm_build.tvm()
+    try:
+        with tvm_build.keep_affinity(), target:
+            planned = tvm.transform.Sequential(relax_passes(target))(mod)
+    except Exception as exc:
+        raise TargetError(f"TVM failed to lower the model for {target.kind.name}: "
+                          f"{type(exc).__name__}: {tvm_build._first_line(exc)}") from exc
+    return walk(planned, names or {})
+
+
+@contextmanager
+def capture_plan():
+    """Inside: every Relax module right after `StaticPlanBlockMemory` is kept in the yielded dict under "mod".
+
+    Wrapped around `tvm_build.compile_module`, it yields the very plan (and kernels) that went into the compiled
+    library, whatever pipeline built it, so the standalone program runs the library's own kernels.
+    """
+    tvm = tvm_build.tvm()
+    box: dict[str, Any] = {}
+
+    @tvm.instrument.pass_instrument
+    class _Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "StaticPlanBlockMemory":
+                box["mod"] = mod
+
+    current = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
+                                   required_pass=list(current.required_pass),
+                                   disabled_pass=list(current.disabled_pass),
+                                   instruments=[*current.instruments, _Capture()]):
+        yield box
+
+
+def program_from_plan(planned, names: dict[str, str] | None = None) -> Program:
+    """The Program of a module captured by `capture_plan()`."""
+    tvm_build.tvm()
+    from tvm import relax  # noqa: PLC0415
+    return walk(relax.transform.AttachGlobalSymbol()(planned), names or {})
+
+
+def const_names(model) -> dict[str, str]:
+    """sha256 of an initializer's bytes → its ONNX name, to name TVM's constants in memory reports."""
+    from onnx import numpy_helper  # noqa: PLC0415
+    out = {}
+    for init in model.graph.initializer:
+        try:
+            out[_digest(numpy_helper.to_array(init))] = init.name
+        except Exception:  # external data without a base path, odd dtypes: just unnamed
+            continue
+    return out
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.dtype).encode()).hexdigest()
+
+
+def walk(planned, names: dict[str, str]) -> Program:
+    """The Program of a planned module: interpret `main`'s bindings symbolically."""
+    tvm = tvm_build.tvm()
+    from tvm import relax  # noqa: PLC0415
+    from tvm.ir.expr import GenericConst  # noqa: PLC0415
+    from tvm.tirx import PrimFunc  # noqa: PLC0415
+
+    main = planned["main"]
+    tir = tvm.IRModule({gv: f for gv, f in planned.functions.items() if isinstance(f, PrimFunc)})
+    layout = _Layout()
+    env: dict[Any, Any] = {}       # relax Var → Tensor | ("storage", Storage) | tuple
+    consts: dict[int, Tensor] = {}
+    storage_of: dict[str, Storage] = {}
+    calls: list[tuple[str, list[str]]] = []
+
+    inputs = []
+    for param in main.params:
+        shape, dtype = _tensor_sinfo(param, "input")
+        t = layout.view(f"in{len(inputs)}", shape, dtype, layout.region(_nbytes(shape, dtype)),
+                        label=f"input {param.name}")
+        env[param] = t
+        inputs.append(t)
+
+    def value_of(expr):
+        if isinstance(expr, relax.Var):
+            if expr not in env:
+                raise TargetError(f"mcu: unsupported Relax program: {expr.name} used before definition")
+            return env[expr]
+        if isinstance(expr, GenericConst) and hasattr(expr.value, "numpy"):
+            key = expr.__chandle__()  # the node's address (a Python id() of the wrapper would be reused)
+            if key not in consts:
+                arr = expr.value.numpy()
+                name = names.get(_digest(arr), "")
+                if not name and arr.ndim == 2:  # Gemm/MatMul weights arrive transposed by FoldConstant
+                    name = names.get(_digest(arr.T), "")
+                    name = f"{name} (transposed)" if name else ""
+                consts[key] = Tensor(f"c{len(consts)}", tuple(arr.shape), str(arr.dtype), "const", data=arr,
+                                     label=name or f"constant {list(arr.shape)}")
+            return consts[key]
+        if isinstance(expr, relax.Tuple):
+            return tuple(value_of(f) for f in expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            return value_of(expr.tuple_value)[expr.index]
+        raise TargetError(f"mcu: unsupported Relax expression {type(expr).__name__}")
+
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            if not isinstance(binding, relax.VarBinding):
+                raise TargetError(f"mcu: unsupported Relax binding {type(binding).__name__}")
+            var, value = binding.var, binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                op = value.op.name
+                if op == "relax.memory.alloc_storage":
+                    size = int(value.args[0].values[0])
+                    env[var] = ("storage", layout.storage(size))
+                elif op == "relax.memory.alloc_tensor":
+                    kind, storage = env[value.args[0]]
+                    offset = int(value.args[1].value)
+                    shape = tuple(int(v) for v in value.args[2].values)
+                    dtype = str(value.args[3].value)
+                    t = layout.view(f"t{len(layout.views)}", shape, dtype, storage.offset + offset)
+                    env[var] = t
+                    storage_of[t.key] = storage
+                elif op == "relax.builtin.alloc_tensor":
+                    shape = tuple(int(v) for v in value.args[0].values)
+                    dtype = str(value.args[1].value)
+                    env[var] = layout.view(f"t{len(layout.views)}", shape, dtype,
+                                           layout.region(_nbytes(shape, dtype)))
+                elif op == "relax.reshape":
+                    src = value_of(value.args[0])
+                    shape, dtype = _tensor_sinfo(var, "reshape")
+                    env[var] = layout.alias(src, shape, dtype)
+                else:
+                    raise TargetError(f"mcu: the standalone program does not support Relax op {op} "
+                                      "(it needs the TVM runtime)")
+            elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
+                kernel = value.op.name_hint
+                args = []
+                for a in value.args:
+                    t = value_of(a)
+                    if not isinstance(t, Tensor):
+                        raise TargetError(f"mcu: kernel {kernel} takes a non-tensor argument "
+                                          f"({type(a).__name__}); dynamic shapes are not supported")
+                    args.append(t)
+                out = args[-1]
+                if out.region == "arena" and not out.label:
+                    out.label = f"output of {kernel} {list(out.shape)} {out.dtype}"
+                    storage = storage_of.get(out.key)
+                    if storage is not None:
+                        storage.tensors.append(out.label)
+                for t in args:
+                    if t.region == "arena":
+                        layout.use(t)
+                calls.append((kernel, [t.key for t in args]))
+                env[var] = None
+            else:
+                env[var] = value_of(value)
+
+    result = value_of(main.body.body)
+    outs = list(result) if isinstance(result, tuple) else [result]
+    if any(not isinstance(o, Tensor) for o in outs):
+        raise TargetError("mcu: nested tuple outputs are not supported")
+    for o in outs:
+        layout.use(o)
+    for i in inputs:
+        layout.use(i)
+    return Program(inputs=inputs, outputs=outs, consts=list(consts.values()), views=layout.used(),
+                   calls=calls, storages=layout.storages, arena_bytes=layout.size, tir=tir)
+
+
+class _Layout:
+    """Arena regions (inputs, planned storages, outputs) and the tensor views into them."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.views: list[Tensor] = []
+        self.storages: list[Storage] = []
+        self._used: dict[str, Tensor] = {}
+
+    def region(self, nbytes: int) -> int:
+        offset = self.size
+        self.size = _round_up(self.size + max(nbytes, 1))
+        return offset
+
+    def storage(self, nbytes: int) -> Storage:
+        s = Storage(self.region(nbytes), nbytes)
+        self.storages.append(s)
+        return s
+
+    def view(self, key: str, shape, dtype: str, offset: int, label: str = "") -> Tensor:
+        t = Tensor(key, tuple(shape), dtype, "arena", offset, label=label)
+        self.views.append(t)
+        return t
+
+    def alias(self, src: Tensor, shape, dtype: str) -> Tensor:
+        t = Tensor(f"t{len(self.views)}", tuple(shape), dtype, src.region, src.offset, src.data, src.label)
+        if src.region == "const":
+            t.key = f"{src.key}_r{len(self.views)}"
+        self.views.append(t)
+        return t
+
+    def use(self, t: Tensor) -> None:
+        self._used.setdefault(t.key, t)
+
+    def used(self) -> list[Tensor]:
+        return list(self._used.values())
+
+
+def _tensor_sinfo(var, what: str) -> tuple[tuple[int, ...], str]:
+    sinfo = var.ty
+    shape = getattr(sinfo, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        raise TargetError(f"mcu: {what} {var.name} has no static shape")
+    try:
+        return tuple(int(v) for v in shape.values), str(sinfo.dtype)
+    except (TypeError, ValueError):
+        raise TargetError(f"mcu: {what} {var.name} has a dynamic shape {shape}; give --input-shape") from None
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype == "bool":
+        return 1
+    return np.dtype(dtype).itemsize
+
+
+def _nbytes(shape, dtype: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+def kernels_c(program: Program, target) -> str:
+    """TVM's kernels as C source (target `c`), argument checks compiled out (they cost flash, not safety:
+    squeeze's own entry point passes exactly the planned tensors)."""
+    tvm = tvm_build.tvm()
+    try:
+        with tvm_build.keep_affinity(), tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+            lib = tvm.tirx.build(program.tir, target=target)
+    except Exception as exc:
+        raise TargetError(f"TVM failed to generate C kernels: {type(exc).__name__}: "
+                          f"{tvm_build._first_line(exc)}") from exc
+    return lib.inspect_source()
+
+
+def kernels_object(program: Program, target, path: Path) -> Path:
+    """TVM's kernels as an object file from LLVM for `target` (e.g. aarch64 with NEON)."""
+    tvm = tvm_build.tvm()
+    try:
+        with tvm_build.keep_affinity(), tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+            lib = tvm.tirx.build(program.tir, target=target)
+    except Exception as exc:
+        raise TargetError(f"TVM failed to compile the kernels: {type(exc).__name__}: "
+                          f"{tvm_build._first_line(exc)}") from exc
+    lib.write_to_file(str(path))
+    return path
+
+
+def workspace_bytes(kernel_source: str) -> int:
+    """Largest sum of TVMBackendAllocWorkspace sizes inside one kernel of the C source (the static pool)."""
+    best = 0
+    for body in re.split(r"\nTVM_DLL int32_t \w+\(", kernel_source)[1:]:
+        sizes = [int(s) for s in re.findall(r"TVMBackendAllocWorkspace\([^,]+,[^,]+,\s*\(uint64_t\)(\d+)", body)]
+        best = max(best, sum(_round_up(s) for s in sizes))
+    return best
+
+
+# Runtime entry points an LLVM-compiled kernel object reaches through `__<name>` function pointers that the TVM
+# runtime fills in when it loads a library; the standalone program fills them in from runtime.c.
+HOOKS = ("TVMBackendAllocWorkspace", "TVMBackendFreeWorkspace", "TVMBackendParallelLaunch",
+         "TVMBackendParallelBarrier", "TVMFFIErrorSetRaisedFromCStrParts", "TVMFFIErrorSetRaisedFromCStr")
+
+
+def hooks_c(pointer_symbols: list[str]) -> str:
+    """hooks.c: point the object's `__TVM...` function pointers at runtime.c before main runs."""
+    unknown = [s for s in pointer_symbols if s[2:] not in HOOKS]
+    if unknown:
+        raise TargetError(f"the kernel object needs runtime functions the standalone program lacks: "
+                          f"{', '.join(s[2:] for s in unknown)}")
+    lines = ["/* Generated by squeeze: fill in the kernel object's runtime function pointers. */",
+             "#include <stdint.h>", "#include <tvm/runtime/c_backend_api.h>", "#include <tvm/ffi/c_api.h>"]
+    lines += [f"extern void* {s};" for s in pointer_symbols]
+    lines.append("__attribute__((constructor)) static void squeeze_hooks(void) {")
+    lines += [f"  {s} = (void*)&{s[2:]};" for s in pointer_symbols]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def include_dirs() -> list[str]:
+    """Header folders for TVM's generated C (tvm/runtime, tvm/ffi, dlpack)."""
+    import tvm_ffi.libinfo as ffi_info  # noqa: PLC0415
+    tvm = tvm_build.tvm()
+    dirs = [tvm.libinfo.find_include_path(), ffi_info.find_include_path(), ffi_info.find_dlpack_include_path()]
+    flat = []
+    for d in dirs:
+        flat.extend(d if isinstance(d, (list, tuple)) else [d])
+    return list(dict.fromkeys(str(d) for d in flat))
+
+
+# ------------------------------------------------------------------------------------------------ C emission
+
+_CTYPE = {1: "uint8_t", 2: "uint16_t", 4: "uint32_t", 8: "uint64_t"}
+_DL_CODE = {"i": 0, "u": 1, "f": 2, "b": 1}
+
+
+def _dl_dtype(dtype: str) -> str:
+    if dtype == "bool":
+        return "{1, 8, 1}"
+    if dtype == "bfloat16":
+        return "{4, 16, 1}"
+    dt = np.dtype(dtype)
+    return f"{{{_DL_CODE[dt.kind]}, {dt.itemsize * 8}, 1}}"
+
+
+def c_array(name: str, arr: np.ndarray, section: str | None = None, qualifier: str = "static const") -> str:
+    """`arr`'s raw bytes as a C array of unsigned words (exact for any dtype), 64-byte aligned."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    size = flat.dtype.itemsize if flat.dtype.itemsize in _CTYPE else 1
+    words = flat.view(f"u{size}") if flat.size else np.zeros(1, f"u{size}")
+    attrs = f"__attribute__((aligned({ALIGN})" + (f", section(\"{section}\")" if section else "") + "))"
+    width = size * 2
+    body = ",".join(f"0x{int(w):0{width}x}" for w in words.tolist())
+    body = re.sub(r"((?:[^,]*,){16})", r"\1\n", body)
+    return f"{qualifier} {_CTYPE[size]} {name}[{len(words)}] {attrs} = {{\n{body}}};\n"
+
+
+def emit_model(program: Program) -> str:
+    """model.c: arena, weights, tensor views and `squeeze_model_run()`."""
+    lines = ["/* Generated by squeeze: the planned Relax main of the model as plain C. */",
+             "#include <stddef.h>", "#include <stdint.h>", "#include <dlpack/dlpack.h>", "#include <tvm/ffi/c_api.h>",
+             '#include "squeeze_model.h"', "",
+             f"#define SQUEEZE_ARENA_BYTES {max(program.arena_bytes, ALIGN)}",
+             f"uint8_t squeeze_arena[SQUEEZE_ARENA_BYTES] __attribute__((aligned({ALIGN})));", ""]
+    for c in program.consts:
+        lines.append(f"/* {c.label}: {list(c.shape)} {c.dtype}, {c.nbytes} bytes */")
+        lines.append(c_array(f"{c.key}_data", c.data))
+    all_tensors = {t.key: t for t in program.consts}
+    all_tensors.update({t.key: t for t in program.views})
+    for t in all_tensors.values():
+        dims = ", ".join(str(d) for d in t.shape) or "1"
+        data = (f"(void*)(squeeze_arena + {t.offset})" if t.region == "arena"
+                else f"(void*){t.key.split('_r')[0]}_data")
+        lines.append(f"static const int64_t {t.key}_shape[] = {{{dims}}};")
+        lines.append(f"static const DLTensor {t.key} = {{{data}, {{kDLCPU, 0}}, {len(t.shape)}, "
+                     f"{_dl_dtype(t.dtype)}, (int64_t*){t.key}_shape, NULL, 0}};")
+    lines.append("")
+    kernels = sorted({k for k, _ in program.calls})
+    for k in kernels:
+        lines.append(f"extern int32_t __tvm_ffi_{k}(void* self, void* args, int32_t num_args, void* result);")
+    lines.append("")
+    for i, (k, args) in enumerate(program.calls):
+        items = ", ".join(f"{{.type_index = kTVMFFIDLTensorPtr, .v_ptr = (void*)&{a}}}" for a in args)
+        lines.append(f"static const TVMFFIAny call{i}_args[{len(args)}] = {{{items}}};")
+    lines += ["", "int squeeze_model_run(void) {", "  TVMFFIAny ret;"]
+    for i, (k, args) in enumerate(program.calls):
+        lines.append(f"  ret.type_index = kTVMFFINone; ret.zero_padding = 0; ret.v_int64 = 0;")
+        lines.append(f"  if (__tvm_ffi_{k}(NULL, (void*)call{i}_args, {len(args)}, &ret) != 0) return {i + 1};")
+    lines += ["  return 0;", "}", ""]
+
+    def io(ts):
+        return ", ".join(f"{{(void*){_data_expr(t)}, {t.nbytes}}}" for t in ts)
+    lines.append(f"const squeeze_io_t squeeze_inputs[{max(len(program.inputs), 1)}] = {{{io(program.inputs)}}};")
+    lines.append(f"const squeeze_io_t squeeze_outputs[{max(len(program.outputs), 1)}] = {{{io(program.outputs)}}};")
+    lines.append(f"const int squeeze_num_inputs = {len(program.inputs)};")
+    lines.append(f"const int squeeze_num_outputs = {len(program.outputs)};")
+    lines.append(f"const char* const squeeze_kernel_names[] = {{{', '.join(chr(34) + k + chr(34) for k, _ in program.calls)}}};")
+    return "\n".join(lines) + "\n"
+
+
+def _data_expr(t: Tensor) -> str:
+    return f"(squeeze_arena + {t.offset})" if t.region == "arena" else f"{t.key.split('_r')[0]}_data"
+
+
+MODEL_H = """\
+#ifndef SQUEEZE_MODEL_H
+#define SQUEEZE_MODEL_H
+#include <stdint.h>
+typedef struct { void* data; uint32_t nbytes; } squeeze_io_t;
+extern const squeeze_io_t squeeze_inputs[];
+extern const squeeze_io_t squeeze_outputs[];
+extern const int squeeze_num_inputs;
+extern const int squeeze_num_outputs;
+extern const char* const squeeze_kernel_names[];
+int squeeze_model_run(void);
+/* platform (startup.c on bare metal, runtime.c when hosted) */
+void squeeze_write(const char* text);
+void squeeze_exit(int code);
+uint64_t squeeze_counter(void);
+uint32_t squeeze_stack_used(void);
+uint32_t squeeze_workspace_peak(void);
+#endif
+"""
+
+RUNTIME_C = """\
+/* The runtime hooks TVM's kernels call, for a program without the TVM runtime. Generated by squeeze. */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <tvm/runtime/c_backend_api.h>
+#include <tvm/ffi/c_api.h>
+#include "squeeze_model.h"
+
+#ifdef SQUEEZE_HOSTED
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+void squeeze_write(const char* text) { fputs(text, stdout); }
+void squeeze_exit(int code) { fflush(stdout); exit(code); }
+uint64_t squeeze_counter(void) {
+  struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+uint32_t squeeze_stack_used(void) { return 0; }
+static uint32_t ws_now, ws_peak;
+void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int code, int bits) {
+  (void)device_type; (void)device_id; (void)code; (void)bits;
+  void* p = NULL;
+  if (posix_memalign(&p, 64, (size_t)nbytes + 64) != 0) return NULL;
+  ws_now += (uint32_t)nbytes; if (ws_now > ws_peak) ws_peak = ws_now;
+  *(uint64_t*)p = nbytes;
+  return (char*)p + 64;
+}
+int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {
+  (void)device_type; (void)device_id;
+  char* base = (char*)ptr - 64;
+  ws_now -= (uint32_t)*(uint64_t*)base;
+  free(base);
+  return 0;
+}
+#else
+/* Bare metal: a LIFO bump allocator over a static pool sized from the kernels (SQUEEZE_WORKSPACE_BYTES). */
+#ifndef SQUEEZE_WORKSPACE_BYTES
+#define SQUEEZE_WORKSPACE_BYTES 64
+#endif
+static uint8_t ws_pool[SQUEEZE_WORKSPACE_BYTES] __attribute__((aligned(64)));
+static uint32_t ws_top, ws_peak;
+static uint32_t ws_stack[64];
+static int ws_depth;
+void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int code, int bits) {
+  (void)device_type; (void)device_id; (void)code; (void)bits;
+  uint32_t size = ((uint32_t)nbytes + 63u) & ~63u;
+  if (ws_depth >= 64 || ws_top + size > SQUEEZE_WORKSPACE_BYTES) {
+    squeeze_write("ERR workspace pool exhausted\\n");
+    squeeze_exit(3);
+  }
+  ws_stack[ws_depth++] = ws_top;
+  void* p = ws_pool + ws_top;
+  ws_top += size;
+  if (ws_top > ws_peak) ws_peak = ws_top;
+  return p;
+}
+int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {
+  (void)device_type; (void)device_id;
+  if (ws_depth == 0 || (uint8_t*)ptr != ws_pool + ws_stack[ws_depth - 1]) return -1; /* not LIFO */
+  ws_top = ws_stack[--ws_depth];
+  return 0;
+}
+#endif
+uint32_t squeeze_workspace_peak(void) { return ws_peak; }
+
+/* Parallel loops run serially: one task that covers the whole range. */
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task) {
+  (void)num_task;
+  TVMParallelGroupEnv env; env.sync_handle = NULL; env.num_task = 1;
+  return flambda(0, &env, cdata);
+}
+int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv* penv) { (void)task_id; (void)penv; return 0; }
+
+void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t num_parts) {
+  squeeze_write("ERR kernel raised ");
+  squeeze_write(kind);
+  squeeze_write(": ");
+  for (int32_t i = 0; i < num_parts; ++i) squeeze_write(parts[i]);
+  squeeze_write("\\n");
+}
+void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message) {
+  squeeze_write("ERR kernel raised "); squeeze_write(kind); squeeze_write(": ");
+  squeeze_write(message); squeeze_write("\\n");
+}
+"""
+
+# Cortex-M startup: vector table, reset (copy .data, zero .bss, enable the FPU, paint the stack), SysTick as a
+# 64-bit counter, ARM semihosting for output and exit.
+STARTUP_C = """\
+/* Cortex-M startup for QEMU MPS2 boards with ARM semihosting. Generated by squeeze. */
+#include <stdint.h>
+#include <string.h>
+#include "squeeze_model.h"
+
+extern uint32_t __data_load, __data_start, __data_end, __bss_start, __bss_end, __stack_bottom, __stack_top;
+int main(void);
+
+static int semihost(int op, void* arg) {
+  register int r0 __asm__("r0") = op;
+  register void* r1 __asm__("r1") = arg;
+  __asm__ volatile("bkpt 0xab" : "+r"(r0) : "r"(r1) : "memory");
+  return r0;
+}
+void squeeze_write(const char* text) { semihost(0x04, (void*)text); }        /* SYS_WRITE0 */
+void squeeze_exit(int code) {
+  /* SYS_EXIT: ADP_Stopped_ApplicationExit (0x20026) exits QEMU with 0; RunTimeErrorUnknown (0x20023) with 1 */
+  semihost(0x18, (void*)(code == 0 ? 0x20026 : 0x20023));
+  for (;;) {}
+}
+
+#define SYST_CSR (*(volatile uint32_t*)0xE000E010)
+#define SYST_RVR (*(volatile uint32_t*)0xE000E014)
+#define SYST_CVR (*(volatile uint32_t*)0xE000E018)
+static volatile uint32_t systick_wraps;
+void SysTick_Handler(void) { systick_wraps++; }
+uint64_t squeeze_counter(void) {
+  uint32_t w, v;
+  do { w = systick_wraps; v = SYST_CVR; } while (w != systick_wraps);
+  return ((uint64_t)w << 24) + (0xFFFFFFu - v);
+}
+
+uint32_t squeeze_stack_used(void) {
+  uint32_t* p = &__stack_bottom;
+  while (p < &__stack_top && *p == 0xDEADBEEFu) ++p;
+  return (uint32_t)((uint8_t*)&__stack_top - (uint8_t*)p);
+}
+
+void Default_Handler(void) { squeeze_write("ERR fault\\n"); squeeze_exit(2); }
+
+void Reset_Handler(void) {
+  uint32_t* src = &__data_load;
+  for (uint32_t* dst = &__data_start; dst < &__data_end;) *dst++ = *src++;
+  for (uint32_t* dst = &__bss_start; dst < &__bss_end;) *dst++ = 0;
+  /* Enable CP10/CP11 (the FPU) before any floating-point instruction. */
+  (*(volatile uint32_t*)0xE000ED88) |= (0xFu << 20);
+  __asm__ volatile("dsb\\n isb" ::: "memory");
+  /* Paint the stack below the current frame so its high-water mark can be measured. */
+  uint32_t* sp;
+  __asm__ volatile("mov %0, sp" : "=r"(sp));
+  for (uint32_t* p = &__stack_bottom; p < sp - 16; ++p) *p = 0xDEADBEEFu;
+  SYST_RVR = 0xFFFFFFu; SYST_CVR = 0; SYST_CSR = 0x7u;  /* processor clock, interrupt on wrap, enabled */
+  squeeze_exit(main());
+}
+
+__attribute__((section(".vectors"), used)) void (*const squeeze_vectors[16])(void) = {
+  (void (*)(void))&__stack_top, Reset_Handler, Default_Handler, Default_Handler, Default_Handler,
+  Default_Handler, Default_Handler, 0, 0, 0, 0, Default_Handler, Default_Handler, 0, Default_Handler,
+  SysTick_Handler,
+};
+"""
+
+
+def linker_script(flash_origin: int, flash_bytes: int, ram_origin: int, ram_bytes: int, stack_bytes: int) -> str:
+    """Sections for the MPS2 boards: code/rodata/test data in FLASH, data/bss/stack in RAM."""
+    return f"""\
+/* Generated by squeeze for a QEMU MPS2 board. */
+MEMORY {{
+  FLASH (rx) : ORIGIN = {flash_origin:#x}, LENGTH = {flash_bytes:#x}
+  RAM (rwx)  : ORIGIN = {ram_origin:#x}, LENGTH = {ram_bytes:#x}
+}}
+ENTRY(Reset_Handler)
+SECTIONS {{
+  .text : {{ KEEP(*(.vectors)) *(.text*) *(.glue_7*) *(.vfp11_veneer) *(.v4_bx) *(.init) *(.fini) }} > FLASH
+  .rodata : {{ . = ALIGN(8); *(.rodata*) . = ALIGN(8); }} > FLASH
+  .ARM.exidx : {{ *(.ARM.exidx*) }} > FLASH
+  .squeeze_test : {{ . = ALIGN(64); KEEP(*(.squeeze_test*)) }} > FLASH
+  .data : {{ . = ALIGN(8); __data_start = .; *(.data*) . = ALIGN(8); __data_end = .; }} > RAM AT > FLASH
+  __data_load = LOADADDR(.data);
+  .bss (NOLOAD) : {{ . = ALIGN(8); __bss_start = .; *(.bss*) *(COMMON) . = ALIGN(8); __bss_end = .; }} > RAM
+  .stack (NOLOAD) : {{ . = ALIGN(8); __stack_bottom = .; . += {stack_bytes:#x}; __stack_top = .; }} > RAM
+  end = .; _end = .;
+  /DISCARD/ : {{ *(.ARM.attributes) *(.comment) *(.note*) }}
+}}
+"""
+
+
+def emit_harness(program: Program, samples: list[dict[str, np.ndarray]], input_names: list[str],
+                 timed_runs: int, calibrate: bool) -> str:
+    """main.c: run every sample, print outputs as hex words, then time `timed_runs` runs of sample 0."""
+    lines = ["/* Test harness generated by squeeze. */", "#include <stdint.h>", "#include <string.h>",
+             '#include "squeeze_model.h"', ""]
+    for s, feed in enumerate(samples):
+        for i, name in enumerate(input_names):
+            arr = np.ascontiguousarray(feed[name], dtype=program.inputs[i].dtype)
+            lines.append(c_array(f"sample{s}_in{i}", arr, section=".squeeze_test"))
+    rows = ", ".join("{" + ", ".join(f"sample{s}_in{i}" for i in range(len(input_names))) + "}"
+                     for s in range(len(samples)))
+    lines.append(f"static const void* const samples[{len(samples)}][{max(len(input_names), 1)}] = {{{rows}}};")
+    lines.append(f"#define NUM_SAMPLES {len(samples)}")
+    lines.append(f"#define TIMED_RUNS {timed_runs}")
+    lines.append(f"#define CALIBRATE {1 if calibrate else 0}")
+    lines.append(HARNESS_MAIN)
+    return "\n".join(lines)
+
+
+HARNESS_MAIN = r"""
+static char line[1024];
+static int pos;
+static void flush(void) { line[pos] = 0; squeeze_write(line); pos = 0; }
+static void put(const char* s) { while (*s) { if (pos >= (int)sizeof(line) - 2) flush(); line[pos++] = *s++; } }
+static void put_hex(uint32_t v) {
+  static const char digits[] = "0123456789abcdef";
+  char buf[10]; int n = 0;
+  for (int k = 28; k >= 0; k -= 4) buf[n++] = digits[(v >> k) & 0xF];
+  buf[n] = 0; put(buf);
+}
+static void put_u64(uint64_t v) {
+  char buf[24]; int n = 23; buf[n] = 0;
+  do { buf[--n] = (char)('0' + v % 10); v /= 10; } while (v);
+  put(buf + n);
+}
+
+/* A loop of known length (2 instructions per iteration on Thumb-2: subs + bne) to turn counter ticks into
+   instructions; only meaningful under QEMU -icount, where time advances per instruction. */
+static uint64_t calibration(uint32_t iterations) {
+#if CALIBRATE && defined(__thumb__)
+  uint64_t t0 = squeeze_counter();
+  __asm__ volatile("1: subs %0, %0, #1\n bne 1b" : "+r"(iterations) : : "cc");
+  return squeeze_counter() - t0;
+#else
+  (void)iterations; return 0;
+#endif
+}
+
+int main(void) {
+  for (int s = 0; s < NUM_SAMPLES; ++s) {
+    for (int i = 0; i < squeeze_num_inputs; ++i)
+      memcpy(squeeze_inputs[i].data, samples[s][i], squeeze_inputs[i].nbytes);
+    int rc = squeeze_model_run();
+    if (rc != 0) {
+      put("ERR kernel "); put(squeeze_kernel_names[rc - 1]); put(" failed\n"); flush();
+      return 1;
+    }
+    for (int o = 0; o < squeeze_num_outputs; ++o) {
+      put("OUT "); put_u64((uint64_t)s); put(" "); put_u64((uint64_t)o);
+      const uint8_t* p = (const uint8_t*)squeeze_outputs[o].data;
+      for (uint32_t k = 0; k + 4 <= squeeze_outputs[o].nbytes; k += 4) {
+        uint32_t w; memcpy(&w, p + k, 4); put(" "); put_hex(w);
+      }
+      for (uint32_t k = squeeze_outputs[o].nbytes & ~3u; k < squeeze_outputs[o].nbytes; ++k) {
+        put(" x"); put_hex(p[k]);
+      }
+      put("\n"); flush();
+    }
+  }
+  for (int i = 0; i < squeeze_num_inputs; ++i) memcpy(squeeze_inputs[i].data, samples[0][i], squeeze_inputs[i].nbytes);
+  uint64_t total = 0;
+  for (int r = 0; r < TIMED_RUNS; ++r) {
+    uint64_t t0 = squeeze_counter();
+    squeeze_model_run();
+    uint64_t t1 = squeeze_counter();
+    total += t1 - t0;
+    put("RUN "); put_u64(t1 - t0); put("\n");
+  }
+  put("TIME "); put_u64((uint64_t)TIMED_RUNS); put(" "); put_u64(total); put("\n");
+  put("CALIB 1000000 "); put_u64(calibration(1000000u)); put("\n");
+  put("WORKSPACE "); put_u64(squeeze_workspace_peak()); put("\n");
+  put("STACK "); put_u64(squeeze_stack_used()); put("\n");
+  put("DONE\n"); flush();
+  return 0;
+}
+"""
+
+
+@dataclass
+class RunResult:
+    outputs: list[list[np.ndarray]]    # per sample, per output
+    timed_runs: int
+    ticks: int
+    calib_ticks: int
+    workspace_peak: int
+    stack_used: int
+    per_run: list[int] = field(default_factory=list)   # counter ticks of each timed run
+
+
+def parse_run(text: str, program: Program, n_samples: int) -> RunResult:
+    """Decode the harness's lines; TargetError if it reported an error or stopped early."""
+    err = [ln for ln in text.splitlines() if ln.startswith("ERR")]
+    if err:
+        raise TargetError(f"the program failed: {err[0][4:]}")
+    if "DONE" not in text:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        raise TargetError(f"the program stopped before finishing (output: {tail or 'none'})")
+    outputs = [[None] * len(program.outputs) for _ in range(n_samples)]
+    values = {}
+    per_run = []
+    for ln in text.splitlines():
+        parts = ln.split()
+        if not parts:
+            continue
+        if parts[0] == "OUT":
+            s, o = int(parts[1]), int(parts[2])
+            words = [p for p in parts[3:] if not p.startswith("x")]
+            tail = bytes(int(p[1:], 16) for p in parts[3:] if p.startswith("x"))
+            raw = np.array([int(w, 16) for w in words], dtype="<u4").tobytes() + tail
+            t = program.outputs[o]
+            outputs[s][o] = np.frombuffer(raw, dtype=np.dtype(t.dtype if t.dtype != "bool" else "u1"))[
+                : int(np.prod(t.shape, dtype=np.int64))].reshape(t.shape).copy()
+        elif parts[0] == "RUN":
+            per_run.append(int(parts[1]))
+        elif parts[0] in ("TIME", "CALIB", "WORKSPACE", "STACK"):
+            values[parts[0]] = [int(p) for p in parts[1:]]
+    if any(o is None for row in outputs for o in row):
+        raise TargetError("the program printed fewer outputs than expected")
+    return RunResult(outputs, values["TIME"][0], values["TIME"][1], values["CALIB"][1],
+                     values["WORKSPACE"][0], values["STACK"][0], per_run)
+
+
+def describe_consts(program: Program, n: int = 3) -> str:
+    return ", ".join(f"{c.label} {_kb(c.nbytes)}" for c in program.dominant_consts(n))
+
+
+def describe_storages(program: Program, n: int = 3) -> str:
+    parts = []
+    for s in program.dominant_storages(n):
+        what = s.tensors[0] if s.tensors else "planned buffer"
+        parts.append(f"{what} {_kb(s.nbytes)}")
+    return ", ".join(parts)
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"

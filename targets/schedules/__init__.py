@@ -1,0 +1,21 @@
+"""Default CPU schedules for what squeeze produces: a small rule library in the style of TVM's dlight.
+
+TVM 0.27's CPU pipeline legalizes operators to plain loop nests and schedules almost none of them (its CPU
+dlight rules cover GEMV and row reductions), which runs 20-70× slower than ONNX Runtime. These rules give every
+function a schedule without tuning, in milliseconds:
+
+| module | legalization | rule |
+|---|---|---|
+| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise | register-tiled direct conv, fused epilogue |
+| `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
+| `pool` | (TOPI) | max/avg/global pooling, vector of columns or channels in flight |
+| `injective` | (TOPI) | elementwise chains, concat, padding; fallback for the rest |
+
+plus dlight's CPU `Reduction` for softmax-like functions. `pipeline.build_pipeline(target, database)` is the
+Relax pipeline that applies them (and a MetaSchedule database first, when tuning has one).
+"""
+from __future__ import annotations
+
+from .pipeline import build_pipeline, fuse_passes, fused_module, legalize_map, rules
+
+__all__ = ["build_pipeline", "fuse_passes", "fused_module", "legalize_map", "rules"]

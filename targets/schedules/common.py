@@ -1,0 +1,102 @@
+"""Helpers the rules share: finding the block a legalization marked, inlining epilogues, simple loop nests.
+
+A squeeze legalization (conv2d, matmul) marks its main block with the annotation `KERNEL` (the kernel's name)
+and the tile it planned, so the rule that schedules it does not have to guess from the loop structure.
+Everything else (bias adds, residual adds, activations, crops) is an injective epilogue that FuseOps put in the
+same function; the rules inline it into one block and compute it tile by tile, while the tile is still in
+registers/L1.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tvm import s_tir, tirx
+
+KERNEL = "squeeze.kernel"
+TILE = "squeeze.tile"  # [k vectors, rows, cols] of the register tile, chosen by the legalization
+
+#: Loops with less work than this (multiply-adds, or elements for injective loops) run on one thread: a
+#: parallel launch of TVM's thread pool costs a few microseconds (measured 2-5 µs on 2 cores), which is what
+#: ~250 k multiply-adds take at 50 GMAC/s.
+PARALLEL_MIN_WORK = 1 << 18
+
+
+def root_blocks(sch: s_tir.Schedule) -> list:
+    from tvm.s_tir.dlight.analysis import get_root_block  # noqa: PLC0415
+    return list(sch.get_child_blocks(get_root_block(sch)))
+
+
+def find_kernel(sch: s_tir.Schedule, name: str):
+    """The block whose `KERNEL` annotation is `name`, or None (several: None too, the rule does not apply)."""
+    found = [b for b in root_blocks(sch) if str(sch.get(b).annotations.get(KERNEL, "")) == name]
+    return found[0] if len(found) == 1 else None
+
+
+def tile_of(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(v) for v in sch.get(block).annotations[TILE]]
+
+
+def is_spatial(sch: s_tir.Schedule, block) -> bool:
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def inline_epilogue(sch: s_tir.Schedule, anchor) -> list:
+    """Inline every injective block after `anchor` that can be inlined; return the blocks that remain.
+
+    The producers of `anchor` (padding) stay materialised: inlined padding would put a bounds check in the
+    innermost loop.
+    """
+    keep = {sch.get(b).name_hint for b in sch.get_producers(anchor)} | {sch.get(anchor).name_hint}
+    progress = True
+    while progress:
+        progress = False
+        for block in root_blocks(sch):
+            if sch.get(block).name_hint in keep or not is_spatial(sch, block):
+                continue
+            try:
+                sch.compute_inline(block)
+                progress = True
+                break
+            except s_tir.ScheduleError:
+                continue
+    return [b for b in root_blocks(sch) if sch.get(b).name_hint not in keep]
+
+
+def extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: bool = True) -> None:
+    """Parallel outer loops and a vectorized innermost loop for a block at the root of the function.
+
+    Only the innermost loop of the block is vectorized (its accesses are usually contiguous); fusing all loops
+    first would turn every index into div/mod of the lane and make LLVM gather.
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    inner = loops[-1]
+    inner_ext = extents[-1]
+    width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and inner_ext % w == 0), None)
+    if 2 <= inner_ext <= lanes:
+        sch.vectorize(inner)
+    elif width is not None:
+        _, vec = sch.split(inner, [None, width])
+        sch.vectorize(vec)
+    if allow_parallel and len(loops) > 1 and total >= PARALLEL_MIN_WORK:
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(outer)
+
+
+def product(values: Iterable[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out

@@ -1,0 +1,310 @@
+"""Conv2d, NCHW (plain, grouped, depthwise): weights packed at compile time, register-tiled direct convolution.
+
+Legalization (`legalize_conv2d`, replaces TOPI's for float32 NCHW/OIHW with constant weights):
+
+    W[K, C/G, R, S]  →  Wp[Kp/kb, C/G, R, S, kb]        (numpy, at compile time; K padded to Kp with zeros)
+    out[n, k, y, x] = Σ_{c,r,s} pad(data)[n, g(k)·C/G + c, y·sh + r·dh, x·sw + s·dw] · Wp[k/kb, c, r, s, k%kb]
+
+computed over a padded output (Kp × OHp × OWp, multiples of the tile) and cropped, so the tile loops carry no
+bounds checks. Activations stay NCHW, so nothing else in the graph changes layout.
+
+Schedule (`Conv2dPacked`): the register tile is kv·kb output channels (kb = one SIMD vector or less) × ht rows
+× wt columns of accumulators. For every (c, r, s) the inner loops load kv weight vectors and broadcast ht·wt
+input scalars (a memory operand of the FMA on x86): the direct convolution of TVM's old x86 `conv2d_NCHWc`
+schedule and of oneDNN's jit kernels, kept in NCHW. The fused epilogue (bias, residual add, ReLU, crop) runs on
+the tile right after it is computed; tiles are distributed over cores.
+
+Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
+channels; the tile is a vector of output columns instead (contiguous input loads for stride 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import KERNEL, PARALLEL_MIN_WORK, TILE, extent, find_kernel, inline_epilogue, product, \
+    schedule_injective, tile_of
+from .simd import describe, is_cpu
+
+CONV = "conv2d_nchw_packed"
+DEPTHWISE = "depthwise_conv2d_nchw"
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Channel block `kb` (lanes of the accumulator vectors) and the register tile (kv blocks × ht × wt)."""
+
+    kb: int
+    kv: int
+    ht: int
+    wt: int
+
+
+def channel_block(k_per_group: int, groups: int, lanes: int) -> int | None:
+    """Output channels per vector: a power of two ≤ lanes.
+
+    A narrower vector wastes no padded channels but does less per instruction: the choice maximises
+    useful-fraction × sqrt(kb / lanes). Grouped convolutions cannot pad inside a group, so there kb must divide
+    the channels of a group.
+    """
+    candidates = [kb for kb in (lanes, lanes // 2, lanes // 4) if kb >= 4 or kb == lanes]
+    if groups > 1:
+        candidates = [kb for kb in candidates if k_per_group % kb == 0]
+        return candidates[0] if candidates else None
+
+    def score(kb: int) -> float:  # useful lanes, discounted for narrow vectors (fewer lanes per instruction)
+        return k_per_group / (math.ceil(k_per_group / kb) * kb) * math.sqrt(kb / lanes)
+    return max(candidates, key=lambda kb: (score(kb), kb))
+
+
+def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int) -> tuple[int, int, int]:
+    """(kv, ht, wt) with the most useful multiply-adds per cycle under a simple model.
+
+    Per (c, r, s) step the tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
+    least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
+    """
+    best, best_score = (1, 1, 1), -1.0
+    for kv in (1, 2, 4):
+        if k_blocks % kv:
+            continue
+        for ht in range(1, min(oh, 4) + 1):
+            for wt in range(1, min(ow, max_acc) + 1):
+                acc = kv * vectors_per_block * ht * wt
+                if acc > max_acc:
+                    break
+                useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
+                score = useful * acc / (max(acc / 2, 4) + 1)
+                if score > best_score + 1e-9:
+                    best, best_score = (kv, ht, wt), score
+    return best
+
+
+def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
+    lanes = cpu.lanes(dtype)
+    kb = channel_block(k // groups, groups, lanes)
+    if kb is None:
+        return None
+    kp = math.ceil(k / kb) * kb
+    kv, ht, wt = register_tile(oh, ow, kp // kb, max(1, kb // lanes), cpu.accumulators())
+    return ConvPlan(kb, kv, ht, wt)
+
+
+def pack_weight(weight: np.ndarray, kb: int) -> np.ndarray:
+    """OIHW → (O/kb)IHW(kb), zero-padding O to a multiple of kb."""
+    k = weight.shape[0]
+    kp = math.ceil(k / kb) * kb
+    if kp != k:
+        weight = np.concatenate([weight, np.zeros((kp - k,) + weight.shape[1:], weight.dtype)])
+    return np.ascontiguousarray(weight.reshape(kp // kb, kb, *weight.shape[1:]).transpose(0, 2, 3, 4, 1))
+
+
+# ---------------------------------------------------------------------------------------------- legalization
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return [int(v) for v in shape.values]
+    except TypeError:
+        return None
+
+
+def _dtype_or(value, default: str) -> str:
+    """An op's `out_dtype` attribute, or `default` where it is unset (None, "" or void)."""
+    text = "" if value is None else str(value)
+    return default if text in ("", "void", "None") else text
+
+
+def _default(op_name: str):
+    import tvm  # noqa: PLC0415
+    return tvm.ir.Op.get(op_name).get_attr("FLegalize")
+
+
+def legalize_conv2d(bb, call):
+    """relax.nn.conv2d → packed-weight TE compute (see the module docstring), else TOPI's legalization."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    attrs = call.attrs
+    data, weight = call.args
+    target = tvm.target.Target.current(allow_none=True)
+    dshape, wshape = _static_shape(data), _static_shape(weight)
+    dtype = str(data.ty.dtype)
+    out_dtype = _dtype_or(attrs.out_dtype, dtype)
+    if (not is_cpu(target) or dshape is None or wshape is None or not isinstance(weight, tvm.ir.GenericConst)
+            or (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW")
+            or dtype != "float32" or str(weight.ty.dtype) != dtype or out_dtype != dtype):
+        return _default("relax.nn.conv2d")(bb, call)
+    n, c, h, w = dshape
+    k, cg, r, s = wshape
+    groups = int(attrs.groups)
+    sh, sw = (int(v) for v in attrs.strides)
+    dh, dw = (int(v) for v in attrs.dilation)
+    pt, pl, pb, pr = (int(v) for v in attrs.padding)
+    oh = (h + pt + pb - dh * (r - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (s - 1) - 1) // sw + 1
+    cpu = describe(target)
+    geometry = dict(strides=(sh, sw), dilation=(dh, dw), pad_before=(pt, pl), in_hw=(h, w))
+    if groups > 1 and cg == 1:
+        return bb.call_te(_depthwise_compute(k, oh, ow, cpu.lanes(dtype), geometry), data, weight,
+                          primfunc_name_hint="depthwise_conv2d")
+    plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype)
+    if plan is None:
+        return _default("relax.nn.conv2d")(bb, call)
+    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb))
+    return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
+
+
+def _pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp"):
+    """Zero-pad `data` so that every tap of a (padded) output of size `out_hw` reads inside the buffer."""
+    from tvm import topi  # noqa: PLC0415
+    (pt, pl), (h, w) = geometry["pad_before"], geometry["in_hw"]
+    (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
+    need_h = (out_hw[0] - 1) * sh + (kernel_hw[0] - 1) * dh + 1
+    need_w = (out_hw[1] - 1) * sw + (kernel_hw[1] - 1) * dw + 1
+    pb, pr = max(0, need_h - h - pt), max(0, need_w - w - pl)
+    if pt == pl == pb == pr == 0:
+        return data
+    return topi.nn.pad(data, [0, 0, pt, pl], [0, 0, pb, pr], name=name)
+
+
+def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometry):
+    def compute(data, packed):
+        from tvm import te  # noqa: PLC0415
+        kblocks, cg, r, s, kb = (int(v) for v in packed.shape)
+        kp, kg = kblocks * kb, k // groups
+        ohp = math.ceil(oh / plan.ht) * plan.ht
+        owp = math.ceil(ow / plan.wt) * plan.wt
+        (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
+        padded = _pad_to(data, (ohp, owp), (r, s), geometry)
+        rc = te.reduce_axis((0, cg), "rc")
+        ry = te.reduce_axis((0, r), "ry")
+        rx = te.reduce_axis((0, s), "rx")
+
+        def body(b, o, y, x):
+            cin = rc if groups == 1 else (o // kg) * cg + rc
+            return te.sum(padded[b, cin, y * sh + ry * dh, x * sw + rx * dw] * packed[o // kb, rc, ry, rx, o % kb],
+                          axis=[rc, ry, rx])
+
+        conv = te.compute((data.shape[0], kp, ohp, owp), body, name="conv2d_nchw",
+                          attrs={KERNEL: CONV, TILE: [plan.kv, plan.ht, plan.wt]})
+        if (kp, ohp, owp) == (k, oh, ow):
+            return conv
+        return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: conv[b, o, y, x], name="conv2d_crop")
+    return compute
+
+
+def _depthwise_compute(k: int, oh: int, ow: int, lanes: int, geometry):
+    wt = lanes * 2 if ow >= lanes * 2 else (lanes if ow >= lanes else ow)
+
+    def compute(data, weight):
+        from tvm import te  # noqa: PLC0415
+        c = int(data.shape[1])
+        mult = k // c
+        _, _, r, s = (int(v) for v in weight.shape)
+        owp = math.ceil(ow / wt) * wt
+        (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
+        padded = _pad_to(data, (oh, owp), (r, s), geometry)
+        ry = te.reduce_axis((0, r), "ry")
+        rx = te.reduce_axis((0, s), "rx")
+        conv = te.compute(
+            (data.shape[0], k, oh, owp),
+            lambda b, o, y, x: te.sum(padded[b, o // mult, y * sh + ry * dh, x * sw + rx * dw] * weight[o, 0, ry, rx],
+                                      axis=[ry, rx]),
+            name="depthwise_conv2d_nchw", attrs={KERNEL: DEPTHWISE, TILE: [1, 1, wt]})
+        if owp == ow:
+            return conv
+        return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: conv[b, o, y, x], name="conv2d_crop")
+    return compute
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
+    """Accumulate the tile in a local buffer (layout `kernel_layout`) and run the epilogue right after it."""
+    rest = inline_epilogue(sch, anchor)
+    consumers = list(sch.get_consumers(anchor))
+    if consumers:
+        epilogue = consumers[0]
+        sch.set_scope(anchor, 0, "local")
+    else:  # the kernel writes the function's output: accumulate locally, then copy out
+        epilogue = sch.cache_write(anchor, 0, "local")
+    sch.transform_layout(anchor, ("write", 0), kernel_layout)
+    name = sch.get(epilogue).name_hint
+    sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+    return epilogue, [b for b in rest if sch.get(b).name_hint != name]
+
+
+def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers) -> None:
+    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
+    if work >= PARALLEL_MIN_WORK:  # before decompose_reduction: parallel needs a complete reduction block
+        sch.parallel(outer)
+    init = sch.decompose_reduction(anchor, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for name in producers:
+        schedule_injective(sch, sch.get_sblock(name), lanes)
+    for block in leftovers:
+        schedule_injective(sch, block, lanes)
+
+
+class Conv2dPacked:
+    """Schedule rule for `conv2d_nchw_packed` (see the module docstring)."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, CONV)
+        if anchor is None:
+            return None
+        kv, ht, wt = tile_of(sch, anchor)
+        packed = sch.get(anchor).reads[1].source
+        kb = int(packed.shape[-1])
+        lanes = describe(target).lanes(str(packed.dtype))
+        n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
+        work = product(extent(sch, lp) for lp in (n, k, y, x, rc, ry, rx))
+        ko, kvi, ki = sch.split(k, [None, kv, kb])
+        yo, yi = sch.split(y, [None, ht])
+        xo, xi = sch.split(x, [None, wt])
+        sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
+        outer = sch.fuse(n, ko, yo, xo)
+        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer,
+                                                lambda b, o, yy, xx: (b, o // kb, yy, xx, o % kb))
+        sch.vectorize(ki)
+        for lp in (xi, yi, kvi):
+            sch.unroll(lp)
+        _finish(sch, anchor, rc, outer, work, lanes, leftovers)
+        return sch
+
+
+class DepthwiseConv2d:
+    """Schedule rule for `depthwise_conv2d_nchw`: a vector of output columns per (channel, row)."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, DEPTHWISE)
+        if anchor is None:
+            return None
+        _, _, wt = tile_of(sch, anchor)
+        lanes = describe(target).lanes(str(sch.get(anchor).writes[0].source.dtype))
+        n, k, y, x, ry, rx = sch.get_loops(anchor)
+        work = product(extent(sch, lp) for lp in (n, k, y, x, ry, rx))
+        xo, xi = sch.split(x, [None, wt])
+        sch.reorder(n, k, y, xo, ry, rx, xi)
+        outer = sch.fuse(n, k, y, xo)
+        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer, lambda b, o, yy, xx: (b, o, yy, xx))
+        if wt > lanes and wt % lanes == 0:
+            xv, xl = sch.split(xi, [None, lanes])
+            sch.vectorize(xl)
+            sch.unroll(xv)
+            sch.reorder(ry, rx, xv, xl)
+        else:
+            sch.vectorize(xi)
+        _finish(sch, anchor, ry, outer, work, lanes, leftovers)
+        return sch

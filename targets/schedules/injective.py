@@ -1,0 +1,81 @@
+"""Injective functions (elementwise chains, broadcasts, reshapes, concat, padding) and the last-resort fallback.
+
+`Injective`: every block spatial; inline all that can be inlined, then each remaining block gets parallel outer
+loops and a vectorized innermost loop. `Fallback`: anything no other rule took (a reduction TOPI legalized,
+e.g. a grouped convolution squeeze does not pack): its outer spatial loops run in parallel, nothing else
+changes, so it is never slower than the unscheduled function.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+
+from .common import PARALLEL_MIN_WORK, extent, is_spatial, product, root_blocks, schedule_injective
+from .simd import describe, is_cpu
+
+
+def _inline_all(sch) -> list:
+    from tvm import s_tir  # noqa: PLC0415
+    progress = True
+    while progress:
+        progress = False
+        for block in root_blocks(sch):
+            for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                try:
+                    inline(block)
+                except s_tir.ScheduleError:
+                    continue
+                progress = True
+                break
+            if progress:
+                break
+    return root_blocks(sch)
+
+
+def _dtype(sch, block) -> str:
+    writes = sch.get(block).writes
+    return str(writes[0].source.dtype) if writes else "float32"
+
+
+class Injective:
+    """Schedule rule for functions made only of spatial (injective) blocks."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = root_blocks(sch)
+        if not blocks or not all(is_spatial(sch, b) for b in blocks):
+            return None
+        cpu = describe(target)
+        for block in _inline_all(sch):
+            schedule_injective(sch, block, cpu.lanes(_dtype(sch, block)))
+        return sch
+
+
+class Fallback:
+    """Parallel outer spatial loops of every root block; the rest as legalized."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        cpu = describe(target)
+        for block in root_blocks(sch):
+            if is_spatial(sch, block):
+                schedule_injective(sch, block, cpu.lanes(_dtype(sch, block)))
+                continue
+            loops = sch.get_loops(block)
+            kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+            if len(loops) != len(kinds):
+                continue
+            spatial = []
+            for loop, kind in zip(loops, kinds):
+                if kind != tirx.IterVar.DataPar:
+                    break
+                spatial.append(loop)
+            extents = [extent(sch, lp) for lp in loops]
+            if spatial and None not in extents and product(extents) >= PARALLEL_MIN_WORK:
+                sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+        return sch

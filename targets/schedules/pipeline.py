@@ -1,0 +1,75 @@
+"""The Relax pipeline squeeze compiles CPU targets with: TVM's CPU pipeline plus packed legalizations and rules.
+
+    dispatch → DecomposeOpsForInference → FoldConstant → LegalizeOps(+ conv2d/matmul packing)
+      → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR          (`fuse_passes`: what tuning sees)
+      → [MetaScheduleApplyDatabase]                                       (tuned functions, when given a database)
+      → ApplyDefaultSchedule(rules)                                        (everything not tuned)
+      → TVM's dataflow lowering and finalization
+
+The first FoldConstant turns constant sub-graphs (a transposed Gemm weight, BatchNorm's scale) into constants
+before legalization, so the packing legalizations see constant weights and pack them in numpy.
+"""
+from __future__ import annotations
+
+
+def legalize_map() -> dict:
+    from .conv2d import legalize_conv2d  # noqa: PLC0415
+    from .dense import legalize_matmul  # noqa: PLC0415
+    return {"relax.nn.conv2d": legalize_conv2d, "relax.matmul": legalize_matmul}
+
+
+def rules() -> list:
+    """The default CPU schedule rules, most specific first (the first that applies wins).
+
+    dlight's CPU `Reduction` rule is left out: on a softmax over [1, 1000] it fuses the batch and class axes
+    and recomputes the max and the sum for every element (6.7 ms instead of microseconds).
+    """
+    from .conv2d import Conv2dPacked, DepthwiseConv2d  # noqa: PLC0415
+    from .dense import DensePacked  # noqa: PLC0415
+    from .injective import Fallback, Injective  # noqa: PLC0415
+    from .pool import Pool  # noqa: PLC0415
+    return [Conv2dPacked(), DepthwiseConv2d(), DensePacked(), Pool(), Injective(), Fallback()]
+
+
+def fuse_passes(target) -> list:
+    """Passes up to fused TIR functions: the module MetaSchedule extracts tasks from, and the database keys."""
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+    return [
+        *cpu.library_dispatch_passes(target),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def fused_module(mod, target):
+    """`mod` legalized and fused for `target` (what `build_pipeline` schedules)."""
+    import tvm  # noqa: PLC0415
+    with target:
+        return tvm.transform.Sequential(fuse_passes(target))(mod)
+
+
+def build_pipeline(target, database=None):
+    """A Relax pipeline for `tvm.compile(..., relax_pipeline=...)`: default schedules, tuned ones from `database`."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+    from tvm.s_tir import dlight as dl  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="SqueezeCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            mod = tvm.transform.Sequential(fuse_passes(target))(mod)
+            if database is not None:
+                with database:
+                    mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            mod = dl.ApplyDefaultSchedule(*rules())(mod)
+            mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline

@@ -1,0 +1,88 @@
+"""Pooling over NCHW windows: max/avg pool, and global pooling (ReduceMean/GlobalAveragePool over H, W).
+
+A window pool is a reduction block with four spatial iterators (n, c, y, x) and two reduction iterators that
+reads one tensor. With output columns to spare, a vector of output columns accumulates in registers (stride-2
+windows become strided loads); a global pool (1×1 output) instead keeps 8 channels' running sums in flight, one
+per channel, so the additions of different channels overlap instead of waiting on one long dependency chain.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+
+from .common import PARALLEL_MIN_WORK, extent, inline_epilogue, product, root_blocks, schedule_injective
+from .simd import describe, is_cpu
+
+CHANNELS_IN_FLIGHT = 8
+
+
+def _pool_block(sch):
+    """The single window-reduction block of a pooling function, or None."""
+    candidates = []
+    for block in root_blocks(sch):
+        stmt = sch.get(block)
+        kinds = [iv.iter_type for iv in stmt.iter_vars]
+        if kinds.count(tirx.IterVar.CommReduce) == 0:
+            continue
+        if kinds != [tirx.IterVar.DataPar] * 4 + [tirx.IterVar.CommReduce] * 2:
+            return None
+        written = stmt.writes[0].source
+        inputs = [r for r in stmt.reads if not r.source.same_as(written)]
+        if len(inputs) != 1 or len(inputs[0].source.shape) != 4 or len(written.shape) != 4:
+            return None
+        candidates.append(block)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+class Pool:
+    """Schedule rule for max/avg/global pooling in NCHW."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        anchor = _pool_block(sch)
+        if anchor is None:
+            return None
+        lanes = describe(target).lanes(str(sch.get(anchor).writes[0].source.dtype))
+        n, c, y, x, ry, rx = sch.get_loops(anchor)
+        work = product(extent(sch, lp) for lp in (n, c, y, x, ry, rx))
+        width = extent(sch, x)
+        if width >= 4:
+            vec = min(lanes, width)
+            xo, xi = sch.split(x, [None, vec])
+            sch.reorder(n, c, y, xo, ry, rx, xi)
+            outer = sch.fuse(n, c, y, xo)
+            inner = xi
+        else:
+            channels = extent(sch, c)
+            step = next((f for f in (CHANNELS_IN_FLIGHT, 4, 2) if channels % f == 0), 1)
+            co, ci = sch.split(c, [None, step])
+            sch.reorder(n, co, y, x, ry, rx, ci)
+            outer = sch.fuse(n, co, y, x)
+            inner = ci
+        rest = inline_epilogue(sch, anchor)
+        consumers = list(sch.get_consumers(anchor))
+        if consumers:
+            epilogue = consumers[0]
+            sch.set_scope(anchor, 0, "local")
+        else:
+            epilogue = sch.cache_write(anchor, 0, "local")
+        sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+        if width >= 4:
+            sch.vectorize(inner)
+        else:
+            sch.unroll(inner)
+        producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
+        if work >= PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        init = sch.decompose_reduction(anchor, ry)
+        if width >= 4:
+            sch.vectorize(sch.get_loops(init)[-1])
+        epilogue_name = sch.get(epilogue).name_hint
+        for name in producers:
+            schedule_injective(sch, sch.get_sblock(name), lanes)
+        for block in rest:
+            if sch.get(block).name_hint != epilogue_name:
+                schedule_injective(sch, block, lanes)
+        return sch

@@ -1,0 +1,59 @@
+"""What the schedule rules need to know about a CPU target: SIMD width, registers, cores.
+
+`tvm.target.codegen.llvm_get_vector_width` answers 512 for any x86 CPU in TVM 0.27 (even `haswell`), so the
+width is read from the CPU's feature list instead: AVX-512 → 512 bits, AVX/AVX2 → 256, otherwise 128 (SSE,
+NEON on ARM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """The facts a rule plans with: vector bits, vector registers, FMA units, whether it is a CPU at all."""
+
+    vector_bits: int
+    registers: int
+    fma: bool
+    arch: str
+
+    def lanes(self, dtype: str = "float32") -> int:
+        """Elements of `dtype` in one SIMD register."""
+        bits = int("".join(ch for ch in dtype if ch.isdigit()) or 32)
+        return max(1, self.vector_bits // bits)
+
+    def accumulators(self) -> int:
+        """Vector registers a register tile may hold as accumulators (the rest: operands, addresses)."""
+        return max(4, self.registers - 8)
+
+
+@lru_cache(maxsize=None)
+def _describe(target_json: str) -> Cpu:
+    import tvm  # noqa: PLC0415
+    from tvm.target import codegen  # noqa: PLC0415
+    target = tvm.target.Target(target_json)
+    triple = str(target.attrs.get("mtriple", "") or "")
+    try:
+        features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # LLVM without this triple's backend: assume the baseline of the architecture
+        features = set()
+    if "avx512f" in features:
+        return Cpu(512, 32, True, "x86")
+    if "avx2" in features or "avx" in features:
+        return Cpu(256, 16, "fma" in features, "x86")
+    if triple.startswith(("aarch64", "arm64")) or "neon" in features:
+        return Cpu(128, 32, True, "arm")
+    if triple.startswith("arm"):
+        return Cpu(128, 16, "vfp4" in features, "arm")
+    return Cpu(128, 16, False, "x86" if not triple else triple.split("-")[0])
+
+
+def describe(target) -> Cpu:
+    """The `Cpu` for a `tvm.target.Target` of kind llvm."""
+    return _describe(str(target))
+
+
+def is_cpu(target) -> bool:
+    return target is not None and target.kind.name == "llvm"

@@ -1,0 +1,223 @@
+"""Cached MetaSchedule tuning for CPU targets (`--tune TRIALS`, `--tune-cache DIR`).
+
+    db = tune(mod, target, trials=200, cache=cache_dir(), threads=2)
+    executable = tvm.compile(mod, target, relax_pipeline=schedules.build_pipeline(target, db))
+
+1. The module is legalized and fused exactly as the compile pipeline does (`schedules.fused_module`), so the
+   fused TIR functions MetaSchedule extracts are the ones `MetaScheduleApplyDatabase` later looks up.
+2. Every task is first given squeeze's default schedule (`schedules.rules()`), measured with MetaSchedule's own
+   builder and runner and committed to the database as a record: the database's best is never worse than the
+   default, and the measurement ranks the tasks by their share of the latency (time × calls per inference).
+3. The trial budget goes to the tasks in proportion to that share (tasks under `MIN_TRIALS` get none), and each
+   task's records already in the database count against its budget: a second run with the same budget tunes
+   nothing and compiles at once.
+
+The JSON database lives in `cache/<target>-t<threads>/`, one per target and thread count (the best schedule for
+one core is not the best for two). `cache_dir()` is `--tune-cache`, else `$SQUEEZE_CACHE/tuning`, else
+`~/.cache/squeeze/tuning`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from squeeze.errors import TargetError
+
+from . import tvm_build
+
+MIN_TRIALS = 8          #: a task whose share of the budget is smaller than this is not tuned
+TRIALS_PER_ITER = 32    #: candidates measured per search round (MetaSchedule's num_trials_per_iter)
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where tuning databases live: `explicit`, else $SQUEEZE_CACHE/tuning, else ~/.cache/squeeze/tuning."""
+    if explicit:
+        return Path(explicit).expanduser()
+    root = os.environ.get("SQUEEZE_CACHE")
+    if root:
+        return Path(root).expanduser() / "tuning"
+    return Path.home() / ".cache" / "squeeze" / "tuning"
+
+
+def database_dir(cache: Path, target, threads: int) -> Path:
+    """One database per target (kind, CPU, attributes) and thread count."""
+    text = str(target)
+    cpu = str(target.attrs.get("mcpu", "") or "generic")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return cache / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.kind.name}-{cpu}-{digest}-t{threads}")
+
+
+@dataclass
+class Task:
+    """One fused TIR function: how often `main` calls it, its default-schedule time, the trials it gets."""
+
+    name: str
+    weight: int
+    workload_mod: object
+    default_us: float | None = None
+    done: int = 0
+    budget: int = 0
+
+    @property
+    def share_us(self) -> float:
+        return (self.default_us or 0.0) * self.weight
+
+
+def _light_tensor_intrin() -> None:
+    """Stand in for `tvm.s_tir.tensor_intrin` with its CPU half only.
+
+    MetaSchedule imports that package in every TuneContext and builder process; its CUDA, ROCm and Hexagon
+    intrinsics are TVMScript parsed at import and take 30-60 s here. CPU tuning needs the x86 and ARM ones.
+    """
+    import importlib  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    shell = types.ModuleType(name)
+    shell.__path__ = list(spec.submodule_search_locations)
+    shell.__spec__ = spec
+    sys.modules[name] = shell
+    for sub in ("x86", "arm_cpu"):
+        importlib.import_module(f"{name}.{sub}")
+
+
+def _build(mod, target, _params):
+    """MetaSchedule's default_build without its tensor-intrinsic import (runs in the builder's worker)."""
+    from tvm.driver import build  # noqa: PLC0415
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: PLC0415
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return build(mod, target=target)
+
+
+def open_database(path: Path):
+    tvm_build.tvm()
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+
+
+def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[str], None] | None = None,
+         seed: int = 0):
+    """Tune the fused functions of the Relax module `mod` for `target`; return the (persistent) database."""
+    say = say or (lambda msg: None)
+    tvm_build.tvm()
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+
+    from . import schedules  # noqa: PLC0415
+    for module in ("xgboost", "psutil", "cloudpickle"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise TargetError(f"--tune needs the Python package {module!r}: pip install "
+                              f"{'xgboost-cpu' if module == 'xgboost' else module}") from None
+    _light_tensor_intrin()
+    database = open_database(database_dir(cache, target, threads))
+    import tvm  # noqa: PLC0415
+    target = tvm.target.Target({**target.export(), "num-cores": threads})  # MetaSchedule requires it
+    with tvm_build.keep_affinity():
+        fused = schedules.fused_module(mod, target)
+        extracted = ms.relax_integration.extract_tasks(fused, target)
+    tasks = [Task(t.task_name, int(t.weight), t.dispatched[0]) for t in extracted]
+    if not tasks:
+        return database
+    builder = ms.builder.LocalBuilder(max_workers=1, f_build=_build, timeout_sec=120)
+    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3,
+                                                                             min_repeat_ms=20))
+    for task in tasks:
+        task.done, task.default_us = _seed(database, task, target, builder, runner)
+    plan_budget(tasks, trials)
+    todo = [t for t in tasks if t.budget > t.done]
+    say(f"tuning {len(todo)} of {len(tasks)} functions, {sum(t.budget - t.done for t in todo)} trials "
+        f"(database {database_dir(cache, target, threads)})")
+    with tempfile.TemporaryDirectory(prefix="squeeze-tune-") as work_dir:
+        for i, task in enumerate(sorted(todo, key=lambda t: -t.share_us)):
+            remaining = task.budget - task.done
+            say(f"tuning {task.name} ({i + 1}/{len(todo)}): {remaining} trials")
+            context = ms.TuneContext(mod=task.workload_mod, target=target, space_generator="post-order-apply",
+                                     search_strategy="evolutionary", task_name=task.name,
+                                     rand_state=seed + i, num_threads=1)
+            with tvm_build.keep_affinity():
+                ms.tune_tasks(tasks=[context], task_weights=[float(task.weight)], work_dir=work_dir,
+                              max_trials_global=remaining, num_trials_per_iter=min(TRIALS_PER_ITER, remaining),
+                              builder=builder, runner=runner, database=database, cost_model="xgb",
+                              task_scheduler="round-robin")
+    return database
+
+
+def plan_budget(tasks: list[Task], trials: int) -> None:
+    """Give each task trials in proportion to its share of the latency; drop shares under MIN_TRIALS."""
+    total = sum(t.share_us for t in tasks) or 1.0
+    for task in tasks:
+        share = trials * task.share_us / total
+        task.budget = int(math.floor(share)) if share >= MIN_TRIALS else 0
+
+
+def _seed(database, task: Task, target, builder, runner) -> tuple[int, float | None]:
+    """Commit the default schedule of `task` as a measured record (once); return (records, default µs)."""
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+    workload = database.commit_workload(task.workload_mod)
+    records = database.get_top_k(workload, 1 << 20)
+    for record in records:  # the seed record carries the mark below in its trace's first instruction
+        if _is_default(record):
+            return len(records), _us(record)
+    schedule = _default_schedule(task.workload_mod, target)
+    if schedule is None:
+        return len(records), (_us(records[0]) if records else None)
+    seconds = _measure(schedule.mod, target, builder, runner)
+    if seconds is None:
+        return len(records), None
+    database.commit_tuning_record(ms.database.TuningRecord(
+        schedule.trace, workload, run_secs=[seconds], target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(task.workload_mod["main"])))
+    return len(records) + 1, seconds * 1e6
+
+
+def _default_schedule(workload_mod, target):
+    """squeeze's default schedule of the task's function (a traced Schedule), or None where no rule applies."""
+    from . import schedules  # noqa: PLC0415
+    func = workload_mod["main"]
+    with target:
+        for rule in schedules.rules():
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 - a rule that fails here also fails in the pipeline: no seed
+                return None
+            if sch is not None:  # mark the record as the default (a block annotation codegen ignores)
+                from .schedules.common import root_blocks  # noqa: PLC0415
+                sch.annotate(root_blocks(sch)[0], DEFAULT_MARK, 1)
+                return sch
+    return None
+
+
+DEFAULT_MARK = "squeeze.default_schedule"
+
+
+def _is_default(record) -> bool:
+    return DEFAULT_MARK in str(record.trace)
+
+
+def _us(record) -> float | None:
+    secs = [float(s) for s in record.run_secs]
+    return min(secs) * 1e6 if secs else None
+
+
+def _measure(mod, target, builder, runner) -> float | None:
+    """Seconds one call of the scheduled `mod` takes, measured by MetaSchedule's builder and runner."""
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+    built = builder.build([ms.builder.BuilderInput(mod, target)])[0]
+    if built.error_msg:
+        return None
+    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])[0].result()
+    if result.error_msg or not result.run_secs:
+        return None
+    return min(float(s) for s in result.run_secs)

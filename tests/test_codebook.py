@@ -1,0 +1,243 @@
+"""`codebook`: per-layer k-means over weights or k×k kernels, packed indices rebuilt by standard ONNX ops."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import numpy_helper
+
+import graphs
+from squeeze import pack, runtime
+from squeeze.data import Dataset
+from squeeze.passes import codebook as codebook_mod
+from squeeze.passes.weights import Builder
+
+SMOKE = dict(graphs.LOSSLESS)
+
+
+def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The weight every Conv/Gemm/MatMul sees, evaluated by ONNX Runtime (through any rebuild subgraph)."""
+    layers = {n.name: n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    values = runtime.activations(model, graphs.random_inputs(model, 1), sorted(set(layers.values())))
+    return {name: values[w][0] if values[w].shape[0] == 1 and values[w].ndim > 2 else values[w]
+            for name, w in layers.items()}
+
+
+@pytest.fixture
+def calib_data():
+    """Real-looking calibration data (a non-synthetic source, so data-driven steps run)."""
+    def make(model: onnx.ModelProto, count: int, seed: int = 0) -> Dataset:
+        data = graphs.random_inputs(model, count, seed)
+        return Dataset(data.arrays, None, "test calibration", data.stacked)
+    return make
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_runs_on_every_tiny_graph(name):
+    """
+    Every structure: the pass verifies (checker, strict shape inference, ORT), and every Conv/Gemm/MatMul weight
+    now takes at most 2^bits distinct values.
+    """
+    model = SMOKE[name]()
+    out, steps = graphs.apply(model, "codebook(bits=3)")
+    assert "failed" not in steps[0]
+    onnx.checker.check_model(out, full_check=True)
+    for name_, w in weight_values(out).items():
+        assert len(np.unique(w)) <= 8, name_
+    assert graphs.max_rel_error(model, out, graphs.random_inputs(model)) < 0.5
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("opset", [8, 9, 13])
+@pytest.mark.parametrize("count", [5, 16, 37])
+def test_index_rebuild_in_onnx_runtime(bits, opset, count):
+    """The packed-index rebuild (Cast, Gather, Add, Mul, Div, Sub, Reshape, Slice) decodes exactly, per opset."""
+    symbols = np.random.default_rng(bits).integers(0, 1 << bits, count)
+    graph = gs.Graph(opset=opset)
+    index, stored = Builder(graph).indices(symbols, bits, "idx")
+    index.dtype, index.shape = np.int64, [count]
+    graph.outputs = [index]
+    model = gs.export_onnx(graph)
+    model.ir_version = {8: 4, 9: 4, 13: 7}[opset]
+    onnx.checker.check_model(model, full_check=True)
+    got = runtime.session(model).run(None, {})[0]
+    assert got.dtype == np.int64 and np.array_equal(got, symbols)
+    if bits < 8:
+        assert stored.values.nbytes == -(-count // 8) * bits  # bit-packed: bits per index, not a byte
+
+
+def _gemm(inputs: int = 256, outputs: int = 64) -> onnx.ModelProto:
+    """
+    x[1,inputs] ─ Gemm (transB) ─ y[1,outputs]
+    """
+    g = graphs.Builder(0)
+    g.node("Gemm", ["x", g.weight("fc.weight", outputs, inputs), g.weight("fc.bias", outputs, scale=0.1)], "y",
+           transB=1)
+    return g.model({"x": [1, inputs]}, "y")
+
+
+def test_weights_are_rebuilt_exactly_from_codebook_and_indices():
+    model = _gemm()
+    out, steps = graphs.apply(model, "codebook(bits=4)")
+    entry = {e["layer"]: e for e in steps[0]["details"]["per_layer"]}["y"]
+    assert entry["centroids"] == 16 and entry["index_bits"] == 4
+    w = weight_values(out)["y"]
+    assert len(np.unique(w)) == 16
+    assert np.abs(w - numpy_helper.to_array(model.graph.initializer[0])).max() < 0.2
+    report = pack.size_report(out)
+    assert report["bits_per_param"]["layers"]["y"] < 4.2          # 4-bit indices + a 16-entry codebook
+    assert out.ByteSize() < model.ByteSize() / 6                  # and the ONNX file itself is that small
+
+
+def test_kernel_unit_shares_whole_kernels_and_quantizes_the_codebook():
+    model = graphs.concat()
+    out, steps = graphs.apply(model, "codebook(unit=kernel,kernels=4,codebook_bits=3)")
+    per_layer = {e["layer"]: e for e in steps[0]["details"]["per_layer"]}
+    assert per_layer["conv_a"]["unit"] == "kernel" and per_layer["y"]["unit"] == "weight"  # 1×1 conv
+    w = weight_values(out)["conv_a"]                                         # [4, 3, 3, 3]
+    kernels = np.unique(w.reshape(-1, 9), axis=0)
+    assert len(kernels) <= 4
+    assert len(np.unique(w)) <= 8                                            # codebook values on 3 bits
+    steps_ = np.diff(np.unique(w))
+    assert np.allclose(steps_ / steps_.min(), np.round(steps_ / steps_.min()), atol=1e-3)  # one uniform grid
+
+
+def test_kernel_unit_reaches_about_one_bit_per_weight():
+    """Kernel Quantization's headline: 3×3 kernels from a 64-entry codebook cost ~6/9 bit each + codebook."""
+    g = graphs.Builder(0)
+    h = g.conv("x", "conv", 32, 64, pads=[1, 1, 1, 1])
+    model = g.model({"x": [1, 32, 8, 8]}, h)
+    out, _ = graphs.apply(model, "codebook(unit=kernel,kernels=64)")
+    bits = pack.size_report(out)["bits_per_param"]["layers"]["conv"]
+    assert 0.6 < bits < 1.3
+
+
+def test_exact_zeros_stay_zero():
+    """Pruned (exactly zero) weights keep a reserved zero centroid."""
+    model = graphs.flatten_gemm()
+    w = numpy_helper.to_array(model.graph.initializer[2]).copy()  # fc.weight [5, 64]
+    mask = np.random.default_rng(0).random(w.shape) < 0.6
+    w[mask] = 0
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
+    out, steps = graphs.apply(model, "codebook(bits=2)")
+    got = weight_values(out)["y"]
+    assert np.all(got[mask] == 0)
+    assert {e["layer"]: e for e in steps[0]["details"]["per_layer"]}["y"]["zero_reserved"]
+
+
+def test_few_distinct_values_are_kept_exactly():
+    model = graphs.flatten_gemm()
+    w = np.random.default_rng(1).choice([-0.5, 0.25, 1.0], size=(5, 64)).astype(np.float32)
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
+    out, _ = graphs.apply(model, "codebook(bits=2,compensate=false)")
+    assert np.array_equal(weight_values(out)["y"], w)
+
+
+def test_compensation_reduces_the_output_error(calib_data):
+    model = graphs.flatten_gemm()
+    data = calib_data(model, 64)
+    plain, _ = graphs.apply(model, "codebook(bits=2,compensate=false)", data=data)
+    refit, steps = graphs.apply(model, "codebook(bits=2)", data=data)
+    held_out = calib_data(model, 64, seed=7)
+    assert graphs.max_rel_error(model, refit, held_out) < graphs.max_rel_error(model, plain, held_out)
+    assert "least-squares refit" in " ".join(steps[0]["notes"])
+
+
+def test_compensation_is_skipped_on_synthetic_data():
+    _, steps = graphs.apply(graphs.flatten_gemm(), "codebook(bits=2)")
+    assert any("synthetic" in n for n in steps[0]["notes"])
+
+
+def test_deterministic_with_the_seed():
+    model = graphs.residual_add()
+    a, _ = graphs.apply(model, "codebook(unit=kernel,kernels=3)", seed=3)
+    b, _ = graphs.apply(model, "codebook(unit=kernel,kernels=3)", seed=3)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def test_skip_keeps_layers_in_float():
+    model = graphs.concat()
+    out, steps = graphs.apply(model, "codebook(bits=2,skip=[conv_b,last])")
+    inits = {t.name for t in out.graph.initializer}
+    assert "conv_b.weight" in inits and "y.weight" in inits and "conv_a.weight" not in inits
+    assert set(steps[0]["details"]["skipped"]) == {"conv_b", "y"}
+    assert steps[0]["details"]["layers"] == ["conv_a"]
+
+
+def test_unknown_skip_entry_is_an_error():
+    from squeeze.data import input_specs, resolve_shapes
+    from squeeze.pipeline import run_pipeline
+    from squeeze.registry import get_pass
+    from squeeze.spec import bind
+    model = graphs.concat()
+    data = graphs.random_inputs(model)
+    result = run_pipeline(model, bind("codebook(skip=[conv_z])", get_pass), data,
+                          resolve_shapes(input_specs(model), {}, data))
+    assert result.failure and "conv_z" in result.failure and "conv_a" in result.failure
+
+
+def test_ir3_opset8_model_keeps_its_opset():
+    model = graphs.ir3_initializers_as_inputs()
+    out, _ = graphs.apply(model, "codebook(bits=4)")
+    assert out.opset_import[0].version == 8
+    assert out.ByteSize() < model.ByteSize()
+
+
+def test_compressed_weights_are_left_alone_by_a_second_run():
+    out, _ = graphs.apply(graphs.flatten_gemm(), "codebook(bits=4)")
+    again, steps = graphs.apply(out, "codebook(bits=2)")
+    assert "already compressed" in " ".join(steps[0]["notes"])
+    assert again.ByteSize() == pytest.approx(out.ByteSize(), rel=0.01)
+
+
+def test_cluster_linear_init_spans_the_range():
+    values = np.linspace(-1, 1, 1000)[:, None]
+    centroids, labels, zero = codebook_mod._cluster(values, 8, seed=0)
+    assert not zero and len(centroids) == 8
+    assert np.abs(centroids[labels] - values).max() < 0.15
+
+
+# ---------------------------------------------------------------------------------------------- TVM
+
+@pytest.mark.tvm
+def test_tvm_runs_the_rebuild_and_matches_onnx_runtime(tmp_path):
+    import squeeze
+    model = graphs.flatten_gemm()
+    result = squeeze.compress(model, "codebook(unit=kernel,kernels=8),codebook(bits=3)", targets="cpu", runs=3)
+    check = result.report["targets"][0]["numeric_check"]
+    assert check["ok"], check
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_mnist_burn_six_times_smaller_within_a_third_of_a_point(corpus, tmp_path):
+    import squeeze
+    calib, test = corpus.split(corpus.dataset("mnist_burn"), 256)
+    result = squeeze.compress(corpus.model_path("mnist_burn"), "codebook(bits=4)", calib=calib, eval=test,
+                              targets="")
+    rep = result.report
+    assert rep["original"]["bytes"]["onnx"] / rep["final"]["bytes"]["onnx"] >= 6
+    assert rep["accuracy"]["drop_pts"] <= 0.3
+    data = pack.pack(result.model).data
+    assert pack.unpack(data).SerializeToString(deterministic=True) == \
+        result.model.SerializeToString(deterministic=True)
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", ["mnist_ortjava", "mnist8_zoo", "cifar10_resnet2b", "cifar10_resnet4b",
+                                  "sri_resnet_a", "oval21_cifar_base", "oval21_cifar_wide", "oval21_cifar_deep",
+                                  "marabou_cifar10_small", "marabou_cifar10_medium", "marabou_cifar10_large",
+                                  "cifar10_winml_tutorial", "squeezenet", "ultraface", "mnist_burn"])
+@pytest.mark.parametrize("unit", ["weight", "kernel"])
+def test_corpus_pack_round_trip_after_codebook(corpus, name, unit):
+    """Every corpus model after codebook: verified by the pass manager, and the container restores it exactly."""
+    model = onnx.load(str(corpus.model_path(name)))
+    data = Dataset({corpus._input_name(name): corpus.arrays(name, 8)[0]}, None, f"corpus:{name}", {}) \
+        if name != "ultraface" else graphs.random_inputs(model, 4)
+    out, _ = graphs.apply(model, f"codebook(unit={unit})", data=data)
+    restored = pack.unpack(pack.pack(out).data)
+    assert restored.SerializeToString(deterministic=True) == out.SerializeToString(deterministic=True)

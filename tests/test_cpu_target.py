@@ -1,0 +1,95 @@
+"""The `cpu` target: TVM (Relax frontend, tvm.compile for the host) agrees with ONNX Runtime, is timed natively
+after warm-up, and a model TVM cannot import gets a clear message naming the op while the report keeps the rest."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import graphs
+import squeeze
+from squeeze.data import input_specs, resolve_shapes
+from squeeze.errors import TargetError
+from squeeze.model import load_model
+from squeeze.targets import tvm_build
+from squeeze.targets.cpu import Cpu
+
+pytestmark = pytest.mark.tvm
+
+BUILT = ["conv_bn_relu", "residual_add", "split", "depthwise", "gemm_bn1d"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each tiny graph compiled once for the host CPU (ONNX Runtime's outputs alongside)."""
+    work = tmp_path_factory.mktemp("cpu")
+    target = Cpu()
+    cores = os.sched_getaffinity(0)
+    results = {}
+    for name in BUILT:
+        model = graphs.LOSSLESS[name]()
+        samples = graphs.random_inputs(model, count=3, seed=2).samples(3)
+        artifact = target.build(model, resolve_shapes(input_specs(model), {}), work)
+        reference = graphs.outputs(model, graphs.random_inputs(model, count=3, seed=2))
+        results[name] = (model, artifact, target.measure(artifact, samples, runs=50), reference)
+    assert os.sched_getaffinity(0) == cores  # TVM's thread pool must not pin the process to one core
+    return results
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_tvm_agrees_with_onnx_runtime(built, name):
+    model, artifact, measured, reference = built[name]
+    (expected,) = reference.values()
+    got = measured.outputs["0"]
+    got = got.reshape(expected.shape) if got.size == expected.size else got
+    assert got.shape == expected.shape
+    assert float(np.abs(got - expected).max()) <= 1e-5 * float(np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", BUILT[:1])
+def test_native_timing_after_warmup(built, name):
+    _, artifact, measured, _ = built[name]
+    assert measured.method == "native"
+    latency = measured.latency_ms
+    assert latency["runs"] >= 50
+    assert 0 < latency["min"] <= latency["p50"] <= latency["p90"]
+    assert artifact.build_seconds > 0 and artifact.target == "cpu"
+
+
+def test_the_llvm_target_names_the_host_cpu(built):
+    _, artifact, _, _ = built["conv_bn_relu"]
+    host = tvm_build.host_cpu()
+    assert host and host != "generic"
+    assert f'"mcpu":"{host}"' in artifact.info["tvm_target"].replace(" ", "")
+    assert str(Cpu(mcpu="x86-64").tvm_target().attrs["mcpu"]) == "x86-64"
+
+
+@pytest.mark.corpus
+def test_unsupported_slice_is_named(corpus, tmp_path):
+    model = load_model(corpus.ROOT / "ultraface_rfb320/model.onnx")
+    with pytest.raises(TargetError) as info:
+        Cpu().build(model, {"input": (1, 3, 240, 320)}, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("TVM's ONNX frontend failed on op Slice (opset 9): ")
+
+
+@pytest.mark.corpus
+def test_unsupported_quantized_ops_are_named_and_the_report_keeps_everything_else(corpus, tmp_path):
+    path = corpus.ROOT / "mnist8_zoo/model_qoperator_int8_derived.onnx"
+    before = squeeze.model.sha256(path)
+    result = squeeze.compress(path, "cleanup", targets="cpu", runs=5, out_dir=tmp_path / "out")
+    assert result.ok
+    report = result.report
+    (cpu,) = report["targets"]
+    assert cpu["name"] == "cpu" and "method" not in cpu
+    assert cpu["error"].startswith("TVM's ONNX frontend cannot import the model: ")
+    assert all(op in cpu["error"] for op in ("QLinearConv", "QLinearAdd", "QGemm"))
+    # the rest of the report is all there
+    assert report["original"]["param_count"] > 0 and report["final"]["ops"]["QLinearConv"] == 2
+    assert report["passes"][0]["name"] == "cleanup" and report["fidelity"]["max_abs"] == 0.0
+    assert report["onnxruntime"]["original"]["p50"] > 0
+    assert (tmp_path / "out" / "model.onnx").is_file()
+    assert "QLinearConv" in (tmp_path / "out" / "report.md").read_text()
+    assert squeeze.model.sha256(path) == before

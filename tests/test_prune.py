@@ -1,0 +1,316 @@
+"""`prune` (passes/prune.py) and compensation (passes/compensate.py): tiny graphs, then the corpus."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from squeeze import metrics, runtime, verify
+from squeeze.data import Dataset, input_specs
+from squeeze.model import to_graph, to_model
+from squeeze.passes import compensate as comp
+from squeeze.passes.channels import channel_groups, constant_value
+from squeeze.passes.prune import IMPORTANCES, output_loss
+from squeeze.pipeline import run_pipeline
+from squeeze.registry import get_pass
+from squeeze.spec import bind
+
+from test_channels import Tiny, group_written_by, residual_add
+
+
+def calibration(model: onnx.ModelProto, count: int = 32, seed: int = 3) -> Dataset:
+    """Real-looking (non-synthetic) calibration data, so that compensation runs."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in input_specs(model):
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        arrays[spec.name] = rng.standard_normal([count] + shape[1:]).astype(np.float32)
+    return Dataset(arrays, None, "test calibration", {k: True for k in arrays})
+
+
+def prune_model(model: onnx.ModelProto, spec: str, data: Dataset | None = None):
+    data = data or calibration(model)
+    shapes = {s.name: (1,) + tuple(data.arrays[s.name].shape[1:]) for s in input_specs(model)}
+    result = run_pipeline(model, bind(spec, get_pass), data, shapes)
+    assert result.failure is None, result.failure
+    return result.model, result.steps[-1]
+
+
+def idle_channels_model():
+    """x ─ Conv p 3→8 ─ Relu ─ Conv q 8→8 ─ Relu ─ Conv 8→4 ─ y; p's channels 1, 5 and q's 0, 2, 6 have zero
+    filters and zero bias, and nothing reads them: removing them is exact."""
+    t = Tiny(seed=2)
+    h = t.node("Relu", [t.conv("x", "p", 3, 8)], "relu_p")
+    h = t.node("Relu", [t.conv(h, "q", 8, 8)], "relu_q")
+    t.conv(h, "y", 8, 4)
+    model = t.model({"x": [1, 3, 6, 6]}, ["y"])
+    weights = {i.name: i for i in model.graph.initializer}
+    for name, idle in (("p", [1, 5]), ("q", [0, 2, 6])):
+        w, b = (onnx.numpy_helper.to_array(weights[f"{name}.{k}"]).copy() for k in ("w", "b"))
+        w[idle], b[idle] = 0, 0
+        weights[f"{name}.w"].CopyFrom(onnx.numpy_helper.from_array(w, f"{name}.w"))
+        weights[f"{name}.b"].CopyFrom(onnx.numpy_helper.from_array(b, f"{name}.b"))
+    for reader, idle in (("q", [1, 5]), ("y", [0, 2, 6])):
+        w = onnx.numpy_helper.to_array(weights[f"{reader}.w"]).copy()
+        w[:, idle] = 0
+        weights[f"{reader}.w"].CopyFrom(onnx.numpy_helper.from_array(w, f"{reader}.w"))
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_prune_removes_the_idle_channels_exactly(criterion):
+    model = idle_channels_model()
+    data = calibration(model, 8)
+    pruned, step = prune_model(model, f"prune(ratio=0.3,criterion={criterion},compensate=false)", data)
+    weights = {i.name: i for i in pruned.graph.initializer}
+    assert list(weights["p.w"].dims) == [6, 3, 3, 3]
+    assert list(weights["q.w"].dims) == [6, 6, 3, 3]  # 8 → round(5.6) = 6: both idle ones of p, two of q's
+    assert step["macs"] < metrics.summary(model, {"x": (1, 3, 6, 6)})["macs"]
+    ref, new = runtime.run(model, data), runtime.run(pruned, data)
+    q_removed = [r for r in step["details"]["groups"] if r["name"] == "q"][0]
+    assert q_removed["channels_before"] == 8 and q_removed["channels_after"] == 6
+    # p lost exactly its two idle channels (lossless); q lost two of its three idle ones
+    np.testing.assert_allclose(new["y"], ref["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_details_and_notes():
+    model = idle_channels_model()
+    _, step = prune_model(model, "prune(ratio=0.5,compensate=false)")
+    rows = {r["name"]: r for r in step["details"]["groups"]}
+    assert set(rows) == {"p", "q"}
+    for row in rows.values():
+        assert row["channels_after"] == row["channels_before"] // 2
+        assert row["macs_removed"] > 0
+        assert row["score"]["min"] <= row["score"]["median"] <= row["score"]["max"]
+        assert row["score"]["removed_max"] <= row["score"]["kept_min"]
+    assert any("graph output 'y'" in n for n in step["notes"])
+    assert step["details"]["unprunable"]
+
+
+def test_multiple_rounds_and_never_empties():
+    t = Tiny()
+    h = t.node("Relu", [t.conv("x", "p", 3, 16)], "relu")
+    t.conv(h, "y", 16, 4)
+    model = t.model({"x": [1, 3, 6, 6]}, ["y"])
+    pruned, step = prune_model(model, "prune(ratio=0.3,multiple=8,compensate=false)")
+    assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 8
+    assert any("rounded to multiples of 8" in n for n in step["notes"])
+    pruned, _ = prune_model(model, "prune(ratio=0.99,compensate=false)")
+    assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 1
+    pruned, step = prune_model(model, "prune(ratio=0.5,multiple=16,compensate=false)")
+    assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 16
+    assert any("not larger than multiple=16" in n for n in step["notes"])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "activation"])
+@pytest.mark.parametrize("scope", ["layer", "global", "sensitivity"])
+def test_every_criterion_and_scope_gives_a_valid_smaller_model(criterion, scope):
+    model, _, _ = residual_add()
+    pruned, step = prune_model(model, f"prune(ratio=0.4,criterion={criterion},scope={scope})")
+    onnx.checker.check_model(pruned, full_check=True)
+    before = metrics.summary(model, {"x": (1, 3, 6, 6)})["macs"]
+    assert step["macs"] < before
+    assert step["details"]["criterion"] == criterion
+
+
+def test_global_scope_spends_the_ratio_where_scores_are_lowest():
+    model, _, _ = residual_add()
+    graph = gs.import_onnx(model)
+    groups = [g for g in channel_groups(graph) if g.prunable]
+    scores = {g: IMPORTANCES["l1"](g) for g in groups}
+    assert all(s.shape == (g.size,) and np.all(s > 0) for g, s in scores.items())
+    fpgm = {g: IMPORTANCES["fpgm"](g) for g in groups}
+    assert all(np.isfinite(s).all() for s in fpgm.values())
+
+
+def test_output_loss():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    assert output_loss({"y": logits}, {"y": logits}) == pytest.approx(0.0, abs=1e-12)
+    assert output_loss({"y": logits}, {"y": logits[:, ::-1].copy()}) > 0.1
+    assert output_loss({"y": np.ones((2, 3, 4, 4))}, {"y": 2 * np.ones((2, 3, 4, 4))}) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- compensation
+
+def duplicate_channel_model():
+    """x ─ Conv p 3→8 ─ Relu ─ Conv 8→4 ─ y, where p's filter 7 duplicates filter 6 at a tenth of the norm of the
+    others: L1 removes a duplicate, and refitting the reader can absorb it exactly (w6 + w7 on the kept one)."""
+    t = Tiny(seed=5)
+    h = t.node("Relu", [t.conv("x", "p", 3, 8)], "relu")
+    t.conv(h, "y", 8, 4)
+    model = t.model({"x": [1, 3, 6, 6]}, ["y"])
+    weights = {i.name: i for i in model.graph.initializer}
+    w, b = (onnx.numpy_helper.to_array(weights[f"p.{k}"]).copy() for k in ("w", "b"))
+    w[6] = w[7] = w[6] * 0.1
+    b[6] = b[7] = b[6] * 0.1
+    weights["p.w"].CopyFrom(onnx.numpy_helper.from_array(w, "p.w"))
+    weights["p.b"].CopyFrom(onnx.numpy_helper.from_array(b, "p.b"))
+    return model
+
+
+def test_least_squares_absorbs_a_duplicated_channel():
+    model = duplicate_channel_model()
+    data = calibration(model, 32)
+    errors = {}
+    for flag in ("false", "true"):
+        pruned, step = prune_model(model, f"prune(ratio=0.125,compensate={flag})", data)
+        assert [i for i in pruned.graph.initializer if i.name == "p.w"][0].dims[0] == 7
+        errors[flag] = verify.fidelity(runtime.run(model, data), runtime.run(pruned, data))["rel_l2"]
+    assert errors["false"] > 1e-2
+    assert errors["true"] < 1e-4
+    rows = step["details"]["compensation"]
+    assert rows[0]["method"].startswith("ls") and rows[0]["loss_after"] < 1e-6
+
+
+def test_compensation_never_increases_the_held_out_loss():
+    model, _, _ = residual_add()
+    _, step = prune_model(model, "prune(ratio=0.5)", calibration(model, 32))
+    rows = step["details"]["compensation"]
+    assert rows
+    for row in rows:
+        assert row["loss_after"] <= row["loss_before"] + 1e-12
+
+
+def test_compensation_is_skipped_on_synthetic_data():
+    model, _, _ = residual_add()
+    from squeeze.data import synthesize
+    data = synthesize(input_specs(model), {"x": (1, 3, 6, 6)}, 8, seed=0)
+    _, step = prune_model(model, "prune(ratio=0.5)", data)
+    assert any("synthetic" in n for n in step["notes"])
+
+
+def test_ridge_pulls_toward_the_original_weights_not_zero():
+    """More inputs than rows (a Gemm after Flatten): directions the data never excites keep w0's response."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 60)).astype(np.float32)
+    w0 = rng.standard_normal((60, 3))
+    y = x @ (w0 + 0.3 * rng.standard_normal((60, 3)))
+    w, b, info = comp.refit(x[:15], y[:15], x[15:], y[15:], w0, None, comp.PostOp())
+    assert info["method"].startswith("ls")
+    null = np.linalg.svd(x.astype(np.float64))[2][20:]  # orthogonal to every calibration row
+    np.testing.assert_allclose(null @ w, null @ w0, atol=1e-6)
+    assert info["loss_after"] < info["loss_before"]
+
+
+def test_ridge_solver_primal_and_dual_match_the_closed_form():
+    rng = np.random.default_rng(1)
+    for rows, cols in ((50, 8), (8, 50)):
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        r = rng.standard_normal((rows, 2))
+        xd = x.astype(np.float64)
+        lam = 0.1 * np.trace(xd.T @ xd) / cols
+        expected = np.linalg.solve(xd.T @ xd + lam * np.eye(cols), xd.T @ r)
+        np.testing.assert_allclose(comp._ridge(x)(r, 0.1), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_refit_keeps_weights_that_are_already_right():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((200, 5)).astype(np.float32)
+    w0, b0 = rng.standard_normal((5, 2)), rng.standard_normal(2)
+    y = x @ w0 + b0
+    w, b, info = comp.refit(x[:150], y[:150], x[150:], y[150:], w0, b0, comp.PostOp())
+    assert info["method"] == "none" and w is w0 and b is b0
+
+
+def test_relu_aware_refit_ignores_errors_the_relu_hides():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    w_true = rng.standard_normal((6, 1))
+    y = np.where(x @ w_true > 0, x @ w_true, -5.0)  # below zero the target is arbitrary: the ReLU hides it
+    post = comp.PostOp(activation=lambda r: np.maximum(r, 0.0), floor=True)
+    w, b, info = comp.refit(x[:300], y[:300], x[300:], y[300:], np.zeros((6, 1)), np.zeros(1), post)
+    assert info["method"].startswith("ls-relu")
+    assert info["loss_after"] < 0.05
+
+
+def test_batchnorm_statistics_are_re_estimated():
+    """BN input of the pruned network = 2·original + 1: re-estimated statistics undo it exactly."""
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((16, 3, 4, 4)) * np.array([1.0, 2.0, 0.5])[None, :, None, None] + 0.3
+    x = 2 * z + 1
+    gamma, beta = np.array([1.0, 0.5, 2.0]), np.array([0.1, 0.0, -0.2])
+    mean, var = z.mean(axis=(0, 2, 3)), z.var(axis=(0, 2, 3))
+    consts = [gs.Constant(n, v.astype(np.float32)) for n, v in (("g", gamma), ("b", beta), ("m", mean), ("v", var))]
+    inp, out = gs.Variable("x", np.float32), gs.Variable("y", np.float32)
+    bn = gs.Node("BatchNormalization", "bn", {"epsilon": 1e-5}, inputs=[inp] + consts, outputs=[out])
+    graph = gs.Graph(nodes=[bn], inputs=[inp], outputs=[out])
+    y = gamma[None, :, None, None] * (z - mean[None, :, None, None]) / np.sqrt(var + 1e-5)[None, :, None, None] \
+        + beta[None, :, None, None]
+    fit = comp._Fit(np.arange(16) % 4 == 3, np.random.default_rng(0), {"x": z}, True)
+    row = comp._fit_bn(graph, comp._Layer(bn, "bn", "x", "y", label="bn"), x, y, fit)
+    assert row["method"] == "bn-stats" and row["loss_after"] < 1e-6 < row["loss_before"]
+    new_mean, new_var = constant_value(bn.inputs[3]), constant_value(bn.inputs[4])
+    got = gamma[None, :, None, None] * (x - new_mean[None, :, None, None]) \
+        / np.sqrt(new_var + 1e-5)[None, :, None, None] + beta[None, :, None, None]
+    np.testing.assert_allclose(got, y, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- corpus
+
+CORPUS_MODELS = ["cifar10_resnet4b", "sri_resnet_a", "squeezenet", "mnist_burn"]
+
+
+def _corpus_prune(corpus, name: str, spec: str, calib_count: int = 256):
+    from squeeze.model import load_model
+    model = load_model(corpus.model_path(name))
+    ds = corpus.dataset(name, None if name == "squeezenet" else calib_count + 256)
+    calib = ds.subset(0, min(calib_count, len(ds)))
+    pruned, step = prune_model(model, spec, calib)
+    return model, pruned, step, ds
+
+
+@pytest.mark.parametrize("name", CORPUS_MODELS)
+def test_corpus_prune_0_3_is_valid_and_a_quarter_cheaper(corpus, name):
+    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,compensate=false)", 32)
+    shapes = {s.name: (1,) + tuple(ds.arrays[s.name].shape[1:]) for s in input_specs(model)}
+    before = metrics.summary(model, shapes)["macs"]
+    after = metrics.summary(pruned, shapes)["macs"]
+    assert after <= 0.75 * before, f"{name}: MACs {before} → {after}"
+    assert runtime.run(pruned, ds.subset(0, 4))  # runs in ONNX Runtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cifar10_resnet4b", "mnist_burn"])
+def test_corpus_compensation_beats_none(corpus, name):
+    accuracy = {}
+    for flag in ("false", "true"):
+        model, pruned, step, ds = _corpus_prune(corpus, name, f"prune(ratio=0.2,compensate={flag})")
+        test = ds.subset(256)
+        accuracy[flag] = verify.accuracy(runtime.run(pruned, test), test.labels)["top1"]
+    assert accuracy["true"] > accuracy["false"]
+
+
+@pytest.mark.slow
+def test_corpus_sri_resnet_prune_finishes_in_10_seconds(corpus):
+    from squeeze.context import Context
+    from squeeze.model import load_model
+    from squeeze.passes.prune import prune
+    model = load_model(corpus.model_path("sri_resnet_a"))
+    calib = corpus.dataset("sri_resnet_a", 256)
+    ctx = Context(calib=calib, model=model, input_shapes={"input": (1, 3, 32, 32)})
+    graph = to_graph(model)
+    start = time.perf_counter()
+    prune(graph, ctx)
+    seconds = time.perf_counter() - start
+    assert ctx.details["compensation"]
+    assert seconds < 10, f"{seconds:.1f} s"
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("name", ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn",
+                                  pytest.param("squeezenet", marks=pytest.mark.slow)])
+def test_corpus_pruned_models_compile_with_tvm(corpus, name, tmp_path):
+    pytest.importorskip("tvm")
+    from squeeze.targets.cpu import Cpu
+    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,compensate=false)", 16)
+    shapes = {s.name: (1,) + tuple(ds.arrays[s.name].shape[1:]) for s in input_specs(model)}
+    target = Cpu()
+    artifact = target.build(pruned, shapes, tmp_path)
+    sample = ds.samples(1)
+    measured = target.measure(artifact, sample, runs=1)
+    ort_out = runtime.run(pruned, ds.subset(0, 1))
+    got = measured.outputs["0"].reshape(ort_out[next(iter(ort_out))].shape)
+    np.testing.assert_allclose(got, next(iter(ort_out.values())), rtol=1e-3, atol=1e-3)

@@ -1,0 +1,162 @@
+"""Devices over TVM RPC, on loopback: a real `tvm.exec.rpc_tracker` and `tvm.exec.rpc_server` started here
+(127.0.0.1 only), and the cpu target measured through them with method=rpc — the path a Raspberry Pi or a phone
+takes with `--tracker HOST:PORT --key KEY` or `--rpc HOST:PORT`."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import squeeze
+from squeeze.targets.remote import RemoteError, Runner
+
+pytestmark = pytest.mark.tvm
+
+LOOPBACK = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A tracker and one server registered with key 'local' (this machine standing in for a device)."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado: pip install -e '.[test]'")
+    from tvm import rpc
+    port, server_port = _free_port(), _free_port()
+    procs = [_start(["tvm.exec.rpc_tracker", "--host", LOOPBACK, "--port", str(port), "--port-end", str(port + 1),
+                     "--silent"])]
+    try:
+        _wait_port(port, procs[0])
+        procs.append(_start(["tvm.exec.rpc_server", "--host", LOOPBACK, "--port", str(server_port), "--port-end",
+                             str(server_port + 1), "--tracker", f"{LOOPBACK}:{port}", "--key", "local", "--silent"]))
+        end = time.time() + 60
+        while "local" not in rpc.connect_tracker(LOOPBACK, port).summary()["queue_info"]:
+            if time.time() > end or procs[1].poll() is not None:
+                raise TimeoutError("the rpc_server did not register with the tracker")
+            time.sleep(0.3)
+        yield port
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A lone rpc_server for --rpc HOST:PORT."""
+    port = _free_port()
+    proc = _start(["tvm.exec.rpc_server", "--host", LOOPBACK, "--port", str(port), "--port-end", str(port + 1),
+                   "--silent"])
+    try:
+        _wait_port(port, proc)
+        yield port
+    finally:
+        _stop(proc)
+
+
+def test_tracker_measures_the_cpu_target_with_method_rpc(tracker, repo, tmp_path):
+    from squeeze.cli import main
+    out = tmp_path / "out"
+    code = main([str(repo / "models" / "digits_cnn.onnx"), "--target", "cpu", "--tracker", f"{LOOPBACK}:{tracker}",
+                 "--key", "local", "--runs", "10", "-o", str(out)])
+    assert code == 0
+    (row,) = json.loads((out / "report.json").read_text())["targets"]
+    assert row["method"] == "rpc"
+    assert row["numeric_check"]["ok"] and row["numeric_check"]["max_abs"] < 1e-4
+    lat = row["latency_ms"]
+    assert lat["runs"] == 10 and 0 < lat["min"] <= lat["p50"] <= lat["p90"]
+    assert row["tracker"] == f"{LOOPBACK}:{tracker}" and row["key"] == "local"
+    assert "baseline" not in row  # ONNX Runtime on this machine is no baseline for a remote device
+    assert "rpc" in (out / "report.md").read_text()
+
+
+def test_rpc_server_measures_the_cpu_target(server, repo):
+    result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "", targets="cpu", runs=5,
+                              rpc=f"{LOOPBACK}:{server}")
+    (row,) = result.report["targets"]
+    assert row["method"] == "rpc" and row["numeric_check"]["ok"], row
+    assert row["rpc"] == f"{LOOPBACK}:{server}"
+
+
+def test_unreachable_device_is_a_row_error_with_a_hint(repo):
+    port = _free_port()  # nothing listens there
+    result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "", targets="cpu", runs=3,
+                              rpc=f"{LOOPBACK}:{port}")
+    (row,) = result.report["targets"]
+    assert "cannot reach the device" in row["error"] and "rpc_server" in row["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"rpc": "nohost"}, "HOST:PORT"),
+    ({"rpc": "h:99999"}, "HOST:PORT"),
+    ({"tracker": "127.0.0.1:9190"}, "--key"),
+    ({"key": "rpi"}, "--tracker"),
+    ({"rpc": "a:1", "tracker": "b:2", "key": "k"}, "not both"),
+])
+def test_bad_device_flags_are_one_line_errors(args, message):
+    with pytest.raises(RemoteError, match=message):
+        Runner.from_args(**args)
+
+
+def test_cli_rejects_bad_device_flags_with_exit_2(repo, capsys):
+    from squeeze.cli import main
+    assert main([str(repo / "models" / "digits_cnn.onnx"), "--target", "none", "--tracker", "x:1"]) == 2
+    assert "--key" in capsys.readouterr().err
+
+
+def test_ms_runner_points_metaschedule_at_the_tracker():
+    from squeeze.targets.remote import ms_runner
+    from squeeze.errors import TargetError
+    runner = ms_runner(Runner.from_args(tracker="127.0.0.1:9190", key="rpi4"))
+    assert type(runner).__name__ == "RPCRunner"
+    with pytest.raises(TargetError, match="--tracker"):
+        ms_runner(Runner.from_args(rpc="127.0.0.1:9090"))
+
+
+def test_remote_outputs_equal_local_ones(tracker, repo, tmp_path):
+    """The same library run locally and through the tracker gives bit-identical outputs."""
+    import onnx
+    from squeeze.targets import remote
+    from squeeze.targets.cpu import Cpu
+    model = onnx.load(repo / "models" / "digits_cnn.onnx")
+    target = Cpu()
+    artifact = target.build(model, {"input": (1, 1, 8, 8)}, tmp_path)
+    samples = [{"input": np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)}]
+    local = target.measure(artifact, samples, runs=3).outputs
+    executable, names = artifact.handle
+    outputs, latency, info = remote.measure_executable(Runner.from_args(tracker=f"{LOOPBACK}:{tracker}",
+                                                                        key="local"), executable, names, samples, 3)
+    assert np.array_equal(outputs["0"], local["0"]) and info["key"] == "local"
