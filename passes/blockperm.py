@@ -53,9 +53,15 @@ FOLD_RATIO = 0.9
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: Calibration rows per layer for compensation (Conv: sampled im2col positions) and samples for E[x²].
 MAX_ROWS = 16384
+ROW_FLOATS = 25_000_000  # at most this many input values are kept per layer (rows are subsampled to fit)
 POWER_SAMPLES = 128
 HOLDOUT_EVERY = 4
-_PERMUTED_PORTS = ("in", "out", "dw", "param")  # members whose constants a reordering rewrites
+_PERMUTED_PORTS = ("in", "out", "dw", "param")
+#: What benchmarks/results/blockperm.md measured (batch 1, one thread): the report's target latencies say the rest.
+SPEED_NOTE = ("speed (measured in benchmarks/results/blockperm.md): with TVM's CPU target the grouped Conv and "
+              "batched MatMul forms run 3-12× faster than the dense layers, but ONNX Runtime runs them 0.3-0.9× "
+              "as fast (its dense kernels are tuned, its grouped/batched ones less so): the rewrite pays off on TVM "
+              "targets, not in ONNX Runtime")  # members whose constants a reordering rewrites
 
 
 def weaker_blocks(blocks: int | dict[str, int]) -> int | None:
@@ -136,9 +142,9 @@ def blockperm(graph: gs.Graph, ctx: Context, *,
               compensate: Annotated[bool, "refit each block on the calibration data (needs --calib)"] = True,
               search: Annotated[int, Range(0, 64), "permutation search effort: random restarts besides the "
                                 "spectral and identity seeds"] = 2,
-              fold: Annotated[Literal["auto", "always", "never"], "fold permutations into neighbouring layers: "
-                              "where the channel analysis allows (always), never (runtime Gathers), or unless "
-                              "a free permutation keeps clearly more energy (auto)"] = "auto",
+              fold: Annotated[Literal["auto", "always", "never"], "fold permutations into neighbouring layers "
+                              "wherever the channel analysis allows (always), never (runtime Gathers), or unless "
+                              "folding keeps < 90% of the energy a free permutation keeps (auto)"] = "auto",
               skip: Annotated[list[str], "layers left untouched (names, op types, patterns)"]
               = [],  # noqa: B006 (never mutated)
               ) -> None:
@@ -755,7 +761,7 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: Target, reference, done:
 
     def block_x(rows: np.ndarray, g: int) -> np.ndarray:
         valid = pin[g][pin[g] >= 0]
-        return rows[:, valid].reshape(len(rows), -1)
+        return rows[:, valid].reshape(len(rows), -1).astype(np.float64)
 
     def predict(ws: list[np.ndarray], bs_: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
         pred = np.zeros((len(rows), t.m))
@@ -821,10 +827,11 @@ def _rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
     yr = y.reshape(-1, t.m)
     per = len(xr) // x.shape[0]
     sample = np.arange(len(xr)) // max(per, 1)
-    if len(xr) > MAX_ROWS:
-        pick = np.sort(rng.choice(len(xr), MAX_ROWS, replace=False))
+    limit = _row_limit(t)
+    if len(xr) > limit:
+        pick = np.sort(rng.choice(len(xr), limit, replace=False))
         xr, yr, sample = xr[pick], yr[pick], sample[pick]
-    return xr.astype(np.float64), yr.astype(np.float64), sample
+    return xr.astype(np.float32), yr.astype(np.float64), sample
 
 
 def _conv_rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
@@ -837,7 +844,7 @@ def _conv_rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
     out_sp = y.shape[2:]
     per = int(np.prod(out_sp))
     total = x.shape[0] * per
-    pick = np.sort(rng.choice(total, min(MAX_ROWS, total), replace=False))
+    pick = np.sort(rng.choice(total, min(_row_limit(t), total), replace=False))
     sample = pick // per
     pos = np.unravel_index(pick % per, out_sp)
     patches = np.empty((len(pick), t.n) + t.kernel, dtype=x.dtype)
@@ -845,7 +852,13 @@ def _conv_rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
         coords = [(pos[a] * strides[a] + k[a] * dil[a])[:, None] for a in range(d)]
         patches[(slice(None), slice(None)) + k] = xp[(sample[:, None], np.arange(t.n)[None, :], *coords)]
     target = y[(sample, slice(None)) + tuple(pos)]
-    return patches.astype(np.float64), target.astype(np.float64), sample
+    return patches, target.astype(np.float64), sample
+
+
+def _row_limit(t: Target) -> int:
+    """Rows kept for compensation: MAX_ROWS, fewer for wide layers, but at least 4× a block's inputs."""
+    features = t.n * t.kernel_size
+    return int(max(min(MAX_ROWS, ROW_FLOATS // features), 4 * -(-features // t.blocks)))
 
 
 def _conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
@@ -973,3 +986,7 @@ def _summarise(ctx: Context, rows: list[dict]) -> None:
                  f"{r['params_after']:,}, {kept}{where}{comp}")
     ctx.note(f"rewritten layers: {before:,} → {after:,} parameters ({before / max(after, 1):.2f}×)")
     ctx.details["params"] = {"before": before, "after": after}
+    if any(r["runtime_gather"] for r in rows):
+        ctx.note("runtime Gathers are cheap in TVM but ONNX Runtime copies them element by element (about 8 ns "
+                 "per element measured); fold=always avoids them at some accuracy")
+    ctx.note(SPEED_NOTE)

@@ -29,6 +29,8 @@ import scipy.sparse
 from squeeze.context import Context
 from squeeze.registry import Backoff, Range, register_pass, step_up
 
+from squeeze.model import to_model
+
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
 
 ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact with a reserved centroid
@@ -67,12 +69,10 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     refit = compensate and not ctx.calib_is_synthetic
     if compensate and ctx.calib_is_synthetic:
         ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
-    rows = {}
-    if refit and usable:
-        rows = calibrate(ctx.model, ctx.calib, [ls[0] for ls in by_weight.values() if len(ls) == 1],
-                         seed=ctx.seed, threads=ctx.threads)
+    tracked = [ls[0] for ls in by_weight.values() if len(ls) == 1]
+    rows = calibrate(ctx.model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads) if refit and tracked else {}
     builder = Builder(graph)
-    per_layer = []
+    per_layer, changed = [], False
     for consumers in by_weight.values():
         layer = consumers[0]
         w = layer.values
@@ -81,12 +81,14 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         vectors = w.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
         centroids, labels, zero = _cluster(vectors, size, ctx.seed)
         x = rows.get(layer.name) if len(consumers) == 1 else None
+        # The inputs this layer will really see: those of the network compressed so far (same sampled rows).
+        x_in = _compressed_rows(graph, ctx, layer) if x is not None and changed else x
         entry = {"layer": layer.name, "op": layer.op, "unit": "kernel" if kernel else "weight",
                  "params": int(w.size), "centroids": int(len(centroids)),
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
         if x is not None:
-            entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x)
-            centroids = _refit(layer, w, centroids, labels, x, kernel, zero)
+            entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x, x_in)
+            centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
         codes = None
         if kernel and codebook_bits:
             codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
@@ -95,13 +97,14 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         shared = centroids.astype(w.dtype)[labels].reshape(w.shape)
         entry["weight_rel_err"] = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
         if x is not None:
-            _correct_bias(builder, layer, w, shared, x)
-            entry["output_rel_err"] = _output_error(layer, w, shared, x)
+            delta = _correct_bias(builder, layer, w, shared, x, x_in)
+            entry["output_rel_err"] = _output_error(layer, w, shared, x, x_in, delta)
         rebuilt = _rebuild(builder, layer, labels, centroids.astype(w.dtype), codes,
                            (zero_point, step, codebook_bits) if codes is not None else None, kernel)
         for c in consumers:
             c.node.inputs[c.weight_index] = rebuilt
         per_layer.append(entry)
+        changed = True
     _report(ctx, per_layer, skipped, unit, refit, [c.name for ls in by_weight.values() for c in ls])
 
 
@@ -142,19 +145,34 @@ def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
     return centroids, labels, zero
 
 
-def _output_error(layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray) -> float:
-    """Relative L2 error of the layer's outputs X·Wᵀ on the calibration rows."""
+def _output_error(layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray, x_in: np.ndarray,
+                  bias_delta: np.ndarray | None = None) -> float:
+    """Relative L2 error of the layer's outputs: X̃·Ŵᵀ (+ the bias change) against the float X·Wᵀ, on the
+    calibration rows (X̃: the inputs of the network compressed up to this layer)."""
     ref = np.einsum("gpd,god->gpo", x, layer.matrix(w).astype(np.float32))
-    new = np.einsum("gpd,god->gpo", x, layer.matrix(shared).astype(np.float32))
+    new = np.einsum("gpd,god->gpo", x_in, layer.matrix(shared).astype(np.float32))
+    if bias_delta is not None:
+        new = new + layer.output_scale() ** -1 * bias_delta.reshape(new.shape[0], 1, -1)
     return float(np.linalg.norm(new - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
-           kernel: bool, zero: bool) -> np.ndarray:
-    """Least-squares centroids: minimise ‖X·Wᵀ − X·Ŵ(c)ᵀ‖² over the calibration rows, ridge towards k-means.
+def _compressed_rows(graph: gs.Graph, ctx: Context, layer: Layer) -> np.ndarray:
+    """`layer`'s input rows on the calibration data through the graph as compressed so far, sampled at the same
+    positions as the float rows (`calibrate` samples by seed and layer name)."""
+    partial = graph.copy()
+    partial.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = to_model(partial, like=ctx.model)
+    return calibrate(model, ctx.calib, [layer], seed=ctx.seed, threads=ctx.threads)[layer.name]
 
-    Ŵ(c) is linear in the centroids: every output is Σ_k c_k · (sum of the inputs whose weight has label k), so
-    the normal equations are K×K (per-weight) or (K·k²)×(K·k²) (kernels, through the inputs' Gram matrix).
+
+def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+           x_in: np.ndarray, kernel: bool, zero: bool) -> np.ndarray:
+    """Least-squares centroids: minimise ‖X·Wᵀ − X̃·Ŵ(c)ᵀ‖² over the calibration rows, ridge towards k-means.
+
+    X are the float network's inputs of the layer, X̃ those of the network compressed so far, so the refit also
+    absorbs the error of the layers before. Ŵ(c) is linear in the centroids: every output is Σ_k c_k · (sum of
+    the inputs whose weight has label k), so the normal equations are K×K (per-weight) or (K·k²)×(K·k²)
+    (kernels, through the inputs' Gram matrices).
     """
     count, dim = centroids.shape
     wm = layer.matrix(w).astype(np.float64)                 # [G, O, D]
@@ -163,10 +181,10 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
         if inputs > MAX_GRAM_INPUTS:
             return centroids
         lab = labels.reshape(groups, outs, inputs // dim)   # kernel labels per (group, output, input channel)
-        normal, rhs = _kernel_system(wm, lab, x, count, dim)
+        normal, rhs = _kernel_system(wm, lab, x, x_in, count, dim)
     else:
         lab = layer.matrix(labels.reshape(w.shape))         # [G, O, D]
-        normal, rhs = _weight_system(wm, lab, x, count)
+        normal, rhs = _weight_system(wm, lab, x, x_in, count)
     free = np.arange(count * dim) if not zero else np.arange(dim, count * dim)  # the zero centroid stays 0
     a = normal[np.ix_(free, free)]
     b = rhs[free]
@@ -181,34 +199,36 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
     return out.reshape(count, dim)
 
 
-def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations for scalar centroids from Z[p, o, k] = Σ_{d: label[o,d]=k} X[p, d]."""
+def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations for scalar centroids from Z[p, o, k] = Σ_{d: label[o,d]=k} X̃[p, d], target X·Wᵀ."""
     normal = np.zeros((count, count))
     rhs = np.zeros(count)
     groups, outs, inputs = wm.shape
     keep = max(1, min(x.shape[1], MAX_Z // max(outs * count, 1)))
     for g in range(groups):
-        xg = x[g, :keep].astype(np.float64)
+        xg = x_in[g, :keep].astype(np.float64)
         cols = (np.arange(outs)[:, None] * count + lab[g]).ravel()          # [O·D] column of each weight
         rows = np.tile(np.arange(inputs), outs)
         select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
         z = np.asarray(xg @ select).reshape(len(xg), outs, count)
-        y = xg @ wm[g].T                                                  # [P, O]
+        y = x[g, :keep].astype(np.float64) @ wm[g].T                      # [P, O] float outputs
         normal += np.einsum("pok,pol->kl", z, z)
         rhs += np.einsum("pok,po->k", z, y)
     return normal, rhs
 
 
-def _kernel_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, count: int, dim: int
+def _kernel_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int, dim: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations for kernel centroids [K, k²] through the Gram matrix of each group's input rows."""
+    """Normal equations for kernel centroids [K, k²] through the Gram matrices X̃ᵀX̃ and X̃ᵀX of each group."""
     groups, outs, inputs = wm.shape
     channels = inputs // dim
     normal = np.zeros((count, dim, count, dim))
     rhs = np.zeros((count, dim))
     for g in range(groups):
-        xg = x[g].astype(np.float64)
+        xg = x_in[g].astype(np.float64)
         gram = xg.T @ xg                                                   # [(i,j), (m,n)]
+        cross = xg.T @ x[g].astype(np.float64)
         onehot = np.zeros((outs, channels, count))
         onehot[np.arange(outs)[:, None], np.arange(channels)[None, :], lab[g]] = 1.0
         flat = onehot.reshape(outs, channels * count)
@@ -217,7 +237,7 @@ def _kernel_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, count: int, d
         t = pairs.transpose(1, 3, 0, 2).reshape(count * count, channels * channels)
         gg = g4.transpose(0, 2, 1, 3).reshape(channels * channels, dim * dim)
         normal += (t @ gg).reshape(count, count, dim, dim).transpose(0, 2, 1, 3)
-        gw = (wm[g] @ gram).reshape(outs, channels, dim)                  # (G·W_o) per output
+        gw = (wm[g] @ cross.T).reshape(outs, channels, dim)               # (X̃ᵀX·W_o) per output
         rhs += np.einsum("oik,oij->kj", onehot, gw)
     return normal.reshape(count * dim, count * dim), rhs.ravel()
 
@@ -232,14 +252,18 @@ def _quantize_codebook(centroids: np.ndarray, bits: int) -> tuple[np.ndarray, in
     return codes, zero_point, float(np.float32(step))
 
 
-def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray) -> None:
-    """Add the mean output error (W − Ŵ)·E[x] on the calibration rows to the bias (Nagel et al., 2019)."""
+def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray,
+                  x_in: np.ndarray) -> np.ndarray | None:
+    """Add the mean output error W·E[x] − Ŵ·E[x̃] on the calibration rows to the bias (Nagel et al., 2019);
+    returns the change (None when the layer has no adjustable bias)."""
     bias = layer.bias()
     if bias is None:
-        return
-    mean = x.astype(np.float64).mean(axis=1)                                    # [G, D]
-    delta = np.einsum("god,gd->go", layer.matrix(w).astype(np.float64) - layer.matrix(shared), mean).ravel()
-    layer.set_bias(builder, bias + layer.output_scale() * delta, w.dtype)
+        return None
+    target = np.einsum("god,gd->go", layer.matrix(w).astype(np.float64), x.astype(np.float64).mean(axis=1))
+    got = np.einsum("god,gd->go", layer.matrix(shared).astype(np.float64), x_in.astype(np.float64).mean(axis=1))
+    delta = layer.output_scale() * (target - got).ravel()
+    layer.set_bias(builder, bias + delta, w.dtype)
+    return delta
 
 
 def _rebuild(builder: Builder, layer: Layer, labels: np.ndarray, centroids: np.ndarray, codes: np.ndarray | None,

@@ -19,7 +19,7 @@ solved per layer, never per sample.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from squeeze import runtime
 from squeeze.context import Context
 from squeeze.data import Dataset
-from squeeze.model import to_model
+from squeeze.model import to_graph, to_model
 
 from .channels import (Group, constant_value, infer_shapes, node_labels, set_constant_input, tensor_masks,
                        topological_order)
@@ -112,6 +112,9 @@ class _Fit:
     rng: np.random.Generator
     original: dict[str, np.ndarray]
     refit_all: bool
+    masks: dict = field(default_factory=dict)          # tensor → kept channel positions (channels.Cut)
+    full: dict[str, np.ndarray] = field(default_factory=dict)  # unpruned inputs of the layers, all channels
+    weights: dict[int, tuple] = field(default_factory=dict)    # id(node) → unpruned (weight, bias)
 
 
 def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[dict], int, int]:
@@ -119,6 +122,9 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
     data = data if data is not None else _budgeted(ctx, graph, layers)
     shift = 0 if all(data.stacked.get(k, True) for k in data.arrays) else 1
     names = sorted({layer.y for layer in layers} | {layer.x for layer in layers if layer.kind == "bn"})
+    weights = _unpruned_weights(graph, ctx.model)
+    merging = {layer.x for layer in layers if layer.kind != "bn" and layer.x in masks and id(layer.node) in weights}
+    names = sorted(set(names) | merging)
     cache = cache if cache is not None else {}
     missing = [name for name in names if name not in cache]
     if missing:
@@ -129,7 +135,8 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
         original[name] = value[:, 0] if shift else value
     n = len(data)
     holdout = (np.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if n >= 2 * HOLDOUT_EVERY else np.zeros(n, bool)
-    fit = _Fit(holdout, np.random.default_rng(ctx.seed), original, refit_all)
+    full = {name: (cache[name][:, 0] if shift else cache[name]) for name in merging}
+    fit = _Fit(holdout, np.random.default_rng(ctx.seed), original, refit_all, masks, full, weights)
     rows: list[dict] = []
     pending = list(layers)
     graph_inputs = {t.name for t in graph.inputs}
@@ -145,6 +152,78 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
             rows.append(FITTERS[layer.kind](graph, layer, x, original[layer.y], fit))
         pending = [layer for layer in pending if layer not in wave]
     return rows, n, int(holdout.sum())
+
+
+def _unpruned_weights(graph: gs.Graph, model) -> dict[int, tuple]:
+    """id(node) → (weight, bias or None) before the cut, for the Conv/Gemm/MatMul nodes of `graph`, read from the
+    unpruned model (node lists correspond one to one: the cut adds and removes no node)."""
+    original = to_graph(model)
+    if len(original.nodes) != len(graph.nodes) or any(a.op != b.op for a, b in zip(original.nodes, graph.nodes)):
+        return {}
+    out = {}
+    for node, before in zip(graph.nodes, original.nodes):
+        if node.op in ("Conv", "Gemm", "MatMul") and len(before.inputs) > 1:
+            weight = constant_value(before.inputs[1])
+            bias = constant_value(before.inputs[2]) if len(before.inputs) > 2 and before.inputs[2].name else None
+            if node.op == "MatMul" and len(before.outputs[0].outputs) == 1 and before.outputs[0].outputs[0].op == "Add":
+                add = before.outputs[0].outputs[0]
+                bias = next((constant_value(t) for t in add.inputs if t is not before.outputs[0]
+                             and constant_value(t) is not None), None)
+            if weight is not None:
+                out[id(node)] = (weight, bias)
+    return out
+
+
+def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The layer's weights with each removed input channel folded into the kept ones: on the unpruned
+    calibration activations (non-held-out samples), every removed channel is regressed on the kept channels
+    at the same position, x_r ≈ Σ_k a_kr x_k + c_r, and the layer then reads a_kr·w_r through channel k and
+    c_r·Σw_r as bias (as in Neuron Merging, Kim et al. 2020). Few unknowns, so it holds where a full refit has
+    more inputs than calibration rows. Returned in `refit` layout ([inputs, outputs], [outputs])."""
+    cut = fit.masks.get(layer.x)
+    before = fit.weights.get(id(layer.node))
+    x = fit.full.get(layer.x)
+    if cut is None or before is None or x is None or cut.keep.all():
+        return None
+    keep, gone = np.flatnonzero(cut.keep), np.flatnonzero(~cut.keep)
+    width = len(cut.keep)
+    samples = x[~fit.holdout] if (~fit.holdout).any() else x
+    feats = np.moveaxis(samples, cut.axis, -1).reshape(-1, cut.outer, width, cut.inner)
+    feats = np.moveaxis(feats, 2, -1).reshape(-1, width)
+    if len(feats) > 65536:
+        feats = feats[np.sort(fit.rng.choice(len(feats), 65536, replace=False))]
+    xk = _augment(feats[:, keep].astype(np.float32), True)
+    a = _ridge(xk)(feats[:, gone].astype(np.float64), 1e-4)  # [kept + 1, removed]
+    w, bias = before
+    w = w.astype(np.float64)
+    if kind == "conv":  # [M, C, k...]
+        rest = w.shape[2:]
+        merged = w[:, keep] + np.einsum("kr,mr...->mk...", a[:-1], w[:, gone])
+        b = (bias.astype(np.float64) if bias is not None else np.zeros(w.shape[0])) \
+            + np.einsum("r,mr->m", a[-1], w[:, gone].reshape(w.shape[0], len(gone), -1).sum(axis=2))
+        out_cut = fit.masks.get(layer.y)
+        if out_cut is not None and not out_cut.keep.all():
+            rows = out_cut.indices()
+            merged, b = merged[rows], b[rows]
+        return merged.reshape(merged.shape[0], -1).T, b
+    node = layer.node
+    if kind == "gemm":
+        trans_b = int(node.attrs.get("transB", 0))
+        w = (w.T if trans_b else w) * float(node.attrs.get("alpha", 1.0))
+        b = float(node.attrs.get("beta", 1.0)) * bias.astype(np.float64).reshape(-1) if bias is not None else None
+    else:
+        b = bias.astype(np.float64).reshape(-1) if bias is not None else None
+    n = w.shape[1]
+    blocks = w.reshape(cut.outer, width, cut.inner, n)
+    merged = blocks[:, keep] + np.einsum("kr,orin->okin", a[:-1], blocks[:, gone])
+    shift = np.einsum("r,orin->n", a[-1], blocks[:, gone])
+    b = (b if b is not None and b.size == n else np.zeros(n) if b is None else np.broadcast_to(b, (n,))) + shift
+    merged = merged.reshape(-1, n)
+    out_cut = fit.masks.get(layer.y)
+    if out_cut is not None and not out_cut.keep.all():
+        cols = out_cut.indices()
+        merged, b = merged[:, cols], b[cols]
+    return merged, b
 
 
 def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool) -> tuple[list[_Layer], list[str]]:
@@ -327,15 +406,20 @@ def _relative_loss(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np.ndarray, b0: np.ndarray | None,
-          post: PostOp, refit_all: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Choose among no change, bias correction and ridge refits toward (w0, b0) — plain, and ReLU-aware when a
-    ReLU follows — by the held-out loss after `post`; then (with `refit_all`) refit the winner on all rows.
-    x: [rows, inputs], y: [rows, outputs], w0: [inputs, outputs]; b0 None means no bias is fitted."""
+          post: PostOp, refit_all: bool = True, merged: tuple[np.ndarray, np.ndarray | None] | None = None
+          ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Choose by the held-out loss after `post` among: no change, bias correction, `merged` weights (the removed
+    channels folded into the kept ones), and ridge refits toward either — plain, and ReLU-aware when a ReLU
+    follows; then (with `refit_all`) refit the winner on all rows. x: [rows, inputs], y: [rows, outputs],
+    w0: [inputs, outputs] the cut weights; b0 None means no bias is fitted."""
     fit_bias = b0 is not None
     in_sample = xh is xt
     target_h = post(yh)
     xh = xh.astype(np.float64)
     n_in = w0.shape[0]
+
+    def stack(w, b):
+        return np.vstack([w, b[None, :]]) if fit_bias else w
 
     def split(wa):
         return wa[:n_in], (wa[n_in] if fit_bias else None)
@@ -344,25 +428,36 @@ def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np
         w, b = split(wa)
         return _relative_loss(post(xh @ w + (b if b is not None else 0.0)), target_h)
 
-    wa0 = np.vstack([w0, b0[None, :]]) if fit_bias else w0
+    priors = {"cut": stack(w0, b0)}
+    if merged is not None:
+        priors["merge"] = stack(merged[0], merged[1] if merged[1] is not None else b0)
     xat = _augment(xt, fit_bias)
     solve = _ridge(xat)
-    resid_t = yt - xat @ wa0
-    candidates = [("none", None, loss(wa0))]
+    candidates = [("cut", "none", None, loss(priors["cut"]))]
+    if "merge" in priors:
+        candidates.append(("merge", "none", None, loss(priors["merge"])))
     if fit_bias:
-        bias = wa0.copy()
-        bias[n_in] += resid_t.mean(axis=0)
-        candidates.append(("bias", None, loss(bias)))
-    plain = [(alpha, loss(wa0 + solve(resid_t, alpha))) for alpha in ALPHAS]
-    candidates += [("ls", alpha, value) for alpha, value in plain]
+        bias = priors["cut"].copy()
+        bias[n_in] += (yt - xat @ priors["cut"]).mean(axis=0)
+        candidates.append(("cut", "bias", None, loss(bias)))
+    for prior, wa0 in priors.items():
+        resid = yt - xat @ wa0
+        candidates += [(prior, "ls", alpha, loss(wa0 + solve(resid, alpha))) for alpha in ALPHAS]
     if post.floor:
-        alpha = min(plain, key=lambda c: c[1])[0]
-        candidates.append(("ls-relu", alpha, loss(_relu_fit(xat, yt, wa0, solve, alpha, post))))
-    method, alpha, best = min(candidates, key=lambda c: c[2])
-    info = {"loss_before": candidates[0][2], "loss_after": best,
+        prior, _, alpha, _ = min((c for c in candidates if c[1] == "ls"), key=lambda c: c[3])
+        candidates.append((prior, "ls-relu", alpha, loss(_relu_fit(xat, yt, priors[prior], solve, alpha, post))))
+    prior, method, alpha, best = min(candidates, key=lambda c: c[3])
+    info = {"loss_before": candidates[0][3], "loss_after": best,
             "rows": int(len(xt) + (0 if in_sample else len(xh))), "inputs": int(n_in)}
-    if best >= candidates[0][2] * (1 - 1e-4):
-        return w0, b0, {**info, "method": "none", "loss_after": candidates[0][2]}
+    if best >= candidates[0][3] * (1 - 1e-4):
+        return w0, b0, {**info, "method": "none", "loss_after": candidates[0][3]}
+    name = ("merge" if prior == "merge" else "") + ("" if method == "none" else
+                                                    ("+" if prior == "merge" else "") + method)
+    if alpha is not None:
+        name += f"(alpha={alpha:g})"
+    wa0 = priors[prior]
+    if method == "none":
+        return (*split(wa0), {**info, "method": name})
     xa, y_all = xat, yt
     if refit_all and not in_sample:
         xa, y_all = np.vstack([xat, _augment(xh, fit_bias)]), np.vstack([yt, yh])
@@ -374,8 +469,7 @@ def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np
         wa = wa0 + solve(y_all - xa @ wa0, alpha)
     else:
         wa = _relu_fit(xa, y_all, wa0, solve, alpha, post)
-    w, b = split(wa)
-    return w, b, {**info, "method": method if method == "bias" else f"{method}(alpha={alpha:g})"}
+    return (*split(wa), {**info, "method": name})
 
 
 def _relu_fit(x: np.ndarray, y: np.ndarray, wa0: np.ndarray, solve, alpha: float, post: PostOp,
@@ -446,7 +540,8 @@ def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit:
     if not len(xh):
         xh, yh = xt, yt
     w0 = w.reshape(out_ch, -1).T.astype(np.float64)
-    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all)
+    merged = _checked(_merged(layer, fit, "conv"), w0)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all, merged)
     if info["method"] != "none":
         set_constant_input(graph, node, 1, new_w.T.reshape(w.shape).astype(w.dtype))
         set_constant_input(graph, node, 2, new_b.astype(w.dtype))
@@ -500,6 +595,11 @@ def _conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, 
     return rows, target
 
 
+def _checked(merged, w0: np.ndarray):
+    """The merged prior if it has the cut weights' shape (else None: the node lists did not correspond)."""
+    return merged if merged is not None and merged[0].shape == w0.shape else None
+
+
 def _sample_rows(x: np.ndarray, y: np.ndarray, holdout: np.ndarray, n_out: int):
     """Rows of a Gemm/MatMul problem: (train x, train y, held-out x, held-out y); held-out = train if none."""
     xt = x[~holdout].reshape(-1, x.shape[-1]).astype(np.float32)
@@ -525,7 +625,10 @@ def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit:
         b0 = np.broadcast_to(beta * (c.astype(np.float64).reshape(-1) if c is not None else np.zeros(1)),
                              (n_out,)).copy()
     xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
-    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all)
+    merged = _checked(_merged(layer, fit, "gemm"), w0)
+    if b0 is None and merged is not None:
+        merged = (merged[0], None)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all, merged)
     if info["method"] != "none":
         weight = new_w / alpha
         set_constant_input(graph, node, 1, (weight.T if trans_b else weight).astype(b.dtype))
@@ -546,7 +649,10 @@ def _fit_matmul(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fi
     b0 = bias.astype(np.float64).reshape(-1) if bias is not None else None
     xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
     post = post_op(layer.bias_node.outputs[0] if layer.bias_node is not None else node.outputs[0])
-    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post, fit.refit_all)
+    merged = _checked(_merged(layer, fit, "matmul"), w0)
+    if b0 is None and merged is not None:
+        merged = (merged[0], None)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post, fit.refit_all, merged)
     if info["method"] != "none":
         set_constant_input(graph, node, 1, new_w.astype(b.dtype))
         if new_b is not None:

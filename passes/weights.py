@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -257,8 +258,11 @@ def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, row
               tensors: Iterable[str] = (), on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None
               ) -> dict[str, np.ndarray]:
     """One run over `data`: sampled input rows [groups, P, D] per layer (name) with `has_matrix`, at most
-    `rows` rows and `budget` floats per layer; `on_chunk` gets the activations of `tensors` chunk by chunk."""
-    rng = np.random.default_rng(seed)
+    `rows` rows and `budget` floats per layer; `on_chunk` gets the activations of `tensors` chunk by chunk.
+
+    A layer's rows are sampled at positions that depend only on the seed, the layer's name and the data, so a
+    later call for the same layer on a changed model sees the same positions."""
+    rngs = {l.name: np.random.default_rng([seed, zlib.crc32(l.name.encode())]) for l in layers}
     wanted = [l for l in layers if l.has_matrix]
     names = sorted({l.input.name for l in wanted} | set(tensors))
     inputs = {i.name for i in model.graph.input}
@@ -282,7 +286,7 @@ def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, row
             values = {k: v.reshape((-1,) + v.shape[2:]) if v.ndim >= 2 else v for k, v in values.items()}
         for l in wanted:
             share = -(-limit[l.name] // chunks)
-            collected[l.name].append(layer_rows(l, values[l.input.name].astype(np.float32), share, rng))
+            collected[l.name].append(layer_rows(l, values[l.input.name].astype(np.float32), share, rngs[l.name]))
         if on_chunk is not None:
             on_chunk({n: values[n] for n in tensors})
     return {k: np.concatenate(v, axis=1)[:, :limit[k]] for k, v in collected.items() if v}
@@ -369,8 +373,11 @@ class Builder:
         if bits == 8:
             return self.const(f"{name}_int8", q.astype(np.int8)), "int8"
         if onnx_int4:
-            proto = onnx.helper.make_tensor(self.fresh(f"{name}_int4"), onnx.TensorProto.INT4, list(q.shape),
-                                            q.astype(np.int8).ravel().tolist())
+            nibbles = (q.astype(np.int8).ravel() & 15).astype(np.uint8)
+            nibbles = np.concatenate([nibbles, np.zeros(nibbles.size % 2, np.uint8)])
+            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()  # ONNX order: first element in the low nibble
+            proto = onnx.helper.make_tensor(self.fresh(f"{name}_int4"), onnx.TensorProto.INT4, list(q.shape), raw,
+                                            raw=True)
             return gs.Constant(proto.name, LazyValues(proto)), "onnx INT4"
         symbols = q.astype(np.int64).ravel() + (1 << (bits - 1))
         index, _ = self.indices(symbols, bits, f"{name}_q{bits}")
@@ -408,3 +415,161 @@ def upgrade_opset(graph: gs.Graph, model: onnx.ModelProto, version: int) -> onnx
 
 def default_opset(graph: gs.Graph) -> int:
     return int(graph.opset or 13)
+
+
+# ---------------------------------------------------------------------------------------------- compressed weights
+# Other passes (prune, slim) meet weights that `codebook` or `quant` already compressed. These two functions let
+# them read such a weight and cut channels from it while it stays compressed, so the passes compose in any order.
+
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _stored_symbols(index: gs.Tensor) -> tuple[np.ndarray, int] | None:
+    """(every stored symbol, bits) behind an int64 index tensor made by `Builder.indices`."""
+    current = index
+    for _ in range(16):  # the rebuild chain is short; its first input leads to the stored constant
+        if isinstance(current, gs.Constant):
+            values = current.values
+            if values.dtype != np.uint8:
+                return None
+            if values.ndim == 2:
+                return unpack_bits(values, values.shape[1]), int(values.shape[1])
+            return values.astype(np.int64).ravel(), 8
+        if not isinstance(current, gs.Variable) or len(current.inputs) != 1 or not current.inputs[0].inputs:
+            return None
+        current = current.inputs[0].inputs[0]
+    return None
+
+
+@dataclass
+class _Codebook:
+    table: gs.Tensor          # the codebook tensor, shared by the rebuilt weight
+    values: np.ndarray        # its values, [K] or [K, k²]
+    labels: np.ndarray        # an index per weight (shape of the weight) or per kernel ([O, I])
+    bits: int
+    shape: list[int]
+
+
+@dataclass
+class _Dequantized:
+    node: gs.Node             # the DequantizeLinear
+    q: np.ndarray             # the integers, shape of the weight
+    bits: int
+    onnx_int4: bool
+    cast: gs.Node | None      # a Cast after the DequantizeLinear (fp16 models)
+
+
+def _as_codebook(tensor: gs.Tensor) -> _Codebook | None:
+    reshape = _producer(tensor, "Reshape")
+    gather = _producer(reshape.inputs[0], "Gather") if reshape is not None else None
+    if gather is None or not isinstance(reshape.inputs[1], gs.Constant) or int(gather.attrs.get("axis", 0)) != 0:
+        return None
+    shape = [int(d) for d in reshape.inputs[1].values]
+    table = gather.inputs[0]
+    if isinstance(table, gs.Constant):
+        values = table.values
+    else:  # a quantized codebook: Reshape(Mul(Sub(Cast(codes), zero point), step))
+        mul = _producer(_producer(table, "Reshape").inputs[0], "Mul") if _producer(table, "Reshape") else None
+        sub = _producer(mul.inputs[0], "Sub") if mul is not None else None
+        cast = _producer(sub.inputs[0], "Cast") if sub is not None else None
+        codes = _stored_symbols(cast.inputs[0]) if cast is not None else None
+        if codes is None or not all(isinstance(t, gs.Constant) for t in (mul.inputs[1], sub.inputs[1])):
+            return None
+        table_shape = [int(d) for d in _producer(table, "Reshape").inputs[1].values]
+        dtype = sub.inputs[1].values.dtype
+        count = int(np.prod(table_shape))
+        values = ((codes[0][:count].astype(dtype) - sub.inputs[1].values) * mul.inputs[1].values).reshape(table_shape)
+    symbols = _stored_symbols(gather.inputs[1])
+    if symbols is None:
+        return None
+    per = values.shape[1] if values.ndim == 2 else 1
+    label_shape = shape[:2] if per > 1 else shape
+    count = int(np.prod(label_shape))
+    if symbols[0].size < count or int(np.prod(shape)) != count * per:
+        return None
+    return _Codebook(table, values, symbols[0][:count].reshape(label_shape), symbols[1], shape)
+
+
+def _as_dequantized(tensor: gs.Tensor) -> _Dequantized | None:
+    cast = _producer(tensor, "Cast")
+    node = _producer(cast.inputs[0] if cast is not None else tensor, "DequantizeLinear")
+    if node is None or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    stored = node.inputs[0]
+    if isinstance(stored, gs.Constant):
+        int4 = isinstance(stored._values, LazyValues) and stored._values.tensor.data_type == onnx.TensorProto.INT4
+        q = onnx.numpy_helper.to_array(stored._values.tensor).astype(np.int8) if int4 else stored.values
+        return _Dequantized(node, q, 4 if int4 else 8 * q.dtype.itemsize, int4, cast)
+    reshape = _producer(stored, "Reshape")  # bit-packed: Reshape(Cast(Sub(index, offset)))
+    narrow = _producer(reshape.inputs[0], "Cast") if reshape is not None else None
+    sub = _producer(narrow.inputs[0], "Sub") if narrow is not None else None
+    symbols = _stored_symbols(sub.inputs[0]) if sub is not None else None
+    if symbols is None or not isinstance(sub.inputs[1], gs.Constant) or not isinstance(reshape.inputs[1], gs.Constant):
+        return None
+    shape = [int(d) for d in reshape.inputs[1].values]
+    offset = int(np.asarray(sub.inputs[1].values).ravel()[0])
+    q = (symbols[0][:int(np.prod(shape))] - offset).reshape(shape).astype(np.int8)
+    return _Dequantized(node, q, symbols[1], False, cast)
+
+
+def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The float values of a weight that `codebook` or `quant` rebuilds in the graph; None for anything else."""
+    book = _as_codebook(tensor)
+    if book is not None:
+        return book.values[book.labels].reshape(book.shape)
+    deq = _as_dequantized(tensor)
+    if deq is None:
+        return None
+    node = deq.node
+    scale = node.inputs[1].values.astype(np.float32)
+    zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
+    if scale.size > 1:
+        axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
+        shape = [1] * deq.q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), np.asarray(zero).reshape(shape)
+    values = ((deq.q.astype(np.int64) - np.asarray(zero, np.int64)).astype(np.float32) * scale).astype(np.float32)
+    if deq.cast is not None:
+        values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(deq.cast.attrs["to"]))
+    return values
+
+
+def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray, axis: int) -> bool:
+    """Keep only `keep` along `axis` of `node.inputs[index]` when it is a weight that `codebook` or `quant`
+    rebuilds, staying compressed (indices or integers are cut, the codebook is kept); False otherwise."""
+    tensor = node.inputs[index]
+    keep = np.asarray(keep, np.int64)
+    builder = Builder(graph)
+    book = _as_codebook(tensor)
+    if book is not None:
+        if axis >= book.labels.ndim:
+            return False  # a spatial axis of kernels shared whole
+        labels = np.take(book.labels, keep, axis=axis)
+        shape = list(book.shape)
+        shape[axis] = len(keep)
+        index_t, _ = builder.indices(labels.ravel(), book.bits, f"{tensor.name}_cut_index")
+        gathered = builder.op("Gather", [book.table, index_t], f"{tensor.name}_cut_gathered", None, None, axis=0)
+        node.inputs[index] = builder.reshape(gathered, shape, f"{tensor.name}_cut", book.values.dtype)
+        return True
+    deq = _as_dequantized(tensor)
+    if deq is None:
+        return False
+    old = deq.node
+    q = np.take(deq.q, keep, axis=axis)
+    if deq.q.dtype == np.int8:  # int8 constant, ONNX INT4, or bit-packed: stored the same way again
+        stored, _ = builder.integers(q, deq.bits, f"{tensor.name}_cut", deq.onnx_int4)
+    else:                       # int32 biases, uint8 weights of other quantizers: a plain constant
+        stored = builder.const(f"{tensor.name}_cut_q", q)
+    params = [t for t in old.inputs[1:] if t.name]
+    if params[0].values.size > 1 and int(old.attrs.get("axis", 1)) % deq.q.ndim == axis:
+        params = [builder.const(f"{t.name}_cut", np.take(t.values, keep)) for t in params]
+    out = builder.op("DequantizeLinear", [stored] + params, f"{tensor.name}_cut", old.outputs[0].dtype,
+                     list(q.shape), **dict(old.attrs))
+    if deq.cast is not None:
+        out = builder.op("Cast", [out], f"{tensor.name}_cut_cast", deq.cast.outputs[0].dtype, list(q.shape),
+                         **dict(deq.cast.attrs))
+    node.inputs[index] = out
+    return True

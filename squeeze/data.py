@@ -118,7 +118,8 @@ class Dataset:
     stacked: dict[str, bool] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        # A model without inputs has exactly one possible sample: the empty feed.
+        return len(next(iter(self.arrays.values()))) if self.arrays else 1
 
     def sample_shape(self, spec: InputSpec) -> tuple[int, ...]:
         arr = self.arrays[spec.name]
@@ -132,7 +133,7 @@ class Dataset:
         """The first `count` samples, each as a single-sample feed (batch 1 where the model has a batch axis)."""
         feeds = []
         for i in range(min(count, len(self))):
-            feeds.append({k: (v[i:i + 1] if self.stacked.get(k, True) else v[i]) for k, v in self.arrays.items()})
+            feeds.append({k: (v[i:i + 1] if self.stacked.get(k, True) else np.asarray(v[i])) for k, v in self.arrays.items()})
         return feeds
 
     def batches(self, specs: list[InputSpec], max_batch: int = 64) -> Iterator[dict[str, np.ndarray]]:
@@ -144,7 +145,8 @@ class Dataset:
             feed = {}
             for spec in specs:
                 arr = self.arrays[spec.name]
-                feed[spec.name] = arr[start:start + step] if self.stacked.get(spec.name, True) else arr[start]
+                # np.asarray: a rank-0 input's sample is a numpy scalar, which ONNX Runtime does not take
+                feed[spec.name] = arr[start:start + step] if self.stacked.get(spec.name, True) else np.asarray(arr[start])
             yield feed
 
 

@@ -164,6 +164,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.doc_string = like.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
+    _keep_subgraphs(model, like)
     if model.ir_version < 4:
         # IR < 4 requires every initializer to be listed among the graph inputs too.
         listed = {i.name for i in model.graph.input}
@@ -171,6 +172,51 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
             if init.name not in listed:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return model
+
+
+def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The main graph's control-flow nodes: those that carry subgraphs (If, Loop, Scan, ...)."""
+    return [n for n in model.graph.node
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+
+
+def _keep_subgraphs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Put back the subgraphs of control-flow nodes as they were in `like`; passes do not rewrite subgraphs.
+
+    graphsurgeon's export copies every outer-scope constant a subgraph reads into that subgraph (a weight read
+    by both branches of an If is stored twice) and rewrites its value_info. Each control-flow node that is still
+    there (same name and op) gets its original subgraphs back, and the outer-scope constants they read go back
+    to the main graph.
+    """
+    before = {}
+    for node in subgraph_nodes(like):
+        before.setdefault((node.name, node.op_type, node.domain), []).append(node)
+    local = {t.name for node in subgraph_nodes(like) for g in _subgraphs(node) for t in _all_initializers(g)}
+    main = {t.name for t in model.graph.initializer}
+    for node in subgraph_nodes(model):
+        same = before.get((node.name, node.op_type, node.domain), [])
+        if len(same) != 1 or not node.name:
+            continue
+        hoisted = [t for g in _subgraphs(node) for t in _all_initializers(g) if t.name not in local]
+        del node.attribute[:]
+        node.attribute.extend(same[0].attribute)
+        for tensor in hoisted:
+            if tensor.name not in main:
+                main.add(tensor.name)
+                model.graph.initializer.append(tensor)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Initializers of `graph` and of the subgraphs nested in it."""
+    found = list(graph.initializer)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            found += _all_initializers(sub)
+    return found
 
 
 def _min_ir_for(model: onnx.ModelProto) -> int:

@@ -46,7 +46,9 @@ STREAM_FIXED, STREAM_HUFFMAN, STREAM_SPARSE = 0, 1, 2
 
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
            TensorProto.BFLOAT16: np.uint16}
-_BYTES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+_BYTES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8,
+          TensorProto.INT4: np.uint8, TensorProto.UINT4: np.uint8}  # 4-bit: two per byte, raw_data only
+_NIBBLES = (TensorProto.INT4, TensorProto.UINT4)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -448,6 +450,12 @@ def _dtype_of(tensor: TensorProto) -> np.dtype | None:
     return np.dtype(np_type) if np_type is not None else None
 
 
+def _stored_count(tensor: TensorProto) -> int:
+    """Elements of the stored array: the tensor's elements, or its bytes for 4-bit types."""
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    return (count + 1) // 2 if tensor.data_type in _NIBBLES else count
+
+
 def _tensors(model: onnx.ModelProto):
     """(location, index, graph name, tensor) for the main graph's initializers and Constant node values."""
     for i, t in enumerate(model.graph.initializer):
@@ -487,11 +495,13 @@ def _array(tensor: TensorProto, dtype: np.dtype) -> tuple[np.ndarray, int] | Non
     """(flat array, storage) of a tensor stored in memory; None when it lives in external data."""
     if tensor.data_location == TensorProto.EXTERNAL:
         return None
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    count = _stored_count(tensor)
     if tensor.HasField("raw_data"):
         if len(tensor.raw_data) != count * dtype.itemsize:
             return None
         return np.frombuffer(tensor.raw_data, dtype).copy(), 0
+    if tensor.data_type in _NIBBLES:
+        return None
     name = {TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data"}.get(tensor.data_type, "int32_data")
     values = list(getattr(tensor, name))
     if len(values) != count:
@@ -561,8 +571,7 @@ def unpack(data: bytes) -> onnx.ModelProto:
         dtype = _dtype_of(tensor) if tensor is not None else None
         if dtype is None:
             raise PackError("corrupt container: a record points at no weight tensor")
-        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-        _restore(tensor, _decode_payload(payload, dtype, count), storage)
+        _restore(tensor, _decode_payload(payload, dtype, _stored_count(tensor)), storage)
     if reader.pos != len(data):
         raise PackError("corrupt container: trailing bytes")
     return model

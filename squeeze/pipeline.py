@@ -17,7 +17,7 @@ from . import metrics, pack, runtime, verify
 from .context import Context
 from .data import Dataset
 from .errors import PassError, SqueezeError
-from .model import serialized_bytes, to_graph, to_model
+from .model import serialized_bytes, subgraph_nodes, to_graph, to_model
 from .spec import Call
 
 
@@ -62,6 +62,11 @@ def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, cal
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     candidate = to_model(graph, like=current)
     verify.check_structure(candidate)
+    before = {n.name: list(n.attribute) for n in subgraph_nodes(current)}
+    kept = [f"{n.op_type} {n.name!r}" for n in subgraph_nodes(candidate) if before.get(n.name) == list(n.attribute)]
+    if kept:
+        ctx.note(f"left {len(kept)} control-flow node(s) and their subgraphs as they were (passes do not rewrite "
+                 f"subgraphs): {', '.join(kept[:10])}{' ...' if len(kept) > 10 else ''}")
     return candidate, ctx
 
 

@@ -35,14 +35,15 @@ def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray])
             per_output[name] = {"shape_mismatch": [list(ref.shape), list(new.shape)]}
             continue
         ref64, new64 = ref.astype(np.float64), new.astype(np.float64)
-        diff = np.abs(ref64 - new64)
-        finite = np.isfinite(diff)
-        scale = float(np.max(np.abs(ref64[np.isfinite(ref64)]), initial=0.0))
-        entry = {
-            "max_abs": float(diff[finite].max(initial=0.0)),
-            "rel_l2": float(np.linalg.norm((ref64 - new64)[finite]) / max(np.linalg.norm(ref64[finite]), 1e-30)),
-            "scale": scale,
-        }
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: counted below as non-finite, not warned
+            diff = np.abs(ref64 - new64)
+            finite = np.isfinite(diff)
+            scale = float(np.max(np.abs(ref64[np.isfinite(ref64)]), initial=0.0))
+            entry = {
+                "max_abs": float(diff[finite].max(initial=0.0)),
+                "rel_l2": float(np.linalg.norm((ref64 - new64)[finite]) / max(np.linalg.norm(ref64[finite]), 1e-30)),
+                "scale": scale,
+            }
         entry["max_abs_rel"] = entry["max_abs"] / scale if scale > 0 else entry["max_abs"]
         if not finite.all():
             entry["non_finite"] = int((~finite).sum())

@@ -69,11 +69,12 @@ class Task:
         return (self.default_us or 0.0) * self.weight
 
 
-def _light_tensor_intrin() -> None:
-    """Stand in for `tvm.s_tir.tensor_intrin` with its CPU half only.
+def _light_tensor_intrin(arch: str = "x86") -> None:
+    """Stand in for `tvm.s_tir.tensor_intrin` with the intrinsics of one CPU family only (`x86`, `arm_cpu`).
 
-    MetaSchedule imports that package in every TuneContext and builder process; its CUDA, ROCm and Hexagon
-    intrinsics are TVMScript parsed at import and take 30-60 s here. CPU tuning needs the x86 and ARM ones.
+    MetaSchedule imports that package in every TuneContext; its CUDA, ROCm, Hexagon and ARM intrinsics are
+    TVMScript parsed at import and take 30-100 s on a busy 2-core machine. CPU tuning needs its own family's
+    (x86: the VNNI dot product MetaSchedule's x86 rules look up by name).
     """
     import importlib  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -86,8 +87,7 @@ def _light_tensor_intrin() -> None:
     shell.__path__ = list(spec.submodule_search_locations)
     shell.__spec__ = spec
     sys.modules[name] = shell
-    for sub in ("x86", "arm_cpu"):
-        importlib.import_module(f"{name}.{sub}")
+    importlib.import_module(f"{name}.{arch}")
 
 
 def _build(mod, target, _params):
@@ -119,7 +119,8 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
         except ImportError:
             raise TargetError(f"--tune needs the Python package {module!r}: pip install "
                               f"{'xgboost-cpu' if module == 'xgboost' else module}") from None
-    _light_tensor_intrin()
+    triple = str(target.attrs.get("mtriple", "") or "")
+    _light_tensor_intrin("arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86")
     database = open_database(database_dir(cache, target, threads))
     import tvm  # noqa: PLC0415
     target = tvm.target.Target({**target.export(), "num-cores": threads})  # MetaSchedule requires it
@@ -132,8 +133,8 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
     builder = ms.builder.LocalBuilder(max_workers=1, f_build=_build, timeout_sec=120)
     runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3,
                                                                              min_repeat_ms=20))
-    for task in tasks:
-        task.done, task.default_us = _seed(database, task, target, builder, runner)
+    with tvm_build.keep_affinity():
+        _seed(database, tasks, target, builder, runner)
     plan_budget(tasks, trials)
     todo = [t for t in tasks if t.budget > t.done]
     say(f"tuning {len(todo)} of {len(tasks)} functions, {sum(t.budget - t.done for t in todo)} trials "
@@ -143,8 +144,8 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
             remaining = task.budget - task.done
             say(f"tuning {task.name} ({i + 1}/{len(todo)}): {remaining} trials")
             context = ms.TuneContext(mod=task.workload_mod, target=target, space_generator="post-order-apply",
-                                     search_strategy="evolutionary", task_name=task.name,
-                                     rand_state=seed + i, num_threads=1)
+                                     search_strategy=_search(remaining), task_name=task.name,
+                                     rand_state=seed + i, num_threads=max(1, os.cpu_count() or 1))
             with tvm_build.keep_affinity():
                 ms.tune_tasks(tasks=[context], task_weights=[float(task.weight)], work_dir=work_dir,
                               max_trials_global=remaining, num_trials_per_iter=min(TRIALS_PER_ITER, remaining),
@@ -153,32 +154,74 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
     return database
 
 
-def plan_budget(tasks: list[Task], trials: int) -> None:
-    """Give each task trials in proportion to its share of the latency; drop shares under MIN_TRIALS."""
-    total = sum(t.share_us for t in tasks) or 1.0
-    for task in tasks:
-        share = trials * task.share_us / total
-        task.budget = int(math.floor(share)) if share >= MIN_TRIALS else 0
-
-
-def _seed(database, task: Task, target, builder, runner) -> tuple[int, float | None]:
-    """Commit the default schedule of `task` as a measured record (once); return (records, default µs)."""
+def _search(trials: int):
+    """Evolutionary search sized to the budget: MetaSchedule's defaults (population 512, 4 generations) spend
+    about a minute per round on a 2-core machine, more than measuring a handful of candidates takes."""
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
-    workload = database.commit_workload(task.workload_mod)
-    records = database.get_top_k(workload, 1 << 20)
-    for record in records:  # the seed record carries the mark below in its trace's first instruction
-        if _is_default(record):
-            return len(records), _us(record)
-    schedule = _default_schedule(task.workload_mod, target)
-    if schedule is None:
-        return len(records), (_us(records[0]) if records else None)
-    seconds = _measure(schedule.mod, target, builder, runner)
-    if seconds is None:
-        return len(records), None
-    database.commit_tuning_record(ms.database.TuningRecord(
-        schedule.trace, workload, run_secs=[seconds], target=target,
-        args_info=ms.arg_info.ArgInfo.from_prim_func(task.workload_mod["main"])))
-    return len(records) + 1, seconds * 1e6
+    population = int(min(512, max(64, 8 * trials)))
+    return ms.search_strategy.EvolutionarySearch(population_size=population, init_min_unmeasured=min(50, population // 2),
+                                                 genetic_num_iters=4 if trials >= 64 else 2)
+
+
+def plan_budget(tasks: list[Task], trials: int) -> None:
+    """Trials in proportion to each task's share of the latency.
+
+    Tasks whose share would be under MIN_TRIALS get none and their trials go to the others (all to the
+    slowest task when no share reaches MIN_TRIALS).
+    """
+    total = sum(t.share_us for t in tasks)
+    for task in tasks:
+        task.budget = 0
+    if total <= 0 or trials <= 0:
+        return
+    kept = [t for t in tasks if trials * t.share_us / total >= MIN_TRIALS]
+    if not kept:
+        kept = [max(tasks, key=lambda t: t.share_us)]
+    kept_total = sum(t.share_us for t in kept)
+    for task in kept:
+        task.budget = int(trials * task.share_us / kept_total)
+
+
+def _seed(database, tasks: list[Task], target, builder, runner) -> None:
+    """Commit each task's default schedule as a measured record (once); set `done` and `default_us`.
+
+    All the new default schedules are built in one builder call and timed in one runner call (each builder
+    call starts fresh worker processes).
+    """
+    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
+    pending = []
+    for task in tasks:
+        workload = database.commit_workload(task.workload_mod)
+        records = database.get_top_k(workload, 1 << 20)
+        task.done = len(records)
+        seed = next((r for r in records if _is_default(r)), None)
+        if seed is not None:
+            task.default_us = _us(seed)
+            continue
+        schedule = _default_schedule(task.workload_mod, target)
+        if schedule is None:  # no rule: rank by the best record there is, if any
+            task.default_us = _us(records[0]) if records else None
+            continue
+        pending.append((task, workload, schedule))
+    if not pending:
+        return
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in pending])
+    inputs, kept = [], []
+    for (task, workload, sch), result in zip(pending, built):
+        if result.error_msg is None:
+            inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu",
+                                                ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
+            kept.append((task, workload, sch))
+    for (task, workload, sch), future in zip(kept, runner.run(inputs)):
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        seconds = min(float(s) for s in result.run_secs)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs=[seconds], target=target,
+            args_info=ms.arg_info.ArgInfo.from_prim_func(task.workload_mod["main"])))
+        task.done += 1
+        task.default_us = seconds * 1e6
 
 
 def _default_schedule(workload_mod, target):
@@ -208,16 +251,3 @@ def _is_default(record) -> bool:
 def _us(record) -> float | None:
     secs = [float(s) for s in record.run_secs]
     return min(secs) * 1e6 if secs else None
-
-
-def _measure(mod, target, builder, runner) -> float | None:
-    """Seconds one call of the scheduled `mod` takes, measured by MetaSchedule's builder and runner."""
-    from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
-    built = builder.build([ms.builder.BuilderInput(mod, target)])[0]
-    if built.error_msg:
-        return None
-    args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-    result = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])[0].result()
-    if result.error_msg or not result.run_secs:
-        return None
-    return min(float(s) for s in result.run_secs)

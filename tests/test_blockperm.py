@@ -368,3 +368,20 @@ def test_corpus_models_compile_with_tvm(corpus, name, tmp_path):
     assert result.ok, result.failure
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["targets"][0]["numeric_check"]["ok"]
+
+
+def test_matmul_on_a_sequence_keeps_its_leading_axes():
+    """
+    x[2,3,12] ─ MatMul 12→8 (+ bias Add) ─ Relu ─ MatMul 8→4 ─ y[2,3,4]     (token-wise dense layers)
+    """
+    g = graphs.Builder(3)
+    rng = np.random.default_rng(2)
+    h = g.node("MatMul", ["x", g.tensor("L.w", np.ascontiguousarray(hidden_blocks(8, 12, 4, rng).T))], "L")
+    h = g.node("Relu", [g.node("Add", [h, g.weight("L.b", 8, scale=0.1)], "L_bias")], "relu")
+    g.node("MatMul", [h, g.weight("head.w", 8, 4)], "y")
+    model = g.model({"x": [2, 3, 12]}, "y")
+    out, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L], search=1)")
+    r = row(step)
+    assert r["kept_energy"] == pytest.approx(1.0, abs=1e-9) and r["macs_before"] == 2 * 3 * 8 * 12
+    assert r["runtime_gather"] and r["folded"] == ["output"]
+    assert graphs.max_rel_error(model, out, graphs.random_inputs(model, count=3, seed=3)) <= TOLERANCE
