@@ -2,7 +2,7 @@
 
 A layer's weight becomes block-diagonal after its rows and columns are permuted; the blocks keep the energy
 E = Σ_g Σ_{i∈R_g, j∈C_g} S_ij of a non-negative score S (w², or w²·E[x²] with calibration data), and the search
-maximises it (MPDCompress, Mirzadeh et al. 2023, trains with such a fixed mask; here it is chosen after training).
+maximises it (MPDCompress, Supic et al. 2018, trains with such a fixed mask; here it is chosen after training).
 
 Several layers can share one partition: when a permutation is folded into the neighbours, every block layer that
 reads or writes the same channel group must see the same clusters in the same order (block g of every layer reads

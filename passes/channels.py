@@ -333,7 +333,8 @@ class _Analysis:
             self.set_layout(tensor, Layout(axis, (Segment(self.new_space(size, reason), 0, size),)))
 
     def couple(self, a: Layout, b: Layout, where: str) -> bool:
-        """Join two layouts that must keep the same channels (both sides of an Add); False (and block) if not aligned."""
+        """Join two layouts that must keep the same channels (both sides of an Add); False (and block) if they
+        are not aligned."""
         if a.segments == b.segments:
             return True
         aligned = (len(a.segments) == len(b.segments) and a.inner == b.inner and a.outer == b.outer and all(

@@ -606,7 +606,8 @@ def _sample_rows(x: np.ndarray, y: np.ndarray, holdout: np.ndarray, n_out: int):
     yt = y[~holdout].reshape(-1, n_out).astype(np.float64)
     if not holdout.any():
         return xt, yt, xt, yt
-    return xt, yt, x[holdout].reshape(-1, x.shape[-1]).astype(np.float32), y[holdout].reshape(-1, n_out).astype(np.float64)
+    xh = x[holdout].reshape(-1, x.shape[-1]).astype(np.float32)
+    return xt, yt, xh, y[holdout].reshape(-1, n_out).astype(np.float64)
 
 
 def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:

@@ -14,7 +14,7 @@ Compensation (`compensate.py`) then refits the layers that read the cut channels
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
 
 import numpy as np
@@ -27,8 +27,8 @@ from squeeze.model import to_graph, to_model
 from squeeze.registry import Range, register_pass
 
 from . import compensate as compensation
-from .channels import (Group, Member, apply_plan, channel_groups, constant_value, note_unprunable, plan_removal,
-                       round_keep, summarize_plan)
+from .channels import (Group, Member, apply_plan, channel_groups, constant_value, infer_shapes, note_unprunable,
+                       plan_removal, round_keep, summarize_plan)
 
 Importance = Callable[[Group], np.ndarray]
 
@@ -118,7 +118,10 @@ def activation_importance(groups: list[Group], ctx: Context, max_samples: int = 
         slots = list({m.slot.tensor: m.slot for m in g.consumers}.values()) or g.slots[:1]
         wanted[g] = slots
         names.extend(s.tensor for s in slots)
-    data = ctx.calib.subset(0, min(len(ctx.calib), max_samples))
+    shapes = infer_shapes(to_graph(ctx.model), ctx.input_shapes)
+    per_sample = sum(4 * int(np.prod([d or 1 for d in shapes.get(n, (1,))])) for n in set(names))
+    count = max(8, min(max_samples, compensation.MEMORY_BUDGET // max(per_sample, 1)))
+    data = ctx.calib.subset(0, min(len(ctx.calib), count))
     values = runtime.activations(ctx.model, data, sorted(set(names)), threads=ctx.threads)
     shift = 0 if all(data.stacked.get(k, True) for k in data.arrays) else 1
 
@@ -138,7 +141,9 @@ def activation_importance(groups: list[Group], ctx: Context, max_samples: int = 
 #: Fractions of a group removed when measuring its sensitivity, and the calibration samples used.
 SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
 SENSITIVITY_SAMPLES = 256
-SENSITIVITY_DOWNSTREAM = True
+#: Sensitivity runs refit every later layer too (as the pass does) when the model has at most this many
+#: Conv/Gemm/MatMul layers; beyond that only the readers of the cut group, to bound the time.
+SENSITIVITY_DOWNSTREAM_LAYERS = 16
 
 
 def output_loss(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
@@ -165,7 +170,7 @@ def _distribution(scores: np.ndarray) -> np.ndarray:
 
 
 def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np.ndarray], multiple: int,
-                       compensate: bool) -> dict[Group, np.ndarray]:
+                       compensate: bool, curves: dict | None = None) -> dict[Group, np.ndarray]:
     """Per channel: the measured rise of the output loss per MAC saved when its group alone loses channels in
     score order (each group cut at SENSITIVITY_LEVELS, compensated like the pass, measured on held-out
     calibration samples), so that one global ranking spends the pruning where it hurts least per MAC."""
@@ -178,6 +183,8 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
     reference = runtime.run(ctx.model, measured, threads=ctx.threads)
     cache: dict = {}
     result = {}
+    linear = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in ctx.model.graph.node)
+    downstream = linear <= SENSITIVITY_DOWNSTREAM_LAYERS
     for group in groups:
         order = np.argsort(np.asarray(scores[group], dtype=np.float64), kind="stable")  # removal order
         points = [(0, 0.0)]
@@ -190,11 +197,13 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
             plan = {twin: np.sort(order[removed:])}
             apply_plan(graph, plan)
             if compensate:
-                compensation.compensate(graph, ctx, plan, downstream=SENSITIVITY_DOWNSTREAM, data=data, refit_all=False, cache=cache,
-                                        notes=False)
+                compensation.compensate(graph, ctx, plan, downstream=downstream, data=data, refit_all=False,
+                                        cache=cache, notes=False)
             out = runtime.run(to_model(graph, like=ctx.model), measured, threads=ctx.threads)
             points.append((removed, output_loss(reference, out)))
         result[group] = _marginal_per_mac(group, order, points)
+        if curves is not None:
+            curves[group] = points
     return result
 
 
@@ -231,7 +240,8 @@ def prune(graph: gs.Graph, ctx: Context, *,
           ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
                            "fraction of the channels of the prunable groups to remove"] = 0.3,
           criterion: Annotated[Literal["l1", "l2", "fpgm", "activation"],
-                               "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|"] = "l1",
+                               "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|"
+                               ] = "l1",
           scope: Annotated[Literal["global", "layer", "sensitivity"],
                            "layer: every group loses `ratio`; global: the lowest-ranked channels overall (scores "
                            "divided by their group's mean); sensitivity: overall, by measured output loss per MAC "
@@ -252,6 +262,10 @@ def prune(graph: gs.Graph, ctx: Context, *,
     plan = ranking.plan(ratio)
     ctx.details["criterion"], ctx.details["scope"] = criterion, scope
     ctx.details["groups"] = summarize_plan(ctx, ranking.groups, plan, ranking.scores, ratio, scope, multiple)
+    if ranking.curves:
+        ctx.details["sensitivity"] = [{"group": g.index, "name": g.name, "macs_per_channel": g.macs_removed(1),
+                                       "loss": [[int(k), float(v)] for k, v in points]}
+                                      for g, points in ranking.curves.items()]
     if not plan:
         ctx.note(f"ratio={ratio:g} removes no channel after rounding to multiples of {multiple}")
         return
@@ -271,6 +285,7 @@ class Ranking:
     scope: str
     multiple: int
     normalize: bool = True
+    curves: dict = field(default_factory=dict)  # sensitivity: group → [(channels removed, output loss)]
 
     def plan(self, ratio: float) -> dict[Group, np.ndarray]:
         return plan_removal(self.keys, ratio, self.scope, self.multiple, normalize=self.normalize)
@@ -286,8 +301,9 @@ def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: s
     importance = importance_for(criterion, candidates, ctx)
     scores = {g: importance(g) for g in candidates}
     if scope == "sensitivity":
-        return Ranking(candidates, scores, sensitivity_scores(ctx, candidates, scores, multiple, compensate),
-                       "global", multiple, normalize=False)
+        curves: dict = {}
+        keys = sensitivity_scores(ctx, candidates, scores, multiple, compensate, curves)
+        return Ranking(candidates, scores, keys, "global", multiple, normalize=False, curves=curves)
     return Ranking(candidates, scores, scores, scope, multiple)
 
 

@@ -214,13 +214,13 @@ def _ort_latency(original, final, feed, threads, runs, compressed) -> dict:
 def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_latency, compressed, threads,
                 say, runner=None) -> dict:
     row: dict[str, Any] = {"name": call.name, "spec": str(call)}
-    target = call.entry.obj(**call.params)
-    target.runner = runner
-    missing = target.missing()
-    if missing:
-        row["error"] = missing
-        return row
     try:
+        target = call.entry.obj(**call.params)
+        target.runner = runner
+        missing = target.missing()
+        if missing:
+            row["error"] = missing
+            return row
         from squeeze.targets import tvm_build  # noqa: PLC0415
         tvm_build.set_threads(threads)
         workdir = out

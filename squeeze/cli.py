@@ -19,6 +19,9 @@ SUBCOMMANDS = ("passes", "targets", "report", "compare", "doctor", "pack", "unpa
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # numpy's NaN/Inf RuntimeWarnings and the like: the report records them; stderr is for errors
+        import warnings  # noqa: PLC0415
+        warnings.simplefilter("ignore")
     _interrupt_on_sigterm()
     try:
         if argv and argv[0] in SUBCOMMANDS:

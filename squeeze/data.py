@@ -51,7 +51,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims.append(d.dim_param)
             else:
                 dims.append(None)
-        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)), tuple(dims)))
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"input {value.name!r} has element type {ttype.elem_type}, which has no numpy "
+                            "equivalent; squeeze cannot feed it") from None
+        specs.append(InputSpec(value.name, dtype, tuple(dims)))
     return specs
 
 
@@ -155,10 +160,13 @@ def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[i
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    # np.load takes anything: a .npy array, or a pickle (refused with allow_pickle=False, in words about pickles).
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive; write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             raw = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except Exception as exc:  # corrupt members raise zlib.error, BadZipFile, ValueError, EOFError, SyntaxError ...
         raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     labels = raw.pop("labels", None)
     names = [s.name for s in specs]
@@ -196,6 +204,8 @@ def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[i
                             f"expects {_fmt(want or spec.shape)}")
         if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
             raise DataError(f"{path}: array {spec.name!r} has non-numeric dtype {arr.dtype}")
+        if arr.dtype.kind == "c":
+            raise DataError(f"{path}: array {spec.name!r} has complex dtype {arr.dtype}; give real numbers")
         arrays[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
         if count is not None and len(arr) != count:
             raise DataError(f"{path}: arrays have different sample counts ({count} vs {len(arr)} for {spec.name!r})")

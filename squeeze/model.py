@@ -62,12 +62,17 @@ def _check_external_data_locations(model: onnx.ModelProto, base: Path) -> None:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
+        if any(ord(c) < 32 for c in location):
+            raise ModelLoadError(f"tensor {tensor.name!r}: external data location {location!r} holds control "
+                                 "characters; refusing to read it")
         where = Path(location)
         if not location or where.is_absolute() or ".." in where.parts:
             raise ModelLoadError(f"tensor {tensor.name!r}: external data location {location!r} is outside the model's folder; refusing to read it")
         full = base / where
         if full.is_symlink() or any(p.is_symlink() for p in full.parents if base in p.parents or p == base):
             raise ModelLoadError(f"tensor {tensor.name!r}: external data {location!r} is a symbolic link; refusing to read it")
+        if full.exists() and not full.is_file():
+            raise ModelLoadError(f"tensor {tensor.name!r}: external data {location!r} is not a regular file; refusing to read it")
         if full.exists() and full.stat().st_nlink > 1:
             raise ModelLoadError(f"tensor {tensor.name!r}: external data {location!r} is a hard link; refusing to read it")
         if not full.resolve().is_relative_to(base):

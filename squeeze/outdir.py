@@ -8,6 +8,7 @@ run into the same folder while one is going is refused (an advisory `flock` on `
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import OutputError
 LOCK_NAME = ".squeeze.lock"
 STAGING_PREFIX = ".squeeze-staging-"
 OWN_MARKERS = ("report.json",)
+STALE_UNLESS_WRITTEN = ("model.onnx.data",)
 
 
 def check(out: Path, force: bool = False) -> None:
@@ -27,9 +29,21 @@ def check(out: Path, force: bool = False) -> None:
         raise OutputError(f"{out}: exists and is not a directory")
     if out.is_dir() and not force:
         entries = [p for p in out.iterdir() if p.name != LOCK_NAME and not p.name.startswith(STAGING_PREFIX)]
-        if entries and not any((out / m).is_file() for m in OWN_MARKERS):
+        if entries and not _holds_squeeze_report(out):
             raise OutputError(f"{out}: directory is not empty and holds no squeeze report; "
                               "choose another -o or pass --force")
+
+
+def _holds_squeeze_report(out: Path) -> bool:
+    """True if `out` has a report.json that squeeze wrote (not just any file of that name)."""
+    report = out / OWN_MARKERS[0]
+    try:
+        if report.is_symlink() or not report.is_file() or report.stat().st_size > 64 * 2**20:
+            return False
+        data = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "squeeze_version" in data and "schema" in data
 
 
 class OutputDir:
@@ -41,9 +55,11 @@ class OutputDir:
         self.staging: Path | None = None
         self._lock_fd: int | None = None
         self.committed: list[Path] = []
+        self.had_report = False
 
     def __enter__(self) -> "OutputDir":
         check(self.path, self.force)
+        self.had_report = self.path.is_dir() and _holds_squeeze_report(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.path / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
@@ -57,27 +73,45 @@ class OutputDir:
             raise OutputError(f"{self.path}: another squeeze run is writing to this folder; wait for it or use "
                               "another -o") from None
         for stale in self.path.glob(STAGING_PREFIX + "*"):  # left by a run that was killed outright
-            shutil.rmtree(stale, ignore_errors=True)
-        self.staging = self.path / f"{STAGING_PREFIX}{os.getpid()}"
-        self.staging.mkdir()
+            if stale.is_symlink() or not stale.is_dir():
+                stale.unlink(missing_ok=True)  # never follow a link someone put here
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = self.path / f"{STAGING_PREFIX}{os.getpid()}"
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            self.__exit__(None, None, None)  # releases the lock
+            raise OutputError(f"{self.path}: cannot create the staging folder ({exc.strerror or exc})") from None
+        self.staging = staging
         return self
 
     def commit(self) -> list[Path]:
-        """Move every staged file into the folder (atomic rename each), never through a symlink."""
+        """Move every staged file into the folder (atomic rename each), never through a symlink.
+
+        Every destination is checked before the first file moves, so a refused commit leaves the previous
+        outputs as they were rather than half replaced.
+        """
         assert self.staging is not None
-        moved = []
-        for item in sorted(self.staging.rglob("*")):
-            if item.is_dir():
-                continue
+        items = [p for p in sorted(self.staging.rglob("*")) if not p.is_dir()]
+        for item in items:
             rel = item.relative_to(self.staging)
-            dest = self.path / rel
-            if dest.is_symlink():
-                raise OutputError(f"{dest}: is a symbolic link; refusing to write through it")
+            for depth in range(1, len(rel.parts) + 1):  # the file and every folder on the way to it
+                dest = self.path.joinpath(*rel.parts[:depth])
+                if dest.is_symlink():
+                    raise OutputError(f"{dest}: is a symbolic link; refusing to write through it")
+        moved = []
+        for item in items:
+            dest = self.path / item.relative_to(self.staging)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if not dest.parent.resolve().is_relative_to(self.path.resolve()):
                 raise OutputError(f"{dest}: would be written outside {self.path}")
             os.replace(item, dest)
             moved.append(dest)
+        for name in STALE_UNLESS_WRITTEN if self.had_report else ():  # an earlier run's external data must not
+            old = self.path / name                                       # sit beside the new model
+            if old not in moved and (old.is_file() or old.is_symlink()):
+                old.unlink()
         self.committed = moved
         return moved
 

@@ -105,7 +105,7 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
                     step["params"] = backoff["params"]
             out = runtime.run(candidate, calib, threads=threads)
         except SqueezeError as exc:
-            return _fail(result, step, exc, start, f"pass {call.name!r} failed: {exc}")
+            return _fail(result, step, exc, start, f"pass {call.name!r} failed: {exc}{_already_broken(exc, current)}")
         except Exception as exc:  # a bug in a pass must not lose the user's work
             exc.add_note(f"in pass {call.name!r}")
             return _fail(result, step, exc, start, f"pass {call.name!r} failed with {type(exc).__name__}: "
@@ -124,6 +124,18 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
         result.model = current = candidate
         previous_out = out
     return result
+
+
+def _already_broken(exc: SqueezeError, model: onnx.ModelProto) -> str:
+    """A hint when the model the pass started from fails the same structural check (the pass is not to blame)."""
+    if not str(exc).startswith("model fails the ONNX checker"):
+        return ""
+    try:
+        verify.check_structure(model)
+    except PassError as before:
+        if str(before) == str(exc):
+            return " (the input model already fails this check: repair or re-export it)"
+    return ""
 
 
 def _fail(result: PipelineResult, step: dict, exc: BaseException, start: float, message: str) -> PipelineResult:

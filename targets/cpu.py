@@ -52,9 +52,12 @@ class Cpu(Target):
             if self.tune and self.runner is None:  # tuning measures here; a remote device would need its own
                 from . import tuning  # noqa: PLC0415
                 cache = tuning.cache_dir(self.tune_cache or None)
-                database = tuning.tune(mod, target, trials=self.tune, cache=cache, threads=tvm_build.threads())
+                functions: dict = {}
+                database = tuning.tune(mod, target, trials=self.tune, cache=cache, threads=tvm_build.threads(),
+                                       stats=functions)
                 info["tuning"] = {"trials": self.tune, "database": str(tuning.database_dir(
-                    cache, target, tvm_build.threads())), "seconds": tvm_build.seconds_since(start)}
+                    cache, target, tvm_build.threads())), "seconds": tvm_build.seconds_since(start),
+                    "functions": functions}
             pipeline = schedules.build_pipeline(target, database)
         executable = tvm_build.compile_module(mod, target, pipeline)
         names = [i.name for i in model.graph.input if i.name in shapes]

@@ -10,7 +10,7 @@ import pytest
 
 from squeeze import metrics, runtime, verify
 from squeeze.data import Dataset, input_specs
-from squeeze.model import to_graph, to_model
+from squeeze.model import to_graph
 from squeeze.passes import compensate as comp
 from squeeze.passes.channels import channel_groups, constant_value
 from squeeze.passes.prune import IMPORTANCES, output_loss
@@ -18,7 +18,7 @@ from squeeze.pipeline import run_pipeline
 from squeeze.registry import get_pass
 from squeeze.spec import bind
 
-from test_channels import Tiny, group_written_by, residual_add
+from test_channels import Tiny, residual_add
 
 
 def calibration(model: onnx.ModelProto, count: int = 32, seed: int = 3) -> Dataset:
@@ -114,6 +114,19 @@ def test_every_criterion_and_scope_gives_a_valid_smaller_model(criterion, scope)
     before = metrics.summary(model, {"x": (1, 3, 6, 6)})["macs"]
     assert step["macs"] < before
     assert step["details"]["criterion"] == criterion
+    if scope == "sensitivity":
+        curves = step["details"]["sensitivity"]
+        assert curves and all(c["loss"][0] == [0, 0.0] and len(c["loss"]) >= 2 for c in curves)
+
+
+def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
+    """p and q each have idle channels; removing 4 of their 16 channels by measured loss takes idle ones only."""
+    model = idle_channels_model()
+    data = calibration(model, 32)
+    pruned, step = prune_model(model, "prune(ratio=0.25,scope=sensitivity,compensate=false)", data)
+    weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    assert weights["p.w"][0] + weights["q.w"][0] == 12
+    np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(model, data)["y"], rtol=1e-5, atol=1e-5)
 
 
 def test_global_scope_spends_the_ratio_where_scores_are_lowest():
