@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
               "Each layer cut out between its input and output tensor and timed alone; `Gather` lists the runtime "
               "permutations its block form kept (folded ones cost nothing).", ""]
     lines += _table(per_layer)
-    lines += ["", "## What the numbers say", ""] + _findings(per_layer)
+    lines += ["", "## What the numbers say", ""] + _findings(per_layer, summary)
     lines += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
@@ -272,12 +272,20 @@ def _header(command: str, args) -> list[str]:
     ]
 
 
-def _findings(per_layer: list[dict]) -> list[str]:
-    """Sentences computed from this run's per-layer ratios."""
+def _findings(per_layer: list[dict], summary: list[dict]) -> list[str]:
+    """Sentences computed from this run's ratios."""
     if not per_layer:
         return []
     macs, tvm, ort = (np.array([r["_ratios"][i] for r in per_layer]) for i in range(3))
-    return [
+    spread = []
+    for name in dict.fromkeys(r["model"] for r in summary):
+        orig = [float(r["TVM ms orig"]) for r in summary if r["model"] == name]
+        if len(orig) > 1:
+            spread.append(f"{name} {min(orig):.2f}-{max(orig):.2f} ms")
+    noise = [f"- Noise: the same original model measured {', '.join(spread)} with TVM in different rows (a shared "
+             "2-core machine; TVM pins its thread to one core). Compare ratios within a row (alternating rounds), "
+             "not absolute times across rows."] if spread else []
+    return noise + [
         f"- TVM (cpu target): every rewritten layer ran faster, {tvm.min():.2f}-{tvm.max():.2f}× (median "
         f"{np.median(tvm):.2f}×) for MAC ratios of {macs.min():.2f}-{macs.max():.2f}×. Ratios above the MAC ratio "
         "mean TVM's untuned default schedules run the dense Conv/Gemm further from peak than the grouped Conv and "

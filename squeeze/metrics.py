@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from .data import input_specs, synthesize
+from .model import without_weights
 
 MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
@@ -31,8 +32,7 @@ def count_params(model: onnx.ModelProto) -> int:
 
 def tensor_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Concrete shape of every tensor, from ONNX shape inference with the given input shapes (ORT fills gaps)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    fixed = without_weights(model)[0]  # shapes need no weight bytes (and a model over 2 GB cannot be inferred)
     for value in fixed.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim

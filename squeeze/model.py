@@ -10,9 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from .errors import ModelLoadError, OutputError
 
@@ -45,7 +46,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx reports a missing file as invalid
         raise ModelLoadError(f"{path}: cannot load external data: {_first_line(exc)}") from exc
     try:
-        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+        if not is_big(model):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
@@ -82,22 +83,105 @@ def _check_external_data_locations(model: onnx.ModelProto, base: Path) -> None:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     """Write `model` atomically to `path` (plus `path.data` for models over the protobuf limit); return the files."""
     path = Path(path)
-    folder = path.parent
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; refusing to write through it")
-    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+    if not is_big(model):
         _atomic_write(path, model.SerializeToString(deterministic=True))
         return [path]
-    # Large model: weights go to one external file beside it. Work on a copy so the caller's model stays in memory.
-    data_name = path.name + ".data"
-    big = onnx.ModelProto()
-    big.CopyFrom(model)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".squeeze-") as tmp:
-        onnx.save_model(big, os.path.join(tmp, path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        os.replace(os.path.join(tmp, data_name), folder / data_name)
-        os.replace(os.path.join(tmp, path.name), path)
-    return [path, folder / data_name]
+    # Large model: the large weights go, one after the other, to one file beside it (never the whole model
+    # serialized or copied at once); the model file keeps the rest and points at that file.
+    data_path = path.with_name(path.name + ".data")
+    if data_path.is_symlink():
+        raise OutputError(f"{data_path}: is a symbolic link; refusing to write through it")
+    skeleton, weights = without_weights(model)
+    stored = {t.name: t for t in skeleton.graph.initializer}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{data_path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            for name, tensor in weights.items():
+                offset = f.tell()
+                data = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+                f.write(data)
+                _point_at(stored[name], data_path.name, offset, len(data))
+                del data
+                f.write(b"\0" * (-f.tell() % 4096))  # page-aligned tensors: readers may map them
+            f.flush()
+            os.fsync(f.fileno())
+        _atomic_write(path, skeleton.SerializeToString(deterministic=True))
+        os.replace(tmp, data_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return [path, data_path]
+
+
+# Initializers larger than this are handled one by one (external data, ONNX Runtime initializers, export) rather
+# than inside a serialized model, which protobuf caps at 2 GiB.
+_LARGE_TENSOR_BYTES = 1 << 16
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """True if the model is too large to serialize as one protobuf (it needs external data)."""
+    return serialized_bytes(model) >= _EXTERNAL_DATA_THRESHOLD
+
+
+def without_weights(model: onnx.ModelProto, as_inputs: bool = False
+                    ) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of `model` without the bytes of its large initializers, and those initializers by name.
+
+    Each large initializer keeps its name, type and dims and is marked as external data (`as_inputs=False`: for
+    shape inference and ONNX Runtime, which gets the values as external initializers) or becomes a graph input
+    (`as_inputs=True`: for the checker, which would look for the external file). The weights are not copied.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    graph = skeleton.graph
+    _copy_fields(model.graph, graph, skip="initializer")
+    listed = {i.name for i in model.graph.input}
+    weights: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() <= _LARGE_TENSOR_BYTES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+            continue
+        weights[tensor.name] = tensor
+        if as_inputs:
+            if tensor.name not in listed:
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            continue
+        stand_in = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        _point_at(stand_in, "<in memory>", 0, tensor_nbytes(tensor))
+    return skeleton, weights
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a protobuf message but `skip` (messages and lists are copied, not shared)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -142,7 +226,12 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
     """Bytes the model takes when saved as one protobuf (what `save_model` writes for models under 2 GB)."""
-    return model.ByteSize()
+    try:
+        return model.ByteSize()
+    except EncodeError:  # over 2 GiB protobuf will not even size it: add up the graph's parts
+        g = model.graph
+        return sum(item.ByteSize() for part in (g.initializer, g.sparse_initializer, g.node, g.input, g.output,
+                                                 g.value_info) for item in part)
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -160,7 +249,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph`, keeping `like`'s IR version, producer and metadata where they still apply."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _export(graph)
     model.ir_version = max(like.ir_version, _min_ir_for(model))
     model.producer_name = like.producer_name
     model.producer_version = like.producer_version
@@ -176,6 +265,47 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
         for init in model.graph.initializer:
             if init.name not in listed:
                 model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return model
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """`gs.export_onnx`, with each large constant copied into the model once.
+
+    graphsurgeon copies every initializer into a new graph, then the graph into a new model (two copies of all
+    weights at once), and writes a renamed constant's name into the TensorProto it was imported from (the
+    previous model's). Large constants are exported as bytes-less stand-ins instead and filled in afterwards.
+    """
+    swapped = []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or tensor._export_dtype is not None or tensor.data_location is not None:
+            continue
+        values = tensor._values
+        source = values.tensor if isinstance(values, gs.ir.tensor.LazyValues) else None
+        if source is not None and isinstance(source, onnx.TensorProto) and source.ByteSize() > _LARGE_TENSOR_BYTES:
+            stand_in = onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims)
+        elif isinstance(values, np.ndarray) and values.nbytes > _LARGE_TENSOR_BYTES and values.dtype.kind in "fiub":
+            stand_in = onnx.TensorProto(name=tensor.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),
+                                        dims=values.shape)
+        else:
+            continue
+        tensor._values = gs.ir.tensor.LazyValues(stand_in)
+        swapped.append((tensor, values))
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
+    originals = {tensor.name: values for tensor, values in swapped}
+    for init in model.graph.initializer:
+        values = originals.get(init.name)
+        if values is None:
+            continue
+        name = init.name
+        if isinstance(values, np.ndarray):
+            init.CopyFrom(onnx.numpy_helper.from_array(values, name))
+        else:
+            init.CopyFrom(values.tensor)
+            init.name = name
     return model
 
 

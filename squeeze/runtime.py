@@ -6,13 +6,20 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .data import Dataset, input_specs
 from .errors import PassError
+from .model import is_big, without_weights
 
 
-def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU InferenceSession for an in-memory model; `threads` None means ONNX Runtime's default."""
+def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True,
+            weights: dict[str, onnx.TensorProto] | None = None) -> ort.InferenceSession:
+    """A CPU InferenceSession for an in-memory model; `threads` None means ONNX Runtime's default.
+
+    A model over the protobuf limit is handed over without its large weights, which ONNX Runtime then reads from
+    this process's memory (external initializers); `weights` are those of a model already stripped that way.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # initializers-as-inputs warnings of IR 3 models are noise here
     if threads:
@@ -20,10 +27,19 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
         opts.inter_op_num_threads = 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if weights is None and is_big(model):
+        model, weights = without_weights(model)
+    arrays = []
+    if weights:
+        opts.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+        arrays = [numpy_helper.to_array(t) for t in weights.values()]
+        opts.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented...)
         raise PassError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
+    sess.squeeze_weights = arrays  # ONNX Runtime reads them in place: they live as long as the session
+    return sess
 
 
 def run(model: onnx.ModelProto, data: Dataset, outputs: list[str] | None = None,
@@ -58,8 +74,11 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def activations(model: onnx.ModelProto, data: Dataset, names: list[str],
                 threads: int | None = None) -> dict[str, np.ndarray]:
     """Values of intermediate tensors `names` on every sample of `data` (graph optimisations off, so names exist)."""
+    weights = None
+    if is_big(model):  # expose the outputs on the weightless skeleton, not on a copy of every weight
+        model, weights = without_weights(model)
     exposed = with_outputs(model, names)
-    return run(exposed, data, names, sess=session(exposed, threads, optimize=False))
+    return run(exposed, data, names, sess=session(exposed, threads, optimize=False, weights=weights))
 
 
 def cpu_count() -> int:

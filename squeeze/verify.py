@@ -9,10 +9,13 @@ import numpy as np
 import onnx
 
 from .errors import PassError
+from .model import is_big, without_weights
 
 
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise PassError if the model fails `onnx.checker` (full check) or strict shape inference."""
+    if is_big(model):  # the checker serializes the model: check it without its large weights (as inputs)
+        model = without_weights(model, as_inputs=True)[0]
     try:
         onnx.checker.check_model(model, full_check=True)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)

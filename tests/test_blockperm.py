@@ -135,7 +135,7 @@ def test_hidden_permutation_is_recovered_and_the_rewrite_is_exact(kind, folded):
         weights = {t.name: t for t in out.graph.initializer}
         matmul = next(n for n in out.graph.node if n.name == "L")
         assert matmul.op_type == "MatMul" and list(weights[matmul.input[1]].dims) == [4, 3, 2]
-        assert ops["Reshape"] == 2 and "Gemm" not in ops if not folded else ops["Gemm"] == 2
+        assert ops["Reshape"] == 2 and ops.get("Gemm", 0) == (2 if folded else 0)  # only pre and post remain
     assert step["details"]["layers"] == ["L"]
 
 

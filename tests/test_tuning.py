@@ -1,6 +1,6 @@
 """Cached MetaSchedule tuning (targets/tuning.py, `--tune`): a tiny graph tunes in seconds into a JSON database
-in the cache folder, the default schedules are in it as measured records, the tuned build agrees with ONNX
-Runtime, and a second run with the same budget reuses the database instead of tuning again."""
+in the cache folder, the default schedules and measured variants are in it as records, the tuned build agrees
+with ONNX Runtime, and a second run with the same budget reuses the database instead of tuning again."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,7 @@ def test_tune_tiny_graph_then_reuse(tmp_path):
     workloads = (folder / "database_workload.json").read_text().splitlines()
     assert len(workloads) >= 2  # conv, dense (and the flatten between them)
     assert sum(tuning.DEFAULT_MARK in line for line in records) == len(workloads)  # one default each
+    assert len(records) > len(workloads)  # and tuned candidates: the rules' variants first
     assert all(json.loads(line) for line in records)
 
     executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, database))

@@ -237,9 +237,9 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
     return epilogue, [b for b in rest if sch.get(b).name_hint != name]
 
 
-def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers) -> None:
+def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
     producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
-    if work >= PARALLEL_MIN_WORK:  # before decompose_reduction: parallel needs a complete reduction block
+    if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:  # before decompose_reduction: parallel needs a complete reduction block
         sch.parallel(outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -250,9 +250,16 @@ def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers) -> None:
 
 
 class Conv2dPacked:
-    """Schedule rule for `conv2d_nchw_packed` (see the module docstring)."""
+    """Schedule rule for `conv2d_nchw_packed` (see the module docstring).
+
+    `variants` gives the same schedule with other register tiles (and parallel on/off), best-first by the
+    `register_tile` model, for tuning to measure.
+    """
 
     def apply(self, func, target, tunable: bool):
+        return self.schedule(func, target)
+
+    def schedule(self, func, target, tile: tuple[int, int, int] | None = None, parallel: bool | None = None):
         from tvm import s_tir  # noqa: PLC0415
         if not is_cpu(target):
             return None
@@ -260,7 +267,7 @@ class Conv2dPacked:
         anchor = find_kernel(sch, CONV)
         if anchor is None:
             return None
-        kv, ht, wt = tile_of(sch, anchor)
+        kv, ht, wt = tile or tile_of(sch, anchor)
         packed = sch.get(anchor).reads[1].source
         kb = int(packed.shape[-1])
         lanes = describe(target).lanes(str(packed.dtype))
@@ -276,8 +283,67 @@ class Conv2dPacked:
         sch.vectorize(ki)
         for lp in (xi, yi, kvi):
             sch.unroll(lp)
-        _finish(sch, anchor, rc, outer, work, lanes, leftovers)
+        _finish(sch, anchor, rc, outer, work, lanes, leftovers, parallel)
         return sch
+
+    def variants(self, func, target, limit: int) -> list:
+        """Up to `limit` other (tile, parallel) schedules, each marked with VARIANT = its parameters."""
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return []
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, CONV)
+        if anchor is None:
+            return []
+        default = tuple(tile_of(sch, anchor))
+        kb = int(sch.get(anchor).reads[1].source.shape[-1])
+        cpu = describe(target)
+        vectors = max(1, kb // cpu.lanes("float32"))
+        _, k, y, x, *_ = (extent(sch, lp) for lp in sch.get_loops(anchor))
+        tiles = ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True)
+        options = [(t, None) for t in tiles if t != default] + [(default, True), (default, False)]
+        return _marked(self, func, target, options, limit)
+
+
+VARIANT = "squeeze.variant"  #: block annotation naming the tile/parallel choice of a tuning variant
+
+
+def _marked(rule, func, target, options, limit: int) -> list:
+    from .common import root_blocks  # noqa: PLC0415
+    out = []
+    for tile, parallel in options:
+        if len(out) >= limit:
+            break
+        try:
+            sch = rule.schedule(func, target, tile, parallel)
+        except Exception:  # noqa: BLE001 - a tile the loop nest cannot take: skip it
+            continue
+        if sch is not None:
+            sch.annotate(root_blocks(sch)[0], VARIANT, f"{tile}/{parallel}")
+            out.append(sch)
+    return out
+
+
+def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
+                 exact: bool = False) -> list[tuple[int, int, int]]:
+    """Every (kv, ht, wt) tile, best-first by the `register_tile` model; `exact`: only tiles that divide."""
+    scored = []
+    for kv in (1, 2, 4):
+        if k_blocks % kv:
+            continue
+        for ht in range(1, min(oh, 4) + 1):
+            if exact and oh % ht:
+                continue
+            for wt in range(1, min(ow, max_acc) + 1):
+                acc = kv * vectors_per_block * ht * wt
+                if acc > max_acc:
+                    break
+                if exact and ow % wt:
+                    continue
+                useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
+                scored.append((useful * acc / (max(acc / 2, 4) + 1), (kv, ht, wt)))
+    scored.sort(key=lambda item: -item[0])
+    return [tile for _, tile in scored]
 
 
 class DepthwiseConv2d:

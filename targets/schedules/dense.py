@@ -100,6 +100,33 @@ class DensePacked:
     """Schedule rule for `dense_packed` (see the module docstring)."""
 
     def apply(self, func, target, tunable: bool):
+        return self.schedule(func, target)
+
+    def variants(self, func, target, limit: int) -> list:
+        """Other (column vectors, rows, reduction split) tiles and parallel on/off, for tuning to measure."""
+        from tvm import s_tir  # noqa: PLC0415
+
+        from .conv2d import _marked  # noqa: PLC0415
+        if not is_cpu(target):
+            return []
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, DENSE)
+        if anchor is None:
+            return []
+        default = tuple(tile_of(sch, anchor))
+        nb = int(sch.get(anchor).reads[-1].source.shape[-1])
+        *_, m, n, k = (extent(sch, lp) for lp in sch.get_loops(anchor))
+        options = []
+        for nv in (1, 2, 4):
+            for mt in (1, 2, 4, 6):
+                for ks in (1, 2, 4, 8):
+                    if (n // nb) % nv or m % mt or k % ks or (nv, mt, ks) == default:
+                        continue
+                    options.append(((nv, mt, ks), None))
+        options.sort(key=lambda o: -min(o[0][0] * o[0][1] * o[0][2], 12))
+        return _marked(self, func, target, [(default, True), (default, False)] + options, limit)
+
+    def schedule(self, func, target, tile: tuple[int, int, int] | None = None, parallel: bool | None = None):
         from tvm import s_tir  # noqa: PLC0415
         if not is_cpu(target):
             return None
@@ -107,7 +134,7 @@ class DensePacked:
         anchor = find_kernel(sch, DENSE)
         if anchor is None:
             return None
-        nv, mt, ks = tile_of(sch, anchor)
+        nv, mt, ks = tile or tile_of(sch, anchor)
         name = sch.get(anchor).name_hint
         packed = sch.get(anchor).reads[-1].source
         nb = int(packed.shape[-1])
@@ -145,7 +172,7 @@ class DensePacked:
             for loop in (pjv, pi, pk):
                 sch.unroll(loop)
         producers = [sch.get(b).name_hint for b in sch.get_producers(partial if ks > 1 else anchor)]
-        if work >= PARALLEL_MIN_WORK:
+        if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:
             sch.parallel(outer)
         init = sch.decompose_reduction(anchor, rk)
         sch.vectorize(sch.get_loops(init)[-1])
