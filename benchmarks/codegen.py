@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     peak = json.loads(subprocess.run(_me() + ["--peak-worker"], stdout=subprocess.PIPE, text=True,
                                      check=True).stdout.strip().splitlines()[-1])
-    rows = []
+    rows: list[dict] = []
+    text = ""
     with tempfile.TemporaryDirectory(prefix="squeeze-codegen-") as tmp:
         for name in args.models.split(","):
             for pipeline in args.pipelines.split(";"):
@@ -292,12 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {threads} thread(s)", file=sys.stderr, flush=True)
                     rows.append({"model": name, "pipeline": pipeline, "macs": macs, "threads": threads,
                                  **measure(name, pipeline, path, feed, threads, args)})
+                    text = _write(rows, peak, command, args, started)  # after every row: partial runs count
+    print(text)
+    return 0
+
+
+def _write(rows, peak, command, args, started) -> str:
     text = _markdown(rows, peak, command, args, time.time() - started)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"peak": peak, "rows": rows}, indent=1))
-    print(text)
-    return 0
+    return text
 
 
 def _markdown(rows, peak, command, args, seconds) -> str:

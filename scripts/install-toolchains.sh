@@ -3,16 +3,18 @@
 #   arm         aarch64-linux-gnu gcc/g++ (cross-compile, static executables), qemu-user (qemu-aarch64)
 #   mcu         arm-none-eabi gcc + newlib, qemu-system-arm (mps2-an386, semihosting)
 #   mobile-gpu  PoCL (a CPU OpenCL implementation), the OpenCL ICD loader and headers, clinfo
+#   report      Chromium, for the test that opens report.html in a real headless browser
 # Idempotent: packages already installed are not fetched again, and when all are present it exits in
 # well under a second without touching apt. `squeeze doctor` reports what is present.
 #
-# Usage: scripts/install-toolchains.sh [--check] [all|arm|mcu|mobile-gpu ...]   (default: all)
+# Usage: scripts/install-toolchains.sh [--check] [all|arm|mcu|mobile-gpu|report ...]   (default: all)
 set -euo pipefail
 
 declare -A GROUP=(
   [arm]="gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
   [mcu]="gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm"
   [mobile-gpu]="pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo"
+  [report]="chromium"
 )
 
 check=0
@@ -20,13 +22,13 @@ groups=()
 for arg in "$@"; do
   case "$arg" in
     --check) check=1 ;;
-    all) groups+=(arm mcu mobile-gpu) ;;
-    arm|mcu|mobile-gpu) groups+=("$arg") ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "install-toolchains: unknown argument '$arg' (use all, arm, mcu, mobile-gpu, --check)" >&2; exit 2 ;;
+    all) groups+=(arm mcu mobile-gpu report) ;;
+    arm|mcu|mobile-gpu|report) groups+=("$arg") ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install-toolchains: unknown argument '$arg' (use all, arm, mcu, mobile-gpu, report, --check)" >&2; exit 2 ;;
   esac
 done
-[ ${#groups[@]} -eq 0 ] && groups=(arm mcu mobile-gpu)
+[ ${#groups[@]} -eq 0 ] && groups=(arm mcu mobile-gpu report)
 
 wanted=()
 for g in "${groups[@]}"; do

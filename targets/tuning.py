@@ -22,7 +22,6 @@ one core is not the best for two). `cache_dir()` is `--tune-cache`, else `$SQUEE
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 import tempfile

@@ -137,3 +137,16 @@ def test_cli_row_for_mcu_compares_flash_with_the_original(mcu_tools, repo, tmp_p
     assert row["instructions"] > 0 and row["original_instructions"] > 0
     assert "flash" in (out / "report.md").read_text()
     assert (out / row["artifact_dir"] / "firmware.elf").is_file()
+
+
+def test_pruned_and_codebook_model_needs_less_flash(mcu_tools, repo):
+    from squeeze.registry import all_passes
+    import squeeze
+    if not {"prune", "codebook"} <= set(all_passes()):
+        pytest.skip("the prune and codebook passes are not registered in this checkout")
+    result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "cleanup,fold-bn,prune(ratio=0.5),codebook",
+                              calib=repo / "models" / "digits_calib.npz", targets="mcu", runs=3)
+    (row,) = result.report["targets"]
+    assert row["method"] == "instruction-count" and row["numeric_check"]["ok"], row
+    assert row["flash_bytes"] < 0.5 * row["original_flash_bytes"]
+    assert row["instructions"] < row["original_instructions"]

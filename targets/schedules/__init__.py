@@ -8,11 +8,13 @@ function a schedule without tuning, in milliseconds:
 |---|---|---|
 | `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise | register-tiled direct conv, fused epilogue |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
-| `pool` | (TOPI) | max/avg/global pooling, vector of columns or channels in flight |
+| `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI) | elementwise chains, concat, padding; fallback for the rest |
 
-plus dlight's CPU `Reduction` for softmax-like functions. `pipeline.build_pipeline(target, database)` is the
-Relax pipeline that applies them (and a MetaSchedule database first, when tuning has one).
+Softmax-like reductions go to `Fallback` (dlight's CPU `Reduction` rule is quadratic on a [1, 1000] softmax).
+`pipeline.build_pipeline(target, database)` is the Relax pipeline that applies them (and a MetaSchedule
+database first, when tuning has one). The conv and dense rules also offer `variants` (other register tiles,
+parallel on/off), which `targets/tuning.py` measures before MetaSchedule's own search.
 """
 from __future__ import annotations
 

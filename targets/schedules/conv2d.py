@@ -239,7 +239,8 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
 
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
     producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
-    if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:  # before decompose_reduction: parallel needs a complete reduction block
+    # before decompose_reduction: `parallel` needs a complete reduction block
+    if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
