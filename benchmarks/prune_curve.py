@@ -58,11 +58,34 @@ class Point:
     methods: dict = field(default_factory=dict)
 
 
+def photo_crops(files: list[str], count: int, seed: int) -> np.ndarray:
+    """`count` random resized crops (scale 0.35–1, random flips) of real photos, Caffe-style SqueezeNet inputs
+    (BGR, 0..255 minus (104, 117, 123), NCHW 224×224)."""
+    from PIL import Image  # noqa: PLC0415
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(corpus.ROOT / "datasets" / "images" / f).convert("RGB") for f in files]
+    out = []
+    for i in range(count):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        side = int(min(w, h) * np.sqrt(rng.uniform(0.35, 1.0)))
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((224, 224), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        bgr = np.asarray(crop, np.float32)[..., ::-1] - np.array([104, 117, 123], np.float32)
+        out.append(bgr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out))
+
+
 def data_for(name: str) -> tuple[Dataset, Dataset, bool]:
     """(calibration, evaluation, has labels)."""
-    if name == "squeezenet":
-        ds = corpus.dataset(name, 64)
-        return ds.subset(0, 32), ds.subset(32), False
+    if name == "squeezenet":  # no labels: agreement on crops of photos never used for calibration
+        calib = photo_crops(["kitten_224.png", "fish_tench.png"], 32, seed=0)
+        test = photo_crops(["cat_224x224.png", "satya_face.jpg"], 48, seed=1)
+        source = "corpus photos (random crops)"
+        return (Dataset({"data_0": calib}, None, source, {"data_0": True}),
+                Dataset({"data_0": test}, None, source, {"data_0": True}), False)
     ds = corpus.dataset(name, 2256 if name == "mnist_burn" and QUICK else None)
     calib, test = corpus.split(ds, 256)
     return calib, test, True
@@ -208,11 +231,11 @@ def _latency_worker(threads: int) -> None:
     graph.cleanup().toposort()
     pruned = to_model(graph, like=m.model)
     mac_ratio = m.macs / metrics.summary(pruned, m.shapes)["macs"]
+    import tempfile  # noqa: PLC0415
     target = Cpu()
     sample = m.test.samples(1)
-    workdir = RESULTS / ".tvm"
-    workdir.mkdir(parents=True, exist_ok=True)
-    built = {k: target.build(v, m.shapes, workdir) for k, v in (("original", m.model), ("pruned", pruned))}
+    with tempfile.TemporaryDirectory() as workdir:
+        built = {k: target.build(v, m.shapes, Path(workdir)) for k, v in (("original", m.model), ("pruned", pruned))}
     p50: dict[str, list[float]] = {"original": [], "pruned": []}
     low: dict[str, list[float]] = {"original": [], "pruned": []}
     evaluator: dict[str, list[float]] = {"original": [], "pruned": []}
@@ -248,12 +271,13 @@ def machine() -> str:
             f"{np.__version__}, onnxruntime {onnxruntime.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
 
 
-def markdown(command: str, scope: str, models: dict[str, dict], lat: dict | None) -> str:
-    lines = ["# prune: accuracy against MACs (benchmarks/prune_curve.py)", "", f"Command: `{command}`", "",
+def markdown(commands: list[str], scope: str, models: dict[str, dict], lat: dict | None) -> str:
+    lines = ["# prune: accuracy against MACs (benchmarks/prune_curve.py)", "",
+             "Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), "",
              f"Machine: {machine()}", "",
              f"Scope `{scope}` (per model below), multiple 1, seed 0. Calibration = first 256 samples, "
-             "evaluation = the rest "
-             "(SqueezeNet: 32/32 of 3 real images + seeded noise, top-1 *agreement* with the original). "
+             "evaluation = the rest (SqueezeNet, no labels: calibration = 32 random crops of two corpus photos, "
+             "evaluation = 48 crops of the two others, scored by top-1 *agreement* with the original). "
              "Each cell: MAC reduction, top-1 (drop in points vs the original); `p` is McNemar's exact p-value "
              "against the original on the same samples.", ""]
     for name, entry in models.items():
@@ -314,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="MNIST: evaluate on 2,000 images, not 9,744")
     parser.add_argument("--out", default=str(RESULTS / "prune_curve.md"))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the results of models not run now from the existing OUT .json")
     args = parser.parse_args(argv)
     if args.latency_worker:
         _latency_worker(args.latency_worker)
@@ -325,6 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     targets = [float(t) for t in args.targets.split(",")]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     models: dict[str, dict] = {}
+    commands = [command]
+    previous_latency = None
+    if args.append and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        commands = previous.get("commands", []) + commands
+        previous_latency = previous.get("latency")
+        models = {k: v for k, v in previous.get("models", {}).items() if k not in args.models.split(",")}
     for name in args.models.split(","):
         m = Model(name)
         base = float(np.mean(m.ref_correct)) if m.labelled else 1.0
@@ -339,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  pass check ({check.criterion}, ratio {check.ratio:.3f}, compensated): max |diff| {diff:.2e}")
         models[name] = {"baseline": base, "samples": len(m.test), "macs": m.macs, "pass_check": diff, "scope": scope,
                         "points": [p.__dict__ for p in points]}
-        out.with_suffix(".json").write_text(json.dumps(models, indent=1))
-    lat = latency(log, [int(t) for t in args.latency_threads.split(",")]) if args.latency else None
-    out.write_text(markdown(command, args.scope, models, lat))
-    out.with_suffix(".json").write_text(json.dumps({"models": models, "latency": lat}, indent=1))
+        out.with_suffix(".json").write_text(json.dumps({"commands": commands, "models": models,
+                                                        "latency": previous_latency}, indent=1))
+    lat = latency(log, [int(t) for t in args.latency_threads.split(",")]) if args.latency else previous_latency
+    out.write_text(markdown(commands, args.scope, models, lat))
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "models": models, "latency": lat},
+                                                   indent=1))
     log(f"wrote {out}")
     return 0
 

@@ -20,7 +20,7 @@ import onnx
 
 from . import __version__, report as report_mod, runtime, verify
 from .data import Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
-from .errors import OutputError, PassError, SqueezeError, TargetError
+from .errors import ModelLoadError, OutputError, PassError, SqueezeError, TargetError
 from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
 from .outdir import OutputDir
 from .pipeline import evaluate, model_stats, run_pipeline
@@ -84,6 +84,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
     source_path: Path | None = None
     if isinstance(model, onnx.ModelProto):
+        if any(onnx.external_data_helper.uses_external_data(t)
+               for t in onnx.external_data_helper._get_all_tensors(model)):
+            # Its locations were never checked, and they would be read relative to the working directory.
+            raise ModelLoadError("the model refers to external data; pass its path instead (squeeze checks where "
+                                 "external data may be read from), or load the data first")
         original = model
     else:
         source_path = Path(model)
@@ -276,10 +281,15 @@ def _numeric_check(model, samples, outputs: dict[str, np.ndarray], threads) -> d
     fid["samples"] = len(samples)
     if qdq:
         # Float summation orders differ between engines; a value on a rounding boundary then lands one
-        # quantization step away and the step propagates. Allow that (1 % relative L2), not a wrong kernel.
+        # quantization step away and the step propagates through the layers after it. ONNX Runtime's own
+        # optimized kernels differ from its reference ones the same way: allow 3× that (at least 1 % rel. L2).
+        fast = runtime.session(model, threads)
+        own = verify.fidelity(ref, {n: _merge_samples(np.stack([fast.run([n], s)[0] for s in samples]))
+                                    for n in names}).get("rel_l2", 0.0)
         fid["reference"] = "onnxruntime with graph optimizations off (exact QDQ semantics)"
-        fid["tolerance"] = "rel_l2 <= 1e-2 (one-step rounding flips of quantized activations)"
-        close = fid.get("rel_l2", 0) <= 1e-2
+        fid["onnxruntime_optimized_rel_l2"] = own
+        fid["tolerance"] = "rel_l2 <= max(1e-2, 3 × onnxruntime_optimized_rel_l2) (one-step rounding flips)"
+        close = fid.get("rel_l2", 0) <= max(1e-2, 3 * own)
     else:
         close = fid.get("max_abs_rel", 0) <= 1e-3
     fid["ok"] = bool(close and fid.get("top1_agreement", 1.0) == 1.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, OutputError
 
@@ -123,8 +123,16 @@ _LARGE_TENSOR_BYTES = 1 << 16
 
 
 def is_big(model: onnx.ModelProto) -> bool:
-    """True if the model is too large to serialize as one protobuf (it needs external data)."""
-    return serialized_bytes(model) >= _EXTERNAL_DATA_THRESHOLD
+    """True if the model is too large to serialize as one protobuf (it needs external data).
+
+    Judged from the initializers' shapes and the nodes' sizes: protobuf's own ByteSize walks every byte.
+    """
+    return _estimated_bytes(model) >= _EXTERNAL_DATA_THRESHOLD
+
+
+def _estimated_bytes(model: onnx.ModelProto) -> int:
+    g = model.graph
+    return sum(tensor_nbytes(t) for t in g.initializer) + sum(n.ByteSize() for n in g.node)
 
 
 def without_weights(model: onnx.ModelProto, as_inputs: bool = False
@@ -142,7 +150,7 @@ def without_weights(model: onnx.ModelProto, as_inputs: bool = False
     listed = {i.name for i in model.graph.input}
     weights: dict[str, onnx.TensorProto] = {}
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() <= _LARGE_TENSOR_BYTES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor_nbytes(tensor) <= _LARGE_TENSOR_BYTES or tensor.data_location == onnx.TensorProto.EXTERNAL:
             graph.initializer.append(tensor)
             continue
         weights[tensor.name] = tensor
@@ -156,12 +164,15 @@ def without_weights(model: onnx.ModelProto, as_inputs: bool = False
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
+    """Bytes of the tensor's values, from its shape and type (reading `raw_data` would copy them)."""
     count = 1
     for d in tensor.dims:
-        count *= d
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        count *= max(d, 0)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):  # undefined or exotic types: only ever small here
+        itemsize = 1
+    return count * itemsize
 
 
 def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -226,12 +237,11 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
     """Bytes the model takes when saved as one protobuf (what `save_model` writes for models under 2 GB)."""
-    try:
-        return model.ByteSize()
-    except EncodeError:  # over 2 GiB protobuf will not even size it: add up the graph's parts
+    if is_big(model):  # over 2 GiB protobuf will not even size it (and walks every byte trying): add up parts
         g = model.graph
-        return sum(item.ByteSize() for part in (g.initializer, g.sparse_initializer, g.node, g.input, g.output,
-                                                 g.value_info) for item in part)
+        return sum(tensor_nbytes(t) for t in g.initializer) + sum(
+            item.ByteSize() for part in (g.node, g.input, g.output, g.value_info) for item in part)
+    return model.ByteSize()
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -281,7 +291,8 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
             continue
         values = tensor._values
         source = values.tensor if isinstance(values, gs.ir.tensor.LazyValues) else None
-        if source is not None and isinstance(source, onnx.TensorProto) and source.ByteSize() > _LARGE_TENSOR_BYTES:
+        if isinstance(source, onnx.TensorProto) and tensor_nbytes(source) > _LARGE_TENSOR_BYTES \
+                and source.data_location != onnx.TensorProto.EXTERNAL:
             stand_in = onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims)
         elif isinstance(values, np.ndarray) and values.nbytes > _LARGE_TENSOR_BYTES and values.dtype.kind in "fiub":
             stand_in = onnx.TensorProto(name=tensor.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype),

@@ -21,7 +21,7 @@ from .model import serialized_bytes, subgraph_nodes, to_graph, to_model
 from .spec import Call
 
 
-PACK_REPORT_LIMIT = 256 * 2**20
+PACK_REPORT_LIMIT = 64 * 2**20
 
 
 @dataclass
