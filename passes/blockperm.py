@@ -284,6 +284,8 @@ def make_target(graph: gs.Graph, node: gs.Node, blocks: int, shapes: dict) -> tu
     w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or not np.issubdtype(np.asarray(w).dtype, np.floating):
         return None, "its weight is not a float constant"
+    if not np.isfinite(w).all():
+        return None, "its weight holds NaN or infinity"
     rank = len(shapes[x.name]) if shapes.get(x.name) is not None else None
     bias_add, y = None, node.outputs[0]
     if node.op == "Conv":
@@ -394,7 +396,8 @@ def layer_score(t: Target, power: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per (output, input feature): energy Σw² over the kernel, and the score (× E[x²] with calibration data)."""
     w, _ = weights(t)
     energy = (w ** 2).reshape(t.m, t.n, -1).sum(axis=-1)
-    score = energy * power[None, :] if power is not None and power.size == t.n and power.sum() > 0 else energy
+    usable = power is not None and power.size == t.n and np.isfinite(power).all() and power.sum() > 0
+    score = energy * power[None, :] if usable else energy
     return {"energy": energy, "score": score}
 
 
@@ -758,6 +761,8 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: Target, reference, done:
     y = _samples_first(_values(reference, ctx, [t.y.name])[t.y.name], t.rank)
     rng = np.random.default_rng(ctx.seed)
     rows_x, rows_y, sample = _rows(t, x, y, rng)
+    if not (np.isfinite(rows_x).all() and np.isfinite(rows_y).all()):
+        return blocks, bias, {"method": "none", "why": "non-finite calibration activations"}
     holdout = sample % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if holdout.all() or not holdout.any():
         holdout = np.arange(len(sample)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1

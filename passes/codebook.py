@@ -9,8 +9,10 @@ Two granularities:
   Gemm, MatMul) get the per-weight codebook.
 
 Weights that are exactly zero (unstructured pruning) keep a reserved zero centroid. With `compensate` (and real
-calibration data), the centroids are refitted by least squares so the layer's outputs on the calibration inputs
-match the float layer's, and the bias absorbs the remaining mean error (bias correction, Nagel et al. 2019).
+calibration data), layer by layer in graph order, the centroids are refitted by least squares so that the layer
+fed with the activations of the network compressed so far reproduces the float layer's outputs on the
+calibration inputs (so it also absorbs the error of the layers before), and the bias takes the remaining mean
+error (bias correction, Nagel et al. 2019).
 
 The weight initializer is replaced by the codebook, the bit-packed indices, and the standard ops that rebuild
 it (Cast, Gather, Add, Mul, Div, Sub, Reshape, Slice), which ONNX Runtime runs and TVM folds at compile

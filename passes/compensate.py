@@ -1,20 +1,25 @@
-"""Retrain-free compensation after channel removal: refit the layers that read the cut channels.
+"""Retrain-free compensation after channel removal: refit the layers whose inputs the cut changed.
 
 After `channels.apply_plan`, every Conv/Gemm/MatMul that read a cut group (a *consumer*) sees fewer input
-channels. Layer by layer, in graph order, on the already-pruned and already-repaired network, each consumer's
-weights are refit by ridge least squares so that its output on calibration activations matches the UNPRUNED
-model's output (as in ThiNet, Luo et al. 2017, and Channel Pruning, He et al. 2017):
+channels, and every later layer sees slightly different inputs. Layer by layer, in graph order, on the
+already-pruned and already-repaired network, each such layer's weights are refit by ridge least squares so that
+its output on calibration activations matches the UNPRUNED model's output (ThiNet, Luo et al. 2017; Channel
+Pruning, He et al. 2017):
 
-    W = argmin ‖X W − Y‖² + λ‖W − W₀‖²        X: pruned-network inputs (im2col rows for a Conv)
-                                                Y: original outputs (kept channels), W₀: the cut original weights
+    W = argmin ‖X W − Y‖² + λ‖W − W₀‖²        X: pruned-network inputs (im2col rows for a Conv, numpy stride
+                                                tricks, spatial positions subsampled), Y: original outputs of
+                                                the kept channels, W₀: a prior
 
-The ridge term pulls toward the original weights, not toward zero: a Gemm after Flatten has far more inputs than
-there are calibration images, and the original weights are the best prior there is (solved in the dual then).
-Candidates — no change, bias correction for the mean shift (Nagel et al. 2019), ridge refits with λ on a grid,
-and for BatchNormalization re-estimated statistics — are compared on held-out calibration images (every 4th),
-with the loss measured after the next nonlinearity (BN→ReLU applied to both sides); the best is refit on all
-calibration images and kept only if it beats no change. Deterministic (fixed row sampling seeded by ctx.seed),
-solved per layer, never per sample.
+The ridge term pulls toward a prior, never toward zero: a Gemm after Flatten has far more inputs than calibration
+images, and zero is the worst guess there is. Two priors are tried: the cut original weights, and *merged*
+weights in which every removed channel is regressed on the kept channels at the same positions (few unknowns,
+well determined even with 256 images) and folded into their weights (Neuron Merging, Kim et al. 2020).
+Candidates — no change, bias correction for the mean shift (Nagel et al. 2019), the merged weights, ridge refits
+toward either prior with λ on a grid, a ReLU-aware refit that ignores errors a following ReLU hides, and for
+BatchNormalization re-estimated statistics — are compared on held-out calibration images (every 4th) with the
+loss measured after the next nonlinearity (BN→ReLU applied to both sides). The winner is refit on all
+calibration images and kept only if it beats no change, so no repair can make a layer worse on held-out data.
+Deterministic (row sampling seeded by ctx.seed, one BLAS thread), solved per layer, never per sample.
 """
 from __future__ import annotations
 

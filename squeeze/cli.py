@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except SqueezeError as exc:
         if debug:
             raise
-        print(f"squeeze: error: {exc}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"squeeze: error: {message}", file=sys.stderr)  # one line, whatever the message held
         return 2
     except KeyboardInterrupt:
         print("squeeze: interrupted; earlier outputs were left as they were", file=sys.stderr)

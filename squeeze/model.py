@@ -278,19 +278,27 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _export(graph: gs.Graph) -> onnx.ModelProto:
-    """`gs.export_onnx`, with each large constant copied into the model once.
+def _export(graph: gs.Graph, fill: bool = True) -> onnx.ModelProto:
+    """`gs.export_onnx`, with each large constant copied into the model once (or, `fill=False`, not at all).
 
     graphsurgeon copies every initializer into a new graph, then the graph into a new model (two copies of all
     weights at once), and writes a renamed constant's name into the TensorProto it was imported from (the
     previous model's). Large constants are exported as bytes-less stand-ins instead and filled in afterwards.
     """
-    swapped = []
+    swapped, renamed = [], []
     for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or tensor._export_dtype is not None or tensor.data_location is not None:
+        if not isinstance(tensor, gs.Constant):
             continue
         values = tensor._values
         source = values.tensor if isinstance(values, gs.ir.tensor.LazyValues) else None
+        if isinstance(source, onnx.TensorProto) and source.name != tensor.name:
+            copy = onnx.TensorProto()  # export would write the new name into the previous model's tensor
+            copy.CopyFrom(source)
+            tensor._values = gs.ir.tensor.LazyValues(copy)
+            renamed.append((tensor, values))
+            values, source = tensor._values, copy
+        if tensor._export_dtype is not None or tensor.data_location is not None:
+            continue
         if isinstance(source, onnx.TensorProto) and tensor_nbytes(source) > _LARGE_TENSOR_BYTES \
                 and source.data_location != onnx.TensorProto.EXTERNAL:
             stand_in = onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims)
@@ -299,15 +307,18 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
                                         dims=values.shape)
         else:
             continue
+        if not fill:
+            _point_at(stand_in, "<in memory>", 0, tensor_nbytes(stand_in))
         tensor._values = gs.ir.tensor.LazyValues(stand_in)
         swapped.append((tensor, values))
     try:
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
-        for tensor, values in swapped:
+        for tensor, values in swapped + renamed[::-1]:
             tensor._values = values
-    originals = {tensor.name: values for tensor, values in swapped}
-    for init in model.graph.initializer:
+    originals = {tensor.name: values for tensor, values in swapped} if fill else {}
+    nested = [t for n in subgraph_nodes(model) for sub in _subgraphs(n) for t in _all_initializers(sub)]
+    for init in list(model.graph.initializer) + (nested if originals else []):
         values = originals.get(init.name)
         if values is None:
             continue
@@ -320,6 +331,12 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+def export_without_weights(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a model whose large initializers carry no bytes (marked as external data, dims and type kept):
+    for shape inference and analyses that need the structure, at any model size and without copying weights."""
+    return _export(graph, fill=False)
+
+
 def subgraph_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The main graph's control-flow nodes: those that carry subgraphs (If, Loop, Scan, ...)."""
     return [n for n in model.graph.node
@@ -330,26 +347,41 @@ def _keep_subgraphs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     """Put back the subgraphs of control-flow nodes as they were in `like`; passes do not rewrite subgraphs.
 
     graphsurgeon's export copies every outer-scope constant a subgraph reads into that subgraph (a weight read
-    by both branches of an If is stored twice) and rewrites its value_info. Each control-flow node that is still
-    there (same name and op) gets its original subgraphs back, and the outer-scope constants they read go back
-    to the main graph.
+    by both branches of an If is stored twice), rewrites its value_info, and constant-folds inside it. Each
+    control-flow node that is still there (same name and op) gets its original subgraphs back, and the
+    outer-scope weights they read come back to the main graph if the pass dropped them.
     """
-    before = {}
+    before: dict[tuple, list[onnx.NodeProto]] = {}
     for node in subgraph_nodes(like):
         before.setdefault((node.name, node.op_type, node.domain), []).append(node)
-    local = {t.name for node in subgraph_nodes(like) for g in _subgraphs(node) for t in _all_initializers(g)}
-    main = {t.name for t in model.graph.initializer}
+    restored = []
     for node in subgraph_nodes(model):
         same = before.get((node.name, node.op_type, node.domain), [])
         if len(same) != 1 or not node.name:
             continue
-        hoisted = [t for g in _subgraphs(node) for t in _all_initializers(g) if t.name not in local]
         del node.attribute[:]
         node.attribute.extend(same[0].attribute)
-        for tensor in hoisted:
-            if tensor.name not in main:
-                main.add(tensor.name)
-                model.graph.initializer.append(tensor)
+        restored.append(node)
+    if not restored:
+        return
+    g = model.graph
+    available = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    originals = {t.name: t for t in like.graph.initializer}
+    for node in restored:
+        for name in sorted(_names_read(node) - available):
+            if name in originals:
+                g.initializer.append(originals[name])
+                available.add(name)
+
+
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name the nodes inside `node`'s subgraphs read (nested subgraphs included)."""
+    names: set[str] = set()
+    for sub in _subgraphs(node):
+        for inner in sub.node:
+            names.update(i for i in inner.input if i)
+            names |= _names_read(inner)
+    return names
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -111,7 +111,8 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
                     step["params"] = backoff["params"]
             out = runtime.run(candidate, calib, threads=threads)
         except SqueezeError as exc:
-            return _fail(result, step, exc, start, f"pass {call.name!r} failed: {exc}{_already_broken(exc, current)}")
+            return _fail(result, step, exc, start,
+                         f"pass {call.name!r} failed: {_one_line(exc)}{_already_broken(exc, current)}")
         except Exception as exc:  # a bug in a pass must not lose the user's work
             exc.add_note(f"in pass {call.name!r}")
             return _fail(result, step, exc, start, f"pass {call.name!r} failed with {type(exc).__name__}: "
@@ -130,6 +131,10 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
         result.model = current = candidate
         previous_out = out
     return result
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _already_broken(exc: SqueezeError, model: onnx.ModelProto) -> str:

@@ -14,11 +14,12 @@ from .model import is_big, without_weights
 
 
 def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True,
-            weights: dict[str, onnx.TensorProto] | None = None) -> ort.InferenceSession:
+            weights: dict[str, onnx.TensorProto] | None = None):
     """A CPU InferenceSession for an in-memory model; `threads` None means ONNX Runtime's default.
 
-    A model over the protobuf limit is handed over without its large weights, which ONNX Runtime then reads from
-    this process's memory (external initializers); `weights` are those of a model already stripped that way.
+    A model over the protobuf limit is handed over without its large weights, which become graph inputs fed from
+    this process's memory on every run (`WeightFedSession`); `weights` are those of a model already stripped
+    that way (`without_weights(model, as_inputs=True)`).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # initializers-as-inputs warnings of IR 3 models are noise here
@@ -28,18 +29,37 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if weights is None and is_big(model):
-        model, weights = without_weights(model)
-    arrays = []
-    if weights:
-        opts.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
-        arrays = [numpy_helper.to_array(t) for t in weights.values()]
-        opts.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+        model, weights = without_weights(model, as_inputs=True)
+    try:
+        arrays = {name: numpy_helper.to_array(t) for name, t in (weights or {}).items()}
+    except ValueError as exc:  # the bytes do not fill the declared shape
+        raise PassError(f"ONNX Runtime cannot load the model: a weight does not match its shape ({exc})") from None
     try:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented...)
         raise PassError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from exc
-    sess.squeeze_weights = arrays  # ONNX Runtime reads them in place: they live as long as the session
-    return sess
+    return WeightFedSession(sess, arrays) if arrays else sess
+
+
+class WeightFedSession:
+    """An InferenceSession whose large weights are graph inputs, added to every feed.
+
+    ONNX Runtime reads input buffers in place, while initializers handed to it are copied: feeding the weights
+    keeps one copy of them per session instead of two.
+    """
+
+    def __init__(self, sess: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self.session = sess
+        self.weights = weights
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
 
 
 def run(model: onnx.ModelProto, data: Dataset, outputs: list[str] | None = None,
@@ -74,11 +94,11 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def activations(model: onnx.ModelProto, data: Dataset, names: list[str],
                 threads: int | None = None) -> dict[str, np.ndarray]:
     """Values of intermediate tensors `names` on every sample of `data` (graph optimisations off, so names exist)."""
-    weights = None
+    weights, skeleton = None, model
     if is_big(model):  # expose the outputs on the weightless skeleton, not on a copy of every weight
-        model, weights = without_weights(model)
-    exposed = with_outputs(model, names)
-    return run(exposed, data, names, sess=session(exposed, threads, optimize=False, weights=weights))
+        skeleton, weights = without_weights(model, as_inputs=True)
+    exposed = with_outputs(skeleton, names)
+    return run(model, data, names, sess=session(exposed, threads, optimize=False, weights=weights))
 
 
 def cpu_count() -> int:

@@ -385,3 +385,14 @@ def test_matmul_on_a_sequence_keeps_its_leading_axes():
     assert r["kept_energy"] == pytest.approx(1.0, abs=1e-9) and r["macs_before"] == 2 * 3 * 8 * 12
     assert r["runtime_gather"] and r["folded"] == ["output"]
     assert graphs.max_rel_error(model, out, graphs.random_inputs(model, count=3, seed=3)) <= TOLERANCE
+
+
+def test_layers_with_non_finite_weights_are_left_alone():
+    model = layer_graph("gemm", folded=True)
+    weight = next(t for t in model.graph.initializer if t.name == "L.w")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[0, 0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, "L.w"))
+    out, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L, pre], min_size=0)")
+    assert step["details"]["layers"] == ["pre"]
+    assert any("L left unchanged: not rewritable: its weight holds NaN" in n for n in step["notes"])

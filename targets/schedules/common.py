@@ -15,10 +15,11 @@ from tvm import s_tir, tirx
 KERNEL = "squeeze.kernel"
 TILE = "squeeze.tile"  # [k vectors, rows, cols] of the register tile, chosen by the legalization
 
-#: Loops with less work than this (multiply-adds, or elements for injective loops) run on one thread: a
-#: parallel launch of TVM's thread pool costs a few microseconds (measured 2-5 µs on 2 cores), which is what
-#: ~250 k multiply-adds take at 50 GMAC/s.
-PARALLEL_MIN_WORK = 1 << 18
+#: Loops with less work than this (multiply-adds, or elements for injective loops) run on one thread. A
+#: parallel launch of TVM's thread pool costs 2-5 µs on an idle 2-core machine and much more when the other
+#: core is busy (sri_resnet_a, 2 threads, 8×8 convs of 0.6 M MACs in parallel: 0.104 ms; 1 thread: 0.073 ms).
+#: 2 M multiply-adds are ~40 µs at 50 GMAC/s: enough to pay for it.
+PARALLEL_MIN_WORK = 1 << 21
 
 
 def root_blocks(sch: s_tir.Schedule) -> list:

@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # benchmarks.corpus; appended so the installed squeeze wins
 
 CASE_TIMEOUT = float(os.environ.get("SQUEEZE_FUZZ_TIMEOUT", "60"))
+STARTUP_TIMEOUT = 180.0
 SUMMARIES: list[str] = []  # one line per suite run, printed by conftest.py's terminal summary
 OUTPUT_FILES = {"model.onnx", "model.onnx.data", "report.json", "report.md", "report.html", ".squeeze.lock"}
 
@@ -286,9 +287,12 @@ def worker() -> None:
     os.dup2(log, 2)
     import squeeze.registry  # noqa: PLC0415,F401  (import everything once, before the first timed case)
     squeeze.registry.all_passes()
+    proto.write('{"ready": true}\n')
     cwd = Path.cwd()
     for line in sys.stdin:
         job = json.loads(line)
+        if job.get("debug_sleep"):  # lets the tests check that a hang is caught
+            time.sleep(job["debug_sleep"])
         outcome = run_case(job["seed"], job["index"], Path(job["root"]), out_dir=job.get("out_dir", False),
                            cli=job.get("cli", False), corpus_share=job.get("corpus_share", 0.1))
         written = os.listdir(cwd)
@@ -317,6 +321,10 @@ class Runner:
             env["SQUEEZE_FUZZ_LOG"] = str(self.log)
         self.proc = subprocess.Popen([sys.executable, "-m", "robustness.fuzz", "--worker"], cwd=self.cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_TIMEOUT)  # imports are not a case's time
+        if not ready or not self.proc.stdout.readline():
+            self.close()
+            raise RuntimeError(f"the fuzz worker did not start within {STARTUP_TIMEOUT}s")
 
     def run(self, seed: int, index: int, **options) -> Outcome:
         if self.proc is None or self.proc.poll() is not None:
@@ -324,8 +332,7 @@ class Runner:
         assert self.proc and self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps({"seed": seed, "index": index, "root": str(self.root), **options}) + "\n")
         self.proc.stdin.flush()
-        # the first case also pays for the worker's imports
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout + 30)
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             died = self.proc.poll()

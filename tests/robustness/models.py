@@ -309,6 +309,22 @@ def if_after_conv_bn() -> onnx.ModelProto:
     return _finish(g, {"x": [1, 3, 8, 8]}, "y", output_shape=[1, 4, 8, 8])
 
 
+def if_reads_large_outer_weight() -> onnx.ModelProto:
+    """
+    if_model whose then-branch also adds ReduceSum(v) of an 80 kB outer-scope vector v: constant-foldable inside
+    the branch, and large enough to take squeeze's large-weight export path
+    """
+    model = if_model()
+    then = next(a for a in model.graph.node[-1].attribute if a.name == "then_branch").g
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.random.default_rng(4).standard_normal(20000).astype(np.float32), "v"))
+    then.node.append(helper.make_node("ReduceSum", ["v"], ["t_sum"], name="t_sum", keepdims=1))
+    then.node.append(helper.make_node("Add", ["t_out", "t_sum"], ["t_out2"], name="t_add"))
+    then.output[0].name = "t_out2"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def loop_model() -> onnx.ModelProto:
     """
     x[1,4] ─ Loop(3 iterations) body: acc ← Relu(MatMul(acc, W) + b) ─ y[1,4]      (outer-scope W, b)
@@ -555,6 +571,7 @@ EDGE_CASES: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     "two_outputs_one_consumed": (two_outputs_one_consumed, "ok"),
     "if": (if_model, "ok"),
     "if_after_conv_bn": (if_after_conv_bn, "ok"),
+    "if_reads_large_outer_weight": (if_reads_large_outer_weight, "ok"),
     "loop": (loop_model, "ok"),
     "scan": (scan_model, "ok"),
     "unknown_domain": (unknown_domain, "error"),

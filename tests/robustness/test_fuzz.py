@@ -63,3 +63,21 @@ def test_fuzz_slow(tmp_path):
     outcomes = _run_suite(tmp_path, "fuzz (slow)", SEED + 1000, n, out_dir_every=10, cli_every=50,
                           corpus_share=0.15)
     assert len(outcomes) == n
+
+
+def test_a_hanging_case_is_caught_and_the_worker_replaced(tmp_path):
+    runner = fuzz.Runner(tmp_path, timeout=2)
+    try:
+        hung = runner.run(SEED, 0, debug_sleep=60)
+        assert hung.outcome == "hang" and "no answer within 2" in hung.detail
+        after = runner.run(SEED, 1)  # a fresh worker takes the next case
+        assert after.outcome in ("ok", "pass_failed", "error"), after
+    finally:
+        runner.close()
+
+
+def test_the_mutator_is_deterministic():
+    from robustness import mutate
+    for index in (0, 5, len(models.EDGE_CASES) + 3, 500, 1999):
+        a, b = mutate.case(SEED, index), mutate.case(SEED, index)
+        assert (a.describe(), a.files, a.links) == (b.describe(), b.files, b.links)
