@@ -17,8 +17,12 @@ arXiv:1805.12085, 2018, trains with such a fixed mask; here a trained model is r
    the layer gathers its input / scatters its output with a runtime `Gather`; the report says where and why.
    Measured (benchmarks/results/blockperm.md): channel Gathers cost TVM ~1-2 % of a ResNet's latency, while
    forcing every fold (`fold=always`) cost cifar10_resnet4b 11 points of top-1.
-3. **Rewrite**: Gemm/MatMul → [Gather] → Reshape [.., B, 1, n/B] → one batched MatMul with a [B, n/B, m/B]
-   weight → Reshape → Add bias → [Gather]; Conv (any kernel) → a grouped Conv with `group=B`.
+3. **Rewrite**: Conv (any kernel) → a grouped Conv with `group=B`; Gemm/MatMul → [Gather] → the blocks →
+   [Gather], the blocks as (`form`) a grouped 1×1 Conv on a [N, n, 1, 1] view, B MatMuls with 2-D weights
+   and a Concat, or one batched MatMul with a [B, n/B, m/B] weight between two Reshapes. Which is fastest was
+   measured, not assumed: squeeze's CPU schedules pack grouped Convs and 2-D-weight MatMuls but leave the
+   batched MatMul unscheduled (5× slower than the dense layer on mnist_burn's fc1), so `form=auto` picks the
+   grouped Conv (2-D inputs, blocks of a multiple of 4 outputs) or the split form.
 4. **Compensation** (`compensate`, with real calibration data): per block, the kept weights are refit so the
    layer's output on calibration activations (from the already-rewritten network upstream) matches the
    original: each output keeps a free scale on its kept-weight signal plus a ridge correction toward the kept
@@ -150,12 +154,16 @@ def blockperm(graph: gs.Graph, ctx: Context, *,
               fold: Annotated[Literal["auto", "always", "never"], "fold permutations into neighbouring layers "
                               "wherever the channel analysis allows (always), never (runtime Gathers), or unless "
                               "folding keeps < 98% of the energy a free permutation keeps (auto)"] = "auto",
+              form: Annotated[Literal["auto", "conv", "split", "matmul"], "how Gemm/MatMul blocks run: a grouped "
+                              "1×1 Conv (conv), B MatMuls and a Concat (split), one batched MatMul with a "
+                              "[B, n/B, m/B] weight (matmul); auto: conv for 2-D inputs when a block has a "
+                              "multiple of 4 outputs, else split"] = "auto",
               skip: Annotated[list[str], "layers left untouched (names, op types, patterns)"]
               = [],  # noqa: B006 (never mutated)
               ) -> None:
     """Block-diagonal layers after permuting rows/columns (MPDCompress): B× fewer weights and MACs per layer."""
     with _single_threaded_blas():
-        _blockperm(graph, ctx, blocks, layers, min_size, compensate, search, fold, skip)
+        _blockperm(graph, ctx, blocks, layers, min_size, compensate, search, fold, form, skip)
 
 
 @contextmanager
@@ -172,7 +180,7 @@ def _single_threaded_blas():
 
 
 def _blockperm(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], layers: list[str], min_size: int,
-               compensate: bool, search: int, fold: str, skip: list[str]) -> None:
+               compensate: bool, search: int, fold: str, form: str, skip: list[str]) -> None:
     targets, skipped = select_targets(graph, ctx, blocks, layers, min_size, skip)
     for name, why in skipped.items():
         if why.startswith("not "):
@@ -200,7 +208,7 @@ def _blockperm(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], laye
     rows = []
     done: list[Target] = []
     for t in sorted(targets, key=lambda t: graph.nodes.index(t.node)):
-        row = rewrite(graph, ctx, t, solution, orders, scores[id(t)], reference, done)
+        row = rewrite(graph, ctx, t, solution, orders, scores[id(t)], reference, done, form)
         rows.append(row)
         done.append(t)
         ctx.details["layers"].append(t.name)
@@ -658,7 +666,7 @@ def _positions(t: Target, side: str, solution: Partitions, orders: dict) -> np.n
 # ------------------------------------------------------------------------------------------------- rewrite
 
 def rewrite(graph: gs.Graph, ctx: Context, t: Target, solution: Partitions, orders: dict, score: dict,
-            reference, done: list[Target]) -> dict:
+            reference, done: list[Target], form: str = "auto") -> dict:
     """Replace one layer by its block form (compensated when `reference` is given); its report row."""
     w, bias = weights(t)
     pin, pout = _positions(t, "in", solution, orders), _positions(t, "out", solution, orders)
@@ -676,12 +684,24 @@ def rewrite(graph: gs.Graph, ctx: Context, t: Target, solution: Partitions, orde
     gather_in = not _contiguous(pin)
     gather_out = not _contiguous(pout)
     dtype = np.asarray(constant_value(t.node.inputs[1])).dtype
+    lowering = "conv" if t.op == "Conv" else lowering_for(t, wo, form)
     _build(graph, t, blocks.astype(dtype), block_bias.astype(dtype), pin if gather_in else None,
-           pout if gather_out else None)
+           pout if gather_out else None, lowering)
     row["params_after"] = int(blocks.size)
+    row["form"] = {"conv": f"grouped Conv (group={B})", "split": f"{B} MatMuls + Concat",
+                   "matmul": "batched MatMul"}[lowering]
     row["runtime_gather"] = [f"{side} ({port.why})" for side, port, flag in
                              (("input", t.inp, gather_in), ("output", t.out, gather_out)) if flag]
     return row
+
+
+def lowering_for(t: Target, block_outputs: int, form: str) -> str:
+    """How a Gemm/MatMul's blocks run. Measured (benchmarks/results/blockperm.md): squeeze's CPU schedules pack
+    a grouped Conv whose groups have a multiple of 4 outputs and every 2-D-weight MatMul, but run a batched
+    MatMul with a 3-D weight unscheduled (5× slower than the dense layer on mnist_burn's fc1)."""
+    if form != "auto":
+        return "split" if form == "conv" and t.rank != 2 else form
+    return "conv" if t.rank == 2 and block_outputs % 4 == 0 else "split"
 
 
 def _contiguous(pos: np.ndarray) -> bool:
@@ -689,8 +709,11 @@ def _contiguous(pos: np.ndarray) -> bool:
 
 
 def _build(graph: gs.Graph, t: Target, blocks: np.ndarray, bias: np.ndarray, pin: np.ndarray | None,
-           pout: np.ndarray | None) -> None:
-    """Insert the block form of `t` between its input and its output tensor, and disconnect the old node(s)."""
+           pout: np.ndarray | None, lowering: str) -> None:
+    """Insert the block form of `t` between its input and its output tensor, and disconnect the old node(s).
+
+    blocks [B, m/B, n/B, *kernel], bias [B, m/B]; `lowering` (Gemm/MatMul): conv | split | matmul.
+    """
     name = t.name
     node, y = t.node, t.y
     B, wo, wi = blocks.shape[:3]
@@ -699,17 +722,34 @@ def _build(graph: gs.Graph, t: Target, blocks: np.ndarray, bias: np.ndarray, pin
     if pin is not None:
         x = _gather(graph, x, np.where(pin >= 0, pin, 0).reshape(-1), axis, f"{name}/blockperm_in")
     out_var = gs.Variable(fresh_name(graph, f"{name}/blocks_out"), dtype=y.dtype)
-    old_nodes = [node] + ([t.bias_add] if t.bias_add is not None else [])
-    for old in old_nodes:
+    for old in [node] + ([t.bias_add] if t.bias_add is not None else []):
         old.name = old.name + "/replaced"
         old.outputs.clear()
-    if t.op == "Conv":
-        attrs = {k: v for k, v in node.attrs.items()}
+    flat_bias = gs.Constant(fresh_name(graph, f"{name}.block_bias"), np.ascontiguousarray(bias.reshape(-1)))
+    if t.op == "Conv" or lowering == "conv":
+        kernel = blocks.shape[3:] or (1, 1)
+        attrs = dict(node.attrs) if t.op == "Conv" else {"kernel_shape": [1, 1]}
         attrs["group"] = B
-        weight = gs.Constant(fresh_name(graph, f"{name}.block_weight"), np.ascontiguousarray(
-            blocks.reshape((B * wo, wi) + blocks.shape[3:])))
-        b = gs.Constant(fresh_name(graph, f"{name}.block_bias"), np.ascontiguousarray(bias.reshape(-1)))
-        graph.nodes.append(gs.Node("Conv", name, attrs, [x, weight, b], [out_var]))
+        weight = gs.Constant(fresh_name(graph, f"{name}.block_weight"),
+                             np.ascontiguousarray(blocks.reshape((B * wo, wi) + tuple(kernel))))
+        if t.op == "Conv":
+            graph.nodes.append(gs.Node("Conv", name, attrs, [x, weight, flat_bias], [out_var]))
+        else:  # a block-diagonal matrix product is a grouped 1×1 convolution on a [N, n, 1, 1] view
+            image = _reshape(graph, x, [0, B * wi, 1, 1], f"{name}/blockperm_image")
+            product = gs.Variable(fresh_name(graph, f"{name}/blocks_product"), dtype=y.dtype)
+            graph.nodes.append(gs.Node("Conv", name, attrs, [image, weight, flat_bias], [product]))
+            graph.nodes.append(_reshape_node(graph, product, [0, B * wo], f"{name}/blockperm_flat", out_var))
+    elif lowering == "split":
+        parts = [gs.Variable(fresh_name(graph, f"{name}/part{g}"), dtype=y.dtype) for g in range(B)]
+        graph.nodes.append(_split_node(graph, x, parts, axis, [wi] * B, f"{name}/blockperm_split"))
+        products = []
+        for g in range(B):
+            w = gs.Constant(fresh_name(graph, f"{name}.block_weight{g}"), np.ascontiguousarray(blocks[g].T))
+            products.append(gs.Variable(fresh_name(graph, f"{name}/block{g}"), dtype=y.dtype))
+            graph.nodes.append(gs.Node("MatMul", f"{name}/block{g}", {}, [parts[g], w], [products[g]]))
+        merged = gs.Variable(fresh_name(graph, f"{name}/blocks_concat"), dtype=y.dtype)
+        graph.nodes.append(gs.Node("Concat", name, {"axis": axis}, products, [merged]))
+        graph.nodes.append(gs.Node("Add", f"{name}/blockperm_bias", {}, [merged, flat_bias], [out_var]))
     else:
         lead = [0] * (t.rank - 1)
         grouped = _reshape(graph, x, lead + [B, 1, wi], f"{name}/blockperm_split")
@@ -718,8 +758,7 @@ def _build(graph: gs.Graph, t: Target, blocks: np.ndarray, bias: np.ndarray, pin
         product = gs.Variable(fresh_name(graph, f"{name}/blocks_product"), dtype=y.dtype)
         graph.nodes.append(gs.Node("MatMul", name, {}, [grouped, weight], [product]))
         merged = _reshape(graph, product, lead + [B * wo], f"{name}/blockperm_merge")
-        b = gs.Constant(fresh_name(graph, f"{name}.block_bias"), np.ascontiguousarray(bias.reshape(-1)))
-        graph.nodes.append(gs.Node("Add", f"{name}/blockperm_bias", {}, [merged, b], [out_var]))
+        graph.nodes.append(gs.Node("Add", f"{name}/blockperm_bias", {}, [merged, flat_bias], [out_var]))
     if pout is not None:
         slots = np.full(t.m, -1, dtype=np.int64)
         valid = pout.reshape(-1) >= 0
@@ -727,6 +766,20 @@ def _build(graph: gs.Graph, t: Target, blocks: np.ndarray, bias: np.ndarray, pin
         _gather(graph, out_var, slots, axis, f"{name}/blockperm_out")
     # the last node writes the original output tensor, so every consumer (and a graph output) is unchanged
     graph.nodes[-1].outputs[0] = y
+
+
+def _split_node(graph: gs.Graph, x: gs.Tensor, parts: list[gs.Variable], axis: int, sizes: list[int],
+                name: str) -> gs.Node:
+    """Split with explicit sizes: an input from opset 13, an attribute before."""
+    if int(graph.opset or 13) >= 13:
+        sizes_t = gs.Constant(fresh_name(graph, f"{name}_sizes"), np.array(sizes, dtype=np.int64))
+        return gs.Node("Split", name, {"axis": axis}, [x, sizes_t], parts)
+    return gs.Node("Split", name, {"axis": axis, "split": list(sizes)}, [x], parts)
+
+
+def _reshape_node(graph: gs.Graph, x: gs.Tensor, shape: list[int], name: str, out: gs.Variable) -> gs.Node:
+    target = gs.Constant(fresh_name(graph, f"{name}_shape"), np.array(shape, dtype=np.int64))
+    return gs.Node("Reshape", name, {}, [x, target], [out])
 
 
 def _gather(graph: gs.Graph, x: gs.Tensor, indices: np.ndarray, axis: int, name: str) -> gs.Variable:
@@ -738,8 +791,7 @@ def _gather(graph: gs.Graph, x: gs.Tensor, indices: np.ndarray, axis: int, name:
 
 def _reshape(graph: gs.Graph, x: gs.Tensor, shape: list[int], name: str) -> gs.Variable:
     out = gs.Variable(fresh_name(graph, name), dtype=x.dtype)
-    target = gs.Constant(fresh_name(graph, f"{name}_shape"), np.array(shape, dtype=np.int64))
-    graph.nodes.append(gs.Node("Reshape", name, {}, [x, target], [out]))
+    graph.nodes.append(_reshape_node(graph, x, shape, name, out))
     return out
 
 

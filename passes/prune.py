@@ -10,7 +10,13 @@ name in `IMPORTANCES`):
   (He et al. 2019, "Filter Pruning via Geometric Median");
 - `activation`: mean |activation| of the channel on calibration data (as in ThiNet, Luo et al. 2017, and NISP).
 
-Compensation (`compensate.py`) then refits the layers that read the cut channels.
+Where to cut (`scope`): `layer` takes `ratio` of every group; `global` ranks all channels together, each
+group's scores divided by their mean; `sensitivity` cuts each group alone at 25/50/75 % (compensated like the
+pass) and measures the output loss on held-out calibration samples, then ranks every channel by the loss its
+removal adds per MAC it saves — the pruning goes where it hurts least (slower: three trial cuts per group).
+`ratio` is always the fraction of the prunable groups' channels removed; MACs usually fall faster.
+
+Compensation (`compensate.py`) then refits the layers that read the cut channels, and the layers after them.
 """
 from __future__ import annotations
 
@@ -183,7 +189,7 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
     reference = runtime.run(ctx.model, measured, threads=ctx.threads)
     cache: dict = {}
     result = {}
-    linear = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in ctx.model.graph.node)
+    linear = sum(node.op_type in ("Conv", "Gemm", "MatMul") for node in ctx.model.graph.node)
     downstream = linear <= SENSITIVITY_DOWNSTREAM_LAYERS
     for group in groups:
         order = np.argsort(np.asarray(scores[group], dtype=np.float64), kind="stable")  # removal order

@@ -126,6 +126,9 @@ def _run(argv: list[str]) -> int:
     from .runtime import cpu_count  # noqa: PLC0415
     threads = args.threads or cpu_count()
     from .api import compress  # noqa: PLC0415
+    if not args.debug:  # ONNX Runtime logs the errors it raises (squeeze reports them) to stderr; graphsurgeon's
+        import onnxruntime  # noqa: PLC0415   constant folding makes sessions of its own
+        onnxruntime.set_default_logger_severity(4)
     progress = _Progress()
     targets = "" if args.target.strip().lower() == "none" else args.target
     result = compress(model, args.passes, calib=args.calib, eval=args.eval, targets=targets, seed=args.seed,

@@ -22,7 +22,7 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
     that way (`without_weights(model, as_inputs=True)`).
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # initializers-as-inputs warnings of IR 3 models are noise here
+    opts.log_severity_level = 4  # fatal only: ORT also logs the errors it raises (we report them), and IR 3 warnings
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -111,32 +111,50 @@ def test_joint_search_shares_partitions_between_layers():
 
 # ------------------------------------------------------------------------------------------------ rewrite
 
+FORMS = [("gemm", "conv"), ("gemm", "split"), ("gemm", "matmul"), ("matmul", "conv"), ("matmul", "split"),
+         ("matmul", "matmul"), ("conv1x1", "auto"), ("conv3x3", "auto")]
+
+
 @pytest.mark.parametrize("folded", [False, True], ids=["gathered", "folded"])
-@pytest.mark.parametrize("kind", ["gemm", "matmul", "conv1x1", "conv3x3"])
-def test_hidden_permutation_is_recovered_and_the_rewrite_is_exact(kind, folded):
+@pytest.mark.parametrize("kind,form", FORMS, ids=[f"{k}-{f}" for k, f in FORMS])
+def test_hidden_permutation_is_recovered_and_the_rewrite_is_exact(kind, form, folded):
     model = layer_graph(kind, folded)
-    out, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L], search=1)")
+    out, (step,) = graphs.apply(model, f"blockperm(blocks=4, layers=[L], search=1, form={form})")
     onnx.checker.check_model(out, full_check=True)
     r = row(step)
     assert r["kept_energy"] == pytest.approx(1.0, abs=1e-9)
     assert r["kept_energy_identity"] < 0.5 and r["kept_energy_random"] < 0.5
-    assert (r["params_before"], r["params_after"]) == (8 * 12 * (9 if kind == "conv3x3" else 1),
-                                                      2 * 3 * 4 * (9 if kind == "conv3x3" else 1))
+    k = 3 if kind == "conv3x3" else 1
+    assert (r["params_before"], r["params_after"]) == (8 * 12 * k * k, 4 * 2 * 3 * k * k)
     assert r["macs_after"] * 4 == r["macs_before"]
     assert graphs.max_rel_error(model, out, graphs.random_inputs(model, count=6, seed=3)) <= TOLERANCE
     ops = graphs.op_counts(out)
     assert ops.get("Gather", 0) == (0 if folded else 2)
     assert len(r["runtime_gather"]) == ops.get("Gather", 0)
     assert r["folded"] == (["input", "output"] if folded else [])
-    if kind.startswith("conv"):
-        conv = next(n for n in out.graph.node if n.name == "L")
-        assert onnx.helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == 4
+    weights = {t.name: list(t.dims) for t in out.graph.initializer}
+    node = next(n for n in out.graph.node if n.name == "L")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if kind.startswith("conv") or form == "conv":  # a grouped Conv (1×1 on a [N, n, 1, 1] view for Gemm/MatMul)
+        assert node.op_type == "Conv" and attrs["group"] == 4 and weights[node.input[1]] == [8, 3, k, k]
+        assert ops.get("Reshape", 0) == (0 if kind.startswith("conv") else 2)
+    elif form == "split":  # B MatMuls with [n/B, m/B] weights, concatenated
+        assert node.op_type == "Concat" and ops["Split"] == 1
+        blocks = [n for n in out.graph.node if n.name in {f"L/block{g}" for g in range(4)}]
+        assert [b.op_type for b in blocks] == ["MatMul"] * 4 and all(weights[b.input[1]] == [3, 2] for b in blocks)
     else:  # one batched MatMul with a [B, n/B, m/B] weight between two Reshapes
-        weights = {t.name: t for t in out.graph.initializer}
-        matmul = next(n for n in out.graph.node if n.name == "L")
-        assert matmul.op_type == "MatMul" and list(weights[matmul.input[1]].dims) == [4, 3, 2]
-        assert ops["Reshape"] == 2 and ops.get("Gemm", 0) == (2 if folded else 0)  # only pre and post remain
+        assert node.op_type == "MatMul" and weights[node.input[1]] == [4, 3, 2] and ops["Reshape"] == 2
+    assert ops.get("Gemm", 0) == (2 if folded and kind in ("gemm", "matmul") else 0)  # only pre and post remain
     assert step["details"]["layers"] == ["L"]
+
+
+def test_auto_form_prefers_the_grouped_conv_for_blocks_of_four_outputs():
+    model = layer_graph("gemm", folded=True, m=16, n=12)  # blocks of 4 outputs
+    _, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L], search=1)")
+    assert row(step)["form"] == "grouped Conv (group=4)"
+    model = layer_graph("gemm", folded=True)  # blocks of 2 outputs
+    _, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L], search=1)")
+    assert row(step)["form"] == "4 MatMuls + Concat"
 
 
 def test_uneven_sizes_are_padded_and_recovered():

@@ -640,7 +640,7 @@ def spec_case(rng, case: Case) -> str:
 
 # ------------------------------------------------------------------------------------------------- the generator
 
-FAMILIES = ["bytes", "bytes", "struct", "struct", "struct", "struct", "extdata", "data", "spec", "edge"]
+FAMILIES = ["bytes", "bytes", "struct", "struct", "struct", "struct", "extdata", "data", "spec", "edge", "edge"]
 
 
 def case(seed: int, index: int, corpus_share: float = 0.1) -> Case:
