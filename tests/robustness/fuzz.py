@@ -369,13 +369,18 @@ def summarize(outcomes: list[Outcome], seconds: float) -> str:
     via = Counter(o.via for o in outcomes)
     text = (f"{len(outcomes)} cases in {seconds:.1f}s ({via.get('api', 0)} API, {via.get('cli', 0)} CLI): "
             + ", ".join(f"{k} {counts[k]}" for k in ("ok", "pass_failed", "error", "unexpected", "hang")))
-    crashes = Counter(o.contained_crash.split(":")[0] + ":" + o.contained_crash.split(":")[1][:60]
-                      if o.contained_crash and ":" in o.contained_crash else o.contained_crash
-                      for o in outcomes if o.contained_crash)
+    crashes: Counter[str] = Counter()
+    example: dict[str, int] = {}
+    for o in outcomes:
+        if o.contained_crash:
+            head, _, rest = o.contained_crash.partition(":")
+            what = f"{head}:{rest[:60]}"
+            crashes[what] += 1
+            example.setdefault(what, o.index)
     if crashes:
         text += "\n  contained pass crashes (non-SqueezeError inside a pass; last good model kept):"
         for what, k in crashes.most_common():
-            text += f"\n    {k}× {what}"
+            text += f"\n    {k}× {what} (e.g. --index {example[what]})"
     return text
 
 
