@@ -15,8 +15,9 @@ arXiv:1805.12085, 2018, trains with such a fixed mask; here a trained model is r
    would keep clearly less energy than a free one (`fold=auto`: < 98 %; e.g. the 11616 features after a
    Flatten grouped only by their 24 channels, or a residual stream whose partition four layers must share),
    the layer gathers its input / scatters its output with a runtime `Gather`; the report says where and why.
-   Measured (benchmarks/results/blockperm.md): channel Gathers cost TVM ~1-2 % of a ResNet's latency, while
-   forcing every fold (`fold=always`) cost cifar10_resnet4b 11 points of top-1.
+   Measured (benchmarks/results/blockperm.md): on cifar10_resnet4b the 10 Gathers that `auto` keeps cost ~8 %
+   of the cpu target's latency (1.79× instead of 1.95× faster than the original), while forcing every fold
+   (`fold=always`) cost 11 points of top-1.
 3. **Rewrite**: Conv (any kernel) → a grouped Conv with `group=B`; Gemm/MatMul → [Gather] → the blocks →
    [Gather], the blocks as (`form`) a grouped 1×1 Conv on a [N, n, 1, 1] view, B MatMuls with 2-D weights
    and a Concat, or one batched MatMul with a [B, n/B, m/B] weight between two Reshapes. Which is fastest was
@@ -67,10 +68,13 @@ POWER_SAMPLES = 128
 HOLDOUT_EVERY = 4
 _PERMUTED_PORTS = ("in", "out", "dw", "param")  # members whose constants a reordering rewrites
 #: What benchmarks/results/blockperm.md measured (batch 1, one thread): the report's target latencies say the rest.
-SPEED_NOTE = ("speed (measured in benchmarks/results/blockperm.md): with TVM's CPU target the grouped Conv and "
-              "batched MatMul forms ran 3-16× faster than the dense layers, but ONNX Runtime ran them 0.2-0.9× "
-              "as fast (its dense kernels are tuned, its grouped/batched ones less so): the rewrite pays off on TVM "
-              "targets, not in ONNX Runtime")
+SPEED_NOTE = ("speed (measured in benchmarks/results/blockperm.md, batch 1): with the cpu target's schedules the "
+              "block forms ran 0.7-2.4× as fast as the dense layers (median 1.8×; whole models 1.1-1.9×), but "
+              "ONNX Runtime ran them 0.26-0.92× as fast: the rewrite pays off on TVM targets, not in ONNX Runtime")
+#: Measured slower than the dense layer with the cpu target: the split form, and layers of a few microseconds.
+SLOW_FORM_NOTE = ("{layers}: blocks of {outputs} outputs (not a multiple of 4) run as B MatMuls + Concat, which "
+                  "the cpu target ran slower than the dense layer in the benchmark (cifar10_resnet4b Gemm_25: "
+                  "0.74×); fewer blocks, or B dividing the outputs by a multiple of 4, keep the grouped form")
 
 
 def weaker_blocks(blocks: int | dict[str, int]) -> int | None:
@@ -1048,7 +1052,12 @@ def _summarise(ctx: Context, rows: list[dict]) -> None:
                  f"{r['params_after']:,}, {kept}{where}{comp}")
     ctx.note(f"rewritten layers: {before:,} → {after:,} parameters ({before / max(after, 1):.2f}×)")
     ctx.details["params"] = {"before": before, "after": after}
+    split = [r for r in rows if r.get("form", "").endswith("Concat")]
+    if split:
+        ctx.note(SLOW_FORM_NOTE.format(layers=", ".join(r["layer"] for r in split),
+                                       outputs="/".join(sorted({str(r["block_shape"][0]) for r in split}))))
     if any(r["runtime_gather"] for r in rows):
-        ctx.note("runtime Gathers are cheap in TVM but ONNX Runtime copies them element by element (about 8 ns "
-                 "per element measured); fold=always avoids them at some accuracy")
+        ctx.note("runtime Gathers cost time: ONNX Runtime copies them element by element (about 8 ns per "
+                 "element measured); on the cpu target cifar10_resnet4b's 10 Gathers took ~8 % of its latency; "
+                 "fold=always avoids them at some accuracy")
     ctx.note(SPEED_NOTE)

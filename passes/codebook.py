@@ -72,7 +72,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     if compensate and ctx.calib_is_synthetic:
         ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
     tracked = [ls[0] for ls in by_weight.values() if len(ls) == 1]
-    rows = calibrate(ctx.model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads) if refit and tracked else {}
+    rows, samples = calibrate(ctx.model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads,
+                              with_samples=True) if refit and tracked else ({}, {})
     builder = Builder(graph)
     per_layer, changed = [], False
     for consumers in by_weight.values():
@@ -99,7 +100,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         shared = centroids.astype(w.dtype)[labels].reshape(w.shape)
         entry["weight_rel_err"] = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
         if x is not None:
-            delta = _correct_bias(builder, layer, w, shared, x, x_in)
+            delta = _correct_bias(builder, layer, w, shared, x, x_in, samples[layer.name])
+            entry["bias_corrected"] = delta is not None
             entry["output_rel_err"] = _output_error(layer, w, shared, x, x_in, delta)
         rebuilt = _rebuild(builder, layer, labels, centroids.astype(w.dtype), codes,
                            (zero_point, step, codebook_bits) if codes is not None else None, kernel)
@@ -254,16 +256,30 @@ def _quantize_codebook(centroids: np.ndarray, bits: int) -> tuple[np.ndarray, in
     return codes, zero_point, float(np.float32(step))
 
 
-def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray,
-                  x_in: np.ndarray) -> np.ndarray | None:
-    """Add the mean output error W·E[x] − Ŵ·E[x̃] on the calibration rows to the bias (Nagel et al., 2019);
-    returns the change (None when the layer has no adjustable bias)."""
-    bias = layer.bias()
-    if bias is None:
-        return None
+def _bias_delta(layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray, x_in: np.ndarray) -> np.ndarray:
+    """W·E[x] − Ŵ·E[x̃] per output (in output units): the mean output error on the rows given."""
     target = np.einsum("god,gd->go", layer.matrix(w).astype(np.float64), x.astype(np.float64).mean(axis=1))
     got = np.einsum("god,gd->go", layer.matrix(shared).astype(np.float64), x_in.astype(np.float64).mean(axis=1))
-    delta = layer.output_scale() * (target - got).ravel()
+    return layer.output_scale() * (target - got).ravel()
+
+
+def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray,
+                  x_in: np.ndarray, sample: np.ndarray) -> np.ndarray | None:
+    """Add the mean output error W·E[x] − Ŵ·E[x̃] on the calibration rows to the bias (Nagel et al., 2019),
+    if that helps on held-out samples: fitted on the even calibration samples, it must lower the output error
+    on the odd ones (per-channel means from a handful of images overfit, e.g. the 1000 class biases of a
+    classifier's last layer). Returns the change, or None when the bias is left alone."""
+    bias = layer.bias()
+    fit = sample % 2 == 0
+    if bias is None or fit.all() or not fit.any():
+        return None
+    held = ~fit
+    trial = _bias_delta(layer, w, shared, x[:, fit], x_in[:, fit])
+    with_delta = _output_error(layer, w, shared, x[:, held], x_in[:, held], trial)
+    without = _output_error(layer, w, shared, x[:, held], x_in[:, held])
+    if with_delta >= without:
+        return None
+    delta = _bias_delta(layer, w, shared, x, x_in)
     layer.set_bias(builder, bias + delta, w.dtype)
     return delta
 

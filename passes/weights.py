@@ -223,8 +223,10 @@ def _conv_geometry(node: gs.Node, in_hw: tuple[int, int], kernel: tuple[int, int
     return pads, strides, dilations
 
 
-def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to `rows` sampled input rows of `layer` from its input activation `x`: [groups, P, D] float32."""
+def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `rows` sampled input rows of `layer` from its input activation `x`: ([groups, P, D] float32, the
+    sample (index into x's batch) each row comes from)."""
     if layer.op == "Conv":
         kernel = tuple(int(k) for k in layer.weight.shape[2:])
         n, c, h, w = x.shape
@@ -241,24 +243,28 @@ def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator)
         patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
                      q[:, None, None, :]]
         g = layer.groups
-        return patches.reshape(len(pick), g, -1).transpose(1, 0, 2).astype(np.float32)
+        return patches.reshape(len(pick), g, -1).transpose(1, 0, 2).astype(np.float32), ni
     if layer.op == "Gemm":
         a = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
+        sample = np.arange(len(a))
         if layer.node.attrs.get("transA", 0):
-            a = a.T
+            a, sample = a.T, np.zeros(a.shape[1], np.int64)
     else:
         a = x.reshape(-1, x.shape[-1])
+        sample = np.arange(len(a)) // max(1, len(a) // max(1, x.shape[0]))
     if len(a) > rows:
-        a = a[rng.choice(len(a), size=rows, replace=False)]
-    return a[None].astype(np.float32)
+        pick = rng.choice(len(a), size=rows, replace=False)
+        a, sample = a[pick], sample[pick]
+    return a[None].astype(np.float32), sample
 
 
 def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, rows: int = 4096,
               budget: int = 2_000_000, seed: int = 0, threads: int | None = None, chunk: int = 16,
-              tensors: Iterable[str] = (), on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None
-              ) -> dict[str, np.ndarray]:
+              tensors: Iterable[str] = (), on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
+              with_samples: bool = False):
     """One run over `data`: sampled input rows [groups, P, D] per layer (name) with `has_matrix`, at most
     `rows` rows and `budget` floats per layer; `on_chunk` gets the activations of `tensors` chunk by chunk.
+    With `with_samples`, also {layer: the calibration sample each row comes from}.
 
     A layer's rows are sampled at positions that depend only on the seed, the layer's name and the data, so a
     later call for the same layer on a changed model sees the same positions."""
@@ -276,6 +282,7 @@ def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, row
         w = l.matrix(np.zeros(l.weight.shape, np.float32))
         limit[l.name] = max(1, min(rows, budget // max(1, w.shape[0] * w.shape[2])))
     collected: dict[str, list[np.ndarray]] = {l.name: [] for l in wanted}
+    origins: dict[str, list[np.ndarray]] = {l.name: [] for l in wanted}
     for start in range(0, len(data), chunk):
         part = data.subset(start, start + chunk)
         values = runtime.run(exposed, part, computed, sess=sess) if computed else {}
@@ -286,10 +293,15 @@ def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, row
             values = {k: v.reshape((-1,) + v.shape[2:]) if v.ndim >= 2 else v for k, v in values.items()}
         for l in wanted:
             share = -(-limit[l.name] // chunks)
-            collected[l.name].append(layer_rows(l, values[l.input.name].astype(np.float32), share, rngs[l.name]))
+            got, sample = layer_rows(l, values[l.input.name].astype(np.float32), share, rngs[l.name])
+            collected[l.name].append(got)
+            origins[l.name].append(start + sample)
         if on_chunk is not None:
             on_chunk({n: values[n] for n in tensors})
-    return {k: np.concatenate(v, axis=1)[:, :limit[k]] for k, v in collected.items() if v}
+    rows_ = {k: np.concatenate(v, axis=1)[:, :limit[k]] for k, v in collected.items() if v}
+    if not with_samples:
+        return rows_
+    return rows_, {k: np.concatenate(v)[:limit[k]] for k, v in origins.items() if v}
 
 
 # ---------------------------------------------------------------------------------------------- rebuild ops

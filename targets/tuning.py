@@ -125,7 +125,6 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
             raise TargetError(f"--tune needs the Python package {module!r}: pip install "
                               f"{'xgboost-cpu' if module == 'xgboost' else module}") from None
     triple = str(target.attrs.get("mtriple", "") or "")
-    _light_tensor_intrin("arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86")
     database = open_database(database_dir(cache, target, threads))
     import tvm  # noqa: PLC0415
     target = tvm.target.Target({**target.export(), "num-cores": threads})  # MetaSchedule requires it
@@ -152,6 +151,7 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
                 remaining -= _measure_variants(database, task, target, builder, runner, remaining)
             if remaining < MIN_TRIALS:
                 continue
+            _light_tensor_intrin("arm_cpu" if triple.startswith(("aarch64", "arm")) else "x86")
             context = ms.TuneContext(mod=task.workload_mod, target=target, space_generator="post-order-apply",
                                      search_strategy=_search(remaining), task_name=task.name,
                                      rand_state=seed + i, num_threads=max(1, os.cpu_count() or 1))
