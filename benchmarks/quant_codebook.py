@@ -54,6 +54,8 @@ CASES = [
     ("cifar10_resnet4b", "codebook(bits=4)"),
     ("cifar10_resnet4b", "codebook(unit=kernel,kernels=64)"),
     ("squeezenet", "codebook(unit=kernel)"),
+    ("squeezenet", "codebook(unit=kernel,kernels=256,bits=6)"),
+    ("squeezenet", "codebook(bits=6)"),
     ("squeezenet", "quant"),
 ]
 ROUNDTRIP = ["mnist_burn", "mnist_ortjava", "mnist8_zoo", "cifar10_resnet2b", "cifar10_resnet4b", "sri_resnet_a",

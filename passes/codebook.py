@@ -39,6 +39,7 @@ ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact w
 RIDGE = 1e-3          # relative ridge of the least-squares refit, towards the k-means centroids
 MAX_Z = 16_000_000    # floats in the refit's design matrix (rows are subsampled to stay under it)
 MAX_GRAM_INPUTS = 4608  # a kernel refit needs the inputs' Gram matrix; larger layers skip the refit
+MIN_BIAS_SAMPLES = 64  # per-channel bias corrections from fewer calibration samples are not trusted
 
 
 @register_pass("codebook", backoff=Backoff("bits", step_up(8), skip="skip"))
@@ -268,10 +269,11 @@ def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndar
     """Add the mean output error W·E[x] − Ŵ·E[x̃] on the calibration rows to the bias (Nagel et al., 2019),
     if that helps on held-out samples: fitted on the even calibration samples, it must lower the output error
     on the odd ones (per-channel means from a handful of images overfit, e.g. the 1000 class biases of a
-    classifier's last layer). Returns the change, or None when the bias is left alone."""
+    classifier's last layer), and it needs at least MIN_BIAS_SAMPLES samples. Returns the change, or None when
+    the bias is left alone."""
     bias = layer.bias()
     fit = sample % 2 == 0
-    if bias is None or fit.all() or not fit.any():
+    if bias is None or len(np.unique(sample)) < MIN_BIAS_SAMPLES:
         return None
     held = ~fit
     trial = _bias_delta(layer, w, shared, x[:, fit], x_in[:, fit])
@@ -324,6 +326,10 @@ def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], unit: 
     if refit:
         errs = [(e["output_rel_err_kmeans"], e["output_rel_err"]) for e in per_layer if "output_rel_err" in e]
         if errs:
-            text += (f"; least-squares refit + bias correction: mean output error "
+            corrected = sum(bool(e.get("bias_corrected")) for e in per_layer)
+            text += (f"; least-squares refit (+ bias correction in {corrected} layer(s)): mean output error "
                      f"{np.mean([a for a, _ in errs]):.4f} → {np.mean([b for _, b in errs]):.4f} (relative L2)")
     ctx.note(text)
+    if refit and not any(e.get("bias_corrected") for e in per_layer) and len(ctx.calib) < MIN_BIAS_SAMPLES:
+        ctx.note(f"bias correction skipped: {len(ctx.calib)} calibration samples (it needs {MIN_BIAS_SAMPLES}; "
+                 "per-channel means from fewer overfit)")

@@ -206,6 +206,9 @@ def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[i
             raise DataError(f"{path}: array {spec.name!r} has non-numeric dtype {arr.dtype}")
         if arr.dtype.kind == "c":
             raise DataError(f"{path}: array {spec.name!r} has complex dtype {arr.dtype}; give real numbers")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # every fidelity and calibration figure would be NaN
+            raise DataError(f"{path}: array {spec.name!r} holds {int((~np.isfinite(arr)).sum())} NaN or infinite "
+                            "value(s); give finite inputs")
         arrays[spec.name] = np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
         if count is not None and len(arr) != count:
             raise DataError(f"{path}: arrays have different sample counts ({count} vs {len(arr)} for {spec.name!r})")

@@ -198,3 +198,16 @@ def test_a_plain_pickle_or_npy_named_npz_is_not_a_readable_npz(tmp_path):
         assert "not a readable .npz file (not a zip archive" in str(info.value)
         assert "allow_pickle" not in str(info.value)  # numpy's words about pickles do not reach the user
     assert not marker.exists()
+
+
+def test_non_finite_or_complex_calibration_data_is_refused(tmp_path):
+    """NaN inputs make every calibration statistic and fidelity figure NaN (and crash least-squares solvers)."""
+    specs = input_specs(graphs.conv_bn_relu())
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    x[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x)
+    np.savez(tmp_path / "complex.npz", x=np.zeros((2, 3, 8, 8), np.complex64))
+    with pytest.raises(DataError, match="holds 1 NaN or infinite value"):
+        load_npz(tmp_path / "nan.npz", specs)
+    with pytest.raises(DataError, match="complex dtype"):
+        load_npz(tmp_path / "complex.npz", specs)
