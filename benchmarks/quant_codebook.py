@@ -253,7 +253,8 @@ def markdown(rows: list[dict], trips: list[dict], command: str, seconds: float) 
             acc = f"{100 * r['top1']:.2f} % ({r['drop']:+.2f} pt, p={r['p']:.2g}; n={r['n']})"
         else:
             (ref, ref5), (rnd, rnd5) = r["agreement"]["reference"], r["agreement"]["random"]
-            acc = f"agree {100 * ref:.0f} % ref set (top-5 {100 * ref5:.0f} %), {100 * rnd:.0f} % random (top-5 {100 * rnd5:.0f} %)"
+            acc = (f"agree {100 * ref:.0f} % ref set (top-5 {100 * ref5:.0f} %), "
+                   f"{100 * rnd:.0f} % random (top-5 {100 * rnd5:.0f} %)")
         tvm = r.get("tvm")
         if tvm is None:
             check, lat = "not run", "—"
@@ -261,7 +262,8 @@ def markdown(rows: list[dict], trips: list[dict], command: str, seconds: float) 
             check, lat = f"**error** {tvm['error'][:80]}", "—"
         else:
             check = f"{'ok' if tvm['ok'] else 'MISMATCH'} (max rel {tvm['max_abs_rel']:.1e})"
-            lat = f"{tvm['latency']:.2f} ({tvm['original_latency']:.2f})" if tvm["latency"] and tvm["original_latency"] else "—"
+            both = tvm["latency"] and tvm["original_latency"]
+            lat = f"{tvm['latency']:.2f} ({tvm['original_latency']:.2f})" if both else "—"
         lines.append(f"| {r['model']} | `{r['spec']}` | {_kb(f['onnx'])} ({_ratio(o['onnx'], f['onnx'])}) | "
                      f"{_kb(f['packed'])} ({_ratio(o['packed'], f['packed'])}) | "
                      f"{_kb(f['packed_weights'])} ({_ratio(o['packed_weights'], f['packed_weights'])}) | "
@@ -275,7 +277,8 @@ def markdown(rows: list[dict], trips: list[dict], command: str, seconds: float) 
                       "|---|---|---:|---:|---:|---:|---:|"]
             for layer, bits in r["final"]["bits_per_param"]["layers"].items():
                 e = details.get(layer, {})
-                lines.append(f"| {layer} | {e.get('unit', '—')} | {e.get('params', '—')} | {e.get('centroids', '—')} | "
+                lines.append(f"| {layer} | {e.get('unit', '—')} | {e.get('params', '—')} | "
+                             f"{e.get('centroids', '—')} | "
                              f"{bits:.3f} | {e.get('weight_rel_err', float('nan')):.3f} | "
                              f"{e.get('output_rel_err', float('nan')):.3f} |")
             lines.append("")
@@ -287,7 +290,8 @@ def markdown(rows: list[dict], trips: list[dict], command: str, seconds: float) 
                   ""]
     if trips:
         lines += ["## Pack/unpack round trip after `codebook` on every corpus model", "",
-                  "| model | unit | bit-exact | ONNX before → after | packed | bits/param | s |", "|---|---|---|---:|---:|---:|---:|"]
+                  "| model | unit | bit-exact | ONNX before → after | packed | bits/param | s |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for t in trips:
             if t["failure"]:
                 lines.append(f"| {t['model']} | {t['unit']} | **failed:** {t['failure']} | | | | |")
@@ -334,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             for unit in ("weight", "kernel"):
                 print(f"round trip: {name} {unit}", file=sys.stderr, flush=True)
                 trips.append(roundtrip(name, unit))
-    command = "/work/venv/bin/python benchmarks/quant_codebook.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    args_text = " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = f"/work/venv/bin/python benchmarks/quant_codebook.py {args_text}"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(rows, trips, command.strip(), time.perf_counter() - started) + "\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from .errors import OutputError, SqueezeError
 from .model import _atomic_write, load_model, save_model

@@ -101,8 +101,8 @@ def test_container_round_trip_is_bit_exact(build):
 
 def _model_with(tensor: onnx.TensorProto, op_input: str = "w") -> onnx.ModelProto:
     node = helper.make_node("Identity", [op_input], ["y"])
-    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", tensor.data_type, list(tensor.dims))],
-                              [tensor])
+    output = helper.make_tensor_value_info("y", tensor.data_type, list(tensor.dims))
+    graph = helper.make_graph([node], "g", [], [output], [tensor])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
