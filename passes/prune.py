@@ -30,7 +30,7 @@ from squeeze import runtime, verify
 from squeeze.context import Context
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
-from squeeze.registry import Range, register_pass
+from squeeze.registry import Backoff, Range, halve, register_pass
 
 from . import compensate as compensation
 from .channels import (Group, Member, apply_plan, channel_groups, constant_value, infer_shapes, note_unprunable,
@@ -241,7 +241,7 @@ IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, 
 # ------------------------------------------------------------------------------------------------- the pass
 
 
-@register_pass("prune")
+@register_pass("prune", backoff=Backoff("ratio", halve(0.02)))
 def prune(graph: gs.Graph, ctx: Context, *,
           ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
                            "fraction of the channels of the prunable groups to remove"] = 0.3,

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from squeeze.context import Context
-from squeeze.registry import Range, register_pass
+from squeeze.registry import Backoff, Range, halve, register_pass
 
 from . import compensate as compensation
 from .channels import (Group, apply_plan, channel_groups, constant_value, note_unprunable, plan_removal,
@@ -39,7 +39,7 @@ def bn_gamma(group: Group) -> np.ndarray | None:
     return total if found else None
 
 
-@register_pass("slim")
+@register_pass("slim", backoff=Backoff("ratio", halve(0.02)))
 def slim(graph: gs.Graph, ctx: Context, *,
          ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
                           "fraction of the BN-scaled channels to remove (ignored when threshold is set)"] = 0.3,
