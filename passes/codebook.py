@@ -26,7 +26,6 @@ from typing import Annotated, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import scipy.sparse
 
 from squeeze.context import Context
 from squeeze.registry import Backoff, Range, register_pass, step_up
@@ -64,6 +63,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
             skipped[layer.name] = "its weight is computed, not a float constant (already compressed?)"
         elif layer.values.size < 2:
             skipped[layer.name] = "a single weight"
+        elif not np.isfinite(layer.values).all():
+            skipped[layer.name] = "its weight holds NaN or inf"
         else:
             usable.append(layer)
     by_weight: dict[str, list[Layer]] = {}
@@ -207,6 +208,7 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
 def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations for scalar centroids from Z[p, o, k] = Σ_{d: label[o,d]=k} X̃[p, d], target X·Wᵀ."""
+    import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
     normal = np.zeros((count, count))
     rhs = np.zeros(count)
     groups, outs, inputs = wm.shape

@@ -30,7 +30,9 @@ import onnx_graphsurgeon as gs
 from squeeze.context import Context
 from squeeze.registry import Backoff, Range, register_pass, step_up
 
-from .weights import Builder, Layer, calibrate, find_layers, select_layers, upgrade_opset
+from squeeze.errors import PassError
+
+from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
 COMPUTE = "int8 storage, float compute"
 ACTIVATION_SAMPLE = 400_000   # calibration values kept per activation tensor (uniformly sampled)
@@ -61,6 +63,15 @@ def quant(graph: gs.Graph, ctx: Context, *,
     need = 21 if onnx_int4 else (13 if per_channel else 10)
     model = ctx.model
     before = int(graph.opset or need)
+    if before < need and has_subgraphs(ctx.model):
+        # onnx.version_converter would rewrite the If/Loop/Scan bodies too, which this pass does not own.
+        if before >= 10 and not onnx_int4:
+            per_channel, need = False, 10
+            ctx.note(f"per-tensor weight scales: per-channel needs opset 13, and upgrading opset {before} would "
+                     "rewrite the model's control-flow subgraphs")
+        else:
+            raise PassError(f"quant needs opset {need} (the model has {before}), and the upgrade would rewrite "
+                            "the model's control-flow subgraphs (If/Loop/Scan); upgrade the model first")
     if before < need:
         model = upgrade_opset(graph, ctx.model, need)
         ctx.note(f"opset upgraded {before} → {need} with onnx.version_converter "
@@ -87,8 +98,11 @@ def quant(graph: gs.Graph, ctx: Context, *,
         x = rows.get(layer.name)
         act = ranges.get(layer.input.name)
         w = layer.values
+        if w is not None and not np.isfinite(w).all():
+            skipped[layer.name] = "its weight holds NaN or inf"
+            w = None
         if w is None:
-            entry["weights"] = "kept (computed weight, e.g. already compressed)"
+            entry["weights"] = "kept (computed, already compressed, or not finite)"
         else:
             entry.update(_quantize_weight(builder, layer, w, bits, per_channel, onnx_int4, x if learn else None,
                                           rounding, iters, ctx.seed))

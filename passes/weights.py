@@ -60,6 +60,12 @@ class Layer:
         return None
 
     @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The weight's shape when known (a computed weight may have none)."""
+        shape = self.weight.shape
+        return tuple(shape) if shape is not None and all(isinstance(d, int) for d in shape) else None
+
+    @property
     def input(self) -> gs.Tensor:
         return self.node.inputs[1 - self.weight_index if self.op == "MatMul" else 0]
 
@@ -75,20 +81,22 @@ class Layer:
         if self.op == "Gemm":
             return 0 if self.node.attrs.get("transB", 0) else 1
         if self.op == "MatMul":
-            return len(self.weight.shape) - 1
+            return len(self.shape or (0, 0)) - 1
         return 0
 
     @property
     def kernel_size(self) -> int:
         """Elements per (output, input) kernel: k×k for a 2-D convolution, 1 otherwise."""
-        if self.op not in ("Conv", "ConvTranspose"):
+        if self.op not in ("Conv", "ConvTranspose") or self.shape is None:
             return 1
-        return int(np.prod(self.weight.shape[2:]))
+        return int(np.prod(self.shape[2:]))
 
     @property
     def has_matrix(self) -> bool:
         """Whether Y = X·Wᵀ is available here (2-D Conv, Gemm with constant B, 2-D MatMul weight)."""
-        shape = self.weight.shape
+        shape = self.shape
+        if shape is None:
+            return False
         if self.op == "Conv":
             return len(shape) == 4
         if self.op == "Gemm":
@@ -106,7 +114,7 @@ class Layer:
         return w.T[None]
 
     def from_matrix(self, m: np.ndarray) -> np.ndarray:
-        shape = self.weight.shape
+        shape = self.shape
         if self.op == "Conv":
             return m.reshape(shape)
         if self.op == "Gemm" and self.node.attrs.get("transB", 0):
@@ -120,7 +128,7 @@ class Layer:
     @property
     def out_count(self) -> int:
         """Number of output channels (features)."""
-        shape = self.weight.shape
+        shape = self.shape or self.values.shape
         if self.op == "ConvTranspose":
             return int(shape[1]) * self.groups
         return int(shape[self.out_axis])
@@ -228,7 +236,7 @@ def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator
     """Up to `rows` sampled input rows of `layer` from its input activation `x`: ([groups, P, D] float32, the
     sample (index into x's batch) each row comes from)."""
     if layer.op == "Conv":
-        kernel = tuple(int(k) for k in layer.weight.shape[2:])
+        kernel = tuple(int(k) for k in layer.shape[2:])
         n, c, h, w = x.shape
         (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(layer.node, (h, w), kernel)
         xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
@@ -279,7 +287,7 @@ def calibrate(model: onnx.ModelProto, data: Dataset, layers: list[Layer], *, row
     chunks = max(1, -(-len(data) // chunk))
     limit = {}
     for l in wanted:
-        w = l.matrix(np.zeros(l.weight.shape, np.float32))
+        w = l.matrix(np.zeros(l.shape, np.float32))
         limit[l.name] = max(1, min(rows, budget // max(1, w.shape[0] * w.shape[2])))
     collected: dict[str, list[np.ndarray]] = {l.name: [] for l in wanted}
     origins: dict[str, list[np.ndarray]] = {l.name: [] for l in wanted}
@@ -425,8 +433,10 @@ def upgrade_opset(graph: gs.Graph, model: onnx.ModelProto, version: int) -> onnx
     return converted
 
 
-def default_opset(graph: gs.Graph) -> int:
-    return int(graph.opset or 13)
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """Whether any node carries a graph attribute (If, Loop, Scan bodies)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in model.graph.node for a in n.attribute)
 
 
 # ---------------------------------------------------------------------------------------------- compressed weights

@@ -289,3 +289,14 @@ def test_int32_bias_can_be_cut(calib_data):
     assert bias is not None and bias.shape == (4,)
     assert take_compressed(graph, node, 2, np.array([1, 3]), 0)
     assert np.array_equal(compressed_value(node.inputs[2]), bias[[1, 3]])
+
+
+@pytest.mark.parametrize("spec", ["codebook(bits=3)", "quant(activations=false)"])
+def test_non_finite_weights_are_left_alone(spec):
+    model = graphs.flatten_gemm()
+    w = numpy_helper.to_array(model.graph.initializer[2]).copy()
+    w[0, 0] = np.nan
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
+    out, steps = graphs.apply(model, spec)
+    assert steps[0]["details"]["skipped"] == {"y": "its weight holds NaN or inf"}
+    assert "fc.weight" in {t.name for t in out.graph.initializer}
