@@ -229,14 +229,8 @@ def measure(name: str, pipeline: str, path: Path, feed: Path, threads: int, args
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    import corpus  # noqa: PLC0415
+    cpu = corpus.cpu_model()
     from squeeze.runtime import cpu_count  # noqa: PLC0415
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{cpu}, {cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}; " \

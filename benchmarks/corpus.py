@@ -39,6 +39,17 @@ MODELS = {
 }
 
 
+def cpu_model(default: str = "unknown CPU") -> str:
+    """The CPU's model name from /proc/cpuinfo (for benchmark headers); `default` where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
 def available() -> bool:
     return (ROOT / "MANIFEST.md").is_file()
 

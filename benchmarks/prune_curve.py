@@ -259,14 +259,7 @@ def _latency_worker(threads: int) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = corpus.cpu_model(platform.processor() or platform.machine())
     import onnxruntime  # noqa: PLC0415
     return (f"{cpu}, {runtime.cpu_count()} core(s) available; Python {platform.python_version()}, numpy "
             f"{np.__version__}, onnxruntime {onnxruntime.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")

@@ -220,8 +220,7 @@ def machine() -> list[str]:
     import onnx  # noqa: PLC0415
     import onnxruntime  # noqa: PLC0415
     import sklearn  # noqa: PLC0415
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = corpus.cpu_model(platform.processor() or "?")
     try:
         from importlib.metadata import version  # noqa: PLC0415
         tvm = version("apache-tvm")

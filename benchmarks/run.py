@@ -109,14 +109,7 @@ def _fmt(value) -> str:
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = corpus.cpu_model()
     from squeeze.runtime import cpu_count  # noqa: PLC0415
     try:
         from squeeze.targets.tvm_build import host_cpu  # noqa: PLC0415
