@@ -28,6 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from squeeze.context import Context
+from squeeze.errors import PassError
 from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.model import to_model
@@ -54,9 +55,13 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                                    "calibration data, then correct the bias"] = True,
              skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
              = [],  # noqa: B006 (never mutated)
+             layer_bits: Annotated[list[str], "per-layer index bits 'LAYER=B' (node name or pattern, B in 1..8); "
+                                   "other layers use `bits` (what --goal writes)"] = [],  # noqa: B006
              ) -> None:
     """Share weights through per-layer codebooks: k-means over weights or k×k kernels, indices bit-packed."""
-    layers, skipped = select_layers(find_layers(graph), skip)
+    all_layers = find_layers(graph)
+    bits_of = _layer_bits(layer_bits, all_layers)
+    layers, skipped = select_layers(all_layers, skip)
     usable = []
     for layer in layers:
         if layer.values is None:
@@ -82,7 +87,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         layer = consumers[0]
         w = layer.values
         kernel = unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
-        size = kernels if kernel else 1 << bits
+        size = kernels if kernel else 1 << bits_of.get(layer.name, bits)
         vectors = w.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
         centroids, labels, zero = _cluster(vectors, size, ctx.seed)
         x = rows.get(layer.name) if len(consumers) == 1 else None
@@ -112,6 +117,23 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         per_layer.append(entry)
         changed = True
     _report(ctx, per_layer, skipped, unit, refit, [c.name for ls in by_weight.values() for c in ls])
+
+
+def _layer_bits(entries: list[str], layers: list[Layer]) -> dict[str, int]:
+    """`["LAYER=B", ...]` → {layer name: bits}; names, op types or fnmatch patterns as `skip` takes them."""
+    out: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = str(entry).rpartition("=")
+        if not sep or not value.strip().isdigit() or not 1 <= int(value) <= 8:
+            raise PassError(f"layer_bits entry {entry!r}: expected 'LAYER=B' with B in 1..8")
+        try:
+            hits, _ = select_layers(layers, [name])
+        except PassError as exc:  # say which parameter held the typo
+            raise PassError(str(exc).replace(f"skip entry {name!r}", f"layer_bits entry {entry!r}")) from None
+        chosen = {l.name for l in layers} - {l.name for l in hits}
+        for layer_name in chosen:
+            out[layer_name] = int(value)
+    return out
 
 
 def _index_bits(count: int) -> int:

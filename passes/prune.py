@@ -27,6 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from squeeze import runtime, verify
+from squeeze.errors import PassError
 from squeeze.context import Context
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
@@ -254,18 +255,27 @@ def prune(graph: gs.Graph, ctx: Context, *,
                            "saved (slower: cuts each group at 3 levels)"] = "layer",
           multiple: Annotated[int, Range(1, None), "kept channels are a multiple of this (8/16 suit SIMD)"] = 1,
           compensate: Annotated[bool, "refit the next layers by least squares on calibration data"] = True,
+          keep: Annotated[list[str], "per-group channel counts 'GROUP=N' (GROUP as the report names it, e.g. "
+                          "'Conv_4+Conv_5'): those groups keep their N best channels, `ratio` applies to the "
+                          "others (what --goal writes)"] = [],  # noqa: B006 (never mutated)
           ) -> None:
     """Filter pruning: physically remove the lowest-ranked channels of every prunable group, then compensate."""
     groups = channel_groups(graph, ctx.input_shapes)
     note_unprunable(ctx, groups)
-    if ratio == 0:
+    counts = parse_counts(keep, groups)
+    if ratio == 0 and not counts:
         ctx.note("ratio=0: nothing removed")
         return
+    if counts and scope == "sensitivity":
+        scope = "layer"  # the counts are the allocation; measuring the curves again would change nothing
     ranking = rank_channels(groups, ctx, criterion=criterion, scope=scope, multiple=multiple, compensate=compensate)
     if not ranking.groups:
         ctx.note("no prunable channel group: nothing removed")
         return
     plan = ranking.plan(ratio)
+    if counts:
+        plan = {g: kept for g, kept in plan.items() if g.name not in counts}
+        plan.update(plan_counts(ranking, counts))
     ctx.details["criterion"], ctx.details["scope"] = criterion, scope
     ctx.details["groups"] = summarize_plan(ctx, ranking.groups, plan, ranking.scores, ratio, scope, multiple)
     if ranking.curves:
@@ -278,6 +288,37 @@ def prune(graph: gs.Graph, ctx: Context, *,
     apply_plan(graph, plan)
     if compensate:
         ctx.details["compensation"] = compensation.compensate(graph, ctx, plan)
+
+
+def parse_counts(entries: list[str], groups: list[Group]) -> dict[str, int]:
+    """`["GROUP=N", ...]` → {group name: channels kept}; a one-line PassError for an unknown group or a bad N."""
+    by_name = {g.name: g for g in groups}
+    counts: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = str(entry).rpartition("=")
+        if not sep or not value.strip().isdigit():
+            raise PassError(f"keep entry {entry!r}: expected 'GROUP=N' with N a channel count")
+        group = by_name.get(name)
+        if group is None:
+            names = ", ".join(g.name for g in groups if g.prunable)
+            raise PassError(f"keep entry {entry!r}: no channel group named {name!r}; prunable groups: {names}")
+        if not group.prunable:
+            raise PassError(f"keep entry {entry!r}: group {name!r} cannot be pruned ({'; '.join(group.reasons)})")
+        n = int(value)
+        if not 1 <= n <= group.size:
+            raise PassError(f"keep entry {entry!r}: N must be between 1 and the group's {group.size} channels")
+        counts[name] = n
+    return counts
+
+
+def plan_counts(ranking: "Ranking", counts: dict[str, int]) -> dict[Group, np.ndarray]:
+    """Kept channels of the groups with an explicit count: the best-scored ones (each Split/Slice part keeps one)."""
+    chosen = {g: ranking.scores[g] for g in ranking.groups if g.name in counts}
+    plan = {}
+    for g, scores in chosen.items():
+        if counts[g.name] < g.size:
+            plan.update(plan_removal({g: scores}, 1.0 - counts[g.name] / g.size, "layer", 1))
+    return plan
 
 
 @dataclass
