@@ -39,7 +39,6 @@ fc2 in `layers` rewrites it with padded blocks, at a cost of about 1.5 more poin
 from __future__ import annotations
 
 import fnmatch
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Hashable, Literal
 
@@ -48,6 +47,7 @@ import onnx_graphsurgeon as gs
 
 from squeeze import runtime
 from squeeze.context import Context
+from squeeze.threads import single_threaded
 from squeeze.errors import PassError
 from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
@@ -166,21 +166,8 @@ def blockperm(graph: gs.Graph, ctx: Context, *,
               = [],  # noqa: B006 (never mutated)
               ) -> None:
     """Block-diagonal layers after permuting rows/columns (MPDCompress): B× fewer weights and MACs per layer."""
-    with _single_threaded_blas():
+    with single_threaded():
         _blockperm(graph, ctx, blocks, layers, min_size, compensate, search, fold, form, skip)
-
-
-@contextmanager
-def _single_threaded_blas():
-    """One BLAS/OpenMP thread: deterministic, and small LAPACK calls and k-means are much faster than with
-    threads fighting over busy cores."""
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415  (installed with scikit-learn)
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
 
 
 def _blockperm(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], layers: list[str], min_size: int,

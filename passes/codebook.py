@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from squeeze.context import Context
 from squeeze.errors import PassError
+from squeeze.threads import single_threaded
 from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.model import to_model
@@ -159,7 +160,8 @@ def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             km = KMeans(n_clusters=room, init=init, n_init=1, max_iter=300, tol=1e-6, random_state=seed)
-            point_labels = km.fit_predict(points)
+            with single_threaded():
+                point_labels = km.fit_predict(points)
         centroids = km.cluster_centers_
         used = np.unique(point_labels)  # drop empty clusters, renumber
         remap = np.full(room, -1)

@@ -23,7 +23,6 @@ Deterministic (row sampling seeded by ctx.seed, one BLAS thread), solved per lay
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -33,6 +32,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from squeeze import runtime
 from squeeze.context import Context
+from squeeze.threads import single_threaded
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
 
@@ -87,26 +87,13 @@ def compensate(graph: gs.Graph, ctx: Context, plan: Mapping[Group, np.ndarray], 
             ctx.note(text)
     if not layers:
         return []
-    with _single_threaded_blas():
+    with single_threaded("blas"):
         rows, n, held = _compensate(graph, ctx, plan, layers, data, refit_all, cache)
     changed = [r for r in rows if r["method"] != "none"]
     if rows and notes:
         ctx.note(f"compensation refit {len(changed)} of {len(rows)} layer(s) on {n} calibration samples "
                  f"({held} held out to choose): " + ", ".join(f"{r['node']} {r['method']}" for r in rows))
     return rows
-
-
-@contextmanager
-def _single_threaded_blas():
-    """One BLAS thread: results do not depend on the core count (determinism), and small LAPACK calls are much
-    faster than with threads competing for two busy cores."""
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415  (installed with scikit-learn)
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 @dataclass
