@@ -9,6 +9,11 @@ TVM compiles with LLVM for `aarch64-linux-gnu`; the library is cross-linked with
   kernel object (the exact NEON code in model.so) is linked with squeeze's standalone entry point (the same
   emitter as `mcu`) into a static aarch64 executable, whose outputs are compared with ONNX Runtime. Its time is
   the emulator's and says nothing about a real core.
+- `tune=N` (CLI `--tune N`) tunes with MetaSchedule on the device: candidates are compiled here, cross-linked
+  with `aarch64-linux-gnu-g++`, and timed on the device through `--tracker`/`--rpc` (`tuning.tune_model`); the
+  tuned library uses squeeze's CPU schedules plus the database, and the report gives the device latency of
+  the untuned library (TVM's default pipeline, the build without `--tune`) beside it. Without a device there
+  is nothing to time candidates on (qemu's time means nothing): the build notes that and uses the defaults.
 """
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ import numpy as np
 import onnx
 
 from squeeze.errors import TargetError
-from squeeze.registry import register_target
+from squeeze.registry import Range, register_target
 
 from . import mcu_program, remote, toolchains, tvm_build
 from .base import Artifact, Measurement, Target
+from .cpu import tuned_note
 from .mcu import _folder, _relative
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
@@ -37,9 +43,15 @@ class Arm(Target):
 
     def __init__(self, *, cpu: Annotated[str, "LLVM CPU (generic, cortex-a53, cortex-a55, cortex-a72, cortex-a76, "
                                               "neoverse-n1, ...)"] = "generic",
-                 tag: Annotated[str, "a TVM target tag instead of cpu, quoted: arm(tag=\"raspberry-pi/4b-aarch64\")"] = ""):
+                 tag: Annotated[str, "a TVM target tag instead of cpu, quoted: arm(tag=\"raspberry-pi/4b-aarch64\")"] = "",
+                 tune: Annotated[int, Range(0, 100_000), "MetaSchedule trials timed on the device (needs --rpc or "
+                                                         "--tracker; 0: none)"] = 0,
+                 tune_cache: Annotated[str, "tuning database folder (default $SQUEEZE_CACHE/tuning, "
+                                            "else ~/.cache/squeeze/tuning)"] = ""):
         self.cpu = cpu
         self.tag = tag
+        self.tune = tune
+        self.tune_cache = tune_cache
 
     def missing(self) -> str | None:
         gone = toolchains.missing("arm", optional=("clinfo",) + (("qemu-aarch64",) if self.runner else ()))
@@ -70,18 +82,29 @@ class Arm(Target):
         start = time.perf_counter()
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
+        info: dict = {"tvm_target": str(target)}
         with mcu_program.capture_plan() as plan:  # the library's own memory plan, for the emulation program
             executable = tvm_build.compile_module(mod, target)
         folder = _folder(workdir, f"arm-{(self.tag or self.cpu).replace('/', '-')}", model)
-        library = remote.export(executable, folder / "model.so", CROSS_CXX)
         names = [i.name for i in model.graph.input if i.name in shapes]
-        handle = {"library": library, "names": names, "folder": folder}
-        files = [library]
+        handle = {"names": names, "folder": folder}
+        files = []
+        if self.tune and self.runner is not None:  # candidates cross-linked here, timed on the device
+            from . import schedules, tuning  # noqa: PLC0415
+            database, info["tuning"] = tuning.tune_model(mod, target, trials=self.tune, tune_cache=self.tune_cache,
+                                                         device=self.runner, cross_compiler=CROSS_CXX)
+            handle["untuned_library"] = remote.export(executable, folder / "model-untuned.so", CROSS_CXX)
+            files.append(handle["untuned_library"])
+            executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, database))
+        elif self.tune:
+            handle["tune_note"] = (f"tune={self.tune} skipped: tuning times candidates on the device and qemu's "
+                                   "time means nothing; give --rpc/--tracker to tune (built untuned)")
+        library = handle["library"] = remote.export(executable, folder / "model.so", CROSS_CXX)
+        files.insert(0, library)
         if self.runner is None:
             handle.update(self._emulation_objects(mod, target, executable, folder, plan.get("mod")))
             files.append(folder / "model.c")
-        info = {"tvm_target": str(target), "library": _relative(library, workdir),
-                "library_bytes": library.stat().st_size}
+        info.update({"library": _relative(library, workdir), "library_bytes": library.stat().st_size})
         return Artifact(self.name, handle=handle, files=files, build_seconds=tvm_build.seconds_since(start),
                         info=info)
 
@@ -117,8 +140,18 @@ class Arm(Target):
         handle = artifact.handle
         if self.runner is not None:
             outputs, latency, info = remote.measure(self.runner, handle["library"], handle["names"], samples, runs)
-            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info)
-        return self._emulate(handle, samples, min(runs, EMULATED_RUNS))
+            notes = []
+            if "untuned_library" in handle:  # tuned on the device: the build without --tune, timed there too
+                _, before, _ = remote.measure(self.runner, handle["untuned_library"], handle["names"], samples[:1],
+                                              runs)
+                notes.append(tuned_note(before, latency, self.runner.describe(),
+                                        "TVM's default pipeline, the build without --tune"))
+                info.update(untuned_latency_ms=before, tuning_speedup=round(before["p50"] / latency["p50"], 4))
+            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info, notes=notes)
+        measured = self._emulate(handle, samples, min(runs, EMULATED_RUNS))
+        if "tune_note" in handle:
+            measured.notes.insert(0, handle["tune_note"])
+        return measured
 
     def _emulate(self, handle: dict, samples, runs: int) -> Measurement:
         program: mcu_program.Program = handle["program"]

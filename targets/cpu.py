@@ -2,7 +2,9 @@
 
 Functions get squeeze's default schedules (`targets/schedules`: packed, vectorized, parallel kernels) unless
 `schedules=false` asks for TVM's own pipeline; `tune=N` (CLI `--tune N`) first spends N MetaSchedule trials,
-cached in a database (`targets/tuning.py`) that later builds reuse.
+cached in a database (`targets/tuning.py`) that later builds reuse. With `--rpc`/`--tracker` the candidates are
+timed on the device (MetaSchedule's RPCRunner), into a database of that device's own, and the report gives the
+model's latency on the device both untuned (default schedules) and tuned.
 """
 from __future__ import annotations
 
@@ -45,34 +47,43 @@ class Cpu(Target):
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
         info = {"tvm_target": str(target), "schedules": "squeeze" if self.schedules else "tvm-default"}
-        pipeline = None
+        pipeline = untuned = None
         if self.schedules:
             from . import schedules  # noqa: PLC0415
             database = None
-            if self.tune and self.runner is None:  # tuning measures here; a remote device would need its own
+            if self.tune:  # candidates timed where the model runs: here, or on the --rpc/--tracker device
                 from . import tuning  # noqa: PLC0415
-                cache = tuning.cache_dir(self.tune_cache or None)
-                functions: dict = {}
-                database = tuning.tune(mod, target, trials=self.tune, cache=cache, threads=tvm_build.threads(),
-                                       stats=functions)
-                info["tuning"] = {"trials": self.tune, "database": str(tuning.database_dir(
-                    cache, target, tvm_build.threads())), "seconds": tvm_build.seconds_since(start),
-                    "functions": functions}
+                database, info["tuning"] = tuning.tune_model(mod, target, trials=self.tune,
+                                                             tune_cache=self.tune_cache, device=self.runner)
             pipeline = schedules.build_pipeline(target, database)
+            if database is not None and self.runner is not None:  # the untuned build, timed beside the tuned one
+                untuned = tvm_build.compile_module(mod, target, schedules.build_pipeline(target))
         executable = tvm_build.compile_module(mod, target, pipeline)
         names = [i.name for i in model.graph.input if i.name in shapes]
-        return Artifact(self.name, handle=(executable, names), build_seconds=tvm_build.seconds_since(start),
-                        info=info)
+        # handle: (executable, input names), plus the untuned executable when tuned on a device
+        handle = (executable, names) if untuned is None else (executable, names, untuned)
+        return Artifact(self.name, handle=handle, build_seconds=tvm_build.seconds_since(start), info=info)
 
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
         tvm = tvm_build.tvm()
-        executable, names = artifact.handle
+        executable, names, *untuned = artifact.handle
         if self.runner is not None:  # --rpc / --tracker: export, upload and time on the device (remote.py)
             from .remote import measure_executable  # noqa: PLC0415
             outputs, latency, info = measure_executable(self.runner, executable, names, samples, runs)
-            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info)
+            notes = []
+            if untuned:  # tuned on the device: the default schedules' latency there, for comparison
+                _, before, _ = measure_executable(self.runner, untuned[0], names, samples[:1], runs)
+                notes.append(tuned_note(before, latency, self.runner.describe()))
+                info.update(untuned_latency_ms=before, tuning_speedup=round(before["p50"] / latency["p50"], 4))
+            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info, notes=notes)
         runner = tvm_build.VMRunner(executable, tvm.cpu(), names)
         outputs = [runner.run(s) for s in samples]
         latency = runner.time(samples[0], runs)
         stacked = {str(i): np.stack([o[i] for o in outputs]) for i in range(len(outputs[0]))}
         return Measurement("native", latency_ms=latency, outputs=stacked)
+
+
+def tuned_note(untuned: dict, tuned: dict, where: str, baseline: str = "squeeze's default schedules") -> str:
+    """One line for the report: the model's latency on the device before and after tuning."""
+    return (f"tuned on the device ({where}): p50 {tuned['p50']:.4f} ms tuned vs {untuned['p50']:.4f} ms untuned "
+            f"({baseline}), {untuned['p50'] / tuned['p50']:.2f}×")

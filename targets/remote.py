@@ -3,7 +3,8 @@
 
 A target that supports devices exports its library, and `measure()` here uploads it, loads it in a Relax VM on
 the device, runs every sample for the outputs and times `main` with TVM's `time_evaluator` (warm-up, then many
-repeats; median and p90): `method=rpc`. `ms_runner()` gives MetaSchedule the same device for tuning.
+repeats; median and p90): `method=rpc`. `ms_runner()` gives MetaSchedule the same device for tuning
+(`--tune` with `--tracker` or `--rpc`: every candidate is built here and timed there).
 
 Start a device (or, for a test, this machine on loopback):
 
@@ -61,6 +62,12 @@ class Runner:
 
     def as_dict(self) -> dict:
         return {"rpc": _join(self.rpc), "tracker": _join(self.tracker), "key": self.key}
+
+    def identity(self) -> str:
+        """A file-name-safe name for the device: `key-KEY` behind a tracker (the key names one kind of device,
+        wherever the tracker runs), `rpc-HOST-PORT` for a lone server. Tuning databases are kept per identity."""
+        text = f"key-{self.key}" if self.tracker else f"rpc-{self.rpc[0]}-{self.rpc[1]}"
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
     def connect(self):
         """An RPC session with the device; TargetError saying what to check when it cannot be had."""
@@ -160,19 +167,26 @@ def measure_executable(runner: Runner, executable, input_names: list[str], sampl
 
 # ------------------------------------------------------------------------------------------------ tuning
 
-def ms_runner(runner: Runner, *, number: int = 3, repeat: int = 1, min_repeat_ms: int = 50) -> Any:
-    """A MetaSchedule runner that measures candidates on the device through the tracker.
+def ms_runner(runner: Runner, *, number: int = 10, repeat: int = 5, min_repeat_ms: int = 20) -> Any:
+    """A MetaSchedule runner that times candidates on the device: through the tracker (`--tracker --key`), or
+    straight at a lone server (`--rpc`). The evaluator settings are those of squeeze's local tuning runner, so
+    a database's records are measured alike wherever they come from.
 
-    MetaSchedule's RPCRunner talks to a tracker only; a single `--rpc` server cannot be used for tuning.
+    MetaSchedule's RPCRunner asks a tracker for a session; for `--rpc` its `f_create_session` hook connects to
+    the server itself instead (RPCConfig's tracker fields then carry the server's address).
     """
-    if runner.tracker is None:
-        raise TargetError("tuning on a device needs --tracker HOST:PORT --key KEY (MetaSchedule's RPC runner "
-                          "asks a tracker for devices); start `python -m tvm.exec.rpc_tracker` and register the "
-                          "device's rpc_server with it")
     tvm_build.tvm()
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig, RPCRunner  # noqa: PLC0415
-    config = RPCConfig(tracker_host=runner.tracker[0], tracker_port=runner.tracker[1], tracker_key=runner.key,
+    host, port = runner.tracker or runner.rpc
+    config = RPCConfig(tracker_host=host, tracker_port=port, tracker_key=runner.key or "direct",
                        session_timeout_sec=runner.session_timeout)
     evaluator = EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                 enable_cpu_cache_flush=False)
-    return RPCRunner(rpc_config=config, evaluator_config=evaluator)
+    return RPCRunner(rpc_config=config, evaluator_config=evaluator,
+                     f_create_session=None if runner.tracker else _direct_session)
+
+
+def _direct_session(config):
+    """RPCRunner's session for `--rpc HOST:PORT` (runs in the runner's worker process)."""
+    from tvm import rpc  # noqa: PLC0415
+    return rpc.connect(config.tracker_host, int(config.tracker_port), session_timeout=config.session_timeout_sec)

@@ -15,12 +15,19 @@
    `variants`), then, if trials remain, to MetaSchedule's evolutionary search, which starts from the best
    records in the database.
 
-The JSON database lives in `cache/<target>-t<threads>/`, one per target and thread count (the best schedule for
-one core is not the best for two). `cache_dir()` is `--tune-cache`, else `$SQUEEZE_CACHE/tuning`, else
-`~/.cache/squeeze/tuning`.
+Where candidates are measured: on this machine by default (MetaSchedule's LocalRunner); on a device when
+`runner` is MetaSchedule's RPCRunner (`remote.ms_runner`: `--tracker HOST:PORT --key KEY` or `--rpc HOST:PORT`).
+Both the default-schedule seeds and every tuning candidate then go through that runner: built (and, for a
+cross target, linked with `export=library_export("aarch64-linux-gnu-g++")`) here, uploaded and timed there.
+
+The JSON database lives in `cache/<target>-t<threads>[-<device>]/`, one per target, thread count (the best
+schedule for one core is not the best for two) and device (`remote.Runner.identity()`: `key-KEY` or
+`rpc-HOST-PORT`; none for this machine), so times from different machines never meet in one database.
+`cache_dir()` is `--tune-cache`, else `$SQUEEZE_CACHE/tuning`, else `~/.cache/squeeze/tuning`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -47,12 +54,13 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "squeeze" / "tuning"
 
 
-def database_dir(cache: Path, target, threads: int) -> Path:
-    """One database per target (kind, CPU, attributes) and thread count."""
+def database_dir(cache: Path, target, threads: int, device: str | None = None) -> Path:
+    """One database per target (kind, CPU, attributes), thread count and device (None: this machine)."""
     text = str(target)
     cpu = str(target.attrs.get("mcpu", "") or "generic")
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return cache / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.kind.name}-{cpu}-{digest}-t{threads}")
+    name = f"{target.kind.name}-{cpu}-{digest}-t{threads}" + (f"-{device}" if device else "")
+    return cache / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 @dataclass
@@ -100,6 +108,24 @@ def _build(mod, target, _params):
     return build(mod, target=target)
 
 
+def _export_library(mod, cross_compiler: str | None = None) -> str:
+    """MetaSchedule builder export: a shared library (linked here, by `cross_compiler` when given) that a device's
+    rpc_server loads as it is. MetaSchedule's default, a tar of objects, makes the server link it with its own
+    compiler, which a board without a toolchain lacks (and which cannot be the host's for a cross target)."""
+    from tvm.support import cc  # noqa: PLC0415
+    path = os.path.join(tempfile.mkdtemp(prefix="squeeze-candidate-"), "candidate.so")
+    if cross_compiler:
+        mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    else:
+        mod.export_library(path)
+    return path
+
+
+def library_export(cross_compiler: str | None = None) -> Callable:
+    """An `f_export` for MetaSchedule's LocalBuilder: candidates as `.so`, cross-linked by `cross_compiler`."""
+    return functools.partial(_export_library, cross_compiler=cross_compiler)
+
+
 def open_database(path: Path):
     tvm_build.tvm()
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
@@ -108,12 +134,18 @@ def open_database(path: Path):
 
 
 def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[str], None] | None = None,
-         seed: int = 0, stats: dict | None = None):
+         seed: int = 0, stats: dict | None = None, runner=None, device: str | None = None,
+         export: Callable | None = None):
     """Tune the fused functions of the Relax module `mod` for `target`; return the (persistent) database.
 
     `stats`, when given, receives per function: calls, default-schedule µs, best µs in the database, trials.
+    `runner`: a MetaSchedule runner that measures elsewhere (`remote.ms_runner`), with `device` naming that
+    machine (it keys the database) and `export` (`library_export()`) the builder's export; default: this machine.
     """
     say = say or (lambda msg: None)
+    if runner is not None and not device:
+        raise ValueError("tune(runner=...) needs device=: the device's name keeps its records apart from this "
+                         "machine's")
     tvm_build.tvm()
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
@@ -125,7 +157,8 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
             raise TargetError(f"--tune needs the Python package {module!r}: pip install "
                               f"{'xgboost-cpu' if module == 'xgboost' else module}") from None
     triple = str(target.attrs.get("mtriple", "") or "")
-    database = open_database(database_dir(cache, target, threads))
+    folder = database_dir(cache, target, threads, device)
+    database = open_database(folder)
     import tvm  # noqa: PLC0415
     target = tvm.target.Target({**target.export(), "num-cores": threads})  # MetaSchedule requires it
     with tvm_build.keep_affinity():
@@ -134,15 +167,16 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
     tasks = [Task(t.task_name, int(t.weight), t.dispatched[0]) for t in extracted]
     if not tasks:
         return database
-    builder = ms.builder.LocalBuilder(max_workers=1, f_build=_build, timeout_sec=120)
-    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=10, repeat=5,
-                                                                             min_repeat_ms=20))
+    builder = ms.builder.LocalBuilder(max_workers=1, f_build=_build, f_export=export, timeout_sec=120)
+    if runner is None:
+        runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=10, repeat=5,
+                                                                                 min_repeat_ms=20))
     with tvm_build.keep_affinity():
-        _seed(database, tasks, target, builder, runner)
+        _seed(database, tasks, target, builder, runner, device or "this machine")
     plan_budget(tasks, trials)
     todo = [t for t in tasks if t.budget > t.done]
     say(f"tuning {len(todo)} of {len(tasks)} functions, {sum(t.budget - t.done for t in todo)} trials "
-        f"(database {database_dir(cache, target, threads)})")
+        f"(database {folder})")
     with tempfile.TemporaryDirectory(prefix="squeeze-tune-") as work_dir:
         for i, task in enumerate(sorted(todo, key=lambda t: -t.share_us)):
             remaining = task.budget - task.done
@@ -170,6 +204,38 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
             stats[task.name] = entry
         say(f"{task.name}: {entry}")
     return database
+
+
+def tune_model(mod, target, *, trials: int, tune_cache: str = "", device=None,
+               cross_compiler: str | None = None):
+    """What a CPU target's `build()` does for `tune=N`: tune `mod` where it will run; return (database, info).
+
+    `device` is the target's `remote.Runner` (--rpc/--tracker) or None (this machine); `cross_compiler` links the
+    candidates for it (aarch64-linux-gnu-g++ for arm). `info` is the report's `tuning` entry: trials, database,
+    seconds, where candidates were measured, per-function stats, and the sums over functions (µs per inference)
+    of the default-schedule times and of the best times, both measured where the model runs.
+    """
+    import time  # noqa: PLC0415
+    start = time.perf_counter()
+    cache = cache_dir(tune_cache or None)
+    threads = tvm_build.threads()
+    options: dict = {}
+    if device is not None:
+        from . import remote  # noqa: PLC0415
+        device.connect()  # a device that cannot be reached: TargetError with a hint, before anything is built
+        options = {"runner": remote.ms_runner(device), "device": device.identity(),
+                   "export": library_export(cross_compiler)}
+    functions: dict = {}
+    database = tune(mod, target, trials=trials, cache=cache, threads=threads, stats=functions, **options)
+    timed = [f for f in functions.values() if f["default_us"] is not None and f["best_us"] is not None]
+    info = {"trials": trials, "database": str(database_dir(cache, target, threads, options.get("device"))),
+            "seconds": tvm_build.seconds_since(start),
+            "measured": "rpc" if device is not None else "native",
+            "measured_on": device.describe() if device is not None else "this machine",
+            "functions": functions,
+            "kernels_us": {"untuned": _round(sum(f["default_us"] * f["calls"] for f in timed)),
+                           "tuned": _round(sum(f["best_us"] * f["calls"] for f in timed))}}
+    return database, info
 
 
 def _round(value: float | None) -> float | None:
@@ -205,11 +271,12 @@ def plan_budget(tasks: list[Task], trials: int) -> None:
         task.budget = int(trials * task.share_us / kept_total)
 
 
-def _seed(database, tasks: list[Task], target, builder, runner) -> None:
+def _seed(database, tasks: list[Task], target, builder, runner, where: str = "this machine") -> None:
     """Commit each task's default schedule as a measured record (once); set `done` and `default_us`.
 
     All the new default schedules are built in one builder call and timed in one runner call (each builder
-    call starts fresh worker processes).
+    call starts fresh worker processes). TargetError when none of them could be measured (a device that is
+    gone, a library it cannot load): tuning would otherwise go on blind.
     """
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
     pending = []
@@ -235,16 +302,32 @@ def _seed(database, tasks: list[Task], target, builder, runner) -> None:
             inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu",
                                                 ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
             kept.append((task, workload, sch))
-    for (task, workload, sch), future in zip(kept, runner.run(inputs)):
-        result = future.result()
+    errors = [r.error_msg for r in built if r.error_msg is not None]
+    measured = 0
+    results = [future.result() for future in runner.run(inputs)]
+    _remove_artifacts(built)
+    for (task, workload, sch), result in zip(kept, results):
         if result.error_msg or not result.run_secs:
+            errors.append(result.error_msg or "no time")
             continue
+        measured += 1
         seconds = min(float(s) for s in result.run_secs)
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, run_secs=[seconds], target=target,
             args_info=ms.arg_info.ArgInfo.from_prim_func(task.workload_mod["main"])))
         task.done += 1
         task.default_us = seconds * 1e6
+    if not measured and errors:
+        raise TargetError(f"tuning: no default schedule could be measured on {where}: {_error_line(errors[0])}")
+
+
+def _error_line(text: str) -> str:
+    """The line of a MetaSchedule error that says what went wrong (its messages start with a generic header and
+    end in a traceback)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    tail = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "RPCRunner:", "LocalRunner:",
+                                                      "LocalBuilder:"))]
+    return (tail[-1] if tail else lines[0] if lines else "unknown error")[:300]
 
 
 def _measure_variants(database, task: Task, target, builder, runner, limit: int) -> int:
@@ -281,14 +364,24 @@ def _measure_variants(database, task: Task, target, builder, runner, limit: int)
     args = ms.arg_info.ArgInfo.from_prim_func(func)
     pairs = [(sch, ms.runner.RunnerInput(b.artifact_path, "cpu", args)) for sch, b in zip(fresh, built)
              if b.error_msg is None]
-    for (sch, _), future in zip(pairs, runner.run([inp for _, inp in pairs])):
-        result = future.result()
+    results = [future.result() for future in runner.run([inp for _, inp in pairs])]
+    _remove_artifacts(built)
+    for (sch, _), result in zip(pairs, results):
         if result.error_msg or not result.run_secs:
             continue
         database.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, run_secs=[min(float(x) for x in result.run_secs)], target=target, args_info=args))
         task.done += 1
     return len(fresh)
+
+
+def _remove_artifacts(built) -> None:
+    """Delete the builder's artifacts once measured (each is alone in a temp folder; MetaSchedule's own search
+    does this with its RemoveBuildArtifact callback)."""
+    import shutil  # noqa: PLC0415
+    for result in built:
+        if result.error_msg is None and result.artifact_path:
+            shutil.rmtree(os.path.dirname(str(result.artifact_path)), ignore_errors=True)
 
 
 def _block_names(sch) -> list[str]:

@@ -1,6 +1,6 @@
 """Devices over TVM RPC, on loopback: a real `tvm.exec.rpc_tracker` and `tvm.exec.rpc_server` started here
-(127.0.0.1 only), and the cpu target measured through them with method=rpc — the path a Raspberry Pi or a phone
-takes with `--tracker HOST:PORT --key KEY` or `--rpc HOST:PORT`."""
+(127.0.0.1 only), and the cpu target measured — and tuned — through them with method=rpc: the path a Raspberry Pi
+or a phone takes with `--tracker HOST:PORT --key KEY` or `--rpc HOST:PORT`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,13 +147,14 @@ def test_cli_rejects_bad_device_flags_with_exit_2(repo, capsys):
     assert "--key" in capsys.readouterr().err
 
 
-def test_ms_runner_points_metaschedule_at_the_tracker():
+def test_ms_runner_points_metaschedule_at_the_device():
     from squeeze.targets.remote import ms_runner
-    from squeeze.errors import TargetError
     runner = ms_runner(Runner.from_args(tracker="127.0.0.1:9190", key="rpi4"))
     assert type(runner).__name__ == "RPCRunner"
-    with pytest.raises(TargetError, match="--tracker"):
-        ms_runner(Runner.from_args(rpc="127.0.0.1:9090"))
+    assert runner.rpc_config.tracker_key == "rpi4" and runner.f_create_session is None
+    direct = ms_runner(Runner.from_args(rpc="127.0.0.1:9090"))  # a lone server: its own session hook
+    assert (direct.rpc_config.tracker_host, direct.rpc_config.tracker_port) == ("127.0.0.1", 9090)
+    assert callable(direct.f_create_session)
 
 
 def test_remote_outputs_equal_local_ones(tracker, repo, tmp_path):
@@ -171,23 +173,78 @@ def test_remote_outputs_equal_local_ones(tracker, repo, tmp_path):
     assert np.array_equal(outputs["0"], local["0"]) and info["key"] == "local"
 
 
-def test_metaschedule_rpc_runner_measures_through_the_tracker(tracker, tmp_path):
-    """What `--tune` with `--tracker` relies on: MetaSchedule's RPCRunner times a built candidate on the device."""
+@pytest.mark.parametrize("via", ["tracker", "server"])
+def test_metaschedule_rpc_runner_measures_on_the_device(via, request, tmp_path):
+    """What `--tune` with `--tracker`/`--rpc` relies on: MetaSchedule's RPCRunner times a candidate on the device."""
     import tvm
     from tvm import te
     from tvm.s_tir import meta_schedule as ms
-    from tvm.support import tar
+    from squeeze.targets import tuning
     from squeeze.targets.remote import ms_runner
     a, b = te.placeholder((32, 32), name="A"), te.placeholder((32, 32), name="B")
     k = te.reduce_axis((0, 32), name="k")
     c = te.compute((32, 32), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
     func = te.create_prim_func([a, b, c])
-    artifact = str(tmp_path / "candidate.tar")
-    tvm.tirx.build(tvm.IRModule({"main": func}), target="llvm").export_library(artifact, fcompile=tar.tar)
-    runner = ms_runner(Runner.from_args(tracker=f"{LOOPBACK}:{tracker}", key="local"), min_repeat_ms=1)
+    # exported as tuning's builder does: a shared library the server loads as it is
+    artifact = tuning.library_export()(tvm.tirx.build(tvm.IRModule({"main": func}), target="llvm"))
+    port = request.getfixturevalue(via)
+    device = (Runner.from_args(tracker=f"{LOOPBACK}:{port}", key="local") if via == "tracker"
+              else Runner.from_args(rpc=f"{LOOPBACK}:{port}"))
+    runner = ms_runner(device, number=2, repeat=1, min_repeat_ms=1)
     # device_type must be a runtime device name ("cpu"), not the target kind ("llvm"): tvm.runtime.device("llvm")
     # is unknown in TVM 0.27
     (future,) = runner.run([ms.runner.RunnerInput(artifact, "cpu", ms.arg_info.ArgInfo.from_prim_func(func))])
     result = future.result()
+    ms.utils.remove_build_dir(artifact)
     assert result.error_msg is None, result.error_msg
     assert 0 < float(result.run_secs[0]) < 1.0
+
+
+def test_tune_through_the_tracker_measures_on_the_device_and_reuses_its_database(tracker, repo, tmp_path,
+                                                                                 monkeypatch):
+    """`--tune 16 --tracker --key`: the default-schedule seeds and the candidates are timed on the device (the
+    local runner is made unusable), into a database named for the device; the row has the device latency untuned
+    and tuned; a second identical run measures nothing new and tunes faster."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from squeeze.cli import main
+    from squeeze.targets import tuning
+
+    def no_local_runner(*args, **kwargs):
+        raise AssertionError("tuning through RPC must not measure on this machine")
+
+    monkeypatch.setattr(ms.runner, "LocalRunner", no_local_runner)
+    cache = tmp_path / "db"
+
+    def run(out: Path) -> dict:
+        code = main([str(repo / "models" / "digits_cnn.onnx"), "--target", "cpu", "--tune", "16", "--tracker",
+                     f"{LOOPBACK}:{tracker}", "--key", "local", "--tune-cache", str(cache), "--threads", "1",
+                     "--runs", "10", "-o", str(out)])
+        assert code == 0
+        (row,) = json.loads((out / "report.json").read_text())["targets"]
+        assert "error" not in row, row["error"]
+        return row
+
+    row = run(tmp_path / "first")
+    assert row["method"] == "rpc" and row["key"] == "local" and row["numeric_check"]["ok"]
+    tuned = row["tuning"]
+    assert tuned["measured"] == "rpc" and tuned["measured_on"] == f"tracker {LOOPBACK}:{tracker} key local"
+    folder = Path(tuned["database"])
+    assert folder.parent == cache and folder.name.endswith("-key-local")
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no database for this machine was made
+    records = (folder / "database_tuning_record.json").read_text().splitlines()
+    workloads = (folder / "database_workload.json").read_text().splitlines()
+    assert sum(tuning.DEFAULT_MARK in line for line in records) == len(workloads)  # every seed timed there
+    assert len(records) > len(workloads)  # and tuning candidates
+    assert sum(f["records"] for f in tuned["functions"].values()) == len(records)
+    # untuned and tuned latency side by side, both timed on the device
+    assert 0 < row["untuned_latency_ms"]["p50"] and 0 < row["latency_ms"]["p50"]
+    assert row["tuning_speedup"] == pytest.approx(row["untuned_latency_ms"]["p50"] / row["latency_ms"]["p50"],
+                                                  rel=1e-3)
+    assert any(n.startswith("tuned on the device (tracker") for n in row["notes"])
+    assert 0 < tuned["kernels_us"]["tuned"] <= tuned["kernels_us"]["untuned"]
+
+    again = run(tmp_path / "second")
+    assert (folder / "database_tuning_record.json").read_text().splitlines() == records  # nothing measured anew
+    assert again["tuning"]["database"] == tuned["database"]
+    assert again["tuning"]["seconds"] < tuned["seconds"]
