@@ -292,7 +292,8 @@ def prune(graph: gs.Graph, ctx: Context, *,
 
 def parse_counts(entries: list[str], groups: list[Group]) -> dict[str, int]:
     """`["GROUP=N", ...]` → {group name: channels kept}; a one-line PassError for an unknown group or a bad N."""
-    by_name = {g.name: g for g in groups}
+    by_name = {g.name: g for g in groups if not g.prunable}  # a name can be shared with the input's group
+    by_name.update({g.name: g for g in groups if g.prunable})
     counts: dict[str, int] = {}
     for entry in entries:
         name, sep, value = str(entry).rpartition("=")

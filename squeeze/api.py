@@ -66,8 +66,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
              max_drop: float | None = None, progress: Callable[[str], None] | None = None,
              rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-             tune: int | None = None, tune_cache: str | None = None) -> Result:
+             tune: int | None = None, tune_cache: str | None = None, goal: str | None = None) -> Result:
     """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
+
+    With `goal` ("size=8x", "bytes=200k", "macs=0.5", "latency=1.5x@cpu"; see squeeze.goal), `passes` run first,
+    then per-layer prune/codebook strengths are allocated to meet the goal within `max_drop` and appended.
 
     With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
     pass fails), then the report. Bad input raises a SqueezeError subclass with a one-line message.
@@ -76,6 +79,13 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     say = progress or (lambda msg: None)
     pass_calls = bind(_join(passes), get_pass)
     target_calls = bind(_join(targets), get_target)
+    goal_spec = None
+    if goal:
+        from .goal import parse_goal  # noqa: PLC0415
+        goal_spec = parse_goal(goal)
+        latency = goal_spec.latency
+        if latency is not None and not any(str(c) == latency.target or c.name == latency.target for c in target_calls):
+            target_calls += bind(latency.target, get_target)  # the report shows the speed-up the goal asked for
     _target_defaults(target_calls, tune=tune, tune_cache=tune_cache)
     runner = None
     if rpc or tracker or key:  # a device over TVM RPC for the targets that can use one (targets/remote.py)
@@ -109,7 +119,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
         raise SqueezeError("--max-drop must be a non-negative number of points")
     job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,
                calib_data=calib_data, eval_data=eval_data, pass_calls=pass_calls, target_calls=target_calls,
-               seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started, runner=runner)
+               seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started, runner=runner,
+               goal=goal_spec)
     if out_dir is None:
         return _run_job(None, **job)
     # Only now that the inputs are known to be good: a failed run must not leave an empty output folder behind.
@@ -120,15 +131,33 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
 
 def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, shapes, calib_data, eval_data,
-             pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None) -> Result:
+             pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None, goal=None) -> Result:
     """Everything after the inputs are validated; files go to `stage` (committed by the caller)."""
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
     original_accuracy = evaluate(original, eval_data, threads)
 
+    goal_report, guard_drop = None, max_drop
+    if goal is not None:
+        from . import goal as goal_mod  # noqa: PLC0415
+        start = original
+        if pass_calls:  # the goal allocates on what --passes made of the model
+            pre = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, threads=threads, progress=say)
+            start = pre.model
+        try:
+            found = goal_mod.search(start, goal, calib_data, shapes, original=original, seed=seed,
+                                    threads=threads, max_drop=max_drop, guard_data=eval_data, say=say, runner=runner)
+        except SqueezeError:
+            raise
+        except Exception as exc:  # a bug in the search: one line for the user, the traceback with --debug
+            raise SqueezeError(f"--goal search failed with {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        goal_report = found.report
+        pass_calls = list(pass_calls) + found.calls
+        guard_drop = None  # the search kept the drop within max_drop; a guard now would undo the allocation
     result = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
-                          threads=threads, progress=say, max_drop=max_drop)
+                          threads=threads, progress=say, max_drop=guard_drop)
     final = result.model
     final_stats = model_stats(final, shapes)
     if stage is not None:
@@ -160,6 +189,8 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         "failure": result.failure,
         "environment": _environment(threads),
     }
+    if goal_report is not None:
+        report["goal"] = goal_report
     if original_accuracy is not None:
         report["accuracy"] = {"original": original_accuracy, "final": final_accuracy,
                               "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="threads for ONNX Runtime and TVM (default: all cores)")
     p.add_argument("--max-drop", type=float, metavar="PTS",
                    help="accuracy guard: back passes off so top-1 drops at most PTS points (else disagreement)")
+    p.add_argument("--goal", metavar="GOAL",
+                   help="compress to a budget, allocated per layer: size=8x (packed bytes), bytes=200k, macs=0.5, "
+                        "latency=1.5x@cpu, comma-joined; using=prune+codebook picks the passes. Runs after "
+                        "--passes; --max-drop bounds it")
     p.add_argument("--runs", type=int, default=None, metavar="N", help="timed runs per latency measurement (default 50)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure device targets (arm, mobile-gpu, gpu, cpu) on the TVM "
                    "RPC server there (python -m tvm.exec.rpc_server on the device)")
@@ -134,7 +138,8 @@ def _run(argv: list[str]) -> int:
     result = compress(model, args.passes, calib=args.calib, eval=args.eval, targets=targets, seed=args.seed,
                       input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
                       force=args.force, max_drop=args.max_drop, progress=progress,
-                      rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache)
+                      rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache,
+                      goal=args.goal)
     progress.done()
     from .report import terminal_table  # noqa: PLC0415
     print(terminal_table(result.report))

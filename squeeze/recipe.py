@@ -23,7 +23,7 @@ from typing import Any
 from .errors import SqueezeError
 
 KEYS = {"model", "passes", "target", "targets", "calib", "eval", "output", "seed", "max_drop", "input_shape",
-        "threads", "runs", "force"}
+        "threads", "runs", "force", "goal"}
 PATH_KEYS = ("model", "calib", "eval", "output")
 
 
@@ -68,6 +68,13 @@ def load(path: str | Path) -> dict[str, Any]:
         out["passes"] = _spec(out["passes"], path, "passes")
     if "target" in out:
         out["target"] = _spec(out["target"], path, "target")
+    if "goal" in out:
+        goal = out["goal"]
+        if isinstance(goal, dict):  # goal: {size: 8x, using: prune+codebook}
+            goal = ",".join(f"{k}={v}" for k, v in goal.items())
+        if not isinstance(goal, str):
+            raise RecipeError(f"{path}: goal must be a string like 'size=8x' or a mapping like {{size: 8x}}")
+        out["goal"] = goal
     if "input_shape" in out:
         shapes = out["input_shape"]
         if isinstance(shapes, dict):
@@ -118,5 +125,5 @@ def arguments(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: the recipe names no model")
     names = {"model": "model", "passes": "passes", "target": "targets", "calib": "calib", "eval": "eval",
              "output": "out_dir", "seed": "seed", "max_drop": "max_drop", "input_shape": "input_shapes",
-             "threads": "threads", "runs": "runs", "force": "force"}
+             "threads": "threads", "runs": "runs", "force": "force", "goal": "goal"}
     return {names[k]: v for k, v in r.items()}

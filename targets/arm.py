@@ -57,6 +57,11 @@ class Arm(Target):
         gone = toolchains.missing("arm", optional=("clinfo",) + (("qemu-aarch64",) if self.runner else ()))
         return f"arm: {gone}" if gone else None
 
+    @property
+    def channel_multiple(self) -> int:
+        from .schedules import simd  # noqa: PLC0415
+        return min(8, simd.describe(self.tvm_target()).lanes("float32"))
+
     def tvm_target(self):
         tvm = tvm_build.tvm()
         if self.tag:

@@ -57,6 +57,12 @@ class Target(ABC):
     #: A `remote.Runner` (a device behind --rpc or --tracker/--key), set by the core before build; None = local.
     runner: Any = None
 
+    @property
+    def channel_multiple(self) -> int:
+        """Channel counts this target runs best at (`--goal latency=…` rounds pruned groups to it): 1 here;
+        SIMD targets answer their float32 vector width (capped at 8, so small layers can still be pruned)."""
+        return 1
+
     def missing(self) -> str | None:
         """None if the target can build and measure here, else what is missing and how to install it."""
         return None

@@ -37,6 +37,11 @@ class Cpu(Target):
         self.tune = tune
         self.tune_cache = tune_cache
 
+    @property
+    def channel_multiple(self) -> int:
+        from .schedules import simd  # noqa: PLC0415
+        return min(8, simd.describe(self.tvm_target()).lanes("float32"))
+
     def tvm_target(self):
         tvm = tvm_build.tvm()
         cpu = tvm_build.host_cpu() if self.mcpu == "host" else self.mcpu
