@@ -1,23 +1,37 @@
-"""Write BENCHMARKS.md: corpus models × compression pipelines, every number measured in one run.
+"""Write BENCHMARKS.md: corpus models × compression pipelines, every number measured by one command.
 
     python benchmarks/run.py                       # all models and pipelines → BENCHMARKS.md
+    python benchmarks/run.py --resume              # the same, reusing the cells a stopped run already finished
     python benchmarks/run.py --models mnist_burn --pipelines "cleanup" --out /tmp/b.md
 
 For each model the first 256 labelled samples calibrate and the rest evaluate (calibration samples are never
-evaluated on). SqueezeNet has no labels here: its row gives top-1 agreement with the original instead.
-Latency: TVM (cpu target) on the compressed and on the original model, and ONNX Runtime on the original, all
-in this process, one after another, batch 1; ratios are within one run.
+evaluated on). SqueezeNet has no labels here: its rows give top-1 agreement with the original instead.
+
+Each finished cell (model × pipeline) is written at once to a cache (benchmarks/results/run-cache.json), keyed by
+model, pipeline, seed, settings and the git commit of squeeze/, passes/ and targets/ (files with uncommitted
+changes are named in the header). `--resume` reuses the cells whose key matches, so a stopped run goes on where it
+stopped; without it the cache starts empty. A cell that fails shows its one-line error in the table; a cell that
+killed the process twice is recorded as such and not tried again.
+
+Latency: the original model is compiled with TVM (the `cpu` target) once per model, in the same process as that
+model's cells, and an ONNX Runtime session of it is kept. Each cell compiles its compressed model and then times
+TVM compressed, TVM original and ONNX Runtime original back to back, in alternating rounds, in this process; the
+table gives the median of the round medians, so every ratio comes from the same minutes of the same run.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
+import json
+import os
 import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,13 +41,28 @@ import squeeze  # noqa: E402
 from squeeze.registry import all_passes  # noqa: E402
 from squeeze.spec import parse  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["mnist_burn", "mnist_ortjava", "cifar10_resnet4b", "sri_resnet_a", "squeezenet", "marabou_cifar10_large"]
 PIPELINES = ["cleanup", "prune(ratio=0.3)", "slim", "quant", "codebook(bits=4)", "codebook(unit=kernel)",
              "blockperm(blocks=4)", "prune(ratio=0.3),codebook(bits=4)"]
-EVAL_LIMIT = {"mnist_burn": None, "mnist_ortjava": None}  # None: all remaining samples
+# Evaluation samples per model (None: all samples after the calibration ones). Calibration is never limited.
+EVAL_LIMIT: dict[str, int | None] = {}
+CALIB = 256
+ROUNDS = 3  # alternating timing rounds per cell
+CODE_PATHS = ["squeeze", "passes", "targets"]
+# Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
+ISSUE_TABLES = ["prune_curve.md", "codegen.md", "codegen-2threads.md", "quant_codebook.md", "blockperm.md"]
+ISSUE_COMMANDS = {"prune_curve.md": "python benchmarks/prune_curve.py", "codegen.md": "python benchmarks/codegen.py",
+                  "codegen-2threads.md": "python benchmarks/codegen.py --threads 2",
+                  "quant_codebook.md": "python benchmarks/quant_codebook.py",
+                  "blockperm.md": "python benchmarks/blockperm.py"}
 
 
-def _data(name: str, tmp: Path, eval_count: int | None):
+# --- data ----------------------------------------------------------------------------------------------------
+
+def _data(name: str, eval_count: int | None):
+    """(calibration, evaluation) Datasets for corpus model `name`; calibration samples are never evaluated on."""
     if name.startswith("squeezenet"):
         import numpy as np  # noqa: PLC0415
 
@@ -44,11 +73,10 @@ def _data(name: str, tmp: Path, eval_count: int | None):
         calib = Dataset({input_name: x[3:35]}, None, "squeezenet: 32 random images")
         evald = Dataset({input_name: np.concatenate([x[:3], x[35:]])}, None, "squeezenet: reference + photos + random")
     else:
-        ds = corpus.dataset(name)
-        calib, evald = corpus.split(ds, 256)
-        if eval_count:
-            evald = evald.subset(0, eval_count)
-    return corpus.save_npz(calib, tmp / f"{name}_calib.npz"), corpus.save_npz(evald, tmp / f"{name}_eval.npz")
+        calib, evald = corpus.split(corpus.dataset(name), CALIB)
+    if eval_count:
+        evald = evald.subset(0, eval_count)
+    return calib, evald
 
 
 def _applicable(pipeline: str, model: str) -> str | None:
@@ -60,14 +88,184 @@ def _applicable(pipeline: str, model: str) -> str | None:
         import onnx  # noqa: PLC0415
         m = onnx.load(str(corpus.model_path(model)), load_external_data=False)
         if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
-            return "no BatchNormalization in the model"
+            return "n/a: no BatchNormalization in the model"
     return None
 
 
-def _row(model: str, pipeline: str, result, seconds: float) -> dict:
+# --- code identity, cache ------------------------------------------------------------------------------------
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def code_key() -> tuple[str, list[str]]:
+    """(last commit that touched squeeze/, passes/, targets/; their files with uncommitted changes).
+
+    The cache key uses the commit only: other developers edit this checkout while a run goes on, and a key with
+    their work in progress in it would make every `--resume` start again. The header names the dirty files.
+    """
+    commit = _git("log", "-1", "--format=%h", "--", *CODE_PATHS) or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS)
+    return commit, sorted(line.strip().split(maxsplit=1)[-1] for line in status.splitlines() if line.strip())
+
+
+def _cell_key(model: str, pipeline: str, cfg: dict) -> str:
+    return json.dumps([model, pipeline, cfg["seed"], cfg["code"], cfg["threads"], cfg["runs"], cfg["eval"].get(model)])
+
+
+def _model_key(model: str, cfg: dict) -> str:
+    return _cell_key(model, "<original>", cfg)
+
+
+class Cache:
+    """run-cache.json: finished cells, per-model original measurements and the invocations that made them."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.data = {"cells": {}, "models": {}, "invocations": []}
+        if resume and path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                print(f"cache {path} unreadable ({exc}); starting afresh", file=sys.stderr)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+
+class Original:
+    """The original model of one corpus model: loaded, compiled with TVM once, an ONNX Runtime session kept."""
+
+    def __init__(self, model: str, evald, threads: int, runs: int):
+        from squeeze import runtime  # noqa: PLC0415
+        from squeeze.data import input_specs, resolve_shapes  # noqa: PLC0415
+        from squeeze.model import load_model  # noqa: PLC0415
+        from squeeze.targets import tvm_build  # noqa: PLC0415
+        self.name = model
+        self.model = load_model(corpus.model_path(model))
+        self.shapes = resolve_shapes(input_specs(self.model), {}, evald)
+        self.samples = evald.samples(8)
+        self.threads, self.runs = threads, runs
+        self.target = _cpu_target()
+        tvm_build.set_threads(threads)
+        t0 = time.perf_counter()
+        self.workdir = tempfile.TemporaryDirectory(prefix="squeeze-bench-")
+        self.artifact = self.target.build(self.model, self.shapes, Path(self.workdir.name))
+        self.build_seconds = time.perf_counter() - t0
+        self.vm = tvm_build.VMRunner(self.artifact.handle[0], tvm_build.tvm().cpu(), self.artifact.handle[1])
+        self.ort = runtime.session(self.model, threads)
+
+    def time_ort(self) -> dict:
+        from squeeze.timing import time_calls  # noqa: PLC0415
+        feed = self.samples[0]
+        return time_calls(lambda: self.ort.run(None, feed), runs=self.runs)
+
+    def measure(self) -> dict:
+        """The original alone (once per model): TVM and ONNX Runtime, alternating rounds."""
+        rounds = {"TVM": [], "ORT": []}
+        for _ in range(ROUNDS):
+            rounds["TVM"].append(self.vm.time(self.samples[0], self.runs))
+            rounds["ORT"].append(self.time_ort())
+        return {"TVM orig ms": _median_p50(rounds["TVM"]), "ORT orig ms": _median_p50(rounds["ORT"]),
+                "TVM build s": self.build_seconds, "load": _load(), "at": _now()}
+
+
+def _cpu_target():
+    from squeeze.registry import get_target  # noqa: PLC0415
+    target = get_target("cpu").obj()
+    target.runner = None
+    missing = target.missing()
+    if missing:
+        raise RuntimeError(missing)
+    return target
+
+
+def _median_p50(measurements: list[dict]) -> float:
+    values = sorted(m["p50"] for m in measurements)
+    return values[len(values) // 2]
+
+
+def _tvm_cell(orig: Original, final) -> dict:
+    """Compile the compressed model; check it against ONNX Runtime; time it back to back with the original."""
+    import numpy as np  # noqa: PLC0415
+
+    from squeeze.api import _numeric_check  # noqa: PLC0415
+    from squeeze.targets import tvm_build  # noqa: PLC0415
+    t0 = time.perf_counter()
+    artifact = orig.target.build(final, orig.shapes, Path(orig.workdir.name))
+    build_s = time.perf_counter() - t0
+    vm = tvm_build.VMRunner(artifact.handle[0], tvm_build.tvm().cpu(), artifact.handle[1])
+    outputs = [vm.run(s) for s in orig.samples]
+    stacked = {str(i): np.stack([o[i] for o in outputs]) for i in range(len(outputs[0]))}
+    check = _numeric_check(final, orig.samples, stacked, orig.threads)
+    rounds = {"c": [], "o": [], "ort": []}
+    for _ in range(ROUNDS):
+        rounds["c"].append(vm.time(orig.samples[0], orig.runs))
+        rounds["o"].append(orig.vm.time(orig.samples[0], orig.runs))
+        rounds["ort"].append(orig.time_ort())
+    row = {"TVM ms": _median_p50(rounds["c"]), "TVM orig ms": _median_p50(rounds["o"]),
+           "ORT orig ms": _median_p50(rounds["ort"]), "TVM build s": build_s}
+    row["TVM speed-up"] = row["TVM orig ms"] / row["TVM ms"]
+    row["vs ORT"] = row["ORT orig ms"] / row["TVM ms"]
+    if check.get("ok"):
+        row["TVM=ORT"] = "ok"
+    else:
+        row["TVM=ORT"] = "MISMATCH " + (check.get("error") or
+                                        f"max rel {check.get('max_abs_rel', float('nan')):.1e}, "
+                                        f"top-1 {100 * check.get('top1_agreement', float('nan')):.0f} %")
+    return row
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}"[:160]
+
+
+def _guard_note(report: dict) -> str:
+    """What the passes themselves said went differently from the request (a failed pass, a backed-off ratio)."""
+    notes = []
+    for step in report.get("passes", []):
+        if step.get("failed"):
+            notes.append(step["failed"])
+        guard = step.get("guard") or {}
+        if guard.get("params") is not None and guard.get("params") != step.get("params"):
+            notes.append(f"{step['name']}: guard used {guard['params']}")
+    return "; ".join(notes)
+
+
+def _cell(model: str, pipeline: str, calib, evald, orig: Original | None, orig_error: str | None, args) -> dict:
+    row: dict = {}
+    t0 = time.perf_counter()
+    try:
+        result = squeeze.compress(corpus.model_path(model), pipeline, calib=calib, eval=evald, targets="",
+                                  seed=args.seed, threads=args.threads, runs=args.runs)
+    except Exception as exc:  # noqa: BLE001  (one cell's failure must not stop the table)
+        row["squeeze s"] = time.perf_counter() - t0
+        row["note"] = "error: " + _one_line(exc)
+        traceback.print_exc()
+        return row
+    row["squeeze s"] = time.perf_counter() - t0
     r = result.report
     o, f = r["original"], r["final"]
-    row = {"model": model, "pipeline": pipeline}
     row["file ratio"] = o["bytes"]["file"] / f["bytes"]["file"]
     packed_o, packed_f = o["bytes"].get("packed"), f["bytes"].get("packed")
     row["packed ratio"] = (packed_o / packed_f) if packed_o and packed_f else None
@@ -78,33 +276,38 @@ def _row(model: str, pipeline: str, result, seconds: float) -> dict:
         row["top-1"] = 100 * acc["final"]["top1"]
         row["drop (pts)"] = acc["drop_pts"]
     elif r.get("fidelity"):
-        row["top-1 agreement"] = 100 * r["fidelity"].get("top1_agreement", float("nan"))
-    cpu = next((t for t in r["targets"] if t["name"] == "cpu"), {})
-    if cpu.get("latency_ms"):
-        row["TVM ms"] = cpu["latency_ms"]["p50"]
-        row["TVM orig ms"] = (cpu.get("original_latency_ms") or cpu["latency_ms"])["p50"]
-        row["ORT orig ms"] = cpu["baseline"]["latency_ms"]["p50"]
-        row["TVM speed-up"] = row["TVM orig ms"] / row["TVM ms"]
-        row["TVM vs ORT"] = row["ORT orig ms"] / row["TVM ms"]
-        row["TVM=ORT check"] = "ok" if (cpu.get("numeric_check") or {}).get("ok") else "MISMATCH"
-    elif cpu.get("error"):
-        row["TVM ms"] = "error: " + cpu["error"][:60]
-    row["squeeze s"] = seconds
-    if result.failure:
-        row["note"] = result.failure[:80]
+        row["top-1 agree"] = 100 * r["fidelity"].get("top1_agreement", float("nan"))
+    row["eval n"] = r["data"]["eval_samples"]
+    note = _guard_note(r)
+    if result.failure and result.failure not in note:
+        note = "; ".join(x for x in (note, result.failure) if x)
+    if orig is None:
+        row["TVM"] = "TVM failed on the original model: " + (orig_error or "?")
+    else:
+        try:
+            row.update(_tvm_cell(orig, result.model))
+        except Exception as exc:  # noqa: BLE001
+            row["TVM"] = "TVM failed: " + _one_line(exc)
+            traceback.print_exc()
+    if note:
+        row["note"] = note[:200]
     return row
 
 
+# --- output --------------------------------------------------------------------------------------------------
+
 COLUMNS = ["model", "pipeline", "file ratio", "packed ratio", "MAC ratio", "top-1 orig", "top-1", "drop (pts)",
-           "top-1 agreement", "TVM ms", "TVM orig ms", "ORT orig ms", "TVM speed-up", "TVM vs ORT", "TVM=ORT check",
-           "squeeze s", "note"]
+           "top-1 agree", "TVM ms", "TVM orig ms", "ORT orig ms", "TVM speed-up", "vs ORT", "TVM=ORT",
+           "squeeze s", "TVM build s", "note"]
 
 
 def _fmt(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+        if value != value:
+            return "nan"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value).replace("|", "\\|")
 
 
@@ -114,72 +317,240 @@ def _machine() -> str:
     try:
         from squeeze.targets.tvm_build import host_cpu  # noqa: PLC0415
         llvm = host_cpu()
-    except Exception:  # TVM missing: say so
+    except Exception:  # noqa: BLE001  (TVM missing: say so)
         llvm = "?"
     return f"{cpu} (LLVM: {llvm}), {cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def _versions() -> str:
-    from importlib.metadata import version  # noqa: PLC0415
-    names = ["squeeze", "onnx", "onnxruntime", "apache-tvm", "numpy", "scikit-learn"]
-    return ", ".join(f"{n} {version(n)}" for n in names)
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+    out = []
+    for n in ["squeeze", "onnx", "onnxruntime", "apache-tvm", "numpy", "scikit-learn"]:
+        try:
+            out.append(f"{n} {version(n)}")
+        except PackageNotFoundError:
+            out.append(f"{n} ?")
+    return ", ".join(out)
 
+
+def _issue_tables(out: Path) -> list[str]:
+    """The per-issue tables from benchmarks/results/*.md, linked and copied (first heading demoted one level)."""
+    files = [RESULTS / n for n in ISSUE_TABLES if (RESULTS / n).is_file()]
+    files += sorted(p for p in RESULTS.glob("*.md") if p.name not in ISSUE_TABLES and not p.name.startswith("run"))
+    if not files:
+        return []
+
+    def link(p: Path) -> str:
+        try:
+            return os.path.relpath(p, out.resolve().parent)
+        except ValueError:
+            return str(p)
+    lines = ["", "---", "", "## Per-issue benchmark tables", "",
+             "Each was produced by its own script, at another time, with the command written at its top; they are "
+             "copied here from `benchmarks/results/` (regenerate one with its command, then re-run "
+             "`python benchmarks/run.py --resume` to refresh this copy; its cells come from the cache):", ""]
+    for p in files:
+        cmd = ISSUE_COMMANDS.get(p.name)
+        lines.append(f"- [{p.name}]({link(p)})" + (f" — `{cmd}`" if cmd else ""))
+    for p in files:
+        text = p.read_text().rstrip("\n")
+        if text.startswith("# "):
+            text = "#" + text
+        lines += ["", "---", "", text]
+    return lines
+
+
+def write_markdown(out: Path, cache: Cache, cfg: dict, args, command: str, current: int) -> None:
+    cells = cache.data["cells"]
+    models = cache.data["models"]
+    done = sum(1 for m in args.models for p in args.pipelines
+               if cells.get(_cell_key(m, p, cfg), {}).get("status") == "done")
+    n_cells = len(args.models) * len(args.pipelines)
+    complete = done == n_cells
+    computed: dict[int, int] = {}
+    for m in args.models:
+        for p in args.pipelines:
+            inv = cells.get(_cell_key(m, p, cfg), {}).get("invocation")
+            if inv is not None:
+                computed[inv] = computed.get(inv, 0) + 1
+    # the invocations that worked on this table (finished a cell of it, or started one and were stopped), and this one
+    keys = {_cell_key(m, p, cfg) for m in args.models for p in args.pipelines}
+    used = [i for i, inv in enumerate(cache.data["invocations"])
+            if computed.get(i) or keys & set(inv.get("started_cells", [])) or i == current]
+    total = sum(cache.data["invocations"][i].get("seconds", 0.0) for i in used)
+    eval_limits = {m: n for m, n in cfg["eval"].items() if n and m in args.models}
+    lines = ["# squeeze benchmarks", ""]
+    if not complete:
+        lines += [f"**INCOMPLETE: {done} of {n_cells} cells so far** (run still going or stopped; "
+                  "`python benchmarks/run.py --resume` continues it).", ""]
+    lines += [
+        "## Corpus models × pipelines (benchmarks/run.py)", "",
+        "Command: `python benchmarks/run.py`" + (f" (this file: `{command}`)" if command != "python benchmarks/run.py" else ""),
+        "",
+        f"- Code: squeeze/, passes/, targets/ at commit `{cfg['code']}` (cache key; repository HEAD `{cfg['head']}` when the "
+        f"file was written, {_now()}); seed {args.seed}; {args.threads} thread(s) for ONNX Runtime and TVM.",
+        f"- Machine: {_machine()}. **Shared**: other developers' builds and tests ran on the same 2 cores during "
+        "this run, so absolute times are noisy; compare the ratios, which come from back-to-back timings.",
+        f"- Versions: {_versions()}; Python {platform.python_version()}.",
+        f"- Run time: {total / 60:.1f} min of wall time in {len(used)} invocation(s) (cells reused from the "
+        f"cache by `--resume` are not re-timed):",
+    ]
+    for i in used:
+        inv = cache.data["invocations"][i]
+        lines.append(f"  - `{inv['command']}`: {inv['started']} → {inv.get('ended') or inv.get('last') or '?'}"
+                     f"{' (stopped)' if not inv.get('ended') else ''}, {inv.get('seconds', 0) / 60:.1f} min, "
+                     f"{computed.get(i, 0)} finished cell(s) of this table; load average (1, 5, 15 min) at start "
+                     f"{inv.get('load_start')}, at end {inv.get('load_end') or inv.get('load_last')}"
+                     + (f"; uncommitted changes (other developers' work in progress) in "
+                        f"{', '.join(inv['dirty'])}" if inv.get("dirty") else "; no uncommitted changes in them"))
+    lines += [
+        f"- Data: corpus in `../shared/corpus` (MANIFEST preprocessing). The first {CALIB} labelled samples "
+        "calibrate, the rest evaluate, never the same image (MNIST: 9,744 test images; CIFAR-10: 761). SqueezeNet "
+        "has no labels here: 32 random images calibrate; `top-1 agree` = agreement with the original on the "
+        "reference input, the two photos and 29 other random images (32; **accuracy cannot be measured**)."
+        + (f" Evaluation limited to the first N samples for: {eval_limits} (calibration unchanged)."
+           if eval_limits else " No model's evaluation set was limited."),
+        "- Ratios: original ÷ compressed (higher is better). `file` = bytes of the ONNX file, `packed` = bytes of "
+        "the `squeeze pack` container where the report has it (— otherwise), `MAC` = multiply-accumulates.",
+        "- Accuracy: top-1 % on the evaluation samples; `drop` in points (original − compressed; negative = better). "
+        "Each pipeline runs without an accuracy limit (`--max-drop` unset), so the drops are what the pass does.",
+        f"- Latency: batch 1, ms, p50 of ≥ {args.runs} calls after warm-up (≥ 0.2 s), timed from Python; median "
+        f"over {ROUNDS} alternating rounds of TVM compressed / TVM original / ONNX Runtime original, in the same "
+        "process, back to back. TVM = the `cpu` target (LLVM for this CPU, squeeze's default schedules, no "
+        "tuning); the original is compiled once per model. `TVM speed-up` = TVM original ÷ TVM compressed; "
+        "`vs ORT` = ONNX Runtime original ÷ TVM compressed. `TVM=ORT`: the compiled model's outputs against ONNX "
+        "Runtime on the same compressed model (8 samples).",
+        "- `squeeze s`: wall time of `squeeze.compress` (passes, verification, evaluations; no TVM), `TVM build s`: "
+        "compiling the compressed model. `note`: a pass that failed or was weakened, a TVM failure (the compressed "
+        "model's sizes and accuracy are still measured), or why the cell does not apply.",
+        "",
+        "Original models (measured once per model, TVM and ONNX Runtime alternating):",
+        "",
+        "| model | top-1 orig | TVM orig ms | ORT orig ms | TVM build s | load at measurement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in args.models:
+        rec = models.get(_model_key(m, cfg)) or {}
+        top1 = next((cells[k]["row"].get("top-1 orig") for p in args.pipelines
+                     if (k := _cell_key(m, p, cfg)) in cells and cells[k].get("row", {}).get("top-1 orig")), None)
+        if rec.get("error"):
+            lines.append(f"| {m} | {_fmt(top1)} | error: {_fmt(rec['error'])} | | | {rec.get('load')} |")
+        else:
+            lines.append(f"| {m} | {_fmt(top1)} | {_fmt(rec.get('TVM orig ms'))} | {_fmt(rec.get('ORT orig ms'))} | "
+                         f"{_fmt(rec.get('TVM build s'))} | {rec.get('load', '—')} |")
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for m in args.models:
+        for p in args.pipelines:
+            rec = cells.get(_cell_key(m, p, cfg))
+            row = {"model": m, "pipeline": p}
+            if rec is None or rec.get("status") != "done":
+                row["note"] = "not run yet"
+            else:
+                row.update(rec["row"])
+                if row.get("TVM"):
+                    row["note"] = "; ".join(x for x in (row["TVM"] if not row.get("TVM ms") else None,
+                                                        row.get("note")) if x)
+            lines.append("| " + " | ".join(_fmt(row.get(c)) if c != "pipeline" else f"`{_fmt(row[c])}`"
+                                           for c in COLUMNS) + " |")
+    lines += _issue_tables(out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+
+
+# --- main ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--pipelines", nargs="*", default=PIPELINES)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
-    p.add_argument("--runs", type=int, default=50, help="timed runs per latency (default 50)")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--cache", default=str(RESULTS / "run-cache.json"))
+    p.add_argument("--resume", action="store_true", help="reuse the finished cells in --cache whose key matches")
+    p.add_argument("--runs", type=int, default=50, help="timed calls per latency round (default 50)")
     p.add_argument("--threads", type=int, default=1, help="threads for ONNX Runtime and TVM (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate at most this many samples per model")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate at most this many samples per model (overrides the per-model EVAL_LIMIT)")
     args = p.parse_args(argv)
     if not corpus.available():
         print(f"corpus not found at {corpus.ROOT}", file=sys.stderr)
         return 2
-    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    rows = []
+    raw = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python benchmarks/run.py", *(shlex.quote(a) for a in raw)])
+    out = Path(args.out)
+    commit, dirty = code_key()
+    cfg = {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": commit,
+           "head": _git("rev-parse", "--short", "HEAD") or "?",
+           "eval": {m: (args.eval_limit or EVAL_LIMIT.get(m)) for m in args.models}}
+    cache = Cache(Path(args.cache), args.resume)
+    inv = {"command": command, "code": cfg["code"], "head": cfg["head"], "dirty": dirty, "started": _now(),
+           "load_start": _load(),
+           "seconds": 0.0}
+    cache.data["invocations"].append(inv)
+    index = len(cache.data["invocations"]) - 1
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for model in args.models:
-            calib, evald = _data(model, tmp, args.eval_limit)
-            for pipeline in args.pipelines:
-                skip = _applicable(pipeline, model)
-                if skip:
-                    rows.append({"model": model, "pipeline": pipeline, "note": skip})
-                    continue
-                print(f"{model}: {pipeline}", file=sys.stderr, flush=True)
-                t0 = time.perf_counter()
-                try:
-                    result = squeeze.compress(corpus.model_path(model), pipeline, calib=calib, eval=evald,
-                                              targets="cpu", seed=args.seed, threads=args.threads, runs=args.runs)
-                except squeeze.SqueezeError as exc:
-                    rows.append({"model": model, "pipeline": pipeline, "note": f"error: {exc}"[:120]})
-                    continue
-                rows.append(_row(model, pipeline, result, time.perf_counter() - t0))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "?"
-    lines = ["# squeeze benchmarks", "",
-             f"Produced by `{command}` at commit `{commit}` on {_dt.date.today().isoformat()}, "
-             f"{_fmt(time.perf_counter() - started)} s in all.", "",
-             f"- Machine: {_machine()}; {args.threads} thread(s) for ONNX Runtime and TVM.",
-             f"- Versions: {_versions()}; Python {platform.python_version()}; seed {args.seed}.",
-             "- Data: corpus in `../shared/corpus` (MANIFEST preprocessing). First 256 labelled samples calibrate, "
-             "the rest evaluate (MNIST: 9,744 images; CIFAR-10: 761). SqueezeNet: top-1 agreement with the original "
-             "on the reference input, two photos and random images (no labels exist here).",
-             "- Ratios are original ÷ compressed (higher is better). `file` = bytes of the ONNX file, `packed` = "
-             "bytes of the packed deployable weights (where the pass reports them). Latency: p50 of ≥ "
-             f"{args.runs} batch-1 runs after warm-up, timed from Python; TVM = the `cpu` target (native).", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+
+    def touch() -> None:
+        inv["seconds"] = round(time.perf_counter() - started, 1)
+        inv["last"], inv["load_last"] = _now(), _load()
+        cache.save()
+
+    touch()
+    print(f"code {cfg['code']}, cache {args.cache} ({'resume' if args.resume else 'fresh'}), load {inv['load_start']}",
+          file=sys.stderr, flush=True)
+    for model in args.models:
+        todo = []
+        for pipeline in args.pipelines:
+            key = _cell_key(model, pipeline, cfg)
+            rec = cache.data["cells"].get(key)
+            if rec and rec.get("status") == "done":
+                continue
+            skip = _applicable(pipeline, model)
+            if skip:
+                cache.data["cells"][key] = {"status": "done", "row": {"note": skip}, "invocation": index}
+                continue
+            if rec and rec.get("status") == "started" and rec.get("attempts", 0) >= 2:
+                cache.data["cells"][key] = {"status": "done", "invocation": index, "row": {
+                    "note": f"error: the benchmark process died during this cell in {rec['attempts']} attempts "
+                            "(crash or kill; see the run log)"}}
+                continue
+            todo.append(pipeline)
+        touch()
+        if not todo:
+            continue
+        calib, evald = _data(model, cfg["eval"].get(model))
+        print(f"{model}: original (TVM build, timing)", file=sys.stderr, flush=True)
+        orig, orig_error = None, None
+        try:
+            orig = Original(model, evald, args.threads, args.runs)
+            cache.data["models"][_model_key(model, cfg)] = orig.measure()
+        except Exception as exc:  # noqa: BLE001
+            orig_error = _one_line(exc)
+            traceback.print_exc()
+            cache.data["models"][_model_key(model, cfg)] = {"error": orig_error, "load": _load(), "at": _now()}
+        touch()
+        for pipeline in todo:
+            key = _cell_key(model, pipeline, cfg)
+            rec = cache.data["cells"].get(key) or {}
+            cache.data["cells"][key] = {"status": "started", "attempts": rec.get("attempts", 0) + 1,
+                                        "invocation": index, "at": _now()}
+            inv.setdefault("started_cells", []).append(key)
+            touch()
+            print(f"{model}: {pipeline} [{_now()}, load {_load()}]", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            row = _cell(model, pipeline, calib, evald, orig, orig_error, args)
+            cache.data["cells"][key] = {"status": "done", "row": row, "invocation": index, "at": _now(),
+                                        "load": _load(), "seconds": round(time.perf_counter() - t0, 1)}
+            touch()
+            print(f"  done in {time.perf_counter() - t0:.0f} s: "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), file=sys.stderr, flush=True)
+            write_markdown(out, cache, cfg, args, command, index)
+        del orig
+    inv["ended"], inv["load_end"] = _now(), _load()
+    touch()
+    write_markdown(out, cache, cfg, args, command, index)
+    print(f"wrote {out} ({inv['seconds'] / 60:.1f} min)", file=sys.stderr)
     return 0
 
 
