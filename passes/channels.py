@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from squeeze.model import export_without_weights
+
 from .graph_util import fresh_name
 
 # ------------------------------------------------------------------------------------------------ data types
@@ -156,6 +158,14 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def constant_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape of a constant tensor without loading its values (a large initializer stays on its proto)."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(int(d) for d in tensor.shape)
+    value = constant_value(tensor)
+    return None if value is None else tuple(value.shape)
+
+
 def _is_empty(tensor: gs.Tensor | None) -> bool:
     return tensor is None or (isinstance(tensor, gs.Variable) and not tensor.name)
 
@@ -184,8 +194,12 @@ def node_labels(graph: gs.Graph) -> dict[int, str]:
 
 def infer_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]] | None = None
                  ) -> dict[str, tuple[int | None, ...]]:
-    """Shape of every tensor (ONNX shape inference; dynamic leading batch dimensions are taken as 1)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    """Shape of every tensor (ONNX shape inference; dynamic leading batch dimensions are taken as 1).
+
+    Inference runs on the graph exported without the bytes of its large weights (their type and dims only), so it
+    works on models over the 2 GB protobuf limit and copies no weight.
+    """
+    model = export_without_weights(graph)
     inits = {t.name for t in model.graph.initializer}
     for value in model.graph.input:
         if value.name in inits or not value.type.HasField("tensor_type"):
@@ -211,7 +225,7 @@ def infer_shapes(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]] | No
                                        for d in value.type.tensor_type.shape.dim)
     for name, tensor in graph.tensors().items():
         if isinstance(tensor, gs.Constant):
-            shapes[name] = tuple(tensor.values.shape)
+            shapes[name] = constant_shape(tensor)
         elif name not in shapes and constant_value(tensor) is not None:
             shapes[name] = tuple(constant_value(tensor).shape)
     return shapes
@@ -265,10 +279,8 @@ class _Analysis:
         return self.labels.get(id(node), node.name or node.op)
 
     def shape(self, tensor: gs.Tensor) -> tuple[int | None, ...] | None:
-        value = constant_value(tensor)
-        if value is not None:
-            return tuple(value.shape)
-        return self.shapes.get(tensor.name)
+        shape = constant_shape(tensor)
+        return shape if shape is not None else self.shapes.get(tensor.name)
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         shape = self.shape(tensor)
@@ -421,7 +433,7 @@ def _elementwise(an: _Analysis, node: gs.Node) -> None:
     for i, t in enumerate(node.inputs):
         if _is_empty(t):
             continue
-        if constant_value(t) is not None:
+        if constant_shape(t) is not None:
             consts.append(i)
             continue
         layout = an.layout(t)
@@ -454,11 +466,11 @@ def _elementwise(an: _Analysis, node: gs.Node) -> None:
             an.block(ref, f"{where} combines them with '{t.name}', whose channels come from {an.origin(t)}")
     port = "pass"
     for i in consts:
-        value = constant_value(node.inputs[i])
-        k = axis - (rank - value.ndim)
-        if k < 0 or value.shape[k] == 1:
+        shape = constant_shape(node.inputs[i])
+        k = axis - (rank - len(shape))
+        if k < 0 or shape[k] == 1:
             continue
-        if value.shape[k] != out_layout.extent:
+        if shape[k] != out_layout.extent:
             an.block(ref, f"the constant '{node.inputs[i].name}' of {where} does not broadcast per channel")
             return
         port = "param"
@@ -469,16 +481,16 @@ def _elementwise(an: _Analysis, node: gs.Node) -> None:
 def _conv(an: _Analysis, node: gs.Node) -> None:
     """Conv: input channels are read (`in`), a new space is written (`out`); depthwise convs pass channels through."""
     x, out = node.inputs[0], node.outputs[0]
-    w = constant_value(node.inputs[1])
+    w = constant_shape(node.inputs[1])
     where = f"Conv '{an.label(node)}'"
     bias = _input(node, 2)
-    if w is None or (bias is not None and constant_value(bias) is None):
+    if w is None or (bias is not None and constant_shape(bias) is None):
         an.block(an.layout(x), f"{where} has a non-constant weight or bias")
         shape = an.shape(out)
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight or bias")
         return
     group = int(node.attrs.get("group", 1))
-    m, per_group = int(w.shape[0]), int(w.shape[1])
+    m, per_group = int(w[0]), int(w[1])
     layout = an.require(x, 1, per_group * group)
     macs = an.macs(node)
     bad_axis = layout.axis != 1 or layout.outer != 1 or layout.extent != per_group * group
@@ -503,16 +515,16 @@ def _conv(an: _Analysis, node: gs.Node) -> None:
 def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
     """ConvTranspose, weight [C_in, M/group, k...]: like Conv with the weight axes swapped."""
     x, out = node.inputs[0], node.outputs[0]
-    w = constant_value(node.inputs[1])
+    w = constant_shape(node.inputs[1])
     where = f"ConvTranspose '{an.label(node)}'"
     bias = _input(node, 2)
-    if w is None or (bias is not None and constant_value(bias) is None):
+    if w is None or (bias is not None and constant_shape(bias) is None):
         an.block(an.layout(x), f"{where} has a non-constant weight or bias")
         shape = an.shape(out)
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight")
         return
     group = int(node.attrs.get("group", 1))
-    cin, per_group = int(w.shape[0]), int(w.shape[1])
+    cin, per_group = int(w[0]), int(w[1])
     layout = an.require(x, 1, cin)
     macs = an.macs(node)
     bad_axis = layout.axis != 1 or layout.outer != 1 or layout.extent != cin
@@ -537,17 +549,17 @@ def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
 def _gemm(an: _Analysis, node: gs.Node) -> None:
     """Gemm with a constant B: A's features are read (`in`, via Flatten: H×W per channel), B's columns written."""
     a, out = node.inputs[0], node.outputs[0]
-    b = constant_value(node.inputs[1])
+    b = constant_shape(node.inputs[1])
     c = _input(node, 2)
     where = f"Gemm '{an.label(node)}'"
-    if b is None or node.attrs.get("transA", 0) or (c is not None and constant_value(c) is None):
+    if b is None or node.attrs.get("transA", 0) or (c is not None and constant_shape(c) is None):
         an.block(an.layout(a), f"{where} has a non-constant B or C, or transA=1")
         an.block(an.layout(node.inputs[1]), f"{where} has a non-constant B or C, or transA=1")
         shape = an.shape(out)
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant B or C")
         return
     trans_b = int(node.attrs.get("transB", 0))
-    k, n = (int(b.shape[1]), int(b.shape[0])) if trans_b else (int(b.shape[0]), int(b.shape[1]))
+    k, n = (int(b[1]), int(b[0])) if trans_b else (int(b[0]), int(b[1]))
     layout = an.require(a, 1, k)
     macs = an.macs(node)
     if layout.axis != 1 or layout.extent != k:
@@ -562,10 +574,10 @@ def _gemm(an: _Analysis, node: gs.Node) -> None:
 def _matmul(an: _Analysis, node: gs.Node) -> None:
     """MatMul with a constant 2-D right operand: like Gemm on the last axis; other axes pass through."""
     a, out = node.inputs[0], node.outputs[0]
-    b = constant_value(node.inputs[1])
+    b = constant_shape(node.inputs[1])
     where = f"MatMul '{an.label(node)}'"
     rank_a, rank_out = an.rank(a), an.rank(out)
-    if b is None or b.ndim != 2 or rank_a is None or rank_out is None or rank_a < 2:
+    if b is None or len(b) != 2 or rank_a is None or rank_out is None or rank_a < 2:
         for t in node.inputs:
             an.block(an.layout(t), f"{where} has no constant 2-D weight (`cleanup` folds computed weights)")
         return
@@ -574,7 +586,7 @@ def _matmul(an: _Analysis, node: gs.Node) -> None:
         an.member(node, "pass", a, layout)
         an.set_layout(out, replace(layout, axis=layout.axis + rank_out - rank_a))
         return
-    k, n = int(b.shape[0]), int(b.shape[1])
+    k, n = int(b[0]), int(b[1])
     layout = an.require(a, rank_a - 1, k)
     macs = an.macs(node)
     if layout.extent != k:
@@ -594,14 +606,14 @@ def _norm(an: _Analysis, node: gs.Node) -> None:
         return
     where = f"{node.op} '{an.label(node)}'"
     count = 5 if node.op == "BatchNormalization" else 3
-    params = [constant_value(t) for t in node.inputs[1:count]]
+    params = [constant_shape(t) for t in node.inputs[1:count]]
     if node.attrs.get("training_mode", 0) or any(o.outputs for o in node.outputs[1:]):
         an.block(layout, f"{where} is in training mode")
         return
     if any(p is None for p in params):
         an.block(layout, f"{where} has non-constant parameters")
         return
-    if layout.axis != 1 or any(p.size != layout.extent for p in params):
+    if layout.axis != 1 or any(_prod(p) != layout.extent for p in params):
         an.block(layout, f"the channels are not on the normalised axis of {where}")
         return
     an.member(node, "param", x, layout)

@@ -297,8 +297,8 @@ def _export(graph: gs.Graph, fill: bool = True) -> onnx.ModelProto:
             tensor._values = gs.ir.tensor.LazyValues(copy)
             renamed.append((tensor, values))
             values, source = tensor._values, copy
-        if tensor._export_dtype is not None or tensor.data_location is not None:
-            continue
+        if tensor._export_dtype is not None or tensor.data_location not in (None, onnx.TensorProto.DEFAULT):
+            continue  # a dtype conversion or external data on export: left to graphsurgeon
         if isinstance(source, onnx.TensorProto) and tensor_nbytes(source) > _LARGE_TENSOR_BYTES \
                 and source.data_location != onnx.TensorProto.EXTERNAL:
             stand_in = onnx.TensorProto(name=tensor.name, data_type=source.data_type, dims=source.dims)
