@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from squeeze.model import export_without_weights
 
 from .graph_util import fresh_name
+from .weights import compressed_cut_problem, compressed_value, replace_compressed, take_compressed
 
 # ------------------------------------------------------------------------------------------------ data types
 
@@ -164,6 +165,42 @@ def constant_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
         return tuple(int(d) for d in tensor.shape)
     value = constant_value(tensor)
     return None if value is None else tuple(value.shape)
+
+
+def weight_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """A weight's float values: a constant, or a weight that `codebook` or `quant` rebuilds in the graph from
+    compressed storage (decompressed here; the cutters keep it compressed); None for anything else."""
+    value = constant_value(tensor)
+    return value if value is not None else _decompressed(tensor)
+
+
+def weight_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape of a constant or compressed weight (None when the tensor is neither)."""
+    shape = constant_shape(tensor)
+    if shape is not None:
+        return shape
+    value = _decompressed(tensor)
+    return None if value is None else tuple(value.shape)
+
+
+def _decompressed(tensor: gs.Tensor) -> np.ndarray | None:
+    """`compressed_value`, or None where a subgraph only looks like a weight rebuild (the analysis is best effort:
+    such a weight blocks its groups as any computed weight does)."""
+    try:
+        return compressed_value(tensor)
+    except (ValueError, IndexError, TypeError, KeyError):
+        return None
+
+
+def _cut_problem(node: gs.Node, cuts: Sequence[tuple[int, int]], where: str) -> str | None:
+    """Why the compressed weight or bias of `node` cannot be cut (each (input index, axis) in `cuts`), if so."""
+    for index, axis in cuts:
+        t = _input(node, index)
+        problem = compressed_cut_problem(t, axis) if t is not None else None
+        if problem:
+            what = "weight" if index == 1 else "bias" if index == 2 else f"input {index}"
+            return f"{where} has a compressed {what} that cannot be cut along axis {axis}: {problem}"
+    return None
 
 
 def _is_empty(tensor: gs.Tensor | None) -> bool:
@@ -481,10 +518,10 @@ def _elementwise(an: _Analysis, node: gs.Node) -> None:
 def _conv(an: _Analysis, node: gs.Node) -> None:
     """Conv: input channels are read (`in`), a new space is written (`out`); depthwise convs pass channels through."""
     x, out = node.inputs[0], node.outputs[0]
-    w = constant_shape(node.inputs[1])
+    w = weight_shape(node.inputs[1])
     where = f"Conv '{an.label(node)}'"
     bias = _input(node, 2)
-    if w is None or (bias is not None and constant_shape(bias) is None):
+    if w is None or (bias is not None and weight_shape(bias) is None):
         an.block(an.layout(x), f"{where} has a non-constant weight or bias")
         shape = an.shape(out)
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight or bias")
@@ -498,6 +535,9 @@ def _conv(an: _Analysis, node: gs.Node) -> None:
         an.block(layout, f"the channels are not on the input channel axis of {where}")
     if group > 1 and per_group == 1 and m % group == 0 and not bad_axis:
         an.member(node, "dw", x, layout, macs)
+        problem = _cut_problem(node, [(1, 0), (2, 0)], where)
+        if problem:
+            an.block(layout, problem)
         an.set_layout(out, replace(layout, inner=layout.inner * (m // group)))
         return
     if group > 1:
@@ -507,7 +547,10 @@ def _conv(an: _Analysis, node: gs.Node) -> None:
         return
     if not bad_axis:
         an.member(node, "in", x, layout, macs)
-    out_layout = Layout(1, (Segment(an.new_space(m), 0, m),))
+        problem = _cut_problem(node, [(1, 1)], where)
+        if problem:
+            an.block(layout, problem)
+    out_layout = Layout(1, (Segment(an.new_space(m, _cut_problem(node, [(1, 0), (2, 0)], where)), 0, m),))
     an.member(node, "out", out, out_layout, macs)
     an.set_layout(out, out_layout)
 
@@ -515,10 +558,10 @@ def _conv(an: _Analysis, node: gs.Node) -> None:
 def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
     """ConvTranspose, weight [C_in, M/group, k...]: like Conv with the weight axes swapped."""
     x, out = node.inputs[0], node.outputs[0]
-    w = constant_shape(node.inputs[1])
+    w = weight_shape(node.inputs[1])
     where = f"ConvTranspose '{an.label(node)}'"
     bias = _input(node, 2)
-    if w is None or (bias is not None and constant_shape(bias) is None):
+    if w is None or (bias is not None and weight_shape(bias) is None):
         an.block(an.layout(x), f"{where} has a non-constant weight or bias")
         shape = an.shape(out)
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight")
@@ -532,6 +575,9 @@ def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
         an.block(layout, f"the channels are not on the input channel axis of {where}")
     if group > 1 and group == cin and not bad_axis:
         an.member(node, "dw", x, layout, macs)
+        problem = _cut_problem(node, [(1, 0), (2, 0)], where)
+        if problem:
+            an.block(layout, problem)
         an.set_layout(out, replace(layout, inner=layout.inner * per_group))
         return
     if group > 1:
@@ -541,7 +587,11 @@ def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
         return
     if not bad_axis:
         an.member(node, "in", x, layout, macs)
-    out_layout = Layout(1, (Segment(an.new_space(per_group), 0, per_group),))
+        problem = _cut_problem(node, [(1, 0)], where)
+        if problem:
+            an.block(layout, problem)
+    out_space = an.new_space(per_group, _cut_problem(node, [(1, 1), (2, 0)], where))
+    out_layout = Layout(1, (Segment(out_space, 0, per_group),))
     an.member(node, "out", out, out_layout, macs)
     an.set_layout(out, out_layout)
 
@@ -549,10 +599,10 @@ def _conv_transpose(an: _Analysis, node: gs.Node) -> None:
 def _gemm(an: _Analysis, node: gs.Node) -> None:
     """Gemm with a constant B: A's features are read (`in`, via Flatten: H×W per channel), B's columns written."""
     a, out = node.inputs[0], node.outputs[0]
-    b = constant_shape(node.inputs[1])
+    b = weight_shape(node.inputs[1])
     c = _input(node, 2)
     where = f"Gemm '{an.label(node)}'"
-    if b is None or node.attrs.get("transA", 0) or (c is not None and constant_shape(c) is None):
+    if b is None or node.attrs.get("transA", 0) or (c is not None and weight_shape(c) is None):
         an.block(an.layout(a), f"{where} has a non-constant B or C, or transA=1")
         an.block(an.layout(node.inputs[1]), f"{where} has a non-constant B or C, or transA=1")
         shape = an.shape(out)
@@ -566,7 +616,13 @@ def _gemm(an: _Analysis, node: gs.Node) -> None:
         an.block(layout, f"the channels are not on the reduction axis of {where}")
     else:
         an.member(node, "in", a, layout, macs)
-    out_layout = Layout(1, (Segment(an.new_space(n), 0, n),))
+        problem = _cut_problem(node, [(1, 1 if trans_b else 0)], where)
+        if problem:
+            an.block(layout, problem)
+    c_shape = weight_shape(c) if c is not None else None
+    c_cut = [(2, len(c_shape) - 1)] if c_shape and c_shape[-1] == n and n > 1 else []
+    out_space = an.new_space(n, _cut_problem(node, [(1, 0 if trans_b else 1)] + c_cut, where))
+    out_layout = Layout(1, (Segment(out_space, 0, n),))
     an.member(node, "out", out, out_layout, macs)
     an.set_layout(out, out_layout)
 
@@ -574,7 +630,7 @@ def _gemm(an: _Analysis, node: gs.Node) -> None:
 def _matmul(an: _Analysis, node: gs.Node) -> None:
     """MatMul with a constant 2-D right operand: like Gemm on the last axis; other axes pass through."""
     a, out = node.inputs[0], node.outputs[0]
-    b = constant_shape(node.inputs[1])
+    b = weight_shape(node.inputs[1])
     where = f"MatMul '{an.label(node)}'"
     rank_a, rank_out = an.rank(a), an.rank(out)
     if b is None or len(b) != 2 or rank_a is None or rank_out is None or rank_a < 2:
@@ -593,7 +649,10 @@ def _matmul(an: _Analysis, node: gs.Node) -> None:
         an.block(layout, f"the channels do not match the reduction axis of {where}")
     else:
         an.member(node, "in", a, layout, macs)
-    out_layout = Layout(rank_out - 1, (Segment(an.new_space(n), 0, n),))
+        problem = _cut_problem(node, [(1, 0)], where)
+        if problem:
+            an.block(layout, problem)
+    out_layout = Layout(rank_out - 1, (Segment(an.new_space(n, _cut_problem(node, [(1, 1)], where)), 0, n),))
     an.member(node, "out", out, out_layout, macs)
     an.set_layout(out, out_layout)
 
@@ -1027,6 +1086,34 @@ def _shape(an: _Analysis, node: gs.Node) -> None:
         an.block(layout, f"its shape is read by Shape '{an.label(node)}'")
 
 
+def _quantize_linear(an: _Analysis, node: gs.Node) -> None:
+    """QuantizeLinear / DequantizeLinear of an activation (the QDQ pairs `quant` puts before a layer): a per-tensor
+    scale passes the channels; per-channel scales on the channel axis are cut along (port `param`)."""
+    layout = an.layout(node.inputs[0])
+    if layout is None:
+        return  # a weight's DequantizeLinear, or an untraced tensor
+    where = f"{node.op} '{an.label(node)}'"
+    rank = an.rank(node.inputs[0])
+    params = [_input(node, i) for i in (1, 2)]
+    shapes = [constant_shape(t) if t is not None else () for t in params]
+    if any(s is None for s in shapes):
+        an.block(layout, f"{where} has a computed scale or zero point")
+        return
+    if int(node.attrs.get("block_size", 0) or 0):
+        an.block(layout, f"{where} is block-quantized")
+        return
+    port = "pass"
+    if any(_prod(s) > 1 for s in shapes):
+        axis = _norm_axis(int(node.attrs.get("axis", 1)), rank) if rank is not None else None
+        if axis is None or (axis == layout.axis and any(_prod(s) != layout.extent for s in shapes if _prod(s) > 1)):
+            an.block(layout, f"the scales of {where} do not line up with the channels")
+            return
+        if axis == layout.axis:
+            port = "param"
+    an.member(node, port, node.inputs[0], layout)
+    an.set_layout(node.outputs[0], layout)
+
+
 def _size(an: _Analysis, node: gs.Node) -> None:
     an.block(an.layout(node.inputs[0]), f"its element count is read by Size '{an.label(node)}'")
 
@@ -1064,6 +1151,8 @@ RULES: dict[str, Rule] = {
     "Slice": _slice,
     "Shape": _shape,
     "Size": _size,
+    "QuantizeLinear": _quantize_linear,
+    "DequantizeLinear": _quantize_linear,
 }
 
 
@@ -1179,11 +1268,15 @@ class Cut:
 
 def set_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
     """Give `node` a new constant input `index`: in place when nothing else reads the old one, else a fresh
-    tensor (a shared original stays untouched); appended when the optional input is absent."""
+    tensor (a shared original stays untouched); appended when the optional input is absent. When the old input
+    is a weight that `codebook` or `quant` compressed, the values are stored compressed the same way
+    (`weights.replace_compressed`: snapped to the codebook, or requantized), so a refit keeps the layer small."""
     values = np.ascontiguousarray(values)
     old = node.inputs[index] if index < len(node.inputs) else None
     if isinstance(old, gs.Constant) and len(old.outputs) == 1:
         old.values = values
+        return
+    if isinstance(old, gs.Variable) and old.inputs and replace_compressed(graph, node, index, values):
         return
     base = old.name if old is not None and old.name else f"{node.name or node.op}_{index}"
     fresh = gs.Constant(fresh_name(graph, base + "_pruned"), values)
@@ -1196,24 +1289,31 @@ def set_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
 
 
 def _take_input(graph: gs.Graph, node: gs.Node, index: int, idx: np.ndarray, axis: int) -> None:
+    """Keep only `idx` along `axis` of input `index` (absent: nothing to do): a constant is cut, a weight that
+    `codebook` or `quant` compressed is cut in its compressed form (`weights.take_compressed`)."""
     t = _input(node, index)
-    if t is not None:
-        set_constant_input(graph, node, index, np.take(constant_value(t), idx, axis=axis))
+    if t is None:
+        return
+    value = constant_value(t)
+    if value is not None:
+        set_constant_input(graph, node, index, np.take(value, idx, axis=axis))
+    elif not take_compressed(graph, node, index, idx, axis):
+        raise ValueError(f"input {index} ('{t.name}') of {node.op} '{node.name}' is neither a constant nor a "
+                         "compressed weight; it cannot be cut")
 
 
 def _cut_conv(graph: gs.Graph, cut: Cut) -> None:
     node = cut.node
     idx = cut.indices()
-    w = constant_value(node.inputs[1])
     if cut.port == "in":
-        set_constant_input(graph, node, 1, w[:, idx])
+        _take_input(graph, node, 1, idx, 1)
     elif cut.port == "out":
-        set_constant_input(graph, node, 1, w[idx])
+        _take_input(graph, node, 1, idx, 0)
         _take_input(graph, node, 2, idx, 0)
     elif cut.port == "dw":
-        mult = w.shape[0] // int(node.attrs.get("group", 1))
+        mult = weight_shape(node.inputs[1])[0] // int(node.attrs.get("group", 1))
         rows = (idx[:, None] * mult + np.arange(mult)[None, :]).reshape(-1)
-        set_constant_input(graph, node, 1, w[rows])
+        _take_input(graph, node, 1, rows, 0)
         _take_input(graph, node, 2, rows, 0)
         node.attrs["group"] = int(len(idx))
 
@@ -1221,15 +1321,14 @@ def _cut_conv(graph: gs.Graph, cut: Cut) -> None:
 def _cut_conv_transpose(graph: gs.Graph, cut: Cut) -> None:
     node = cut.node
     idx = cut.indices()
-    w = constant_value(node.inputs[1])
     if cut.port == "in":
-        set_constant_input(graph, node, 1, w[idx])
+        _take_input(graph, node, 1, idx, 0)
     elif cut.port == "out":
-        set_constant_input(graph, node, 1, w[:, idx])
+        _take_input(graph, node, 1, idx, 1)
         _take_input(graph, node, 2, idx, 0)
     elif cut.port == "dw":
-        mult = w.shape[1]
-        set_constant_input(graph, node, 1, w[idx])
+        mult = weight_shape(node.inputs[1])[1]
+        _take_input(graph, node, 1, idx, 0)
         rows = (idx[:, None] * mult + np.arange(mult)[None, :]).reshape(-1)
         _take_input(graph, node, 2, rows, 0)
         node.attrs["group"] = int(len(idx))
@@ -1238,25 +1337,21 @@ def _cut_conv_transpose(graph: gs.Graph, cut: Cut) -> None:
 def _cut_gemm(graph: gs.Graph, cut: Cut) -> None:
     node = cut.node
     idx = cut.indices()
-    b = constant_value(node.inputs[1])
+    b = weight_shape(node.inputs[1])
     trans_b = int(node.attrs.get("transB", 0))
     if cut.port == "in":
-        set_constant_input(graph, node, 1, b[:, idx] if trans_b else b[idx])
+        _take_input(graph, node, 1, idx, 1 if trans_b else 0)
     elif cut.port == "out":
-        n = b.shape[0] if trans_b else b.shape[1]
-        set_constant_input(graph, node, 1, b[idx] if trans_b else b[:, idx])
+        n = b[0] if trans_b else b[1]
+        _take_input(graph, node, 1, idx, 0 if trans_b else 1)
         c = _input(node, 2)
-        if c is not None:
-            cv = constant_value(c)
-            if cv.ndim >= 1 and cv.shape[-1] == n and n > 1:
-                set_constant_input(graph, node, 2, np.take(cv, idx, axis=cv.ndim - 1))
+        c_shape = weight_shape(c) if c is not None else None
+        if c_shape and c_shape[-1] == n and n > 1:
+            _take_input(graph, node, 2, idx, len(c_shape) - 1)
 
 
 def _cut_matmul(graph: gs.Graph, cut: Cut) -> None:
-    node = cut.node
-    idx = cut.indices()
-    b = constant_value(node.inputs[1])
-    set_constant_input(graph, node, 1, b[idx] if cut.port == "in" else b[:, idx])
+    _take_input(graph, cut.node, 1, cut.indices(), 0 if cut.port == "in" else 1)
 
 
 def _cut_norm(graph: gs.Graph, cut: Cut) -> None:
@@ -1315,6 +1410,15 @@ def _cut_slice(graph: gs.Graph, cut: Cut) -> None:
         set_constant_input(graph, node, 2, np.array(ends, dtype=constant_value(node.inputs[2]).dtype))
 
 
+def _cut_quantize_linear(graph: gs.Graph, cut: Cut) -> None:
+    """Per-channel scale and zero point of an activation's QuantizeLinear / DequantizeLinear."""
+    idx = cut.indices()
+    for index in (1, 2):
+        t = _input(cut.node, index)
+        if t is not None and _prod(constant_shape(t)) == cut.extent:
+            _take_input(graph, cut.node, index, idx, 0)
+
+
 def _cut_reshape(graph: gs.Graph, cut: Cut) -> None:
     shape = constant_value(cut.node.inputs[1]).copy()
     if shape[cut.axis] > 0:
@@ -1345,6 +1449,8 @@ CUTTERS: dict[str, Cutter] = {
     "Slice": _cut_slice,
     "Reshape": _cut_reshape,
     "Resize": _cut_resize,
+    "QuantizeLinear": _cut_quantize_linear,
+    "DequantizeLinear": _cut_quantize_linear,
 }
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -340,8 +341,16 @@ class Builder:
         return gs.Constant(self.fresh(name), np.ascontiguousarray(values))
 
     def shared(self, key: tuple, name: str, values: np.ndarray) -> gs.Constant:
+        """A small constant shared by every rebuild: this builder's, or one an earlier pass left in the graph under
+        the same name and with the same values (so cutting a compressed weight adds no copies of them)."""
         if key not in self._shared:
-            self._shared[key] = self.const(name, values)
+            values = np.ascontiguousarray(values)
+            existing = self.graph.tensors().get(name) if name in self._names else None
+            if isinstance(existing, gs.Constant) and existing.dtype == values.dtype \
+                    and tuple(existing.shape) == values.shape and np.array_equal(existing.values, values):
+                self._shared[key] = existing
+            else:
+                self._shared[key] = self.const(name, values)
         return self._shared[key]
 
     def op(self, op: str, inputs: list[gs.Tensor], name: str, dtype, shape, **attrs) -> gs.Variable:
@@ -548,7 +557,13 @@ def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
     node = deq.node
     scale = node.inputs[1].values.astype(np.float32)
     zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
-    if scale.size > 1:
+    block = int(node.attrs.get("block_size", 0) or 0)
+    if block and scale.size > 1:  # blocked quantization: one scale per `block` elements along `axis`
+        axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
+        count = deq.q.shape[axis]
+        scale = np.repeat(scale, block, axis=axis).take(np.arange(count), axis=axis)
+        zero = np.repeat(np.asarray(zero), block, axis=axis).take(np.arange(count), axis=axis)
+    elif scale.size > 1:
         axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
         shape = [1] * deq.q.ndim
         shape[axis] = -1
@@ -559,10 +574,53 @@ def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
     return values
 
 
+def _base_name(name: str) -> str:
+    """`name` without the suffixes that cutting and refitting add (`_cut`, `_refit`, `_rescaled`, and the counter
+    `Builder.fresh` appends), so names do not grow with every pass that rewrites a compressed weight."""
+    while True:
+        match = re.fullmatch(r"(.+?)(?:_cut|_refit|_rescaled)(?:_\d+)?", name)
+        if match is None:
+            return name
+        name = match.group(1)
+
+
+def compressed_kind(tensor: gs.Tensor) -> str | None:
+    """`codebook` or `quant` when the tensor is a weight that pass rebuilds in the graph, else None."""
+    if _as_codebook(tensor) is not None:
+        return "codebook"
+    return "quant" if _as_dequantized(tensor) is not None else None
+
+
+def compressed_cut_problem(tensor: gs.Tensor, axis: int) -> str | None:
+    """Why `take_compressed` cannot cut this compressed weight along `axis` (None when it can, or when the tensor
+    is not a compressed weight), for the note a pass gives when it leaves the channels alone."""
+    book = _as_codebook(tensor)
+    if book is not None:
+        if axis >= book.labels.ndim:
+            return f"its codebook entries are whole kernels, which axis {axis} would split"
+        return None
+    deq = _as_dequantized(tensor)
+    if deq is None:
+        return None
+    if int(deq.node.attrs.get("block_size", 0) or 0):
+        return "it is block-quantized (DequantizeLinear block_size), whose scales cannot be cut per channel"
+    if not 0 <= axis < deq.q.ndim:
+        return f"its integers have no axis {axis}"
+    params = [t for t in deq.node.inputs[1:] if t.name]
+    if not all(isinstance(t, gs.Constant) for t in params):
+        return "its DequantizeLinear scale or zero point is computed"
+    scale = params[0].values
+    axis_size = deq.q.shape[int(deq.node.attrs.get("axis", 1)) % deq.q.ndim]
+    if scale.size > 1 and (scale.ndim != 1 or scale.size != axis_size):
+        return "its DequantizeLinear scales are not one per channel of one axis"
+    return None
+
+
 def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray, axis: int) -> bool:
     """Keep only `keep` along `axis` of `node.inputs[index]` when it is a weight that `codebook` or `quant`
     rebuilds, staying compressed (indices or integers are cut, the codebook is kept); False otherwise."""
     tensor = node.inputs[index]
+    base = _base_name(tensor.name)
     keep = np.asarray(keep, np.int64)
     builder = Builder(graph)
     book = _as_codebook(tensor)
@@ -572,9 +630,9 @@ def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray
         labels = np.take(book.labels, keep, axis=axis)
         shape = list(book.shape)
         shape[axis] = len(keep)
-        index_t, _ = builder.indices(labels.ravel(), book.bits, f"{tensor.name}_cut_index")
-        gathered = builder.op("Gather", [book.table, index_t], f"{tensor.name}_cut_gathered", None, None, axis=0)
-        node.inputs[index] = builder.reshape(gathered, shape, f"{tensor.name}_cut", book.values.dtype)
+        index_t, _ = builder.indices(labels.ravel(), book.bits, f"{base}_cut_index")
+        gathered = builder.op("Gather", [book.table, index_t], f"{base}_cut_gathered", None, None, axis=0)
+        node.inputs[index] = builder.reshape(gathered, shape, f"{base}_cut", book.values.dtype)
         return True
     deq = _as_dequantized(tensor)
     if deq is None:
@@ -582,16 +640,139 @@ def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray
     old = deq.node
     q = np.take(deq.q, keep, axis=axis)
     if deq.q.dtype == np.int8:  # int8 constant, ONNX INT4, or bit-packed: stored the same way again
-        stored, _ = builder.integers(q, deq.bits, f"{tensor.name}_cut", deq.onnx_int4)
+        stored, _ = builder.integers(q, deq.bits, f"{base}_cut", deq.onnx_int4)
     else:                       # int32 biases, uint8 weights of other quantizers: a plain constant
-        stored = builder.const(f"{tensor.name}_cut_q", q)
+        stored = builder.const(f"{base}_cut_q", q)
     params = [t for t in old.inputs[1:] if t.name]
     if params[0].values.size > 1 and int(old.attrs.get("axis", 1)) % deq.q.ndim == axis:
-        params = [builder.const(f"{t.name}_cut", np.take(t.values, keep)) for t in params]
-    out = builder.op("DequantizeLinear", [stored] + params, f"{tensor.name}_cut", old.outputs[0].dtype,
+        params = [builder.const(f"{_base_name(t.name)}_cut", np.take(t.values, keep)) for t in params]
+    out = builder.op("DequantizeLinear", [stored] + params, f"{base}_cut", old.outputs[0].dtype,
                      list(q.shape), **dict(old.attrs))
     if deq.cast is not None:
-        out = builder.op("Cast", [out], f"{tensor.name}_cut_cast", deq.cast.outputs[0].dtype, list(q.shape),
+        out = builder.op("Cast", [out], f"{base}_cut_cast", deq.cast.outputs[0].dtype, list(q.shape),
                          **dict(deq.cast.attrs))
     node.inputs[index] = out
     return True
+
+
+def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> bool:
+    """Make `node.inputs[index]` hold `values`, stored the way that input is stored now when it is a weight that
+    `codebook` or `quant` rebuilds (so a refit, e.g. pruning's compensation, keeps the layer compressed); False
+    (nothing changed) for any other input, or when `values` do not fit the stored form.
+
+    Codebook: every weight (or kernel, for a kernel codebook) is snapped to its nearest codebook entry. Quant:
+    symmetric integer weights get scales recomputed from the new values as `quant` computes them (max |w| per
+    channel over qmax), and an int32 bias with scale = input scale × weight scale is rescaled with them, so an
+    integer kernel still adds it correctly; other integers (int32 biases, asymmetric weights) keep their scale
+    and zero point and are rounded and clipped to their type.
+    """
+    tensor = node.inputs[index]
+    base = _base_name(tensor.name)
+    values = np.asarray(values)
+    book = _as_codebook(tensor)
+    if book is not None:
+        table = book.values.astype(np.float64)
+        per = table.shape[1] if table.ndim == 2 else 1
+        if per > 1 and (values.ndim < 2 or int(np.prod(values.shape[2:])) != per):
+            return False
+        labels = _nearest_entries(table.reshape(len(table), per), values.astype(np.float64).reshape(-1, per))
+        builder = Builder(graph)
+        index_t, _ = builder.indices(labels, book.bits, f"{base}_refit_index")
+        gathered = builder.op("Gather", [book.table, index_t], f"{base}_refit_gathered", None, None, axis=0)
+        node.inputs[index] = builder.reshape(gathered, list(values.shape), f"{base}_refit", book.values.dtype)
+        return True
+    deq = _as_dequantized(tensor)
+    if deq is None or values.ndim != deq.q.ndim:
+        return False
+    old = deq.node
+    params = [t for t in old.inputs[1:] if t.name]
+    if not all(isinstance(t, gs.Constant) for t in params) or int(old.attrs.get("block_size", 0) or 0):
+        return False
+    scale, zero = params[0].values, (params[1].values if len(params) > 1 else None)
+    axis = int(old.attrs.get("axis", 1)) % values.ndim if scale.size > 1 else None
+    if axis is not None and (scale.ndim != 1 or scale.size != values.shape[axis]):
+        return False
+    v = values.astype(np.float64)
+    builder = Builder(graph)
+    name = f"{base}_refit"
+    symmetric = deq.q.dtype == np.int8 and (zero is None or not np.any(zero))
+    if symmetric:
+        qmax = (1 << (deq.bits - 1)) - 1
+        peak = np.abs(v).max(initial=0.0) if axis is None else \
+            np.abs(np.moveaxis(v, axis, 0).reshape(v.shape[axis], -1)).max(axis=1, initial=0.0)
+        new_scale = np.where(peak > 0, peak / qmax, 1.0).astype(scale.dtype).reshape(scale.shape)
+        q = np.clip(np.round(v / _along(new_scale.astype(np.float64), axis, v.ndim)), -qmax, qmax).astype(np.int8)
+        stored, _ = builder.integers(q, deq.bits, name, deq.onnx_int4)
+        if index == 1:
+            _rescale_int32_bias(graph, node, scale, new_scale)
+        params = [builder.const(f"{name}_scale", new_scale)] + params[1:]
+    else:
+        info = np.iinfo(deq.q.dtype)
+        s = _along(scale.astype(np.float64), axis, v.ndim)
+        z = _along(np.asarray(zero if zero is not None else 0, np.float64), axis, v.ndim)
+        q = np.clip(np.round(v / np.where(s > 0, s, 1.0) + z), info.min, info.max).astype(deq.q.dtype)
+        if deq.q.dtype == np.int8 and deq.bits < 8:
+            return False  # bit-packed integers with a zero point: not a form `quant` writes
+        stored = builder.const(f"{name}_q", q) if deq.q.dtype != np.int8 else builder.integers(q, 8, name)[0]
+    out = builder.op("DequantizeLinear", [stored] + params, name, old.outputs[0].dtype, list(q.shape),
+                     **dict(old.attrs))
+    if deq.cast is not None:
+        out = builder.op("Cast", [out], f"{name}_cast", deq.cast.outputs[0].dtype, list(q.shape),
+                         **dict(deq.cast.attrs))
+    node.inputs[index] = out
+    return True
+
+
+def _along(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """Per-channel `values` shaped to broadcast along `axis` of an ndim tensor (a scalar when axis is None)."""
+    if axis is None:
+        return np.asarray(values).reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(values).reshape(shape)
+
+
+def _nearest_entries(table: np.ndarray, vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Index of the nearest row of `table` [K, d] for every row of `vectors` [N, d] (squared distance)."""
+    if table.shape[1] == 1:  # scalar codebook: a sorted search, no N×K matrix
+        order = np.argsort(table[:, 0], kind="stable")
+        sorted_ = table[order, 0]
+        x = vectors[:, 0]
+        hi = np.clip(np.searchsorted(sorted_, x), 1, len(sorted_) - 1) if len(sorted_) > 1 else np.zeros(len(x), int)
+        lo = np.maximum(hi - 1, 0)
+        pick = np.where(np.abs(x - sorted_[lo]) <= np.abs(sorted_[hi] - x), lo, hi)
+        return order[pick].astype(np.int64)
+    norms = (table ** 2).sum(axis=1)
+    out = np.empty(len(vectors), np.int64)
+    for start in range(0, len(vectors), chunk):
+        part = vectors[start:start + chunk]
+        out[start:start + chunk] = np.argmin(norms[None, :] - 2.0 * part @ table.T, axis=1)
+    return out
+
+
+def _rescale_int32_bias(graph: gs.Graph, node: gs.Node, old_scale: np.ndarray, new_scale: np.ndarray) -> None:
+    """After the weight scales of `node` changed: an int32 bias whose scale is input scale × weight scale (as
+    `quant` stores it) gets the scale input scale × new weight scale, and its integers re-rounded to it."""
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    deq = _as_dequantized(bias) if bias is not None else None
+    if deq is None or deq.q.dtype != np.int32 or deq.cast is not None:
+        return
+    params = [t for t in deq.node.inputs[1:] if t.name]
+    if not all(isinstance(t, gs.Constant) for t in params) or (len(params) > 1 and np.any(params[1].values)):
+        return
+    b_scale = params[0].values.astype(np.float64)
+    w_old, w_new = old_scale.astype(np.float64).ravel(), new_scale.astype(np.float64).ravel()
+    if b_scale.size not in (1, w_old.size) or (b_scale.size == 1 and w_old.size > 1) or not np.all(w_old > 0):
+        return
+    input_scale = b_scale.ravel() / w_old
+    if not np.allclose(input_scale, input_scale[0], rtol=1e-4):
+        return  # not input scale × weight scale: leave it as it is
+    b_new = (input_scale[0] * w_new).astype(params[0].values.dtype).reshape(params[0].values.shape)
+    values = deq.q.astype(np.float64) * _along(b_scale, 0 if b_scale.size > 1 else None, deq.q.ndim)
+    s = _along(b_new.astype(np.float64), 0 if b_new.size > 1 else None, deq.q.ndim)
+    q = np.clip(np.round(values / np.where(s > 0, s, 1.0)), -2**31, 2**31 - 1).astype(np.int32)
+    builder = Builder(graph)
+    name = f"{_base_name(bias.name)}_rescaled"
+    node.inputs[2] = builder.op("DequantizeLinear", [builder.const(f"{name}_int32", q),
+                                                     builder.const(f"{name}_scale", b_new)] + params[1:],
+                                name, deq.node.outputs[0].dtype, list(q.shape), **dict(deq.node.attrs))
