@@ -41,6 +41,12 @@ def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.3f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
+def _bits(b: dict) -> str:
+    """Packed bits per weight parameter (report.json `bytes.bits_per_param.overall`), or — when not packed."""
+    overall = (b.get("bits_per_param") or {}).get("overall") if b.get("packed") is not None else None
+    return "—" if overall is None else f"{overall:.2f}"
+
+
 def _macs(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.2f} M"
 
@@ -77,6 +83,9 @@ def markdown(report: dict) -> str:
     lines += ["## Size and compute", "", "| | original | final | ratio |", "|---|---:|---:|---:|",
               f"| file size | {_mb(o['bytes'].get('file'))} | {_mb(f['bytes'].get('file'))} | "
               f"{_ratio(o['bytes'].get('file'), f['bytes'].get('file'))} |",
+              f"| packed size | {_mb(o['bytes'].get('packed'))} | {_mb(f['bytes'].get('packed'))} | "
+              f"{_ratio(o['bytes'].get('packed'), f['bytes'].get('packed'))} |",
+              f"| bits/param (packed) | {_bits(o['bytes'])} | {_bits(f['bytes'])} | |",
               f"| parameters | {o['param_count']:,} | {f['param_count']:,} | {_ratio(o['param_count'], f['param_count'])} |",
               f"| MACs | {_macs(o['macs'])} | {_macs(f['macs'])} | {_ratio(o['macs'], f['macs'])} |",
               f"| nodes | {o['nodes']} | {f['nodes']} | |", ""]
@@ -89,17 +98,22 @@ def markdown(report: dict) -> str:
     if report.get("fidelity"):
         lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
     if report["passes"]:
-        lines += ["## Passes", "", "| pass | seconds | size | params | MACs | fidelity vs previous | top-1 | notes |",
-                  "|---|---:|---:|---:|---:|---|---:|---|"]
+        lines += ["## Passes", "", "| pass | seconds | size | packed | bits/param | params | MACs "
+                  "| fidelity vs previous | top-1 | notes |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
         for step in report["passes"]:
             if "failed" in step:
-                lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | | | | **failed** | | {step['failed']} |")
+                lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | | | | | | **failed** | | "
+                             f"{step['failed']} |")
                 continue
             top1 = f"{100 * step['accuracy']['top1']:.2f} %" if step.get("accuracy") else "—"
             notes = "; ".join(step.get("notes", [])).replace("|", "\\|")
-            lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | {_mb(step['bytes']['onnx'])} | "
-                         f"{step['param_count']:,} | {_macs(step['macs'])} | {_fid(step['fidelity'])} | {top1} | {notes} |")
-        lines.append("")
+            b = step["bytes"]
+            lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | {_mb(b['onnx'])} | {_mb(b.get('packed'))} | "
+                         f"{_bits(b)} | {step['param_count']:,} | {_macs(step['macs'])} | {_fid(step['fidelity'])} | "
+                         f"{top1} | {notes} |")
+        lines += ["", "Size is the ONNX file; packed is `squeeze pack`'s container (bit-packed weights, estimated for "
+                  "every pass; — where skipped for big models); bits/param: packed bits of all weights per parameter.",
+                  ""]
     lines += ["## Targets", "", "| target | method | latency (compressed) | original (same target) | "
               "ONNX Runtime original | speed-up vs ORT | TVM vs ORT check |", "|---|---|---|---|---|---:|---|"]
     for row in report["targets"]:
