@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", metavar="HOST:PORT", help="ask this TVM RPC tracker for a device (with --key)")
     p.add_argument("--key", metavar="KEY", help="the key the device's rpc_server registered with the tracker")
     p.add_argument("--tune", type=int, metavar="TRIALS", help="MetaSchedule trials for the targets that tune "
-                   "(cpu), cached and reused by later runs (default 0: default schedules only)")
+                   "(cpu, arm; timed on the device with --rpc/--tracker), cached and reused by later runs "
+                   "(default 0: default schedules only)")
     p.add_argument("--tune-cache", metavar="DIR", help="tuning database folder (default $SQUEEZE_CACHE/tuning, "
                    "else ~/.cache/squeeze/tuning)")
     p.add_argument("--force", action="store_true", default=None, help="write into a non-empty output folder squeeze did not create")

@@ -216,22 +216,8 @@ class Tables:
     layers: list[LayerCost]
     base: dict[str, float]       # the model the plan starts from: packed bytes, macs, latency (seconds)
     other: dict[str, float]      # what no knob changes: bytes and MACs outside the layers
-    seconds: float = 0.0
-    cached: bool = False
-
-    def to_json(self) -> dict:
-        return {"version": CACHE_VERSION, "knobs": [asdict(k) for k in self.knobs],
-                "layers": [asdict(l) for l in self.layers], "base": self.base, "other": self.other,
-                "seconds": self.seconds}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Tables":
-        layers = []
-        for l in data["layers"]:
-            l = dict(l)
-            l["bits"] = {int(k): v for k, v in l["bits"].items()}
-            layers.append(LayerCost(**l))
-        return cls([Knob(**k) for k in data["knobs"]], layers, data["base"], data["other"], data["seconds"], True)
+    seconds: float = 0.0         # spent measuring (0 for parts read from the cache)
+    cached: bool = False         # every part came from the cache
 
 
 def cache_root() -> Path:
@@ -240,16 +226,26 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "squeeze"
 
 
-def _cache_key(model: onnx.ModelProto, calib: Dataset, seed: int, using: tuple[str, ...], latency: str | None,
-               multiple: int, threads: int | None) -> str:
+def _cache_path(model: onnx.ModelProto, calib: Dataset, seed: int, part: str, extra: list) -> Path:
+    """One file per table part, keyed by the model, the calibration samples used, the seed and the part's
+    settings (prune: channel multiple and latency target; codebook: the bit widths)."""
     h = hashlib.sha256()
     h.update(model.SerializeToString(deterministic=True))
     for name in sorted(calib.arrays):
         arr = np.ascontiguousarray(calib.arrays[name][:HOLDOUT_SAMPLES])
         h.update(name.encode() + str(arr.dtype).encode() + str(arr.shape).encode() + arr.tobytes())
-    h.update(json.dumps([CACHE_VERSION, seed, list(using), latency, multiple, threads, PRUNE_LEVELS,
-                         CODEBOOK_BITS]).encode())
-    return h.hexdigest()[:24]
+    h.update(json.dumps([CACHE_VERSION, seed, part, extra]).encode())
+    return cache_root() / "goal" / f"{h.hexdigest()[:24]}-{part}.json"
+
+
+def _read_cache(path: Path, enabled: bool) -> dict | None:
+    if not enabled or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return data if data.get("version") == CACHE_VERSION else None
+    except (OSError, ValueError):
+        return None  # a damaged cache file is measured again and replaced
 
 
 class Progress:
@@ -284,26 +280,13 @@ def _holdout(calib: Dataset) -> Dataset:
 
 def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str, tuple[int, ...]], *,
                    seed: int, threads: int | None, say: Callable[[str], None], target_latency=None,
-                   multiple: int = 1, cache: bool = True) -> Tables:
-    """Sensitivity and cost tables of `model` (see the module docstring), from the cache when present."""
+                   latency_key: str | None = None, multiple: int = 1, cache: bool = True) -> Tables:
+    """Sensitivity and cost tables of `model` (see the module docstring); each part from the cache when there."""
     from squeeze.passes import prune as prune_mod  # noqa: PLC0415
     from squeeze.passes.channels import apply_plan, channel_groups, note_unprunable  # noqa: PLC0415
     from squeeze.passes.weights import find_layers  # noqa: PLC0415
 
-    key = _cache_key(model, calib, seed, goal.using, goal.latency.target if goal.latency else None, multiple,
-                     threads if goal.latency else None)
-    path = cache_root() / "goal" / f"{key}.json"
-    if cache and path.is_file():
-        try:
-            tables = Tables.from_json(json.loads(path.read_text()))
-            say(f"goal: sensitivity and cost tables from the cache ({path})")
-            return tables
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache file is measured again and replaced
     start = time.perf_counter()
-    holdout = _holdout(calib)
-    reference = runtime.run(model, holdout, threads=threads)
-
     graph = to_graph(model)
     groups = channel_groups(graph, shapes)
     ctx = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
@@ -311,7 +294,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
     candidates = prune_mod._candidates(groups, ctx, multiple) if "prune" in goal.using else []
     layers = [l for l in find_layers(graph) if l.values is not None and l.values.size >= 2
               and np.isfinite(l.values).all()]
-    layer_names = {l.name for l in layers}
+    layer_names = sorted(l.name for l in layers)
 
     stats = metrics.summary(model, shapes)
     size = pack.size_report(model)
@@ -328,86 +311,88 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                 costs[m.node.name].outs[g.name] = costs[m.node.name].outs.get(g.name, 0.0) + share
             if m.port == "in":
                 costs[m.node.name].ins[g.name] = costs[m.node.name].ins.get(g.name, 0.0) + share
+    base = {"bytes": float(size["packed"]), "macs": float(stats["macs"]), "latency": 0.0}
 
-    use_codebook = "codebook" in goal.using
-    levels = [lv for lv in PRUNE_LEVELS]
-    steps = (len(candidates) * len(levels) * (2 if target_latency else 1) + (1 if target_latency else 0)
-             + (len(CODEBOOK_BITS) * (len(layers) + 1) if use_codebook else 0))
+    prune_path = _cache_path(model, calib, seed, "prune", [multiple, latency_key, list(PRUNE_LEVELS)])
+    book_path = _cache_path(model, calib, seed, "codebook", [list(CODEBOOK_BITS), layer_names])
+    prune_part = _read_cache(prune_path, cache) if candidates else {"knobs": [], "latency": 0.0}
+    book_part = _read_cache(book_path, cache) if "codebook" in goal.using else {"knobs": [], "bits": {}}
+    steps = (0 if prune_part else len(candidates) * len(PRUNE_LEVELS) * (2 if target_latency else 1)
+             + (1 if target_latency else 0)) + (0 if book_part else len(CODEBOOK_BITS) * (len(layers) + 1))
     bar = Progress(say, steps, "measuring sensitivity")
+    if steps:
+        holdout = _holdout(calib)
+        reference = runtime.run(model, holdout, threads=threads)
 
-    knobs: list[Knob] = []
-    if candidates:
+    if prune_part is None:
+        prune_part = {"version": CACHE_VERSION, "knobs": [], "latency": 0.0}
         ranking = prune_mod.rank_channels(candidates, ctx, criterion="l1", scope="layer", multiple=multiple,
                                           compensate=True)
-        curves: dict = {}
-        _sensitivity_with_progress(prune_mod, ctx, ranking, multiple, curves, bar)
-        for g in ranking.groups:
+        for g in ranking.groups:  # prune's own sensitivity curves, one group at a time for the bar
+            curves: dict = {}
+            prune_mod.sensitivity_scores(ctx, [g], ranking.scores, multiple, True, curves)
+            for _ in PRUNE_LEVELS:
+                bar.step(f"prune {g.name}")
             points = curves.get(g, [(0, 0.0)])
-            knobs.append(Knob("prune", g.name, [g.size - k for k, _ in points], [float(v) for _, v in points],
-                              size=g.size))
-    base = {"bytes": float(size["packed"]), "macs": float(stats["macs"]), "latency": 0.0}
-    if target_latency is not None:
-        base["latency"] = target_latency(model)
-        bar.step("latency of the starting model")
-        scores = {g.name: ranking.scores[g] for g in ranking.groups} if candidates else {}
-        for knob in knobs:
-            saved = [0.0]
-            order = np.argsort(-np.asarray(scores[knob.name], dtype=np.float64), kind="stable")
-            for kept in knob.choices[1:]:
-                g2 = to_graph(model)
-                twin = next(g for g in channel_groups(g2, shapes) if g.prunable and g.name == knob.name)
-                apply_plan(g2, {twin: np.sort(order[:kept])})
-                saved.append(max(0.0, base["latency"] - target_latency(to_model(g2, like=model))))
-                bar.step(f"latency {knob.name} keeps {kept}/{knob.size}")
-            knob.latency_saved = list(np.maximum.accumulate(saved))
+            knob = Knob("prune", g.name, [g.size - k for k, _ in points], [float(v) for _, v in points], size=g.size)
+            if target_latency is not None:
+                if not prune_part["latency"]:
+                    prune_part["latency"] = target_latency(model)
+                    bar.step("latency of the starting model")
+                saved = [0.0]
+                order = np.argsort(-np.asarray(ranking.scores[g], dtype=np.float64), kind="stable")
+                for kept in knob.choices[1:]:
+                    g2 = to_graph(model)  # weights do not change the timing: cut, no compensation
+                    twin = next(t for t in channel_groups(g2, shapes) if t.prunable and t.name == g.name)
+                    apply_plan(g2, {twin: np.sort(order[:kept])})
+                    saved.append(max(0.0, prune_part["latency"] - target_latency(to_model(g2, like=model))))
+                    bar.step(f"latency {g.name} keeps {kept}/{g.size}")
+                knob.latency_saved = [float(v) for v in np.maximum.accumulate(saved)]
+            prune_part["knobs"].append(asdict(knob))
+        if cache:
+            _write_cache(prune_path, prune_part)
 
-    if use_codebook:
+    if book_part is None:
+        book_part = {"version": CACHE_VERSION, "knobs": [], "bits": {}}
         entry = get_pass("codebook")
-        others = sorted(layer_names)
-        for bits in CODEBOOK_BITS:
+        for bits in CODEBOOK_BITS:  # bytes from the real encoding: every layer clustered, then packed
             g2 = to_graph(model)
             c2 = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
             entry.obj(g2, c2, **entry.bind({"bits": bits, "compensate": False}))
-            clustered = to_model(g2, like=model)
-            per_layer = pack.size_report(clustered)["bits_per_param"]["layers"]
+            per_layer = pack.size_report(to_model(g2, like=model))["bits_per_param"]["layers"]
             for name in layer_names:
-                costs[name].bits[bits] = float(per_layer.get(name, costs[name].float_bits))
+                book_part["bits"].setdefault(name, {})[str(bits)] = float(per_layer.get(name, costs[name].float_bits))
             bar.step(f"packed size of every layer at {bits} bits")
-        for l in layers:
+        for name in layer_names:  # loss: this layer alone clustered (compensated as the pass does)
             loss = [0.0]
             for bits in CODEBOOK_BITS:
                 g2 = to_graph(model)
                 c2 = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
-                skip = [n for n in others if n != l.name]
-                entry.obj(g2, c2, **entry.bind({"bits": bits, "skip": skip}))
+                entry.obj(g2, c2, **entry.bind({"bits": bits, "skip": [n for n in layer_names if n != name]}))
                 out = runtime.run(to_model(g2, like=model), holdout, threads=threads)
                 loss.append(prune_mod.output_loss(reference, out))
-                bar.step(f"codebook {l.name} at {bits} bits")
-            knobs.append(Knob("codebook", l.name, [0, *CODEBOOK_BITS], loss))
+                bar.step(f"codebook {name} at {bits} bits")
+            book_part["knobs"].append(asdict(Knob("codebook", name, [0, *CODEBOOK_BITS], loss)))
+        if cache:
+            _write_cache(book_path, book_part)
 
+    for name, per_bits in book_part["bits"].items():
+        if name in costs:
+            costs[name].bits = {int(b): v for b, v in per_bits.items()}
+    base["latency"] = float(prune_part["latency"])
+    knobs = [Knob(**k) for k in prune_part["knobs"] + book_part["knobs"]]
     layer_bytes = sum(c.params * c.float_bits / 8 for c in costs.values())
     layer_macs = sum(c.macs for c in costs.values())
     other = {"bytes": max(0.0, base["bytes"] - layer_bytes), "macs": max(0.0, base["macs"] - layer_macs)}
-    tables = Tables(knobs, list(costs.values()), base, other, round(time.perf_counter() - start, 2))
-    if cache:
-        _write_cache(path, tables)
-    return tables
+    return Tables(knobs, list(costs.values()), base, other, round(time.perf_counter() - start, 2), cached=not steps)
 
 
-def _sensitivity_with_progress(prune_mod, ctx, ranking, multiple, curves, bar: Progress) -> None:
-    """prune's per-group sensitivity curves (`prune.sensitivity_scores`), one group at a time for the bar."""
-    for g in ranking.groups:
-        prune_mod.sensitivity_scores(ctx, [g], ranking.scores, multiple, True, curves)
-        for _ in PRUNE_LEVELS:
-            bar.step(f"prune {g.name}")
-
-
-def _write_cache(path: Path, tables: Tables) -> None:
+def _write_cache(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".goal-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(tables.to_json(), f)
+            json.dump(data, f)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next run the measurement
@@ -565,12 +550,12 @@ def _weaken(model: Model, plan: Plan, budgets: dict[str, float]) -> Plan:
         plan = best
 
 
-def predicted_curve(model: Model, metric: str, points: int = 24) -> list[dict]:
-    """The predicted frontier: least loss at budgets from the starting size down to the strongest plan."""
+def predicted_curve(model: Model, metric: str, up_to: float, points: int = 20) -> list[dict]:
+    """The predicted frontier: least predicted loss at ratios from 1 to `up_to` (or the strongest plan)."""
     base = model.costs({})[metric]
     floor = model.costs({k: len(model.by_key[k].choices) - 1 for k in model.by_key})[metric]
     out = []
-    for r in np.geomspace(1.0, max(base / max(floor, 1e-12), 1.0), points)[1:]:
+    for r in np.geomspace(1.0, max(min(base / max(floor, 1e-12), up_to), 1.0), points)[1:]:
         plan, costs, loss = solve(model, {metric: base / r}, sweeps=6)
         if feasible(costs, {metric: base / r}):
             out.append({"ratio": round(float(base / costs[metric]), 4), "loss": round(float(loss), 6)})
@@ -648,7 +633,8 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     if goal.latency is not None:
         latency_fn, multiple, target_name = _latency_meter(goal.latency.target, shapes, calib, threads, runner)
     tables = measure_tables(model, goal, calib, shapes, seed=seed, threads=threads, say=say,
-                            target_latency=latency_fn, multiple=multiple, cache=cache)
+                            target_latency=latency_fn, latency_key=f"{target_name}-t{threads}" if latency_fn else None,
+                            multiple=multiple, cache=cache)
     if not tables.knobs:
         raise SqueezeError(f"--goal {goal.text}: nothing to allocate ({'+'.join(goal.using)} finds no prunable "
                            "channel group or clusterable weight in this model)")
@@ -752,8 +738,8 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
         "measured_loss": point["measured_loss"] if point else None,
         "points": points,
         "parts": parts,
-        "predicted_curve": {m: predicted_curve(Model(tables, predictor.scale), m) for m in budgets
-                            if m != "latency"},
+        "predicted_curve": {m: predicted_curve(predictor, m, 2.5 * original_costs[m] / b)
+                            for m, b in budgets.items()},
         "tables": {"seconds": tables.seconds, "cached": tables.cached, "knobs": len(tables.knobs),
                    "holdout_samples": len(holdout)},
         "loss_scale": predictor.scale,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("summary", "pipeline", "layers", "targets", "fidelity", "guard")
+SECTIONS = ("summary", "pipeline", "goal", "layers", "targets", "fidelity", "guard")
 
 
 def _plt():
@@ -110,6 +110,59 @@ def _latency(report: dict) -> str | None:
     return _svg(fig)
 
 
+def _goal_plot(goal: dict) -> str | None:
+    """Loss and accuracy drop against the goal's ratio: the predicted frontier and every measured plan."""
+    points = goal.get("points") or []
+    metric = next(iter(goal.get("budgets") or {}), "bytes")
+    if not points:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
+    curve = (goal.get("predicted_curve") or {}).get(metric) or []
+    if curve:
+        axes[0].plot([c["ratio"] for c in curve], [c["loss"] for c in curve], "-", color="#8c8c8c",
+                     label="predicted frontier (tables)")
+    xs = [p["ratios"].get(metric, 1.0) for p in points]
+    axes[0].plot(xs, [p["measured_loss"] for p in points], "o", color="#c44e52", label="measured")
+    axes[0].plot([(p.get("predicted") or {}).get(metric, x) for p, x in zip(points, xs)],
+                 [p["predicted_loss"] for p in points], "x", color="#4c72b0", label="predicted")
+    axes[0].set_ylabel("output loss (KL / rel. MSE)")
+    axes[0].set_yscale("symlog", linthresh=1e-4)
+    axes[1].plot(xs, [p["drop"] for p in points], "o", color="#c44e52")
+    if goal.get("max_drop") is not None:
+        axes[1].axhline(goal["max_drop"], color="#888", linestyle="--", label="--max-drop")
+        axes[1].legend()
+    axes[1].set_ylabel("accuracy drop (pts)")
+    limit = (goal.get("budgets") or {}).get(metric, {}).get("ratio")
+    for ax in axes:
+        if limit:
+            ax.axvline(limit, color="#55a868", linestyle=":")
+        ax.set_xlabel(f"{'size' if metric == 'bytes' else metric} ratio vs original (goal: dotted)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _svg(fig)
+
+
+def _goal_section(report: dict) -> str:
+    goal = report.get("goal")
+    if not goal:
+        return "<p>No --goal: the passes ran with the strengths given.</p>"
+    status = {"met": "goal met", "closest": "goal not met within --max-drop: closest point kept",
+              "unreachable": "nothing within --max-drop"}.get(goal["status"], goal["status"])
+    head = (f"<p><b>{_esc(goal['goal'])}</b> ({_esc('+'.join(goal['using']))}): {_esc(status)}. Chosen passes: "
+            f"<code>{_esc(goal.get('spec') or '(none)')}</code>. Drop measured on {_esc(goal.get('drop_basis'))}; "
+            f"search {goal.get('seconds')} s (tables {goal['tables']['seconds']} s"
+            f"{', cached' if goal['tables'].get('cached') else ''}).</p>")
+    why = "<ul>" + "".join(f"<li>{_esc(w)}</li>" for w in goal.get("why", [])) + "</ul>"
+    points = [{"plan": p["label"], **{f"{m} ×": v for m, v in p["ratios"].items()}, "drop (pts)": p["drop"],
+               "predicted loss": p["predicted_loss"], "measured loss": p["measured_loss"],
+               "meets goal": p["meets_goal"], "within max-drop": p["within_max_drop"]} for p in goal["points"]]
+    plan = [r for r in goal.get("plan", []) if r.get("bits", "float") != "float" or
+            r.get("channels_after", 0) != r.get("channels_before", 0)]
+    return (head + why + (_goal_plot(goal) or "") + "<h3>Measured plans (Pareto points)</h3>" + _table(points)
+            + "<h3>Per-layer plan (what changed)</h3>" + (_table(plan) or "<p>No layer changed.</p>"))
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -181,6 +234,7 @@ def render(report: dict) -> str:
         + (f"<p class='bad'>Pipeline stopped: {_esc(report['failure'])}</p>" if report.get("failure") else "")
         + _table(summary_rows),
         "pipeline": _waterfall(report),
+        "goal": _goal_section(report),
         "layers": (layers_svg or "<p>No layers with counted MACs.</p>") + _details_tables(report),
         "targets": (latency_svg or "") + _table(target_rows)
         + "<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
@@ -189,7 +243,7 @@ def render(report: dict) -> str:
         "guard": _table(guard_rows) or "<p>The accuracy guard was not used"
         + (" (no pass needed backing off)." if report.get("max_drop") is not None else " (no --max-drop).") + "</p>",
     }
-    titles = {"summary": "Summary", "pipeline": "Pipeline: size, MACs and accuracy after each pass",
+    titles = {"goal": "Goal: per-layer allocation", "summary": "Summary", "pipeline": "Pipeline: size, MACs and accuracy after each pass",
               "layers": "Per layer", "targets": "Targets: latency, original vs compressed", "fidelity":
               "Fidelity per pass", "guard": "Accuracy guard"}
     body = "".join(f"<section id='{k}'><h2>{titles[k]}</h2>{sections[k]}</section>" for k in SECTIONS)
