@@ -97,6 +97,7 @@ def markdown(report: dict) -> str:
                   f"{100 * acc['final']['top1']:.2f} % (drop {acc['drop_pts']:.2f} pts, n = {acc['original']['n']})", ""]
     if report.get("fidelity"):
         lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
+    lines += _goal_lines(report.get("goal"))
     if report["passes"]:
         lines += ["## Passes", "", "| pass | seconds | size | packed | bits/param | params | MACs "
                   "| fidelity vs previous | top-1 | notes |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
@@ -125,6 +126,8 @@ def markdown(report: dict) -> str:
         base = row.get("baseline", {}).get("latency_ms")
         speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
         emulator = " (emulator time, not representative)" if row["method"] == "emulated" else ""
+        if row.get("untuned_latency_ms"):  # --tune: what the tuning bought, timed the same way
+            emulator += f" (untuned {_ms(row['untuned_latency_ms'])})"
         lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))}{emulator} | "
                      f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} |")
         lines[-1] += f" {ok}: {_fid(check)} |"
@@ -137,6 +140,35 @@ def markdown(report: dict) -> str:
               "kernels run on a CPU OpenCL (PoCL): correctness only. `instruction-count` = bare-metal firmware in "
               "QEMU with -icount: instructions, not cycles.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
     return "\n".join(lines)
+
+
+def _goal_lines(goal: dict | None) -> list[str]:
+    """The --goal section: status, why, the chosen passes, the measured plans (Pareto points), the plan."""
+    if not goal:
+        return []
+    status = {"met": "met", "closest": "not met within --max-drop; the closest point is kept",
+              "unreachable": "nothing within --max-drop"}.get(goal["status"], goal["status"])
+    limit = "" if goal.get("max_drop") is None else f", --max-drop {goal['max_drop']}"
+    lines = ["## Goal", "", f"`{goal['goal']}` with {'+'.join(goal['using'])}{limit}: **{status}**. Chosen passes: `{goal.get('spec') or '(none)'}`. Drop measured on {goal['drop_basis']}; "
+             f"search {goal['seconds']:.0f} s (tables {goal['tables']['seconds']:.0f} s"
+             f"{', from the cache' if goal['tables'].get('cached') else ''}).", ""]
+    lines += [f"- {w}" for w in goal.get("why", [])] + [""]
+    metrics = list(goal["budgets"])
+    lines += ["| measured plan | " + " | ".join(f"{m} × (predicted)" for m in metrics) + " | drop (pts) | "
+              "loss predicted | loss measured |", "|---|" + "---:|" * (len(metrics) + 3)]
+    for p in goal.get("points", []):
+        cells = [f"{p['ratios'].get(m, 0):.3g} ({(p.get('predicted') or {}).get(m, float('nan')):.3g})" for m in metrics]
+        lines.append(f"| {p['label']} | " + " | ".join(cells) + f" | {p['drop']:.2f} | {p['predicted_loss']:.3g} | "
+                     f"{p['measured_loss']:.3g} |")
+    changed = [r for r in goal.get("plan", []) if r.get("bits", "float") != "float"
+               or r.get("channels_after", 0) != r.get("channels_before", 0)]
+    if changed:
+        lines += ["", "| layer / group | change | predicted loss |", "|---|---|---:|"]
+        for r in changed:
+            what = (f"{r['channels_before']} → {r['channels_after']} channels" if r["kind"] == "prune"
+                    else f"codebook {r['bits']} bits")
+            lines.append(f"| `{r['name']}` | {what} | {r['predicted_loss']:.3g} |")
+    return lines + [""]
 
 
 def terminal_table(report: dict) -> str:
@@ -168,8 +200,15 @@ def terminal_table(report: dict) -> str:
                 rows.append((f"{row['name']} {what}", fmt(row.get(f"original_{key}") or row[key]), fmt(row[key]),
                              _ratio(row.get(f"original_{key}") or row[key], row[key])))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    goal = report.get("goal")
+    tail = ""
+    if goal:
+        best = next((p for p in goal.get("points", []) if p.get("spec") == goal.get("spec")), None)
+        tail = f"\ngoal {goal['goal']}: {goal['status']}" + (
+            f" ({', '.join(f'{m} {v:.3g}×' for m, v in best['ratios'].items())}; drop {best['drop']:.2f} pts)"
+            if best else "")
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+                     for r in rows) + tail
 
 
 _COUNTS = (("flash_bytes", "flash", lambda n: _mb(n)), ("ram_bytes", "RAM", lambda n: _mb(n)),
