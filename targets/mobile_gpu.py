@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from squeeze.errors import TargetError
-from squeeze.registry import register_target
+from squeeze.registry import Range, register_target
 
 from . import mcu_program, remote, toolchains, tvm_build
 from .arm import CROSS_CXX
@@ -42,9 +42,12 @@ class MobileGpu(Target):
 
     def __init__(self, *, gpu: Annotated[Literal["mali", "adreno", "generic"],
                                          "preset: mali, adreno (TVM tag qcom/adreno-opencl) or generic OpenCL"] = "mali",
-                 tag: Annotated[str, "a TVM OpenCL target tag instead of gpu, quoted"] = ""):
+                 tag: Annotated[str, "a TVM OpenCL target tag instead of gpu, quoted"] = "",
+                 tune: Annotated[int, Range(0, 100_000), "MetaSchedule trials (not available for mobile-gpu: "
+                                 "noted in the report, the dlight schedules are used)"] = 0):
         self.gpu = gpu
         self.tag = tag
+        self.tune = tune
 
     def missing(self) -> str | None:
         gone = toolchains.missing("arm", optional=("clinfo", "qemu-aarch64"))
@@ -95,19 +98,25 @@ class MobileGpu(Target):
         return Artifact(self.name, handle=handle, files=[library, folder / "kernels.cl"],
                         build_seconds=tvm_build.seconds_since(start), info=info)
 
+    def _tune_note(self) -> list[str]:
+        if not self.tune:
+            return []
+        return [f"tune={self.tune} not applied: squeeze tunes cpu and arm only; OpenCL kernels keep TVM's dlight "
+                "GPU schedules (tuning them needs MetaSchedule GPU rules timed on the device, not built yet)"]
+
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
         handle = artifact.handle
         if self.runner is not None:
             outputs, latency, info = remote.measure(self.runner, handle["library"], handle["names"], samples, runs,
                                                     device="opencl")
-            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info)
+            return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info, notes=self._tune_note())
         if handle["plan"] is None:
             raise TargetError("mobile-gpu: TVM's pipeline exposed no memory plan; cannot launch the kernels on PoCL")
         program = mcu_program.program_from_plan(handle["plan"])
         launches = kernel_launches(program, handle["target"])
         outputs, device = run_on_opencl(program, launches, handle["source"], samples, handle["names"])
         notes = [f"OpenCL kernels run on {device} (a CPU OpenCL) by squeeze's launcher: outputs checked, no latency "
-                 "claimed; give --rpc/--tracker to time it on the GPU"]
+                 "claimed; give --rpc/--tracker to time it on the GPU"] + self._tune_note()
         extra = {"opencl_device": device, "kernel_launches": sum(len(v) for v in launches.values())}
         return Measurement("opencl-cpu", latency_ms=None, outputs=outputs, notes=notes, extra=extra)
 
