@@ -391,7 +391,7 @@ class Builder:
         flat = self.op("Reshape", [symbols_2d, self.shared(("shape", -1), "flat_shape", np.array([-1], np.int64))],
                        f"{name}_flat", None, None)
         if groups * 8 != count:
-            flat = self._slice(flat, count, f"{name}_idx")
+            flat = self._slice(flat, count, groups * 8, f"{name}_idx")
         return flat, stored
 
     def integers(self, q: np.ndarray, bits: int, name: str, onnx_int4: bool = False) -> tuple[gs.Tensor, str]:
@@ -415,12 +415,19 @@ class Builder:
         narrow = self.op("Cast", [centred], f"{name}_q{bits}_int8", None, None, to=onnx.TensorProto.INT8)
         return self.reshape(narrow, list(q.shape), f"{name}_q{bits}_shaped", np.int8), f"{bits}-bit packed"
 
-    def _slice(self, x: gs.Variable, count: int, name: str) -> gs.Variable:
+    def _slice(self, x: gs.Variable, count: int, total: int, name: str) -> gs.Variable:
+        """The first `count` of the `total` elements of the 1-D `x`."""
         if self.opset >= 10:
             starts = self.shared(("zero",), "slice_start_0", np.array([0], np.int64))
             ends = self.const(f"{name}_end", np.array([count], np.int64))
             return self.op("Slice", [x, starts, ends], name, None, None)
-        return self.op("Slice", [x], name, None, None, starts=[0], ends=[count], axes=[0])
+        # Before opset 10 Slice takes attributes, a form TVM's ONNX importer rejects ("Cannot cast NoneType to
+        # list of Expr"); Split with its `split` attribute (opset 2-12) says the same and every importer takes it.
+        head = gs.Variable(self.fresh(name))
+        rest = gs.Variable(self.fresh(f"{name}_padding"))
+        self.graph.nodes.append(gs.Node("Split", name=self.fresh(name, self._node_names), attrs={
+            "axis": 0, "split": [count, total - count]}, inputs=[x], outputs=[head, rest]))
+        return head
 
     def reshape(self, x: gs.Variable, shape, name: str, dtype=np.float32) -> gs.Variable:
         target = self.const(f"{name}_shape", np.array(shape, np.int64))
