@@ -115,6 +115,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     for data in (calib_data, eval_data):
         if data is not None:
             _check_fits(data, specs, shapes)
+    if goal_spec is not None and calib_data.source.startswith("synthetic"):
+        from .goal import NEEDS_CALIB  # noqa: PLC0415
+        raise SqueezeError(NEEDS_CALIB)  # before the output folder exists: a user error writes nothing
     if max_drop is not None and max_drop < 0:
         raise SqueezeError("--max-drop must be a non-negative number of points")
     job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,

@@ -55,6 +55,8 @@ MAX_ROUNDS = 6                          #: measured plans per search (each appli
 RELAX_STEPS = (0.96, 0.9, 0.8, 0.65, 0.5, 0.3)  #: how far towards the goal when it costs more than --max-drop
 HOLDOUT_SAMPLES = 256                   #: calibration samples the tables come from (every 4th is held out)
 METRICS = ("bytes", "macs", "latency")
+NEEDS_CALIB = ("--goal needs --calib with real inputs: the sensitivities it allocates by are measured on "
+               "calibration data")
 
 
 # ------------------------------------------------------------------------------------------------ the goal
@@ -448,7 +450,8 @@ def feasible(costs: dict[str, float], budgets: dict[str, float]) -> bool:
     return all(costs[m] <= b * (1 + 1e-9) for m, b in budgets.items())
 
 
-def solve(model: Model, budgets: dict[str, float], sweeps: int = 12) -> tuple[Plan, dict[str, float], float]:
+def solve(model: Model, budgets: dict[str, float], sweeps: int = 12, exchange: bool = True
+          ) -> tuple[Plan, dict[str, float], float]:
     """The plan of least predicted loss that meets `budgets` (or the cheapest one found): Lagrangian relaxation
     with coordinate descent over the coupled costs, λ bisected on a log scale."""
     keys = list(model.by_key)
@@ -480,7 +483,7 @@ def solve(model: Model, budgets: dict[str, float], sweeps: int = 12) -> tuple[Pl
     if not feasible(model.costs(best_plan), budgets):
         best_plan = _strengthen(model, best_plan, budgets)
         return best_plan, model.costs(best_plan), model.loss(best_plan)
-    below = {}
+    below: Plan | None = None
     for _ in range(30):
         mid = (lo + hi) / 2
         plans = [descend(10 ** mid, {}), descend(10 ** mid, best_plan)]
@@ -498,11 +501,40 @@ def solve(model: Model, budgets: dict[str, float], sweeps: int = 12) -> tuple[Pl
     # λ only reaches the plans on the convex hull of (cost, loss); between two hull plans a greedy pass does
     # better: weaken the feasible plan while it stays feasible, and strengthen the infeasible one until it fits.
     candidates = [_weaken(model, best_plan, budgets)]
-    if below:
+    if below is not None:
         candidates.append(_weaken(model, _strengthen(model, below, budgets), budgets))
     ok = [p for p in candidates if feasible(model.costs(p), budgets)]
     best_plan = min(ok or [best_plan], key=model.loss)
+    if exchange:
+        best_plan = _exchange(model, best_plan, budgets)
     return best_plan, model.costs(best_plan), model.loss(best_plan)
+
+
+def _exchange(model: Model, plan: Plan, budgets: dict[str, float], rounds: int = 4) -> Plan:
+    """Pairwise exchange: weaken one knob and strengthen another when the pair stays within budget and lowers
+    the predicted loss (what single-knob moves cannot reach between two hull plans)."""
+    keys = list(model.by_key)
+    for _ in range(rounds):
+        base_loss, best, best_loss = model.loss(plan), None, None
+        for a in keys:
+            for i in range(plan.get(a, 0)):                       # a: one step or more weaker
+                weaker = {**plan, a: i}
+                gain = base_loss - model.loss(weaker)
+                if gain <= 1e-15:
+                    continue
+                for b in keys:
+                    if b == a:
+                        continue
+                    for j in range(plan.get(b, 0) + 1, len(model.by_key[b].choices)):  # b: stronger
+                        trial = {**weaker, b: j}
+                        loss = model.loss(trial)
+                        if loss < base_loss - 1e-15 and (best_loss is None or loss < best_loss) \
+                                and feasible(model.costs(trial), budgets):
+                            best, best_loss = trial, loss
+        if best is None:
+            return plan
+        plan = _weaken(model, best, budgets)
+    return plan
 
 
 def _violation(costs: dict[str, float], budgets: dict[str, float]) -> float:
@@ -556,7 +588,7 @@ def predicted_curve(model: Model, metric: str, up_to: float, points: int = 20) -
     floor = model.costs({k: len(model.by_key[k].choices) - 1 for k in model.by_key})[metric]
     out = []
     for r in np.geomspace(1.0, max(min(base / max(floor, 1e-12), up_to), 1.0), points)[1:]:
-        plan, costs, loss = solve(model, {metric: base / r}, sweeps=6)
+        plan, costs, loss = solve(model, {metric: base / r}, sweeps=6, exchange=False)
         if feasible(costs, {metric: base / r}):
             out.append({"ratio": round(float(base / costs[metric]), 4), "loss": round(float(loss), 6)})
     return out
@@ -626,8 +658,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     from squeeze.passes import prune as prune_mod  # noqa: PLC0415
 
     if calib.source.startswith("synthetic"):
-        raise SqueezeError("--goal needs --calib with real inputs: the sensitivities it allocates by are "
-                           "measured on calibration data")
+        raise SqueezeError(NEEDS_CALIB)
     started = time.perf_counter()
     latency_fn, multiple, target_name = None, 1, None
     if goal.latency is not None:
@@ -641,7 +672,9 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     original_costs = {"bytes": float(pack.size_report(original)["packed"]),
                       "macs": float(metrics.summary(original, shapes)["macs"]),
                       "latency": latency_fn(original) if latency_fn else 0.0}
-    budgets = {c.metric: c.limit(original_costs[c.metric]) for c in goal.constraints}
+    budgets: dict[str, float] = {}
+    for c in goal.constraints:  # two budgets on one metric (size=8x,bytes=100k): the tighter one holds
+        budgets[c.metric] = min(budgets.get(c.metric, math.inf), c.limit(original_costs[c.metric]))
     guard = Guard(original, max_drop if max_drop is not None else float("inf"), guard_data or calib, calib, threads)
     holdout = _holdout(calib)
     reference = runtime.run(model, holdout, threads=threads)
