@@ -112,6 +112,18 @@ def done_when(lines: list[str], threads: int) -> None:
     lines.append("")
 
 
+def _commit() -> str:
+    import subprocess  # noqa: PLC0415
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "squeeze", "passes", "targets"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(UNIFORM))
@@ -129,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `python {shlex.join(['benchmarks/goal.py'] + (argv if argv is not None else sys.argv[1:]))}`  ",
              f"Machine: {corpus.cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
              f"squeeze {squeeze.__version__}, {args.threads} thread(s), seed 0, "
-             f"{_dt.date.today().isoformat()}; load average at start {load[0]:.1f} (a shared machine: wall times "
-             "are inflated by other work).", ""]
+             f"{_dt.date.today().isoformat()}; code at commit {_commit()}; load average at start {load[0]:.1f} "
+             "(a shared machine: wall times are inflated by other work).", ""]
     if not args.skip_done_when:
         lines += ["## Done-when runs (tables measured from an empty cache)", ""]
         done_when(lines, args.threads)
