@@ -81,6 +81,7 @@ class Goal:
     constraints: tuple[Constraint, ...]
     using: tuple[str, ...]
     text: str
+    sensitivity: str = "measured"   # codebook losses: "measured" (each layer clustered alone) or "hessian"
 
     @property
     def latency(self) -> Constraint | None:
@@ -94,12 +95,15 @@ KNOBS = ("prune", "codebook")
 
 def parse_goal(text: str) -> Goal:
     """`size=8x`, `bytes=200k`, `macs=0.5` (fraction) or `macs=2x`, `latency=1.5x@cpu`, joined by commas;
-    `using=prune+codebook` picks the passes (default: prune and codebook for size goals, prune otherwise)."""
+    `using=prune+codebook` picks the passes (default: prune and codebook for size goals, prune otherwise);
+    `sensitivity=hessian` predicts the codebook losses from Hessian traces (squeeze.hessian) instead of
+    measuring every layer at every width."""
     parts = [p.strip() for p in _split_top(text or "") if p.strip()]
     if not parts:
         raise SpecError("--goal is empty: give e.g. size=8x, bytes=200k, macs=0.5 or latency=1.5x@cpu")
     constraints: list[Constraint] = []
     using: tuple[str, ...] | None = None
+    sensitivity = "measured"
     for part in parts:
         key, sep, value = part.partition("=")
         key, value = key.strip().lower(), value.strip()
@@ -134,8 +138,13 @@ def parse_goal(text: str) -> Goal:
             if bad or not names:
                 raise SpecError(f"--goal {part!r}: using= takes {' and/or '.join(KNOBS)} joined by '+'")
             using = names
+        elif key == "sensitivity":
+            if value not in ("measured", "hessian"):
+                raise SpecError(f"--goal {part!r}: sensitivity= is measured or hessian")
+            sensitivity = value
         else:
-            raise SpecError(f"--goal: unknown key {key!r}; use size=, bytes=, macs=, latency= or using=")
+            raise SpecError(f"--goal: unknown key {key!r}; use size=, bytes=, macs=, latency=, using= or "
+                            "sensitivity=")
     if not constraints:
         raise SpecError("--goal names no budget: add size=, bytes=, macs= or latency=")
     if sum(c.metric == "latency" for c in constraints) > 1:
@@ -144,7 +153,7 @@ def parse_goal(text: str) -> Goal:
         using = KNOBS if any(c.metric == "bytes" for c in constraints) else ("prune",)
     if "codebook" in using and "prune" not in using and all(c.metric != "bytes" for c in constraints):
         raise SpecError("--goal: codebook changes size only; a macs or latency goal needs using=prune")
-    return Goal(tuple(constraints), using, ",".join(parts))
+    return Goal(tuple(constraints), using, ",".join(parts), sensitivity)
 
 
 def _split_top(text: str) -> list[str]:
@@ -316,11 +325,13 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
     base = {"bytes": float(size["packed"]), "macs": float(stats["macs"]), "latency": 0.0}
 
     prune_path = _cache_path(model, calib, seed, "prune", [multiple, latency_key, list(PRUNE_LEVELS)])
-    book_path = _cache_path(model, calib, seed, "codebook", [list(CODEBOOK_BITS), layer_names])
+    book_path = _cache_path(model, calib, seed, "codebook" if goal.sensitivity == "measured" else "codebook-hessian",
+                            [list(CODEBOOK_BITS), layer_names])
     prune_part = _read_cache(prune_path, cache) if candidates else {"knobs": [], "latency": 0.0}
     book_part = _read_cache(book_path, cache) if "codebook" in goal.using else {"knobs": [], "bits": {}}
     steps = (0 if prune_part else len(candidates) * len(PRUNE_LEVELS) * (2 if target_latency else 1)
-             + (1 if target_latency else 0)) + (0 if book_part else len(CODEBOOK_BITS) * (len(layers) + 1))
+             + (1 if target_latency else 0)) + (0 if book_part else len(CODEBOOK_BITS) * (
+                 (len(layers) if goal.sensitivity == "measured" else 0) + 1) + (goal.sensitivity != "measured"))
     bar = Progress(say, steps, "measuring sensitivity")
     if steps:
         holdout = _holdout(calib)
@@ -365,7 +376,16 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
             for name in layer_names:
                 book_part["bits"].setdefault(name, {})[str(bits)] = float(per_layer.get(name, costs[name].float_bits))
             bar.step(f"packed size of every layer at {bits} bits")
-        for name in layer_names:  # loss: this layer alone clustered (compensated as the pass does)
+        if goal.sensitivity == "hessian":  # HAWQ-V2 proxy: ½·Tr(H)/n·‖Q(W)−W‖² (plain k-means, not compensated)
+            from . import hessian  # noqa: PLC0415
+            proxy = hessian.codebook_proxy(model, holdout, CODEBOOK_BITS, seed=seed, threads=threads)
+            bar.step("Hessian traces")
+            for name in layer_names:
+                if name in proxy:
+                    book_part["knobs"].append(asdict(Knob("codebook", name, [0, *CODEBOOK_BITS],
+                                                          [float(v) for v in proxy[name]])))
+        for name in (layer_names if goal.sensitivity == "measured" else []):
+            # loss: this layer alone clustered (compensated as the pass does)
             loss = [0.0]
             for bits in CODEBOOK_BITS:
                 g2 = to_graph(model)
@@ -760,7 +780,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
         status = "closest"
     plan, point = chosen if chosen else ({}, None)
     report = {
-        "goal": goal.text, "using": list(goal.using), "max_drop": max_drop,
+        "goal": goal.text, "using": list(goal.using), "sensitivity": goal.sensitivity, "max_drop": max_drop,
         "budgets": {m: _budget_view(m, b, original_costs) for m, b in budgets.items()},
         "latency_target": target_name, "channel_multiple": multiple,
         "status": status if point else "unreachable",

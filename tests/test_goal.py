@@ -120,6 +120,21 @@ def test_parse_latency_at_a_target():
     assert g.latency.target == "cpu(mcpu='host',tune=0)"
 
 
+def test_hessian_sensitivity_predicts_the_codebook_tables(digits):
+    """`sensitivity=hessian`: the codebook losses come from the Hessian-trace proxy (squeeze.hessian), not from
+    clustering each layer at each width; the allocation then still meets the goal, measured."""
+    assert parse_goal("size=8x").sensitivity == "measured"
+    assert parse_goal("size=8x,sensitivity=hessian").sensitivity == "hessian"
+    result = squeeze.compress(MODEL, calib=CALIB, eval=TEST, goal="size=6x,using=codebook,sensitivity=hessian",
+                              max_drop=2.0, targets=[], runs=3)
+    goal = result.report["goal"]
+    assert goal["sensitivity"] == "hessian" and goal["status"] in ("met", "closest")
+    assert goal["points"] and all(p["predicted_loss"] >= 0 for p in goal["points"])
+    if goal["status"] == "met":
+        o, f = result.report["original"]["bytes"]["packed"], result.report["final"]["bytes"]["packed"]
+        assert o / f >= 6.0 and result.report["accuracy"]["drop_pts"] <= 2.0
+
+
 def test_parse_combinations_and_using():
     g = parse_goal("size=8x, macs=0.5")
     assert [(c.metric, c.ratio) for c in g.constraints] == [("bytes", 8.0), ("macs", 2.0)]
@@ -149,6 +164,7 @@ BAD_GOALS = {
     "unknown target": ("latency=2x@nosuchtarget", "unknown target 'nosuchtarget'"),
     "unknown key": ("colour=red", "unknown key 'colour'"),
     "using quant": ("size=8x,using=quant", "using= takes prune and/or codebook"),
+    "sensitivity kind": ("size=8x,sensitivity=guess", "sensitivity= is measured or hessian"),
     "no budget": ("using=prune", "names no budget"),
     "two latencies": ("latency=2x@cpu,latency=3x@cpu", "one latency budget at a time"),
     "codebook for macs": ("macs=0.5,using=codebook", "needs using=prune"),
