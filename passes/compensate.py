@@ -46,6 +46,9 @@ MEMORY_BUDGET = 1 << 30
 #: Work budget for one Gram matrix (rows × columns²); rows are subsampled to fit.
 GRAM_FLOPS = 2e9
 HOLDOUT_EVERY = 4
+#: Rounds of the ReLU-aware refit (each one solve with the factorisation already made). It converges slowly:
+#: on mnist_burn prune(ratio=0.3) conv3's held-out loss is 0.055 after 3 rounds, 0.049 after 10, 0.046 after 30.
+RELU_ITERATIONS = 10
 
 
 @dataclass
@@ -465,7 +468,7 @@ def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np
 
 
 def _relu_fit(x: np.ndarray, y: np.ndarray, wa0: np.ndarray, solve, alpha: float, post: PostOp,
-              iterations: int = 3) -> np.ndarray:
+              iterations: int = RELU_ITERATIONS) -> np.ndarray:
     """Ridge refit that ignores errors a following ReLU hides: where the target is clipped (zero after the
     ReLU), a prediction that is clipped too counts as exact, and one that is not is pulled to the threshold."""
     scale = np.broadcast_to(np.asarray(post.scale, dtype=np.float64), (y.shape[1],))

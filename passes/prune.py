@@ -8,7 +8,13 @@ name in `IMPORTANCES`):
   |scale| of a BatchNormalization that directly follows the writer, so the norm is the one the network sees;
 - `fpgm`: distance of each filter to the others — filters near the geometric median are replaceable
   (He et al. 2019, "Filter Pruning via Geometric Median");
-- `activation`: mean |activation| of the channel on calibration data (as in ThiNet, Luo et al. 2017, and NISP).
+- `activation`: mean |activation| of the channel on calibration data (as in ThiNet, Luo et al. 2017, and NISP);
+- `reconstruction` (the default): what the layers that read the channel lose once compensation refits them
+  without it — each reader as the least-squares problem on calibration inputs, channels removed greedily by
+  Optimal Brain Surgeon's loss for a linear layer (selection as in ThiNet and in He et al. 2017, "Channel Pruning").
+  Unlike a filter norm it sees a dead channel, one the readers ignore, and one the other channels reproduce.
+  prune(ratio=0.3) top-1 drop, reconstruction vs l1: mnist_burn 0.26 vs 0.91 pt (l1 kept a dead conv3 channel
+  and two that fc1 barely reads), cifar10_resnet4b 8.8 vs 13.1, sri_resnet_a 8.4 vs 18.4.
 
 Where to cut (`scope`): `layer` takes `ratio` of every group; `global` ranks all channels together, each
 group's scores divided by their mean; `sensitivity` cuts each group alone at 25/50/75 % (compensated like the
@@ -32,10 +38,11 @@ from squeeze.context import Context
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
 from squeeze.registry import Backoff, Range, halve, register_pass
+from squeeze.threads import single_threaded
 
 from . import compensate as compensation
-from .channels import (Group, Member, apply_plan, channel_groups, constant_value, infer_shapes, note_unprunable,
-                       plan_removal, round_keep, summarize_plan)
+from .channels import (Group, Member, Slot, apply_plan, channel_groups, constant_value, infer_shapes,
+                       note_unprunable, plan_removal, round_keep, summarize_plan)
 
 Importance = Callable[[Group], np.ndarray]
 
@@ -143,6 +150,155 @@ def activation_importance(groups: list[Group], ctx: Context, max_samples: int = 
     return importance
 
 
+#: `reconstruction`: readers with at most this many inputs (channels × kernel) are modelled by their full input
+#: Gram matrix; wider ones (a Gemm after Flatten) by the channel covariance, shared over positions.
+EXACT_FEATURES = 1152
+#: `reconstruction`: rows (samples × positions) of one reader's Gram matrix at most (fewer for wide readers, as
+#: compensation samples them), and calibration samples used.
+RECONSTRUCTION_ROWS = 1 << 16
+RECONSTRUCTION_SAMPLES = 128
+
+
+class _Reader:
+    """A layer that reads a group, as the least-squares problem compensation solves (Optimal Brain Surgeon for a
+    linear layer): the precision `h` of its centred input Gram matrix G, the Gram matrix `m` = W Wᵀ of the
+    weights the inputs carry (features × features), each group channel's features (`blocks`, a row per channel)
+    and the output energy tr(G W Wᵀ) the losses are relative to. Removing channel features b and refitting the
+    rest raises the output error by tr(h_bb⁻¹ m_bb); the rest then carry W − h_:b h_bb⁻¹ W_b."""
+
+    def __init__(self, slot: Slot, gram: np.ndarray, m: np.ndarray, blocks: np.ndarray):
+        self.slot, self.blocks = slot, blocks
+        ridge = 1e-4 * max(float(np.trace(gram)) / max(len(gram), 1), 1e-30)
+        gram = gram + ridge * np.eye(len(gram))
+        self.h = np.linalg.inv(gram)
+        self.m = m
+        self.energy = max(float(np.sum(gram * m)), 1e-30)
+        self.live = np.ones(len(blocks), bool)
+
+    def losses(self) -> np.ndarray:
+        """Output error (relative to the layer's output energy) that removing each live channel adds now."""
+        out = np.zeros(len(self.blocks))
+        live = np.flatnonzero(self.live)
+        if len(live):
+            idx = self.blocks[live]  # [channels, features per channel]
+            hb = self.h[idx[:, :, None], idx[:, None, :]]
+            mb = self.m[idx[:, :, None], idx[:, None, :]]
+            out[live] = np.trace(np.linalg.solve(hb, mb), axis1=1, axis2=2)
+        return np.maximum(out, 0.0) / self.energy
+
+    def remove(self, j: int) -> None:
+        b = self.blocks[j]
+        coupling = np.linalg.solve(self.h[np.ix_(b, b)], self.h[b]).T  # [features, |b|]
+        cm = coupling @ self.m[b]
+        self.m = self.m - cm - cm.T + coupling @ self.m[np.ix_(b, b)] @ coupling.T
+        self.h = self.h - coupling @ self.h[b]
+        for a in (self.m, self.h):
+            a[b] = 0.0
+            a[:, b] = 0.0
+        self.h[np.ix_(b, b)] = np.eye(len(b))
+        self.live[j] = False
+
+
+def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader | None:
+    """The least-squares problem of a Conv/Gemm/MatMul reading the group, from its input activations `x`
+    (samples first); None for other readers or weights that are not plain constants."""
+    node, s = member.node, member.slot
+    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        return None
+    w = w.astype(np.float64)
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and s.inner == 1 and s.outer == 1 \
+            and w.shape[1] == s.width and w.shape[1] * int(np.prod(w.shape[2:])) <= EXACT_FEATURES:
+        k = int(np.prod(w.shape[2:]))
+        windows = compensation._windows(node, x, w.shape[2:])
+        spatial = windows.shape[2:2 + w.ndim - 2]
+        per = int(np.prod(spatial))
+        budget = min(RECONSTRUCTION_ROWS, compensation._row_budget(w.shape[1] * k))
+        picks = rng.choice(len(x) * per, size=min(budget, len(x) * per), replace=False)
+        rows = windows[(picks // per, slice(None)) + np.unravel_index(picks % per, spatial)]
+        rows = rows.reshape(len(picks), -1).astype(np.float64)
+        rows -= rows.mean(axis=0)
+        flat = w.reshape(w.shape[0], -1).T
+        blocks = np.arange(s.offset * k, (s.offset + s.length) * k).reshape(s.length, k)
+        return _Reader(s, rows.T @ rows / len(rows), flat @ flat.T, blocks)
+    if node.op == "Gemm":
+        weights = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
+    elif node.op == "MatMul" and w.ndim == 2:
+        weights = w
+    elif node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and s.inner == 1 and s.outer == 1 \
+            and w.shape[1] == s.width:
+        weights = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)  # channels only (too wide for the full Gram)
+    else:
+        return None
+    if weights.shape[0] != s.outer * s.width * s.inner:
+        return None
+    # The channel covariance shared over positions (x_cp ≈ Σ_k a_kc x_kp, as compensation's merge assumes);
+    # a channel's weights at each position scaled by that position's spread relative to the channel's.
+    xs = np.moveaxis(x, s.axis, -1).reshape(-1, s.outer, s.width, s.inner).astype(np.float64)
+    chan = np.moveaxis(xs, 2, -1).reshape(-1, s.width)
+    budget = min(RECONSTRUCTION_ROWS, compensation._row_budget(s.width))
+    if len(chan) > budget:
+        chan = chan[rng.choice(len(chan), budget, replace=False)]
+    chan = chan - chan.mean(axis=0)
+    cov = chan.T @ chan / len(chan)
+    scale = np.sqrt(xs.var(axis=0) / np.maximum(np.diag(cov), 1e-30)[None, :, None])  # [outer, width, inner]
+    scaled = weights.reshape(s.outer, s.width, s.inner, -1) * scale[..., None]
+    m = np.einsum("ocin,odin->cd", scaled, scaled)
+    return _Reader(s, cov, m, np.arange(s.offset, s.offset + s.length)[:, None])
+
+
+def reconstruction_importance(groups: list[Group], ctx: Context) -> Importance:
+    """What removing each channel costs the layers that read it once they are refit: every Conv/Gemm/MatMul
+    reading the group is the least-squares problem compensation solves, on calibration inputs, and the channels
+    are removed greedily — each time the one whose readers lose least of their output (the error the remaining
+    inputs cannot take over, relative to the reader's output), the rest then re-weighed. Channel selection by
+    the next layer's reconstruction as in ThiNet (Luo et al. 2017) and Channel Pruning (He et al. 2017), the
+    loss per channel Optimal Brain Surgeon's for a linear layer (Hassibi & Stork 1993). A dead channel, one its
+    readers ignore, or one the others reproduce goes first whatever its filter norm. Scores increase in removal
+    order. Groups without such a reader (or without real calibration data) are ranked by `l1`."""
+    if ctx.calib_is_synthetic:
+        ctx.note("criterion=reconstruction ranks by l1: the calibration data is synthetic (give --calib)")
+        return l1_importance
+    names = sorted({m.slot.tensor for g in groups for m in g.consumers})
+    if not names:
+        return l1_importance
+    shapes = infer_shapes(to_graph(ctx.model), ctx.input_shapes)
+    per_sample = sum(4 * int(np.prod([d or 1 for d in shapes.get(n, (1,))])) for n in names)
+    count = max(8, min(RECONSTRUCTION_SAMPLES, compensation.MEMORY_BUDGET // max(per_sample, 1)))
+    data = ctx.calib.subset(0, min(len(ctx.calib), count))
+    values = runtime.activations(ctx.model, data, names, threads=ctx.threads)
+    if not all(data.stacked.get(k, True) for k in data.arrays):
+        values = {k: v[:, 0] for k, v in values.items()}
+    rng = np.random.default_rng(ctx.seed)
+
+    def importance(group: Group) -> np.ndarray:
+        with single_threaded("blas"):
+            readers = [r for r in (_reader(m, values[m.slot.tensor], rng) for m in group.consumers) if r is not None]
+            return _greedy_removal(group.size, readers) if readers else l1_importance(group)
+    return importance
+
+
+def _greedy_removal(size: int, readers: list[_Reader]) -> np.ndarray:
+    """Backward elimination over the readers' summed losses; the scores increase in removal order."""
+    alive = np.ones(size, bool)
+    scores = np.zeros(size)
+    last = 0.0
+    for step in range(size):
+        total = np.zeros(size)
+        for r in readers:
+            total[r.slot.start:r.slot.start + r.slot.length] += r.losses()
+        total[~alive] = np.inf
+        c = int(np.argmin(total))
+        last = max(last, float(total[c]))
+        scores[c] = last + 1e-12 * (1.0 + last) * step  # strictly increasing, even over dead channels (loss 0)
+        alive[c] = False
+        for r in readers:
+            j = c - r.slot.start
+            if 0 <= j < r.slot.length and r.live[j]:
+                r.remove(j)
+    return scores
+
+
 # ------------------------------------------------------------------------------------------- sensitivity
 
 #: Fractions of a group removed when measuring its sensitivity, and the calibration samples used.
@@ -232,10 +388,12 @@ def _marginal_per_mac(group: Group, order: np.ndarray, points: list[tuple[int, f
 def importance_for(criterion: str, groups: list[Group], ctx: Context) -> Importance:
     if criterion == "activation":
         return activation_importance(groups, ctx)
+    if criterion == "reconstruction":
+        return reconstruction_importance(groups, ctx)
     return IMPORTANCES[criterion]
 
 
-#: Weight-only criteria; `activation` needs calibration data and is built by `activation_importance`.
+#: Weight-only criteria; `activation` and `reconstruction` need calibration data and are built per call.
 IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, "fpgm": fpgm_importance}
 
 
@@ -246,9 +404,10 @@ IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, 
 def prune(graph: gs.Graph, ctx: Context, *,
           ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
                            "fraction of the channels of the prunable groups to remove"] = 0.3,
-          criterion: Annotated[Literal["l1", "l2", "fpgm", "activation"],
-                               "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|"
-                               ] = "l1",
+          criterion: Annotated[Literal["l1", "l2", "fpgm", "activation", "reconstruction"],
+                               "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|, "
+                               "or the output the reading layers cannot reconstruct without them (l1 on "
+                               "synthetic calibration data)"] = "reconstruction",
           scope: Annotated[Literal["global", "layer", "sensitivity"],
                            "layer: every group loses `ratio`; global: the lowest-ranked channels overall (scores "
                            "divided by their group's mean); sensitivity: overall, by measured output loss per MAC "

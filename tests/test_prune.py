@@ -12,7 +12,8 @@ from squeeze import metrics, runtime, verify
 from squeeze.data import Dataset, input_specs
 from squeeze.model import to_graph
 from squeeze.passes import compensate as comp
-from squeeze.passes.channels import channel_groups, constant_value
+from squeeze.passes import prune as prune_module
+from squeeze.passes.channels import Slot, channel_groups, constant_value
 from squeeze.passes.prune import IMPORTANCES, output_loss
 from squeeze.pipeline import run_pipeline
 from squeeze.registry import get_pass
@@ -105,7 +106,7 @@ def test_multiple_rounds_and_never_empties():
     assert any("not larger than multiple=16" in n for n in step["notes"])
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "activation"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "activation", "reconstruction"])
 @pytest.mark.parametrize("scope", ["layer", "global", "sensitivity"])
 def test_every_criterion_and_scope_gives_a_valid_smaller_model(criterion, scope):
     model, _, _ = residual_add()
@@ -127,6 +128,76 @@ def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
     weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
     assert weights["p.w"][0] + weights["q.w"][0] == 12
     np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(model, data)["y"], rtol=1e-5, atol=1e-5)
+
+
+def costless_channels_model():
+    """x ─ Conv p 3→8 ─ Relu ─ Conv 8→4 ─ y, where p's filters 0-3 have the largest norms yet cost nothing to
+    remove: 0 is dead (its bias keeps it below zero), y never reads 1, and 2 and 3 are the same channel."""
+    t = Tiny(seed=7)
+    h = t.node("Relu", [t.conv("x", "p", 3, 8)], "relu")
+    t.conv(h, "y", 8, 4)
+    model = t.model({"x": [1, 3, 6, 6]}, ["y"])
+    weights = {i.name: i for i in model.graph.initializer}
+    w, b = (onnx.numpy_helper.to_array(weights[f"p.{k}"]).copy() for k in ("w", "b"))
+    w[:4] *= 4.0
+    b[0] = -1000.0
+    w[3], b[3] = w[2], b[2]
+    wy = onnx.numpy_helper.to_array(weights["y.w"]).copy()
+    wy[:, 1] = 0.0
+    for name, value in (("p.w", w), ("p.b", b), ("y.w", wy)):
+        weights[name].CopyFrom(onnx.numpy_helper.from_array(value, name))
+    return model
+
+
+def _kept_filters(model: onnx.ModelProto, pruned: onnx.ModelProto) -> list[int]:
+    """p's original filters that the pruned p still has, sorted (the duplicate 3 reads as 2)."""
+    before = onnx.numpy_helper.to_array([i for i in model.graph.initializer if i.name == "p.w"][0])
+    after = onnx.numpy_helper.to_array([i for i in pruned.graph.initializer if i.name == "p.w"][0])
+    return sorted(int(np.argmin(np.abs(before - row).sum(axis=(1, 2, 3)))) for row in after)
+
+
+def test_reconstruction_removes_dead_unread_and_duplicate_channels_first():
+    """The default criterion sees what a filter norm cannot: the three channels removed cost nothing, and
+    compensation restores the output exactly; l1 removes three useful small filters instead."""
+    model = costless_channels_model()
+    data = calibration(model, 32)
+    pruned, step = prune_model(model, "prune(ratio=0.375)", data)
+    assert step["details"]["criterion"] == "reconstruction"
+    assert _kept_filters(model, pruned) == [2, 4, 5, 6, 7]
+    assert verify.fidelity(runtime.run(model, data), runtime.run(pruned, data))["rel_l2"] < 1e-4
+    by_norm, _ = prune_model(model, "prune(ratio=0.375,criterion=l1)", data)
+    assert _kept_filters(model, by_norm)[:4] == [0, 1, 2, 2]  # the dead, the unread and both duplicates stay
+    assert verify.fidelity(runtime.run(model, data), runtime.run(by_norm, data))["rel_l2"] > 1e-2
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_reconstruction_loss_is_the_refit_error(width):
+    """A reader's loss for removing a channel (`width` inputs each, like a k×k kernel) is the output error of the
+    least-squares refit of the rest, relative to the output energy — also after an earlier removal."""
+    rng = np.random.default_rng(5)
+    channels, outputs = 5, 3
+    mixing = np.eye(channels * width) + 0.5 * rng.standard_normal((channels * width,) * 2)  # correlated inputs
+    x = rng.standard_normal((2000, channels * width)) @ mixing
+    w = rng.standard_normal((channels * width, outputs))
+    x -= x.mean(axis=0)
+    gram = x.T @ x / len(x)
+    slot = Slot("x", 1, 0, channels, 1, 1, 0, channels)
+    reader = prune_module._Reader(slot, gram, w @ w.T, np.arange(channels * width).reshape(channels, width))
+    energy = np.sum((x @ w) ** 2) / len(x)
+
+    def refit_error(gone: list[int]) -> float:
+        keep = [f for f in range(channels * width) if f // width not in gone]
+        beta = np.linalg.lstsq(x[:, keep], x @ w, rcond=None)[0]
+        return float(np.sum((x @ w - x[:, keep] @ beta) ** 2) / len(x) / energy)
+
+    losses = reader.losses()
+    np.testing.assert_allclose(losses, [refit_error([j]) for j in range(channels)], rtol=2e-2, atol=1e-6)
+    first = int(np.argmin(losses))
+    reader.remove(first)
+    after = reader.losses()
+    assert after[first] == 0 and not reader.live[first]
+    expected = [refit_error([first, j]) - refit_error([first]) for j in range(channels) if j != first]
+    np.testing.assert_allclose(np.delete(after, first), expected, rtol=2e-2, atol=1e-6)
 
 
 def test_global_scope_spends_the_ratio_where_scores_are_lowest():
@@ -193,6 +264,7 @@ def test_compensation_is_skipped_on_synthetic_data():
     data = synthesize(input_specs(model), {"x": (1, 3, 6, 6)}, 8, seed=0)
     _, step = prune_model(model, "prune(ratio=0.5)", data)
     assert any("synthetic" in n for n in step["notes"])
+    assert any("criterion=reconstruction ranks by l1" in n for n in step["notes"])
 
 
 def test_ridge_pulls_toward_the_original_weights_not_zero():
