@@ -36,8 +36,8 @@ from squeeze.threads import single_threaded
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
 
-from .channels import (Group, constant_value, infer_shapes, node_labels, set_constant_input, tensor_masks,
-                       topological_order)
+from .channels import (Group, infer_shapes, node_labels, set_constant_input, tensor_masks, topological_order,
+                       weight_value)
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -158,12 +158,12 @@ def _unpruned_weights(graph: gs.Graph, model) -> dict[int, tuple]:
     out = {}
     for node, before in zip(graph.nodes, original.nodes):
         if node.op in ("Conv", "Gemm", "MatMul") and len(before.inputs) > 1:
-            weight = constant_value(before.inputs[1])
-            bias = constant_value(before.inputs[2]) if len(before.inputs) > 2 and before.inputs[2].name else None
+            weight = weight_value(before.inputs[1])
+            bias = weight_value(before.inputs[2]) if len(before.inputs) > 2 and before.inputs[2].name else None
             if node.op == "MatMul" and len(before.outputs[0].outputs) == 1 and before.outputs[0].outputs[0].op == "Add":
                 add = before.outputs[0].outputs[0]
-                bias = next((constant_value(t) for t in add.inputs if t is not before.outputs[0]
-                             and constant_value(t) is not None), None)
+                bias = next((weight_value(t) for t in add.inputs if t is not before.outputs[0]
+                             and weight_value(t) is not None), None)
             if weight is not None:
                 out[id(node)] = (weight, bias)
     return out
@@ -193,9 +193,10 @@ def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray
     w = w.astype(np.float64)
     if kind == "conv":  # [M, C, k...]
         rest = w.shape[2:]
-        merged = w[:, keep] + np.einsum("kr,mr...->mk...", a[:-1], w[:, gone])
+        merged = w[:, keep] + np.einsum("kr,mr...->mk...", a[:-1], w[:, gone], optimize=True)
+        gone_sum = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(axis=2)
         b = (bias.astype(np.float64) if bias is not None else np.zeros(w.shape[0])) \
-            + np.einsum("r,mr->m", a[-1], w[:, gone].reshape(w.shape[0], len(gone), -1).sum(axis=2))
+            + np.einsum("r,mr->m", a[-1], gone_sum, optimize=True)
         out_cut = fit.masks.get(layer.y)
         if out_cut is not None and not out_cut.keep.all():
             rows = out_cut.indices()
@@ -210,8 +211,8 @@ def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray
         b = bias.astype(np.float64).reshape(-1) if bias is not None else None
     n = w.shape[1]
     blocks = w.reshape(cut.outer, width, cut.inner, n)
-    merged = blocks[:, keep] + np.einsum("kr,orin->okin", a[:-1], blocks[:, gone])
-    shift = np.einsum("r,orin->n", a[-1], blocks[:, gone])
+    merged = blocks[:, keep] + np.einsum("kr,orin->okin", a[:-1], blocks[:, gone], optimize=True)
+    shift = np.einsum("r,orin->n", a[-1], blocks[:, gone], optimize=True)
     b = (b if b is not None and b.size == n else np.zeros(n) if b is None else np.broadcast_to(b, (n,))) + shift
     merged = merged.reshape(-1, n)
     out_cut = fit.masks.get(layer.y)
@@ -258,19 +259,19 @@ def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool)
 
 
 def _layer_for(node: gs.Node, label: str) -> _Layer | None:
-    if constant_value(node.inputs[1]) is None:
+    if weight_value(node.inputs[1]) is None:
         return None
     if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
         return _Layer(node, "conv", node.inputs[0].name, node.outputs[0].name, label=label)
     if node.op == "Gemm" and not node.attrs.get("transA", 0):
         return _Layer(node, "gemm", node.inputs[0].name, node.outputs[0].name, label=label)
-    if node.op == "MatMul" and constant_value(node.inputs[1]).ndim == 2:
+    if node.op == "MatMul" and weight_value(node.inputs[1]).ndim == 2:
         out = node.outputs[0]
-        n = constant_value(node.inputs[1]).shape[1]
+        n = weight_value(node.inputs[1]).shape[1]
         if len(out.outputs) == 1 and out.outputs[0].op == "Add":
             add = out.outputs[0]
             for i, t in enumerate(add.inputs):
-                value = constant_value(t)
+                value = weight_value(t)
                 if t is not out and value is not None and value.size == n and value.shape[-1] == n:
                     return _Layer(node, "matmul", node.inputs[0].name, add.outputs[0].name, add, i, label)
         return _Layer(node, "matmul", node.inputs[0].name, out.name, label=label)
@@ -278,7 +279,7 @@ def _layer_for(node: gs.Node, label: str) -> _Layer | None:
 
 
 def _bn_constant(node: gs.Node) -> bool:
-    return all(constant_value(t) is not None for t in node.inputs[1:5]) and not node.attrs.get("training_mode", 0)
+    return all(weight_value(t) is not None for t in node.inputs[1:5]) and not node.attrs.get("training_mode", 0)
 
 
 def _ready(pending: list[_Layer]) -> list[_Layer]:
@@ -355,7 +356,7 @@ def post_op(tensor: gs.Tensor) -> PostOp:
             break
         node = tensor.outputs[0]
         if node.op == "BatchNormalization" and _bn_constant(node):
-            gamma, beta, mean, var = (constant_value(t).astype(np.float64) for t in node.inputs[1:5])
+            gamma, beta, mean, var = (weight_value(t).astype(np.float64) for t in node.inputs[1:5])
             scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
             op.scale, op.shift = op.scale * scale, op.shift * scale + beta - mean * scale
             tensor = node.outputs[0]
@@ -368,9 +369,9 @@ def post_op(tensor: gs.Tensor) -> PostOp:
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:
     lo = node.attrs.get("min") if "min" in node.attrs else (
-        constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
+        weight_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None)
     hi = node.attrs.get("max") if "max" in node.attrs else (
-        constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None)
+        weight_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None)
     return (-np.inf if lo is None else float(np.asarray(lo))), (np.inf if hi is None else float(np.asarray(hi)))
 
 
@@ -523,10 +524,10 @@ def _row_budget(cols: int) -> int:
 
 def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     node = layer.node
-    w = constant_value(node.inputs[1])
+    w = weight_value(node.inputs[1])
     out_ch, cols = w.shape[0], int(np.prod(w.shape[1:]))
     bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    b0 = constant_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
+    b0 = weight_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
     windows = _windows(node, x, w.shape[2:])
     spatial = y.shape[2:]
     budget = _row_budget(cols + 1)
@@ -607,14 +608,14 @@ def _sample_rows(x: np.ndarray, y: np.ndarray, holdout: np.ndarray, n_out: int):
 
 def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     node = layer.node
-    b = constant_value(node.inputs[1])
+    b = weight_value(node.inputs[1])
     trans_b = int(node.attrs.get("transB", 0))
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
     w0 = (b.T if trans_b else b).astype(np.float64) * alpha
     n_out = w0.shape[1]
     c_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    c = constant_value(c_t) if c_t is not None else None
+    c = weight_value(c_t) if c_t is not None else None
     if c is not None and c.ndim == 2 and c.shape[0] > 1:
         b0 = None  # a per-row C: leave the bias alone
     else:
@@ -638,10 +639,10 @@ def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit:
 
 def _fit_matmul(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     node = layer.node
-    b = constant_value(node.inputs[1])
+    b = weight_value(node.inputs[1])
     w0 = b.astype(np.float64)
     n_out = w0.shape[1]
-    bias = constant_value(layer.bias_node.inputs[layer.bias_index]) if layer.bias_node is not None else None
+    bias = weight_value(layer.bias_node.inputs[layer.bias_index]) if layer.bias_node is not None else None
     b0 = bias.astype(np.float64).reshape(-1) if bias is not None else None
     xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
     post = post_op(layer.bias_node.outputs[0] if layer.bias_node is not None else node.outputs[0])
@@ -659,7 +660,7 @@ def _fit_matmul(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fi
 def _fit_bn(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     """Re-estimate BN statistics so the pruned network's normalised channels have the original's mean and spread."""
     node = layer.node
-    gamma, beta, mean, var = (constant_value(t).astype(np.float64) for t in node.inputs[1:5])
+    gamma, beta, mean, var = (weight_value(t).astype(np.float64) for t in node.inputs[1:5])
     eps = float(node.attrs.get("epsilon", 1e-5))
     z = fit.original[layer.x]
     holdout = fit.holdout
@@ -689,7 +690,7 @@ def _fit_bn(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _
         xa, za = rows(x, np.ones_like(holdout)), rows(z, np.ones_like(holdout))
         s_new = sigma * np.sqrt(xa.var(axis=0) + 1e-12) / np.sqrt(za.var(axis=0) + 1e-12)
         m_new = xa.mean(axis=0) - s_new * (za.mean(axis=0) - mean) / sigma
-    dtype = constant_value(node.inputs[3]).dtype
+    dtype = weight_value(node.inputs[3]).dtype
     set_constant_input(graph, node, 3, m_new.astype(dtype))
     set_constant_input(graph, node, 4, np.maximum(s_new ** 2 - eps, 0.0).astype(dtype))
     return {**info, "method": "bn-stats", "loss_after": after}

@@ -41,8 +41,8 @@ from squeeze.registry import Backoff, Range, halve, register_pass
 from squeeze.threads import single_threaded
 
 from . import compensate as compensation
-from .channels import (Group, Member, Slot, apply_plan, channel_groups, constant_value, infer_shapes,
-                       note_unprunable, plan_removal, round_keep, summarize_plan)
+from .channels import (Group, Member, Slot, apply_plan, channel_groups, infer_shapes, note_unprunable, plan_removal,
+                       round_keep, summarize_plan, weight_value)
 
 Importance = Callable[[Group], np.ndarray]
 
@@ -53,7 +53,7 @@ Importance = Callable[[Group], np.ndarray]
 def output_filters(member: Member) -> np.ndarray:
     """The filters a producer uses to write the group's channels, one row per channel [length, weights]."""
     node, s = member.node, member.slot
-    w = constant_value(node.inputs[1]).astype(np.float64)
+    w = weight_value(node.inputs[1]).astype(np.float64)
     if node.op == "Conv":
         rows = w.reshape(w.shape[0], -1)
     elif node.op == "ConvTranspose":  # [C_in, M, k...] with group 1
@@ -74,7 +74,7 @@ def following_scale(node: gs.Node) -> np.ndarray | None:
             return None
         nxt = tensor.outputs[0]
         if nxt.op == "BatchNormalization":
-            params = [constant_value(t) for t in nxt.inputs[1:5]]
+            params = [weight_value(t) for t in nxt.inputs[1:5]]
             if any(p is None for p in params):
                 return None
             gamma, _, _, var = (p.astype(np.float64) for p in params)
@@ -203,7 +203,7 @@ def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader 
     """The least-squares problem of a Conv/Gemm/MatMul reading the group, from its input activations `x`
     (samples first); None for other readers or weights that are not plain constants."""
     node, s = member.node, member.slot
-    w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    w = weight_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None:
         return None
     w = w.astype(np.float64)

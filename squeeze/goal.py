@@ -324,7 +324,9 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                 costs[m.node.name].ins[g.name] = costs[m.node.name].ins.get(g.name, 0.0) + share
     base = {"bytes": float(size["packed"]), "macs": float(stats["macs"]), "latency": 0.0}
 
-    prune_path = _cache_path(model, calib, seed, "prune", [multiple, latency_key, list(PRUNE_LEVELS)])
+    # the channel order prune(keep=...) will cut in: the pass's default criterion, ranked the same way here
+    criterion = get_pass("prune").bind({})["criterion"]
+    prune_path = _cache_path(model, calib, seed, "prune", [multiple, latency_key, list(PRUNE_LEVELS), criterion])
     book_path = _cache_path(model, calib, seed, "codebook" if goal.sensitivity == "measured" else "codebook-hessian",
                             [list(CODEBOOK_BITS), layer_names])
     prune_part = _read_cache(prune_path, cache) if candidates else {"knobs": [], "latency": 0.0}
@@ -339,7 +341,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
 
     if prune_part is None:
         prune_part = {"version": CACHE_VERSION, "knobs": [], "latency": 0.0}
-        ranking = prune_mod.rank_channels(candidates, ctx, criterion="l1", scope="layer", multiple=multiple,
+        ranking = prune_mod.rank_channels(candidates, ctx, criterion=criterion, scope="layer", multiple=multiple,
                                           compensate=True)
         for g in ranking.groups:  # prune's own sensitivity curves, one group at a time for the bar
             curves: dict = {}
