@@ -34,7 +34,7 @@ from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.model import to_model
 
-from .weights import Builder, Layer, calibrate, find_layers, select_layers
+from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
 ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact with a reserved centroid
 RIDGE = 1e-3          # relative ridge of the least-squares refit, towards the k-means centroids
@@ -60,6 +60,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                                    "other layers use `bits` (what --goal writes)"] = [],  # noqa: B006
              ) -> None:
     """Share weights through per-layer codebooks: k-means over weights or k×k kernels, indices bit-packed."""
+    model = _opset_for_tvm(graph, ctx)
     all_layers = find_layers(graph)
     bits_of = _layer_bits(layer_bits, all_layers)
     layers, skipped = select_layers(all_layers, skip)
@@ -80,7 +81,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     if compensate and ctx.calib_is_synthetic:
         ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
     tracked = [ls[0] for ls in by_weight.values() if len(ls) == 1]
-    rows, samples = calibrate(ctx.model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads,
+    rows, samples = calibrate(model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads,
                               with_samples=True) if refit and tracked else ({}, {})
     builder = Builder(graph)
     per_layer, changed = [], False
@@ -118,6 +119,28 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         per_layer.append(entry)
         changed = True
     _report(ctx, per_layer, skipped, unit, refit, [c.name for ls in by_weight.values() for c in ls])
+
+
+def _opset_for_tvm(graph: gs.Graph, ctx: Context) -> onnx.ModelProto:
+    """Upgrade an opset < 10 model to 10 (onnx.version_converter), so the index trim is a Slice with tensor inputs
+    that TVM folds at compile time; the attribute-form Slice of older opsets is not imported by TVM, and the Split
+    used instead is not folded (the weights would be rebuilt on every inference). Kept as is, with a note, when
+    the model has control-flow subgraphs or the converter fails."""
+    before = int(graph.opset or 10)
+    if before >= 10:
+        return ctx.model
+    if has_subgraphs(ctx.model):
+        ctx.note(f"opset {before} kept (upgrading would rewrite control-flow subgraphs): TVM rebuilds the "
+                 "clustered weights at run time instead of folding them")
+        return ctx.model
+    try:
+        model = upgrade_opset(graph, ctx.model, 10)
+    except PassError as exc:
+        ctx.note(f"opset {before} kept ({exc}): TVM rebuilds the clustered weights at run time")
+        return ctx.model
+    ctx.note(f"opset upgraded {before} → 10 with onnx.version_converter (the index rebuild folds in TVM)")
+    ctx.details["opset"] = {"from": before, "to": 10}
+    return model
 
 
 def _layer_bits(entries: list[str], layers: list[Layer]) -> dict[str, int]:

@@ -422,7 +422,9 @@ class Builder:
             ends = self.const(f"{name}_end", np.array([count], np.int64))
             return self.op("Slice", [x, starts, ends], name, None, None)
         # Before opset 10 Slice takes attributes, a form TVM's ONNX importer rejects ("Cannot cast NoneType to
-        # list of Expr"); Split with its `split` attribute (opset 2-12) says the same and every importer takes it.
+        # list of Expr"); Split with its `split` attribute (opset 2-12) says the same and is imported, but TVM does
+        # not fold it (the rebuild then runs on every inference): `codebook` upgrades such models to opset 10 first
+        # and only falls back to this when it cannot.
         head = gs.Variable(self.fresh(name))
         rest = gs.Variable(self.fresh(f"{name}_padding"))
         self.graph.nodes.append(gs.Node("Split", name=self.fresh(name, self._node_names), attrs={
