@@ -157,6 +157,9 @@ EXACT_FEATURES = 1152
 #: compensation samples them), and calibration samples used.
 RECONSTRUCTION_ROWS = 1 << 16
 RECONSTRUCTION_SAMPLES = 128
+#: `reconstruction`: wider groups are ranked by `l1` (the greedy elimination costs O(channels³) per reader:
+#: 1024 channels take seconds, the 12000 of a > 2 GB test model would take hours).
+RECONSTRUCTION_MAX_CHANNELS = 1024
 
 
 class _Reader:
@@ -259,7 +262,12 @@ def reconstruction_importance(groups: list[Group], ctx: Context) -> Importance:
     if ctx.calib_is_synthetic:
         ctx.note("criterion=reconstruction ranks by l1: the calibration data is synthetic (give --calib)")
         return l1_importance
-    names = sorted({m.slot.tensor for g in groups for m in g.consumers})
+    wide = [g.name for g in groups if g.size > RECONSTRUCTION_MAX_CHANNELS]
+    if wide:
+        ctx.note(f"criterion=reconstruction ranks {len(wide)} group(s) wider than {RECONSTRUCTION_MAX_CHANNELS} "
+                 f"channels by l1 (its elimination is cubic in the width): {', '.join(wide[:5])}"
+                 f"{' ...' if len(wide) > 5 else ''}")
+    names = sorted({m.slot.tensor for g in groups if g.size <= RECONSTRUCTION_MAX_CHANNELS for m in g.consumers})
     if not names:
         return l1_importance
     shapes = infer_shapes(to_graph(ctx.model), ctx.input_shapes)
@@ -272,6 +280,8 @@ def reconstruction_importance(groups: list[Group], ctx: Context) -> Importance:
     rng = np.random.default_rng(ctx.seed)
 
     def importance(group: Group) -> np.ndarray:
+        if group.size > RECONSTRUCTION_MAX_CHANNELS:
+            return l1_importance(group)
         with single_threaded("blas"):
             readers = [r for r in (_reader(m, values[m.slot.tensor], rng) for m in group.consumers) if r is not None]
             return _greedy_removal(group.size, readers) if readers else l1_importance(group)
