@@ -130,15 +130,21 @@ def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
     np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(model, data)["y"], rtol=1e-5, atol=1e-5)
 
 
-def costless_channels_model():
-    """x ─ Conv p 3→8 ─ Relu ─ Conv 8→4 ─ y, where p's filters 0-3 have the largest norms yet cost nothing to
-    remove: 0 is dead (its bias keeps it below zero), y never reads 1, and 2 and 3 are the same channel."""
-    t = Tiny(seed=7)
+def _conv_relu_conv(seed: int):
+    """x ─ Conv p 3→8 ─ Relu ─ Conv y 8→4 ─ y: (model, its initializers by name, copies of p's weight and bias)."""
+    t = Tiny(seed=seed)
     h = t.node("Relu", [t.conv("x", "p", 3, 8)], "relu")
     t.conv(h, "y", 8, 4)
     model = t.model({"x": [1, 3, 6, 6]}, ["y"])
     weights = {i.name: i for i in model.graph.initializer}
     w, b = (onnx.numpy_helper.to_array(weights[f"p.{k}"]).copy() for k in ("w", "b"))
+    return model, weights, w, b
+
+
+def costless_channels_model():
+    """x ─ Conv p 3→8 ─ Relu ─ Conv 8→4 ─ y, where p's filters 0-3 have the largest norms yet cost nothing to
+    remove: 0 is dead (its bias keeps it below zero), y never reads 1, and 2 and 3 are the same channel."""
+    model, weights, w, b = _conv_relu_conv(seed=7)
     w[:4] *= 4.0
     b[0] = -1000.0
     w[3], b[3] = w[2], b[2]
@@ -222,12 +228,7 @@ def test_output_loss():
 def duplicate_channel_model():
     """x ─ Conv p 3→8 ─ Relu ─ Conv 8→4 ─ y, where p's filter 7 duplicates filter 6 at a tenth of the norm of the
     others: L1 removes a duplicate, and refitting the reader can absorb it exactly (w6 + w7 on the kept one)."""
-    t = Tiny(seed=5)
-    h = t.node("Relu", [t.conv("x", "p", 3, 8)], "relu")
-    t.conv(h, "y", 8, 4)
-    model = t.model({"x": [1, 3, 6, 6]}, ["y"])
-    weights = {i.name: i for i in model.graph.initializer}
-    w, b = (onnx.numpy_helper.to_array(weights[f"p.{k}"]).copy() for k in ("w", "b"))
+    model, weights, w, b = _conv_relu_conv(seed=5)
     w[6] = w[7] = w[6] * 0.1
     b[6] = b[7] = b[6] * 0.1
     weights["p.w"].CopyFrom(onnx.numpy_helper.from_array(w, "p.w"))

@@ -12,17 +12,8 @@ import squeeze
 from squeeze.registry import all_passes
 
 from robustness import models
+from test_determinism import _numbers  # the report without timings and paths, one definition
 
-TIMING_KEYS = {"seconds", "latency_ms", "original_latency_ms", "baseline", "speedup", "speedup_vs_original_tvm",
-               "build_seconds", "onnxruntime", "path", "environment"}
-
-
-def _numbers(value):
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
 
 
 def _twice(model, passes: str, calib=None, out=None):
