@@ -885,10 +885,10 @@ def _latency_meter(spec: str, shapes, calib: Dataset, threads, runner):
     from squeeze.targets import tvm_build  # noqa: PLC0415
     tvm_build.set_threads(threads)
     samples = calib.samples(1)
-    scratch = Path(tempfile.mkdtemp(prefix="squeeze-goal-"))
 
     def latency(model: onnx.ModelProto) -> float:
-        measured = target.measure(target.build(model, shapes, scratch), samples, 30)
+        with tempfile.TemporaryDirectory(prefix="squeeze-goal-") as scratch:  # build files live only to be timed
+            measured = target.measure(target.build(model, shapes, Path(scratch)), samples, 30)
         if not measured.latency_ms:
             raise SqueezeError(f"--goal latency=…@{call.name}: this target gives no latency "
                                f"(method {measured.method}); name a target that times the model")
