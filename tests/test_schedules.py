@@ -187,15 +187,19 @@ def test_each_function_gets_its_rule(name, expected):
 
 
 def test_scheduled_code_is_vectorized_and_parallel():
-    """The big conv gets SIMD-width vectors and a parallel tile loop; the tiny one stays on one thread."""
+    """The big conv gets SIMD-width vectors and a parallel tile loop; the tiny one stays on one thread (and gets
+    the channel block `channel_block` plans for 24 channels: a whole vector, or half of one on a CPU whose
+    FMA units take half vectors at the same rate per lane)."""
     from tvm import tirx
     from tvm.s_tir import dlight as dl
 
     from squeeze.targets import schedules
+    from squeeze.targets.schedules.conv2d import channel_block
     from squeeze.targets.schedules.simd import describe
     target = _target()
-    lanes = describe(target).lanes("float32")
-    for name, parallel in (("conv_big", True), ("conv_odd", False)):
+    cpu = describe(target)
+    for name, parallel, channels in (("conv_big", True, 64), ("conv_odd", False, 24)):
+        lanes = channel_block(channels, 1, cpu.lanes("float32"), cpu.full_rate_lanes("float32"))
         model = GRAPHS[name]()
         fused = schedules.fused_module(tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {})),
                                        target)
@@ -217,6 +221,9 @@ def test_channel_block_prefers_whole_vectors_and_respects_groups():
     assert channel_block(4, 1, 16) == 4                # 4 channels: a 4-lane vector, not 12 zeros
     assert channel_block(8, 4, 16) == 8                # grouped: must divide the 8 channels of a group
     assert channel_block(3, 8, 16) is None             # 3 per group: no packed kernel (TOPI's conv)
+    assert channel_block(24, 1, 16) == 16              # 25 % padding, but a whole vector per instruction
+    assert channel_block(24, 1, 16, full_rate=8) == 8  # half vectors at full rate (Zen 4): no padding
+    assert channel_block(32, 1, 16, full_rate=8) == 16  # nothing to save: the wider vector
 
 
 def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():

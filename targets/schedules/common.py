@@ -101,3 +101,17 @@ def product(values: Iterable[int]) -> int:
     for v in values:
         out *= int(v)
     return out
+
+
+def vectorize_columns(sch, epilogue) -> None:
+    """Vectorize the tile's epilogue along its output columns (the innermost, contiguous loop).
+
+    Left scalar, the epilogue of a channel-vector tile (bias, residual add, ReLU and the transposing store to
+    NCHW, 256 elements per 16×2×8 tile) cost 8-55 % of the kernel: sri_resnet_a at 1 thread, 32→32 3×3 on
+    8×8 11.6 → 10.7 µs, 16→32 1×1 2.18 → 0.97 µs, the 3→16 stem 4.5 → 2.9 µs. Vectorized over columns the
+    stores are contiguous; over channels (a strided scatter store) it was as fast or slower on all ten of that
+    model's convolutions.
+    """
+    inner = sch.get_loops(epilogue)[-1]
+    if (extent(sch, inner) or 1) > 1:
+        sch.vectorize(inner)

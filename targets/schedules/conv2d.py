@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, PARALLEL_MIN_WORK, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of
+    schedule_injective, tile_of, vectorize_columns
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
@@ -42,48 +42,33 @@ class ConvPlan:
     wt: int
 
 
-def channel_block(k_per_group: int, groups: int, lanes: int) -> int | None:
+def channel_block(k_per_group: int, groups: int, lanes: int, full_rate: int | None = None) -> int | None:
     """Output channels per vector: a power of two ≤ lanes.
 
-    A narrower vector wastes no padded channels but does less per instruction: the choice maximises
-    useful-fraction × sqrt(kb / lanes). Grouped convolutions cannot pad inside a group, so there kb must divide
-    the channels of a group.
+    A narrower vector wastes no padded channels but, below `full_rate` lanes (the widest vector the FMA units
+    take at full rate per lane; default `lanes`), does less per instruction: the choice maximises
+    useful-fraction × sqrt(min(1, kb / full_rate)). Grouped convolutions cannot pad inside a group, so there kb
+    must divide the channels of a group.
     """
     candidates = [kb for kb in (lanes, lanes // 2, lanes // 4) if kb >= 4 or kb == lanes]
     if groups > 1:
         candidates = [kb for kb in candidates if k_per_group % kb == 0]
         return candidates[0] if candidates else None
+    full_rate = full_rate or lanes
 
     def score(kb: int) -> float:  # useful lanes, discounted for narrow vectors (fewer lanes per instruction)
-        return k_per_group / (math.ceil(k_per_group / kb) * kb) * math.sqrt(kb / lanes)
-    return max(candidates, key=lambda kb: (score(kb), kb))
+        return k_per_group / (math.ceil(k_per_group / kb) * kb) * math.sqrt(min(1.0, kb / full_rate))
+    return max(candidates, key=lambda kb: (round(score(kb), 9), kb))
 
 
 def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int) -> tuple[int, int, int]:
-    """(kv, ht, wt) with the most useful multiply-adds per cycle under a simple model.
-
-    Per (c, r, s) step the tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
-    least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
-    """
-    best, best_score = (1, 1, 1), -1.0
-    for kv in (1, 2, 4):
-        if k_blocks % kv:
-            continue
-        for ht in range(1, min(oh, 4) + 1):
-            for wt in range(1, min(ow, max_acc) + 1):
-                acc = kv * vectors_per_block * ht * wt
-                if acc > max_acc:
-                    break
-                useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
-                score = useful * acc / (max(acc / 2, 4) + 1)
-                if score > best_score + 1e-9:
-                    best, best_score = (kv, ht, wt), score
-    return best
+    """(kv, ht, wt) with the most useful multiply-adds per cycle under a simple model (see `ranked_tiles`)."""
+    return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc)[0]
 
 
 def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
     lanes = cpu.lanes(dtype)
-    kb = channel_block(k // groups, groups, lanes)
+    kb = channel_block(k // groups, groups, lanes, cpu.full_rate_lanes(dtype))
     if kb is None:
         return None
     kp = math.ceil(k / kb) * kb
@@ -234,7 +219,9 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
     sch.transform_layout(anchor, ("write", 0), kernel_layout)
     name = sch.get(epilogue).name_hint
     sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+    vectorize_columns(sch, epilogue)
     return epilogue, [b for b in rest if sch.get(b).name_hint != name]
+
 
 
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
@@ -301,7 +288,9 @@ class Conv2dPacked:
         cpu = describe(target)
         vectors = max(1, kb // cpu.lanes("float32"))
         _, k, y, x, *_ = (extent(sch, lp) for lp in sch.get_loops(anchor))
-        tiles = ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True)
+        # the model's choices first, then the larger tiles it rules out (measured, never assumed)
+        tiles = ranked_tiles(y, x, k // kb, vectors, cpu.accumulators(), exact=True)
+        tiles += [t for t in ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True) if t not in tiles]
         options = [(t, None) for t in tiles if t != default] + [(default, True), (default, False)]
         return _marked(self, func, target, options, limit)
 
@@ -327,9 +316,14 @@ def _marked(rule, func, target, options, limit: int) -> list:
 
 def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
                  exact: bool = False) -> list[tuple[int, int, int]]:
-    """Every (kv, ht, wt) tile, best-first by the `register_tile` model; `exact`: only tiles that divide."""
+    """Every (kv, ht, wt) tile of at most `max_acc` accumulators, best-first; `exact`: only tiles that divide.
+
+    Per (c, r, s) step a tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
+    least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
+    Ties keep the loop order (fewer rows, then fewer columns first).
+    """
     scored = []
-    for kv in (1, 2, 4):
+    for kv in (1, 2, 3, 4):
         if k_blocks % kv:
             continue
         for ht in range(1, min(oh, 4) + 1):
@@ -343,8 +337,8 @@ def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_ac
                     continue
                 useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
                 scored.append((useful * acc / (max(acc / 2, 4) + 1), (kv, ht, wt)))
-    scored.sort(key=lambda item: -item[0])
-    return [tile for _, tile in scored]
+    scored.sort(key=lambda item: -round(item[0], 9))
+    return [tile for _, tile in scored] or [(1, 1, 1)]
 
 
 class DepthwiseConv2d:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .common import KERNEL, PARALLEL_MIN_WORK, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of
+    schedule_injective, tile_of, vectorize_columns
 from .conv2d import _default, _dtype_or, _static_shape, channel_block, register_tile
 from .simd import describe, is_cpu
 
@@ -26,7 +26,7 @@ DENSE = "dense_packed"
 def plan_dense(m: int, k: int, n: int, cpu, dtype: str) -> tuple[int, int, int, int]:
     """(nb, nv, mt, ks): column block, column vectors per tile, rows per tile, reduction split."""
     lanes = cpu.lanes(dtype)
-    nb = channel_block(n, 1, lanes)
+    nb = channel_block(n, 1, lanes, cpu.full_rate_lanes(dtype))
     nblocks = math.ceil(n / nb) * nb // nb
     vectors = max(1, nb // lanes)
     nv, _, mt = register_tile(1, m, nblocks, vectors, cpu.accumulators())
@@ -159,6 +159,7 @@ class DensePacked:
             epilogue = sch.cache_write(anchor, 0, "local")
         epilogue_name = sch.get(epilogue).name_hint
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+        vectorize_columns(sch, epilogue)
         sch.vectorize(ji)
         sch.unroll(jv)
         sch.unroll(ii)
