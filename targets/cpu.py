@@ -60,7 +60,9 @@ class Cpu(Target):
                 from . import tuning  # noqa: PLC0415
                 database, info["tuning"] = tuning.tune_model(mod, target, trials=self.tune,
                                                              tune_cache=self.tune_cache, device=self.runner)
-            pipeline = schedules.build_pipeline(target, database)
+            # natively the thread count is known (--threads): 1 thread gets no parallel loops
+            threads = tvm_build.threads() if self.runner is None else None
+            pipeline = schedules.build_pipeline(target, database, threads)
             if database is not None and self.runner is not None:  # the untuned build, timed beside the tuned one
                 untuned = tvm_build.compile_module(mod, target, schedules.build_pipeline(target))
         executable = tvm_build.compile_module(mod, target, pipeline)

@@ -211,6 +211,48 @@ def test_scheduled_code_is_vectorized_and_parallel():
         assert ("T.parallel(" in text) == parallel, name
 
 
+def test_one_planned_thread_makes_nothing_parallel():
+    """Built for 1 thread (the host at --threads 1) even the big conv runs its tiles in a plain loop."""
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from squeeze.targets import schedules
+    from squeeze.targets.schedules.common import planned_threads
+    target = _target()
+    model = GRAPHS["conv_big"]()
+    for threads, parallel in ((1, False), (2, True), (None, True)):
+        # a fresh module each time: scheduling marks the functions it rewrites as scheduled, in place
+        fused = schedules.fused_module(tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {})), target)
+        with target, planned_threads(threads):
+            scheduled = dl.ApplyDefaultSchedule(*schedules.rules())(fused)
+        text = "\n".join(f.script() for _, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc))
+        assert ("T.parallel(" in text) == parallel, threads
+
+
+def test_cpu_facts_for_known_micro_architectures():
+    """AVX-512 CPUs: 16 lanes; Zen 4 takes 8-lane vectors at the same rate per lane; x86 tiles ≤ 16 accumulators."""
+    import tvm
+
+    from squeeze.targets.schedules.simd import describe
+    zen4 = describe(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    intel = describe(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))
+    avx2 = describe(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    arm = describe(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}))
+    assert (zen4.lanes(), zen4.full_rate_lanes(), zen4.accumulators()) == (16, 8, 16)
+    assert (intel.lanes(), intel.full_rate_lanes(), intel.accumulators()) == (16, 16, 16)
+    assert (avx2.lanes(), avx2.full_rate_lanes(), avx2.accumulators()) == (8, 8, 8)
+    assert (arm.lanes(), arm.accumulators()) == (4, 24)
+
+
+def test_tuning_variants_try_the_models_tiles_first():
+    """The capped tiles come first in the variant list; the larger ones the cap rules out come after them."""
+    from squeeze.targets.schedules.conv2d import ranked_tiles
+    capped = ranked_tiles(22, 22, 2, 1, 16, exact=True)
+    wide = ranked_tiles(22, 22, 2, 1, 28, exact=True)
+    assert capped[0] == (1, 1, 11) and all(kv * ht * wt <= 16 for kv, ht, wt in capped)
+    assert (1, 1, 22) in wide and (1, 1, 22) not in capped
+
+
 # ------------------------------------------------------------------------------------------ planning helpers
 
 def test_channel_block_prefers_whole_vectors_and_respects_groups():

@@ -8,6 +8,8 @@ registers/L1.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterable
 
 from tvm import s_tir, tirx
@@ -16,10 +18,30 @@ KERNEL = "squeeze.kernel"
 TILE = "squeeze.tile"  # [k vectors, rows, cols] of the register tile, chosen by the legalization
 
 #: Loops with less work than this (multiply-adds, or elements for injective loops) run on one thread. A
-#: parallel launch of TVM's thread pool costs 2-5 µs on an idle 2-core machine and much more when the other
-#: core is busy (sri_resnet_a, 2 threads, 8×8 convs of 0.6 M MACs in parallel: 0.104 ms; 1 thread: 0.073 ms).
-#: 2 M multiply-adds are ~40 µs at 50 GMAC/s: enough to pay for it.
-PARALLEL_MIN_WORK = 1 << 21
+#: parallel launch of TVM's thread pool costs a few µs, far more when the other core is busy. At 2 threads on
+#: this project's 2-core machines (whole model, default schedules, 9 interleaved rounds) 512 K beat 2 M:
+#: mnist_burn 0.071 → 0.062 ms, sri_resnet_a 0.077 → 0.070, cifar10_resnet4b 0.066 → 0.058-0.067 (min-median).
+PARALLEL_MIN_WORK = 1 << 19
+
+#: The thread count the code being scheduled will run with, when the build knows it (`planned_threads`).
+_THREADS: ContextVar[int | None] = ContextVar("squeeze_schedule_threads", default=None)
+
+
+@contextmanager
+def planned_threads(threads: int | None):
+    """Schedule for `threads` threads (None: unknown, e.g. a remote device). With 1 nothing is made parallel:
+    even a one-thread parallel launch costs time (mnist_burn at 1 thread: 0.071 ms without, 0.075 ms with
+    parallel loops above 512 K multiply-adds)."""
+    token = _THREADS.set(threads)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
+def worth_parallel(work: int) -> bool:
+    """Whether a loop nest doing `work` multiply-adds (or elements) should be spread over the thread pool."""
+    return _THREADS.get() != 1 and work >= PARALLEL_MIN_WORK
 
 
 def root_blocks(sch: s_tir.Schedule) -> list:
@@ -91,7 +113,7 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
     elif width is not None:
         _, vec = sch.split(inner, [None, width])
         sch.vectorize(vec)
-    if allow_parallel and len(loops) > 1 and total >= PARALLEL_MIN_WORK:
+    if allow_parallel and len(loops) > 1 and worth_parallel(total):
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.parallel(outer)
 

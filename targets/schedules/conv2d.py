@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import KERNEL, PARALLEL_MIN_WORK, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of, vectorize_columns
+from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
+    schedule_injective, tile_of, vectorize_columns, worth_parallel
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
@@ -227,7 +227,7 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
     producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
     # before decompose_reduction: `parallel` needs a complete reduction block
-    if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:
+    if parallel if parallel is not None else worth_parallel(work):
         sch.parallel(outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])

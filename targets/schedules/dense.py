@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, PARALLEL_MIN_WORK, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of, vectorize_columns
+from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
+    schedule_injective, tile_of, vectorize_columns, worth_parallel
 from .conv2d import _default, _dtype_or, _static_shape, channel_block, register_tile
 from .simd import describe, is_cpu
 
@@ -173,7 +173,7 @@ class DensePacked:
             for loop in (pjv, pi, pk):
                 sch.unroll(loop)
         producers = [sch.get(b).name_hint for b in sch.get_producers(partial if ks > 1 else anchor)]
-        if parallel if parallel is not None else work >= PARALLEL_MIN_WORK:
+        if parallel if parallel is not None else worth_parallel(work):
             sch.parallel(outer)
         init = sch.decompose_reduction(anchor, rk)
         sch.vectorize(sch.get_loops(init)[-1])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import PARALLEL_MIN_WORK, extent, is_spatial, product, root_blocks, schedule_injective
+from .common import extent, is_spatial, product, root_blocks, schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 
@@ -76,6 +76,6 @@ class Fallback:
                     break
                 spatial.append(loop)
             extents = [extent(sch, lp) for lp in loops]
-            if spatial and None not in extents and product(extents) >= PARALLEL_MIN_WORK:
+            if spatial and None not in extents and worth_parallel(product(extents)):
                 sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         return sch

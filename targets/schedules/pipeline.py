@@ -54,8 +54,13 @@ def fused_module(mod, target):
         return tvm.transform.Sequential(fuse_passes(target))(mod)
 
 
-def build_pipeline(target, database=None):
-    """A Relax pipeline for `tvm.compile(..., relax_pipeline=...)`: default schedules, tuned ones from `database`."""
+def build_pipeline(target, database=None, threads: int | None = None):
+    """A Relax pipeline for `tvm.compile(..., relax_pipeline=...)`: default schedules, tuned ones from `database`.
+
+    `threads`: the thread count the code will run with when the build knows it (the host); with 1 the default
+    schedules make nothing parallel (`common.planned_threads`).
+    """
+    from .common import planned_threads  # noqa: PLC0415
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
@@ -68,7 +73,8 @@ def build_pipeline(target, database=None):
             if database is not None:
                 with database:
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-            mod = dl.ApplyDefaultSchedule(*rules())(mod)
+            with planned_threads(threads):
+                mod = dl.ApplyDefaultSchedule(*rules())(mod)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import PARALLEL_MIN_WORK, extent, inline_epilogue, product, root_blocks, schedule_injective
+from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 CHANNELS_IN_FLIGHT = 8
@@ -53,7 +53,7 @@ class Pool:
         if width >= 2:
             outer = sch.fuse(n, c)
             rest = [b for b in root_blocks(sch) if sch.get(b).name_hint != sch.get(anchor).name_hint]
-            if work >= PARALLEL_MIN_WORK:
+            if worth_parallel(work):
                 sch.parallel(outer)
             for block in rest:
                 schedule_injective(sch, block, lanes)
@@ -74,7 +74,7 @@ class Pool:
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
         sch.unroll(inner)
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
-        if work >= PARALLEL_MIN_WORK:
+        if worth_parallel(work):
             sch.parallel(outer)
         sch.decompose_reduction(anchor, ry)
         epilogue_name = sch.get(epilogue).name_hint
