@@ -338,12 +338,53 @@ def _markdown(rows, peak, command, args, seconds) -> str:
             f"{100 * gmacs / (peak['gmacs'] * r['threads']):.0f} % |" if tvm_best and ort and orig else
             f"| {r['model']} | {r['pipeline']} | {r['macs'] / 1e6:.1f} | {r['threads']} | {_fmt(lat.get('ort'))} | "
             f"{_fmt(lat.get('tvm'))} | {_fmt(lat.get('squeeze'))} | {_fmt(lat.get('tuned'))} | — | — | — | — |")
+    lines += checks(rows)
     lines += ["", "Build seconds (default schedules / tuned build from the cache) and tuning seconds:", ""]
     for r in rows:
         if "build_s" in r:
             lines.append(f"- {r['model']} / {r['pipeline']} / {r['threads']} thread(s): build {r['build_s']}, "
                          f"tuning {r['tune_s']} s")
     return "\n".join(lines) + "\n"
+
+
+def _median(row: dict | None, engine: str) -> float | None:
+    return ((row or {}).get("latency_ms") or {}).get(engine, {}).get("median")
+
+
+def checks(rows: list[dict]) -> list[str]:
+    """Issue 6's done-when, evaluated on this run's medians (nothing here is measured again)."""
+    by = {(r["model"], r["pipeline"], r["threads"]): r for r in rows if "latency_ms" in r}
+    threads = sorted({k[2] for k in by})
+    models = list(dict.fromkeys(k[0] for k in by))
+    pruned = next((p for p in dict.fromkeys(k[1] for k in by) if p.startswith("prune")), None)
+    out = ["", "Checks (issue 6), from the medians above:", ""]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "—"
+    for t in threads:
+        line = [f"{m} {ratio(_median(by.get((m, 'none', t)), 'squeeze'), _median(by.get((m, 'none', t)), 'ort'))}"
+                for m in models if (m, "none", t) in by]
+        out.append(f"- {t} thread(s), default schedules / ONNX Runtime (goal ≤ 3 at 1 thread): {', '.join(line)}")
+        tuned = [(m, _median(by.get((m, "none", t)), "tuned"), _median(by.get((m, "none", t)), "ort"))
+                 for m in models if (m, "none", t) in by]
+        if any(tv for _, tv, _ in tuned):
+            fast = [m for m, tv, o in tuned if tv and o and tv <= o]
+            out.append(f"- {t} thread(s), tuned ≤ ONNX Runtime (goal: at least 2 models): {len(fast)} "
+                       f"({', '.join(f'{m} {ratio(tv, o)}' for m, tv, o in tuned)})")
+        if pruned:
+            engine = "tuned" if any(_median(r, "tuned") for r in by.values()) else "squeeze"
+            line = [f"{m} {ratio(_median(by.get((m, pruned, t)), engine), _median(by.get((m, 'none', t)), 'ort'))}"
+                    for m in models if (m, pruned, t) in by and (m, "none", t) in by]
+            out.append(f"- {t} thread(s), {pruned} {engine} / ONNX Runtime on the original (goal < 1): "
+                       f"{', '.join(line)}")
+            for m in models:
+                orig, cut = by.get((m, "none", t)), by.get((m, pruned, t))
+                if m == "cifar10_resnet4b" and orig and cut and _median(orig, engine) and _median(cut, engine):
+                    speedup = _median(orig, engine) / _median(cut, engine)
+                    mac_ratio = orig["macs"] / cut["macs"]
+                    out.append(f"- {t} thread(s), {m} {pruned} {engine} speed-up {speedup:.2f}× at a "
+                               f"{mac_ratio:.2f}× MAC cut: {speedup / mac_ratio:.2f} × the MAC ratio (goal ≥ 0.6)")
+    return out
 
 
 if __name__ == "__main__":

@@ -6,15 +6,20 @@ function a schedule without tuning, in milliseconds:
 
 | module | legalization | rule |
 |---|---|---|
-| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise | register-tiled direct conv, fused epilogue |
+| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise | register-tiled direct conv, fused vectorized epilogue |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI) | elementwise chains, concat, padding; fallback for the rest |
 
 Softmax-like reductions go to `Fallback` (dlight's CPU `Reduction` rule is quadratic on a [1, 1000] softmax).
-`pipeline.build_pipeline(target, database)` is the Relax pipeline that applies them (and a MetaSchedule
+`pipeline.build_pipeline(target, database, threads)` is the Relax pipeline that applies them (and a MetaSchedule
 database first, when tuning has one). The conv and dense rules also offer `variants` (other register tiles,
 parallel on/off), which `targets/tuning.py` measures before MetaSchedule's own search.
+
+What the rules plan with (`simd.Cpu`): vector width from the CPU's features, how many accumulators a register
+tile may hold (16 on x86, where larger tiles spill), and the widest vector the FMA units take at full rate per
+lane (Zen 4: 256 of 512 bits, so a channel count like 24 uses 3 × 8 lanes rather than 2 × 16 with zeros). Loops
+go parallel above 512 K multiply-adds, and never when the build is for one thread (`--threads 1` on the host).
 """
 from __future__ import annotations
 
