@@ -55,8 +55,11 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def database_dir(cache: Path, target, threads: int, device: str | None = None) -> Path:
-    """One database per target (kind, CPU, attributes), thread count and device (None: this machine)."""
-    text = str(target)
+    """One database per target (kind, CPU, attributes), thread count, device (None: this machine) and version of
+    the default schedules: a record replays its schedule on the same workload, so records made with older rules
+    (e.g. before their epilogues were vectorized) would otherwise stand in for the better current default."""
+    from .schedules.pipeline import SCHEDULES_VERSION  # noqa: PLC0415
+    text = f"{target} rules={SCHEDULES_VERSION}"
     cpu = str(target.attrs.get("mcpu", "") or "generic")
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     name = f"{target.kind.name}-{cpu}-{digest}-t{threads}" + (f"-{device}" if device else "")
@@ -150,6 +153,7 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
     from . import schedules  # noqa: PLC0415
+    from .schedules.common import planned_threads  # noqa: PLC0415
     for module in ("xgboost", "psutil", "cloudpickle"):
         try:
             __import__(module)
@@ -171,7 +175,10 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
     if runner is None:
         runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=10, repeat=5,
                                                                                  min_repeat_ms=20))
-    with tvm_build.keep_affinity():
+    # the default schedules and the rules' variants are planned for the thread count they are timed with (on a
+    # device: unknown here); a 1-thread seed with parallel loops would be replayed as the tuned schedule
+    planned = threads if device is None else None
+    with tvm_build.keep_affinity(), planned_threads(planned):
         _seed(database, tasks, target, builder, runner, device or "this machine")
     plan_budget(tasks, trials)
     todo = [t for t in tasks if t.budget > t.done]
@@ -181,7 +188,7 @@ def tune(mod, target, *, trials: int, cache: Path, threads: int, say: Callable[[
         for i, task in enumerate(sorted(todo, key=lambda t: -t.share_us)):
             remaining = task.budget - task.done
             say(f"tuning {task.name} ({i + 1}/{len(todo)}): {remaining} trials")
-            with tvm_build.keep_affinity():
+            with tvm_build.keep_affinity(), planned_threads(planned):
                 remaining -= _measure_variants(database, task, target, builder, runner, remaining)
             if remaining < MIN_TRIALS:
                 continue

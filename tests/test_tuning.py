@@ -87,3 +87,21 @@ def test_cli_tune_flags_reach_the_cpu_target(tmp_path, digits_copy):
     row = json.loads((out / "report.json").read_text())["targets"][0]
     assert row["schedules"] == "squeeze" and "tuning" not in row
     assert not (tmp_path / "db").exists()
+
+
+def test_seeds_are_planned_for_the_tuned_thread_count(tmp_path, monkeypatch):
+    """Default-schedule seeds are replayed as tuned schedules: at threads=1 they must be built for one thread
+    (no parallel loops), and records of older schedule rules live in another database."""
+    tvm = tvm_build.tvm()
+    from squeeze.targets.schedules import common, pipeline
+    model = tiny()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    mod = tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {}))
+    seen = []
+    monkeypatch.setattr(tuning, "_seed", lambda *args, **kwargs: seen.append(common._THREADS.get()))
+    for threads in (1, 2):
+        tuning.tune(mod, target, trials=0, cache=tmp_path, threads=threads)
+    assert seen == [1, 2]
+    now = tuning.database_dir(tmp_path, target, 1)
+    monkeypatch.setattr(pipeline, "SCHEDULES_VERSION", pipeline.SCHEDULES_VERSION + 1)
+    assert tuning.database_dir(tmp_path, target, 1) != now

@@ -11,6 +11,10 @@ before legalization, so the packing legalizations see constant weights and pack 
 """
 from __future__ import annotations
 
+#: Bump when the default schedules change what they generate: tuning databases are kept per version
+#: (`tuning.database_dir`), since a record replays its schedule on any build of the same workload.
+SCHEDULES_VERSION = 2
+
 
 def legalize_map() -> dict:
     from .conv2d import legalize_conv2d  # noqa: PLC0415
