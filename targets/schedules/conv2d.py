@@ -223,7 +223,6 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
     return epilogue, [b for b in rest if sch.get(b).name_hint != name]
 
 
-
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
     producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
     # before decompose_reduction: `parallel` needs a complete reduction block
@@ -320,7 +319,7 @@ def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_ac
 
     Per (c, r, s) step a tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
     least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
-    Ties keep the loop order (fewer rows, then fewer columns first).
+    Ties keep the loop order: fewer channel vectors, then fewer rows, then fewer columns first.
     """
     scored = []
     for kv in (1, 2, 3, 4):
