@@ -52,10 +52,8 @@ CALIB = 256
 ROUNDS = 3  # alternating timing rounds per cell
 CODE_PATHS = ["squeeze", "passes", "targets"]
 # Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
-ISSUE_TABLES = ["prune_curve.md", "codegen.md", "codegen-2threads.md", "quant_codebook.md", "blockperm.md",
-                "goal.md"]
+ISSUE_TABLES = ["prune_curve.md", "codegen.md", "quant_codebook.md", "blockperm.md", "goal.md"]
 ISSUE_COMMANDS = {"prune_curve.md": "python benchmarks/prune_curve.py", "codegen.md": "python benchmarks/codegen.py",
-                  "codegen-2threads.md": "python benchmarks/codegen.py --threads 2",
                   "quant_codebook.md": "python benchmarks/quant_codebook.py",
                   "blockperm.md": "python benchmarks/blockperm.py", "goal.md": "python benchmarks/goal.py"}
 
