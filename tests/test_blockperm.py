@@ -277,6 +277,21 @@ def test_compensation_reduces_the_output_error():
     assert errors[True] < 0.8 * errors[False], errors
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_too_few_calibration_rows_keep_the_cut_blocks(count):
+    """A Gemm sees one row per sample: with fewer than HOLDOUT_EVERY nothing can be held out, so the blocks stay
+    as cut and the row says why (found by the slow fuzz: 1-sample calibration, mnist_burn, slim then blockperm)."""
+    g = graphs.Builder(count)
+    g.node("Identity", [g.node("Gemm", ["x", g.weight("L.w", 8, 12), g.weight("L.b", 8)], "L", transB=1)], "y")
+    model = g.model({"x": [1, 12]}, "y")
+    rng = np.random.default_rng(count)
+    calib = Dataset({"x": np.abs(rng.standard_normal((count, 12))).astype(np.float32)}, None, "test: few rows")
+    out, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L])", calib)
+    info = row(step)["compensation"]
+    assert info["method"] == "none" and "too few" in info["why"] and info["rows"] == count
+    assert runtime.run(out, calib)["y"].shape == (count, 8)
+
+
 def test_synthetic_calibration_skips_compensation_with_a_note():
     model = layer_graph("conv3x3", folded=True)
     _, (step,) = graphs.apply(model, "blockperm(blocks=4, layers=[L])")

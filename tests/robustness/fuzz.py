@@ -363,7 +363,10 @@ def plan(n: int, out_dir_every: int, cli_every: int) -> list[dict]:
     return jobs
 
 
-def summarize(outcomes: list[Outcome], seconds: float) -> str:
+def summarize(outcomes: list[Outcome], seconds: float, seed: int | None = None,
+              corpus_share: float | None = None) -> str:
+    """Counts per outcome, then the contained pass crashes with a case that reproduces each (the seed and corpus
+    share are part of a case: `--index` alone names another case when they differ from the defaults)."""
     from collections import Counter  # noqa: PLC0415
     counts = Counter(o.outcome for o in outcomes)
     via = Counter(o.via for o in outcomes)
@@ -380,7 +383,9 @@ def summarize(outcomes: list[Outcome], seconds: float) -> str:
     if crashes:
         text += "\n  contained pass crashes (non-SqueezeError inside a pass; last good model kept):"
         for what, k in crashes.most_common():
-            text += f"\n    {k}× {what} (e.g. --index {example[what]})"
+            args = (f"--seed {seed} " if seed is not None else "") + \
+                (f"--corpus-share {corpus_share} " if corpus_share is not None else "")
+            text += f"\n    {k}× {what} (e.g. {args}--index {example[what]})"
     return text
 
 

@@ -25,21 +25,25 @@ def _run_suite(tmp_path, label: str, seed: int, n: int, out_dir_every: int, cli_
                corpus_share: float) -> list[fuzz.Outcome]:
     runner = fuzz.Runner(tmp_path, log=tmp_path / "worker.log")
     outcomes = []
+    out_dirs = set()
     started = time.perf_counter()
     try:
         for job in fuzz.plan(n, out_dir_every, cli_every):
+            if job["out_dir"]:
+                out_dirs.add(job["index"])
             outcomes.append(runner.run(seed, job["index"], out_dir=job["out_dir"], cli=job["cli"],
                                        corpus_share=corpus_share))
     finally:
         runner.close()
-    summary = fuzz.summarize(outcomes, time.perf_counter() - started)
+    summary = fuzz.summarize(outcomes, time.perf_counter() - started, seed, corpus_share)
     fuzz.SUMMARIES.append(f"{label} (seed {seed}): {summary}")
     print(f"\n{label}: {summary}")
     assert len(outcomes) == n
     bad = [o for o in outcomes if o.outcome in ("unexpected", "hang")]
     report = "\n\n".join(
         f"case {o.index} ({o.via}) {o.outcome}: {o.case}\n  {o.detail[:1500]}\n  problems: {o.problems}\n"
-        f"  reproduce: PYTHONPATH=tests python -m robustness.fuzz --seed {seed} --index {o.index}"
+        f"  reproduce: PYTHONPATH=tests python -m robustness.fuzz --seed {seed} --index {o.index} "
+        f"--corpus-share {corpus_share}{' --out-dir' if o.index in out_dirs else ''}"
         f"{' --cli' if o.via == 'cli' else ''}" for o in bad[:15])
     assert not bad, f"{len(bad)} of {n} cases ended badly:\n{report}"
     return outcomes
