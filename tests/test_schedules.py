@@ -56,12 +56,21 @@ def conv_big() -> onnx.ModelProto:
 
 
 def grouped() -> onnx.ModelProto:
-    """x[1,16,9,9] ─ Conv g2 16→32 ─ Relu ─ Conv g4 32→32 ─ Relu ─ Conv g8 32→24 (3 per group: TOPI) ─ y"""
+    """x[1,16,9,9] ─ Conv g2 16→32 ─ Relu ─ Conv g4 32→32 ─ Relu ─ Conv g8 32→24 (3 per group: padded to 4) ─ y"""
     g = graphs.Builder(5)
     h = g.node("Relu", [g.conv("x", "g2", 16, 32, group=2, pads=[1, 1, 1, 1])], "r1")
     h = g.node("Relu", [g.conv(h, "g4", 32, 32, group=4, pads=[1, 1, 1, 1])], "r2")
     g.conv(h, "y", 32, 24, group=8, pads=[1, 1, 1, 1])
     return g.model({"x": [1, 16, 9, 9]}, "y")
+
+
+def grouped_padded() -> onnx.ModelProto:
+    """x[1,12,12,12] ─ Conv g4 12→20 5×5 (5 outputs per group, padded to a block each; what blockperm writes for
+    mnist_ortjava) ─ Relu ─ Conv g2 20→6 3×3 stride 2 ─ y"""
+    g = graphs.Builder(9)
+    h = g.node("Relu", [g.conv("x", "g4", 12, 20, k=5, group=4)], "r1")
+    g.conv(h, "y", 20, 6, group=2, strides=[2, 2])
+    return g.model({"x": [1, 12, 12, 12]}, "y")
 
 
 def depthwise() -> onnx.ModelProto:
@@ -116,7 +125,7 @@ def concat_bn() -> onnx.ModelProto:
 
 
 GRAPHS = {f.__name__: f for f in (conv_odd, conv_strided_no_bias, conv_residual_dilated, conv_big, grouped,
-                                  depthwise, dense_heads, matmul_batched, pools, concat_bn)}
+                                  grouped_padded, depthwise, dense_heads, matmul_batched, pools, concat_bn)}
 
 
 def _target():
@@ -169,7 +178,8 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("conv_odd", {"conv2d": "Conv2dPacked"}),
     ("conv_strided_no_bias", {"conv2d": "Conv2dPacked"}),
     ("conv_residual_dilated", {"conv2d": "Conv2dPacked"}),
-    ("grouped", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add_relu": "Conv2dPacked", "conv2d2": "Fallback"}),
+    ("grouped", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add_relu": "Conv2dPacked", "conv2d2": "Conv2dPacked"}),
+    ("grouped_padded", {"conv2d_add_relu": "Conv2dPacked", "conv2d1": "Conv2dPacked"}),
     ("depthwise", {"depthwise_conv2d": "DepthwiseConv2d"}),
     ("dense_heads", {"dense": "DensePacked", "log_softmax": "Fallback"}),
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
@@ -199,7 +209,7 @@ def test_scheduled_code_is_vectorized_and_parallel():
     target = _target()
     cpu = describe(target)
     for name, parallel, channels in (("conv_big", True, 64), ("conv_odd", False, 24)):
-        lanes = channel_block(channels, 1, cpu.lanes("float32"), cpu.full_rate_lanes("float32"))
+        lanes = channel_block(channels, cpu.lanes("float32"), cpu.full_rate_lanes("float32"))
         model = GRAPHS[name]()
         fused = schedules.fused_module(tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {})),
                                        target)
@@ -257,15 +267,15 @@ def test_tuning_variants_try_the_models_tiles_first():
 
 def test_channel_block_prefers_whole_vectors_and_respects_groups():
     from squeeze.targets.schedules.conv2d import channel_block
-    assert channel_block(32, 1, 16) == 16
-    assert channel_block(64, 1, 8) == 8
-    assert channel_block(1000, 1, 16) == 16            # 1008: 0.8 % padding beats half vectors
-    assert channel_block(4, 1, 16) == 4                # 4 channels: a 4-lane vector, not 12 zeros
-    assert channel_block(8, 4, 16) == 8                # grouped: must divide the 8 channels of a group
-    assert channel_block(3, 8, 16) is None             # 3 per group: no packed kernel (TOPI's conv)
-    assert channel_block(24, 1, 16) == 16              # 25 % padding, but a whole vector per instruction
-    assert channel_block(24, 1, 16, full_rate=8) == 8  # half vectors at full rate (Zen 4): no padding
-    assert channel_block(32, 1, 16, full_rate=8) == 16  # nothing to save: the wider vector
+    assert channel_block(32, 16) == 16
+    assert channel_block(64, 8) == 8
+    assert channel_block(1000, 16) == 16               # 1008: 0.8 % padding beats half vectors
+    assert channel_block(4, 16) == 4                   # 4 channels: a 4-lane vector, not 12 zeros
+    assert channel_block(8, 16) == 8                   # a group of 8 channels: 8 lanes
+    assert channel_block(3, 16) == 4                   # 3 per group: padded to 4 in each group
+    assert channel_block(24, 16) == 16                 # 25 % padding, but a whole vector per instruction
+    assert channel_block(24, 16, full_rate=8) == 8     # half vectors at full rate (Zen 4): no padding
+    assert channel_block(32, 16, full_rate=8) == 16    # nothing to save: the wider vector
 
 
 def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
@@ -287,6 +297,12 @@ def test_packed_weights_give_the_same_convolution():
     k = np.arange(24)
     assert np.array_equal(packed[k // 16, :, :, :, k % 16], w)
     assert not packed[1, ..., 8:].any()                 # the padded channels are zeros
+    g = rng.standard_normal((20, 3, 5, 5)).astype(np.float32)   # 4 groups of 5 outputs, padded to 8 each
+    packed = pack_weight(g, 8, groups=4)
+    assert packed.shape == (4, 3, 5, 5, 8)
+    k = np.arange(20)
+    assert np.array_equal(packed[k // 5, :, :, :, k % 5], g)   # group k // 5 is block k // 5, rows 0..4
+    assert not packed[..., 5:].any()
     b = rng.standard_normal((64, 100)).astype(np.float32)
     cols = pack_columns(b, 16)
     assert cols.shape == (7, 64, 16)

@@ -6,13 +6,16 @@ Legalization (`legalize_conv2d`, replaces TOPI's for float32 NCHW/OIHW with cons
     out[n, k, y, x] = Σ_{c,r,s} pad(data)[n, g(k)·C/G + c, y·sh + r·dh, x·sw + s·dw] · Wp[k/kb, c, r, s, k%kb]
 
 computed over a padded output (Kp × OHp × OWp, multiples of the tile) and cropped, so the tile loops carry no
-bounds checks. Activations stay NCHW, so nothing else in the graph changes layout.
+bounds checks. Activations stay NCHW, so nothing else in the graph changes layout. A grouped convolution pads
+each group to whole blocks (Kp = G · ⌈K/G/kb⌉·kb), so no block straddles two groups and any group width works
+(blockperm's 4 groups of 5 or of 250 outputs: before, TOPI's unscheduled loops, 10-20× slower).
 
 Schedule (`Conv2dPacked`): the register tile is kv·kb output channels (kb = one SIMD vector or less) × ht rows
 × wt columns of accumulators. For every (c, r, s) the inner loops load kv weight vectors and broadcast ht·wt
 input scalars (a memory operand of the FMA on x86): the direct convolution of TVM's old x86 `conv2d_NCHWc`
 schedule and of oneDNN's jit kernels, kept in NCHW. The fused epilogue (bias, residual add, ReLU, crop) runs on
-the tile right after it is computed; tiles are distributed over cores.
+the tile right after it is computed, vectorized along the columns; tiles are distributed over cores. (Per-group
+padded convolutions copy the tile out and run the epilogue afterwards: see `_tile_loop_with_epilogue`.)
 
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
 channels; the tile is a vector of output columns instead (contiguous input loads for stride 1).
@@ -29,6 +32,7 @@ from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product,
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
+REGROUPED = "squeeze.regrouped"  #: conv block annotation: its output channels are per-group padded (see the crop)
 DEPTHWISE = "depthwise_conv2d_nchw"
 
 
@@ -42,22 +46,19 @@ class ConvPlan:
     wt: int
 
 
-def channel_block(k_per_group: int, groups: int, lanes: int, full_rate: int | None = None) -> int | None:
-    """Output channels per vector: a power of two ≤ lanes.
+def channel_block(channels: int, lanes: int, full_rate: int | None = None) -> int:
+    """Output channels per vector (`channels`: of one group): a power of two ≤ lanes.
 
     A narrower vector wastes no padded channels but, below `full_rate` lanes (the widest vector the FMA units
     take at full rate per lane; default `lanes`), does less per instruction: the choice maximises
-    useful-fraction × sqrt(min(1, kb / full_rate)). Grouped convolutions cannot pad inside a group, so there kb
-    must divide the channels of a group.
+    useful-fraction × sqrt(min(1, kb / full_rate)). A grouped convolution pads each group on its own (its
+    blocks never straddle two groups), so the fraction is that of one group.
     """
     candidates = [kb for kb in (lanes, lanes // 2, lanes // 4) if kb >= 4 or kb == lanes]
-    if groups > 1:
-        candidates = [kb for kb in candidates if k_per_group % kb == 0]
-        return candidates[0] if candidates else None
     full_rate = full_rate or lanes
 
     def score(kb: int) -> float:  # useful lanes, discounted for narrow vectors (fewer lanes per instruction)
-        return k_per_group / (math.ceil(k_per_group / kb) * kb) * math.sqrt(min(1.0, kb / full_rate))
+        return channels / (math.ceil(channels / kb) * kb) * math.sqrt(min(1.0, kb / full_rate))
     return max(candidates, key=lambda kb: (round(score(kb), 9), kb))
 
 
@@ -66,22 +67,29 @@ def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_a
     return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc)[0]
 
 
-def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
+def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan:
     lanes = cpu.lanes(dtype)
-    kb = channel_block(k // groups, groups, lanes, cpu.full_rate_lanes(dtype))
-    if kb is None:
-        return None
-    kp = math.ceil(k / kb) * kb
+    kb = channel_block(k // groups, lanes, cpu.full_rate_lanes(dtype))
+    kp = groups * padded_group(k // groups, kb)
     kv, ht, wt = register_tile(oh, ow, kp // kb, max(1, kb // lanes), cpu.accumulators())
     return ConvPlan(kb, kv, ht, wt)
 
 
-def pack_weight(weight: np.ndarray, kb: int) -> np.ndarray:
-    """OIHW → (O/kb)IHW(kb), zero-padding O to a multiple of kb."""
+def padded_group(k_per_group: int, kb: int) -> int:
+    """Output channels of one group once padded to whole channel blocks."""
+    return math.ceil(k_per_group / kb) * kb
+
+
+def pack_weight(weight: np.ndarray, kb: int, groups: int = 1) -> np.ndarray:
+    """OIHW → (O'/kb)IHW(kb): each group's outputs zero-padded to a multiple of kb (O' = groups × padded group)."""
     k = weight.shape[0]
-    kp = math.ceil(k / kb) * kb
-    if kp != k:
-        weight = np.concatenate([weight, np.zeros((kp - k,) + weight.shape[1:], weight.dtype)])
+    kg = k // groups
+    kpg = padded_group(kg, kb)
+    if kpg != kg:
+        weight = weight.reshape(groups, kg, *weight.shape[1:])
+        weight = np.concatenate([weight, np.zeros((groups, kpg - kg) + weight.shape[2:], weight.dtype)], axis=1)
+        weight = weight.reshape(groups * kpg, *weight.shape[2:])
+    kp = groups * kpg
     return np.ascontiguousarray(weight.reshape(kp // kb, kb, *weight.shape[1:]).transpose(0, 2, 3, 4, 1))
 
 
@@ -136,9 +144,7 @@ def legalize_conv2d(bb, call):
         return bb.call_te(_depthwise_compute(k, oh, ow, cpu.lanes(dtype), geometry), data, weight,
                           primfunc_name_hint="depthwise_conv2d")
     plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype)
-    if plan is None:
-        return _default("relax.nn.conv2d")(bb, call)
-    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb))
+    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
 
 
@@ -160,6 +166,7 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
         from tvm import te  # noqa: PLC0415
         kblocks, cg, r, s, kb = (int(v) for v in packed.shape)
         kp, kg = kblocks * kb, k // groups
+        kpg = kp // groups  # a group's channels, padded
         ohp = math.ceil(oh / plan.ht) * plan.ht
         owp = math.ceil(ow / plan.wt) * plan.wt
         (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
@@ -169,15 +176,20 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
         rx = te.reduce_axis((0, s), "rx")
 
         def body(b, o, y, x):
-            cin = rc if groups == 1 else (o // kg) * cg + rc
+            cin = rc if groups == 1 else (o // kpg) * cg + rc
             return te.sum(padded[b, cin, y * sh + ry * dh, x * sw + rx * dw] * packed[o // kb, rc, ry, rx, o % kb],
                           axis=[rc, ry, rx])
 
-        conv = te.compute((data.shape[0], kp, ohp, owp), body, name="conv2d_nchw",
-                          attrs={KERNEL: CONV, TILE: [plan.kv, plan.ht, plan.wt]})
+        attrs = {KERNEL: CONV, TILE: [plan.kv, plan.ht, plan.wt]}
+        if kpg != kg and groups > 1:
+            attrs[REGROUPED] = 1
+        conv = te.compute((data.shape[0], kp, ohp, owp), body, name="conv2d_nchw", attrs=attrs)
         if (kp, ohp, owp) == (k, oh, ow):
             return conv
-        return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: conv[b, o, y, x], name="conv2d_crop")
+        # crop the padded rows/columns and each group's padded channels
+        return te.compute((data.shape[0], k, oh, ow),
+                          lambda b, o, y, x: conv[b, o if kpg == kg else (o // kg) * kpg + o % kg, y, x],
+                          name="conv2d_crop")
     return compute
 
 
@@ -208,13 +220,18 @@ def _depthwise_compute(k: int, oh: int, ow: int, lanes: int, geometry):
 # ---------------------------------------------------------------------------------------------- schedules
 
 def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
-    """Accumulate the tile in a local buffer (layout `kernel_layout`) and run the epilogue right after it."""
+    """Accumulate the tile in a local buffer (layout `kernel_layout`) and run the epilogue right after it.
+
+    Where the epilogue reads the tile through a channel remap (`REGROUPED`: a grouped conv whose groups were
+    padded one by one) it cannot be computed per tile (TVM cannot invert the remap to find the tile's part of
+    the output), so the tile is copied out whole and the epilogue runs afterwards as its own loop.
+    """
     rest = inline_epilogue(sch, anchor)
     consumers = list(sch.get_consumers(anchor))
-    if consumers:
+    if consumers and not sch.get(anchor).annotations.get(REGROUPED):
         epilogue = consumers[0]
         sch.set_scope(anchor, 0, "local")
-    else:  # the kernel writes the function's output: accumulate locally, then copy out
+    else:  # the kernel writes the function's output (or a remapped one): accumulate locally, then copy out
         epilogue = sch.cache_write(anchor, 0, "local")
     sch.transform_layout(anchor, ("write", 0), kernel_layout)
     name = sch.get(epilogue).name_hint

@@ -26,7 +26,7 @@ DENSE = "dense_packed"
 def plan_dense(m: int, k: int, n: int, cpu, dtype: str) -> tuple[int, int, int, int]:
     """(nb, nv, mt, ks): column block, column vectors per tile, rows per tile, reduction split."""
     lanes = cpu.lanes(dtype)
-    nb = channel_block(n, 1, lanes, cpu.full_rate_lanes(dtype))
+    nb = channel_block(n, lanes, cpu.full_rate_lanes(dtype))
     nblocks = math.ceil(n / nb) * nb // nb
     vectors = max(1, nb // lanes)
     nv, _, mt = register_tile(1, m, nblocks, vectors, cpu.accumulators())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 #: Bump when the default schedules change what they generate: tuning databases are kept per version
 #: (`tuning.database_dir`), since a record replays its schedule on any build of the same workload.
-SCHEDULES_VERSION = 2
+SCHEDULES_VERSION = 3
 
 
 def legalize_map() -> dict:
