@@ -66,10 +66,11 @@ def grouped() -> onnx.ModelProto:
 
 def grouped_padded() -> onnx.ModelProto:
     """x[1,12,12,12] ─ Conv g4 12→20 5×5 (5 outputs per group, padded to a block each; what blockperm writes for
-    mnist_ortjava) ─ Relu ─ Conv g2 20→6 3×3 stride 2 ─ y"""
+    mnist_ortjava) ─ Relu ─ Conv g2 20→6 3×3 stride 2 ─ Relu ─ Conv 6→20 (20 channels: padded, one group) ─ y"""
     g = graphs.Builder(9)
     h = g.node("Relu", [g.conv("x", "g4", 12, 20, k=5, group=4)], "r1")
-    g.conv(h, "y", 20, 6, group=2, strides=[2, 2])
+    h = g.node("Relu", [g.conv(h, "g2", 20, 6, group=2, strides=[2, 2])], "r2")
+    g.conv(h, "y", 6, 20, pads=[1, 1, 1, 1])
     return g.model({"x": [1, 12, 12, 12]}, "y")
 
 
@@ -179,7 +180,8 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("conv_strided_no_bias", {"conv2d": "Conv2dPacked"}),
     ("conv_residual_dilated", {"conv2d": "Conv2dPacked"}),
     ("grouped", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add_relu": "Conv2dPacked", "conv2d2": "Conv2dPacked"}),
-    ("grouped_padded", {"conv2d_add_relu": "Conv2dPacked", "conv2d1": "Conv2dPacked"}),
+    ("grouped_padded", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add1_relu": "Conv2dPacked",
+                        "conv2d2": "Conv2dPacked"}),
     ("depthwise", {"depthwise_conv2d": "DepthwiseConv2d"}),
     ("dense_heads", {"dense": "DensePacked", "log_softmax": "Fallback"}),
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
@@ -335,13 +337,15 @@ def test_arm_target_compiles_with_neon_vectors():
 
 # ------------------------------------------------------------------------------------------ corpus
 
-CORPUS = ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn", "squeezenet"]
+CORPUS = ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn", "squeezenet",  # the issue's four
+          "mnist_ortjava", "mnist8_zoo", "marabou_cifar10_large", "cifar10_resnet2b", "oval21_cifar_wide"]
 
 
 @pytest.mark.corpus
 @pytest.mark.parametrize("name", CORPUS)
 def test_corpus_models_match_onnxruntime(corpus, name):
-    """Real models (the issue's four): same outputs as ONNX Runtime on real inputs, compiled in seconds."""
+    """Real models (the issue's four, then more small ones with other channel counts): same outputs as ONNX
+    Runtime on real inputs, compiled in seconds."""
     from squeeze.data import Dataset
     model = onnx.load(str(corpus.model_path(name)))
     x, _ = corpus.arrays(name, 2)

@@ -188,7 +188,8 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
             return conv
         # crop the padded rows/columns and each group's padded channels
         return te.compute((data.shape[0], k, oh, ow),
-                          lambda b, o, y, x: conv[b, o if kpg == kg else (o // kg) * kpg + o % kg, y, x],
+                          lambda b, o, y, x: conv[b, o if groups == 1 or kpg == kg else (o // kg) * kpg + o % kg,
+                                                  y, x],
                           name="conv2d_crop")
     return compute
 
