@@ -167,6 +167,7 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
         kblocks, cg, r, s, kb = (int(v) for v in packed.shape)
         kp, kg = kblocks * kb, k // groups
         kpg = kp // groups  # a group's channels, padded
+        regrouped = groups > 1 and kpg != kg  # output channel o lives at (o // kg)·kpg + o % kg
         ohp = math.ceil(oh / plan.ht) * plan.ht
         owp = math.ceil(ow / plan.wt) * plan.wt
         (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
@@ -181,15 +182,14 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
                           axis=[rc, ry, rx])
 
         attrs = {KERNEL: CONV, TILE: [plan.kv, plan.ht, plan.wt]}
-        if kpg != kg and groups > 1:
+        if regrouped:
             attrs[REGROUPED] = 1
         conv = te.compute((data.shape[0], kp, ohp, owp), body, name="conv2d_nchw", attrs=attrs)
         if (kp, ohp, owp) == (k, oh, ow):
             return conv
         # crop the padded rows/columns and each group's padded channels
         return te.compute((data.shape[0], k, oh, ow),
-                          lambda b, o, y, x: conv[b, o if groups == 1 or kpg == kg else (o // kg) * kpg + o % kg,
-                                                  y, x],
+                          lambda b, o, y, x: conv[b, (o // kg) * kpg + o % kg if regrouped else o, y, x],
                           name="conv2d_crop")
     return compute
 
