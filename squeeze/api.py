@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
-from . import __version__, report as report_mod, runtime, verify
+from . import __version__, canonical, report as report_mod, runtime, verify
 from .data import Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
 from .errors import ModelLoadError, OutputError, PassError, SqueezeError, TargetError
 from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
@@ -141,12 +141,15 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
     original_accuracy = evaluate(original, eval_data, threads)
 
+    say("canonicalizing the model (lossless front end)")
+    canonical_model, front_end = canonical.canonicalize(original, calib_data, threads)
     goal_report, guard_drop = None, max_drop
     if goal is not None:
         from . import goal as goal_mod  # noqa: PLC0415
-        start = original
+        start = canonical_model
         if pass_calls:  # the goal allocates on what --passes made of the model
-            pre = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, threads=threads, progress=say)
+            pre = run_pipeline(canonical_model, pass_calls, calib_data, shapes, seed=seed, threads=threads,
+                               progress=say)
             start = pre.model
         try:
             found = goal_mod.search(start, goal, calib_data, shapes, original=original, seed=seed,
@@ -159,9 +162,10 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         goal_report = found.report
         pass_calls = list(pass_calls) + found.calls
         guard_drop = None  # the search kept the drop within max_drop; a guard now would undo the allocation
-    result = run_pipeline(original, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
+    result = run_pipeline(canonical_model, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
                           threads=threads, progress=say, max_drop=guard_drop)
-    final = result.model
+    # With no passes the report measures the model as it is; otherwise passes start from the canonical form.
+    final = result.model if pass_calls else original
     final_stats = model_stats(final, shapes)
     if stage is not None:
         save_model(final, stage / "model.onnx")
@@ -183,6 +187,7 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         "data": {"calib": calib_data.source, "calib_samples": len(calib_data), "calib_synthetic":
                  calib_data.source.startswith("synthetic"),
                  "eval": eval_data.source if eval_data else None, "eval_samples": len(eval_data) if eval_data else 0},
+        "front_end": front_end,
         "pass_spec": ",".join(str(c) for c in pass_calls),
         "max_drop": max_drop,
         "original": original_stats,

@@ -269,6 +269,7 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     del model.metadata_props[:]
     model.metadata_props.extend(like.metadata_props)
     _keep_subgraphs(model, like)
+    toposort(model.graph)  # graphsurgeon's sort ignores what subgraphs read from the enclosing scope
     if model.ir_version < 4:
         # IR < 4 requires every initializer to be listed among the graph inputs too.
         listed = {i.name for i in model.graph.input}
@@ -317,7 +318,7 @@ def _export(graph: gs.Graph, fill: bool = True) -> onnx.ModelProto:
         for tensor, values in swapped + renamed[::-1]:
             tensor._values = values
     originals = {tensor.name: values for tensor, values in swapped} if fill else {}
-    nested = [t for n in subgraph_nodes(model) for sub in _subgraphs(n) for t in _all_initializers(sub)]
+    nested = [t for n in subgraph_nodes(model) for sub in subgraphs(n) for t in _all_initializers(sub)]
     for init in list(model.graph.initializer) + (nested if originals else []):
         values = originals.get(init.name)
         if values is None:
@@ -368,31 +369,70 @@ def _keep_subgraphs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     available = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
     originals = {t.name: t for t in like.graph.initializer}
     for node in restored:
-        for name in sorted(_names_read(node) - available):
+        for name in sorted(outer_reads(node) - available):
             if name in originals:
                 g.initializer.append(originals[name])
                 available.add(name)
 
 
-def _names_read(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name the nodes inside `node`'s subgraphs read (nested subgraphs included)."""
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order `graph`'s nodes (and its subgraphs', recursively) so that every tensor is produced before it is read,
+    counting what control-flow subgraphs read from the enclosing scope (ONNX requires that; graphsurgeon's sort
+    ignores it). Stable: nodes already in order keep it."""
+    for node in graph.node:
+        for sub in subgraphs(node):
+            toposort(sub)
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    deps = [sorted({producer[name] for name in set(node.input) | outer_reads(node) if name in producer} - {i})
+            for i, node in enumerate(nodes)]
+    order: list[int] = []
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        state[root] = 1
+        stack = [(root, iter(deps[root]))]
+        while stack:
+            index, pending = stack[-1]
+            nxt = next((d for d in pending if state[d] == 0), None)
+            if nxt is None:
+                stack.pop()
+                state[index] = 2
+                order.append(index)
+            else:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps[nxt])))
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a control-flow node carries (If branches, Loop/Scan bodies)."""
+    return [g for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+
+
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names `node`'s subgraphs read from the scope around `node` (not produced or declared inside them)."""
     names: set[str] = set()
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
+        local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
         for inner in sub.node:
-            names.update(i for i in inner.input if i)
-            names |= _names_read(inner)
+            names |= {i for i in inner.input if i and i not in local}
+            names |= outer_reads(inner) - local
+            local |= set(inner.output)
+        names |= {o.name for o in sub.output if o.name not in local}
     return names
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     """Initializers of `graph` and of the subgraphs nested in it."""
     found = list(graph.initializer)
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             found += _all_initializers(sub)
     return found
 

@@ -98,6 +98,7 @@ def markdown(report: dict) -> str:
     if report.get("fidelity"):
         lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
     lines += _goal_lines(report.get("goal"))
+    lines += _front_end_lines(report.get("front_end"))
     if report["passes"]:
         lines += ["## Passes", "", "| pass | seconds | size | packed | bits/param | params | MACs "
                   "| fidelity vs previous | top-1 | notes |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
@@ -140,6 +141,18 @@ def markdown(report: dict) -> str:
               "kernels run on a CPU OpenCL (PoCL): correctness only. `instruction-count` = bare-metal firmware in "
               "QEMU with -icount: instructions, not cycles.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
     return "\n".join(lines)
+
+
+def _front_end_lines(front: dict | None) -> list[str]:
+    """What the canonical front end did before the first pass (squeeze.canonical)."""
+    if not front:
+        return []
+    lines = ["## Front end (lossless, before the first pass)", ""]
+    lines += [f"- {step}" for step in front.get("steps", [])] or ["- nothing to change"]
+    lines += [f"- skipped: {why}" for why in front.get("skipped", [])]
+    lines += [f"- {front['nodes_before']} → {front['nodes_after']} nodes, opset {front['opset_before']} → "
+              f"{front['opset_after']}; verified on {front['verified_on']}; {front['seconds']:.2f} s", ""]
+    return lines
 
 
 def _goal_lines(goal: dict | None) -> list[str]:

@@ -1,0 +1,302 @@
+"""The canonical front end: one lossless rewrite every model goes through before the first pass.
+
+Real exported models (paddle2onnx, tf2onnx, torch.onnx) carry their weights as `Constant` nodes, compute shapes
+with Shape→Gather→Concat chains, keep Identity and Dropout nodes, import old opsets, and put `If` nodes whose
+subgraphs read outer-scope tensors. Passes should not each cope with that, so squeeze canonicalizes first:
+
+- control-flow-aware topological order (a node that an `If`/`Loop` subgraph reads from comes first; graphsurgeon's
+  toposort and onnxslim's dead-code removal both go wrong on graphs that are not in this order);
+- OnnxSlim (a maintained simplifier; constant folding, dead-node and Identity removal, common subexpressions,
+  `Constant` nodes to initializers, also inside subgraphs, and `If` nodes with a constant condition inlined),
+  with its fusions and weight tying off: fusions change op types (Gelu, fused Conv+BN) that passes and TVM then
+  see differently, and tied weights would couple layers that passes treat separately;
+- the default-domain opset raised to at least 13 (ONNX's version converter; per-channel QDQ and the Slice-based
+  rewrites need it) and opset imports of domains no node uses dropped.
+
+The canonical model keeps the original's dynamic axes: an OCR pipeline feeds lines of any width. What compilers need
+on top — every shape fixed and the shape arithmetic folded, so Reshape/Resize/Expand/Slice/Pad get constant shape
+inputs — is `freeze_shapes`, applied to a copy at build time (targets/), never to the saved model.
+
+Each step is verified: the result must pass the ONNX checker and give the same outputs as its input on the given
+samples (ONNX Runtime); a step that fails that is skipped and the report says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .model import is_big, subgraphs, toposort, without_weights
+
+MIN_OPSET = 13
+LOSSLESS_MAX_ABS_REL = 1e-4  # constant folding re-associates float arithmetic; a lossless rewrite stays well inside
+CHECK_SAMPLES = 2
+
+
+def canonicalize(model: onnx.ModelProto, data: Dataset | None = None, threads: int | None = None
+                 ) -> tuple[onnx.ModelProto, dict]:
+    """The canonical form of `model` and what was done (`steps`, node counts, seconds) for the report.
+
+    `data` (its first few samples) checks that every step is lossless; without it only the checker runs.
+    """
+    start = time.perf_counter()
+    report: dict = {"nodes_before": _count_nodes(model.graph), "ops_before": _op_counts(model.graph),
+                    "opset_before": default_opset(model), "steps": [], "skipped": []}
+    feeds = data.samples(CHECK_SAMPLES) if data is not None else []
+    reference = _outputs(model, feeds, threads) if feeds else None
+    current, done, skipped = _apply(model, _steps(model), None, None, threads)
+    problem = _problem(current, feeds, reference, threads) if current is not model else None
+    if problem:  # find the step to blame: apply them again one at a time, each verified
+        current, done, skipped = _apply(model, _steps(model), feeds, reference, threads)
+    report["steps"], report["skipped"] = done, skipped
+    report.update(nodes_after=_count_nodes(current.graph), ops_after=_op_counts(current.graph),
+                  opset_after=default_opset(current), seconds=round(time.perf_counter() - start, 3),
+                  verified_on=f"{len(feeds)} sample(s), max abs rel error <= {LOSSLESS_MAX_ABS_REL:g}" if feeds
+                  else "the ONNX checker only (no samples)")
+    return current, report
+
+
+def freeze_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` for compilers: the inputs fixed to `shapes`, shape arithmetic folded for them.
+
+    Not lossless for other input sizes: build artifacts only, never the saved model. Returns `model` itself when
+    nothing can be folded (or the simplifier fails: the compiler then reports what it cannot import).
+    """
+    if is_big(model):
+        return model
+    try:
+        ordered = _ordered(model)
+        frozen = _slim(ordered, {name: list(dims) for name, dims in shapes.items()})
+        onnx.checker.check_model(frozen)
+    except Exception:  # the compiler gets the model as it is and names what it cannot import
+        return model
+    return frozen
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _apply(model: onnx.ModelProto, steps: list[tuple[str, "Step"]], feeds: list[dict] | None,
+           reference: list[list[np.ndarray]] | None, threads: int | None
+           ) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """Run `steps` in order; with `feeds`, each result is verified and a step that fails is skipped."""
+    current, done, skipped = model, [], []
+    for name, step in steps:
+        try:
+            candidate, what = step(current)
+        except Exception as exc:  # a step that cannot run on this model is skipped, not fatal
+            skipped.append(f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        if candidate is current:
+            continue
+        problem = _problem(candidate, feeds, reference, threads) if feeds is not None else None
+        if problem:
+            skipped.append(f"{name}: {problem}")
+            continue
+        current = candidate
+        if what:
+            done.append(what)
+    return current, done, skipped
+
+
+# --- the steps, in order ------------------------------------------------------------------------------------------
+
+Step = Callable[[onnx.ModelProto], tuple[onnx.ModelProto, str | None]]
+
+
+def _steps(model: onnx.ModelProto) -> list[tuple[str, Step]]:
+    steps: list[tuple[str, Step]] = [("order", _order_step), ("opset", _opset_step)]
+    if not is_big(model):  # a model over 2 GB cannot pass through the simplifier's protobuf round trip
+        steps.append(("simplify", _simplify_step))
+    steps += [("constants", _constants_step), ("domains", _domains_step)]
+    return steps
+
+
+def _order_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    ordered = _ordered(model)
+    if [n.name for n in ordered.graph.node] == [n.name for n in model.graph.node] and \
+            [list(n.output) for n in ordered.graph.node] == [list(n.output) for n in model.graph.node]:
+        return model, None
+    return ordered, "put the nodes in topological order, counting what control-flow subgraphs read"
+
+
+def _simplify_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    slim = _slim(model, None)
+    before, after = _op_counts(model.graph), _op_counts(slim.graph)
+    if before == after and len(slim.graph.initializer) == len(model.graph.initializer):
+        return model, None
+    gone = {op: n - after.get(op, 0) for op, n in before.items() if n > after.get(op, 0)}
+    new = {op: n - before.get(op, 0) for op, n in after.items() if n > before.get(op, 0)}
+    parts = [f"{n} {op}" for op, n in sorted(gone.items(), key=lambda kv: (-kv[1], kv[0]))]
+    text = (f"OnnxSlim folded constants and removed dead/duplicate nodes: {_count_nodes(model.graph)} → "
+            f"{_count_nodes(slim.graph)} nodes (gone: {', '.join(parts) or 'none'}")
+    if new:
+        text += "; new: " + ", ".join(f"{n} {op}" for op, n in sorted(new.items()))
+    return slim, text + ")"
+
+
+def _constants_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Any `Constant` node left (the simplifier skipped or was not run) becomes an initializer of its graph."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    moved = _constants_to_initializers(copy.graph)
+    if not moved:
+        return model, None
+    return copy, f"{moved} Constant node(s) became initializers"
+
+
+def _opset_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    opset = default_opset(model)
+    if opset is None or opset >= MIN_OPSET:
+        return model, None
+    from onnx import version_converter  # noqa: PLC0415
+    upgraded = version_converter.convert_version(model, MIN_OPSET)
+    upgraded.ir_version = max(upgraded.ir_version, model.ir_version)
+    return upgraded, f"opset {opset} → {MIN_OPSET} (ONNX version converter)"
+
+
+def _domains_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    used = {n.domain for n in _all_nodes(model.graph)} | {f.domain for f in model.functions}
+    unused = [o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx") and o.domain not in used]
+    if not unused:
+        return model, None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    keep = [o for o in copy.opset_import if o.domain not in unused]
+    del copy.opset_import[:]
+    copy.opset_import.extend(keep)
+    return copy, f"dropped opset import(s) no node uses: {', '.join(sorted(unused))}"
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+def _ordered(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    toposort(copy.graph)
+    return copy
+
+
+def _slim(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+    """OnnxSlim without fusions and weight tying, quietly (it logs and prints tables)."""
+    import onnxslim  # noqa: PLC0415
+    kwargs: dict = {"skip_optimizations": ["graph_fusion", "weight_tying"], "model_check": False}
+    if input_shapes:
+        kwargs["input_shapes"] = [f"{name}:{','.join(str(d) for d in dims)}" for name, dims in input_shapes.items()]
+    logger = logging.getLogger("onnxslim")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            slim = onnxslim.slim(_ordered(model), **kwargs)
+    finally:
+        logger.setLevel(level)
+    slim.ir_version = max(slim.ir_version, model.ir_version)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(slim, field, getattr(model, field))
+    del slim.metadata_props[:]
+    slim.metadata_props.extend(model.metadata_props)
+    toposort(slim.graph)
+    return slim
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    moved = 0
+    keep = []
+    for node in graph.node:
+        for sub in subgraphs(node):
+            moved += _constants_to_initializers(sub)
+        tensor = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            copy = onnx.TensorProto()
+            copy.CopyFrom(value)
+            return copy
+        arrays = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                  "value_ints": np.int64}
+        if attr.name in arrays:
+            return numpy_helper.from_array(np.array(value, dtype=arrays[attr.name]))
+    return None  # sparse_value, value_string(s): left as a node
+
+
+def _problem(candidate: onnx.ModelProto, feeds: list[dict], reference: list[list[np.ndarray]] | None,
+             threads: int | None) -> str | None:
+    """Why `candidate` is not a lossless rewrite (None when it is)."""
+    try:
+        checked = without_weights(candidate, as_inputs=True)[0] if is_big(candidate) else candidate
+        onnx.checker.check_model(checked, full_check=True)
+    except Exception as exc:
+        return f"the result fails the ONNX checker ({_first_line(exc)}); kept the model before this step"
+    if not feeds or reference is None:
+        return None
+    try:
+        got = _outputs(candidate, feeds, threads)
+    except Exception as exc:
+        return f"ONNX Runtime cannot run the result ({_first_line(exc)}); kept the model before this step"
+    for ref_sample, got_sample in zip(reference, got):
+        for ref, new in zip(ref_sample, got_sample):
+            if ref.shape != new.shape:
+                return f"changed an output shape {list(ref.shape)} → {list(new.shape)}; kept the model before this step"
+            if ref.dtype.kind not in "fc":
+                if not np.array_equal(ref, new):
+                    return "changed an integer output; kept the model before this step"
+                continue
+            ref64, new64 = ref.astype(np.float64), new.astype(np.float64)
+            scale = float(np.max(np.abs(ref64), initial=0.0)) or 1.0
+            err = float(np.max(np.abs(ref64 - new64), initial=0.0)) / scale
+            if not err <= LOSSLESS_MAX_ABS_REL:
+                return (f"changed the outputs (max abs rel error {err:.2g} > {LOSSLESS_MAX_ABS_REL:g}); kept the "
+                        f"model before this step")
+    return None
+
+
+def _outputs(model: onnx.ModelProto, feeds: list[dict], threads: int | None) -> list[list[np.ndarray]]:
+    from .runtime import session  # noqa: PLC0415  (runtime imports data, which this module imports too)
+    sess = session(model, threads, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    return [[np.asarray(v) for v in sess.run(names, feed)] for feed in feeds]
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    found = []
+    for node in graph.node:
+        found.append(node)
+        for sub in subgraphs(node):
+            found += _all_nodes(sub)
+    return found
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    return len(_all_nodes(graph))
+
+
+def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in _all_nodes(graph)).items()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
