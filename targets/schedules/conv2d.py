@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of, vectorize_columns, worth_parallel
+    schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
@@ -228,12 +228,8 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
     the output), so the tile is copied out whole and the epilogue runs afterwards as its own loop.
     """
     rest = inline_epilogue(sch, anchor)
-    consumers = list(sch.get_consumers(anchor))
-    if consumers and not sch.get(anchor).annotations.get(REGROUPED):
-        epilogue = consumers[0]
-        sch.set_scope(anchor, 0, "local")
-    else:  # the kernel writes the function's output (or a remapped one): accumulate locally, then copy out
-        epilogue = sch.cache_write(anchor, 0, "local")
+    # a remapped read (`REGROUPED`), a larger consumer (a fused Pad) or none: accumulate locally, copy out
+    epilogue = tile_epilogue(sch, anchor)
     sch.transform_layout(anchor, ("write", 0), kernel_layout)
     name = sch.get(epilogue).name_hint
     sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)

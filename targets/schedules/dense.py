@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_of, vectorize_columns, worth_parallel
+    schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .conv2d import _default, _dtype_or, _static_shape, channel_block, register_tile
 from .simd import describe, is_cpu
 
@@ -141,7 +141,6 @@ class DensePacked:
         lanes = describe(target).lanes(str(packed.dtype))
         work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
         rest = inline_epilogue(sch, anchor)
-        consumers = list(sch.get_consumers(anchor))
         if ks > 1:
             # partial sums over ks interleaved slices of k (rfactor), added up per tile at the end
             *_, rk = sch.get_loops(anchor)
@@ -152,11 +151,7 @@ class DensePacked:
         jo, jv, ji = sch.split(j, [None, nv, nb])
         sch.reorder(*batch, io, jo, rk, ii, jv, ji)
         outer = sch.fuse(*batch, io, jo)
-        if consumers:
-            epilogue = consumers[0]
-            sch.set_scope(anchor, 0, "local")
-        else:
-            epilogue = sch.cache_write(anchor, 0, "local")
+        epilogue = tile_epilogue(sch, anchor)
         epilogue_name = sch.get(epilogue).name_hint
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
         vectorize_columns(sch, epilogue)

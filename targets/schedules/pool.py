@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, worth_parallel
+from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, tile_epilogue, \
+    worth_parallel
 from .simd import describe, is_cpu
 
 CHANNELS_IN_FLIGHT = 8
@@ -65,12 +66,7 @@ class Pool:
         outer = sch.fuse(n, co, y, x)
         inner = ci
         rest = inline_epilogue(sch, anchor)
-        consumers = list(sch.get_consumers(anchor))
-        if consumers:
-            epilogue = consumers[0]
-            sch.set_scope(anchor, 0, "local")
-        else:
-            epilogue = sch.cache_write(anchor, 0, "local")
+        epilogue = tile_epilogue(sch, anchor)
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
         sch.unroll(inner)
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
