@@ -54,7 +54,7 @@ RELU_ITERATIONS = 10
 @dataclass
 class _Layer:
     node: gs.Node
-    kind: str             # "conv" | "gemm" | "matmul" | "bn"
+    kind: str             # "conv" | "convt" | "gemm" | "matmul" | "bn"
     x: str                # input tensor (read from the pruned network)
     y: str                # target tensor (read from the original network)
     bias_node: gs.Node | None = None  # MatMul: the Add that holds its bias
@@ -150,15 +150,18 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
 
 
 def _unpruned_weights(graph: gs.Graph, model) -> dict[int, tuple]:
-    """id(node) → (weight, bias or None) before the cut, for the Conv/Gemm/MatMul nodes of `graph`, read from the
-    unpruned model (node lists correspond one to one: the cut adds and removes no node)."""
+    """id(node) → (weight, bias or None) before the cut, for the Conv/ConvTranspose/Gemm/MatMul nodes of `graph`,
+    read from the unpruned model (node lists correspond one to one: the cut adds and removes no node). A
+    ConvTranspose weight is given as the weight of its equivalent Conv (`conv_transpose_as_conv`)."""
     original = to_graph(model)
     if len(original.nodes) != len(graph.nodes) or any(a.op != b.op for a, b in zip(original.nodes, graph.nodes)):
         return {}
     out = {}
     for node, before in zip(graph.nodes, original.nodes):
-        if node.op in ("Conv", "Gemm", "MatMul") and len(before.inputs) > 1:
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(before.inputs) > 1:
             weight = weight_value(before.inputs[1])
+            if node.op == "ConvTranspose" and weight is not None:
+                weight = conv_transpose_as_conv(weight)
             bias = weight_value(before.inputs[2]) if len(before.inputs) > 2 and before.inputs[2].name else None
             if node.op == "MatMul" and len(before.outputs[0].outputs) == 1 and before.outputs[0].outputs[0].op == "Add":
                 add = before.outputs[0].outputs[0]
@@ -235,7 +238,8 @@ def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool)
                 continue
             layer = _layer_for(m.node, labels[id(m.node)])
             if layer is None:
-                skipped.append(f"compensation: {m.op} '{labels[id(m.node)]}' is not refit (unsupported form)")
+                why = conv_transpose_problem(m.node) if m.op == "ConvTranspose" else None
+                skipped.append(f"compensation: {m.op} '{labels[id(m.node)]}' is not refit ({why or 'unsupported form'})")
             else:
                 chosen[id(m.node)] = layer
     tensors = graph.tensors()
@@ -250,7 +254,7 @@ def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool)
             if node.op == "BatchNormalization" and id(node) not in chosen and _bn_constant(node):
                 chosen[id(node)] = _Layer(node, "bn", node.inputs[0].name, node.outputs[0].name,
                                           label=labels[id(node)])
-            elif downstream and node.op in ("Conv", "Gemm", "MatMul") and id(node) not in chosen:
+            elif downstream and node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and id(node) not in chosen:
                 layer = _layer_for(node, labels[id(node)])
                 if layer is not None:
                     chosen[id(node)] = layer
@@ -263,6 +267,8 @@ def _layer_for(node: gs.Node, label: str) -> _Layer | None:
         return None
     if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
         return _Layer(node, "conv", node.inputs[0].name, node.outputs[0].name, label=label)
+    if node.op == "ConvTranspose" and conv_transpose_problem(node) is None:
+        return _Layer(node, "convt", node.inputs[0].name, node.outputs[0].name, label=label)
     if node.op == "Gemm" and not node.attrs.get("transA", 0):
         return _Layer(node, "gemm", node.inputs[0].name, node.outputs[0].name, label=label)
     if node.op == "MatMul" and weight_value(node.inputs[1]).ndim == 2:
@@ -525,10 +531,26 @@ def _row_budget(cols: int) -> int:
 def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     node = layer.node
     w = weight_value(node.inputs[1])
+    return _fit_windows(graph, layer, _windows(node, x, w.shape[2:]), w, y, fit, lambda conv_w: conv_w)
+
+
+def _fit_conv_transpose(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
+    """A ConvTranspose is refit as the stride-1 Conv it equals (`conv_transpose_as_conv`): same least squares."""
+    node = layer.node
+    w = weight_value(node.inputs[1])
+    conv_w = conv_transpose_as_conv(w)
+    return _fit_windows(graph, layer, _transposed_windows(node, x, w.shape[2:]), conv_w, y, fit,
+                        conv_transpose_as_conv)
+
+
+def _fit_windows(graph: gs.Graph, layer: _Layer, windows: np.ndarray, w: np.ndarray, y: np.ndarray, fit: _Fit,
+                 stored: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Refit a convolution from its input windows; `w` is its weight in Conv layout [M, C, k...], `stored` maps
+    a Conv-layout weight back to the node's own layout."""
+    node = layer.node
     out_ch, cols = w.shape[0], int(np.prod(w.shape[1:]))
     bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     b0 = weight_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
-    windows = _windows(node, x, w.shape[2:])
     spatial = y.shape[2:]
     budget = _row_budget(cols + 1)
     xt, yt = _conv_rows(windows, y, np.flatnonzero(~fit.holdout), spatial, budget, fit.rng)
@@ -539,9 +561,53 @@ def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit:
     merged = _checked(_merged(layer, fit, "conv"), w0)
     new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all, merged)
     if info["method"] != "none":
-        set_constant_input(graph, node, 1, new_w.T.reshape(w.shape).astype(w.dtype))
+        set_constant_input(graph, node, 1, stored(new_w.T.reshape(w.shape)).astype(w.dtype))
         set_constant_input(graph, node, 2, new_b.astype(w.dtype))
     return {"node": layer.label, "op": node.op, **info}
+
+
+def conv_transpose_as_conv(w: np.ndarray) -> np.ndarray:
+    """The weight [M, C, k...] of the stride-1 Conv that equals a ConvTranspose with weight [C, M, k...] (group 1)
+    on its stride-dilated, padded input: in and out axes swapped, every kernel axis flipped. Its own inverse."""
+    return np.ascontiguousarray(np.flip(np.swapaxes(w, 0, 1), axis=tuple(range(2, w.ndim))))
+
+
+def conv_transpose_problem(node: gs.Node) -> str | None:
+    """Why a ConvTranspose cannot be refit as a Conv (None when it can): the forms `_transposed_windows` covers."""
+    if weight_value(node.inputs[1]) is None:
+        return "its weight is not a constant"
+    if int(node.attrs.get("group", 1)) != 1:
+        return f"group={node.attrs.get('group')}"
+    if "output_shape" in node.attrs:
+        return "it has an output_shape attribute"
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+        return f"auto_pad={auto}"
+    return None
+
+
+def _transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """Windows [N, C, *out_positions, *kernel] of the Conv a ConvTranspose equals: the input with stride−1 zeros
+    between samples, padded by dilation·(k−1) − pad at each side (plus output_padding at the end; a negative pad
+    crops), read at stride 1 with the ConvTranspose's dilation."""
+    d = len(kernel)
+    strides = list(node.attrs.get("strides", [1] * d))
+    dil = list(node.attrs.get("dilations", [1] * d))
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    pads = [0] * (2 * d) if (auto.decode() if isinstance(auto, bytes) else auto) == "VALID" \
+        else [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
+    extra = list(node.attrs.get("output_padding", [0] * d))
+    size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], strides)]
+    up = np.zeros(x.shape[:2] + tuple(size), dtype=x.dtype)
+    up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)] = x
+    edges = [(dil[i] * (kernel[i] - 1) - pads[i], dil[i] * (kernel[i] - 1) - pads[i + d] + int(extra[i]))
+             for i in range(d)]
+    up = np.pad(up, [(0, 0), (0, 0)] + [(max(lo, 0), max(hi, 0)) for lo, hi in edges])
+    crop = tuple(slice(max(-lo, 0), up.shape[2 + i] - max(-hi, 0)) for i, (lo, hi) in enumerate(edges))
+    up = up[(slice(None), slice(None)) + crop]
+    eff = [dil[i] * (kernel[i] - 1) + 1 for i in range(d)]
+    win = sliding_window_view(up, eff, axis=tuple(range(2, 2 + d)))
+    return win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
 
 
 def _windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
@@ -696,4 +762,5 @@ def _fit_bn(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _
     return {**info, "method": "bn-stats", "loss_after": after}
 
 
-FITTERS: dict[str, Callable] = {"conv": _fit_conv, "gemm": _fit_gemm, "matmul": _fit_matmul, "bn": _fit_bn}
+FITTERS: dict[str, Callable] = {"conv": _fit_conv, "convt": _fit_conv_transpose, "gemm": _fit_gemm,
+                                 "matmul": _fit_matmul, "bn": _fit_bn}

@@ -203,17 +203,21 @@ class _Reader:
 
 
 def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader | None:
-    """The least-squares problem of a Conv/Gemm/MatMul reading the group, from its input activations `x`
-    (samples first); None for other readers or weights that are not plain constants."""
+    """The least-squares problem of a Conv/ConvTranspose/Gemm/MatMul reading the group, from its input activations
+    `x` (samples first); None for other readers or weights that are not plain constants."""
     node, s = member.node, member.slot
     w = weight_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None:
         return None
     w = w.astype(np.float64)
-    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and s.inner == 1 and s.outer == 1 \
+    convolution = node.op == "Conv" and int(node.attrs.get("group", 1)) == 1
+    if node.op == "ConvTranspose" and compensation.conv_transpose_problem(node) is None:
+        w, convolution = compensation.conv_transpose_as_conv(w), True  # the stride-1 Conv it equals
+    if convolution and s.inner == 1 and s.outer == 1 \
             and w.shape[1] == s.width and w.shape[1] * int(np.prod(w.shape[2:])) <= EXACT_FEATURES:
         k = int(np.prod(w.shape[2:]))
-        windows = compensation._windows(node, x, w.shape[2:])
+        windows = compensation._transposed_windows(node, x, w.shape[2:]) if node.op == "ConvTranspose" \
+            else compensation._windows(node, x, w.shape[2:])
         spatial = windows.shape[2:2 + w.ndim - 2]
         per = int(np.prod(spatial))
         budget = min(RECONSTRUCTION_ROWS, compensation._row_budget(w.shape[1] * k))
@@ -228,8 +232,7 @@ def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader 
         weights = (w.T if node.attrs.get("transB", 0) else w) * float(node.attrs.get("alpha", 1.0))
     elif node.op == "MatMul" and w.ndim == 2:
         weights = w
-    elif node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and s.inner == 1 and s.outer == 1 \
-            and w.shape[1] == s.width:
+    elif convolution and s.inner == 1 and s.outer == 1 and w.shape[1] == s.width:
         weights = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)  # channels only (too wide for the full Gram)
     else:
         return None
