@@ -248,9 +248,10 @@ def _inspect_cmd(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     from .data import input_specs, parse_shape_overrides  # noqa: PLC0415
+    from .canonical import canonicalize  # noqa: PLC0415
     from .model import load_model, to_graph  # noqa: PLC0415
     from .passes.channels import channel_groups, describe  # noqa: PLC0415
-    model = load_model(args.model)
+    model, _ = canonicalize(load_model(args.model))  # the groups as passes see them: after the front end
     shapes = parse_shape_overrides(args.input_shape)
     if "" in shapes:
         shapes = {spec.name: shapes[""] for spec in input_specs(model)[:1]}
