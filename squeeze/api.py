@@ -26,6 +26,7 @@ from .outdir import OutputDir
 from .pipeline import evaluate, model_stats, run_pipeline
 from .registry import get_pass, get_target
 from .spec import Call, bind
+from .task_metrics import Metric, Scorer, check_data, resolve_metric
 from .timing import time_calls
 
 SYNTHETIC_SAMPLES = 32
@@ -66,11 +67,16 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
              max_drop: float | None = None, progress: Callable[[str], None] | None = None,
              rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-             tune: int | None = None, tune_cache: str | None = None, goal: str | None = None) -> Result:
+             tune: int | None = None, tune_cache: str | None = None, goal: str | None = None,
+             metric: "str | Metric | Callable | None" = None) -> Result:
     """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
 
     With `goal` ("size=8x", "bytes=200k", "macs=0.5", "latency=1.5x@cpu"; see squeeze.goal), `passes` run first,
     then per-layer prune/codebook strengths are allocated to meet the goal within `max_drop` and appended.
+
+    `metric` is the task metric of the report, `max_drop` and `goal` (squeeze.task_metrics): a name such as "top1",
+    "ctc:dict.txt", "mask-iou:0.2", "agreement", "rel-l2", "attribution", a Metric, or a callable
+    `fn(outputs, data) -> number or per-sample array` (higher is better). Default: top1 with labels, else agreement.
 
     With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
     pass fails), then the report. Bad input raises a SqueezeError subclass with a one-line message.
@@ -79,6 +85,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     say = progress or (lambda msg: None)
     pass_calls = bind(_join(passes), get_pass)
     target_calls = bind(_join(targets), get_target)
+    task_metric = resolve_metric(metric, None if isinstance(model, onnx.ModelProto) else Path(model))
     goal_spec = None
     if goal:
         from .goal import parse_goal  # noqa: PLC0415
@@ -115,6 +122,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     for data in (calib_data, eval_data):
         if data is not None:
             _check_fits(data, specs, shapes)
+    if task_metric is not None:
+        check_data(task_metric, eval_data or calib_data)
     if goal_spec is not None and calib_data.source.startswith("synthetic"):
         from .goal import NEEDS_CALIB  # noqa: PLC0415
         raise SqueezeError(NEEDS_CALIB)  # before the output folder exists: a user error writes nothing
@@ -123,7 +132,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,
                calib_data=calib_data, eval_data=eval_data, pass_calls=pass_calls, target_calls=target_calls,
                seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started, runner=runner,
-               goal=goal_spec)
+               goal=goal_spec, metric=task_metric)
     if out_dir is None:
         return _run_job(None, **job)
     # Only now that the inputs are known to be good: a failed run must not leave an empty output folder behind.
@@ -134,12 +143,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
 
 def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, shapes, calib_data, eval_data,
-             pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None, goal=None) -> Result:
+             pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None, goal=None,
+             metric=None) -> Result:
     """Everything after the inputs are validated; files go to `stage` (committed by the caller)."""
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
     original_accuracy = evaluate(original, eval_data, threads)
+    reference = eval_data or calib_data
+    scorer = Scorer(metric, original, reference, threads)  # the task metric: report, guard and goal
 
     say("canonicalizing the model (lossless front end)")
     canonical_model, front_end = canonical.canonicalize(original, calib_data, threads)
@@ -153,7 +165,8 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
             start = pre.model
         try:
             found = goal_mod.search(start, goal, calib_data, shapes, original=original, seed=seed,
-                                    threads=threads, max_drop=max_drop, guard_data=eval_data, say=say, runner=runner)
+                                    threads=threads, max_drop=max_drop, guard_data=eval_data, say=say, runner=runner,
+                                    metric=scorer.metric)
         except SqueezeError:
             raise
         except Exception as exc:  # a bug in the search: one line for the user, the traceback with --debug
@@ -163,7 +176,7 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         pass_calls = list(pass_calls) + found.calls
         guard_drop = None  # the search kept the drop within max_drop; a guard now would undo the allocation
     result = run_pipeline(canonical_model, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
-                          threads=threads, progress=say, max_drop=guard_drop)
+                          threads=threads, progress=say, max_drop=guard_drop, metric=scorer.metric)
     # With no passes the report measures the model as it is; otherwise passes start from the canonical form.
     final = result.model if pass_calls else original
     final_stats = model_stats(final, shapes)
@@ -173,10 +186,10 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
     else:
         final_stats["bytes"]["file"] = serialized_bytes(final)
 
-    reference = eval_data or calib_data
     say("comparing the final model with the original")
-    final_fidelity = verify.fidelity(runtime.run(original, reference, threads=threads),
-                                     runtime.run(final, reference, threads=threads)) if pass_calls else None
+    final_outputs = runtime.run(final, reference, threads=threads) if pass_calls else scorer.reference.outputs
+    final_fidelity = verify.fidelity(scorer.reference.outputs, final_outputs) if pass_calls else None
+    final_score = scorer.score(final, final_outputs) if pass_calls else scorer.original
     final_accuracy = evaluate(final, eval_data, threads) if pass_calls else original_accuracy
 
     report: dict[str, Any] = {
@@ -199,6 +212,7 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
     }
     if goal_report is not None:
         report["goal"] = goal_report
+    report["metric"] = scorer.block(final_score)
     if original_accuracy is not None:
         report["accuracy"] = {"original": original_accuracy, "final": final_accuracy,
                               "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}

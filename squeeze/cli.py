@@ -74,14 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, metavar="LIST",
                    help="comma-separated targets to compile and measure on (default: cpu; 'none' skips)")
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs (arrays named after the model inputs)")
-    p.add_argument("--eval", metavar="FILE.npz", help="evaluation inputs, optionally with integer 'labels'")
+    p.add_argument("--eval", metavar="FILE.npz", help="evaluation inputs, optionally with ground truth: integer "
+                   "'labels', string 'texts' or 'masks' arrays")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: MODEL_STEM.squeeze/ beside the model)")
     p.add_argument("--seed", type=int, default=None, help="seed for everything random (default 0)")
     p.add_argument("--input-shape", action="append", metavar="NAME=1x3x32x32",
                    help="concrete shape for an input with dynamic dimensions (repeatable)")
     p.add_argument("--threads", type=int, metavar="N", help="threads for ONNX Runtime and TVM (default: all cores)")
     p.add_argument("--max-drop", type=float, metavar="PTS",
-                   help="accuracy guard: back passes off so top-1 drops at most PTS points (else disagreement)")
+                   help="accuracy guard: back passes off so the --metric drops at most PTS (points for accuracies, "
+                        "absolute for IoU and correlations)")
+    p.add_argument("--metric", metavar="NAME", help="task metric of the report, --max-drop and --goal: top1, "
+                   "ctc:DICT.txt, mask-iou[:THRESHOLD], agreement, rel-l2, attribution[:spearman|topK] "
+                   "(default: top1 with integer labels, else agreement)")
     p.add_argument("--goal", metavar="GOAL",
                    help="compress to a budget, allocated per layer: size=8x (packed bytes), bytes=200k, macs=0.5, "
                         "latency=1.5x@cpu, comma-joined; using=prune+codebook picks the passes. Runs after "
@@ -140,7 +145,7 @@ def _run(argv: list[str]) -> int:
                       input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
                       force=args.force, max_drop=args.max_drop, progress=progress,
                       rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache,
-                      goal=args.goal)
+                      goal=args.goal, metric=args.metric)
     progress.done()
     from .report import terminal_table  # noqa: PLC0415
     print(terminal_table(result.report))

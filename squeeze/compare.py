@@ -45,6 +45,12 @@ def rows(folders: list[str | Path]) -> list[dict]:
         acc = r.get("accuracy")
         row["top-1"] = acc["final"]["top1"] if acc else None
         row["drop (pts)"] = acc["drop_pts"] if acc else None
+        metric = r.get("metric")  # the task metric (squeeze.task_metrics): name, final value, drop in its units
+        if metric:
+            from .report import metric_drop, metric_label, metric_value  # noqa: PLC0415
+            row["metric"] = f"{metric_label(metric)} (n={metric['n']})"
+            row["metric (final)"] = metric_value(metric, metric["final"], (metric.get("stderr") or {}).get("final"))
+            row["metric drop"] = metric_drop(metric, metric["drop"], (metric.get("stderr") or {}).get("drop"))
         for t in r.get("targets", []):
             key = f"{t['name']} p50 ms [{t.get('method', 'error')}]"
             row[key] = (t.get("latency_ms") or {}).get("p50")

@@ -114,13 +114,19 @@ def _fmt(shape) -> str:
 
 @dataclass
 class Dataset:
-    """Arrays named after the model inputs (samples on axis 0), optional labels, and where they came from."""
+    """Arrays named after the model inputs (samples on axis 0), optional ground truth, and where they came from.
+
+    Ground truth, one entry per sample, for the task metrics (squeeze.task_metrics): `labels` (integer classes,
+    top1), `texts` (strings, ctc), `masks` (arrays [N, ...], mask-iou).
+    """
 
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "synthetic"
     # per input: True if each sample is fed with the model's own leading batch axis (arr[i:i+1]).
     stacked: dict[str, bool] = field(default_factory=dict)
+    texts: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         # A model without inputs has exactly one possible sample: the empty feed.
@@ -131,8 +137,10 @@ class Dataset:
         return (1,) + arr.shape[1:] if self.stacked.get(spec.name, True) else arr.shape[1:]
 
     def subset(self, start: int, stop: int | None = None) -> "Dataset":
-        return Dataset({k: v[start:stop] for k, v in self.arrays.items()},
-                       None if self.labels is None else self.labels[start:stop], self.source, dict(self.stacked))
+        def part(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[start:stop]
+        return Dataset({k: v[start:stop] for k, v in self.arrays.items()}, part(self.labels), self.source,
+                       dict(self.stacked), part(self.texts), part(self.masks))
 
     def samples(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first `count` samples, each as a single-sample feed (batch 1 where the model has a batch axis)."""
@@ -156,7 +164,8 @@ class Dataset:
 
 
 def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
-    """Load calibration/eval data: arrays named after the inputs (or one unnamed array), optional `labels`."""
+    """Load calibration/eval data: arrays named after the inputs (or one unnamed array), optional ground truth
+    `labels` (integers), `texts` (strings) and `masks` (arrays), one per sample."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -168,17 +177,18 @@ def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[i
             raw = {k: npz[k] for k in npz.files}
     except Exception as exc:  # corrupt members raise zlib.error, BadZipFile, ValueError, EOFError, SyntaxError ...
         raise DataError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    labels = raw.pop("labels", None)
     names = [s.name for s in specs]
+    # Ground truth keys; an input that happens to have one of these names is an input.
+    labels, texts, masks = (raw.pop(key) if key in raw and key not in names else None for key in TRUTH_KEYS)
     if len(specs) == 1 and specs[0].name not in raw and len(raw) == 1:
         raw = {specs[0].name: next(iter(raw.values()))}
     missing = [n for n in names if n not in raw]
     if missing:
         raise DataError(f"{path}: no array for input(s) {missing}; the file has {sorted(raw) or 'no arrays'} "
-                        f"(name arrays after the model inputs: {names}, plus an optional 'labels')")
+                        f"(name arrays after the model inputs: {names}, plus optional {_truth_keys()})")
     extra = sorted(set(raw) - set(names))
     if extra:
-        raise DataError(f"{path}: arrays {extra} match no model input (inputs: {names}, plus optional 'labels')")
+        raise DataError(f"{path}: arrays {extra} match no model input (inputs: {names}, plus optional {_truth_keys()})")
     arrays, stacked, count = {}, {}, None
     for spec in specs:
         arr = raw[spec.name]
@@ -219,7 +229,44 @@ def load_npz(path: str | Path, specs: list[InputSpec], shapes: dict[str, tuple[i
         if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or len(labels) != count:
             raise DataError(f"{path}: 'labels' must be a 1-D integer array with one label per sample ({count})")
         labels = labels.astype(np.int64)
-    return Dataset(arrays, labels, f"{path} ({count} samples)", stacked)
+    return Dataset(arrays, labels, f"{path} ({count} samples)", stacked, _texts(texts, path, count),
+                   _masks(masks, path, count))
+
+
+TRUTH_KEYS = ("labels", "texts", "masks")
+
+
+def _truth_keys() -> str:
+    return ", ".join(repr(k) for k in TRUTH_KEYS)
+
+
+def _texts(texts: np.ndarray | None, path: Path, count: int) -> np.ndarray | None:
+    """`texts`: one string per sample (numpy unicode, or UTF-8 bytes)."""
+    if texts is None:
+        return None
+    if texts.dtype.kind not in "US" or texts.ndim != 1 or len(texts) != count:
+        raise DataError(f"{path}: 'texts' must be a 1-D array of strings with one text per sample ({count}); it has "
+                        f"dtype {texts.dtype} and shape {list(texts.shape)}")
+    if texts.dtype.kind == "S":
+        try:
+            return np.array([t.decode("utf-8") for t in texts])
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: 'texts' holds bytes that are not UTF-8; save the strings as str") from None
+    return texts
+
+
+def _masks(masks: np.ndarray | None, path: Path, count: int) -> np.ndarray | None:
+    """`masks`: one numeric (or boolean) array per sample, samples on the first axis."""
+    if masks is None:
+        return None
+    if masks.ndim < 2 or len(masks) != count:
+        raise DataError(f"{path}: 'masks' must hold one mask per sample on the first axis ({count}, H, W); it has "
+                        f"shape {list(masks.shape)}")
+    if masks.dtype.kind not in "biuf":
+        raise DataError(f"{path}: 'masks' has dtype {masks.dtype}; give numbers (1 inside, 0 outside) or booleans")
+    if masks.dtype.kind == "f" and not np.isfinite(masks).all():
+        raise DataError(f"{path}: 'masks' holds NaN or infinite values")
+    return masks
 
 
 def synthesize(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], count: int, seed: int) -> Dataset:

@@ -673,8 +673,12 @@ class SearchResult:
 def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str, tuple[int, ...]], *,
            original: onnx.ModelProto, seed: int = 0, threads: int | None = None, max_drop: float | None = None,
            guard_data: Dataset | None = None, say: Callable[[str], None] = lambda m: None,
-           runner=None, cache: bool = True) -> SearchResult:
-    """Allocate per-layer strengths for `goal` on `model` (the input after any --passes), measure, correct."""
+           runner=None, cache: bool = True, metric=None) -> SearchResult:
+    """Allocate per-layer strengths for `goal` on `model` (the input after any --passes), measure, correct.
+
+    The drop held within `max_drop` is `metric`'s (a squeeze.task_metrics.Metric; default top-1 with labels,
+    else agreement) on `guard_data`.
+    """
     from .guard import Guard  # noqa: PLC0415
     from .pipeline import apply_pass  # noqa: PLC0415
     from squeeze.passes import prune as prune_mod  # noqa: PLC0415
@@ -697,7 +701,9 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     budgets: dict[str, float] = {}
     for c in goal.constraints:  # two budgets on one metric (size=8x,bytes=100k): the tighter one holds
         budgets[c.metric] = min(budgets.get(c.metric, math.inf), c.limit(original_costs[c.metric]))
-    guard = Guard(original, max_drop if max_drop is not None else float("inf"), guard_data or calib, calib, threads)
+    guard = Guard(original, max_drop if max_drop is not None else float("inf"), guard_data or calib, calib, threads,
+                  metric)
+    show = guard.metric.show_drop
     holdout = _holdout(calib)
     reference = runtime.run(model, holdout, threads=threads)
     predictor = Model(tables)
@@ -757,7 +763,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
             continue
         if point["within_max_drop"]:
             chosen = (plan, point)
-            history.append(f"round {rounds}: meets the goal, drop {point['drop']:.2f} pts")
+            history.append(f"round {rounds}: meets the goal, drop {show(point['drop'])}")
             break
         if not rescaled and max_drop is not None:
             rescaled = True
@@ -769,16 +775,16 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
                     if p["predicted_loss"] > 0:
                         predictor.scale[kind] *= max(p["measured_loss"], 1e-9) / p["predicted_loss"]
             if parts:
-                history.append(f"round {rounds}: drop {point['drop']:.2f} > {max_drop} pts; predicted losses "
+                history.append(f"round {rounds}: drop {show(point['drop'])} > {show(max_drop)}; predicted losses "
                                f"rescaled by the parts measured alone (prune ×{predictor.scale['prune']:.3g}, "
                                f"codebook ×{predictor.scale['codebook']:.3g}) and re-solved")
                 continue
-        history.append(f"round {rounds}: the goal costs {point['drop']:.2f} pts > {max_drop}; relaxing the budget")
+        history.append(f"round {rounds}: the goal costs {show(point['drop'])} > {show(max_drop)}; relaxing the budget")
         break
 
     status = "met"
     if chosen is None:
-        chosen = _relax(predictor, budgets, measure, measured, max_drop, history, say)
+        chosen = _relax(predictor, budgets, measure, measured, max_drop, history, say, show)
         status = "closest"
     plan, point = chosen if chosen else ({}, None)
     report = {
@@ -799,6 +805,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
                    "holdout_samples": len(holdout)},
         "loss_scale": predictor.scale,
         "drop_basis": guard.basis + (" (eval data)" if guard_data is not None else " (calibration data)"),
+        "metric": guard.metric.spec,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if point is None:
@@ -807,7 +814,8 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     return SearchResult(plan_calls(predictor, plan), report)
 
 
-def _relax(predictor: Model, budgets, measure, measured: dict, max_drop, history, say):
+def _relax(predictor: Model, budgets, measure, measured: dict, max_drop, history, say,
+           show: Callable[[float], str] = lambda drop: f"{drop:.2f} pts"):
     """Back off from the goal towards the original (each budget on a log scale) until a plan stays within
     max_drop; the most compressed such plan, or None."""
     base = {m: v / predictor.cost_scale[m] for m, v in predictor.costs({}).items()}
@@ -820,7 +828,7 @@ def _relax(predictor: Model, budgets, measure, measured: dict, max_drop, history
         point = measured[key]
         if point["within_max_drop"]:
             history.append(f"closest point within --max-drop {max_drop}: {_show_ratios(point['ratios'])} "
-                           f"(bytes, MACs smaller; latency faster), drop {point['drop']:.2f} pts")
+                           f"(bytes, MACs smaller; latency faster), drop {show(point['drop'])}")
             return plan, point
     return None
 

@@ -1,7 +1,10 @@
 """The accuracy guard (`--max-drop X`): back a pass off instead of failing when it costs too much accuracy.
 
-After a pass, the drop from the *original* model is measured on the guard data (top-1 points when it has labels,
-else 100 × (1 − top-1 agreement) for class scores, else 100 × relative L2 error). Over the limit, the guard:
+After a pass, the drop from the *original* model is measured on the guard data with the task metric
+(squeeze.task_metrics, `--metric`: points for accuracies, absolute for IoU and correlations; by default top-1
+points when the data has labels, else 100 × (1 − top-1 agreement) for class scores, else 100 × relative L2
+error). Per-layer sensitivity is ranked on the calibration data by output fidelity (agreement, else relative L2),
+which needs no ground truth. Over the limit, the guard:
 
 1. measures each changed layer's sensitivity on the calibration data (the pass applied to that layer alone),
    then leaves the most sensitive layers untouched, one more at a time, until the drop is within the limit
@@ -15,46 +18,36 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import onnx
 
-from . import runtime, verify
 from .context import Context
 from .data import Dataset
 from .errors import SqueezeError
 from .spec import Call
+from .task_metrics import Metric, Scorer
 
 Attempt = Callable[[dict[str, Any]], tuple[onnx.ModelProto, Context]]
 
 
 class Guard:
     def __init__(self, original: onnx.ModelProto, max_drop: float, data: Dataset, calib: Dataset,
-                 threads: int | None = None):
+                 threads: int | None = None, metric: Metric | None = None):
         self.max_drop = max_drop
         self.data = data
         self.calib = calib
         self.threads = threads
-        self.reference = runtime.run(original, data, threads=threads)
-        self.calib_reference = runtime.run(original, calib, threads=threads)
-        self.basis = "top-1 points on labelled data" if data.labels is not None else "disagreement with the original"
+        self.scorer = Scorer(metric, original, data, threads)
+        self.metric = self.scorer.metric
+        self.calib_scorer = Scorer(None, original, Dataset(calib.arrays, None, calib.source, calib.stacked), threads)
+        self.basis = self.metric.basis
 
     def drop(self, model: onnx.ModelProto) -> float:
-        """Drop (in points) of `model` against the original on the guard data."""
-        return self._drop(runtime.run(model, self.data, threads=self.threads), self.reference, self.data.labels)
+        """Drop of `model` against the original on the guard data, in the metric's units (points for accuracies)."""
+        return self.scorer.drop(self.scorer.score(model))
 
     def calib_drop(self, model: onnx.ModelProto) -> float:
-        return self._drop(runtime.run(model, self.calib, threads=self.threads), self.calib_reference, None)
-
-    @staticmethod
-    def _drop(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray | None) -> float:
-        if labels is not None:
-            new, ref = verify.accuracy(outputs, labels), verify.accuracy(reference, labels)
-            if new is not None and ref is not None:
-                return 100.0 * (ref["top1"] - new["top1"])
-        fid = verify.fidelity(reference, outputs)
-        if "top1_agreement" in fid:
-            return 100.0 * (1.0 - fid["top1_agreement"])
-        return 100.0 * fid.get("rel_l2", 0.0)
+        """Drop in output fidelity on the calibration data (ranks layers by sensitivity; no ground truth needed)."""
+        return self.calib_scorer.drop(self.calib_scorer.score(model))
 
     def run(self, call: Call, attempt: Attempt, progress: Callable[[str], None]
             ) -> tuple[onnx.ModelProto, Context, dict]:
@@ -64,8 +57,8 @@ class Guard:
         model, ctx = attempt(params)
         drop = self.drop(model)
         log.append({"params": _shown(params), "drop": round(drop, 4)})
-        record = {"max_drop": self.max_drop, "basis": self.basis, "attempts": log, "action": "none",
-                  "drop": round(drop, 4)}
+        record = {"max_drop": self.max_drop, "basis": self.basis, "metric": self.metric.spec, "attempts": log,
+                  "action": "none", "drop": round(drop, 4)}
         if drop <= self.max_drop:
             return model, ctx, record
         backoff = call.entry.backoff
@@ -73,7 +66,7 @@ class Guard:
             return self._revert(call, ctx, record, "the pass has no strength to lower")
         layers = list(ctx.details.get("layers") or []) if backoff.skip else []
         if len(layers) > 1:
-            progress(f"{call.name}: drop {drop:.2f} > {self.max_drop}; measuring per-layer sensitivity")
+            progress(f"{call.name}: drop {self._show(drop)} > {self.max_drop}; measuring per-layer sensitivity")
             sensitivity = self._sensitivity(attempt, params, backoff.skip, layers)
             record["sensitivity"] = {k: round(v, 4) for k, v in sensitivity.items()}
             order = sorted(layers, key=lambda name: -sensitivity[name])
@@ -85,7 +78,7 @@ class Guard:
                     record.update(action="skipped sensitive layers", skipped=order[:count], params=_shown(trial),
                                   drop=log[-1]["drop"])
                     found[1].note(f"accuracy guard: left {', '.join(order[:count])} untouched "
-                                  f"(drop {drop:.2f} → {log[-1]['drop']:.2f} ≤ {self.max_drop} pts)")
+                                  f"({self._change(drop, log[-1]['drop'])})")
                     return found[0], found[1], record
         value = params[backoff.param]
         while (value := backoff.weaken(value)) is not None:
@@ -95,9 +88,9 @@ class Guard:
             if found:
                 record.update(action=f"weakened {backoff.param}", params=_shown(trial), drop=log[-1]["drop"])
                 found[1].note(f"accuracy guard: {backoff.param} lowered from {params[backoff.param]:g} to {value:g} "
-                              f"(drop {drop:.2f} → {log[-1]['drop']:.2f} ≤ {self.max_drop} pts)")
+                              f"({self._change(drop, log[-1]['drop'])})")
                 return found[0], found[1], record
-        return self._revert(call, ctx, record, f"no weaker setting kept the drop within {self.max_drop} pts")
+        return self._revert(call, ctx, record, f"no weaker setting kept the drop within {self._show(self.max_drop)}")
 
     def _try(self, attempt: Attempt, params: dict[str, Any], log: list[dict]):
         try:
@@ -126,9 +119,18 @@ class Guard:
         assert previous is not None
         reverted = Context(calib=ctx.calib, seed=ctx.seed, model=previous, input_shapes=ctx.input_shapes,
                            threads=ctx.threads)
-        reverted.note(f"accuracy guard: reverted {call.name} ({why}; first attempt dropped {record['drop']:.2f} pts)")
+        reverted.note(f"accuracy guard: reverted {call.name} ({why}; first attempt dropped "
+                      f"{self._show(record['drop'])})")
         record.update(action="reverted", reason=why, drop=round(self.drop(previous), 4))
         return previous, reverted, record
+
+
+    def _show(self, drop: float) -> str:
+        return f"{self.metric.show_drop(drop)} of {self.metric.label}"
+
+    def _change(self, before: float, after: float) -> str:
+        return (f"{self.metric.label} drop {self.metric.show_drop(before)} → {self.metric.show_drop(after)} ≤ "
+                f"{self.metric.show_drop(self.max_drop)}")
 
 
 def _shown(params: dict[str, Any]) -> dict[str, Any]:

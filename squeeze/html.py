@@ -210,6 +210,13 @@ def render(report: dict) -> str:
     if report.get("accuracy"):
         acc = report["accuracy"]
         summary_rows.append({"": "top-1", "original": acc["original"]["top1"], "final": acc["final"]["top1"]})
+    if report.get("metric"):  # the task metric with n and standard errors (squeeze.task_metrics)
+        from .report import metric_drop, metric_label, metric_value  # noqa: PLC0415
+        m, se = report["metric"], report["metric"].get("stderr") or {}
+        summary_rows.append({"": f"{metric_label(m)} (n={m['n']}; {m.get('direction', '')})",
+                             "original": metric_value(m, m["original"], se.get("original")),
+                             "final": metric_value(m, m["final"], se.get("final")),
+                             "drop": metric_drop(m, m["drop"], se.get("drop"))})
     fidelity_rows = [{"pass": s["spec"], "max abs": (s.get("fidelity") or {}).get("max_abs"),
                       "rel L2": (s.get("fidelity") or {}).get("rel_l2"),
                       "top-1 agreement": (s.get("fidelity") or {}).get("top1_agreement"),

@@ -78,12 +78,13 @@ def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, cal
 
 def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shapes: dict[str, tuple[int, ...]],
                  seed: int = 0, eval_data: Dataset | None = None, threads: int | None = None,
-                 progress: Callable[[str], None] = lambda msg: None, max_drop: float | None = None
-                 ) -> PipelineResult:
+                 progress: Callable[[str], None] = lambda msg: None, max_drop: float | None = None,
+                 metric=None) -> PipelineResult:
     """Apply `calls` in order; each step is verified against the model before it.
 
     With `max_drop`, the accuracy guard (squeeze.guard) backs a pass off until the drop from the original model
-    (top-1 points with labels, else disagreement) is at most `max_drop`, down to reverting the pass.
+    (in `metric`'s units, a squeeze.task_metrics.Metric; by default top-1 points with labels, else disagreement)
+    is at most `max_drop`, down to reverting the pass.
     """
     current = model
     previous_out = runtime.run(current, calib, threads=threads)
@@ -92,7 +93,7 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
     guard = None
     if max_drop is not None:
         from .guard import Guard  # noqa: PLC0415
-        guard = Guard(model, max_drop, eval_data if eval_data is not None else calib, calib, threads)
+        guard = Guard(model, max_drop, eval_data if eval_data is not None else calib, calib, threads, metric)
     for index, call in enumerate(calls, 1):
         progress(f"pass {index}/{len(calls)}: {call}")
         step: dict[str, Any] = {"name": call.name, "params": call.params, "spec": str(call)}

@@ -10,6 +10,7 @@
     output: digits.squeeze
     seed: 0
     max_drop: 1.0
+    metric: top1                           # or ctc:dict.txt (relative to the recipe), mask-iou:0.2, ...
     input_shape: {input: 1x1x8x8}
 
 Flags given on the command line override the recipe.
@@ -23,7 +24,7 @@ from typing import Any
 from .errors import SqueezeError
 
 KEYS = {"model", "passes", "target", "targets", "calib", "eval", "output", "seed", "max_drop", "input_shape",
-        "threads", "runs", "force", "goal"}
+        "threads", "runs", "force", "goal", "metric"}
 PATH_KEYS = ("model", "calib", "eval", "output")
 
 
@@ -68,6 +69,8 @@ def load(path: str | Path) -> dict[str, Any]:
         out["passes"] = _spec(out["passes"], path, "passes")
     if "target" in out:
         out["target"] = _spec(out["target"], path, "target")
+    if "metric" in out:
+        out["metric"] = _metric(out["metric"], path)
     if "goal" in out:
         goal = out["goal"]
         if isinstance(goal, dict):  # goal: {size: 8x, using: prune+codebook}
@@ -82,6 +85,19 @@ def load(path: str | Path) -> dict[str, Any]:
         elif isinstance(shapes, str):
             out["input_shape"] = [shapes]
     return out
+
+
+def _metric(value: Any, path: Path) -> str:
+    """`metric: ctc:dict.txt` (a dictionary path relative to the recipe) or `metric: {ctc: dict.txt}`."""
+    if isinstance(value, dict) and len(value) == 1:
+        (name, arg), = value.items()
+        value = f"{name}:{arg}" if arg is not None else str(name)
+    if not isinstance(value, str):
+        raise RecipeError(f"{path}: metric must be a string like 'ctc:dict.txt' or a mapping like {{ctc: dict.txt}}")
+    name, colon, arg = value.partition(":")
+    if name.strip().lower() == "ctc" and arg.strip():
+        return f"{name}:{path.parent / arg.strip()}"
+    return value
 
 
 def _spec(value: Any, path: Path, key: str) -> str:
@@ -125,5 +141,5 @@ def arguments(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: the recipe names no model")
     names = {"model": "model", "passes": "passes", "target": "targets", "calib": "calib", "eval": "eval",
              "output": "out_dir", "seed": "seed", "max_drop": "max_drop", "input_shape": "input_shapes",
-             "threads": "threads", "runs": "runs", "force": "force", "goal": "goal"}
+             "threads": "threads", "runs": "runs", "force": "force", "goal": "goal", "metric": "metric"}
     return {names[k]: v for k, v in r.items()}

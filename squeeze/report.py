@@ -95,6 +95,7 @@ def markdown(report: dict) -> str:
     if acc:
         lines += ["## Accuracy", "", f"top-1 original {100 * acc['original']['top1']:.2f} %, final "
                   f"{100 * acc['final']['top1']:.2f} % (drop {acc['drop_pts']:.2f} pts, n = {acc['original']['n']})", ""]
+    lines += _metric_lines(report.get("metric"))
     if report.get("fidelity"):
         lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
     lines += _goal_lines(report.get("goal"))
@@ -155,6 +156,44 @@ def _front_end_lines(front: dict | None) -> list[str]:
     return lines
 
 
+def metric_value(block: dict, value: float | None, stderr: float | None) -> str:
+    """A task-metric value from report.json's `metric` block: `82.23 % ± 1.10` or `0.483 ± 0.004`."""
+    if value is None or not isinstance(value, (int, float)):
+        return "—"
+    if block.get("unit") == "%":
+        return f"{100 * value:.2f} %" + ("" if not isinstance(stderr, (int, float)) else f" ± {100 * stderr:.2f}")
+    return f"{value:.3f}" + ("" if not isinstance(stderr, (int, float)) else f" ± {stderr:.3f}")
+
+
+def metric_drop(block: dict, drop: float | None, stderr: float | None = None) -> str:
+    """The drop in points (accuracies) or absolute units, with its standard error when known."""
+    if not isinstance(drop, (int, float)):
+        return "—"
+    pts = block.get("drop_unit") == "pts"
+    text = f"{drop:.2f} pts" if pts else f"{drop:.4f}"
+    return text + ("" if not isinstance(stderr, (int, float)) else f" ± {stderr:.2f}" if pts else f" ± {stderr:.4f}")
+
+
+def metric_label(block: dict) -> str:
+    """`char acc (ctc)`: the metric's label with its name, as the report rows show it."""
+    label, name = block.get("label", block.get("name", "metric")), block.get("name", "")
+    return label if name in ("top1", "") or name in label else f"{label} ({name})"
+
+
+def _metric_lines(block: dict | None) -> list[str]:
+    """The task metric (squeeze.task_metrics): original vs final with n and standard errors, and the drop."""
+    if not block:
+        return []
+    se = block.get("stderr") or {}
+    how = "the default (no --metric)" if block.get("default") else f"`--metric {block.get('spec', block['name'])}`"
+    return ["## Task metric", "", "| metric | original | final | drop |", "|---|---:|---:|---:|",
+            f"| {metric_label(block)} (n={block['n']}) | {metric_value(block, block['original'], se.get('original'))} "
+            f"| {metric_value(block, block['final'], se.get('final'))} | "
+            f"{metric_drop(block, block['drop'], se.get('drop'))} |", "",
+            f"Metric: {how}, {block.get('direction', '')}; on {block.get('data', 'the evaluation data')}. "
+            "± is one standard error (the drop's is paired over the same samples).", ""]
+
+
 def _goal_lines(goal: dict | None) -> list[str]:
     """The --goal section: status, why, the chosen passes, the measured plans (Pareto points), the plan."""
     if not goal:
@@ -193,9 +232,16 @@ def terminal_table(report: dict) -> str:
             ("parameters", f"{o['param_count']:,}", f"{f['param_count']:,}", _ratio(o["param_count"], f["param_count"])),
             ("MACs", _macs(o["macs"]), _macs(f["macs"]), _ratio(o["macs"], f["macs"]))]
     acc = report.get("accuracy")
-    if acc:
+    metric = report.get("metric")
+    if acc and (not metric or metric.get("name") != "top1"):
         rows.append(("top-1", f"{100 * acc['original']['top1']:.2f} %", f"{100 * acc['final']['top1']:.2f} %",
                      f"{0.0 - acc['drop_pts']:+.2f} pts"))
+    if metric:  # the task metric, its n and standard errors; the change is signed (negative = worse)
+        se = metric.get("stderr") or {}
+        change = 0.0 - metric["drop"]
+        rows.append((f"{metric_label(metric)} (n={metric['n']})", metric_value(metric, metric["original"],
+                     se.get("original")), metric_value(metric, metric["final"], se.get("final")),
+                     f"{change:+.2f} pts" if metric.get("drop_unit") == "pts" else f"{change:+.4f}"))
     ort = report.get("onnxruntime", {})
     rows.append(("ONNX Runtime", _short(ort.get("original")), _short(ort.get("final")),
                  _ratio((ort.get("original") or {}).get("p50"), (ort.get("final") or {}).get("p50"))))
