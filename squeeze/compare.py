@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import SqueezeError
 from .model import write_text_atomic
+from .report import failed_check
 
 
 def load_report(folder: str | Path) -> dict:
@@ -53,7 +54,8 @@ def rows(folders: list[str | Path]) -> list[dict]:
             row["metric drop"] = metric_drop(metric, metric["drop"], (metric.get("stderr") or {}).get("drop"))
         for t in r.get("targets", []):
             key = f"{t['name']} p50 ms [{t.get('method', 'error')}]"
-            row[key] = (t.get("latency_ms") or {}).get("p50")
+            failed = failed_check(t)  # wrong outputs: the failure, not a latency
+            row[key] = failed or (t.get("latency_ms") or {}).get("p50")
         result.append(row)
     return result
 
@@ -96,7 +98,8 @@ def plot_html(table: list[dict]) -> str:
     lat_keys = sorted({k for r in table for k in r if k.endswith("]") and " p50 ms " in k})
     for i, r in enumerate(table):
         axes[1].bar([j + i * 0.8 / len(table) for j in range(len(lat_keys))],
-                    [r.get(k) or 0 for k in lat_keys], width=0.8 / len(table), label=r["passes"][:30])
+                    [r[k] if isinstance(r.get(k), (int, float)) else 0 for k in lat_keys],  # FAILED: no bar
+                    width=0.8 / len(table), label=r["passes"][:30])
     axes[1].set_xticks(range(len(lat_keys)))
     axes[1].set_xticklabels(lat_keys, rotation=20, ha="right", fontsize=7)
     axes[1].set_ylabel("latency p50 (ms)")

@@ -88,7 +88,8 @@ def _layer_macs(report: dict) -> str | None:
 
 def _latency(report: dict) -> str | None:
     plt = _plt()
-    rows = [r for r in report["targets"] if r.get("latency_ms")]
+    from .report import failed_check  # noqa: PLC0415
+    rows = [r for r in report["targets"] if r.get("latency_ms") and not failed_check(r)]  # no bar for wrong code
     ort = report.get("onnxruntime") or {}
     bars: list[tuple[str, float | None, float | None]] = []
     if ort.get("original"):
@@ -198,6 +199,20 @@ def _details_tables(report: dict) -> str:
     return "".join(parts)
 
 
+def _failed(row: dict) -> str | None:
+    from .report import failed_check  # noqa: PLC0415
+    return failed_check(row)
+
+
+def _target_row(r: dict) -> dict:
+    """One row of the targets table; a failed numeric check replaces the latencies (they time wrong code)."""
+    failed = _failed(r)
+    return {"target": r["spec"], "method": r.get("method", "—"),
+            "latency p50 (ms)": "FAILED" if failed else (r.get("latency_ms") or {}).get("p50"),
+            "original p50 (ms)": "—" if failed else (r.get("original_latency_ms") or {}).get("p50"),
+            "TVM vs ORT": failed or ("ok" if r.get("numeric_check") else "—"), "error": r.get("error", "")}
+
+
 def render(report: dict) -> str:
     """The whole page as a string."""
     o, f = report["original"], report["final"]
@@ -222,11 +237,8 @@ def render(report: dict) -> str:
                       "top-1 agreement": (s.get("fidelity") or {}).get("top1_agreement"),
                       "top-1": (s.get("accuracy") or {}).get("top1"),
                       "notes": "; ".join(s.get("notes", [])) or s.get("failed", "")} for s in report["passes"]]
-    target_rows = [{"target": r["spec"], "method": r.get("method", "—"),
-                    "latency p50 (ms)": (r.get("latency_ms") or {}).get("p50"),
-                    "original p50 (ms)": (r.get("original_latency_ms") or {}).get("p50"),
-                    "TVM vs ORT": ("ok" if (r.get("numeric_check") or {}).get("ok") else "mismatch")
-                    if r.get("numeric_check") else "—", "error": r.get("error", "")} for r in report["targets"]]
+    target_rows = [_target_row(r) for r in report["targets"]]
+    failures = [f"{r['spec']}: {_failed(r)}" for r in report["targets"] if _failed(r)]
     guard_rows = [{"pass": s["spec"], "action": s["guard"]["action"], "drop (pts)": s["guard"]["drop"],
                    "limit": s["guard"]["max_drop"], "skipped": ", ".join(s["guard"].get("skipped", [])),
                    "basis": s["guard"]["basis"]} for s in report["passes"] if s.get("guard")]
@@ -243,7 +255,8 @@ def render(report: dict) -> str:
         "pipeline": _waterfall(report),
         "goal": _goal_section(report),
         "layers": (layers_svg or "<p>No layers with counted MACs.</p>") + _details_tables(report),
-        "targets": (latency_svg or "") + _table(target_rows)
+        "targets": "".join(f"<p class='bad'><b>{_esc(f)}</b></p>" for f in failures) + (latency_svg or "")
+        + _table(target_rows)
         + "<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
           "device through TVM RPC; emulated / opencl-cpu = correctness only; instruction-count = simulator counts.</p>",
         "fidelity": _table(fidelity_rows) or "<p>No passes.</p>",

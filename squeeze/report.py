@@ -68,6 +68,25 @@ def _fid(f: dict | None) -> str:
     return text
 
 
+def failed_check(row: dict) -> str | None:
+    """`FAILED: TVM vs ONNX Runtime rel-L2 1.39` when a target row's numeric check failed, else None.
+
+    A row whose compiled outputs differ from ONNX Runtime's timed code that computes the wrong thing: every
+    view (terminal, report.md/html, compare) shows this instead of its latency and speed-up.
+    """
+    check = row.get("numeric_check")
+    if not check or check.get("ok", True):
+        return None
+    if check.get("error"):
+        return f"FAILED: {check['error']}"
+    what = [f"rel-L2 {check['rel_l2']:.3g}"] if isinstance(check.get("rel_l2"), (int, float)) else []
+    if isinstance(check.get("max_abs_rel"), (int, float)):
+        what.append(f"max abs rel {check['max_abs_rel']:.3g}")
+    if isinstance(check.get("top1_agreement"), (int, float)) and check["top1_agreement"] < 1:
+        what.append(f"top-1 agree {100 * check['top1_agreement']:.1f} %")
+    return "FAILED: TVM vs ONNX Runtime " + (", ".join(what) or "outputs differ")
+
+
 def markdown(report: dict) -> str:
     o, f = report["original"], report["final"]
     lines = [f"# squeeze report: {Path(report['model']['path']).name if report['model']['path'] else 'model'}", ""]
@@ -117,14 +136,21 @@ def markdown(report: dict) -> str:
         lines += ["", "Size is the ONNX file; packed is `squeeze pack`'s container (bit-packed weights, estimated for "
                   "every pass; — where skipped for big models); bits/param: packed bits of all weights per parameter.",
                   ""]
-    lines += ["## Targets", "", "| target | method | latency (compressed) | original (same target) | "
+    lines += ["## Targets", ""]
+    lines += [f"**{row['spec']}: {failed_check(row)}** — its outputs are wrong; no latency is reported for it.\n"
+              for row in report["targets"] if "error" not in row and failed_check(row)]
+    lines += ["| target | method | latency (compressed) | original (same target) | "
               "ONNX Runtime original | speed-up vs ORT | TVM vs ORT check |", "|---|---|---|---|---|---:|---|"]
     for row in report["targets"]:
         if "error" in row:
             lines.append(f"| {row['spec']} | — | **error:** {row['error']} | | | | |")
             continue
         check = row.get("numeric_check") or {}
-        ok = ("ok" if check.get("ok") else "MISMATCH") if check else "—"
+        failed = failed_check(row)
+        if failed:  # wrong outputs: no latency, no speed-up
+            lines.append(f"| {row['spec']} | {row['method']} | **{failed}** | — | — | — | **FAILED**: {_fid(check)} |")
+            continue
+        ok = "ok" if check else "—"
         base = row.get("baseline", {}).get("latency_ms")
         speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
         emulator = " (emulator time, not representative)" if row["method"] == "emulated" else ""
@@ -250,6 +276,10 @@ def terminal_table(report: dict) -> str:
             rows.append((f"{row['name']}", "error", row["error"][:60], ""))
             continue
         label = f"{row['name']} [{row['method']}]"
+        failed = failed_check(row)
+        if failed:  # wrong outputs: the failure instead of latency and ratio
+            rows.append((label, "", failed, ""))
+            continue
         if row.get("latency_ms") or "flash_bytes" not in row:
             rows.append((label, _short(row.get("original_latency_ms") or row.get("latency_ms")),
                          _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
