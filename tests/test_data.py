@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 
 import graphs
 import squeeze
@@ -90,6 +91,43 @@ def test_mismatched_npz_is_a_data_error(tmp_path, arrays, expected):
     path = _npz(tmp_path, **arrays)
     message = _data_error(load_npz, path, input_specs(graphs.two_inputs()))
     assert message.startswith(str(path) + ": ")
+    assert expected in message
+
+
+def test_npz_ground_truth_texts_and_masks(tmp_path):
+    specs = input_specs(graphs.two_inputs())
+    a = np.zeros((3, 4), np.float32)
+    masks = np.arange(3 * 2 * 2).reshape(3, 2, 2) % 2
+    data = load_npz(_npz(tmp_path, a=a, b=a, texts=np.array(["ab", "", "c d"]), masks=masks), specs)
+    assert data.texts.tolist() == ["ab", "", "c d"] and data.labels is None
+    np.testing.assert_array_equal(data.masks, masks)
+    part = data.subset(1, 3)  # ground truth follows the samples
+    assert part.texts.tolist() == ["", "c d"] and part.masks.shape == (2, 2, 2) and len(part) == 2
+    utf8 = load_npz(_npz(tmp_path, "bytes.npz", a=a, b=a, texts=np.array(["é".encode(), b"x", b""])), specs)
+    assert utf8.texts.tolist() == ["é", "x", ""]
+
+
+def test_an_input_named_like_ground_truth_stays_an_input(tmp_path):
+    x = helper.make_tensor_value_info("masks", onnx.TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["masks"], ["y"])], "g", [x], [y]))
+    data = load_npz(_npz(tmp_path, masks=np.ones((2, 4), np.float32)), input_specs(model))
+    assert list(data.arrays) == ["masks"] and data.masks is None
+
+
+@pytest.mark.parametrize("truth, expected", [
+    ({"texts": np.array(["a", "b"])}, "'texts' must be a 1-D array of strings with one text per sample (3)"),
+    ({"texts": np.arange(3)}, "'texts' must be a 1-D array of strings"),
+    ({"texts": np.array([["a"], ["b"], ["c"]])}, "it has dtype <U1 and shape [3, 1]"),
+    ({"texts": np.array([b"\xff", b"a", b"b"])}, "'texts' holds bytes that are not UTF-8"),
+    ({"masks": np.zeros((2, 4, 4))}, "'masks' must hold one mask per sample on the first axis (3, H, W)"),
+    ({"masks": np.zeros(3)}, "'masks' must hold one mask per sample"),
+    ({"masks": np.array([["x"] * 2] * 3)}, "'masks' has dtype <U1"),
+    ({"masks": np.full((3, 2), np.nan)}, "'masks' holds NaN or infinite values"),
+])
+def test_bad_ground_truth_is_a_data_error(tmp_path, truth, expected):
+    a = np.zeros((3, 4), np.float32)
+    message = _data_error(load_npz, _npz(tmp_path, a=a, b=a, **truth), input_specs(graphs.two_inputs()))
     assert expected in message
 
 

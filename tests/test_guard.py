@@ -75,3 +75,32 @@ def test_guard_reverts_when_nothing_fits(noise_pass):
 def test_negative_max_drop_is_an_error():
     with pytest.raises(squeeze.SqueezeError):
         squeeze.compress(MODEL, "cleanup", targets="", max_drop=-1)
+
+
+def test_guard_holds_a_lower_is_better_metric(noise_pass):
+    """--metric rel-l2 (lower is better, in %): the guard backs off until the outputs stay within 2 % of the
+    original's, whatever top-1 does."""
+    result = squeeze.compress(MODEL, f"{noise_pass}(strength=1.0)", eval=REPO / "models/digits_test.npz",
+                              calib=REPO / "models/digits_calib.npz", targets="", max_drop=2.0, metric="rel-l2")
+    guard = result.report["passes"][0]["guard"]
+    assert guard["metric"] == "rel-l2" and guard["basis"].startswith("rel. L2 error, pts")
+    assert guard["attempts"][0]["drop"] > 2.0 >= guard["drop"]
+    block = result.report["metric"]
+    assert block["name"] == "rel-l2" and block["direction"] == "lower is better"
+    assert 100 * block["final"] == pytest.approx(block["drop"]) and block["drop"] <= 2.0
+    assert block["drop"] == pytest.approx(guard["drop"], abs=1e-3)  # the guard scored the same data
+    assert any("rel. L2 error drop" in n for n in result.report["passes"][0]["notes"])
+
+
+def test_guard_with_a_callable_metric(noise_pass):
+    """A callable metric (outputs, data) → per-sample values: here the original's confidence in the label."""
+    def confidence(outputs, data):
+        scores = next(iter(outputs.values())).reshape(len(data), -1)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True))[np.arange(len(data)), data.labels]
+
+    result = squeeze.compress(MODEL, f"{noise_pass}(strength=1.0)", eval=REPO / "models/digits_test.npz",
+                              calib=REPO / "models/digits_calib.npz", targets="", max_drop=0.01, metric=confidence)
+    block = result.report["metric"]
+    assert block["label"] == "confidence (custom)" and block["n"] == 540
+    assert block["drop"] <= 0.01 and result.report["passes"][0]["guard"]["attempts"][0]["drop"] > 0.01

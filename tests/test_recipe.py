@@ -64,3 +64,11 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(RecipeError, match=message):
         load(recipe)
     assert main(["--recipe", str(recipe)]) == 2
+
+
+def test_recipe_metric_paths_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "dict.txt").write_text("a\n")
+    (tmp_path / "r.yaml").write_text("model: m.onnx\nmetric: ctc:dict.txt\n")
+    assert load(tmp_path / "r.yaml")["metric"] == f"ctc:{tmp_path / 'dict.txt'}"
+    (tmp_path / "r.toml").write_text('model = "m.onnx"\nmetric = {mask-iou = 0.2}\n')
+    assert arguments(tmp_path / "r.toml")["metric"] == "mask-iou:0.2"
