@@ -1,7 +1,8 @@
 """`fold-bn`: fold inference-mode BatchNormalization into a neighbouring linear layer (lossless).
 
 BN is the per-channel affine map y = s·x + t with s = γ / √(σ² + ε), t = β − μ·s.
-- Backward, into the Conv/ConvTranspose/Gemm that produces x: W' = s·W (per output channel), b' = s·b + t.
+- Backward, into the Conv/ConvTranspose/Gemm that produces x, directly or through Squeeze/Unsqueeze that keep
+  the channel axis: W' = s·W (per output channel), b' = s·b + t.
 - Forward, into the Conv (no padding) or Flatten→Gemm that consumes y, when nothing foldable precedes it
   (e.g. Conv→ReLU→BN→Flatten→Gemm): W' = W·s (per input channel), b' = b + W·t.
 """
@@ -58,15 +59,44 @@ def _scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     return scale, beta - mean * scale
 
 
+#: Ops a BatchNormalization folds backward through: they move no element across the channel axis (axis 1), so
+#: the per-channel affine map commutes with them (a BN after Conv→Squeeze in a sequence head).
+CHANNEL_PRESERVING = ("Squeeze", "Unsqueeze", "Identity")
+
+
+def _keeps_channel_axis(node: gs.Node) -> bool:
+    """Whether a Squeeze/Unsqueeze leaves axis 0 and the channel axis 1 where they are (its axes are all ≥ 2)."""
+    if node.op == "Identity":
+        return True
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.reshape(-1).tolist()
+    return axes is not None and all(int(a) >= 2 for a in axes)
+
+
+def _linear_producer(graph: gs.Graph, x: gs.Tensor) -> tuple[gs.Node | None, gs.Node | None, str | None]:
+    """(the Conv/ConvTranspose/Gemm that writes `x`, possibly through channel-preserving ops, the node that writes
+    `x` itself, why not). Every tensor on the way must have that one reader and not be a graph output."""
+    last = None
+    for _ in range(8):
+        if len(x.inputs) != 1:
+            return None, None, "its input is not produced by a node"
+        node = x.inputs[0]
+        last = last or node
+        if len(x.outputs) != 1 or x in graph.outputs:
+            return None, None, f"the output of {node.name} is also used elsewhere"
+        if node.op in ("Conv", "ConvTranspose", "Gemm"):
+            return node, last, None
+        if node.op not in CHANNEL_PRESERVING or not _keeps_channel_axis(node):
+            return None, None, f"preceded by {node.op}, not Conv/ConvTranspose/Gemm"
+        x = node.inputs[0]
+    return None, None, "no Conv/ConvTranspose/Gemm within 8 channel-preserving ops"
+
+
 def _fold_backward(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.ndarray) -> str | None:
-    x = bn.inputs[0]
-    if len(x.inputs) != 1:
-        return "its input is not produced by a node"
-    producer = x.inputs[0]
-    if producer.op not in ("Conv", "ConvTranspose", "Gemm"):
-        return f"preceded by {producer.op}, not Conv/ConvTranspose/Gemm"
-    if len(x.outputs) != 1 or x in graph.outputs:
-        return f"the output of {producer.name} is also used elsewhere"
+    producer, last, problem = _linear_producer(graph, bn.inputs[0])
+    if producer is None:
+        return problem
     reason = _constant_weights(producer, len(scale))
     if reason:
         return reason
@@ -95,7 +125,7 @@ def _fold_backward(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.nd
     _set_weights(graph, producer, new_w, bias * scale + shift, w.dtype)
     out = bn.outputs[0]
     bn.outputs.clear()
-    producer.outputs[0] = out  # the producer now writes the BN's output tensor directly
+    last.outputs[0] = out  # the producer (or the Squeeze after it) now writes the BN's output tensor directly
     return None
 
 

@@ -140,3 +140,28 @@ def test_fold_bn_leaves_bn_free_corpus_models_unchanged(corpus, name, count):
     assert step["notes"] == ["no BatchNormalization nodes in the model"]
     assert graphs.op_counts(out) == graphs.op_counts(model)
     assert graphs.max_rel_error(model, out, data) <= TOLERANCE
+
+
+def _conv_squeeze_bn(squeeze_axes: list[int], bn_channels: int = 6) -> onnx.ModelProto:
+    """x[1,4,1,6] ─Conv(1×3, pads)→ Squeeze(axes) → BN → Relu → y: a sequence head's conv-then-norm."""
+    b = graphs.Builder(seed=5)
+    c = b.node("Conv", ["x", b.weight("conv.weight", 6, 4, 1, 3), b.weight("conv.bias", 6, scale=0.1)], "conv",
+               kernel_shape=[1, 3], pads=[0, 1, 0, 1])
+    s = b.node("Squeeze", [c, b.tensor("axes", np.array(squeeze_axes, np.int64))], "sq")
+    n = b.bn(s, "bn", bn_channels)
+    return b.model({"x": [1, 4, 1, 6]}, b.node("Relu", [n], "y"))
+
+
+def test_backward_fold_through_a_squeeze_that_keeps_the_channel_axis():
+    model = _conv_squeeze_bn([2])
+    out, (step,) = graphs.apply(model, "fold-bn")
+    assert graphs.op_counts(out) == {"Conv": 1, "Squeeze": 1, "Relu": 1}
+    assert step["details"]["folded"] == ["bn"]
+    assert graphs.max_rel_error(model, out, graphs.random_inputs(model, count=4)) <= TOLERANCE
+
+
+def test_no_backward_fold_through_a_squeeze_of_the_batch_axis():
+    model = _conv_squeeze_bn([0], bn_channels=1)  # [1,6,1,6] → [6,1,6]: BN's axis 1 is not the conv's channels
+    out, (step,) = graphs.apply(model, "fold-bn")
+    assert graphs.op_counts(out)["BatchNormalization"] == 1
+    assert "preceded by Squeeze" in step["notes"][0]
