@@ -159,10 +159,12 @@ _DEVICE_TYPES = {"cpu": 1, "cuda": 2, "opencl": 4, "vulkan": 7, "metal": 8}
 def measure_executable(runner: Runner, executable, input_names: list[str], samples, runs: int, *,
                        cross_compiler: str | None = None, device: str = "cpu", folder: Path | None = None):
     """Export an in-memory executable (to `folder`, else a temp dir) and `measure()` it on the device."""
-    if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="squeeze-rpc-"))
-    lib = export(executable, folder / "model.so", cross_compiler)
-    return measure(runner, lib, input_names, samples, runs, device)
+    if folder is not None:
+        return measure(runner, export(executable, folder / "model.so", cross_compiler), input_names, samples, runs,
+                       device)
+    with tempfile.TemporaryDirectory(prefix="squeeze-rpc-") as scratch:  # removed with its model.so afterwards
+        lib = export(executable, Path(scratch) / "model.so", cross_compiler)
+        return measure(runner, lib, input_names, samples, runs, device)
 
 
 # ------------------------------------------------------------------------------------------------ tuning

@@ -114,11 +114,15 @@ def test_tracker_measures_the_cpu_target_with_method_rpc(tracker, repo, tmp_path
 
 
 def test_rpc_server_measures_the_cpu_target(server, repo):
+    import tempfile
+    before = set(Path(tempfile.gettempdir()).glob("squeeze-rpc-*"))
     result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "", targets="cpu", runs=5,
                               rpc=f"{LOOPBACK}:{server}")
     (row,) = result.report["targets"]
     assert row["method"] == "rpc" and row["numeric_check"]["ok"], row
     assert row["rpc"] == f"{LOOPBACK}:{server}"
+    # the exported library of each measurement is removed with its folder (8 model.so folders per test run, once)
+    assert set(Path(tempfile.gettempdir()).glob("squeeze-rpc-*")) <= before
 
 
 def test_unreachable_device_is_a_row_error_with_a_hint(repo):
