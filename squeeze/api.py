@@ -98,6 +98,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     if rpc or tracker or key:  # a device over TVM RPC for the targets that can use one (targets/remote.py)
         from squeeze.targets.remote import Runner  # noqa: PLC0415
         runner = Runner.from_args(rpc, tracker, key)
+    if goal_spec is not None and goal_spec.latency is not None:
+        _check_real_timing(goal_spec.latency.target, target_calls, runner)
 
     source_path: Path | None = None
     if isinstance(model, onnx.ModelProto):
@@ -228,6 +230,20 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         report_mod.write(report, stage)
     return Result(final, report, result.failure, result.exception)
 
+
+
+def _check_real_timing(name: str, calls: list[Call], runner) -> None:
+    """A latency goal needs real time on its target (native or a device over RPC), never an emulator's or an
+    instruction count: refuse it before anything is written."""
+    call = next(c for c in calls if str(c) == name or c.name == name)
+    target = call.entry.obj(**call.params)
+    target.runner = runner
+    method = target.timing_method()
+    if method not in ("native", "rpc"):
+        what = {"emulated": "an emulator's time", "opencl-cpu": "PoCL on this CPU's time",
+                "instruction-count": "an instruction count", None: "no time at all (compile-only here)"}[method]
+        raise SqueezeError(f"--goal latency=…@{name}: the {call.name} target would measure {what}, not real latency; "
+                           f"give a device with --rpc HOST:PORT or --tracker HOST:PORT --key KEY, or use a size/macs goal")
 
 
 def _target_defaults(calls: list[Call], **values) -> None:

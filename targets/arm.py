@@ -39,6 +39,9 @@ EMULATED_RUNS = 20
 
 @register_target("arm")
 class Arm(Target):
+    def timing_method(self) -> str | None:
+        return "rpc" if self.runner is not None else "emulated"
+
     """aarch64 Linux with NEON: cross-compiled library; timed on a device over RPC, else checked in qemu-aarch64."""
 
     def __init__(self, *, cpu: Annotated[str, "LLVM CPU (generic, cortex-a53, cortex-a55, cortex-a72, cortex-a76, "

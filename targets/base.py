@@ -63,6 +63,13 @@ class Target(ABC):
         SIMD targets answer their float32 vector width (capped at 8, so small layers can still be pruned)."""
         return 1
 
+    def timing_method(self) -> str | None:
+        """The `method` this target's latency will carry with the current runner: `native` or `rpc` are real
+        times; `emulated`, `opencl-cpu` and `instruction-count` are not; None: compile-only (no time at all)."""
+        if self.runner is not None:
+            return "rpc"
+        return "native" if self.host_native else None
+
     def missing(self) -> str | None:
         """None if the target can build and measure here, else what is missing and how to install it."""
         return None

@@ -24,6 +24,11 @@ DEFAULT_ARCH = "sm_80"
 
 @register_target("gpu")
 class Gpu(Target):
+    def timing_method(self) -> str | None:
+        if self.runner is not None:
+            return "rpc"
+        return "native" if self.gpu_present() else None
+
     """NVIDIA GPU via CUDA (dlight schedules): native timing on a CUDA machine, RPC, or compile-only."""
 
     def __init__(self, *, arch: Annotated[str, "CUDA arch, e.g. sm_80, sm_90a; 'auto' = this machine's GPU, "

@@ -67,6 +67,9 @@ STACK_BYTES = 64 * KiB
 
 @register_target("mcu")
 class Mcu(Target):
+    def timing_method(self) -> str | None:
+        return "instruction-count"  # qemu counts instructions, never cycles, with or without --rpc
+
     """Bare-metal Cortex-M: TVM C kernels + squeeze's static-arena entry point, run in QEMU (instruction count)."""
 
     def __init__(self, *, board: Annotated[BoardName, "board preset: core, flash and RAM (see docs)"] = "mps2-an386",

@@ -38,6 +38,9 @@ HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 @register_target("mobile-gpu")
 class MobileGpu(Target):
+    def timing_method(self) -> str | None:
+        return "rpc" if self.runner is not None else "opencl-cpu"
+
     """OpenCL GPU (Mali, Adreno) with an aarch64 host: timed on a device over RPC, else kernels checked on PoCL."""
 
     def __init__(self, *, gpu: Annotated[Literal["mali", "adreno", "generic"],

@@ -541,6 +541,17 @@ def test_cli_goal_without_calib_is_one_line_error(tmp_path, digits_copy):
     _one_line_error(run, "--goal needs --calib")
 
 
+@pytest.mark.parametrize("target,fragment", [("arm", "an emulator's time"), ("mcu", "an instruction count"),
+                                              ("mobile-gpu", "PoCL on this CPU's time")])
+def test_cli_latency_goal_without_real_timing_is_refused(tmp_path, digits_copy, target, fragment):
+    """Issue 19: a latency goal must not optimise an emulator's time (or a count) as if it were the device's."""
+    run = _cli(digits_copy, "--goal", f"latency=1.5x@{target}", "--calib", str(CALIB), "--target", "none",
+               cwd=tmp_path)
+    line = _one_line_error(run, fragment)
+    assert "--rpc" in line and "not real latency" in line
+    assert not (tmp_path / "digits_cnn.squeeze").exists()
+
+
 def test_cli_goal_without_calib_writes_nothing(tmp_path, digits_copy):
     _cli(digits_copy, "--goal", "size=6x", "--target", "none", cwd=tmp_path)
     assert not (tmp_path / "digits_cnn.squeeze").exists()  # as for every other user error (test_cli.py)
