@@ -67,12 +67,13 @@ def grouped_conv(groups: int, per_group: int, k: int, stride: int) -> onnx.Model
 
 
 def conv_transpose(k: int, stride: int, pad: int, out_pad: int, group: int = 1,
-                   c_in: int = 8, c_out: int = 6) -> onnx.ModelProto:
-    """x[1,Ci,7,9] ─ ConvTranspose k×k stride s pad p output_padding op (group g) ─ Relu ─ y"""
+                   c_in: int = 8, c_out: int = 6, dilation: int = 1) -> onnx.ModelProto:
+    """x[1,Ci,7,9] ─ ConvTranspose k×k stride s pad p output_padding op (group g, dilation d) ─ Relu ─ y"""
     g = graphs.Builder(k * 10 + stride + group)
     w = g.weight("up.weight", c_in, c_out // group, k, k)
     h = g.node("ConvTranspose", ["x", w, g.weight("up.bias", c_out, scale=0.1)], "up", kernel_shape=[k, k],
-               strides=[stride, stride], pads=[pad] * 4, output_padding=[out_pad] * 2, group=group)
+               strides=[stride, stride], pads=[pad] * 4, output_padding=[out_pad] * 2, group=group,
+               dilations=[dilation, dilation])
     return _model(g, [1, c_in, 7, 9], g.node("Relu", [h], "relu"))
 
 
@@ -230,6 +231,8 @@ def _patterns() -> dict[str, Pattern]:
                                      ("linear", "asymmetric", ""), ("linear", "pytorch_half_pixel", "")):
         out.append(Pattern(f"resize_{mode}_{transform}", lambda mode=mode, transform=transform, nearest=nearest:
                            resize(mode, transform, nearest or "round_prefer_floor")))
+    out.append(Pattern("convT_3x3_s2_p1_op1_g1_d2", lambda: conv_transpose(3, 2, 1, 1, dilation=2)))
+    out.append(Pattern("convT_5x5_s3_p2_op2_g1_c5", lambda: conv_transpose(5, 3, 2, 2, c_in=5, c_out=5)))
     out.append(Pattern("resize_linear_half_pixel_sizes", lambda: resize("linear", "half_pixel", sizes=[13, 20])))
     out.append(Pattern("resize_nearest_asymmetric_sizes", lambda: resize("nearest", "asymmetric", "floor",
                                                                          sizes=[20, 15])))

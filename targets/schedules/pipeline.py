@@ -19,9 +19,10 @@ SCHEDULES_VERSION = 4
 
 
 def legalize_map() -> dict:
-    from .conv2d import legalize_conv2d  # noqa: PLC0415
+    from .conv2d import legalize_conv2d, legalize_conv2d_transpose  # noqa: PLC0415
     from .dense import legalize_matmul  # noqa: PLC0415
-    return {"relax.nn.conv2d": legalize_conv2d, "relax.matmul": legalize_matmul}
+    return {"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose": legalize_conv2d_transpose,
+            "relax.matmul": legalize_matmul}
 
 
 def rules() -> list:
