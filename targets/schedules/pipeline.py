@@ -21,8 +21,9 @@ SCHEDULES_VERSION = 4
 def legalize_map() -> dict:
     from .conv2d import legalize_conv2d, legalize_conv2d_transpose  # noqa: PLC0415
     from .dense import legalize_matmul  # noqa: PLC0415
+    from .injective import legalize_erf  # noqa: PLC0415
     return {"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose": legalize_conv2d_transpose,
-            "relax.matmul": legalize_matmul}
+            "relax.matmul": legalize_matmul, "relax.erf": legalize_erf}
 
 
 def rules() -> list:
