@@ -4,3 +4,4 @@ from . import fold_bn  # noqa: F401
 from . import quant, codebook  # noqa: F401
 from . import prune, slim  # noqa: F401
 from . import blockperm  # noqa: F401
+from . import lowrank  # noqa: F401
