@@ -21,6 +21,7 @@ accuracy of int8, no int8 speed-up; the pass says so in its notes and details.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import numpy as np
@@ -32,6 +33,7 @@ from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.errors import PassError
 
+from .quant_sensitivity import outliers, site_errors
 from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
 COMPUTE = "int8 storage, float compute"
@@ -39,6 +41,7 @@ ACTIVATION_SAMPLE = 400_000   # calibration values kept per activation tensor (u
 MSE_CANDIDATES = 100
 GRAM_LIMIT = 2048             # AdaRound uses the inputs' Gram matrix up to this many inputs per output
 ZETA, GAMMA = 1.1, -0.1       # AdaRound's rectified sigmoid stretch
+ELEMENTWISE = ("Add", "Mul")  # binary ops quantized around (ONNX Runtime: QLinearAdd, QLinearMul)
 
 
 @register_pass("quant", backoff=Backoff("bits", step_up(8), skip="skip"))
@@ -57,6 +60,10 @@ def quant(graph: gs.Graph, ctx: Context, *,
           int4: Annotated[Literal["packed", "onnx"], "bits ≤ 4: bit-packed and rebuilt to int8 (runs "
                           "everywhere), or ONNX INT4 tensors (opset 21; TVM 0.27 cannot load them)"] = "packed",
           iters: Annotated[int, Range(10, 100_000), "AdaRound optimisation steps per layer"] = 1000,
+          elementwise: Annotated[bool, "also quantize Add/Mul between activations (ONNX Runtime then runs "
+                                 "QLinearAdd/QLinearMul instead of converting around them)"] = True,
+          sensitive: Annotated[float, Range(0.0, 1e6), "activations whose measured output error (that tensor alone "
+                               "quantized, on calibration data) exceeds this × the median stay float; 0: off"] = 4.0,
           ) -> None:
     """Int8 QDQ: per-channel symmetric weights, calibrated uint8 activations, optional AdaRound."""
     onnx_int4 = int4 == "onnx" and bits <= 4
@@ -81,13 +88,17 @@ def quant(graph: gs.Graph, ctx: Context, *,
     quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic
     if activations and ctx.calib_is_synthetic:
         ctx.note("activation ranges come from synthetic N(0,1) inputs; pass --calib with real inputs")
-    tensors = _activation_tensors(layers) if quantize_inputs else []
+    fused = {l.name for l in layers if l.values is not None and np.isfinite(l.values).all()}
+    floats = _float_tensors(model) if quantize_inputs else set()
+    ops = _elementwise_ops(graph, floats) if quantize_inputs and elementwise else []
+    sites = _activation_sites(graph, layers, fused, ops, floats) if quantize_inputs else {}
+    names = sorted(set(sites) | {s.inner.name for s in sites.values() if s.inner is not None})
     chunk = 8
-    stats = _ActivationStats(tensors, ctx.seed, chunks=-(-len(ctx.calib) // chunk))
+    stats = _ActivationStats(names, ctx.seed, chunks=-(-len(ctx.calib) // chunk))
     # Layer input rows serve the learned rounding and the per-layer sensitivity table.
     rows = calibrate(model, ctx.calib, layers, seed=ctx.seed, threads=ctx.threads,
-                     tensors=[t.name for t in tensors], on_chunk=stats.add, chunk=chunk)
-    ranges = {t.name: stats.range(t.name, method, percentile) for t in tensors}
+                     tensors=names, on_chunk=stats.add, chunk=chunk)
+    ranges = {name: stats.range(name, method, percentile) for name in names}
     builder = Builder(graph)
     learn = rounding != "nearest" and not ctx.calib_is_synthetic
     if rounding != "nearest" and ctx.calib_is_synthetic:
@@ -115,13 +126,24 @@ def quant(graph: gs.Graph, ctx: Context, *,
             entry["input_scale"], entry["input_zero_point"] = act[0], act[1]
         per_layer.append(entry)
     sources = {l.name: l.input.name for l in layers}
-    for tensor in tensors:
-        scale, zero_point = ranges[tensor.name]
-        _insert_qdq(builder, tensor, [l for l in layers if l.input is tensor], scale, zero_point)
+    kept_float = _sensitive_sites(ctx, model, ranges, sensitive) if names and sensitive > 0 else []
+    sites = {k: v for k, v in sites.items() if k not in kept_float}
+    sites = _settle_folds(sites, ranges)
+    sites = {k: v for k, v in sites.items() if v.folds is not None or k not in kept_float}
+    _quantize_scalars(builder, ops)
+    for name, site in sites.items():
+        _insert_qdq(builder, site, *ranges[name])
     biases = sum(_quantize_bias(builder, l, ranges[sources[l.name]][0], *scales[l.name])
-                 for l in layers if l.name in scales and sources[l.name] in ranges)
-    _report(ctx, per_layer, skipped, bits, per_channel, quantize_inputs, method, len(tensors), onnx_int4, rounding,
+                 for l in layers if l.name in scales and sources[l.name] in sites)
+    folded = sum(1 for s in sites.values() if s.folds is not None)
+    outputs = sum(1 for s in sites.values() if s.produced)
+    _report(ctx, per_layer, skipped, bits, per_channel, quantize_inputs, method, len(sites), onnx_int4, rounding,
             learn)
+    if quantize_inputs:
+        ctx.details["activations"].update(outputs=outputs, folded=folded)
+        ctx.note(f"{outputs} layer output(s) quantized too, so ONNX Runtime fuses DequantizeLinear → layer → "
+                 f"QuantizeLinear into int8 kernels (QLinearConv, QGemm, QLinearMatMul)"
+                 + (f"; {folded} Relu/Clip absorbed by the uint8 range of their output" if folded else ""))
     if biases:
         ctx.note(f"{biases} bias(es) stored as int32 with scale input_scale × weight_scale (as an integer "
                  "kernel adds them; ONNX Runtime would otherwise requantize float biases itself)")
@@ -199,7 +221,7 @@ def _quantize_bias(builder: Builder, layer: Layer, input_scale: float, weight_sc
     name = layer.node.inputs[2].name
     attrs = {"axis": 0} if scale.ndim else {}
     deq = builder.op("DequantizeLinear", [builder.const(f"{name}_int32", q), builder.const(f"{name}_scale", scale)],
-                     f"{name}_dequantized", np.float32, [q.size], **attrs)
+                     f"{name}_dequantized", None, None, **attrs)
     if layer.op == "Gemm":
         layer.node.attrs["beta"] = 1.0
     layer.node.inputs[2] = deq
@@ -295,26 +317,199 @@ def _sqnr(layer: Layer, w: np.ndarray, dequantized: np.ndarray, x: np.ndarray, a
 
 # ---------------------------------------------------------------------------------------------- activations
 
-def _activation_tensors(layers: list[Layer]) -> list[gs.Tensor]:
-    seen, out = set(), []
-    for layer in layers:
-        t = layer.input
-        if isinstance(t, gs.Variable) and t.name not in seen and t.dtype in (np.float32, None):
-            seen.add(t.name)
-            out.append(t)
-    return out
+@dataclass
+class _Site:
+    """A float tensor that gets one shared QuantizeLinear → DequantizeLinear pair.
+
+    `produced`: a quantized layer writes it, so *every* reader takes the DequantizeLinear (ONNX Runtime fuses
+    DQ → Conv → Q into QLinearConv only when the layer's output goes to the QuantizeLinear alone). Otherwise only
+    the quantized layers in `readers` do, and other readers keep the float tensor (no cost, no error).
+    `folds`: a Relu/Clip between the quantized layer and this tensor; when the calibrated uint8 range lies inside
+    its bounds the QuantizeLinear clamps exactly as it does, and the node goes (as quantize_static removes it);
+    `inner` is the layer's own output, quantized instead when it cannot go.
+    """
+
+    tensor: gs.Variable
+    readers: list[gs.Node] = field(default_factory=list)
+    produced: bool = False
+    folds: gs.Node | None = None
+    inner: gs.Variable | None = None
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the float32 activations of `model`: graph inputs and node outputs that depend on a graph input
+    (constant subgraphs are not activations), typed by onnx shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    floats = {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    dynamic = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # topologically sorted (the checker requires it)
+        if any(i in dynamic for i in node.input):
+            dynamic.update(node.output)
+    return floats & dynamic
+
+
+def _elementwise_ops(graph: gs.Graph, floats: set[str]) -> list[gs.Node]:
+    """Add/Mul of two float activations, or of one and a scalar constant (stored exactly in uint8): the binary
+    ops quantize_static quantizes, which ONNX Runtime runs as QLinearAdd / QLinearMul."""
+    ops = []
+    for node in graph.nodes:
+        if node.op not in ELEMENTWISE or len(node.inputs) != 2 or len(node.outputs) != 1:
+            continue
+        if node.outputs[0].name not in floats:
+            continue
+        variables = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        constants = [t for t in node.inputs if isinstance(t, gs.Constant)]
+        if not variables or any(t.name not in floats for t in variables):
+            continue
+        if constants and (constants[0].values.size != 1 or constants[0].values.dtype != np.float32
+                          or not np.isfinite(constants[0].values).all()):
+            continue
+        ops.append(node)
+    return ops
+
+
+def _activation_sites(graph: gs.Graph, layers: list[Layer], fused: set[str], elementwise: list[gs.Node],
+                      floats: set[str]) -> dict[str, _Site]:
+    """The tensors to quantize: every input of a quantized layer or elementwise op, and the output of every
+    layer whose weight is quantized (`fused`) and of every elementwise op, past a Relu/Clip that the output range
+    can absorb; graph outputs stay float."""
+    outputs = {t.name for t in graph.outputs}
+    sites: dict[str, _Site] = {}
+    readers = [(l.node, [l.input]) for l in layers] + [(n, list(n.inputs)) for n in elementwise]
+    for node, inputs in readers:
+        for t in inputs:
+            if isinstance(t, gs.Variable) and t.name in floats:
+                site = sites.setdefault(t.name, _Site(t))
+                if node not in site.readers:
+                    site.readers.append(node)
+    writers = [l.node for l in layers if l.name in fused] + elementwise
+    for node in writers:
+        if len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out.name not in floats or out.name in outputs:
+            continue
+        act = _clamp_after(out)
+        if act is not None and act.outputs[0].name not in outputs and act.outputs[0].name in floats:
+            site = sites.setdefault(act.outputs[0].name, _Site(act.outputs[0]))
+            site.produced, site.folds, site.inner = True, act, out
+        else:
+            sites.setdefault(out.name, _Site(out)).produced = True
+    return sites
+
+
+def _quantize_scalars(builder: Builder, elementwise: list[gs.Node]) -> None:
+    """The scalar constant of an elementwise op as uint8 + DequantizeLinear, exact: (255 − zp)·(c/255) = c."""
+    for node in elementwise:
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant):
+                continue
+            c = float(t.values.ravel()[0])
+            scale = np.float32(abs(c) / 255.0) if c else np.float32(1.0)
+            q, zp = (255, 0) if c >= 0 else (0, 255)
+            stored = builder.const(f"{t.name}_uint8", np.array(q if c else 0, np.uint8).reshape(t.values.shape))
+            node.inputs[i] = builder.op("DequantizeLinear", [stored, builder.const(f"{t.name}_scale", scale),
+                                                             builder.const(f"{t.name}_zero_point",
+                                                                           np.array(zp, np.uint8))],
+                                        f"{t.name}_dequantized", None, None)
+
+
+def _sensitive_sites(ctx: Context, model: onnx.ModelProto, ranges: dict[str, tuple[float, int]],
+                     factor: float) -> list[str]:
+    """The activation tensors to keep float: measured one at a time (quant_sensitivity), the outliers."""
+    if ctx.calib_is_synthetic:
+        return []
+    errors, samples = site_errors(model, ranges, ctx.calib, ctx.threads)
+    worst = outliers(errors, factor)
+    ctx.details["activation_sensitivity"] = {
+        "samples": samples, "factor": factor, "median_error": round(float(np.median(list(errors.values()))), 6),
+        "kept_float": {k: round(errors[k], 6) for k in worst}}
+    if worst:
+        ctx.note(f"{len(worst)} activation tensor(s) kept float: quantized alone, each moves the outputs more than "
+                 f"{factor:g}× the median tensor does (measured on {samples} calibration sample(s)): "
+                 + ", ".join(f"{k} ({errors[k]:.4f})" for k in worst[:5]) + (" ..." if len(worst) > 5 else ""))
+    return worst
+
+
+def _clamp_after(out: gs.Variable) -> gs.Node | None:
+    """The Relu, or Clip with constant bounds, that is the only reader of `out`; None otherwise."""
+    if len(out.outputs) != 1:
+        return None
+    node = out.outputs[0]
+    if node.op == "Relu" or (node.op == "Clip" and _clip_bounds(node) is not None):
+        return node if node.inputs[0] is out else None
+    return None
+
+
+def _clip_bounds(node: gs.Node) -> tuple[float, float] | None:
+    """(min, max) of a Relu or Clip (constant bounds; opset < 11 attributes or opset ≥ 11 inputs)."""
+    if node.op == "Relu":
+        return 0.0, np.inf
+    lo, hi = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    for i, default in ((1, lo), (2, hi)):
+        if len(node.inputs) > i and node.inputs[i].name:
+            if not isinstance(node.inputs[i], gs.Constant) or node.inputs[i].values.size != 1:
+                return None
+            value = float(node.inputs[i].values.ravel()[0])
+            lo, hi = (value, hi) if i == 1 else (lo, value)
+    return lo, hi
+
+
+def _absorbs(bounds: tuple[float, float], scale: float, zero_point: int) -> bool:
+    """Whether uint8 quantization with (scale, zero point) clamps to within `bounds` (half a step of slack)."""
+    lo, hi = -zero_point * scale, (255 - zero_point) * scale
+    return bounds[0] <= lo + scale / 2 and hi - scale / 2 <= bounds[1]
+
+
+def _settle_folds(sites: dict[str, _Site], ranges: dict[str, tuple[float, int]]) -> dict[str, _Site]:
+    """Remove each Relu/Clip its output range absorbs (the layer then writes the clamped tensor itself); where
+    the range does not fit inside the bounds, quantize the layer's own output instead. Returns the final sites."""
+    final: dict[str, _Site] = {}
+    for name, site in sites.items():
+        if site.folds is None:
+            final[name] = site
+            continue
+        act, inner = site.folds, site.inner
+        if _absorbs(_clip_bounds(act), *ranges[name]):
+            layer_node = inner.inputs[0]
+            layer_node.outputs[0] = site.tensor
+            act.inputs.clear()
+            act.outputs.clear()
+            final[name] = site
+            continue
+        final[inner.name] = _Site(inner, produced=True)
+        if site.readers:
+            final[name] = _Site(site.tensor, readers=site.readers)
+    return final
+
+
+def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int) -> None:
+    """tensor → QuantizeLinear → DequantizeLinear → its readers (all of them when a quantized layer writes it,
+    else the quantized layers only). The new tensors are left untyped: shape inference knows them, and the
+    file does not carry a value_info entry for each."""
+    tensor = site.tensor
+    s = builder.const(f"{tensor.name}_scale", np.array(scale, np.float32))
+    z = builder.const(f"{tensor.name}_zero_point", np.array(zero_point, np.uint8))
+    readers = list(tensor.outputs) if site.produced else site.readers
+    q = builder.op("QuantizeLinear", [tensor, s, z], f"{tensor.name}_quantized", None, None)
+    dq = builder.op("DequantizeLinear", [q, s, z], f"{tensor.name}_dequantized", None, None)
+    for node in readers:
+        for i, t in enumerate(node.inputs):
+            if t is tensor:
+                node.inputs[i] = dq
 
 
 class _ActivationStats:
     """Exact min/max and a uniform sample of the values of each tensor, gathered chunk by chunk."""
 
-    def __init__(self, tensors: list[gs.Tensor], seed: int, chunks: int):
+    def __init__(self, names: list[str], seed: int, chunks: int):
         self.rng = np.random.default_rng(seed)
         self.quota = -(-ACTIVATION_SAMPLE // max(chunks, 1))
-        self.lo = {t.name: np.inf for t in tensors}
-        self.hi = {t.name: -np.inf for t in tensors}
-        self.samples: dict[str, list[np.ndarray]] = {t.name: [] for t in tensors}
-        self.seen = {t.name: 0 for t in tensors}
+        self.lo = {n: np.inf for n in names}
+        self.hi = {n: -np.inf for n in names}
+        self.samples: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.seen = {n: 0 for n in names}
 
     def add(self, values: dict[str, np.ndarray]) -> None:
         for name, arr in values.items():
@@ -337,6 +532,13 @@ class _ActivationStats:
         elif method == "mse":
             lo, hi = _mse_range(values, lo, hi)
         return _scale_zero_point(lo, hi)
+
+    def sqnr(self, name: str, scale: float, zero_point: int) -> float:
+        """Signal-to-quantization-noise ratio (dB) of the tensor's sampled values at (scale, zero point)."""
+        values = np.concatenate(self.samples[name]).astype(np.float64)
+        noise = float(np.sum((_fake_quant(values, scale, zero_point) - values) ** 2))
+        signal = float(np.sum(values ** 2))
+        return float(10 * np.log10(signal / noise)) if noise > 0 and signal > 0 else float("inf")
 
 
 def _scale_zero_point(lo: float, hi: float) -> tuple[float, int]:
@@ -361,19 +563,6 @@ def _mse_range(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
         if err < best[0]:
             best = (err, alpha * lo, alpha * hi)
     return best[1], best[2]
-
-
-def _insert_qdq(builder: Builder, tensor: gs.Tensor, consumers: list[Layer], scale: float, zero_point: int) -> None:
-    """x → QuantizeLinear → DequantizeLinear → the quantized layers (other readers of x keep the float x)."""
-    s = builder.const(f"{tensor.name}_scale", np.array(scale, np.float32))
-    z = builder.const(f"{tensor.name}_zero_point", np.array(zero_point, np.uint8))
-    q = builder.op("QuantizeLinear", [tensor, s, z], f"{tensor.name}_quantized", np.uint8, tensor.shape)
-    dq = builder.op("DequantizeLinear", [q, s, z], f"{tensor.name}_dequantized", np.float32, tensor.shape)
-    for layer in consumers:
-        node = layer.node
-        for i, t in enumerate(node.inputs):
-            if t is tensor and i != layer.weight_index:
-                node.inputs[i] = dq
 
 
 # ---------------------------------------------------------------------------------------------- report

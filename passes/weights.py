@@ -338,7 +338,10 @@ class Builder:
         return candidate
 
     def const(self, name: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.fresh(name), np.ascontiguousarray(values))
+        """A fresh constant; a 0-d array stays a scalar (np.ascontiguousarray alone would make it [1], and ONNX
+        Runtime fuses QDQ around Add/Mul only with scalar scales and zero points)."""
+        values = np.asarray(values)
+        return gs.Constant(self.fresh(name), np.ascontiguousarray(values).reshape(values.shape))
 
     def shared(self, key: tuple, name: str, values: np.ndarray) -> gs.Constant:
         """A small constant shared by every rebuild: this builder's, or one an earlier pass left in the graph under

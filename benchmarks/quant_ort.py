@@ -1,0 +1,213 @@
+"""squeeze `quant` / `codebook` on the real mobile models (MANIFEST §7) and squeezenet, next to ONNX Runtime's own
+`quantize_static` (issue 16, item 4): file and packed size ratios, the task metric on the evaluation half, and
+ORT latency at 1 thread (float vs squeeze quant vs quantize_static, interleaved rounds, same calibration data).
+
+    python benchmarks/quant_ort.py ppocrv6_tiny_rec --specs "cleanup,quant" "cleanup,codebook(bits=4)" --static
+
+The calibration / evaluation halves come from `corpus.ocr_npz` (first half / second half of ocr_synth).
+Task metrics: det = mean IoU of (prob map > 0.2) with the page masks; rec = greedy CTC character accuracy;
+others = relative L2 of the outputs against the float model (no labels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import corpus  # noqa: E402
+
+DATA = Path(tempfile.gettempdir()) / "ocr"
+
+
+def load_split(name: str, calib_count: int | None = None) -> tuple[dict, dict, dict]:
+    """(calibration feed arrays, evaluation feed arrays, evaluation truth) for a model."""
+    if name == "squeezenet":
+        x = corpus.squeezenet_images(16)
+        return {"data_0": x[:8]}, {"data_0": x[8:]}, {}
+    calib_path, eval_path = DATA / f"{name}_calib.npz", DATA / f"{name}_eval.npz"
+    if not calib_path.exists():
+        corpus.ocr_npz(name, DATA)
+    key = corpus._input_name(name)
+    with np.load(calib_path) as c, np.load(eval_path) as e:
+        calib = {key: c[key][:calib_count]}
+        ev = {key: e[key]}
+        truth = {k: e[k] for k in e.files if k != key}
+    return calib, ev, truth
+
+
+def model_path(name: str) -> Path:
+    if name == "squeezenet":
+        return corpus.ROOT / "squeezenet_fp16_winml/model_fp32_derived.onnx"
+    return corpus.model_path(name)
+
+
+def run(model: onnx.ModelProto | str, feed: dict, batch: int = 8, threads: int = 2) -> np.ndarray:
+    import onnxruntime as ort  # noqa: PLC0415
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    data = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    (key, x), = feed.items()
+    static = isinstance(sess.get_inputs()[0].shape[0], int)
+    step = 1 if static else batch
+    outs = [sess.run(None, {key: x[i:i + step]}) for i in range(0, len(x), step)]
+    return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+def ctc_accuracy(logits: np.ndarray, texts: np.ndarray) -> float:
+    chars = (corpus.ROOT / "ppocrv6_tiny_rec/dict.txt").read_text(encoding="utf-8").splitlines()
+    table = [""] + chars + [" "]
+    accs = []
+    for row, truth in zip(logits.argmax(-1), texts):
+        prev, text = 0, []
+        for i in row:
+            if i != prev and i != 0:
+                text.append(table[i] if i < len(table) else "")
+            prev = i
+        accs.append(1 - _edit("".join(text), str(truth)) / max(len(str(truth)), 1))
+    return float(np.mean(accs))
+
+
+def _edit(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def mask_iou(prob: np.ndarray, masks: np.ndarray) -> float:
+    pred = prob.reshape(masks.shape) > 0.2
+    truth = masks > 0
+    inter = (pred & truth).sum(axis=(1, 2))
+    union = (pred | truth).sum(axis=(1, 2))
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+def metric(name: str, outs: list[np.ndarray], truth: dict, ref: list[np.ndarray]) -> dict:
+    rel = float(np.mean([np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30) for o, r in zip(outs, ref)]))
+    out = {"rel_l2": round(rel, 4)}
+    if "texts" in truth:
+        out["char_acc"] = round(ctc_accuracy(outs[0], truth["texts"]), 4)
+    if "masks" in truth:
+        out["mask_iou"] = round(mask_iou(outs[0], truth["masks"]), 4)
+    if name == "squeezenet":
+        out["top1_agree"] = round(float((outs[0].reshape(len(outs[0]), -1).argmax(1)
+                                         == ref[0].reshape(len(ref[0]), -1).argmax(1)).mean()), 4)
+    return out
+
+
+def squeeze_model(path: Path, spec: str, calib: dict) -> tuple[onnx.ModelProto, dict]:
+    import squeeze  # noqa: PLC0415
+    from squeeze.data import Dataset  # noqa: PLC0415
+    result = squeeze.compress(str(path), spec, calib=Dataset(calib, None, "npz", {}), targets="")
+    result.raise_for_failure()
+    step = result.report["passes"][-1]
+    return result.model, {"notes": step.get("notes", []), "packed": result.report["final"]["bytes"].get("packed")}
+
+
+def static_model(path: Path, calib: dict, folder: Path, preprocess: bool = False) -> Path:
+    """ONNX Runtime's quantize_static, QDQ, per-channel int8 weights, uint8 activations, MinMax calibration."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            (key, x), = calib.items()
+            self.items = iter([{key: x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    model = onnx.load(str(path))
+    if model.opset_import[0].version < 13:  # per-channel DequantizeLinear needs axis (opset 13)
+        model = onnx.version_converter.convert_version(model, 13)
+    source = folder / "static_input.onnx"
+    onnx.save(model, str(source))
+    if preprocess:
+        from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+        try:
+            quant_pre_process(str(source), str(source))
+        except Exception:  # noqa: BLE001 (symbolic shape inference gives up on some dynamic graphs)
+            quant_pre_process(str(source), str(source), skip_symbolic_shape=True)
+    out = folder / ("static_pre.onnx" if preprocess else "static.onnx")
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dict:
+    """Median ms per model at 1 thread; rounds interleave the models so machine load hits all alike."""
+    import onnxruntime as ort  # noqa: PLC0415
+    sessions = {}
+    for key, data in models.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sessions[key] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        sessions[key].run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            for _ in range(runs):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                times[key].append(time.perf_counter() - t)
+    return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--specs", nargs="*", default=["cleanup,quant"])
+    ap.add_argument("--static", action="store_true", help="also ORT quantize_static")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: the whole half)")
+    ap.add_argument("--save", default=None, help="folder for the models")
+    args = ap.parse_args()
+    path = model_path(args.model)
+    calib, ev, truth = load_split(args.model, args.calib)
+    folder = Path(args.save or tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = run(str(path), ev)
+    rows = {"float": {**metric(args.model, ref, truth, ref), "file": path.stat().st_size}}
+    blobs = {"float": path.read_bytes()}
+    print("float", json.dumps(rows["float"]), flush=True)
+    for spec in args.specs:
+        t = time.perf_counter()
+        model, info = squeeze_model(path, spec, calib)
+        out = folder / (spec.replace(",", "_").replace("(", "").replace(")", "").replace("=", "") + ".onnx")
+        onnx.save(model, str(out))
+        rows[spec] = {**metric(args.model, run(str(out), ev), truth, ref), "file": out.stat().st_size,
+                      "file_ratio": round(path.stat().st_size / out.stat().st_size, 2),
+                      "packed": info["packed"], "seconds": round(time.perf_counter() - t, 1)}
+        if info["packed"]:
+            rows[spec]["packed_ratio"] = round(path.stat().st_size / info["packed"], 2)
+        blobs[spec] = out.read_bytes()
+        print(spec, json.dumps(rows[spec]), flush=True)
+    for preprocess in ([False, True] if args.static else []):
+        key = "quantize_static" + ("+pre" if preprocess else "")
+        out = static_model(path, calib, folder, preprocess)
+        rows[key] = {**metric(args.model, run(str(out), ev), truth, ref), "file": out.stat().st_size,
+                     "file_ratio": round(path.stat().st_size / out.stat().st_size, 2)}
+        blobs[key] = out.read_bytes()
+    (key, x), = ev.items()
+    timed = {k: v for k, v in blobs.items() if "codebook" not in k}
+    ms = latency(timed, {key: x[:1]}, args.rounds, args.runs)
+    for k, v in ms.items():
+        rows[k]["ort_ms_1t"] = v
+    print(json.dumps({"model": args.model, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
