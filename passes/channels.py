@@ -1114,6 +1114,20 @@ def _quantize_linear(an: _Analysis, node: gs.Node) -> None:
     an.set_layout(node.outputs[0], layout)
 
 
+def _layer_norm(an: _Analysis, node: gs.Node) -> None:
+    """LayerNormalization normalises over the axes from `axis` on: channels there are coupled by the statistics
+    (a transformer's residual stream is not prunable); channels on an earlier axis pass unchanged."""
+    layout = an.layout(node.inputs[0])
+    if layout is None:
+        return
+    rank = an.rank(node.inputs[0])
+    if rank is None or layout.axis >= _norm_axis(int(node.attrs.get("axis", -1)), rank):
+        an.block(layout, f"{node.op} '{an.label(node)}' normalises across the channels")
+        return
+    an.member(node, "pass", node.inputs[0], layout)
+    an.set_layout(node.outputs[0], layout)
+
+
 def _size(an: _Analysis, node: gs.Node) -> None:
     an.block(an.layout(node.inputs[0]), f"its element count is read by Size '{an.label(node)}'")
 
@@ -1133,6 +1147,7 @@ RULES: dict[str, Rule] = {
     **{op: _reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                               "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
     **{op: _softmax for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{op: _layer_norm for op in ("LayerNormalization", "RMSNormalization")},
     "Dropout": _dropout,
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,

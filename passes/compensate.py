@@ -353,24 +353,88 @@ class PostOp:
         return self.activation(rows) if self.activation is not None else rows
 
 
-def post_op(tensor: gs.Tensor) -> PostOp:
-    """The PostOp after `tensor`: BatchNormalizations, then ReLU/LeakyRelu/Clip/Sigmoid/Tanh/HardSwish; the
-    identity when something else comes first (e.g. a residual Add)."""
+def post_op(tensor: gs.Tensor, trailing: int | None = None) -> PostOp:
+    """The PostOp after `tensor`: per-channel affine steps (constant BatchNormalization; with `trailing`, the
+    number of axes after the channel axis, also an Add/Sub/Mul/Div by a scalar or per-channel constant — a bias
+    kept outside the layer), then an activation: one op (ReLU, LeakyRelu, Clip, Sigmoid, Tanh, HardSigmoid,
+    HardSwish) or a decomposed one (`ACTIVATION_PATTERNS`: GELU, x·HardSigmoid(x), x·Sigmoid(x)); the identity
+    when something else comes first (e.g. a residual Add)."""
     op = PostOp()
     for _ in range(8):
-        if len(tensor.outputs) != 1:
-            break
-        node = tensor.outputs[0]
-        if node.op == "BatchNormalization" and _bn_constant(node):
-            gamma, beta, mean, var = (weight_value(t).astype(np.float64) for t in node.inputs[1:5])
-            scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
-            op.scale, op.shift = op.scale * scale, op.shift * scale + beta - mean * scale
-            tensor = node.outputs[0]
-            continue
-        op.activation = _activation(node)
-        op.floor = node.op == "Relu" or (node.op == "Clip" and _clip_bounds(node)[0] == 0.0)
+        if len(tensor.outputs) == 1:
+            node = tensor.outputs[0]
+            affine = _affine_step(node, tensor, trailing)
+            if affine is not None:
+                scale, shift = affine
+                op.scale, op.shift = op.scale * scale, op.shift * scale + shift
+                tensor = node.outputs[0]
+                continue
+            op.activation = _activation(node)
+            op.floor = node.op == "Relu" or (node.op == "Clip" and _clip_bounds(node)[0] == 0.0)
+        else:
+            op.activation = next((fn for match, fn in ACTIVATION_PATTERNS if match(tensor)), None)
         break
     return op
+
+
+def _affine_step(node: gs.Node, x: gs.Tensor, trailing: int | None) -> tuple | None:
+    """(scale, shift) of `node` as a per-channel affine map of `x`, if it is one (else None)."""
+    if node.op == "BatchNormalization" and _bn_constant(node):
+        gamma, beta, mean, var = (weight_value(t).astype(np.float64) for t in node.inputs[1:5])
+        scale = gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+        return scale, beta - mean * scale
+    if trailing is None or node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
+    c = weight_value(other) if other is not x else None
+    if c is None or (node.op in ("Sub", "Div") and node.inputs[0] is not x):
+        return None
+    shape = list(c.shape)
+    while shape and shape[0] == 1 and len(shape) > trailing + 1:
+        shape.pop(0)
+    if c.size != 1 and (len(shape) != trailing + 1 or any(d != 1 for d in shape[1:])):
+        return None  # not constant along the positions
+    v = c.astype(np.float64).reshape(-1)
+    v = v[0] if v.size == 1 else v
+    return {"Add": (1.0, v), "Sub": (1.0, -v), "Mul": (v, 0.0 * v), "Div": (1.0 / v, 0.0 * v)}[node.op]
+
+
+def _scalar_operand(node: gs.Node, x: gs.Tensor) -> float | None:
+    """The scalar constant `node` combines `x` with (None if there is none)."""
+    if len(node.inputs) != 2 or x not in node.inputs:
+        return None
+    other = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
+    value = weight_value(other)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _is_gelu(x: gs.Tensor) -> bool:
+    """x·0.5·(1 + erf(x/√2)) as exporters write it: x read by a Div/Mul by a scalar feeding Erf, and by a Mul."""
+    ops = sorted(n.op for n in x.outputs)
+    scaled = [n for n in x.outputs if n.op in ("Div", "Mul") and _scalar_operand(n, x) is not None
+              and len(n.outputs[0].outputs) == 1 and n.outputs[0].outputs[0].op == "Erf"]
+    return len(x.outputs) == 2 and bool(scaled) and "Mul" in ops
+
+
+def _gated_by(gate: str) -> Callable[[gs.Tensor], bool]:
+    """x·gate(x): x read by the `gate` op and by the Mul that multiplies x with the gate's output."""
+    def match(x: gs.Tensor) -> bool:
+        gates = [n for n in x.outputs if n.op == gate]
+        return len(x.outputs) == 2 and len(gates) == 1 and any(
+            n.op == "Mul" and set(n.inputs) == {x, gates[0].outputs[0]} for n in x.outputs)
+    return match
+
+
+def _gelu_fn(r: np.ndarray) -> np.ndarray:
+    return 0.5 * r * (1.0 + np.tanh(0.7978845608 * (r + 0.044715 * r ** 3)))  # tanh form: within 1e-3 of erf's
+
+
+#: Activations exporters decompose into several ops, matched on the tensor they read: one line per pattern.
+ACTIVATION_PATTERNS: list[tuple[Callable[[gs.Tensor], bool], Callable[[np.ndarray], np.ndarray]]] = [
+    (_is_gelu, _gelu_fn),
+    (_gated_by("HardSigmoid"), lambda r: r * np.clip(r / 6.0 + 0.5, 0.0, 1.0)),
+    (_gated_by("Sigmoid"), lambda r: r / (1.0 + np.exp(-r))),
+]
 
 
 def _clip_bounds(node: gs.Node) -> tuple[float, float]:
@@ -396,6 +460,9 @@ def _activation(node: gs.Node) -> Callable[[np.ndarray], np.ndarray] | None:
         return np.tanh
     if node.op == "HardSwish":
         return lambda r: r * np.clip(r / 6.0 + 0.5, 0.0, 1.0)
+    if node.op == "HardSigmoid":
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        return lambda r: np.clip(alpha * r + beta, 0.0, 1.0)
     return None
 
 
@@ -559,7 +626,8 @@ def _fit_windows(graph: gs.Graph, layer: _Layer, windows: np.ndarray, w: np.ndar
         xh, yh = xt, yt
     w0 = w.reshape(out_ch, -1).T.astype(np.float64)
     merged = _checked(_merged(layer, fit, "conv"), w0)
-    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all, merged)
+    post = post_op(node.outputs[0], trailing=w.ndim - 2)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post, fit.refit_all, merged)
     if info["method"] != "none":
         set_constant_input(graph, node, 1, stored(new_w.T.reshape(w.shape)).astype(w.dtype))
         set_constant_input(graph, node, 2, new_b.astype(w.dtype))
@@ -691,7 +759,7 @@ def _fit_gemm(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit:
     merged = _checked(_merged(layer, fit, "gemm"), w0)
     if b0 is None and merged is not None:
         merged = (merged[0], None)
-    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0]), fit.refit_all, merged)
+    new_w, new_b, info = refit(xt, yt, xh, yh, w0, b0, post_op(node.outputs[0], trailing=0), fit.refit_all, merged)
     if info["method"] != "none":
         weight = new_w / alpha
         set_constant_input(graph, node, 1, (weight.T if trans_b else weight).astype(b.dtype))
@@ -711,7 +779,7 @@ def _fit_matmul(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fi
     bias = weight_value(layer.bias_node.inputs[layer.bias_index]) if layer.bias_node is not None else None
     b0 = bias.astype(np.float64).reshape(-1) if bias is not None else None
     xt, yt, xh, yh = _sample_rows(x, y, fit.holdout, n_out)
-    post = post_op(layer.bias_node.outputs[0] if layer.bias_node is not None else node.outputs[0])
+    post = post_op(layer.bias_node.outputs[0] if layer.bias_node is not None else node.outputs[0], trailing=0)
     merged = _checked(_merged(layer, fit, "matmul"), w0)
     if b0 is None and merged is not None:
         merged = (merged[0], None)
