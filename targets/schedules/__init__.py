@@ -6,10 +6,14 @@ function a schedule without tuning, in milliseconds:
 
 | module | legalization | rule |
 |---|---|---|
-| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise | register-tiled direct conv, fused vectorized epilogue |
+| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv, fused vectorized epilogue |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
-| `injective` | (TOPI) | elementwise chains, concat, padding; fallback for the rest |
+| `injective` | (TOPI); float32 Erf as `fast_erf` (vectorizable) | elementwise chains, concat, padding; fallback for the rest |
+
+An epilogue is computed tile by tile only when it reads the kernel's result element for element
+(`common.tile_epilogue`); anything else (a Pad fused after a conv, a broadcast into a larger tensor) runs after
+the tile loop. `tests/test_schedules_diff.py` checks each rule against TVM's default pipeline and ONNX Runtime.
 
 Softmax-like reductions go to `Fallback` (dlight's CPU `Reduction` rule is quadratic on a [1, 1000] softmax).
 `pipeline.build_pipeline(target, database, threads)` is the Relax pipeline that applies them (and a MetaSchedule
