@@ -62,7 +62,7 @@ def test_runs_on_every_tiny_graph(name, calib_data):
     layers = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
     assert len(_weight_dq(out)) == len(layers)
     assert graphs.max_rel_error(model, out, data) < 0.1
-    assert steps[0]["details"]["compute"] == "int8 storage, float compute"
+    assert steps[0]["details"]["compute"] == quant_mod.COMPUTE
 
 
 def test_weights_are_int8_per_channel_within_half_a_step():
@@ -109,10 +109,11 @@ def test_activations_default_follows_the_calibration_data(calib_data):
     synthetic, steps = graphs.apply(model, "quant")
     assert Counter(n.op_type for n in synthetic.graph.node)["QuantizeLinear"] == 0
     assert steps[0]["details"]["activations"] is None
-    real, steps = graphs.apply(model, "quant", data=calib_data(model, 16))
-    # conv1 reads x, conv2 reads relu1: two quantized layer inputs, each one Q/DQ pair
-    assert Counter(n.op_type for n in real.graph.node)["QuantizeLinear"] == 2
-    # the residual Add still reads the float x (only the layers' inputs are quantized)
+    real, steps = graphs.apply(model, "quant(elementwise=false,sensitive=0)", data=calib_data(model, 16))
+    # Changed with the fused QDQ form: layer outputs are quantized too. conv1 reads x, conv2 reads relu1, and
+    # conv1's and conv2's outputs (read by the BNs): four tensors, each one shared Q/DQ pair.
+    assert Counter(n.op_type for n in real.graph.node)["QuantizeLinear"] == 4
+    # the residual Add still reads the float x (a tensor no quantized layer writes keeps its float readers)
     add = next(n for n in real.graph.node if n.op_type == "Add")
     assert "x" in add.input
 
@@ -250,6 +251,123 @@ def test_already_compressed_weights_only_get_activation_quantization(calib_data)
     out, steps = graphs.apply(cb, "quant", data=data)
     assert not _weight_dq(out)
     assert Counter(n.op_type for n in out.graph.node)["QuantizeLinear"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- ORT's int8 kernels
+
+def _conv_relu_conv_add() -> onnx.ModelProto:
+    """
+    x[1,8,12,12] ─ Conv 8→16 ─ Relu ─ Conv 16→8 ─┬─ Add ─ Relu ─ y[1,8,12,12]
+                └──────────────────────────────────┘
+    """
+    g = graphs.Builder(3)
+    h = g.node("Relu", [g.conv("x", "conv1", 8, 16, pads=[1, 1, 1, 1])], "relu1")
+    h = g.conv(h, "conv2", 16, 8, pads=[1, 1, 1, 1])
+    g.node("Relu", [g.node("Add", [h, "x"], "add")], "y")
+    return g.model({"x": [1, 8, 12, 12]}, "y")
+
+
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.intra_op_num_threads = 1
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def test_conv_layers_get_the_qdq_form_onnx_runtime_fuses(calib_data, tmp_path):
+    """Each Conv reads DQ(int8 weight), DQ(uint8 activation) and DQ(int32 bias); its output goes to a
+    QuantizeLinear alone (the Relu after conv1 is absorbed by its zero-point-0 range); ORT runs QLinearConv and
+    QLinearAdd; outputs stay close."""
+    model = _conv_relu_conv_add()
+    data = calib_data(model, 32)
+    out, steps = graphs.apply(model, "quant(sensitive=0)", data=data)
+    ops = Counter(n.op_type for n in out.graph.node)
+    assert ops["Relu"] == 1 and ops["Conv"] == 2 and ops["Add"] == 1   # the relu after conv1 is gone
+    # x, conv1→relu1, conv2's output, the Add's output: four Q; their DQs plus 2 weights and 2 biases
+    assert ops["QuantizeLinear"] == 4 and ops["DequantizeLinear"] == 8
+    producer = {o: n for n in out.graph.node for o in n.output}
+    inits = _inits(out)
+    for conv in (n for n in out.graph.node if n.op_type == "Conv"):
+        x, w, b = (producer[i] for i in conv.input)
+        assert x.op_type == w.op_type == b.op_type == "DequantizeLinear"
+        assert inits[w.input[0]].dtype == np.int8 and inits[x.input[2]].dtype == np.uint8
+        assert inits[b.input[0]].dtype == np.int32
+        # bias scale = input scale × weight scale
+        assert np.allclose(inits[b.input[1]], inits[x.input[1]] * inits[w.input[1]], rtol=1e-6)
+        readers = [n for n in out.graph.node if conv.output[0] in n.input]
+        assert [n.op_type for n in readers] == ["QuantizeLinear"]
+    assert inits[producer[producer["y"].input[0]].input[1]].shape == ()  # scalar scales and zero points
+    assert steps[0]["details"]["activations"]["folded"] == 1
+    optimized = _ort_optimized_ops(out, tmp_path)
+    assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 1 and optimized["Conv"] == 0
+    assert graphs.max_rel_error(model, out, data) < 0.1
+
+
+def test_elementwise_false_keeps_add_float(calib_data, tmp_path):
+    model = _conv_relu_conv_add()
+    out, _ = graphs.apply(model, "quant(sensitive=0,elementwise=false)", data=calib_data(model, 16))
+    optimized = _ort_optimized_ops(out, tmp_path)
+    assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 0 and optimized["Add"] == 1
+
+
+def test_a_clip_whose_range_exceeds_the_calibrated_one_is_absorbed_but_a_clip_inside_it_is_not(calib_data):
+    """Relu6-style Clip(0, 6) after a conv: the uint8 range [0, hi ≤ 6] clamps the same way, the Clip goes.
+    Clip(-1, 0.05): values above 0.05 were clamped but the range [−1, 0.05] ... the range is the Clip's output
+    range, so it fits too; a Clip(0.5, 6) (min above 0, while the range always holds 0) is kept."""
+    for bounds, kept in (((0.0, 6.0), 0), ((0.5, 6.0), 1)):
+        g = graphs.Builder(1)
+        h = g.conv("x", "conv1", 3, 4, pads=[1, 1, 1, 1])
+        h = g.node("Clip", [h, g.tensor("lo", np.array(bounds[0], np.float32)),
+                            g.tensor("hi", np.array(bounds[1], np.float32))], "clip")
+        g.conv(h, "y", 4, 2, k=1)
+        model = g.model({"x": [1, 3, 6, 6]}, "y")
+        data = calib_data(model, 16)
+        out, _ = graphs.apply(model, "quant(sensitive=0)", data=data)
+        assert Counter(n.op_type for n in out.graph.node)["Clip"] == kept
+        assert graphs.max_rel_error(model, out, data) < 0.05
+
+
+def test_site_errors_single_out_the_tensor_whose_noise_the_model_amplifies(calib_data):
+    """One tensor quantized with a coarse step (as an outlier-ridden range would give) moves the output far more
+    than the others: `site_errors` measures it alone and `outliers` names it."""
+    from squeeze.passes import quant_sensitivity
+    model = _conv_relu_conv_add()
+    data = calib_data(model, 8)
+    ranges = {"x": (0.03, 128), "relu1": (0.02, 0), "conv2": (0.02, 128), "add": (0.5, 128)}
+    errors, samples = quant_sensitivity.site_errors(model, ranges, data)
+    assert samples == 8 and set(errors) == set(ranges)
+    assert max(errors, key=errors.get) == "add"
+    assert all(0 < errors[k] < errors["add"] / 5 for k in ("x", "relu1", "conv2"))
+    assert quant_sensitivity.outliers(errors, 4.0) == ["add"]
+
+
+def test_the_pass_keeps_sensitive_activations_float(calib_data):
+    """
+    x[1,4,6,6] ─ (Conv ─ Relu) ×6 ─ Conv ─ y1
+    z[1,4,6,6] ─ Conv ─ Mul 40 ─ Softmax ─ y2     (a sharpened softmax amplifies noise on its branch)
+    The measured one-at-a-time sensitivity keeps z's branch float; the output error drops against quantizing
+    every tensor.
+    """
+    g = graphs.Builder(2)
+    h = "x"
+    for i in range(6):
+        h = g.node("Relu", [g.conv(h, f"conv{i}", 4, 4, pads=[1, 1, 1, 1])], f"relu{i}")
+    g.conv(h, "y1", 4, 4, pads=[1, 1, 1, 1])
+    s = g.node("Mul", [g.conv("z", "convz", 4, 4, pads=[1, 1, 1, 1]), g.tensor("t", np.array(40.0, np.float32))],
+               "sharpen")
+    g.node("Softmax", [s], "y2", axis=1)
+    model = g.model({"x": [1, 4, 6, 6]}, "y1", check=False, output_shape=[1, 4, 6, 6])
+    model.graph.input.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4, 6, 6]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [1, 4, 6, 6]))
+    data = calib_data(model, 16)
+    everything, _ = graphs.apply(model, "quant(sensitive=0)", data=data)
+    measured, steps = graphs.apply(model, "quant", data=data)
+    kept = steps[0]["details"]["activation_sensitivity"]["kept_float"]
+    assert set(kept) <= {"z", "convz", "sharpen"} and len(kept) >= 2
+    assert any("kept float" in n for n in steps[0]["notes"])
+    assert graphs.max_rel_error(model, measured, data) < graphs.max_rel_error(model, everything, data) / 2
 
 
 # ---------------------------------------------------------------------------------------------- TVM
