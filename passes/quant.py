@@ -3,8 +3,14 @@
 Weights: symmetric, per output channel (or per tensor), stored as int8 initializers (`bits=8`), or with fewer
 bits bit-packed and rebuilt to int8 by standard ops, or as ONNX INT4 tensors (`int4=onnx`, opset 21; ONNX
 Runtime runs them, TVM 0.27 cannot load INT4 tensors). Activations (`activations`, on by default when real
-calibration data is given): the input of every quantized layer gets a per-tensor uint8 QuantizeLinear →
-DequantizeLinear pair with a range calibrated by `method`:
+calibration data is given) are placed as ONNX Runtime's `quantize_static` places them, so ORT fuses the groups
+into int8 kernels (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, QLinearMul): every input and output of a
+quantized layer (and, with `elementwise`, of Add/Mul between activations) gets one shared per-tensor uint8
+QuantizeLinear → DequantizeLinear pair; a layer's output goes to its QuantizeLinear alone (every reader takes the
+DequantizeLinear); a Relu/Clip right after a layer is absorbed when the calibrated range lies inside its bounds;
+biases are int32 with scale input scale × weight scale. Tensors whose quantization alone moves the outputs far
+more than the typical one does (`sensitive`, measured on the calibration data by `quant_sensitivity`) stay
+float. Ranges are calibrated by `method`:
 - `minmax`: the observed range;
 - `percentile`: the `percentile`-th percentile of the values (and the mirrored one below), clipping outliers;
 - `mse`: the clipping range that minimises the mean squared quantization error of the calibration values.
@@ -16,8 +22,7 @@ Rounding for Post-Training Quantization", ICML 2020), then corrects the bias.
 
 Per-channel DequantizeLinear needs opset 13 (ONNX Runtime rejects `axis` before): older models are upgraded with
 onnx.version_converter first. TVM 0.27 lowers QDQ to float arithmetic (it folds the weight dequantization into
-float constants and runs float kernels), so the result is *int8 storage, float compute*: smaller files, the
-accuracy of int8, no int8 speed-up; the pass says so in its notes and details.
+float constants and runs float kernels): there the result is int8 storage, float compute.
 """
 from __future__ import annotations
 
@@ -588,8 +593,7 @@ def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], bits: 
             f"{len(weights)} layer(s)" if weights else "weights left as they are (computed, e.g. already compressed)")
     if quantize_inputs:
         text += f", uint8 activations at {tensors} layer input(s) ({method} calibration on {len(ctx.calib)} samples)"
-    ctx.note(text + f"; {COMPUTE}: TVM 0.27 and the CPU target dequantize to float and run float kernels, "
-                    "so expect smaller files, not int8 speed")
+    ctx.note(text + f"; {COMPUTE}: TVM 0.27 and the CPU target dequantize to float and run float kernels")
     if onnx_int4:
         ctx.note("weights stored as ONNX INT4 tensors: ONNX Runtime runs them; TVM 0.27 cannot load INT4 "
                  "(use int4=packed for TVM targets)")
