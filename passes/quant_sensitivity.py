@@ -41,7 +41,7 @@ def site_errors(model: onnx.ModelProto, ranges: dict[str, tuple[float, int]], da
         mask[i] = 1
         outs = [sess.run(None, {**f, MASK: mask}) for f in feeds]
         errors[name] = _relative_error(reference, outs)
-    return errors, count
+    return errors, len(feeds)
 
 
 def outliers(errors: dict[str, float], factor: float) -> list[str]:
