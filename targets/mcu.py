@@ -7,13 +7,22 @@ semihosting and `-icount`, so the outputs are checked against ONNX Runtime and t
 (`method=instruction-count`: an instruction count, not cycles — on silicon, wait states, pipeline stalls and
 the memory system make cycles differ).
 
+Weights (`weights=`): `compact` keeps what the passes made compact in flash — a `quant` model's int8 (or k-bit)
+integers with their scales, a `codebook` model's bit-packed indices with the codebook — and decodes each weight
+into a RAM scratch buffer right before the layer that reads it (`weight_storage`); `float` stores every weight as
+float32, as TVM folds it; `auto` (default) is `compact`, except that when the decode scratch would overflow the
+board's RAM the largest decoded weights stay float (flash traded back for RAM), one at a time until it fits. The
+compute is float32 either way (TVM's float kernels); the report lists per layer the storage, compute type and MACs.
+
 Flash = text + rodata + initialised data of a firmware that runs the model once (startup, runtime hooks, kernels,
-weights); RAM = data + bss (arena, workspace pool) + the stack's measured high-water mark. A named board whose
-flash or RAM is too small fails with the tensors that dominate.
+weights), broken down from the ELF's symbols into code, float weights, compact weights, tables (scales, zero points,
+codebooks) and the rest; RAM = data + bss (arena, decode scratch, workspace pool) + the stack's measured
+high-water mark. A named board whose flash or RAM is too small fails with the tensors that dominate.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +35,7 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import Range, register_target
 
-from . import mcu_program, toolchains, tvm_build
+from . import mcu_program, toolchains, tvm_build, weight_storage
 from .base import Artifact, Measurement, Target
 
 KiB = 1024
@@ -63,6 +72,7 @@ FPU = {"cortex-m4": ["-mfpu=fpv4-sp-d16"], "cortex-m7": ["-mfpu=fpv5-d16"]}
 EMU_FLASH = (0x00000000, 4 * MiB)
 EMU_RAM = (0x20000000, 4 * MiB)
 STACK_BYTES = 64 * KiB
+STACK_RESERVE = 8 * KiB   # `auto` weights: RAM left for the stack when it decides what fits
 
 
 @register_target("mcu")
@@ -75,7 +85,11 @@ class Mcu(Target):
     def __init__(self, *, board: Annotated[BoardName, "board preset: core, flash and RAM (see docs)"] = "mps2-an386",
                  opt: Annotated[Literal["O2", "Os", "O3"], "arm-none-eabi-gcc optimisation level"] = "O2",
                  runs: Annotated[int, Range(1, 1000), "timed runs in the emulator (counts are deterministic)"] = 3,
-                 timeout: Annotated[int, Range(10, 3600), "seconds before the emulator run is abandoned"] = 300):
+                 timeout: Annotated[int, Range(10, 3600), "seconds before the emulator run is abandoned"] = 300,
+                 weights: Annotated[Literal["auto", "compact", "float"], "weights in flash: compact (int8 / packed "
+                                    "codebook indices, decoded per layer into RAM), float, or auto (compact while "
+                                    "the decode scratch fits the board's RAM)"] = "auto"):
+        self.weights = weights
         self.board_name = board
         self.board = BOARDS[board]
         self.opt = opt
@@ -104,11 +118,19 @@ class Mcu(Target):
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
         target = self.tvm_target()
-        mod = tvm_build.import_onnx(model, shapes)
-        program = mcu_program.lower(mod, target, mcu_program.const_names(model))
+        storage = weight_storage.plan(model) if self.weights != "float" else weight_storage.Plan(model, [])
+        mod = tvm_build.import_onnx(storage.model, {**shapes, **storage.input_shapes})
+        planned = mcu_program.plan_module(mod, target)
+        names = mcu_program.const_names(model)
+        compact = {w.name: w for w in storage.weights}
+        program = mcu_program.walk(planned, names, compact)
         source = mcu_program.kernels_c(program, target)
         workspace = mcu_program.workspace_bytes(source)
-        self._check_fit(program, flash=program.const_bytes, ram=program.arena_bytes + workspace, estimate=True)
+        as_float = self._float_for_ram(program, workspace) if self.weights == "auto" else []
+        if as_float:
+            program = mcu_program.walk(planned, names, compact, set(as_float))
+        self._check_fit(program, flash=program.flash_data_bytes,
+                        ram=program.arena_bytes + program.scratch_bytes + workspace, estimate=True)
 
         folder = _folder(workdir, f"mcu-{self.board_name}", model)
         files = {"squeeze_model.h": mcu_program.MODEL_H, "model.c": mcu_program.emit_model(program),
@@ -131,16 +153,35 @@ class Mcu(Target):
         self._check_fit(program, flash=flash, ram=static_ram, estimate=False)
         info = {"tvm_target": str(target), "board": self.board_name, "cpu": self.board.cpu,
                 "emulator": f"qemu-system-arm -M {self.board.machine}", "artifact_dir": _relative(folder, workdir)}
+        symbols = symbol_sizes(elf)
         memory = {"flash_bytes": flash, "ram_static_bytes": static_ram, "arena_bytes": program.arena_bytes,
-                  "workspace_pool_bytes": workspace, "weights_bytes": program.const_bytes,
+                  "workspace_pool_bytes": workspace, "weights_bytes": program.flash_data_bytes,
+                  "decode_scratch_bytes": program.scratch_bytes if program.compact else 0,
                   "kernels": len({k for k, _ in program.calls}), "calls": len(program.calls),
                   "board_flash_bytes": self.board.flash, "board_ram_bytes": self.board.ram}
+        weights = {"mode": self.weights, "compact": len(program.compact), "float_for_ram": as_float,
+                   "kept_float": storage.kept,
+                   "why": _weights_why(self.weights, storage, program, as_float)}
+        layers = weight_storage.layer_rows(model, shapes, storage, set(as_float))
         names = [i.name for i in model.graph.input if i.name in shapes]
         return Artifact(self.name, handle={"program": program, "folder": folder, "objects": objects,
                                            "flash": flash, "static_ram": static_ram, "names": names,
-                                           "memory": memory},
+                                           "memory": memory, "symbols": symbols, "sizes": sizes,
+                                           "weights": weights, "layers": layers},
                         files=[folder / n for n in files] + [elf], build_seconds=tvm_build.seconds_since(start),
                         info=info)
+
+    def _float_for_ram(self, program: mcu_program.Program, workspace: int) -> list[str]:
+        """`auto`: the compact weights to store as float instead, largest decoded first, until the arena, the decode
+        scratch and the workspace fit the board's RAM (with room for the stack); none when they already fit."""
+        chosen: list[str] = []
+        compact = dict(program.compact)
+        def needed() -> int:
+            return program.arena_bytes + workspace + _scratch_without(program, chosen) + STACK_RESERVE
+        while compact and needed() > self.board.ram:
+            key = max(compact, key=lambda k: compact[k].float_bytes)
+            chosen.append(compact.pop(key).name)
+        return chosen
 
     def _link(self, folder: Path, objects: list[Path], main_c: str, out: str) -> Path:
         toolchains.run_tool(["arm-none-eabi-gcc", *self.cflags(), "-nostartfiles", "-T", "firmware.ld",
@@ -198,7 +239,10 @@ class Mcu(Target):
                               f"{_kib(self.board.ram)}; largest activation buffers: "
                               f"{mcu_program.describe_storages(program)}")
         extra = {"flash_bytes": handle["flash"], "ram_bytes": ram, "instructions": instructions,
-                 "memory": memory, "emulated_runs": result.timed_runs}
+                 "memory": memory, "emulated_runs": result.timed_runs,
+                 "flash_breakdown": flash_breakdown(handle["sizes"], handle["symbols"]),
+                 "ram_breakdown": ram_breakdown(handle["sizes"], handle["symbols"], program, result.stack_used),
+                 "weights": handle["weights"], "layers": handle["layers"]}
         return Measurement("instruction-count", latency_ms=None, outputs=stacked, notes=notes, extra=extra)
 
 
@@ -208,6 +252,72 @@ DEPLOY_MAIN = """\
 #include "squeeze_model.h"
 int main(void) { return squeeze_model_run(); }
 """
+
+
+def symbol_sizes(elf: Path) -> dict[str, int]:
+    """Size of every defined symbol of a firmware ELF (arm-none-eabi-nm -S), by name."""
+    out = toolchains.run_tool(["arm-none-eabi-nm", "-S", "--defined-only", str(elf)], what="arm-none-eabi-nm")
+    sizes: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            sizes[parts[3]] = sizes.get(parts[3], 0) + int(parts[1], 16)
+    return sizes
+
+
+# model.c's symbols (mcu_program.emit_model): float constants c<i>_data, compact weights w<i>_q_data and their
+# tables w<i>_table_data / w<i>_zero_data.
+_FLASH_PARTS = (("weights_float", re.compile(r"c\d+_data")), ("weights_compact", re.compile(r"w\d+_q_data")),
+                ("tables", re.compile(r"w\d+_(table|zero)_data")))
+
+
+def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int]) -> dict[str, int]:
+    """Flash bytes as code (.text), float weights, compact weights, tables (scales, zero points, codebooks) and
+    other (tensor descriptors, call tables, kernel constants, initialised data); the parts add up to the flash."""
+    parts = {name: sum(n for s, n in symbols.items() if pattern.fullmatch(s)) for name, pattern in _FLASH_PARTS}
+    total = sizes["text"] + sizes["rodata"] + sizes["data"]
+    out = {"code": sizes["text"], **parts}
+    out["other"] = total - sum(out.values())
+    return out
+
+
+def ram_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: mcu_program.Program,
+                  stack: int) -> dict[str, int]:
+    """RAM bytes as activations (the arena less I/O), I/O (inputs and outputs, in the arena), decode scratch,
+    workspace pool, other static data and the measured stack; the parts add up to the RAM."""
+    arena = symbols.get("squeeze_arena", 0)
+    io = min(program.io_bytes, arena)
+    out = {"activations": arena - io, "io": io, "decode_scratch": symbols.get("squeeze_scratch", 0),
+           "workspace_pool": symbols.get("ws_pool", 0)}
+    out["other_static"] = sizes["data"] + sizes["bss"] - sum(out.values())
+    out["stack"] = stack
+    return out
+
+
+def _scratch_without(program: mcu_program.Program, as_float: list[str]) -> int:
+    """The decode scratch when the weights named in `as_float` are float constants instead."""
+    gone = {k for k, w in program.compact.items() if w.name in as_float}
+    best = 0
+    for decodes in program.decodes.values():
+        size = 0
+        for key, _ in decodes:
+            if key not in gone:
+                size = mcu_program._round_up(size + program.compact[key].float_bytes)
+        best = max(best, size)
+    return best
+
+
+def _weights_why(mode: str, storage: weight_storage.Plan, program: mcu_program.Program, as_float: list[str]) -> str:
+    """One line for the report: what was stored how, and why."""
+    if mode == "float":
+        return "weights=float: every weight stored as float32 (TVM folds the decode at compile time)"
+    if not storage.weights:
+        return "no weight has an exact compact form (float model): float32 in flash"
+    text = (f"{len(program.compact)} weight(s) compact in flash, decoded per layer into a "
+            f"{program.scratch_bytes} B RAM scratch")
+    if as_float:
+        text += f"; {len(as_float)} kept float so the decode scratch fits the board's RAM"
+    return text
 
 
 def section_sizes(elf: Path) -> dict[str, int]:

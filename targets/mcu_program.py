@@ -31,7 +31,7 @@ import numpy as np
 
 from squeeze.errors import TargetError
 
-from . import tvm_build
+from . import tvm_build, weight_storage
 
 ALIGN = 64  # TVM kernels may assume 64-byte aligned buffers (kAllocAlignment)
 
@@ -47,10 +47,11 @@ class Tensor:
     key: str                      # C identifier of its DLTensor
     shape: tuple[int, ...]
     dtype: str
-    region: str                   # "arena" (offset into the arena) or "const" (its own const array)
-    offset: int = 0
+    region: str                   # "arena" (offset into the arena), "const" (its own const array) or "scratch"
+    offset: int = 0               # (a compact weight decoded into the scratch buffer before the call that reads it)
     data: np.ndarray | None = None  # constants only
     label: str = ""
+    source: str = ""              # scratch: the key of the compact weight it views
 
     @property
     def nbytes(self) -> int:
@@ -76,10 +77,33 @@ class Program:
     storages: list[Storage]
     arena_bytes: int
     tir: Any                       # IRModule of the PrimFuncs (kernels)
+    compact: dict[str, Any] = field(default_factory=dict)   # key → weight_storage.CompactWeight (kept compact)
+    decodes: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # call → [(compact key, scratch offset)]
+    scratch_bytes: int = 0         # the decode scratch: the most decoded weight bytes one call reads
 
     @property
     def const_bytes(self) -> int:
+        """Float constants (flash)."""
         return sum(c.nbytes for c in self.consts)
+
+    @property
+    def compact_bytes(self) -> int:
+        """Stored bytes of the compact weights (int8 / bit-packed symbols)."""
+        return sum(w.stored_bytes for w in self.compact.values())
+
+    @property
+    def table_bytes(self) -> int:
+        """Their scales, zero points and codebooks."""
+        return sum(w.table_bytes for w in self.compact.values())
+
+    @property
+    def flash_data_bytes(self) -> int:
+        """Everything the weights put in flash."""
+        return self.const_bytes + self.compact_bytes + self.table_bytes
+
+    @property
+    def io_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs) + sum(t.nbytes for t in self.outputs)
 
     def dominant_consts(self, n: int = 5) -> list[Tensor]:
         return sorted(self.consts, key=lambda c: -c.nbytes)[:n]
@@ -101,14 +125,18 @@ def relax_passes(target) -> list:
 
 def lower(mod, target, names: dict[str, str] | None = None) -> Program:
     """Plan `mod` (an imported Relax module with static shapes) for `target` and walk its `main`."""
+    return walk(plan_module(mod, target), names or {})
+
+
+def plan_module(mod, target):
+    """`mod` through Relax's passes up to static memory planning for `target` (the planned module `walk` reads)."""
     tvm = tvm_build.tvm()
     try:
         with tvm_build.keep_affinity(), target:
-            planned = tvm.transform.Sequential(relax_passes(target))(mod)
+            return tvm.transform.Sequential(relax_passes(target))(mod)
     except Exception as exc:
         raise TargetError(f"TVM failed to lower the model for {target.kind.name}: "
                           f"{type(exc).__name__}: {tvm_build._first_line(exc)}") from exc
-    return walk(planned, names or {})
 
 
 @contextmanager
@@ -158,8 +186,15 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.dtype).encode()).hexdigest()
 
 
-def walk(planned, names: dict[str, str]) -> Program:
-    """The Program of a planned module: interpret `main`'s bindings symbolically."""
+def walk(planned, names: dict[str, str], compact: dict[str, Any] | None = None,
+         as_float: set[str] = frozenset()) -> Program:
+    """The Program of a planned module: interpret `main`'s bindings symbolically.
+
+    `compact`: parameters of `main` that are weights (`weight_storage.CompactWeight` by parameter name, see
+    `weight_storage.plan`): each is decoded into the scratch buffer right before every call that reads it, or,
+    when its name is in `as_float`, stored as a float constant (flash) instead.
+    """
+    compact = compact or {}
     tvm = tvm_build.tvm()
     from tvm import relax  # noqa: PLC0415
     from tvm.ir.expr import GenericConst  # noqa: PLC0415
@@ -172,10 +207,18 @@ def walk(planned, names: dict[str, str]) -> Program:
     consts: dict[int, Tensor] = {}
     storage_of: dict[str, Storage] = {}
     calls: list[tuple[str, list[str]]] = []
+    decodes: dict[int, list[tuple[str, int]]] = {}
+    scratch_views: list[Tensor] = []
+    scratch = 0
 
     inputs = []
+    compact_keys: dict[str, Any] = {}
     for param in main.params:
         shape, dtype = _tensor_sinfo(param, "input")
+        weight = compact.get(param.name)
+        if weight is not None:
+            env[param] = _weight_tensor(weight, shape, dtype, as_float, consts, compact_keys)
+            continue
         t = layout.view(f"in{len(inputs)}", shape, dtype, layout.region(_nbytes(shape, dtype)),
                         label=f"input {param.name}")
         env[param] = t
@@ -251,6 +294,10 @@ def walk(planned, names: dict[str, str]) -> Program:
                 for t in args:
                     if t.region == "arena":
                         layout.use(t)
+                if any(t.region == "scratch" for t in args):
+                    args, decodes[len(calls)], size = _scratch_views(args, len(calls))
+                    scratch = max(scratch, size)
+                    scratch_views.extend(t for t in args if t.region == "scratch")
                 calls.append((kernel, [t.key for t in args]))
                 env[var] = None
             else:
@@ -264,8 +311,39 @@ def walk(planned, names: dict[str, str]) -> Program:
         layout.use(o)
     for i in inputs:
         layout.use(i)
-    return Program(inputs=inputs, outputs=outs, consts=list(consts.values()), views=layout.used(),
-                   calls=calls, storages=layout.storages, arena_bytes=layout.size, tir=tir)
+    return Program(inputs=inputs, outputs=outs, consts=list(consts.values()), views=layout.used() + scratch_views,
+                   calls=calls, storages=layout.storages, arena_bytes=layout.size, tir=tir,
+                   compact=compact_keys, decodes=decodes, scratch_bytes=scratch)
+
+
+def _weight_tensor(weight, shape, dtype: str, as_float: set[str], consts: dict, compact_keys: dict) -> Tensor:
+    """The tensor a compact-weight parameter stands for: a scratch view (decoded at run time) or a float constant."""
+    if tuple(shape) != tuple(weight.shape) or dtype != "float32":
+        raise TargetError(f"mcu: compact weight {weight.source} arrived as {list(shape)} {dtype}, expected "
+                          f"{list(weight.shape)} float32")
+    label = f"{weight.source} ({weight.storage})"
+    if weight.name in as_float:
+        key = f"c{len(consts)}"
+        t = Tensor(key, tuple(shape), dtype, "const", data=weight.decode(), label=weight.source)
+        consts[("param", weight.name)] = t
+        return t
+    key = f"w{len(compact_keys)}"
+    compact_keys[key] = weight
+    return Tensor(key, tuple(shape), dtype, "scratch", label=label, source=key)
+
+
+def _scratch_views(args: list[Tensor], call: int) -> tuple[list[Tensor], list[tuple[str, int]], int]:
+    """Per call, the compact weights it reads laid out in the scratch buffer: (its arguments with the scratch ones
+    replaced by views at their offsets, the decodes to run before it, the scratch bytes it needs)."""
+    offsets: dict[str, int] = {}
+    size = 0
+    for t in args:
+        if t.region == "scratch" and t.source not in offsets:
+            offsets[t.source] = size
+            size = _round_up(size + t.nbytes)
+    views = [Tensor(f"{t.key}_k{call}_{i}", t.shape, t.dtype, "scratch", offsets[t.source], label=t.label,
+                    source=t.source) if t.region == "scratch" else t for i, t in enumerate(args)]
+    return views, list(offsets.items()), size
 
 
 class _Layout:
@@ -293,7 +371,8 @@ class _Layout:
         return t
 
     def alias(self, src: Tensor, shape, dtype: str) -> Tensor:
-        t = Tensor(f"t{len(self.views)}", tuple(shape), dtype, src.region, src.offset, src.data, src.label)
+        t = Tensor(f"t{len(self.views)}", tuple(shape), dtype, src.region, src.offset, src.data, src.label,
+                   src.source)
         if src.region == "const":
             t.key = f"{src.key}_r{len(self.views)}"
         self.views.append(t)
@@ -433,11 +512,13 @@ def emit_model(program: Program) -> str:
     for c in program.consts:
         lines.append(f"/* {c.label}: {list(c.shape)} {c.dtype}, {c.nbytes} bytes */")
         lines.append(c_array(f"{c.key}_data", c.data))
+    lines += _compact_lines(program)
     all_tensors = {t.key: t for t in program.consts}
     all_tensors.update({t.key: t for t in program.views})
     for t in all_tensors.values():
         dims = ", ".join(str(d) for d in t.shape) or "1"
         data = (f"(void*)(squeeze_arena + {t.offset})" if t.region == "arena"
+                else f"(void*)(squeeze_scratch + {t.offset})" if t.region == "scratch"
                 else f"(void*){t.key.split('_r')[0]}_data")
         lines.append(f"static const int64_t {t.key}_shape[] = {{{dims}}};")
         lines.append(f"static const DLTensor {t.key} = {{{data}, {{kDLCPU, 0}}, {len(t.shape)}, "
@@ -452,6 +533,9 @@ def emit_model(program: Program) -> str:
         lines.append(f"static const TVMFFIAny call{i}_args[{len(args)}] = {{{items}}};")
     lines += ["", "int squeeze_model_run(void) {", "  TVMFFIAny ret;"]
     for i, (k, args) in enumerate(program.calls):
+        for key, offset in program.decodes.get(i, []):
+            lines.append("  " + weight_storage.c_decode_call(program.compact[key], key,
+                                                             f"squeeze_scratch + {offset}"))
         lines.append(f"  ret.type_index = kTVMFFINone; ret.zero_padding = 0; ret.v_int64 = 0;")
         lines.append(f"  if (__tvm_ffi_{k}(NULL, (void*)call{i}_args, {len(args)}, &ret) != 0) return {i + 1};")
     lines += ["  return 0;", "}", ""]
@@ -464,6 +548,19 @@ def emit_model(program: Program) -> str:
     lines.append(f"const int squeeze_num_outputs = {len(program.outputs)};")
     lines.append(f"const char* const squeeze_kernel_names[] = {{{', '.join(chr(34) + k + chr(34) for k, _ in program.calls)}}};")
     return "\n".join(lines) + "\n"
+
+
+def _compact_lines(program: Program) -> list[str]:
+    """The compact weights' arrays (flash), the decode scratch (RAM) and the decoder."""
+    if not program.compact:
+        return []
+    lines = [f"static uint8_t squeeze_scratch[{max(program.scratch_bytes, ALIGN)}] __attribute__((aligned({ALIGN})));"]
+    for key, w in program.compact.items():
+        lines.append(f"/* {w.source}: {list(w.shape)} as {w.storage}, {w.stored_bytes} + {w.table_bytes} bytes "
+                     f"(float: {w.float_bytes}) */")
+        lines += [c_array(f"{name}_data", arr) for name, arr in weight_storage.c_arrays(w, key).items()]
+    lines.append(weight_storage.DECODE_C)
+    return lines
 
 
 def _data_expr(t: Tensor) -> str:
