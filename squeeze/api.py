@@ -360,7 +360,18 @@ def _numeric_check(model, samples, outputs: dict[str, np.ndarray], threads) -> d
         fid["tolerance"] = "rel_l2 <= max(1e-2, 3 × onnxruntime_optimized_rel_l2) (one-step rounding flips)"
         close = fid.get("rel_l2", 0) <= max(1e-2, 3 * own)
     else:
+        fid["tolerance"] = "max_abs_rel <= 1e-3"
         close = fid.get("max_abs_rel", 0) <= 1e-3
+        if not close and fid.get("rel_l2", 1.0) <= 1e-3:
+            # Deep float models drift by summation order alone: the bound is 10× what ONNX Runtime's own optimized
+            # and unoptimized graphs differ by on these samples (a miscompile is orders of magnitude above that).
+            slow = runtime.session(model, threads, optimize=False)
+            own = verify.fidelity(ref, {n: _merge_samples(np.stack([slow.run([n], s)[0] for s in samples]))
+                                        for n in names}).get("max_abs_rel", 0.0)
+            fid["onnxruntime_unoptimized_max_abs_rel"] = own
+            fid["tolerance"] = ("max_abs_rel <= max(1e-3, 10 × onnxruntime_unoptimized_max_abs_rel) and "
+                                "rel_l2 <= 1e-3 (float summation order)")
+            close = fid.get("max_abs_rel", 0) <= max(1e-3, 10 * own)
     fid["ok"] = bool(close and fid.get("top1_agreement", 1.0) == 1.0)
     return fid
 
