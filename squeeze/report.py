@@ -160,6 +160,7 @@ def markdown(report: dict) -> str:
                      f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} |")
         lines[-1] += f" {ok}: {_fid(check)} |"
     lines += _device_counts(report["targets"])
+    lines += _firmware_lines(report["targets"])
     ort = report.get("onnxruntime", {})
     lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
               "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
@@ -319,6 +320,39 @@ def _device_counts(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['spec']} | " + " | ".join(cells) + " |")
     lines += ["", "Flash = code + weights + initialised data; RAM = arena + workspace + data/bss + measured stack. "
               "Instructions are counted by QEMU (-icount), not cycles: on silicon they differ."]
+    return lines
+
+
+def _firmware_lines(rows: list[dict]) -> list[str]:
+    """Per firmware target row (mcu): how the weights are stored, the flash and RAM breakdowns, and per layer the
+    weight storage, compute type and MACs (the row's `weights`, `flash_breakdown`, `ram_breakdown`, `layers`)."""
+    lines: list[str] = []
+    for r in rows:
+        if "error" in r or not r.get("flash_breakdown"):
+            continue
+        flash, ram, weights = r["flash_breakdown"], r.get("ram_breakdown") or {}, r.get("weights") or {}
+        lines += ["", f"### Firmware memory: {r['spec']}", "",
+                  f"weights={weights.get('mode', '?')}: {weights.get('why', '')}.", "",
+                  "| flash | " + " | ".join(k.replace("_", " ") for k in flash) + " | total |",
+                  "|---|" + "---:|" * (len(flash) + 1),
+                  "| bytes | " + " | ".join(f"{v:,}" for v in flash.values()) + f" | {sum(flash.values()):,} |"]
+        if ram:
+            lines += ["", "| RAM | " + " | ".join(k.replace("_", " ") for k in ram) + " | total |",
+                      "|---|" + "---:|" * (len(ram) + 1),
+                      "| bytes | " + " | ".join(f"{v:,}" for v in ram.values()) + f" | {sum(ram.values()):,} |"]
+        layers = r.get("layers") or []
+        if layers:
+            lines += ["", "| layer | op | MACs | weight storage | weight flash | as float32 | compute |",
+                      "|---|---|---:|---|---:|---:|---|"]
+            for x in layers:
+                size = f"{x['flash_bytes']:,}" if x.get("flash_bytes") is not None else "—"
+                full = f"{x['float_bytes']:,}" if x.get("float_bytes") is not None else "—"
+                lines.append(f"| {x['layer']} | {x['op']} | {x['macs']:,} | {x.get('storage', '—')} | {size} | "
+                             f"{full} | {x['compute']} |")
+    if lines:
+        lines += ["", "Compact weights are decoded into the RAM decode scratch right before the layer that reads "
+                  "them; the kernels compute in float32. Flash and RAM parts are measured from the firmware ELF "
+                  "(sections and symbols) and the stack's high-water mark."]
     return lines
 
 

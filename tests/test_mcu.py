@@ -150,3 +150,122 @@ def test_pruned_and_codebook_model_needs_less_flash(mcu_tools, repo):
     assert row["method"] == "instruction-count" and row["numeric_check"]["ok"], row
     assert row["flash_bytes"] < 0.5 * row["original_flash_bytes"]
     assert row["instructions"] < row["original_instructions"]
+
+
+# ------------------------------------------------------------------------------------- compact weights in flash
+
+def _tiny_conv_net() -> onnx.ModelProto:
+    """x[1,3,8,8] ─Conv 3→8 3×3─ Relu ─Conv 8→16 3×3 /2─ Relu ─ Flatten ─ Gemm 256→32 (transB) ─ Relu ─ Gemm 32→10 ─ y"""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8),
+               "w2": rng.normal(0, 0.2, (16, 8, 3, 3)), "b2": rng.normal(0, 0.1, 16),
+               "w3": rng.normal(0, 0.1, (32, 256)), "b3": rng.normal(0, 0.1, 32),
+               "w4": rng.normal(0, 0.2, (10, 32)), "b4": rng.normal(0, 0.1, 10)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Flatten", ["r2"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["r3"]),
+             helper.make_node("Gemm", ["r3", "w4", "b4"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+TINY_WEIGHTS = 8 * 3 * 9 + 16 * 8 * 9 + 32 * 256 + 10 * 32   # parameters of the four weight tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_compressed():
+    import squeeze
+    from squeeze.registry import all_passes
+    if not {"quant", "codebook"} <= set(all_passes()):
+        pytest.skip("the quant and codebook passes are not registered in this checkout")
+    model = _tiny_conv_net()
+    return {spec: squeeze.compress(model, spec, targets=[], runs=1).model
+            for spec in ("quant", "codebook(bits=4)")}
+
+
+def _check_breakdowns(measured) -> None:
+    extra = measured.extra
+    assert sum(extra["flash_breakdown"].values()) == extra["flash_bytes"]
+    assert sum(extra["ram_breakdown"].values()) == extra["ram_bytes"]
+    assert extra["flash_breakdown"]["code"] > 0 and extra["ram_breakdown"]["stack"] > 0
+    assert extra["ram_breakdown"]["io"] == (3 * 64 + 10) * 4
+
+
+@pytest.mark.parametrize("spec, storage, per_weight", [("quant", "int8", 1.0),
+                                                       ("codebook(bits=4)", "packed 4-bit + codebook[16]", 0.5)])
+def test_quant_and_codebook_weights_stay_compact_in_flash(mcu_tools, tiny_compressed, tmp_path, spec, storage,
+                                                          per_weight):
+    model = tiny_compressed[spec]
+    artifact, measured, expected = _run(model, [1, 3, 8, 8], tmp_path)
+    np.testing.assert_allclose(measured.outputs["0"], expected, rtol=1e-4, atol=1e-5)
+    extra = measured.extra
+    flash = extra["flash_breakdown"]
+    # every weight tensor is stored at 1 byte (int8) or 4 bits (+1 padding byte per tensor), not 4 bytes
+    assert TINY_WEIGHTS * per_weight <= flash["weights_compact"] <= TINY_WEIGHTS * per_weight + 4
+    assert flash["weights_float"] <= 4 * (8 + 16 + 32 + 10) + 64   # the biases only
+    assert flash["tables"] > 0
+    assert [r["storage"] for r in extra["layers"]] == [storage] * 4
+    assert [r["macs"] for r in extra["layers"]] == [8 * 64 * 27, 16 * 16 * 72, 32 * 256, 10 * 32]
+    assert all(r["compute"] == "float32" for r in extra["layers"])
+    # the decode scratch holds the largest decoded weight (the 256→32 Gemm), in RAM
+    assert extra["ram_breakdown"]["decode_scratch"] == 32 * 256 * 4
+    assert extra["weights"]["mode"] == "auto" and extra["weights"]["compact"] == 4
+    _check_breakdowns(measured)
+    assert "squeeze_decode_" in (artifact.handle["folder"] / "model.c").read_text()
+
+
+def test_float_weights_mode_holds_every_weight_as_float(mcu_tools, tiny_compressed, tmp_path):
+    model = tiny_compressed["quant"]
+    _, compact, expected = _run(model, [1, 3, 8, 8], tmp_path / "compact", weights="compact")
+    _, full, _ = _run(model, [1, 3, 8, 8], tmp_path / "float", weights="float")
+    np.testing.assert_allclose(full.outputs["0"], expected, rtol=1e-4, atol=1e-5)
+    assert full.extra["flash_breakdown"]["weights_compact"] == 0
+    assert full.extra["flash_breakdown"]["weights_float"] >= 4 * TINY_WEIGHTS
+    assert full.extra["ram_breakdown"]["decode_scratch"] == 0
+    # int8 weights: the weight bytes in flash are a quarter; the whole firmware well under half
+    assert compact.extra["flash_bytes"] < 0.5 * full.extra["flash_bytes"]
+    _check_breakdowns(full)
+
+
+def test_auto_keeps_the_largest_weight_float_when_its_scratch_overflows_ram(mcu_tools, tiny_compressed, tmp_path,
+                                                                             monkeypatch):
+    model = tiny_compressed["codebook(bits=4)"]
+    probe = Mcu(weights="compact").build(model, {"x": (1, 3, 8, 8)}, tmp_path / "probe")
+    memory = probe.handle["memory"]
+    # RAM for everything but the Gemm's 32 KiB scratch (the next largest decoded weight is 4.6 KiB)
+    ram = memory["arena_bytes"] + memory["workspace_pool_bytes"] + 8 * 1024 + 8 * 1024
+    monkeypatch.setitem(BOARDS, "stm32f401", Board("cortex-m4", 512 * 1024, ram, 84, "mps2-an386"))
+    artifact, measured, expected = _run(model, [1, 3, 8, 8], tmp_path, board="stm32f401")
+    np.testing.assert_allclose(measured.outputs["0"], expected, rtol=1e-4, atol=1e-5)
+    weights = measured.extra["weights"]
+    assert len(weights["float_for_ram"]) == 1 and weights["compact"] == 3
+    gemm = next(r for r in measured.extra["layers"] if r["macs"] == 32 * 256)
+    assert gemm["storage"].startswith("float32") and measured.extra["flash_breakdown"]["weights_float"] >= 32 * 256 * 4
+    assert measured.extra["ram_breakdown"]["decode_scratch"] < 8 * 1024
+    with pytest.raises(TargetError, match="does not fit stm32f401"):
+        Mcu(board="stm32f401", weights="compact").build(model, {"x": (1, 3, 8, 8)}, tmp_path / "compact")
+
+
+def test_report_renders_the_firmware_breakdowns():
+    from squeeze import report
+    row = {"spec": "mcu", "flash_breakdown": {"code": 5000, "weights_float": 360, "weights_compact": 10879,
+                                              "tables": 256, "other": 1905},
+           "ram_breakdown": {"activations": 29144, "io": 3176, "decode_scratch": 64000, "workspace_pool": 26176,
+                             "other_static": 432, "stack": 376},
+           "weights": {"mode": "auto", "why": "4 weight(s) compact in flash"},
+           "layers": [{"layer": "Gemm_7", "op": "Gemm", "macs": 16000, "storage": "packed 4-bit + codebook[16]",
+                       "flash_bytes": 8065, "float_bytes": 64000, "compute": "float32"}]}
+    text = "\n".join(report._firmware_lines([row, {"spec": "cpu", "latency_ms": {}}]))
+    assert "### Firmware memory: mcu" in text and "weights=auto: 4 weight(s) compact in flash." in text
+    assert "| bytes | 5,000 | 360 | 10,879 | 256 | 1,905 | 18,400 |" in text
+    assert "| bytes | 29,144 | 3,176 | 64,000 | 26,176 | 432 | 376 | 123,304 |" in text
+    assert "| Gemm_7 | Gemm | 16,000 | packed 4-bit + codebook[16] | 8,065 | 64,000 | float32 |" in text
+    assert report._firmware_lines([{"spec": "cpu"}]) == []
