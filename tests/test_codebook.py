@@ -307,8 +307,8 @@ def test_non_finite_weights_are_left_alone(spec):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_opset8_rebuild_compiles_with_tvm(bits):
-    """An opset-8 model is upgraded to opset 10, so the index trim is a tensor-input Slice that TVM imports and
-    folds (attribute-form Slice made TVM fail: 'Cannot cast NoneType to list of Expr'; a Split was imported but
+    """An opset-8 model is upgraded (to opset 13 by the canonical front end; codebook itself needs 10), so the index
+    trim is a tensor-input Slice that TVM imports and folds (attribute-form Slice made TVM fail: 'Cannot cast NoneType to list of Expr'; a Split was imported but
     not folded, 14× slower on pruned resnet4b); TVM compiles it and matches ONNX Runtime."""
     pytest.importorskip("tvm")
     import squeeze  # noqa: PLC0415
@@ -316,7 +316,7 @@ def test_opset8_rebuild_compiles_with_tvm(bits):
     result = squeeze.compress(model, f"codebook(bits={bits})", targets="cpu", runs=3)
     assert result.failure is None
     ops = {n.op_type for n in result.model.graph.node}
-    assert "Slice" in ops and "Split" not in ops and result.model.opset_import[0].version == 10
+    assert "Slice" in ops and "Split" not in ops and result.model.opset_import[0].version >= 10
     row = result.report["targets"][0]
     assert "error" not in row, row.get("error")
     assert row["numeric_check"]["ok"], row["numeric_check"]
