@@ -69,6 +69,22 @@ class Runner:
         text = f"key-{self.key}" if self.tracker else f"rpc-{self.rpc[0]}-{self.rpc[1]}"
         return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
+    def devices(self) -> int:
+        """How many devices can measure at once: the servers the tracker reports under the key (at least 1; a
+        tracker that cannot be asked counts as 1, `connect()` says what is wrong), 1 for a lone `--rpc` server.
+
+        A server registers as `server:KEY` in the tracker's summary, whether it is idle or serving a session.
+        """
+        if not self.tracker:
+            return 1
+        tvm_build.tvm()
+        from tvm import rpc  # noqa: PLC0415
+        try:
+            summary = rpc.connect_tracker(*self.tracker).summary()
+        except Exception:  # noqa: BLE001 - unreachable: the session request reports it with a hint
+            return 1
+        return max(1, registered(summary, self.key))
+
     def connect(self):
         """An RPC session with the device; TargetError saying what to check when it cannot be had."""
         tvm_build.tvm()
@@ -83,6 +99,11 @@ class Runner:
                     f"{self.key!r}?" if self.tracker else "is `python -m tvm.exec.rpc_server` running there?")
             raise TargetError(f"cannot reach the device ({self.describe()}): {tvm_build._first_line(exc)}; "
                               f"{hint}") from exc
+
+
+def registered(summary: dict, key: str | None) -> int:
+    """Servers under `key` in a tracker's `summary()` (its `server_info` entries keyed `server:KEY`)."""
+    return sum(1 for info in summary.get("server_info", []) if info.get("key") == f"server:{key}")
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:
@@ -169,10 +190,16 @@ def measure_executable(runner: Runner, executable, input_names: list[str], sampl
 
 # ------------------------------------------------------------------------------------------------ tuning
 
-def ms_runner(runner: Runner, *, number: int = 10, repeat: int = 5, min_repeat_ms: int = 20) -> Any:
+def ms_runner(runner: Runner, *, number: int = 10, repeat: int = 5, min_repeat_ms: int = 20,
+              workers: int | None = None) -> Any:
     """A MetaSchedule runner that times candidates on the device: through the tracker (`--tracker --key`), or
     straight at a lone server (`--rpc`). The evaluator settings are those of squeeze's local tuning runner, so
     a database's records are measured alike wherever they come from.
+
+    Behind a tracker the candidates of a batch are timed on every device registered under the key at once:
+    the runner gets one worker per device (`workers`, default `Runner.devices()`), each worker asks the tracker
+    for a session and the tracker hands each a free server. With one worker (MetaSchedule's default on a
+    2-core host) they queued for one device however many were registered.
 
     MetaSchedule's RPCRunner asks a tracker for a session; for `--rpc` its `f_create_session` hook connects to
     the server itself instead (RPCConfig's tracker fields then carry the server's address).
@@ -185,7 +212,8 @@ def ms_runner(runner: Runner, *, number: int = 10, repeat: int = 5, min_repeat_m
     evaluator = EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                 enable_cpu_cache_flush=False)
     return RPCRunner(rpc_config=config, evaluator_config=evaluator,
-                     f_create_session=None if runner.tracker else _direct_session)
+                     f_create_session=None if runner.tracker else _direct_session,
+                     max_workers=max(1, workers or runner.devices()))
 
 
 def _direct_session(config):

@@ -17,6 +17,8 @@
 
 Where candidates are measured: on this machine by default (MetaSchedule's LocalRunner); on a device when
 `runner` is MetaSchedule's RPCRunner (`remote.ms_runner`: `--tracker HOST:PORT --key KEY` or `--rpc HOST:PORT`).
+Behind a tracker, each batch of candidates is timed on every device registered under the key at once (one
+runner worker per device; the report's `tuning.devices` says how many).
 Both the default-schedule seeds and every tuning candidate then go through that runner: built (and, for a
 cross target, linked with `export=library_export("aarch64-linux-gnu-g++")`) here, uploaded and timed there.
 
@@ -227,10 +229,12 @@ def tune_model(mod, target, *, trials: int, tune_cache: str = "", device=None,
     cache = cache_dir(tune_cache or None)
     threads = tvm_build.threads()
     options: dict = {}
+    devices = 1
     if device is not None:
         from . import remote  # noqa: PLC0415
         device.connect()  # a device that cannot be reached: TargetError with a hint, before anything is built
-        options = {"runner": remote.ms_runner(device), "device": device.identity(),
+        devices = device.devices()  # every device under the tracker key measures candidates at once
+        options = {"runner": remote.ms_runner(device, workers=devices), "device": device.identity(),
                    "export": library_export(cross_compiler)}
     functions: dict = {}
     database = tune(mod, target, trials=trials, cache=cache, threads=threads, stats=functions, **options)
@@ -239,6 +243,7 @@ def tune_model(mod, target, *, trials: int, tune_cache: str = "", device=None,
             "seconds": tvm_build.seconds_since(start),
             "measured": "rpc" if device is not None else "native",
             "measured_on": device.describe() if device is not None else "this machine",
+            "devices": devices,
             "functions": functions,
             "kernels_us": {"untuned": _round(sum(f["default_us"] * f["calls"] for f in timed)),
                            "tuned": _round(sum(f["best_us"] * f["calls"] for f in timed))}}

@@ -124,3 +124,103 @@ def test_a_device_that_times_nothing_is_one_line_error(tmp_path):
                                           "cannot load candidate.so: wrong ELF machine$"):
         tuning.tune(mod, target, trials=0, cache=tmp_path, threads=1, runner=Failing(), device="key-rpi4",
                     export=tuning.library_export())
+
+
+# ------------------------------------------------------------------------------------ several devices, one key
+
+@pytest.fixture(scope="module")
+def two_devices(tmp_path_factory):
+    """A tracker with two loopback rpc_servers under key 'pair'; each server logs to its own file, so a test
+    can tell which server loaded which candidate. Yields (tracker port, [log paths])."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado: pip install -e '.[test]'")
+    import subprocess
+    import sys
+    import time
+
+    from test_rpc import LOOPBACK, _free_port, _start, _stop, _wait_port
+    from tvm import rpc
+
+    from squeeze.targets.remote import registered
+    logs = [tmp_path_factory.mktemp("servers") / f"server{i}.log" for i in range(2)]
+    port = _free_port()
+    procs = [_start(["tvm.exec.rpc_tracker", "--host", LOOPBACK, "--port", str(port), "--port-end", str(port + 1),
+                     "--silent"])]
+    try:
+        _wait_port(port, procs[0])
+        for log in logs:
+            server_port = _free_port()
+            with open(log, "w") as out:  # not --silent: the server logs every module it loads
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tvm.exec.rpc_server", "--host", LOOPBACK, "--port", str(server_port),
+                     "--port-end", str(server_port + 1), "--tracker", f"{LOOPBACK}:{port}", "--key", "pair"],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        end = time.time() + 90
+        while registered(rpc.connect_tracker(LOOPBACK, port).summary(), "pair") < 2:
+            if time.time() > end or any(p.poll() is not None for p in procs):
+                raise TimeoutError("the two rpc_servers did not register with the tracker")
+            time.sleep(0.3)
+        yield port, logs
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+
+
+def _candidates(count: int):
+    """`count` copies of one compiled 64×64 matmul, exported as tuning's builder exports a candidate."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+    a, b = te.placeholder((64, 64), name="A"), te.placeholder((64, 64), name="B")
+    k = te.reduce_axis((0, 64), name="k")
+    func = te.create_prim_func([a, b, te.compute((64, 64), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k),
+                                                 name="C")])
+    lib = tvm.tirx.build(tvm.IRModule({"main": func}), target="llvm")
+    args = ms.arg_info.ArgInfo.from_prim_func(func)
+    return [ms.runner.RunnerInput(tuning.library_export()(lib), "cpu", args) for _ in range(count)]
+
+
+def test_a_tracker_key_with_two_devices_gets_two_runner_workers(two_devices, monkeypatch):
+    port, _ = two_devices
+    from tvm.s_tir.meta_schedule import runner as ms_runners
+
+    from squeeze.targets.remote import ms_runner
+    device = Runner.from_args(tracker=f"127.0.0.1:{port}", key="pair")
+    assert device.devices() == 2
+    made = []
+    monkeypatch.setattr(ms_runners, "RPCRunner", lambda **kwargs: made.append(kwargs))
+    ms_runner(device)
+    ms_runner(Runner.from_args(rpc="127.0.0.1:1"))
+    assert [m["max_workers"] for m in made] == [2, 1]
+    assert Runner.from_args(rpc="127.0.0.1:1").devices() == 1  # a lone server is one device, never asked
+
+
+def test_candidates_are_measured_on_both_devices_in_parallel(two_devices):
+    """A batch of candidates through the tracker: every one is timed, both servers load candidates, and the
+    batch takes less wall time with one worker per device than with one worker (the report gives the ratio)."""
+    import time
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from squeeze.targets.remote import ms_runner
+    port, logs = two_devices
+    device = Runner.from_args(tracker=f"127.0.0.1:{port}", key="pair")
+
+    def batch(workers: int) -> float:
+        runner = ms_runner(device, number=1, repeat=4, min_repeat_ms=100, workers=workers)
+        timed = 0.0
+        for count in (workers, 8):  # the first batch starts the runner's worker processes; the second is timed
+            inputs = _candidates(count)
+            start = time.perf_counter()
+            results = [f.result() for f in runner.run(inputs)]
+            timed = time.perf_counter() - start
+            for inp in inputs:
+                ms.utils.remove_build_dir(inp.artifact_path)
+            assert all(r.error_msg is None and r.run_secs for r in results), [r.error_msg for r in results]
+        return timed
+
+    before = [log.read_text().count("load_module") for log in logs]
+    serial, parallel = batch(1), batch(2)
+    loaded = [log.read_text().count("load_module") - b for log, b in zip(logs, before)]
+    assert sum(loaded) >= 19 and min(loaded) >= 1, loaded  # both devices measured candidates
+    print(f"8 candidates: one worker {serial:.2f} s, one per device (2) {parallel:.2f} s, "
+          f"{serial / parallel:.2f}x")
