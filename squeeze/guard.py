@@ -70,16 +70,14 @@ class Guard:
             sensitivity = self._sensitivity(attempt, params, backoff.skip, layers)
             record["sensitivity"] = {k: round(v, 4) for k, v in sensitivity.items()}
             order = sorted(layers, key=lambda name: -sensitivity[name])
-            for count in range(1, len(order)):
-                trial = {**params, backoff.skip: sorted(set(params.get(backoff.skip) or []) | set(order[:count]))}
-                progress(f"{call.name}: leaving the {count} most sensitive layer(s) untouched")
-                found = self._try(attempt, trial, log)
-                if found:
-                    record.update(action="skipped sensitive layers", skipped=order[:count], params=_shown(trial),
-                                  drop=log[-1]["drop"])
-                    found[1].note(f"accuracy guard: left {', '.join(order[:count])} untouched "
-                                  f"({self._change(drop, log[-1]['drop'])})")
-                    return found[0], found[1], record
+            best = self._fewest_skipped(call.name, attempt, params, backoff.skip, order, log, progress)
+            if best:
+                count, trial, found, kept_drop = best
+                record.update(action="skipped sensitive layers", skipped=order[:count], params=_shown(trial),
+                              drop=kept_drop)
+                found[1].note(f"accuracy guard: left {', '.join(order[:count])} untouched "
+                              f"({self._change(drop, kept_drop)})")
+                return found[0], found[1], record
         value = params[backoff.param]
         while (value := backoff.weaken(value)) is not None:
             trial = {**params, backoff.param: value}
@@ -91,6 +89,39 @@ class Guard:
                               f"({self._change(drop, log[-1]['drop'])})")
                 return found[0], found[1], record
         return self._revert(call, ctx, record, f"no weaker setting kept the drop within {self._show(self.max_drop)}")
+
+    def _fewest_skipped(self, name: str, attempt: Attempt, params: dict[str, Any], skip: str, order: list[str],
+                        log: list[dict], progress: Callable[[str], None]):
+        """(count, params, (model, ctx), drop) leaving the fewest of the most sensitive layers untouched that keeps
+        the drop within the limit, or None (at most all layers but one are left out).
+
+        Counts 1, 2, 4, ... are tried, then bisection between the last count that failed and the first that held:
+        the drop falls as more layers are left out, so this finds the count that trying each count in turn would,
+        in about 2·log2(layers) attempts instead of up to one per layer (each attempt runs the pass on the model).
+        """
+        def trial(count: int):
+            params_ = {**params, skip: sorted(set(params.get(skip) or []) | set(order[:count]))}
+            progress(f"{name}: leaving the {count} most sensitive layer(s) untouched")
+            found = self._try(attempt, params_, log)
+            return (count, params_, found, log[-1].get("drop")) if found else None
+
+        most = len(order) - 1
+        low, count, best = 0, 1, None
+        while best is None and count <= most:
+            best = trial(count)
+            if best is None:
+                low, count = count, (min(2 * count, most) if count < most else most + 1)
+        if best is None:
+            return None
+        high = best[0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            found = trial(mid)
+            if found:
+                best, high = found, mid
+            else:
+                low = mid
+        return best
 
     def _try(self, attempt: Attempt, params: dict[str, Any], log: list[dict]):
         try:
