@@ -104,3 +104,23 @@ def test_guard_with_a_callable_metric(noise_pass):
     block = result.report["metric"]
     assert block["label"] == "confidence (custom)" and block["n"] == 540
     assert block["drop"] <= 0.01 and result.report["passes"][0]["guard"]["attempts"][0]["drop"] > 0.01
+
+
+@pytest.mark.parametrize("layers", [2, 3, 8, 17])
+def test_fewest_sensitive_layers_by_doubling_and_bisection(layers):
+    """With a drop that falls as more layers are left out, the search finds the smallest count that holds (as
+    trying each count would), in O(log layers) pass runs; none when even all layers but one are not enough."""
+    from squeeze.guard import Guard
+    for need in range(0, layers + 1):
+        guard, tried = Guard.__new__(Guard), []
+
+        def fake_try(attempt, params, log, need=need):
+            tried.append(len(params["skip"]))
+            log.append({"drop": 0.5 if len(params["skip"]) >= need else 2.0})
+            return ("model", "ctx") if len(params["skip"]) >= need else None
+
+        guard._try = fake_try
+        best = guard._fewest_skipped("p", None, {"skip": []}, "skip", [f"l{i}" for i in range(layers)], [],
+                                     lambda message: None)
+        assert (best[0] if best else None) == (max(need, 1) if max(need, 1) < layers else None)
+        assert len(tried) <= 2 * layers.bit_length() + 1
