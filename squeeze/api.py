@@ -67,12 +67,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
              max_drop: float | None = None, progress: Callable[[str], None] | None = None,
              rpc: str | None = None, tracker: str | None = None, key: str | None = None,
-             tune: int | None = None, tune_cache: str | None = None, goal: str | None = None,
+             tune: int | None = None, tune_cache: str | None = None, batch: int | None = None,
+             goal: str | None = None,
              metric: "str | Metric | Callable | None" = None) -> Result:
     """Run the pass pipeline on `model`, verify every step, compile and measure the result on `targets`.
 
     With `goal` ("size=8x", "bytes=200k", "macs=0.5", "latency=1.5x@cpu"; see squeeze.goal), `passes` run first,
     then per-layer prune/codebook strengths are allocated to meet the goal within `max_drop` and appended.
+
+    `batch` (cpu): also measure inferences/s on all cores at batch 1 and at this batch (the row's `throughput`).
 
     `metric` is the task metric of the report, `max_drop` and `goal` (squeeze.task_metrics): a name such as "top1",
     "ctc:dict.txt", "mask-iou:0.2", "agreement", "rel-l2", "attribution", a Metric, or a callable
@@ -93,7 +96,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
         latency = goal_spec.latency
         if latency is not None and not any(str(c) == latency.target or c.name == latency.target for c in target_calls):
             target_calls += bind(latency.target, get_target)  # the report shows the speed-up the goal asked for
-    _target_defaults(target_calls, tune=tune, tune_cache=tune_cache)
+    _target_defaults(target_calls, tune=tune, tune_cache=tune_cache, batch=batch)
     runner = None
     if rpc or tracker or key:  # a device over TVM RPC for the targets that can use one (targets/remote.py)
         from squeeze.targets.remote import Runner  # noqa: PLC0415
@@ -247,7 +250,7 @@ def _check_real_timing(name: str, calls: list[Call], runner) -> None:
 
 
 def _target_defaults(calls: list[Call], **values) -> None:
-    """--tune/--tune-cache: a default for every target that has that parameter, unless its spec sets it."""
+    """--tune/--tune-cache/--batch: a default for every target that has that parameter, unless its spec sets it."""
     for call in calls:
         names = {p.name for p in call.entry.params}
         for key, value in values.items():
@@ -303,6 +306,8 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
         say(f"{call.name}: measuring")
         measured = target.measure(artifact, samples, runs)
         row["method"] = measured.method
+        if report_mod.no_speedup_reason(measured.method):  # emulated / opencl-cpu / instruction-count
+            row["no_speedup"] = report_mod.no_speedup_reason(measured.method)
         row["latency_ms"] = measured.latency_ms
         row["build_seconds"] = artifact.build_seconds
         row["notes"] = measured.notes
@@ -319,7 +324,9 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
             original_measured = target.measure(target.build(original, shapes, workdir), samples[:1], runs)
             if measured.latency_ms and original_measured.latency_ms:
                 row["original_latency_ms"] = original_measured.latency_ms
-                row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"] / measured.latency_ms["p50"], 4)
+                if report_mod.real_time(row):  # an emulator's time gives no speed-up
+                    row["speedup_vs_original_tvm"] = round(original_measured.latency_ms["p50"]
+                                                           / measured.latency_ms["p50"], 4)
             for k in ("flash_bytes", "ram_bytes", "instructions"):  # MCU rows compare memory and counts
                 if original_measured.extra.get(k) is not None:
                     row[f"original_{k}"] = original_measured.extra[k]

@@ -68,6 +68,34 @@ def _fid(f: dict | None) -> str:
     return text
 
 
+#: Methods whose latency is real time on the target (this machine, or a device over RPC). Only these rows share a
+#: table, an axis or a ratio with each other; every other method is shown apart and never gives a speed-up.
+REAL_TIME_METHODS = ("native", "rpc")
+#: What the other methods' figures are, as every view labels them (`arm [emulated — qemu time, not device time]`).
+NOT_DEVICE_TIME = {"emulated": "qemu time, not device time",
+                   "opencl-cpu": "PoCL on this CPU: outputs checked, no time",
+                   "instruction-count": "QEMU instructions, not cycles"}
+
+
+def real_time(row: dict) -> bool:
+    """True when a target row's figures are real time on its target (`native`, `rpc`)."""
+    return row.get("method") in REAL_TIME_METHODS
+
+
+def method_label(method: str | None) -> str:
+    """The method as the views print it: `native`, or `emulated — qemu time, not device time` for a figure that is
+    not the device's time (so a reader never takes it for one)."""
+    method = method or "—"
+    return f"{method} — {NOT_DEVICE_TIME[method]}" if method in NOT_DEVICE_TIME else method
+
+
+def no_speedup_reason(method: str | None) -> str | None:
+    """Why report.json gives no speed-up for a row measured with `method`, or None when its time is real."""
+    if method in REAL_TIME_METHODS:
+        return None
+    return f"{method_label(method)}: no speed-up is computed from it"
+
+
 def failed_check(row: dict) -> str | None:
     """`FAILED: TVM vs ONNX Runtime rel-L2 1.39` when a target row's numeric check failed, else None.
 
@@ -139,9 +167,28 @@ def markdown(report: dict) -> str:
     lines += ["## Targets", ""]
     lines += [f"**{row['spec']}: {failed_check(row)}** — its outputs are wrong; no latency is reported for it.\n"
               for row in report["targets"] if "error" not in row and failed_check(row)]
-    lines += ["| target | method | latency (compressed) | original (same target) | "
-              "ONNX Runtime original | speed-up vs ORT | TVM vs ORT check |", "|---|---|---|---|---|---:|---|"]
-    for row in report["targets"]:
+    real = [r for r in report["targets"] if "error" in r or real_time(r)]
+    apart = [r for r in report["targets"] if "error" not in r and not real_time(r)]
+    if real or not apart:
+        lines += _real_time_lines(real)
+    lines += _not_device_time_lines(apart)
+    lines += _device_counts(report["targets"])
+    lines += _firmware_lines(report["targets"])
+    ort = report.get("onnxruntime", {})
+    lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
+              "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
+              "after warm-up; p50 is the median. `rpc` = timed on a device through TVM RPC. `emulated` = run in qemu: "
+              "outputs are checked, the time is the emulator's (not representative). `opencl-cpu` = the OpenCL "
+              "kernels run on a CPU OpenCL (PoCL): correctness only. `instruction-count` = bare-metal firmware in "
+              "QEMU with -icount: instructions, not cycles.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
+    return "\n".join(lines)
+
+
+def _real_time_lines(rows: list[dict]) -> list[str]:
+    """The targets table of report.md: rows timed for real (native, rpc) and error rows, with speed-ups."""
+    lines = ["| target | method | latency (compressed) | original (same target) | "
+             "ONNX Runtime original | speed-up vs ORT | TVM vs ORT check |", "|---|---|---|---|---|---:|---|"]
+    for row in rows:
         if "error" in row:
             lines.append(f"| {row['spec']} | — | **error:** {row['error']} | | | | |")
             continue
@@ -153,22 +200,45 @@ def markdown(report: dict) -> str:
         ok = "ok" if check else "—"
         base = row.get("baseline", {}).get("latency_ms")
         speedup = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
-        emulator = " (emulator time, not representative)" if row["method"] == "emulated" else ""
-        if row.get("untuned_latency_ms"):  # --tune: what the tuning bought, timed the same way
-            emulator += f" (untuned {_ms(row['untuned_latency_ms'])})"
-        lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))}{emulator} | "
-                     f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} |")
-        lines[-1] += f" {ok}: {_fid(check)} |"
-    lines += _device_counts(report["targets"])
-    lines += _firmware_lines(report["targets"])
-    ort = report.get("onnxruntime", {})
-    lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
-              "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
-              "after warm-up; p50 is the median. `rpc` = timed on a device through TVM RPC. `emulated` = run in qemu: "
-              "outputs are checked, the time is the emulator's (not representative). `opencl-cpu` = the OpenCL "
-              "kernels run on a CPU OpenCL (PoCL): correctness only. `instruction-count` = bare-metal firmware in "
-              "QEMU with -icount: instructions, not cycles.", "", f"Total run time: {report.get('seconds', 0):.1f} s", ""]
-    return "\n".join(lines)
+        tuned = f" (untuned {_ms(row['untuned_latency_ms'])})" if row.get("untuned_latency_ms") else ""
+        lines.append(f"| {row['spec']} | {row['method']} | {_ms(row.get('latency_ms'))}{tuned} | "
+                     f"{_ms(row.get('original_latency_ms'))} | {_ms(base)} | {speedup} | {ok}: {_fid(check)} |")
+    return lines
+
+
+def _not_device_time_lines(rows: list[dict]) -> list[str]:
+    """The emulated / opencl-cpu / instruction-count rows in their own table, labelled with what their figure is,
+    with no speed-up: an emulator's time or an instruction count says nothing about the device's real speed."""
+    if not rows:
+        return []
+    lines = ["", "### Not device time (emulated, opencl-cpu, instruction-count)", "",
+             "These figures are not the target's real speed: they are not compared with timed rows and no speed-up "
+             "is computed from them. Give a device with --rpc/--tracker for real time.", "",
+             "| target | method | figure (compressed) | figure (original, same method) | TVM vs ORT check |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        check = row.get("numeric_check") or {}
+        failed = failed_check(row)
+        if failed:
+            lines.append(f"| {row['spec']} | {method_label(row['method'])} | **{failed}** | — | **FAILED**: "
+                         f"{_fid(check)} |")
+            continue
+        final, original = _apart_figures(row)
+        lines.append(f"| {row['spec']} | {method_label(row['method'])} | {final} | {original} | "
+                     f"{'ok' if check else '—'}: {_fid(check)} |")
+    return lines
+
+
+def _apart_figures(row: dict, short: bool = False) -> tuple[str, str]:
+    """(compressed, original) figures of a not-device-time row: emulator time, instruction count, or none."""
+    if row.get("latency_ms"):
+        time = _short if short else _ms
+        return time(row["latency_ms"]), time(row.get("original_latency_ms"))
+    if row.get("instructions") is not None:
+        unit = " M" if short else " M instructions"
+        original = row.get("original_instructions")
+        return (f"{row['instructions'] / 1e6:.2f}{unit}", "—" if original is None else f"{original / 1e6:.2f}{unit}")
+    return ("—", "—") if short else ("— (outputs checked only)", "—")
 
 
 def _front_end_lines(front: dict | None) -> list[str]:
@@ -272,20 +342,27 @@ def terminal_table(report: dict) -> str:
     ort = report.get("onnxruntime", {})
     rows.append(("ONNX Runtime", _short(ort.get("original")), _short(ort.get("final")),
                  _ratio((ort.get("original") or {}).get("p50"), (ort.get("final") or {}).get("p50"))))
+    apart: list[tuple[str, str, str]] = []  # emulated / opencl-cpu / instruction-count: own table, no ratio
     for row in report["targets"]:
         if "error" in row:
             rows.append((f"{row['name']}", "error", row["error"][:60], ""))
             continue
-        label = f"{row['name']} [{row['method']}]"
+        label = f"{row['name']} [{method_label(row['method'])}]"
         failed = failed_check(row)
         if failed:  # wrong outputs: the failure instead of latency and ratio
-            rows.append((label, "", failed, ""))
+            if real_time(row):
+                rows.append((label, "", failed, ""))
+            else:
+                apart.append((label, "", failed))
             continue
-        if row.get("latency_ms") or "flash_bytes" not in row:
+        if real_time(row):
             rows.append((label, _short(row.get("original_latency_ms") or row.get("latency_ms")),
                          _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
                                                               (row.get("latency_ms") or {}).get("p50"))))
-        for key, what, fmt in _COUNTS:  # MCU rows: flash, RAM, instructions (original vs final)
+        else:
+            final, original = _apart_figures(row, short=True)
+            apart.append((label, original, final))
+        for key, what, fmt in _COUNTS[:2]:  # MCU rows: flash and RAM are byte sizes (exact), original vs final
             if row.get(key) is not None:
                 rows.append((f"{row['name']} {what}", fmt(row.get(f"original_{key}") or row[key]), fmt(row[key]),
                              _ratio(row.get(f"original_{key}") or row[key], row[key])))
@@ -297,8 +374,20 @@ def terminal_table(report: dict) -> str:
         tail = f"\ngoal {goal['goal']}: {goal['status']}" + (
             f" ({', '.join(f'{m} {v:.3g}×' for m, v in best['ratios'].items())}; drop {best['drop']:.2f} pts)"
             if best else "")
+    return _aligned(rows, widths) + _apart_table(apart) + tail
+
+
+def _aligned(rows: list[tuple[str, ...]], widths: list[int]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows) + tail
+                     for r in rows)
+
+
+def _apart_table(apart: list[tuple[str, str, str]]) -> str:
+    """The terminal's second table: figures that are not device time, each labelled, with no ratio column."""
+    if not apart:
+        return ""
+    rows = [("not device time (no ratio)", "original", "final"), *apart]
+    return "\n\n" + _aligned(rows, [max(len(r[i]) for r in rows) for i in range(3)])
 
 
 _COUNTS = (("flash_bytes", "flash", lambda n: _mb(n)), ("ram_bytes", "RAM", lambda n: _mb(n)),
