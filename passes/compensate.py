@@ -421,7 +421,8 @@ def _gated_by(gate: str) -> Callable[[gs.Tensor], bool]:
     def match(x: gs.Tensor) -> bool:
         gates = [n for n in x.outputs if n.op == gate]
         return len(x.outputs) == 2 and len(gates) == 1 and any(
-            n.op == "Mul" and set(n.inputs) == {x, gates[0].outputs[0]} for n in x.outputs)
+            n.op == "Mul" and len(n.inputs) == 2 and {id(t) for t in n.inputs} == {id(x), id(gates[0].outputs[0])}
+            for n in x.outputs)
     return match
 
 

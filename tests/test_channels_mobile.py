@@ -333,3 +333,23 @@ def test_corpus_mobile_models_lose_a_quarter_of_their_macs(corpus, name):
         session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
         out = session.run(None, {key: np.random.default_rng(0).random(other, dtype=np.float32)})
         assert out[0].shape[2:] == other[2:] or out[0].shape[1] == other[3] // 8 or all(o.size for o in out)
+
+
+def test_post_op_sees_through_bias_adds_and_decomposed_activations():
+    """The held-out loss is measured after the next activation, also when an exporter spelled it out."""
+    from squeeze.passes.compensate import post_op  # noqa: PLC0415
+
+    rows = np.linspace(-4, 4, 33)[:, None].repeat(8, axis=1)
+    graph = gs.import_onnx(gelu_erf()[0])
+    post = post_op(graph.tensors()["p"], trailing=2)  # Conv → Add bias → GELU(Erf)
+    bias = constant_value(graph.tensors()["p.bias"]).reshape(-1)
+    z = rows + bias
+    gelu = 0.5 * z * (1 + np.vectorize(__import__("math").erf)(z / np.sqrt(2)))
+    np.testing.assert_allclose(post(rows), gelu, atol=2e-3)
+
+    t = Tiny(seed=20)
+    p = t.conv("x", "p", 3, 4)
+    g = t.node("HardSigmoid", [p], "hsig", alpha=1 / 6, beta=0.5)
+    t.conv(t.node("Mul", [g, p], "hswish"), "y", 4, 2)
+    post = post_op(gs.import_onnx(t.model({"x": [1, 3, 4, 4]}, ["y"])).tensors()["p"], trailing=2)
+    np.testing.assert_allclose(post(rows[:, :4]), rows[:, :4] * np.clip(rows[:, :4] / 6 + 0.5, 0, 1))
