@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import SqueezeError
 from .model import write_text_atomic
-from .report import failed_check
+from .report import NOT_DEVICE_TIME, failed_check, method_label, real_time
 
 
 def load_report(folder: str | Path) -> dict:
@@ -53,11 +53,43 @@ def rows(folders: list[str | Path]) -> list[dict]:
             row["metric (final)"] = metric_value(metric, metric["final"], (metric.get("stderr") or {}).get("final"))
             row["metric drop"] = metric_drop(metric, metric["drop"], (metric.get("stderr") or {}).get("drop"))
         for t in r.get("targets", []):
-            key = f"{t['name']} p50 ms [{t.get('method', 'error')}]"
-            failed = failed_check(t)  # wrong outputs: the failure, not a latency
-            row[key] = failed or (t.get("latency_ms") or {}).get("p50")
+            row.update(_target_cells(t))
         result.append(row)
     return result
+
+
+def _target_cells(t: dict) -> dict:
+    """A target's cells: `cpu p50 ms [native]` for real time; apart from them, labelled with what the figure is,
+    `arm p50 ms [emulated — qemu time, not device time]` or `mcu instructions [instruction-count — …]`."""
+    method = t.get("method", "error")
+    failed = failed_check(t)  # wrong outputs: the failure, not a figure
+    if "error" in t or real_time(t):
+        return {f"{t['name']} p50 ms [{method}]": failed or (t.get("latency_ms") or {}).get("p50")}
+    label = method_label(method)
+    if t.get("instructions") is not None:
+        return {f"{t['name']} instructions [{label}]": failed or t["instructions"]}
+    if t.get("latency_ms"):
+        return {f"{t['name']} p50 ms [{label}]": failed or t["latency_ms"]["p50"]}
+    return {f"{t['name']} check [{label}]": failed or ("ok" if t.get("numeric_check") else None)}
+
+
+def apart_method(key: str) -> str | None:
+    """The method of a not-device-time column (`arm p50 ms [emulated — …]` → `emulated`), None for the others."""
+    if not key.endswith("]") or " [" not in key:
+        return None
+    method = key[key.rindex(" [") + 2:-1].split(" — ")[0]
+    return method if method in NOT_DEVICE_TIME else None
+
+
+def split_columns(table: list[dict]) -> tuple[list[str], list[str]]:
+    """(columns of the main table, columns shown apart: figures that are not device time), in first-seen order;
+    the apart list starts with `run` and `passes` so that its own table says which run each row is."""
+    keys: list[str] = []
+    for r in table:
+        keys += [k for k in r if k not in keys]
+    apart = [k for k in keys if apart_method(k)]
+    main = [k for k in keys if k not in apart]
+    return main, ([k for k in ("run", "passes") if k in keys] + apart) if apart else []
 
 
 def _ratio(a, b):
@@ -65,9 +97,18 @@ def _ratio(a, b):
 
 
 def markdown_table(table: list[dict]) -> str:
-    keys: list[str] = []
-    for r in table:
-        keys += [k for k in r if k not in keys]
+    """The runs as a markdown table; emulated / opencl-cpu / instruction-count figures in a second table of their
+    own (they are not device time and are never set beside a real latency)."""
+    main, apart = split_columns(table)
+    text = _markdown(table, main)
+    if apart:
+        text += ("\n\nNot device time (emulated, opencl-cpu, instruction-count): each column says what its figure "
+                 "is; not comparable with the latencies above, no ratio is computed from them.\n\n"
+                 + _markdown(table, apart))
+    return text
+
+
+def _markdown(table: list[dict], keys: list[str]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in table:
         lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
@@ -95,16 +136,34 @@ def plot_html(table: list[dict]) -> str:
             axes[0].scatter(r["file bytes"] / 1e3, 100 * r["top-1"], label=label)
     axes[0].set_xlabel("file size (kB)")
     axes[0].set_ylabel("top-1 (%)")
-    lat_keys = sorted({k for r in table for k in r if k.endswith("]") and " p50 ms " in k})
-    for i, r in enumerate(table):
-        axes[1].bar([j + i * 0.8 / len(table) for j in range(len(lat_keys))],
-                    [r[k] if isinstance(r.get(k), (int, float)) else 0 for k in lat_keys],  # FAILED: no bar
-                    width=0.8 / len(table), label=r["passes"][:30])
-    axes[1].set_xticks(range(len(lat_keys)))
-    axes[1].set_xticklabels(lat_keys, rotation=20, ha="right", fontsize=7)
-    axes[1].set_ylabel("latency p50 (ms)")
+    main, apart = split_columns(table)
+    _bars(axes[1], table, [k for k in main if k.endswith("]") and " p50 ms " in k], "latency p50 (ms), real time")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
+    plots = _svg(fig)
+    for method, what in NOT_DEVICE_TIME.items():  # each on its own axis, named after what it measures
+        keys = [k for k in apart if apart_method(k) == method and " check [" not in k]
+        if keys:
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            _bars(ax, table, keys, f"{method}: {what}")
+            fig.tight_layout()
+            plots += _svg(fig)
+    tables = _table([{k: r.get(k) for k in main} for r in table])
+    if apart:
+        tables += ("<h2>Not device time (emulated, opencl-cpu, instruction-count)</h2><p>Not comparable with the "
+                   "latencies above; no ratio is computed from them.</p>" + _table([{k: r.get(k) for k in apart}
+                                                                                   for r in table]))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>squeeze compare</title></head><body>"
-            f"<h1>squeeze compare</h1>{_svg(fig)}{_table(table)}"
+            f"<h1>squeeze compare</h1>{plots}{tables}"
             f"<p>{html_mod.escape(', '.join(r['run'] for r in table))}</p></body></html>\n")
+
+
+def _bars(ax, table: list[dict], keys: list[str], ylabel: str) -> None:
+    """Grouped bars: one group per column in `keys`, one bar per run (a FAILED or missing cell draws none)."""
+    for i, r in enumerate(table):
+        ax.bar([j + i * 0.8 / len(table) for j in range(len(keys))],
+               [r[k] if isinstance(r.get(k), (int, float)) else 0 for k in keys],
+               width=0.8 / len(table), label=r["passes"][:30])
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)

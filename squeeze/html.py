@@ -87,9 +87,9 @@ def _layer_macs(report: dict) -> str | None:
 
 
 def _latency(report: dict) -> str | None:
-    plt = _plt()
-    from .report import failed_check  # noqa: PLC0415
-    rows = [r for r in report["targets"] if r.get("latency_ms") and not failed_check(r)]  # no bar for wrong code
+    """Original vs compressed p50 of ONNX Runtime and of every target timed for real (native, rpc): one axis."""
+    from .report import failed_check, real_time  # noqa: PLC0415
+    rows = [r for r in report["targets"] if r.get("latency_ms") and real_time(r) and not failed_check(r)]
     ort = report.get("onnxruntime") or {}
     bars: list[tuple[str, float | None, float | None]] = []
     if ort.get("original"):
@@ -97,15 +97,39 @@ def _latency(report: dict) -> str | None:
     for r in rows:
         bars.append((f"{r['name']} [{r['method']}]", (r.get("original_latency_ms") or {}).get("p50"),
                      r["latency_ms"]["p50"]))
+    return _bar_plot(bars, "latency p50 (ms), real time")
+
+
+def _apart_plots(report: dict) -> list[str]:
+    """One plot per not-device-time method (emulator time, instruction count), each on its own axis named after what
+    it measures, so that no such figure is ever drawn next to a real latency."""
+    from .report import NOT_DEVICE_TIME, failed_check  # noqa: PLC0415
+    plots = []
+    for method, what in NOT_DEVICE_TIME.items():
+        rows = [r for r in report["targets"] if r.get("method") == method and not failed_check(r)]
+        if rows and all(r.get("latency_ms") for r in rows):
+            bars = [(f"{r['name']} [{method}]", (r.get("original_latency_ms") or {}).get("p50"),
+                     r["latency_ms"]["p50"]) for r in rows]
+            plots.append(_bar_plot(bars, f"{method}: p50 (ms) — {what}"))
+        elif rows and all(r.get("instructions") is not None for r in rows):
+            bars = [(f"{r['name']} [{method}]", (r.get("original_instructions") or 0) / 1e6, r["instructions"] / 1e6)
+                    for r in rows]
+            plots.append(_bar_plot(bars, f"{method}: millions — {what}"))
+    return [p for p in plots if p]
+
+
+def _bar_plot(bars: list[tuple[str, float | None, float | None]], xlabel: str) -> str | None:
+    """Horizontal bars, original and compressed per label, on one axis."""
     if not bars:
         return None
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 0.5 * len(bars) + 1.2))
     y = range(len(bars))
     ax.barh([i + 0.2 for i in y], [b[1] or 0 for b in bars], height=0.4, label="original", color="#4c72b0")
     ax.barh([i - 0.2 for i in y], [b[2] or 0 for b in bars], height=0.4, label="compressed", color="#55a868")
     ax.set_yticks(list(y))
     ax.set_yticklabels([b[0] for b in bars])
-    ax.set_xlabel("latency p50 (ms)")
+    ax.set_xlabel(xlabel)
     ax.legend()
     fig.tight_layout()
     return _svg(fig)
@@ -210,7 +234,37 @@ def _target_row(r: dict) -> dict:
     return {"target": r["spec"], "method": r.get("method", "—"),
             "latency p50 (ms)": "FAILED" if failed else (r.get("latency_ms") or {}).get("p50"),
             "original p50 (ms)": "—" if failed else (r.get("original_latency_ms") or {}).get("p50"),
+            "speed-up vs ORT": "—" if failed else r.get("speedup"),
             "TVM vs ORT": failed or ("ok" if r.get("numeric_check") else "—"), "error": r.get("error", "")}
+
+
+def _apart_row(r: dict) -> dict:
+    """One row of the not-device-time table: the method with what its figure is, the figures, no speed-up."""
+    from .report import apart_figures, method_label  # noqa: PLC0415
+    failed = _failed(r)
+    final, original = ("FAILED", "—") if failed else apart_figures(r)
+    return {"target": r["spec"], "method": method_label(r.get("method")), "figure (compressed)": final,
+            "figure (original, same method)": original,
+            "TVM vs ORT": failed or ("ok" if r.get("numeric_check") else "—")}
+
+
+def _targets_section(report: dict) -> str:
+    """Real-time rows (native, rpc) with their plot and table; then, apart, the emulated / opencl-cpu /
+    instruction-count rows with their own plots and table, labelled, and no speed-up."""
+    from .report import real_time  # noqa: PLC0415
+    real = [r for r in report["targets"] if "error" in r or real_time(r)]
+    apart = [r for r in report["targets"] if "error" not in r and not real_time(r)]
+    failures = [f"{r['spec']}: {_failed(r)}" for r in report["targets"] if _failed(r)]
+    text = "".join(f"<p class='bad'><b>{_esc(f)}</b></p>" for f in failures) + (_latency(report) or "")
+    text += _table([_target_row(r) for r in real])
+    if apart:
+        text += ("<h3>Not device time (emulated, opencl-cpu, instruction-count)</h3><p>These figures are not the "
+                 "target's real speed: they are drawn on their own axes, never next to a real latency, and no "
+                 "speed-up is computed from them.</p>" + "".join(_apart_plots(report))
+                 + _table([_apart_row(r) for r in apart]))
+    return text + ("<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
+                   "device through TVM RPC; emulated = qemu's time, opencl-cpu = PoCL on this CPU (correctness only); "
+                   "instruction-count = QEMU instruction counts, not cycles.</p>")
 
 
 def render(report: dict) -> str:
@@ -237,13 +291,10 @@ def render(report: dict) -> str:
                       "top-1 agreement": (s.get("fidelity") or {}).get("top1_agreement"),
                       "top-1": (s.get("accuracy") or {}).get("top1"),
                       "notes": "; ".join(s.get("notes", [])) or s.get("failed", "")} for s in report["passes"]]
-    target_rows = [_target_row(r) for r in report["targets"]]
-    failures = [f"{r['spec']}: {_failed(r)}" for r in report["targets"] if _failed(r)]
     guard_rows = [{"pass": s["spec"], "action": s["guard"]["action"], "drop (pts)": s["guard"]["drop"],
                    "limit": s["guard"]["max_drop"], "skipped": ", ".join(s["guard"].get("skipped", [])),
                    "basis": s["guard"]["basis"]} for s in report["passes"] if s.get("guard")]
     layers_svg = _layer_macs(report)
-    latency_svg = _latency(report)
     sections = {
         "summary": "<p>" + "<br>".join(_esc(x) for x in (
             f"passes: {report['pass_spec'] or '(none)'}", f"calibration: {report['data']['calib']}",
@@ -255,10 +306,7 @@ def render(report: dict) -> str:
         "pipeline": _waterfall(report),
         "goal": _goal_section(report),
         "layers": (layers_svg or "<p>No layers with counted MACs.</p>") + _details_tables(report),
-        "targets": "".join(f"<p class='bad'><b>{_esc(f)}</b></p>" for f in failures) + (latency_svg or "")
-        + _table(target_rows)
-        + "<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
-          "device through TVM RPC; emulated / opencl-cpu = correctness only; instruction-count = simulator counts.</p>",
+        "targets": _targets_section(report),
         "fidelity": _table(fidelity_rows) or "<p>No passes.</p>",
         "guard": _table(guard_rows) or "<p>The accuracy guard was not used"
         + (" (no pass needed backing off)." if report.get("max_drop") is not None else " (no --max-drop).") + "</p>",
