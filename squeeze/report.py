@@ -223,13 +223,13 @@ def _not_device_time_lines(rows: list[dict]) -> list[str]:
             lines.append(f"| {row['spec']} | {method_label(row['method'])} | **{failed}** | — | **FAILED**: "
                          f"{_fid(check)} |")
             continue
-        final, original = _apart_figures(row)
+        final, original = apart_figures(row)
         lines.append(f"| {row['spec']} | {method_label(row['method'])} | {final} | {original} | "
                      f"{'ok' if check else '—'}: {_fid(check)} |")
     return lines
 
 
-def _apart_figures(row: dict, short: bool = False) -> tuple[str, str]:
+def apart_figures(row: dict, short: bool = False) -> tuple[str, str]:
     """(compressed, original) figures of a not-device-time row: emulator time, instruction count, or none."""
     if row.get("latency_ms"):
         time = _short if short else _ms
@@ -360,7 +360,7 @@ def terminal_table(report: dict) -> str:
                          _short(row.get("latency_ms")), _ratio((row.get("original_latency_ms") or {}).get("p50"),
                                                               (row.get("latency_ms") or {}).get("p50"))))
         else:
-            final, original = _apart_figures(row, short=True)
+            final, original = apart_figures(row, short=True)
             apart.append((label, original, final))
         for key, what, fmt in _COUNTS[:2]:  # MCU rows: flash and RAM are byte sizes (exact), original vs final
             if row.get(key) is not None:
