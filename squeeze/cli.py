@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int, metavar="TRIALS", help="MetaSchedule trials for the targets that tune "
                    "(cpu, arm; timed on the device with --rpc/--tracker), cached and reused by later runs "
                    "(default 0: default schedules only)")
+    p.add_argument("--batch", type=int, metavar="N", help="also report throughput (inferences/s on all cores) at "
+                   "batch 1 and at batch N, each measured on its own build (cpu target, local or --rpc/--tracker)")
     p.add_argument("--tune-cache", metavar="DIR", help="tuning database folder (default $SQUEEZE_CACHE/tuning, "
                    "else ~/.cache/squeeze/tuning)")
     p.add_argument("--force", action="store_true", default=None, help="write into a non-empty output folder squeeze did not create")
@@ -131,6 +133,8 @@ def _run(argv: list[str]) -> int:
         raise _ArgumentError("--runs must be at least 1")
     if args.tune is not None and args.tune < 0:
         raise _ArgumentError("--tune must be 0 or more trials")
+    if args.batch is not None and not 1 <= args.batch <= 4096:
+        raise _ArgumentError("--batch must be between 1 and 4096")
     model = Path(args.model)
     out = Path(args.output) if args.output else model.with_name(model.stem + ".squeeze")
     from .runtime import cpu_count  # noqa: PLC0415
@@ -145,7 +149,7 @@ def _run(argv: list[str]) -> int:
                       input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
                       force=args.force, max_drop=args.max_drop, progress=progress,
                       rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache,
-                      goal=args.goal, metric=args.metric)
+                      batch=args.batch, goal=args.goal, metric=args.metric)
     progress.done()
     from .report import terminal_table  # noqa: PLC0415
     print(terminal_table(result.report))

@@ -5,6 +5,12 @@ Functions get squeeze's default schedules (`targets/schedules`: packed, vectoriz
 cached in a database (`targets/tuning.py`) that later builds reuse. With `--rpc`/`--tracker` the candidates are
 timed on the device (MetaSchedule's RPCRunner), into a database of that device's own, and the report gives the
 model's latency on the device both untuned (default schedules) and tuned.
+
+`batch=B` (CLI `--batch B`) adds throughput next to latency: the model is also compiled with its first input
+axis set to 1 and to B, planned for all cores, and each build is timed on all cores (on the device: with its
+runtime's default thread count); the row's `throughput` gives inferences/s = batch / p50 of a measured call,
+never derived from the batch-1 latency (a batch shares weights loads and parallel launches, and can be
+memory-bound where one image is not).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Annotated
 import numpy as np
 import onnx
 
+from squeeze.errors import SqueezeError
 from squeeze.registry import Range, register_target
 
 from . import tvm_build
@@ -31,8 +38,11 @@ class Cpu(Target):
                  schedules: Annotated[bool, "squeeze's default schedules; false: TVM's default pipeline"] = True,
                  tune: Annotated[int, Range(0, 100_000), "MetaSchedule trials before building (0: none)"] = 0,
                  tune_cache: Annotated[str, "tuning database folder (default $SQUEEZE_CACHE/tuning, "
-                                            "else ~/.cache/squeeze/tuning)"] = ""):
+                                            "else ~/.cache/squeeze/tuning)"] = "",
+                 batch: Annotated[int, Range(0, 4096), "also measure inferences/s on all cores at batch 1 and "
+                                                       "at this batch (0: latency only)"] = 0):
         self.mcpu = mcpu
+        self.batch = batch
         self.schedules = schedules
         self.tune = tune
         self.tune_cache = tune_cache
@@ -67,13 +77,25 @@ class Cpu(Target):
                 untuned = tvm_build.compile_module(mod, target, schedules.build_pipeline(target))
         executable = tvm_build.compile_module(mod, target, pipeline)
         names = [i.name for i in model.graph.input if i.name in shapes]
-        # handle: (executable, input names), plus the untuned executable when tuned on a device
+        # handle: (executable, input names), plus the untuned executable when tuned on a device, plus the
+        # throughput builds {batch: executable or error text} with batch=B
         handle = (executable, names) if untuned is None else (executable, names, untuned)
+        if self.batch:
+            handle = (executable, names, untuned, self._batched_builds(mod, model, shapes, target, database,
+                                                                              executable))
         return Artifact(self.name, handle=handle, build_seconds=tvm_build.seconds_since(start), info=info)
 
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
+        executable, names, *rest = artifact.handle
+        untuned = [rest[0]] if rest and rest[0] is not None else []
+        measured = self._measure_latency(executable, names, untuned, samples, runs)
+        if len(rest) > 1:
+            measured.extra["throughput"] = self._throughput(rest[1], names, samples, runs)
+            measured.notes.append(throughput_note(measured.extra["throughput"]))
+        return measured
+
+    def _measure_latency(self, executable, names, untuned, samples, runs) -> Measurement:
         tvm = tvm_build.tvm()
-        executable, names, *untuned = artifact.handle
         if self.runner is not None:  # --rpc / --tracker: export, upload and time on the device (remote.py)
             from .remote import measure_executable  # noqa: PLC0415
             outputs, latency, info = measure_executable(self.runner, executable, names, samples, runs)
@@ -89,8 +111,80 @@ class Cpu(Target):
         stacked = {str(i): np.stack([o[i] for o in outputs]) for i in range(len(outputs[0]))}
         return Measurement("native", latency_ms=latency, outputs=stacked)
 
+    # ------------------------------------------------------------------------------------------- throughput
+
+    def _batched_builds(self, mod, model: onnx.ModelProto, shapes, target, database, built) -> dict:
+        """{batch: executable} for batch 1 and `self.batch`, planned for all cores (None: a device's own); a
+        batch the model cannot take (a fixed batch axis, a Reshape to a constant shape) maps to its error.
+        `built` (the latency build) stands in where it is the same build."""
+        from . import schedules  # noqa: PLC0415
+        from squeeze.runtime import cpu_count  # noqa: PLC0415
+        threads = cpu_count() if self.runner is None else None
+        builds: dict = {}
+        for batch in sorted({1, self.batch}):
+            batched = {k: (batch, *v[1:]) if v else v for k, v in shapes.items()}
+            if batched == shapes and (self.runner is not None or threads == tvm_build.threads()):
+                builds[batch] = built
+                continue
+            try:
+                module = mod if batched == shapes else tvm_build.import_onnx(model, batched)
+                builds[batch] = tvm_build.compile_module(module, target,
+                                                         schedules.build_pipeline(target, database, threads))
+            except SqueezeError as exc:
+                builds[batch] = str(exc)
+        return builds
+
+    def _throughput(self, builds: dict, names: list[str], samples, runs: int) -> list[dict]:
+        """Per batch: inferences/s on all cores (the device's default threads over RPC), from a timed call."""
+        out = []
+        for batch, executable in sorted(builds.items()):
+            entry: dict = {"batch": batch}
+            if isinstance(executable, str):
+                entry["error"] = executable
+                out.append(entry)
+                continue
+            feed = {n: np.concatenate([samples[i % len(samples)][n] for i in range(batch)]) for n in names}
+            if self.runner is not None:
+                from .remote import measure_executable  # noqa: PLC0415
+                _, latency, _ = measure_executable(self.runner, executable, names, [feed], runs)
+            else:
+                with all_cores() as cores:
+                    latency = tvm_build.VMRunner(executable, tvm_build.tvm().cpu(), names).time(feed, runs)
+                entry["threads"] = cores
+            entry.update(latency_ms=latency, inferences_per_s=round(batch * 1e3 / latency["p50"], 2))
+            out.append(entry)
+        return out
+
 
 def tuned_note(untuned: dict, tuned: dict, where: str, baseline: str = "squeeze's default schedules") -> str:
     """One line for the report: the model's latency on the device before and after tuning."""
     return (f"tuned on the device ({where}): p50 {tuned['p50']:.4f} ms tuned vs {untuned['p50']:.4f} ms untuned "
             f"({baseline}), {untuned['p50'] / tuned['p50']:.2f}×")
+
+
+def throughput_note(entries: list[dict]) -> str:
+    """One line for the report: inferences/s at each measured batch."""
+    parts = [f"batch {e['batch']}: " + (f"{e['inferences_per_s']:.1f}/s" if "inferences_per_s" in e
+                                        else f"not measured ({e['error']})") for e in entries]
+    cores = next((e["threads"] for e in entries if "threads" in e), None)
+    return "throughput" + (f" on {cores} cores" if cores else "") + ": " + ", ".join(parts)
+
+
+class all_cores:
+    """TVM's thread pool on every core this process may use, then back to the configured count (`--threads`).
+    Yields the core count."""
+
+    def __enter__(self) -> int:
+        from squeeze.runtime import cpu_count  # noqa: PLC0415
+        self.cores = cpu_count()
+        _config_pool(self.cores)
+        return self.cores
+
+    def __exit__(self, *exc) -> None:
+        _config_pool(tvm_build.threads())
+
+
+def _config_pool(threads: int) -> None:
+    tvm = tvm_build.tvm()
+    with tvm_build.keep_affinity():
+        tvm.get_global_func("runtime.config_threadpool")(0, threads)

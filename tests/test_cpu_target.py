@@ -93,3 +93,42 @@ def test_unsupported_quantized_ops_are_named_and_the_report_keeps_everything_els
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert "QLinearConv" in (tmp_path / "out" / "report.md").read_text()
     assert squeeze.model.sha256(path) == before
+
+
+def test_batch_reports_measured_throughput_on_all_cores(tmp_path):
+    """`batch=4`: inferences/s at batch 1 and 4, each from its own build timed on all cores (batch / p50 of a
+    measured call, not the batch-1 latency scaled); the latency row itself is unchanged."""
+    from squeeze.runtime import cpu_count
+    model = graphs.LOSSLESS["conv_bn_relu"]()
+    shapes = resolve_shapes(input_specs(model), {})
+    samples = graphs.random_inputs(model, count=2, seed=1).samples(2)
+    target = Cpu(batch=4)
+    artifact = target.build(model, shapes, tmp_path)
+    measured = target.measure(artifact, samples, runs=20)
+    entries = measured.extra["throughput"]
+    assert [e["batch"] for e in entries] == [1, 4]
+    for e in entries:
+        assert e["threads"] == cpu_count() and e["latency_ms"]["runs"] >= 20
+        assert e["inferences_per_s"] == pytest.approx(e["batch"] * 1e3 / e["latency_ms"]["p50"], rel=1e-3)
+    assert measured.latency_ms["p50"] > 0 and measured.outputs["0"].shape[0] == 2
+    assert any(n.startswith(f"throughput on {cpu_count()} cores: batch 1: ") for n in measured.notes)
+
+
+def test_a_batch_the_model_cannot_take_is_reported_not_raised(tmp_path):
+    """A Reshape to a constant [1, -1] shape cannot take batch 3: that entry says why; batch 1 is measured."""
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 32])
+    model = helper.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [x], [y],
+                                                [shape]), opset_imports=[helper.make_opsetid("", 13)])
+    samples = [{"x": np.ones((1, 2, 4, 4), np.float32)}]
+    target = Cpu(batch=3)
+    measured = target.measure(target.build(model, {"x": (1, 2, 4, 4)}, tmp_path), samples, runs=5)
+    one, three = measured.extra["throughput"]
+    assert one["inferences_per_s"] > 0 and "error" in three and "inferences_per_s" not in three
+
+
+def test_cli_batch_must_be_positive(repo):
+    from squeeze.cli import main
+    assert main([str(repo / "models" / "digits_cnn.onnx"), "--target", "cpu", "--batch", "0"]) == 2
