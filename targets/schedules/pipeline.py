@@ -15,7 +15,9 @@ from __future__ import annotations
 #: (`tuning.database_dir`), since a record replays its schedule on any build of the same workload.
 #: 4: an epilogue that does not read the tile element for element is no longer computed per tile (a variant
 #: recorded by version 3 could replay the ppocrv6_tiny_det miscompile).
-SCHEDULES_VERSION = 4
+#: 5: depthwise convs tiled over rows and columns, strided ones read column phases (records of the one-row tile
+#: would replay the slower schedule).
+SCHEDULES_VERSION = 5
 
 
 def legalize_map() -> dict:
