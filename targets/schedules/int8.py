@@ -1,0 +1,582 @@
+"""Integer compute for QDQ models: u8×s8→s32 convolution / dense with requantize, on the CPU's dot-product
+instructions.
+
+squeeze's `quant` pass writes DequantizeLinear(x_u8) · DequantizeLinear(w_s8) → Conv/Gemm/MatMul (+ int32 bias)
+→ QuantizeLinear. TVM's ONNX frontend imports that as float arithmetic (`relax.dequantize` → float conv →
+`relax.quantize`), and FoldConstant turns the weights into float constants: int8 storage, float compute.
+
+**Where the pattern is recognised.** On the imported Relax module (`rewrite_qdq`, a `tvm.relax.dpl` rewrite run
+first in squeeze's CPU pipeline), not on the ONNX side: the frontend has already resolved what ONNX spells in
+several ways (opset-dependent attributes, Gemm's transB/alpha/beta, MatMul broadcasting, axis defaults), the
+rewrite sees constants as constants, and the int8 form stays inside the TVM build (the saved model and ONNX
+Runtime's view of it do not change). Matched:
+
+    quantize( [add(] conv2d|matmul( dequantize(x_u8, sx, zx), dequantize(W_s8, sw, 0) ) [, reshape(dequantize(b_s32, sx·sw, 0))] )
+
+with constant scales and zero points, W zero point 0 (symmetric, per output channel or per tensor) and the
+bias scale equal to sx·sw (float32, as ONNX Runtime assumes). It becomes
+
+    acc = conv2d(pad(x_u8, value=zx), W_s8, out_dtype=int32) + (b − zx·ΣW)         (exact integers)
+    y   = clamp(round_half_even(float32(acc) · M) + zy, 0, 255),  M = float32(sx·sw) / sy
+
+which is ONNX Runtime's QLinearConv/QGemm requantization (MLAS: int32 → float, multiply by the per-channel
+float scale, round to nearest even, add the zero point, saturate): bit-exact with its int8 execution. Padding
+with zx instead of 0 makes the zero-point correction a per-channel constant. Without a QuantizeLinear after it
+(a float layer output) the result is float32(acc)·(sx·sw) and the float bias add stays as it was.
+
+**Kernels.** `legalize_conv2d_int8` / `legalize_matmul_int8` pack the weight at compile time as
+[K/kb, C/4, R, S, kb, 4] (kb output channels × 4 input channels, the operand of one dot-product instruction) and
+the activation as [N, C/4, H, W, 4]; `Int8Kernel` tensorizes the kb × 4 update with `dot_intrinsic(target)`:
+
+| target | instruction | intrinsic | kb |
+|---|---|---|---|
+| x86 AVX-512 VNNI | `vpdpbusd zmm` (u8×s8, 16 int32 lanes) | `squeeze_dot_16x4_vnni` | 16 |
+| x86 AVX-VNNI | `vpdpbusd ymm` | `squeeze_dot_8x4_avxvnni` | 8 |
+| x86 AVX-512BW / AVX2 | `vpmaddubsw` + `vpmaddwd` | `squeeze_dot_16x4_avx512bw` / `_8x4_avx2` | 16 / 8 |
+| aarch64 dotprod | `sdot` (s8×s8) | TVM's `dot_4x4_i8i8s32_sdot` | 4 |
+
+The x86 intrinsics are TVM tensor intrinsics registered here (`X86_INTRINSICS`): TVM 0.27's own `dot_16x4_vnni`
+passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`, which the bundled LLVM declares on <64 x i8> and
+rejects. `sdot` multiplies signed bytes: the activation is packed as x − 128 (an xor of the sign bit) and 128·ΣW is
+added back to the bias, still exact. `vpmaddubsw` adds two u8×s8 products into a saturating int16: exact only
+when |w₀| + |w₁| ≤ 128 for every weight pair it pairs; a layer whose weights break that uses the exact VNNI /
+sdot path or, without one, stays float (`_pairs_fit`) — ONNX Runtime's AVX2 kernels saturate there instead.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, schedule_injective, \
+    worth_parallel
+from .simd import describe, is_cpu
+
+CONV_INT8 = "conv2d_int8_packed"
+DENSE_INT8 = "dense_int8_packed"
+INT8_LAYERS = "squeeze.int8_layers"   #: module attribute: how many layers `rewrite_qdq` turned into int8 compute
+
+
+# ---------------------------------------------------------------------------------------------- intrinsics
+
+def _dot_intrinsic(lanes: int, kind: str):
+    """(description, implementation) of C[lanes] += Σ_k u8 A[k] · s8 B[lanes, k] over k < 4 on x86.
+
+    `vnni`: one `vpdpbusd` (LLVM ≥ 20 declares its byte operands as <N x i8>, which TVM 0.27's own
+    `dot_16x4_vnni` does not, and LLVM rejects it); `pmadd`: `vpmaddubsw` + `vpmaddwd` by ones.
+    """
+    from tvm.script import tirx as T  # noqa: PLC0415
+    nbytes = lanes * 4
+    i32, u8, i8, i16 = f"int32x{lanes}", f"uint8x{nbytes}", f"int8x{nbytes}", f"int16x{lanes * 2}"
+    width = "512" if lanes == 16 else "256"
+    vnni = f"llvm.x86.avx512.vpdpbusd.{width}"
+    maddubs = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    maddwd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def dot_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                 C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=u8)
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(vnni), C.vload([0], dtype=i32), a, B.vload([0, 0], dtype=i8), dtype=i32)
+
+    @T.prim_func(s_tir=True)
+    def dot_pmadd(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                  C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=u8)
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), a, B.vload([0, 0], dtype=i8),
+                                            dtype=i16)
+            C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
+
+    return desc, dot_vnni if kind == "vnni" else dot_pmadd
+
+
+#: name → (output lanes, kind) of squeeze's x86 dot-product intrinsics
+X86_INTRINSICS = {"squeeze_dot_16x4_vnni": (16, "vnni"), "squeeze_dot_8x4_avxvnni": (8, "vnni"),
+                  "squeeze_dot_16x4_avx512bw": (16, "pmadd"), "squeeze_dot_8x4_avx2": (8, "pmadd")}
+
+
+def _register_intrinsics() -> None:
+    """Register squeeze's x86 dot products (`X86_INTRINSICS`) once per process."""
+    from tvm.s_tir import TensorIntrin  # noqa: PLC0415
+    if _registered():
+        return
+    for name, (lanes, kind) in X86_INTRINSICS.items():
+        TensorIntrin.register(name, *_dot_intrinsic(lanes, kind))
+
+
+def _registered() -> bool:
+    from tvm.s_tir import TensorIntrin  # noqa: PLC0415
+    try:
+        TensorIntrin.get("squeeze_dot_8x4_avx2")
+        return True
+    except Exception:  # noqa: BLE001 (TVM raises a plain error for an unknown name)
+        return False
+
+
+def dot_intrinsic(target) -> tuple[str, int, bool] | None:
+    """(tensor intrinsic, output lanes kb, exact for any weights) for `target`'s best int8 dot product; None
+    where it has none (then QDQ layers stay float).
+
+    The features come from LLVM's view of the target (`-mcpu` / `-mattr`), so a cross build for aarch64 with
+    `+dotprod` gets `sdot` and a host build gets what this CPU has.
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401,PLC0415 (registers TVM's intrinsics)
+    from tvm.target import codegen  # noqa: PLC0415
+    if not is_cpu(target):
+        return None
+    _register_intrinsics()
+    try:
+        features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # noqa: BLE001 (LLVM without this triple's backend)
+        features = set()
+    triple = str(target.attrs.get("mtriple", "") or "")
+    if triple.startswith(("aarch64", "arm64")):
+        return ("dot_4x4_i8i8s32_sdot", 4, True) if "dotprod" in features else None
+    if "avx512vnni" in features and "avx512bw" in features:
+        return "squeeze_dot_16x4_vnni", 16, True
+    if "avxvnni" in features:
+        return "squeeze_dot_8x4_avxvnni", 8, True
+    if "avx512bw" in features:
+        return "squeeze_dot_16x4_avx512bw", 16, False
+    if "avx2" in features:
+        return "squeeze_dot_8x4_avx2", 8, False
+    return None
+
+
+def signed_activations(intrinsic: str) -> bool:
+    """Whether the intrinsic multiplies signed bytes (sdot): activations are then packed as x − 128."""
+    return "i8i8" in intrinsic
+
+
+def _pairs_fit(weight: np.ndarray) -> bool:
+    """Whether `vpmaddubsw` is exact on `weight` [K, C/4·4] packed in fours: |w₀|+|w₁| ≤ 128 for each pair it
+    adds into one saturating int16 (255·128 = 32640 ≤ 32767)."""
+    w = np.abs(weight.astype(np.int32)).reshape(weight.shape[0], -1, 2)
+    return bool((w.sum(axis=-1) <= 128).all())
+
+
+# ---------------------------------------------------------------------------------------------- Relax rewrite
+
+def rewrite_qdq(mod):
+    """`mod` with every quantized Conv/Gemm/MatMul (module docstring) computed in integers; the count of
+    rewritten layers is the module attribute `INT8_LAYERS`. Functions other than Relax ones are left alone."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
+    target = tvm.target.Target.current(allow_none=True)
+    if dot_intrinsic(target) is None:
+        return mod
+    counter = [0]
+    quantized, plain = _patterns()
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, requantize=True), func)
+        func = rewrite_call(plain[0], _rewriter(plain[1], counter, requantize=False), func)
+        out[gv] = func
+    out = relax.transform.DeadCodeElimination()(out)
+    return out.with_attr(INT8_LAYERS, counter[0]) if counter[0] else out
+
+
+def _patterns():
+    """((root, parts) for quantize(bias-add(layer)), (root, parts) for a layer with a float output)."""
+    from tvm.relax.dpl import is_const, is_op, wildcard  # noqa: PLC0415
+
+    def parts():
+        x = wildcard()
+        xs, xz, w, ws, wz = is_const(), is_const(), is_const(), is_const(), is_const()
+        dq_x = is_op("relax.dequantize")(x, xs, xz)
+        dq_w = is_op("relax.dequantize")(w, ws, wz)
+        layer = is_op("relax.nn.conv2d")(dq_x, dq_w) | is_op("relax.matmul")(dq_x, dq_w) \
+            | is_op("relax.matmul")(dq_x, is_op("relax.permute_dims")(dq_w))
+        return dict(x=x, xs=xs, xz=xz, w=w, ws=ws, wz=wz, layer=layer)
+
+    q = parts()
+    b, bs, bz = is_const(), is_const(), is_const()
+    dq_b = is_op("relax.dequantize")(b, bs, bz)
+    bias = is_op("relax.reshape")(dq_b, wildcard()) | dq_b
+    biased = is_op("relax.add")(q["layer"], bias) | q["layer"]
+    ys, yz = is_const(), is_const()
+    root = is_op("relax.quantize")(biased, ys, yz)
+    q.update(b=b, bs=bs, bz=bz, ys=ys, yz=yz, root=root)
+    p = parts()
+    p["root"] = p["layer"]
+    return (root, q), (p["layer"], p)
+
+
+def _rewriter(parts: dict, counter: list, requantize: bool):
+    def rewrite(orig, matches):
+        try:
+            new = _integer_layer(orig, matches, parts, requantize)
+        except _NoMatch:
+            return orig
+        counter[0] += 1
+        return new
+    return rewrite
+
+
+class _NoMatch(Exception):
+    """The matched layer does not have the form the integer kernels compute exactly."""
+
+
+def _value(expr) -> np.ndarray:
+    return expr.value.numpy()
+
+
+def _integer_layer(orig, matches: dict, parts: dict, requantize: bool):
+    """The integer form of one matched layer (module docstring), or _NoMatch."""
+    from tvm import relax  # noqa: PLC0415
+    x = matches[parts["x"]]
+    if str(x.ty.dtype) != "uint8" or _value(matches[parts["wz"]]).any():
+        raise _NoMatch
+    w = _value(matches[parts["w"]])
+    if w.dtype != np.int8:
+        raise _NoMatch
+    sx, zx = _scalar(matches[parts["xs"]]), _scalar(matches[parts["xz"]])
+    sw = _value(matches[parts["ws"]]).astype(np.float32).ravel()
+    layer = matches[parts["layer"]]
+    is_conv = layer.op.name == "relax.nn.conv2d"
+    if sx is None or zx is None or not (sw > 0).all():
+        raise _NoMatch
+    if is_conv:
+        acc, k = _conv_int32(layer, x, w, int(zx))
+    else:
+        acc, k = _matmul_int32(layer, x, w, int(zx))
+    if acc is None or sw.size not in (1, k):
+        raise _NoMatch
+    channel_shape = [1, k, 1, 1] if is_conv else [k]
+    bias = np.zeros(k, np.int64)
+    if requantize and parts["b"] in matches:
+        b = _value(matches[parts["b"]]).astype(np.int64).ravel()
+        bs = _value(matches[parts["bs"]]).astype(np.float32).ravel()
+        expected = (np.float32(sx) * sw).astype(np.float32)
+        if _value(matches[parts["bz"]]).any() or b.size not in (1, k) or not np.array_equal(
+                np.broadcast_to(bs, (k,)), np.broadcast_to(expected, (k,))):
+            raise _NoMatch
+        bias = bias + b
+    bias = bias - int(zx) * _weight_sums(w, is_conv, k)
+    if np.abs(bias).max(initial=0) >= 2 ** 31:
+        raise _NoMatch
+    acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(channel_shape)))
+    as_float = relax.op.astype(acc, "float32")
+    product_scale = np.broadcast_to((np.float32(sx) * sw).astype(np.float32), (k,))
+    if not requantize:
+        return relax.op.multiply(as_float, relax.const(product_scale.reshape(channel_shape).copy()))
+    sy, zy = _scalar(matches[parts["ys"]]), matches[parts["yz"]]
+    if sy is None or not sy > 0 or str(orig.ty.dtype) != "uint8":
+        raise _NoMatch
+    multiplier = (product_scale / np.float32(sy)).astype(np.float32)
+    scaled = relax.op.multiply(as_float, relax.const(multiplier.reshape(channel_shape).copy()))
+    return relax.op.quantize(scaled, relax.const(np.float32(1.0)), zy, axis=-1, out_dtype="uint8")
+
+
+def _scalar(expr) -> float | None:
+    value = _value(expr)
+    return value.ravel()[0].item() if value.size == 1 else None
+
+
+def _weight_sums(w: np.ndarray, is_conv: bool, k: int) -> np.ndarray:
+    """Σ of each output channel's weights (int64): OIHW over I, H, W; a matmul's [K_in, N] over K_in."""
+    w64 = w.astype(np.int64)
+    return w64.reshape(k, -1).sum(axis=1) if is_conv else w64.reshape(-1, k).sum(axis=0)
+
+
+def _conv_int32(layer, x, w: np.ndarray, zx: int):
+    """int32 conv2d of x_u8 (padded with zx) by the int8 weight; (expr, output channels) or (None, 0)."""
+    from tvm import relax  # noqa: PLC0415
+    attrs = layer.attrs
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW") \
+            or w.ndim != 4 or int(attrs.groups) != 1:
+        return None, 0
+    pads = [int(v) for v in attrs.padding]
+    data = x
+    if any(pads):
+        top, left, bottom, right = pads
+        data = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
+    conv = relax.op.nn.conv2d(data, relax.const(w), strides=attrs.strides, padding=[0, 0, 0, 0],
+                              dilation=attrs.dilation, out_dtype="int32")
+    return conv, int(w.shape[0])
+
+
+def _matmul_int32(layer, x, w: np.ndarray, zx: int):
+    """int32 matmul of x_u8 by the int8 weight as [K_in, N] (a permute_dims on it applied here)."""
+    from tvm import relax  # noqa: PLC0415
+    rhs = layer.args[1]
+    if w.ndim != 2:
+        return None, 0
+    if getattr(rhs, "op", None) is not None and rhs.op.name == "relax.permute_dims":
+        axes = rhs.attrs.axes
+        if axes is not None and [int(a) for a in axes] != [1, 0]:
+            return None, 0
+        w = np.ascontiguousarray(w.T)
+    return relax.op.matmul(x, relax.const(w), out_dtype="int32"), int(w.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- legalization
+
+def legalize_quantize(bb, call):
+    """relax.quantize rounding half to even, as ONNX QuantizeLinear does (TVM's legalization rounds half away
+    from zero: a value exactly between two steps lands one step above ONNX Runtime's)."""
+    from tvm import te, tirx  # noqa: PLC0415
+    data, scale, zp = call.args
+    out_dtype = str(call.attrs.out_dtype)
+    axis = int(call.attrs.axis)
+    if "int" not in out_dtype:
+        from .conv2d import _default  # noqa: PLC0415
+        return _default("relax.quantize")(bb, call)
+    info = np.iinfo(np.dtype(out_dtype))
+
+    def compute(x, s, z):
+        ndim = len(x.shape)
+        ax = axis % ndim if ndim else 0
+
+        def param(t, idx):
+            if len(t.shape) == 0:
+                return t()
+            if all(int(d) == 1 for d in t.shape):
+                return t[(0,) * len(t.shape)]
+            return t[idx[ax]]
+
+        def body(*idx):
+            value = tirx.nearbyint(x[idx] / param(s, idx).astype(x.dtype)) + param(z, idx).astype(x.dtype)
+            return tirx.max(tirx.min(value, tirx.const(info.max, x.dtype)), tirx.const(info.min, x.dtype)) \
+                .astype(out_dtype)
+        return te.compute(x.shape, body, name="quantized")
+
+    return bb.call_te(compute, data, scale, zp, primfunc_name_hint="quantize")
+
+
+def int8_legalizations(fallback: dict) -> dict:
+    """Wrap `fallback`'s conv2d / matmul legalizations: int8 operands go to the kernels here."""
+    def dispatch(op_name: str, own):
+        def legalize(bb, call):
+            out = own(bb, call)
+            return out if out is not None else fallback[op_name](bb, call)
+        return legalize
+    table = dict(fallback)
+    table["relax.nn.conv2d"] = dispatch("relax.nn.conv2d", legalize_conv2d_int8)
+    table["relax.matmul"] = dispatch("relax.matmul", legalize_matmul_int8)
+    table["relax.quantize"] = legalize_quantize
+    return table
+
+
+def _int8_operands(call) -> tuple | None:
+    """(target, intrinsic, kb, exact) when `call` multiplies uint8 data by a constant int8 weight into int32."""
+    import tvm  # noqa: PLC0415
+    data, weight = call.args
+    if str(data.ty.dtype) != "uint8" or not isinstance(weight, tvm.ir.GenericConst) \
+            or str(weight.ty.dtype) != "int8":
+        return None
+    target = tvm.target.Target.current(allow_none=True)
+    found = dot_intrinsic(target)
+    return (target, *found) if found else None
+
+
+def plan_tile(k_blocks: int, width: int, cpu) -> tuple[int, int]:
+    """(kv, wt): channel blocks × output columns of the register tile; ≤ the target's accumulator budget."""
+    budget = max(4, cpu.accumulators() + (8 if cpu.arch == "x86" else 0) - 4)
+    best = (1, 1)
+    best_score = -1.0
+    for kv in (1, 2, 3, 4):
+        if k_blocks % kv:
+            continue
+        for wt in range(1, min(width, budget // kv) + 1):
+            padded = math.ceil(width / wt) * wt
+            score = min(kv * wt, 12) * width / padded + 0.01 * kv
+            if score > best_score:
+                best, best_score = (kv, wt), score
+    return best
+
+
+def pack_weight_int8(w: np.ndarray, kb: int) -> np.ndarray:
+    """OIHW int8 → [K/kb, C/4, R, S, kb, 4], zero-padded to whole blocks (zeros add nothing)."""
+    k, c, r, s = w.shape
+    kp, cp = math.ceil(k / kb) * kb, math.ceil(c / 4) * 4
+    full = np.zeros((kp, cp, r, s), np.int8)
+    full[:k, :c] = w
+    return np.ascontiguousarray(full.reshape(kp // kb, kb, cp // 4, 4, r, s).transpose(0, 2, 4, 5, 1, 3))
+
+
+def legalize_conv2d_int8(bb, call):
+    """uint8 × constant int8 conv2d (NCHW, no padding, groups 1) → packed dot-product kernel; None otherwise."""
+    from tvm import relax  # noqa: PLC0415
+    from .conv2d import _static_shape  # noqa: PLC0415
+    found = _int8_operands(call)
+    attrs = call.attrs
+    data, weight = call.args
+    dshape, wshape = _static_shape(data), _static_shape(weight)
+    if found is None or dshape is None or wshape is None or int(attrs.groups) != 1 or any(
+            int(p) for p in attrs.padding) or (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NCHW", "OIHW"):
+        return None
+    target, intrinsic, kb, exact = found
+    w = weight.value.numpy()
+    if not exact and not _pairs_fit(w.reshape(w.shape[0], -1)):
+        return None
+    n, c, h, wd = dshape
+    k, _, r, s = wshape
+    sh, sw = (int(v) for v in attrs.strides)
+    dh, dw = (int(v) for v in attrs.dilation)
+    oh, ow = (h - dh * (r - 1) - 1) // sh + 1, (wd - dw * (s - 1) - 1) // sw + 1
+    kv, wt = plan_tile(math.ceil(k / kb), ow, describe(target))
+    signed = signed_activations(intrinsic)
+    packed = pack_weight_int8(w, kb)
+    correction = relax.const((128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)).astype(np.int32)) \
+        if signed else None
+    args = [data, relax.const(packed)] + ([correction] if signed else [])
+    compute = _conv_int8_compute(k, oh, ow, (sh, sw), (dh, dw), kv, wt, intrinsic, signed)
+    return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
+
+
+def _conv_int8_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, wt: int, intrinsic: str,
+                       signed: bool):
+    def compute(data, packed, correction=None):
+        from tvm import te, tirx  # noqa: PLC0415
+        n, c, h, w = (int(v) for v in data.shape)
+        kblocks, c4, r, s, kb, _ = (int(v) for v in packed.shape)
+        owp = math.ceil(ow / wt) * wt
+        wp = (owp - 1) * strides[1] + (s - 1) * dilation[1] + 1
+        act = "int8" if signed else "uint8"
+
+        def pack(b, cc, y, x, ci):
+            ch = cc * 4 + ci
+            value = data[b, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)]
+            if signed:
+                value = (value.astype("int32") - 128).astype("int8")
+            return tirx.if_then_else(tirx.all(ch < c, x < w), value, tirx.const(0, act))
+        dp = te.compute((n, c4, h, wp, 4), pack, name="pack_int8")
+        rc = te.reduce_axis((0, c4), "rc")
+        ry = te.reduce_axis((0, r), "ry")
+        rx = te.reduce_axis((0, s), "rx")
+        ri = te.reduce_axis((0, 4), "ri")
+
+        def body(b, ko, y, x, ki):
+            return te.sum(dp[b, rc, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], ri]
+                          .astype("int32") * packed[ko, rc, ry, rx, ki, ri].astype("int32"), axis=[rc, ry, rx, ri])
+        conv = te.compute((n, kblocks, oh, owp, kb), body, name="conv2d_int8",
+                          attrs={KERNEL: CONV_INT8, TILE: [kv, 1, wt], "squeeze.intrinsic": intrinsic})
+
+        def crop(b, o, y, x):
+            value = conv[b, o // kb, y, x, o % kb]
+            return value + correction[o] if signed else value
+        return te.compute((n, k, oh, ow), crop, name="conv2d_int8_out")
+    return compute
+
+
+def legalize_matmul_int8(bb, call):
+    """uint8 [..., M, K] × constant int8 [K, N] matmul → packed dot-product kernel; None otherwise."""
+    from tvm import relax  # noqa: PLC0415
+    from .conv2d import _static_shape  # noqa: PLC0415
+    found = _int8_operands(call)
+    a, b = call.args
+    ashape, bshape = _static_shape(a), _static_shape(b)
+    if found is None or ashape is None or bshape is None or len(bshape) != 2 or len(ashape) < 2:
+        return None
+    target, intrinsic, kb, exact = found
+    w = b.value.numpy()
+    if not exact and not _pairs_fit(np.ascontiguousarray(w.T)):
+        return None
+    kin, n = bshape
+    packed = pack_weight_int8(np.ascontiguousarray(w.T).reshape(n, kin, 1, 1), kb)
+    signed = signed_activations(intrinsic)
+    m = ashape[-2]
+    rows = int(np.prod(ashape[:-1]))
+    kv, wt = plan_tile(math.ceil(n / kb), m, describe(target))
+    data = relax.op.reshape(a, [1, rows, 1, kin])  # rows as output columns of a 1×1 "conv" on [1, K, 1, rows]
+    data = bb.normalize(relax.op.permute_dims(data, [0, 3, 2, 1]))
+    correction = relax.const((128 * w.astype(np.int64).sum(axis=0)).astype(np.int32)) if signed else None
+    args = [data, relax.const(packed)] + ([correction] if signed else [])
+    compute = _conv_int8_compute(n, 1, rows, (1, 1), (1, 1), kv, wt, intrinsic, signed)
+    out = bb.emit(bb.call_te(compute, *args, primfunc_name_hint="dense_int8"))
+    return relax.op.reshape(relax.op.permute_dims(out, [0, 2, 3, 1]), [*ashape[:-1], n])
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+class Int8Kernel:
+    """Schedule rule for `conv2d_int8_packed`: a register tile of kv channel blocks × wt output columns, the
+    kb × 4 update tensorized with the target's dot-product intrinsic, the requantizing epilogue computed per
+    tile (inlined: bias, scale, round, zero point, saturate, NCHW store)."""
+
+    def apply(self, func, target, tunable: bool):
+        return self.schedule(func, target)
+
+    def schedule(self, func, target):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, CONV_INT8)
+        if anchor is None:
+            return None
+        kv, _, wt = (int(v) for v in sch.get(anchor).annotations[TILE])
+        intrinsic = str(sch.get(anchor).annotations["squeeze.intrinsic"])
+        lanes = describe(target).lanes("int32")
+        work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
+        producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
+        rest = inline_epilogue(sch, anchor)
+        b, ko, y, x, ki, rc, ry, rx, ri = sch.get_loops(anchor)
+        koo, kov = sch.split(ko, [None, kv])
+        xo, xi = sch.split(x, [None, wt])
+        sch.reorder(b, koo, y, xo, rc, ry, rx, kov, xi, ki, ri)
+        outer = sch.fuse(b, koo, y, xo)
+        consumers = list(sch.get_consumers(anchor))
+        for consumer in consumers:
+            sch.reverse_compute_at(consumer, outer, preserve_unit_loops=True)
+            loops = sch.get_loops(consumer)
+            if (extent(sch, loops[-1]) or 1) > 1:
+                sch.vectorize(loops[-1])
+        init = sch.decompose_reduction(anchor, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(ki, intrinsic)
+        sch.set_scope(init, 0, "local")  # the tile's accumulators, read back by the epilogue
+        sch.unroll(xi)
+        sch.unroll(kov)
+        if worth_parallel(work):
+            sch.parallel(outer)
+        for name in producers:
+            schedule_injective(sch, sch.get_sblock(name), lanes)
+        done = {sch.get(c).name_hint for c in consumers}
+        for block in rest:
+            if sch.get(block).name_hint not in done:
+                schedule_injective(sch, block, lanes)
+        return sch
+
+
+def int8_layers(mod) -> int:
+    """How many layers `rewrite_qdq` computes in integers in `mod` (0 for a module it never saw)."""
+    attrs = getattr(mod, "attrs", None)
+    if attrs is None or INT8_LAYERS not in attrs:
+        return 0
+    return int(attrs[INT8_LAYERS])
+
+
+def qdq_rewrite_pass():
+    """`rewrite_qdq` as a module pass (first in squeeze's CPU pipeline, before FoldConstant turns the
+    dequantized weights into float constants)."""
+    import tvm  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="SqueezeRewriteQDQ")
+    def _pass(mod, _ctx):
+        return rewrite_qdq(mod)
+    return _pass
