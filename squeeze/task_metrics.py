@@ -275,6 +275,9 @@ def _top1(candidate: Evaluated, original: Evaluated, data: Dataset) -> Score:
 
 def _agreement(candidate: Evaluated, original: Evaluated, data: Dataset) -> Score:
     names = [k for k, v in original.outputs.items() if verify.looks_like_scores(v)]
+    # one row per sample: an output that is not per sample (a constant output, say) cannot agree row by row
+    per_sample = [k for k in names if len(original.outputs[k]) == len(data)]
+    names = per_sample or names[:1]
     if not names:
         raise MetricError(f"--metric agreement: no output looks like class scores [N, C] (outputs: "
                           f"{_shapes(original.outputs)}); use --metric rel-l2")

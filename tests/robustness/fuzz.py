@@ -187,6 +187,13 @@ def _check_model(model, case, model_path: Path, report: dict, result: Outcome) -
         original = onnx.load(str(model_path))
     except Exception:  # external data that load_model refused would have raised before; be lenient here
         return
+    if ran:  # passes start from the canonical form (the front end may tidy subgraphs and inline constant Ifs)
+        from squeeze.canonical import canonicalize  # noqa: PLC0415
+        try:
+            original = canonicalize(original)[0]
+        except Exception as exc:  # noqa: BLE001
+            result.problems.append(f"the front end raised on the input: {type(exc).__name__}: {exc}"[:200])
+            return
     before = {}
     for node in subgraph_nodes(original):
         before.setdefault(node.name, []).append(node)
