@@ -24,8 +24,9 @@ def legalize_map() -> dict:
     from .conv2d import legalize_conv2d, legalize_conv2d_transpose  # noqa: PLC0415
     from .dense import legalize_matmul  # noqa: PLC0415
     from .injective import legalize_erf  # noqa: PLC0415
-    return {"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose": legalize_conv2d_transpose,
-            "relax.matmul": legalize_matmul, "relax.erf": legalize_erf}
+    from .int8 import int8_legalizations  # noqa: PLC0415
+    return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose":
+                               legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf})
 
 
 def rules() -> list:
@@ -37,15 +38,19 @@ def rules() -> list:
     from .conv2d import Conv2dPacked, DepthwiseConv2d  # noqa: PLC0415
     from .dense import DensePacked  # noqa: PLC0415
     from .injective import Fallback, Injective  # noqa: PLC0415
+    from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
-    return [Conv2dPacked(), DepthwiseConv2d(), DensePacked(), Pool(), Injective(), Fallback()]
+    return [Int8Kernel(), Conv2dPacked(), DepthwiseConv2d(), DensePacked(), Pool(), Injective(), Fallback()]
 
 
 def fuse_passes(target) -> list:
     """Passes up to fused TIR functions: the module MetaSchedule extracts tasks from, and the database keys."""
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    from .int8 import qdq_rewrite_pass  # noqa: PLC0415
     return [
+        qdq_rewrite_pass(),  # quantized layers → integer compute (int8.py), while the weights are still int8
         *cpu.library_dispatch_passes(target),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
