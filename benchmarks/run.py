@@ -3,6 +3,15 @@
     python benchmarks/run.py                       # all models and pipelines → BENCHMARKS.md
     python benchmarks/run.py --resume              # the same, reusing the cells a stopped run already finished
     python benchmarks/run.py --models mnist_burn --pipelines "cleanup" --out /tmp/b.md
+    python benchmarks/run.py --all                 # every per-issue script, then the main table: BENCHMARKS.md whole
+    python benchmarks/run.py --all --scripts peers --dry-run   # what --all would run and what it would skip
+
+`--all` regenerates BENCHMARKS.md whole: it runs every per-issue script in ISSUE_SCRIPTS (each writes
+benchmarks/results/NAME.md with its defaults) and then the main table (with `--resume`). It is resumable: a per-issue
+table is skipped when benchmarks/results/run-all.json records that it was produced, unchanged since, by the code it
+runs as it is now (the last commit of squeeze/, passes/, targets/, the script and the benchmark modules it imports).
+The header of BENCHMARKS.md gives, per table, that commit, the repository HEAD, the date, the minutes, the machine
+load at start and end and the command; a table produced at older code, or by hand, says so.
 
 For each model the first 256 labelled samples calibrate and the rest evaluate (calibration samples are never
 evaluated on). SqueezeNet has no labels here: its rows give top-1 agreement with the original instead.
@@ -21,11 +30,13 @@ table gives the median of the round medians, so every ratio comes from the same 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -42,7 +53,8 @@ from squeeze.registry import all_passes  # noqa: E402
 from squeeze.spec import parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+SCRIPTS_DIR = Path(__file__).resolve().parent  # the per-issue scripts
+RESULTS = SCRIPTS_DIR / "results"
 MODELS = ["mnist_burn", "mnist_ortjava", "cifar10_resnet4b", "sri_resnet_a", "squeezenet", "marabou_cifar10_large"]
 PIPELINES = ["cleanup", "prune(ratio=0.3)", "slim", "quant", "codebook(bits=4)", "codebook(unit=kernel)",
              "blockperm(blocks=4)", "prune(ratio=0.3),codebook(bits=4)"]
@@ -51,11 +63,15 @@ EVAL_LIMIT: dict[str, int | None] = {}
 CALIB = 256
 ROUNDS = 3  # alternating timing rounds per cell
 CODE_PATHS = ["squeeze", "passes", "targets"]
+# Per-issue scripts, in the order `--all` runs them and BENCHMARKS.md shows their tables: (script, arguments). Each
+# writes benchmarks/results/<script>.md with its defaults; one not in this checkout is left out (and said so).
+ISSUE_SCRIPTS: list[tuple[str, list[str]]] = [
+    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("blockperm", []), ("goal", []),
+    ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", [])]
 # Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
-ISSUE_TABLES = ["prune_curve.md", "codegen.md", "quant_codebook.md", "blockperm.md", "goal.md"]
-ISSUE_COMMANDS = {"prune_curve.md": "python benchmarks/prune_curve.py", "codegen.md": "python benchmarks/codegen.py",
-                  "quant_codebook.md": "python benchmarks/quant_codebook.py",
-                  "blockperm.md": "python benchmarks/blockperm.py", "goal.md": "python benchmarks/goal.py"}
+ISSUE_TABLES = [f"{name}.md" for name, _ in ISSUE_SCRIPTS]
+ISSUE_COMMANDS = {f"{name}.md": " ".join(["python", f"benchmarks/{name}.py", *extra]) for name, extra in ISSUE_SCRIPTS}
+STAMPS = RESULTS / "run-all.json"  # per-issue table → how and at which code it was produced (--all writes it)
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -293,6 +309,130 @@ def _cell(model: str, pipeline: str, calib, evald, orig: Original | None, orig_e
     return row
 
 
+# --- per-issue scripts (--all) -------------------------------------------------------------------------------
+
+def script_code_key(name: str) -> tuple[str, list[str]]:
+    """(last commit of the code `benchmarks/<name>.py` runs, its files with uncommitted changes): squeeze/, passes/,
+    targets/, the script itself and the benchmark modules it imports (corpus, run, ...)."""
+    paths = [*CODE_PATHS, *(f"benchmarks/{m}.py" for m in _benchmark_imports(name))]
+    commit = _git("log", "-1", "--format=%h", "--", *paths) or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+    return commit, sorted(line.strip().split(maxsplit=1)[-1] for line in status.splitlines() if line.strip())
+
+
+def _benchmark_imports(name: str) -> list[str]:
+    """`name` and the benchmarks/*.py modules its import lines name, transitively."""
+    here = SCRIPTS_DIR
+    local = {p.stem for p in here.glob("*.py") if p.stem != "__init__"}
+    found, todo = [], [name]
+    while todo:
+        module = todo.pop()
+        if module in found or not (here / f"{module}.py").is_file():
+            continue
+        found.append(module)
+        for line in (here / f"{module}.py").read_text().splitlines():
+            if line.lstrip().startswith(("import ", "from ")):
+                todo += [w for w in re.findall(r"\w+", line.split("#")[0]) if w in local and w not in found]
+    return found
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def load_stamps(path: Path | None = None) -> dict:
+    path = path or STAMPS
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_stamps(stamps: dict, path: Path | None = None) -> None:
+    path = path or STAMPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamps, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def table_state(name: str, stamps: dict) -> tuple[str, str]:
+    """(state, one line for the header) of per-issue table `name`: `current` (produced by --all at the code it runs
+    now, unchanged since), `stale`, `failed`, `by hand` (no stamp: made by its own command) or `missing`."""
+    table, stamp = RESULTS / f"{name}.md", stamps.get(name)
+    if not stamp:
+        if not table.is_file():
+            return "missing", "not produced yet"
+        when = _git("log", "-1", "--format=%h, %cs", "--", str(table))
+        return "by hand", "code commit not recorded" + (f" (file last committed at {when})" if when else
+                                                        " (file not committed)")
+    code, _ = script_code_key(name)
+    ran = (f"`{stamp['command']}` at code `{stamp['code']}` (HEAD `{stamp['head']}`), {stamp['started']} → "
+           f"{stamp.get('ended', '?')}, {stamp.get('seconds', 0) / 60:.1f} min, load {stamp.get('load_start')} → "
+           f"{stamp.get('load_end')}" + (f"; uncommitted: {', '.join(stamp['dirty'])}" if stamp.get("dirty") else ""))
+    if stamp.get("status") != "ok":
+        return "failed", f"**FAILED** (exit {stamp.get('exit')}): {stamp.get('error', '?')} — {ran}"
+    if stamp.get("digest") != _digest(table):
+        return "stale", f"**changed by hand since** {ran}"
+    if stamp["code"] != code:
+        return "stale", f"**stale: the code it runs is now at `{code}`**; {ran}"
+    return "current", ran
+
+
+def run_issue_script(name: str, extra: list[str], stamps: dict) -> dict:
+    """Run `benchmarks/<name>.py` (its output passed through), record how it went in `stamps` and run-all.json."""
+    code, dirty = script_code_key(name)
+    command = " ".join(["python", f"benchmarks/{name}.py", *extra])
+    stamp = {"command": command, "code": code, "head": _git("rev-parse", "--short", "HEAD") or "?", "dirty": dirty,
+             "started": _now(), "load_start": _load(), "status": "started"}
+    stamps[name] = stamp
+    _save_stamps(stamps)
+    print(f"[run.py --all] {command} (code {code}, load {stamp['load_start']})", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / f"{name}.py"), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        tail.append(line.rstrip())
+    exit_code = proc.wait()
+    stamp.update(ended=_now(), load_end=_load(), seconds=round(time.perf_counter() - t0, 1), exit=exit_code,
+                 digest=_digest(RESULTS / f"{name}.md"))
+    if exit_code == 0 and stamp["digest"]:
+        stamp["status"] = "ok"
+    else:
+        stamp["status"] = "failed"
+        last = next((t for t in reversed(tail) if t.strip()), "no output")
+        stamp["error"] = last[:200] if exit_code else f"exited 0 but wrote no benchmarks/results/{name}.md"
+    _save_stamps(stamps)
+    return stamp
+
+
+def run_all(scripts: list[str], dry_run: bool) -> list[str]:
+    """Run the per-issue scripts named in `scripts` (ISSUE_SCRIPTS order) whose table is not current; return one
+    line per script saying what was done."""
+    stamps, done = load_stamps(), []
+    for name, extra in ISSUE_SCRIPTS:
+        if name not in scripts:
+            continue
+        if not (SCRIPTS_DIR / f"{name}.py").is_file():
+            done.append(f"{name}: no benchmarks/{name}.py in this checkout; left out")
+            continue
+        state, line = table_state(name, stamps)
+        if state == "current":
+            done.append(f"{name}: skipped, already produced at the current code ({line})")
+        elif dry_run:
+            done.append(f"{name}: would run ({state}: {line})")
+        else:
+            stamp = run_issue_script(name, extra, stamps)
+            done.append(f"{name}: {stamp['status']} in {stamp['seconds'] / 60:.1f} min"
+                        + (f" ({stamp['error']})" if stamp.get("error") else ""))
+        if not dry_run:
+            print(f"[run.py --all] {done[-1]}", file=sys.stderr, flush=True)
+    return done
+
+
 # --- output --------------------------------------------------------------------------------------------------
 
 COLUMNS = ["model", "pipeline", "file ratio", "packed ratio", "MAC ratio", "top-1 orig", "top-1", "drop (pts)",
@@ -344,13 +484,23 @@ def _issue_tables(out: Path) -> list[str]:
             return os.path.relpath(p, out.resolve().parent)
         except ValueError:
             return str(p)
+    stamps = load_stamps()
+    states = {p.stem: table_state(p.stem, stamps) for p in files}
+    current = sum(1 for state, _ in states.values() if state == "current")
     lines = ["", "---", "", "## Per-issue benchmark tables", "",
-             "Each was produced by its own script, at another time, with the command written at its top; they are "
-             "copied here from `benchmarks/results/` (regenerate one with its command, then re-run "
-             "`python benchmarks/run.py --resume` to refresh this copy; its cells come from the cache):", ""]
+             f"Each was produced by its own script (the command is at its top) and is copied here from "
+             f"`benchmarks/results/`. `python benchmarks/run.py --all` runs every script whose table is not current "
+             f"and then rewrites this file; {current} of {len(files)} tables were produced that way at the code they "
+             "run now (each line says how, when and at which code; a stale or hand-made table says so):", ""]
     for p in files:
         cmd = ISSUE_COMMANDS.get(p.name)
-        lines.append(f"- [{p.name}]({link(p)})" + (f" — `{cmd}`" if cmd else ""))
+        state, line = states[p.stem]
+        lines.append(f"- [{p.name}]({link(p)})" + (f" — `{cmd}`" if cmd else "") + f": {state} — {line}")
+    missing = [n for n, _ in ISSUE_SCRIPTS if (SCRIPTS_DIR / f"{n}.py").is_file()
+               and not (RESULTS / f"{n}.md").is_file()]
+    if missing:
+        commands = [f"`{ISSUE_COMMANDS[name + '.md']}`" for name in missing]
+        lines.append(f"- not produced yet: {', '.join(commands)}")
     for p in files:
         text = p.read_text().rstrip("\n")
         if text.startswith("# "):
@@ -471,10 +621,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate at most this many samples per model (overrides the per-model EVAL_LIMIT)")
+    p.add_argument("--all", action="store_true", help="first every per-issue script whose table is not current at "
+                   "this code, then the main table (with --resume): BENCHMARKS.md whole")
+    p.add_argument("--scripts", nargs="*", default=[n for n, _ in ISSUE_SCRIPTS],
+                   help="with --all: only these per-issue scripts (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="with --all: say what would run and what is current")
+    p.add_argument("--no-main", action="store_true", help="with --all: the per-issue scripts only; BENCHMARKS.md "
+                   "is left as it is")
     args = p.parse_args(argv)
     if not corpus.available():
         print(f"corpus not found at {corpus.ROOT}", file=sys.stderr)
         return 2
+    if args.all:
+        unknown = sorted(set(args.scripts) - {n for n, _ in ISSUE_SCRIPTS})
+        if unknown:
+            print(f"--scripts: unknown {unknown}; known: {[n for n, _ in ISSUE_SCRIPTS]}", file=sys.stderr)
+            return 2
+        for line in run_all(args.scripts, args.dry_run):
+            print(line)
+        if args.dry_run or args.no_main:
+            return 0
+        args.resume = True  # the main table's cells are keyed by code commit: reuse those made at this code
     raw = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python benchmarks/run.py", *(shlex.quote(a) for a in raw)])
     out = Path(args.out)

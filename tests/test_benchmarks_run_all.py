@@ -1,0 +1,86 @@
+"""`python benchmarks/run.py --all`: runs each per-issue script whose table is not current, records how (code commit,
+HEAD, date, load, command) in results/run-all.json, skips a table already produced at the code it runs now, runs
+again a table whose code moved on, that was edited by hand, or whose script failed."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from benchmarks import run as bench
+
+SCRIPT = textwrap.dedent("""
+    import pathlib, sys
+    here = pathlib.Path(__file__).resolve().parent
+    (here / "calls.txt").open("a").write("x")
+    if "--fail" in sys.argv:
+        print("first line"); print("boom: the last line says why"); sys.exit(3)
+    (here / "results").mkdir(exist_ok=True)
+    (here / "results" / "fake.md").write_text("# fake table\\n")
+""")
+
+
+@pytest.fixture
+def scripts(tmp_path, monkeypatch):
+    (tmp_path / "fake.py").write_text(SCRIPT)
+    monkeypatch.setattr(bench, "SCRIPTS_DIR", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench, "STAMPS", tmp_path / "results" / "run-all.json")
+    monkeypatch.setattr(bench, "ISSUE_SCRIPTS", [("fake", []), ("absent", [])])
+    monkeypatch.setattr(bench, "script_code_key", lambda name: ("abc1234", []))
+    return tmp_path
+
+
+def _calls(folder) -> int:
+    path = folder / "calls.txt"
+    return len(path.read_text()) if path.is_file() else 0
+
+
+def test_runs_then_skips_a_table_current_at_this_code(scripts):
+    lines = bench.run_all(["fake", "absent"], dry_run=False)
+    assert lines[0].startswith("fake: ok in ") and _calls(scripts) == 1
+    assert lines[1] == "absent: no benchmarks/absent.py in this checkout; left out"
+    stamp = bench.load_stamps()["fake"]
+    assert stamp["code"] == "abc1234" and stamp["status"] == "ok" and stamp["exit"] == 0
+    assert stamp["command"] == "python benchmarks/fake.py" and stamp["load_start"] and stamp["started"]
+    state, line = bench.table_state("fake", bench.load_stamps())
+    assert state == "current" and "`python benchmarks/fake.py` at code `abc1234`" in line
+    again = bench.run_all(["fake"], dry_run=False)
+    assert again[0].startswith("fake: skipped, already produced at the current code") and _calls(scripts) == 1
+
+
+def test_reruns_when_the_code_moved_on_or_the_table_was_edited(scripts, monkeypatch):
+    bench.run_all(["fake"], dry_run=False)
+    monkeypatch.setattr(bench, "script_code_key", lambda name: ("def5678", []))
+    state, line = bench.table_state("fake", bench.load_stamps())
+    assert state == "stale" and "now at `def5678`" in line
+    assert bench.run_all(["fake"], dry_run=True)[0].startswith("fake: would run (stale") and _calls(scripts) == 1
+    bench.run_all(["fake"], dry_run=False)
+    assert _calls(scripts) == 2 and bench.table_state("fake", bench.load_stamps())[0] == "current"
+    (scripts / "results" / "fake.md").write_text("# edited by hand\n")
+    assert bench.table_state("fake", bench.load_stamps())[0] == "stale"
+    bench.run_all(["fake"], dry_run=False)
+    assert _calls(scripts) == 3
+
+
+def test_a_failed_script_is_recorded_with_its_last_line_and_run_again(scripts, monkeypatch):
+    monkeypatch.setattr(bench, "ISSUE_SCRIPTS", [("fake", ["--fail"])])
+    (line,) = bench.run_all(["fake"], dry_run=False)
+    assert line.startswith("fake: failed") and "boom: the last line says why" in line
+    state, text = bench.table_state("fake", bench.load_stamps())
+    assert state == "failed" and "exit 3" in text
+    bench.run_all(["fake"], dry_run=False)
+    assert _calls(scripts) == 2  # a failure is never taken for a finished table
+
+
+def test_a_table_without_a_stamp_is_marked_as_made_by_hand(scripts):
+    (scripts / "results").mkdir()
+    (scripts / "results" / "fake.md").write_text("# made by its own command\n")
+    state, line = bench.table_state("fake", {})
+    assert state == "by hand" and line.startswith("code commit not recorded")
+
+
+def test_imports_of_a_script_key_its_code():
+    assert bench._benchmark_imports("real_models")[:1] == ["real_models"]
+    assert {"run", "corpus"} <= set(bench._benchmark_imports("real_models"))
+    assert "run" not in bench._benchmark_imports("prune_curve")
