@@ -2,7 +2,7 @@
 `quantize_static` (issue 16, item 4): file and packed size ratios, the task metric on the evaluation half, and
 ORT latency at 1 thread (float vs squeeze quant vs quantize_static, interleaved rounds, same calibration data).
 
-    python benchmarks/quant_ort.py ppocrv6_tiny_rec --specs "cleanup,quant" "cleanup,codebook(bits=4)" --static
+    python benchmarks/quant_ort.py ppocrv6_tiny_rec --specs "quant" "codebook(bits=4)" --static
 
 The calibration / evaluation halves come from `corpus.ocr_npz` (first half / second half of ocr_synth).
 Task metrics: det = mean IoU of (prob map > 0.2) with the page masks; rec = greedy CTC character accuracy;
@@ -11,6 +11,7 @@ others = relative L2 of the outputs against the float model (no labels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -133,15 +134,17 @@ def static_model(path: Path, calib: dict, folder: Path, preprocess: bool = False
         model = onnx.version_converter.convert_version(model, 13)
     source = folder / "static_input.onnx"
     onnx.save(model, str(source))
-    if preprocess:
-        from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
-        try:
-            quant_pre_process(str(source), str(source))
-        except Exception:  # noqa: BLE001 (symbolic shape inference gives up on some dynamic graphs)
-            quant_pre_process(str(source), str(source), skip_symbolic_shape=True)
     out = folder / ("static_pre.onnx" if preprocess else "static.onnx")
-    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # ORT's quantizer writes temporary files (*.data, sym_shape_infer_temp.onnx) into the working directory
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        if preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+            try:
+                quant_pre_process(str(source), str(source))
+            except Exception:  # noqa: BLE001 (symbolic shape inference gives up on some dynamic graphs)
+                quant_pre_process(str(source), str(source), skip_symbolic_shape=True)
+        quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
 
@@ -168,7 +171,7 @@ def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--specs", nargs="*", default=["cleanup,quant"])
+    ap.add_argument("--specs", nargs="*", default=["quant"])
     ap.add_argument("--static", action="store_true", help="also ORT quantize_static")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=5)

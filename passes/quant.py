@@ -89,13 +89,18 @@ def quant(graph: gs.Graph, ctx: Context, *,
         ctx.note(f"opset upgraded {before} → {need} with onnx.version_converter "
                  f"({'INT4 tensors' if onnx_int4 else 'per-channel DequantizeLinear needs axis'})")
         ctx.details["opset"] = {"from": before, "to": need}
+    folded_adds = _fold_bias_adds(graph)
+    if folded_adds:
+        ctx.note(f"{folded_adds} per-channel Add(s) after a Conv folded into its bias, so the int8 kernel adds it "
+                 "(ONNX Runtime does the same for float models)")
     layers, skipped = select_layers(find_layers(graph), skip)
     quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic
     if activations and ctx.calib_is_synthetic:
         ctx.note("activation ranges come from synthetic N(0,1) inputs; pass --calib with real inputs")
     fused = {l.name for l in layers if l.values is not None and np.isfinite(l.values).all()}
     floats = _float_tensors(model) if quantize_inputs else set()
-    ops = _elementwise_ops(graph, floats) if quantize_inputs and elementwise else []
+    ops = _elementwise_ops(graph, floats, [l for l in layers if l.name in fused]) \
+        if quantize_inputs and elementwise else []
     sites = _activation_sites(graph, layers, fused, ops, floats) if quantize_inputs else {}
     names = sorted(set(sites) | {s.inner.name for s in sites.values() if s.inner is not None})
     chunk = 8
@@ -109,7 +114,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if rounding != "nearest" and ctx.calib_is_synthetic:
         ctx.note(f"rounding={rounding} needs real calibration data; rounded to nearest instead")
     per_layer, scales = [], {}
-    for layer in layers:
+    for k, layer in enumerate(layers):
         entry = {"layer": layer.name, "op": layer.op}
         x = rows.get(layer.name)
         act = ranges.get(layer.input.name)
@@ -121,7 +126,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
             entry["weights"] = "kept (computed, already compressed, or not finite)"
         else:
             entry.update(_quantize_weight(builder, layer, w, bits, per_channel, onnx_int4, x if learn else None,
-                                          rounding, iters, ctx.seed))
+                                          rounding, iters, ctx.seed, f"w{k}"))
         if x is not None and w is not None:
             entry["sqnr_db"] = _sqnr(layer, w, entry["_dequantized"], x, act)
         if w is not None:
@@ -135,11 +140,13 @@ def quant(graph: gs.Graph, ctx: Context, *,
     sites = {k: v for k, v in sites.items() if k not in kept_float}
     sites = _settle_folds(sites, ranges)
     sites = {k: v for k, v in sites.items() if v.folds is not None or k not in kept_float}
-    _quantize_scalars(builder, ops)
-    for name, site in sites.items():
-        _insert_qdq(builder, site, *ranges[name])
-    biases = sum(_quantize_bias(builder, l, ranges[sources[l.name]][0], *scales[l.name])
-                 for l in layers if l.name in scales and sources[l.name] in sites)
+    zero_points: dict[int, gs.Constant] = {}
+    _quantize_scalars(builder, ops, zero_points)
+    scale_constants = {name: _insert_qdq(builder, site, *ranges[name], f"a{j}", zero_points)
+                       for j, (name, site) in enumerate(sites.items())}
+    biases = sum(_quantize_bias(builder, l, scale_constants[sources[l.name]], *scales[l.name], f"b{k}")
+                 for k, l in enumerate(layers) if l.name in scales and sources[l.name] in sites)
+    _untype_intermediates(graph)
     folded = sum(1 for s in sites.values() if s.folds is not None)
     outputs = sum(1 for s in sites.values() if s.produced)
     _report(ctx, per_layer, skipped, bits, per_channel, quantize_inputs, method, len(sites), onnx_int4, rounding,
@@ -152,6 +159,52 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if biases:
         ctx.note(f"{biases} bias(es) stored as int32 with scale input_scale × weight_scale (as an integer "
                  "kernel adds them; ONNX Runtime would otherwise requantize float biases itself)")
+
+
+def _fold_bias_adds(graph: gs.Graph) -> int:
+    """Conv → Add(constant per output channel) becomes one Conv with that bias (exact): quantized, the Add would
+    sit between the QLinearConv and the next layer in float, with a QuantizeLinear of the bias-less output."""
+    count = 0
+    outputs = {id(t) for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "Conv" or len(node.outputs) != 1 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w, out = node.inputs[1].values, node.outputs[0]
+        if w.dtype != np.float32 or len(out.outputs) != 1 or id(out) in outputs or out.outputs[0].op != "Add":
+            continue
+        add = out.outputs[0]
+        others = [t for t in add.inputs if t is not out]
+        if len(add.inputs) != 2 or len(others) != 1 or not isinstance(others[0], gs.Constant):
+            continue
+        b = others[0].values
+        channels, spatial = w.shape[0], w.ndim - 2
+        if b.dtype != np.float32 or b.size not in (1, channels) or b.ndim > w.ndim \
+                or (b.size > 1 and b.shape[-spatial - 1:] != (channels,) + (1,) * spatial):
+            continue
+        old = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else None
+        if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+            continue
+        bias = np.broadcast_to(b.ravel(), (channels,)).astype(np.float32)
+        bias = bias + (old if old is not None else 0)
+        constant = gs.Constant(f"{node.name}_bias_folded", bias.astype(np.float32))
+        if len(node.inputs) > 2:
+            node.inputs[2] = constant
+        else:
+            node.inputs.append(constant)
+        node.outputs[0] = add.outputs[0]
+        add.inputs.clear()
+        add.outputs.clear()
+        count += 1
+    return count
+
+
+def _untype_intermediates(graph: gs.Graph) -> None:
+    """Forget the types and shapes of intermediate tensors, so the file carries no value_info: ONNX Runtime and
+    TVM infer them, and in a small int8 model the entries cost several percent of the file."""
+    io = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in io:
+            tensor.dtype, tensor.shape = None, None
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -175,12 +228,14 @@ def _broadcast(scale: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
 
 
 def _quantize_weight(builder: Builder, layer: Layer, w: np.ndarray, bits: int, per_channel: bool, onnx_int4: bool,
-                     x: np.ndarray | None, rounding: str, iters: int, seed: int) -> dict:
+                     x: np.ndarray | None, rounding: str, iters: int, seed: int, short_name: str) -> dict:
+    """Replace the layer's weight by symmetric integers → DequantizeLinear; the new tensors are named from
+    `short_name` (names are a large part of a small int8 file)."""
     qmax = (1 << (bits - 1)) - 1
     axis = layer.out_axis if per_channel else None
     if axis is not None and layer.op == "ConvTranspose" and layer.groups > 1:
         axis = None  # output channels are split over groups on axis 1: one scale per tensor instead
-    scale = _weight_scale(w.astype(np.float32), axis, qmax)
+    scale = _half_exact(_weight_scale(w.astype(np.float32), axis, qmax))
     full = _broadcast(scale, axis, w.ndim)
     w32 = w.astype(np.float32)
     q = np.clip(np.round(w32 / full), -qmax, qmax)
@@ -195,22 +250,21 @@ def _quantize_weight(builder: Builder, layer: Layer, w: np.ndarray, bits: int, p
         _correct_bias(builder, layer, w32, dequantized, x)
         info["bias_corrected"] = layer.bias() is not None
     q = q.astype(np.int8)
-    name = layer.weight.name
+    name = short_name
     stored, info["storage"] = builder.integers(q, bits, name, onnx_int4)
     attrs = {"axis": axis} if axis is not None else {}
-    deq = builder.op("DequantizeLinear", [stored, builder.const(f"{name}_scale", scale)], f"{name}_dequantized",
-                     np.float32, list(w.shape), **attrs)
+    scale_tensor = _compact_scale(builder, scale, f"{name}s")
+    deq = builder.op("DequantizeLinear", [stored, scale_tensor], f"{name}d", np.float32, list(w.shape), **attrs)
     if w.dtype != np.float32:
-        deq = builder.op("Cast", [deq], f"{name}_dequantized_cast", w.dtype, list(w.shape),
-                         to=onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
+        deq = builder.op("Cast", [deq], f"{name}c", w.dtype, list(w.shape), to=onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
     layer.node.inputs[layer.weight_index] = deq
     info["_dequantized"] = dequantized
-    info["_scale"] = (scale, axis)
+    info["_scale"] = (scale, axis, scale_tensor)
     return info
 
 
-def _quantize_bias(builder: Builder, layer: Layer, input_scale: float, weight_scale: np.ndarray,
-                   axis: int | None) -> int:
+def _quantize_bias(builder: Builder, layer: Layer, input_scale: gs.Constant, weight_scale: np.ndarray,
+                   axis: int | None, weight_scale_tensor: gs.Tensor, name: str) -> int:
     """Store a Conv/Gemm bias as int32 with scale input_scale × weight_scale, dequantized in the graph."""
     if layer.op not in ("Conv", "Gemm") or layer.output_scale() != 1.0:
         return 0
@@ -219,14 +273,16 @@ def _quantize_bias(builder: Builder, layer: Layer, input_scale: float, weight_sc
     bias = layer.bias()
     if bias is None:
         return 0
-    scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    scale = (np.float32(input_scale.values) * weight_scale.astype(np.float32)).astype(np.float32)
     if axis is None:
         scale = scale.reshape(())
     q = np.clip(np.round(bias / np.where(scale > 0, scale, 1)), -2**31, 2**31 - 1).astype(np.int32)
-    name = layer.node.inputs[2].name
     attrs = {"axis": 0} if scale.ndim else {}
-    deq = builder.op("DequantizeLinear", [builder.const(f"{name}_int32", q), builder.const(f"{name}_scale", scale)],
-                     f"{name}_dequantized", None, None, **attrs)
+    # the scale is computed in the graph (ONNX Runtime and TVM fold it when they load the model): it would
+    # otherwise store one more float per output channel
+    product = builder.op("Mul", [weight_scale_tensor, input_scale], f"{name}s", None, None)
+    deq = builder.op("DequantizeLinear", [_compact_integers(builder, q, name), product], f"{name}d", None, None,
+                     **attrs)
     if layer.op == "Gemm":
         layer.node.attrs["beta"] = 1.0
     layer.node.inputs[2] = deq
@@ -354,10 +410,16 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return floats & dynamic
 
 
-def _elementwise_ops(graph: gs.Graph, floats: set[str]) -> list[gs.Node]:
-    """Add/Mul of two float activations, or of one and a scalar constant (stored exactly in uint8): the binary
-    ops quantize_static quantizes, which ONNX Runtime runs as QLinearAdd / QLinearMul."""
-    ops = []
+def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> list[gs.Node]:
+    """The Add/Mul that join the int8 region: quantize_static's binary ops (two float activations, or one and a
+    scalar constant stored exactly in uint8; ONNX Runtime runs them as QLinearAdd / QLinearMul), kept only where
+    every activation input is int8 anyway (written by a quantized layer, past a Relu/Clip it may absorb, or by
+    another kept op, or read by a quantized layer) and some reader is int8 too (a quantized layer or a kept op).
+
+    Elsewhere the op stays float, and so do the tensors around it: inside a decomposed GELU or LayerNorm (whose
+    other inputs come from Erf, ReduceMean, ...) quantizing adds QuantizeLinear nodes that ONNX Runtime cannot
+    fuse, stops it from fusing the pattern into its own Gelu / LayerNormalization kernels, and costs accuracy."""
+    candidates = []
     for node in graph.nodes:
         if node.op not in ELEMENTWISE or len(node.inputs) != 2 or len(node.outputs) != 1:
             continue
@@ -370,8 +432,29 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str]) -> list[gs.Node]:
         if constants and (constants[0].values.size != 1 or constants[0].values.dtype != np.float32
                           or not np.isfinite(constants[0].values).all()):
             continue
-        ops.append(node)
-    return ops
+        candidates.append(node)
+    produced = {layer.input.name for layer in fused}  # quantized anyway: its readers can take the int8 form
+    for layer in fused:
+        out = layer.node.outputs[0]
+        act = _clamp_after(out)
+        produced.add((act.outputs[0] if act is not None else out).name)
+    readers = {id(l.node) for l in fused}
+    kept = list(candidates)
+    while True:
+        ids = {id(n) for n in kept}
+        region = produced | {n.outputs[0].name for n in kept}
+        nxt = [n for n in kept
+               if all(t.name in region for t in n.inputs if isinstance(t, gs.Variable))
+               and any(id(r) in readers or id(r) in ids for r in _readers_past_clamp(n.outputs[0]))]
+        if len(nxt) == len(kept):
+            return kept
+        kept = nxt
+
+
+def _readers_past_clamp(tensor: gs.Variable) -> list[gs.Node]:
+    """The nodes that read `tensor`, or its Relu/Clip's output when that is its only reader."""
+    act = _clamp_after(tensor)
+    return list(act.outputs[0].outputs) if act is not None else list(tensor.outputs)
 
 
 def _activation_sites(graph: gs.Graph, layers: list[Layer], fused: set[str], elementwise: list[gs.Node],
@@ -404,20 +487,26 @@ def _activation_sites(graph: gs.Graph, layers: list[Layer], fused: set[str], ele
     return sites
 
 
-def _quantize_scalars(builder: Builder, elementwise: list[gs.Node]) -> None:
-    """The scalar constant of an elementwise op as uint8 + DequantizeLinear, exact: (255 − zp)·(c/255) = c."""
+def _quantize_scalars(builder: Builder, elementwise: list[gs.Node], zero_points: dict[int, gs.Constant]) -> None:
+    """The scalar constant of an elementwise op as uint8 + DequantizeLinear, exact: (255 − zp)·(c/255) = c.
+    Equal constants share one DequantizeLinear."""
+    done: dict[tuple, gs.Variable] = {}
     for node in elementwise:
         for i, t in enumerate(node.inputs):
             if not isinstance(t, gs.Constant):
                 continue
             c = float(t.values.ravel()[0])
-            scale = np.float32(abs(c) / 255.0) if c else np.float32(1.0)
-            q, zp = (255, 0) if c >= 0 else (0, 255)
-            stored = builder.const(f"{t.name}_uint8", np.array(q if c else 0, np.uint8).reshape(t.values.shape))
-            node.inputs[i] = builder.op("DequantizeLinear", [stored, builder.const(f"{t.name}_scale", scale),
-                                                             builder.const(f"{t.name}_zero_point",
-                                                                           np.array(zp, np.uint8))],
-                                        f"{t.name}_dequantized", None, None)
+            key = (c, t.values.shape)
+            if key not in done:
+                scale = np.float32(abs(c) / 255.0) if c else np.float32(1.0)
+                q, zp = (255, 0) if c >= 0 else (0, 255)
+                name = f"c{len(done)}"
+                stored = builder.shared(("u8", q if c else 0, t.values.shape), f"u{q if c else 0}",
+                                        np.array(q if c else 0, np.uint8).reshape(t.values.shape))
+                done[key] = builder.op("DequantizeLinear", [stored, builder.const(f"{name}s", scale),
+                                                            _zero_point(builder, zp, zero_points)],
+                                       f"{name}d", None, None)
+            node.inputs[i] = done[key]
 
 
 def _sensitive_sites(ctx: Context, model: onnx.ModelProto, ranges: dict[str, tuple[float, int]],
@@ -489,20 +578,57 @@ def _settle_folds(sites: dict[str, _Site], ranges: dict[str, tuple[float, int]])
     return final
 
 
-def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int) -> None:
+def _zero_point(builder: Builder, value: int, shared: dict[int, gs.Constant]) -> gs.Constant:
+    """The uint8 zero point `value`, one scalar initializer per value (a 0-d tensor: ONNX Runtime fuses
+    QLinearAdd / QLinearMul only with scalar scales and zero points, and shape [1] is not scalar to it)."""
+    if value not in shared:
+        shared[value] = builder.const(f"z{value}", np.array(value, np.uint8))
+    return shared[value]
+
+
+def _half_exact(scale: np.ndarray) -> np.ndarray:
+    """`scale` rounded to the nearest float16 value when every entry is a normal float16 (the integers are then
+    computed with that scale, so storing it in float16 loses nothing); unchanged otherwise."""
+    half = scale.astype(np.float16)
+    if np.all(np.isfinite(half)) and np.all(np.abs(half) >= np.finfo(np.float16).tiny):
+        return half.astype(np.float32)
+    return scale
+
+
+def _compact_scale(builder: Builder, scale: np.ndarray, name: str) -> gs.Tensor:
+    """A per-channel float32 scale as float16 + Cast when that is exact (half the bytes; ONNX Runtime folds the
+    Cast when it loads the model, before it fuses the QDQ groups); scalars and other values as float32."""
+    if scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+        stored = builder.const(f"{name}h", scale.astype(np.float16))
+        return builder.op("Cast", [stored], name, None, None, to=onnx.TensorProto.FLOAT)
+    return builder.const(name, scale)
+
+
+def _compact_integers(builder: Builder, q: np.ndarray, name: str) -> gs.Tensor:
+    """int32 bias integers as int16 + Cast when they fit (ONNX Runtime folds the Cast at load)."""
+    if q.size > 1 and np.abs(q).max(initial=0) < 2 ** 15:
+        return builder.op("Cast", [builder.const(f"{name}h", q.astype(np.int16))], name, None, None,
+                          to=onnx.TensorProto.INT32)
+    return builder.const(name, q)
+
+
+def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int, name: str,
+                zero_points: dict[int, gs.Constant]) -> gs.Constant:
     """tensor → QuantizeLinear → DequantizeLinear → its readers (all of them when a quantized layer writes it,
-    else the quantized layers only). The new tensors are left untyped: shape inference knows them, and the
-    file does not carry a value_info entry for each."""
+    else the quantized layers only); returns the scale constant. The new tensors are left untyped (shape
+    inference knows them; the file carries no value_info for them) and the nodes unnamed."""
     tensor = site.tensor
-    s = builder.const(f"{tensor.name}_scale", np.array(scale, np.float32))
-    z = builder.const(f"{tensor.name}_zero_point", np.array(zero_point, np.uint8))
+    s = builder.const(f"{name}s", np.array(scale, np.float32))
+    z = _zero_point(builder, zero_point, zero_points)
     readers = list(tensor.outputs) if site.produced else site.readers
-    q = builder.op("QuantizeLinear", [tensor, s, z], f"{tensor.name}_quantized", None, None)
-    dq = builder.op("DequantizeLinear", [q, s, z], f"{tensor.name}_dequantized", None, None)
+    q = builder.op("QuantizeLinear", [tensor, s, z], f"{name}q", None, None)
+    dq = builder.op("DequantizeLinear", [q, s, z], f"{name}d", None, None)
+    q.inputs[0].name = dq.inputs[0].name = ""
     for node in readers:
         for i, t in enumerate(node.inputs):
             if t is tensor:
                 node.inputs[i] = dq
+    return s
 
 
 class _ActivationStats:

@@ -536,12 +536,31 @@ def _as_codebook(tensor: gs.Tensor) -> _Codebook | None:
     return _Codebook(table, values, symbols[0][:count].reshape(label_shape), symbols[1], shape)
 
 
+def folded(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant, or of a Cast or Mul of constants (the compact forms `quant` stores scales and
+    biases in, which runtimes fold at load); None for anything computed from the inputs."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "Cast" and len(node.inputs) == 1:
+        value = folded(node.inputs[0])
+        return None if value is None else value.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+    if node.op == "Mul" and len(node.inputs) == 2:
+        a, b = folded(node.inputs[0]), folded(node.inputs[1])
+        return None if a is None or b is None else np.multiply(a, b).astype(np.result_type(a, b))
+    return None
+
+
 def _as_dequantized(tensor: gs.Tensor) -> _Dequantized | None:
     cast = _producer(tensor, "Cast")
     node = _producer(cast.inputs[0] if cast is not None else tensor, "DequantizeLinear")
-    if node is None or not isinstance(node.inputs[1], gs.Constant):
+    if node is None or folded(node.inputs[1]) is None:
         return None
     stored = node.inputs[0]
+    if not isinstance(stored, gs.Constant) and folded(stored) is not None:  # int32 biases stored as int16 + Cast
+        return _Dequantized(node, folded(stored), 8 * folded(stored).dtype.itemsize, False, cast)
     if isinstance(stored, gs.Constant):
         int4 = isinstance(stored._values, LazyValues) and stored._values.tensor.data_type == onnx.TensorProto.INT4
         q = onnx.numpy_helper.to_array(stored._values.tensor).astype(np.int8) if int4 else stored.values
@@ -567,8 +586,8 @@ def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
     if deq is None:
         return None
     node = deq.node
-    scale = node.inputs[1].values.astype(np.float32)
-    zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
+    scale = folded(node.inputs[1]).astype(np.float32)
+    zero = folded(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
     block = int(node.attrs.get("block_size", 0) or 0)
     if block and scale.size > 1:  # blocked quantization: one scale per `block` elements along `axis`
         axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
@@ -619,9 +638,9 @@ def compressed_cut_problem(tensor: gs.Tensor, axis: int) -> str | None:
     if not 0 <= axis < deq.q.ndim:
         return f"its integers have no axis {axis}"
     params = [t for t in deq.node.inputs[1:] if t.name]
-    if not all(isinstance(t, gs.Constant) for t in params):
+    if any(folded(t) is None for t in params):
         return "its DequantizeLinear scale or zero point is computed"
-    scale = params[0].values
+    scale = folded(params[0])
     axis_size = deq.q.shape[int(deq.node.attrs.get("axis", 1)) % deq.q.ndim]
     if scale.size > 1 and (scale.ndim != 1 or scale.size != axis_size):
         return "its DequantizeLinear scales are not one per channel of one axis"
@@ -656,8 +675,8 @@ def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray
     else:                       # int32 biases, uint8 weights of other quantizers: a plain constant
         stored = builder.const(f"{base}_cut_q", q)
     params = [t for t in old.inputs[1:] if t.name]
-    if params[0].values.size > 1 and int(old.attrs.get("axis", 1)) % deq.q.ndim == axis:
-        params = [builder.const(f"{_base_name(t.name)}_cut", np.take(t.values, keep)) for t in params]
+    if folded(params[0]).size > 1 and int(old.attrs.get("axis", 1)) % deq.q.ndim == axis:
+        params = [builder.const(f"{_base_name(t.name)}_cut", np.take(folded(t), keep)) for t in params]
     out = builder.op("DequantizeLinear", [stored] + params, f"{base}_cut", old.outputs[0].dtype,
                      list(q.shape), **dict(old.attrs))
     if deq.cast is not None:
@@ -698,9 +717,9 @@ def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
         return False
     old = deq.node
     params = [t for t in old.inputs[1:] if t.name]
-    if not all(isinstance(t, gs.Constant) for t in params) or int(old.attrs.get("block_size", 0) or 0):
+    if any(folded(t) is None for t in params) or int(old.attrs.get("block_size", 0) or 0):
         return False
-    scale, zero = params[0].values, (params[1].values if len(params) > 1 else None)
+    scale, zero = folded(params[0]), (folded(params[1]) if len(params) > 1 else None)
     axis = int(old.attrs.get("axis", 1)) % values.ndim if scale.size > 1 else None
     if axis is not None and (scale.ndim != 1 or scale.size != values.shape[axis]):
         return False
@@ -770,16 +789,16 @@ def _rescale_int32_bias(graph: gs.Graph, node: gs.Node, old_scale: np.ndarray, n
     if deq is None or deq.q.dtype != np.int32 or deq.cast is not None:
         return
     params = [t for t in deq.node.inputs[1:] if t.name]
-    if not all(isinstance(t, gs.Constant) for t in params) or (len(params) > 1 and np.any(params[1].values)):
+    if any(folded(t) is None for t in params) or (len(params) > 1 and np.any(folded(params[1]))):
         return
-    b_scale = params[0].values.astype(np.float64)
+    b_scale = folded(params[0]).astype(np.float64)
     w_old, w_new = old_scale.astype(np.float64).ravel(), new_scale.astype(np.float64).ravel()
     if b_scale.size not in (1, w_old.size) or (b_scale.size == 1 and w_old.size > 1) or not np.all(w_old > 0):
         return
     input_scale = b_scale.ravel() / w_old
     if not np.allclose(input_scale, input_scale[0], rtol=1e-4):
         return  # not input scale × weight scale: leave it as it is
-    b_new = (input_scale[0] * w_new).astype(params[0].values.dtype).reshape(params[0].values.shape)
+    b_new = (input_scale[0] * w_new).astype(folded(params[0]).dtype).reshape(folded(params[0]).shape)
     values = deq.q.astype(np.float64) * _along(b_scale, 0 if b_scale.size > 1 else None, deq.q.ndim)
     s = _along(b_new.astype(np.float64), 0 if b_new.size > 1 else None, deq.q.ndim)
     q = np.clip(np.round(values / np.where(s > 0, s, 1.0)), -2**31, 2**31 - 1).astype(np.int32)
