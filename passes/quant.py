@@ -38,7 +38,7 @@ from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.errors import PassError
 
-from .quant_sensitivity import outliers, site_errors
+from .quant_sensitivity import MIN_GAIN, Probe, outliers, site_errors, validated_float
 from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
 COMPUTE = "int8 kernels in ONNX Runtime (fused QDQ); int8 storage, float compute in TVM 0.27"
@@ -511,19 +511,26 @@ def _quantize_scalars(builder: Builder, elementwise: list[gs.Node], zero_points:
 
 def _sensitive_sites(ctx: Context, model: onnx.ModelProto, ranges: dict[str, tuple[float, int]],
                      factor: float) -> list[str]:
-    """The activation tensors to keep float: measured one at a time (quant_sensitivity), the outliers."""
+    """The activation tensors to keep float: the outliers of the one-at-a-time sensitivity (quant_sensitivity),
+    each kept only if the held-out calibration samples confirm that it lowers the whole model's error (a float
+    tensor costs ONNX Runtime the int8 fusion of the layers that read and write it)."""
     if ctx.calib_is_synthetic:
         return []
-    errors, samples = site_errors(model, ranges, ctx.calib, ctx.threads)
+    probe = Probe(model, ranges, ctx.threads)
+    errors, samples = site_errors(model, ranges, ctx.calib, ctx.threads, probe)
     worst = outliers(errors, factor)
+    kept, trace = validated_float(probe, worst, ctx.calib) if worst else ([], [])
     ctx.details["activation_sensitivity"] = {
         "samples": samples, "factor": factor, "median_error": round(float(np.median(list(errors.values()))), 6),
-        "kept_float": {k: round(errors[k], 6) for k in worst}}
+        "outliers": {k: round(errors[k], 6) for k in worst}, "kept_float": kept,
+        "held_out_error": [round(e, 6) for e in trace]}
     if worst:
-        ctx.note(f"{len(worst)} activation tensor(s) kept float: quantized alone, each moves the outputs more than "
-                 f"{factor:g}× the median tensor does (measured on {samples} calibration sample(s)): "
-                 + ", ".join(f"{k} ({errors[k]:.4f})" for k in worst[:5]) + (" ..." if len(worst) > 5 else ""))
-    return worst
+        ctx.note(f"{len(worst)} activation tensor(s) move the outputs more than {factor:g}× the median tensor "
+                 f"does when quantized alone (measured on {samples} calibration sample(s)); {len(kept)} kept float, "
+                 f"those that lower the held-out error of the whole model by ≥ {MIN_GAIN:.0%} each "
+                 f"({trace[0]:.4f} → {trace[-1]:.4f})" + (": " + ", ".join(kept[:5]) if kept else "")
+                 + (" ..." if len(kept) > 5 else ""))
+    return kept
 
 
 def _clamp_after(out: gs.Variable) -> gs.Node | None:

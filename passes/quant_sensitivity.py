@@ -6,7 +6,10 @@ for every candidate tensor alone, the relative L2 error of the model's outputs o
 tensor is quantized to uint8 and all else stays float — the "one layer at a time" sensitivity of
 HAWQ/ZeroQ-style mixed-precision searches, done here with ONNX Runtime on one model: every candidate becomes
 x + m[i]·(DQ(Q(x)) − x), with m a graph input, so one session serves all candidates (m one-hot per run).
-`outliers` then picks the tensors whose error stands far above the others.
+`outliers` then picks the tensors whose error stands far above the others, and `validated_float` keeps float only
+those of them that, on held-out calibration samples (not the ones measured above), make the whole quantized model's
+error smaller by a real margin: every tensor kept float breaks ONNX Runtime's int8 fusion of the layers around it,
+so one is given up only where that is measured to pay.
 """
 from __future__ import annotations
 
@@ -21,27 +24,54 @@ from squeeze.model import toposort
 MASK = "squeeze_quant_site_mask"
 MAX_RUNS = 1024         # model runs spent at most (tensors × samples; samples are cut to fit)
 MAX_SAMPLES = 16
+HELD_OUT = 16           # calibration samples (the last ones) that validate the kept-float choice
+MIN_GAIN = 0.1          # a tensor stays float only if that lowers the held-out error by this fraction
+
+
+class Probe:
+    """One ONNX Runtime session of the model in which any subset of `ranges`' tensors is quantized (a mask input)."""
+
+    def __init__(self, model: onnx.ModelProto, ranges: dict[str, tuple[float, int]], threads: int | None = None):
+        self.names = sorted(ranges)
+        self.sess = runtime.session(_probe_model(model, self.names, ranges), threads)
+
+    def outputs(self, feeds: list[dict], quantized: set[str]) -> list[list[np.ndarray]]:
+        mask = np.array([name in quantized for name in self.names], np.float32)
+        return [self.sess.run(None, {**f, MASK: mask}) for f in feeds]
 
 
 def site_errors(model: onnx.ModelProto, ranges: dict[str, tuple[float, int]], data: Dataset,
-                threads: int | None = None) -> tuple[dict[str, float], int]:
+                threads: int | None = None, probe: Probe | None = None) -> tuple[dict[str, float], int]:
     """{tensor: output relative L2 error with only that tensor quantized at (scale, uint8 zero point)}, and the
-    number of calibration samples it was measured on."""
-    names = sorted(ranges)
-    probe = _probe_model(model, names, ranges)
-    sess = runtime.session(probe, threads)
+    number of calibration samples it was measured on (the first ones)."""
+    probe = probe or Probe(model, ranges, threads)
     # a count fixed by the work, not by the clock, so the result does not depend on the machine's load
-    count = int(np.clip(MAX_RUNS // (len(names) + 1), 1, MAX_SAMPLES))
+    count = int(np.clip(MAX_RUNS // (len(probe.names) + 1), 1, MAX_SAMPLES))
     feeds = data.samples(count)
-    mask = np.zeros(len(names), np.float32)
-    reference = [sess.run(None, {**f, MASK: mask}) for f in feeds]
-    errors = {}
-    for i, name in enumerate(names):
-        mask[:] = 0
-        mask[i] = 1
-        outs = [sess.run(None, {**f, MASK: mask}) for f in feeds]
-        errors[name] = _relative_error(reference, outs)
+    reference = probe.outputs(feeds, set())
+    errors = {name: _relative_error(reference, probe.outputs(feeds, {name})) for name in probe.names}
     return errors, len(feeds)
+
+
+def validated_float(probe: Probe, candidates: list[str], data: Dataset, min_gain: float = MIN_GAIN
+                    ) -> tuple[list[str], list[float]]:
+    """Greedy, worst candidate first: keep a tensor float when the error of the model with everything else
+    quantized, on the last HELD_OUT calibration samples, drops by at least `min_gain` of its current value.
+    Returns the tensors kept float and the held-out error after each accepted step (the first: all quantized)."""
+    n = len(data)
+    held = data.subset(max(0, n - HELD_OUT)) if n > 1 else data
+    feeds = held.samples(len(held))
+    reference = probe.outputs(feeds, set())
+    quantized = set(probe.names)
+    trace = [_relative_error(reference, probe.outputs(feeds, quantized))]
+    kept = []
+    for name in candidates:
+        error = _relative_error(reference, probe.outputs(feeds, quantized - {name}))
+        if error < (1 - min_gain) * trace[-1]:
+            quantized.discard(name)
+            kept.append(name)
+            trace.append(error)
+    return kept, trace
 
 
 def outliers(errors: dict[str, float], factor: float) -> list[str]:
