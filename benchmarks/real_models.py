@@ -130,11 +130,7 @@ def _cell(model: str, pipeline: str, calib, evald, orig, orig_error: str | None,
         return row
     row["squeeze s"] = time.perf_counter() - t0
     r = result.report
-    o, f = r["original"], r["final"]
-    row["file ratio"] = o["bytes"]["file"] / f["bytes"]["file"]
-    packed_o, packed_f = o["bytes"].get("packed"), f["bytes"].get("packed")
-    row["packed ratio"] = (packed_o / packed_f) if packed_o and packed_f else None
-    row["MAC ratio"] = o["macs"] / f["macs"] if f["macs"] else None
+    row.update(harness.size_ratios(r))
     m = r.get("metric") or {}
     scale = 100.0 if m.get("unit") == "%" else 1.0
     row["metric"] = m.get("label") or m.get("name")

@@ -250,6 +250,15 @@ def _tvm_cell(orig: Original, final) -> dict:
     return row
 
 
+def size_ratios(report: dict) -> dict:
+    """original ÷ final: ONNX file bytes, packed bytes (None where the report has none), MACs."""
+    o, f = report["original"], report["final"]
+    packed_o, packed_f = o["bytes"].get("packed"), f["bytes"].get("packed")
+    return {"file ratio": o["bytes"]["file"] / f["bytes"]["file"],
+            "packed ratio": (packed_o / packed_f) if packed_o and packed_f else None,
+            "MAC ratio": o["macs"] / f["macs"] if f["macs"] else None}
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"{type(exc).__name__}: {text}"[:160]
@@ -280,11 +289,7 @@ def _cell(model: str, pipeline: str, calib, evald, orig: Original | None, orig_e
         return row
     row["squeeze s"] = time.perf_counter() - t0
     r = result.report
-    o, f = r["original"], r["final"]
-    row["file ratio"] = o["bytes"]["file"] / f["bytes"]["file"]
-    packed_o, packed_f = o["bytes"].get("packed"), f["bytes"].get("packed")
-    row["packed ratio"] = (packed_o / packed_f) if packed_o and packed_f else None
-    row["MAC ratio"] = o["macs"] / f["macs"] if f["macs"] else None
+    row.update(size_ratios(r))
     acc = r.get("accuracy")
     if acc:
         row["top-1 orig"] = 100 * acc["original"]["top1"]
