@@ -47,6 +47,7 @@ MSE_CANDIDATES = 100
 GRAM_LIMIT = 2048             # AdaRound uses the inputs' Gram matrix up to this many inputs per output
 ZETA, GAMMA = 1.1, -0.1       # AdaRound's rectified sigmoid stretch
 ELEMENTWISE = ("Add", "Mul")  # binary ops quantized around (ONNX Runtime: QLinearAdd, QLinearMul)
+GATES = ("HardSigmoid", "Sigmoid")  # cheap gates whose output may join the int8 region of an Add/Mul it feeds
 
 
 @register_pass("quant", backoff=Backoff("bits", step_up(8), skip="skip"))
@@ -414,7 +415,8 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> l
     """The Add/Mul that join the int8 region: quantize_static's binary ops (two float activations, or one and a
     scalar constant stored exactly in uint8; ONNX Runtime runs them as QLinearAdd / QLinearMul), kept only where
     every activation input is int8 anyway (written by a quantized layer, past a Relu/Clip it may absorb, or by
-    another kept op, or read by a quantized layer) and some reader is int8 too (a quantized layer or a kept op).
+    another kept op, or read by a quantized layer, or the output of a HardSigmoid/Sigmoid gate of such a tensor:
+    hard-swish and squeeze-and-excitation scaling) and some reader is int8 too (a quantized layer or a kept op).
 
     Elsewhere the op stays float, and so do the tensors around it: inside a decomposed GELU or LayerNorm (whose
     other inputs come from Erf, ReduceMean, ...) quantizing adds QuantizeLinear nodes that ONNX Runtime cannot
@@ -439,10 +441,14 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> l
         act = _clamp_after(out)
         produced.add((act.outputs[0] if act is not None else out).name)
     readers = {id(l.node) for l in fused}
+    gates = [n for n in graph.nodes if n.op in GATES and len(n.outputs) == 1 and n.outputs[0].name in floats]
     kept = list(candidates)
     while True:
         ids = {id(n) for n in kept}
         region = produced | {n.outputs[0].name for n in kept}
+        for gate in gates:  # x·HardSigmoid(x), SE scaling: the gate's output is quantized as quantize_static does
+            if gate.inputs[0].name in region:
+                region.add(gate.outputs[0].name)
         nxt = [n for n in kept
                if all(t.name in region for t in n.inputs if isinstance(t, gs.Variable))
                and any(id(r) in readers or id(r) in ids for r in _readers_past_clamp(n.outputs[0]))]
