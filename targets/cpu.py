@@ -62,6 +62,8 @@ class Cpu(Target):
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
         info = {"tvm_target": str(target), "schedules": "squeeze" if self.schedules else "tvm-default"}
+        from .schedules.int8 import compute_summary  # noqa: PLC0415
+        info.update(compute_summary(mod, target, integer=self.schedules))  # int8 or float arithmetic, for the report
         pipeline = untuned = None
         if self.schedules:
             from . import schedules  # noqa: PLC0415

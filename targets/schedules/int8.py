@@ -33,11 +33,14 @@ the activation as [N, C/4, H, W, 4]; `Int8Kernel` tensorizes the kb × 4 update 
 | x86 AVX-512 VNNI | `vpdpbusd zmm` (u8×s8, 16 int32 lanes) | `squeeze_dot_16x4_vnni` | 16 |
 | x86 AVX-VNNI | `vpdpbusd ymm` | `squeeze_dot_8x4_avxvnni` | 8 |
 | x86 AVX-512BW / AVX2 | `vpmaddubsw` + `vpmaddwd` | `squeeze_dot_16x4_avx512bw` / `_8x4_avx2` | 16 / 8 |
-| aarch64 dotprod | `sdot` (s8×s8) | TVM's `dot_4x4_i8i8s32_sdot` | 4 |
+| aarch64 dotprod | `sdot` (s8×s8) | `squeeze_dot_4x4_i8i8s32_sdot` | 4 |
 
-The x86 intrinsics are TVM tensor intrinsics registered here (`X86_INTRINSICS`): TVM 0.27's own `dot_16x4_vnni`
-passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`, which the bundled LLVM declares on <64 x i8> and
-rejects. `sdot` multiplies signed bytes: the activation is packed as x − 128 (an xor of the sign bit) and 128·ΣW is
+The intrinsics are TVM tensor intrinsics (`TensorIntrin.register`, applied with `sch.tensorize`) registered
+here, not TVM 0.27's stock ones: its `dot_16x4_vnni` passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`,
+which the bundled LLVM declares on <64 x i8> and rejects, and importing `tvm.s_tir.tensor_intrin` (for
+`dot_4x4_i8i8s32_sdot`) registers every CUDA intrinsic first: about a minute per build process.
+
+`sdot` multiplies signed bytes: the activation is packed as x − 128 (an xor of the sign bit) and 128·ΣW is
 added back to the bias, still exact. `vpmaddubsw` adds two u8×s8 products into a saturating int16: exact only
 when |w₀| + |w₁| ≤ 128 for every weight pair it pairs; a layer whose weights break that uses the exact VNNI /
 sdot path or, without one, stays float (`_pairs_fit`) — ONNX Runtime's AVX2 kernels saturate there instead.
@@ -110,6 +113,36 @@ def _dot_intrinsic(lanes: int, kind: str):
     return desc, dot_vnni if kind == "vnni" else dot_pmadd
 
 
+def _sdot_intrinsic():
+    """(description, implementation) of C[4] += Σ_k s8 A[k] · s8 B[4, k] over k < 4: one aarch64 `sdot`."""
+    from tvm.script import tirx as T  # noqa: PLC0415
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
+             C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            for i in T.serial(0, 4):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
+             C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"),
+                a, B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+
+    return desc, impl
+
+
 #: name → (output lanes, kind) of squeeze's x86 dot-product intrinsics
 X86_INTRINSICS = {"squeeze_dot_16x4_vnni": (16, "vnni"), "squeeze_dot_8x4_avxvnni": (8, "vnni"),
                   "squeeze_dot_16x4_avx512bw": (16, "pmadd"), "squeeze_dot_8x4_avx2": (8, "pmadd")}
@@ -122,6 +155,10 @@ def _register_intrinsics() -> None:
         return
     for name, (lanes, kind) in X86_INTRINSICS.items():
         TensorIntrin.register(name, *_dot_intrinsic(lanes, kind))
+    TensorIntrin.register(SDOT, *_sdot_intrinsic())
+
+
+SDOT = "squeeze_dot_4x4_i8i8s32_sdot"
 
 
 def _registered() -> bool:
@@ -140,7 +177,6 @@ def dot_intrinsic(target) -> tuple[str, int, bool] | None:
     The features come from LLVM's view of the target (`-mcpu` / `-mattr`), so a cross build for aarch64 with
     `+dotprod` gets `sdot` and a host build gets what this CPU has.
     """
-    import tvm.s_tir.tensor_intrin  # noqa: F401,PLC0415 (registers TVM's intrinsics)
     from tvm.target import codegen  # noqa: PLC0415
     if not is_cpu(target):
         return None
@@ -151,7 +187,7 @@ def dot_intrinsic(target) -> tuple[str, int, bool] | None:
         features = set()
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
-        return ("dot_4x4_i8i8s32_sdot", 4, True) if "dotprod" in features else None
+        return (SDOT, 4, True) if "dotprod" in features else None
     if "avx512vnni" in features and "avx512bw" in features:
         return "squeeze_dot_16x4_vnni", 16, True
     if "avxvnni" in features:
@@ -580,3 +616,31 @@ def qdq_rewrite_pass():
     def _pass(mod, _ctx):
         return rewrite_qdq(mod)
     return _pass
+
+
+def compute_summary(mod, target, integer: bool = True) -> dict:
+    """What a build of `mod` for `target` computes in: {"compute": int8 | mixed | float, "int8_layers",
+    "float_layers", "instruction"}, counting Conv/Gemm/MatMul layers after `rewrite_qdq` (the report row field);
+    `integer` False: a build without squeeze's pipeline (TVM's own dequantizes: every layer is float)."""
+    from tvm import relax  # noqa: PLC0415
+    found = dot_intrinsic(target) if integer else None
+    with target:
+        rewritten = rewrite_qdq(mod) if integer else mod
+    counts = {"int8": 0, "float": 0}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in (
+                "relax.nn.conv2d", "relax.matmul", "relax.nn.conv2d_transpose", "relax.nn.conv1d"):
+            counts["int8" if str(expr.args[0].ty.dtype) in ("uint8", "int8") else "float"] += 1
+
+    for func in rewritten.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    label = "int8" if counts["int8"] and not counts["float"] else "mixed" if counts["int8"] else "float"
+    return {"compute": label, "int8_layers": counts["int8"], "float_layers": counts["float"],
+            "instruction": _INSTRUCTIONS.get(found[0], found[0]) if found and counts["int8"] else None}
+
+
+_INSTRUCTIONS = {"squeeze_dot_16x4_vnni": "vpdpbusd (AVX-512 VNNI)", "squeeze_dot_8x4_avxvnni": "vpdpbusd (AVX-VNNI)",
+                 "squeeze_dot_16x4_avx512bw": "vpmaddubsw (AVX-512BW)", "squeeze_dot_8x4_avx2": "vpmaddubsw (AVX2)",
+                 SDOT: "sdot (aarch64 dotprod)"}
