@@ -174,6 +174,7 @@ def markdown(report: dict) -> str:
     lines += _not_device_time_lines(apart)
     lines += _device_counts(report["targets"])
     lines += _firmware_lines(report["targets"])
+    lines += compute_lines(report["targets"])
     ort = report.get("onnxruntime", {})
     lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
               "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
@@ -442,6 +443,22 @@ def _firmware_lines(rows: list[dict]) -> list[str]:
         lines += ["", "Compact weights are decoded into the RAM decode scratch right before the layer that reads "
                   "them; the kernels compute in float32. Flash and RAM parts are measured from the firmware ELF "
                   "(sections and symbols) and the stack's high-water mark."]
+    return lines
+
+
+def compute_lines(rows: list[dict]) -> list[str]:
+    """Per target row: whether its figures come from int8 or float arithmetic (the row's `compute`,
+    `int8_layers`, `float_layers`, `instruction`; squeeze.targets.schedules.int8.compute_summary)."""
+    marked = [r for r in rows if "error" not in r and r.get("compute")]
+    if not marked:
+        return []
+    lines = ["", "| target | compute | int8 layers | float layers | int8 instruction |", "|---|---|---:|---:|---|"]
+    for r in marked:
+        lines.append(f"| {r['spec']} | {r['compute']} | {r.get('int8_layers', 0)} | {r.get('float_layers', 0)} | "
+                     f"{r.get('instruction') or '—'} |")
+    lines += ["", "compute: the arithmetic of the Conv/Gemm/MatMul layers the figures come from — int8 (u8×s8→s32 "
+              "dot products with requantization), float, or mixed (some layers stay float: no QDQ around them, or a "
+              "form the integer kernels do not compute exactly)."]
     return lines
 
 

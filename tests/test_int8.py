@@ -1,0 +1,234 @@
+"""Integer compute for QDQ models (targets/schedules/int8.py): the rewrite, bit-exactness with ONNX Runtime's
+int8 kernels, the dot-product instructions in the built code, the report's compute field."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+pytestmark = pytest.mark.tvm
+
+XS, XZ, YS, YZ = np.float32(0.02), np.uint8(100), np.float32(0.05), np.uint8(7)
+
+
+def _weights(rng, shape, axis_len):
+    w = rng.normal(size=shape).astype(np.float32)
+    scale = (np.abs(w).reshape(axis_len, -1).max(1) / 127).astype(np.float32) if shape[0] == axis_len else \
+        (np.abs(w).reshape(-1, axis_len).max(0) / 127).astype(np.float32)
+    full = scale.reshape((-1,) + (1,) * (len(shape) - 1)) if shape[0] == axis_len else scale
+    return np.clip(np.round(w / full), -127, 127).astype(np.int8), scale
+
+
+def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, pad=1, quant_out=True, bias=True,
+              seed=0, weight_zero_point=0) -> onnx.ModelProto:
+    """x → Q → DQ ─┐
+       W_s8 → DQ ──┼→ Conv/Gemm/MatMul (+ DQ(b_s32)) → Q → DQ → out          (the form `quant` writes)"""
+    rng = np.random.default_rng(seed)
+    if op == "Conv":
+        wq, ws = _weights(rng, (k, c, ksize, ksize), k)
+        xshape = [1, c, *hw]
+        axis = 0
+    else:
+        wq, ws = _weights(rng, (c, k), k)
+        xshape = [3, c] if op == "MatMul" else [1, c]
+        axis = 1
+    bq = rng.integers(-3000, 3000, size=k).astype(np.int32)
+    inits = [nh.from_array(wq, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.array(XS), "xs"),
+             nh.from_array(np.array(XZ), "xz"), nh.from_array(np.array(YS), "ys"), nh.from_array(np.array(YZ), "yz"),
+             nh.from_array(bq, "bq"), nh.from_array((XS * ws).astype(np.float32), "bs"),
+             nh.from_array(np.array(weight_zero_point, np.int8), "wz")]
+    nodes = [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             oh.make_node("DequantizeLinear", ["wq", "ws"] + (["wz"] if weight_zero_point else []), ["wd"],
+                          axis=axis if not weight_zero_point else 0),
+             oh.make_node("DequantizeLinear", ["bq", "bs"], ["bd"], axis=0)]
+    if op == "Conv":
+        nodes.append(oh.make_node("Conv", ["xd", "wd"] + (["bd"] if bias else []), ["y"], pads=[pad] * 4,
+                                  strides=[stride, stride], kernel_shape=[ksize, ksize]))
+    elif op == "Gemm":
+        nodes.append(oh.make_node("Gemm", ["xd", "wd"] + (["bd"] if bias else []), ["y"]))
+    else:
+        nodes += [oh.make_node("MatMul", ["xd", "wd"], ["mm"]), oh.make_node("Add", ["mm", "bd"], ["y"])]
+    out = "y"
+    if quant_out:
+        nodes += [oh.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+                  oh.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+        out = "out"
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, xshape)],
+                          [oh.make_tensor_value_info(out, TP.FLOAT, None)], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _input(model: onnx.ModelProto, seed: int = 1) -> np.ndarray:
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.ndarray:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+def _host():
+    import tvm
+
+    from squeeze.targets import tvm_build
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+
+
+def _build(model: onnx.ModelProto, x: np.ndarray, target):
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import build_pipeline
+    mod = tvm_build.import_onnx(model, {"x": x.shape})
+    return mod, tvm_build.compile_module(mod, target, build_pipeline(target, threads=1))
+
+
+def _run(executable, x: np.ndarray) -> np.ndarray:
+    import tvm
+
+    from squeeze.targets import tvm_build
+    return tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
+
+
+def _asm(executable) -> str:
+    return next(m for m in executable.mod.imports if m.kind == "llvm").inspect_source("asm")
+
+
+def _needs_dot(target):
+    from squeeze.targets.schedules import int8
+    found = int8.dot_intrinsic(target)
+    if found is None:
+        pytest.skip("this CPU has no int8 dot-product instruction TVM can use")
+    return found
+
+
+CASES = {
+    "conv3x3_pad1": dict(op="Conv"),
+    "conv3x3_stride2": dict(op="Conv", stride=2, hw=(13, 11)),
+    "conv1x1_odd_channels": dict(op="Conv", ksize=1, pad=0, c=20, k=10),
+    "conv_stem_3_channels": dict(op="Conv", c=3, k=24, hw=(9, 17)),
+    "conv_no_bias": dict(op="Conv", bias=False),
+    "gemm": dict(op="Gemm", c=40, k=24),
+    "matmul_rows": dict(op="MatMul", c=36, k=20),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_exact_with_onnxruntime_int8(case):
+    """Quantized output identical to ONNX Runtime's int8 kernels (QLinearConv / QGemm / QLinearMatMul) and to
+    its exact QDQ reference, and the layer was computed in integers."""
+    from squeeze.targets.schedules import int8
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model(**CASES[case])
+    x = _input(model)
+    mod, executable = _build(model, x, target)
+    got = _run(executable, x)
+    assert int8.compute_summary(mod, target)["int8_layers"] == 1
+    np.testing.assert_array_equal(got, _ort(model, x))
+    np.testing.assert_array_equal(got, _ort(model, x, optimize=False))
+
+
+def test_vnni_or_pmadd_in_the_built_code():
+    """The host build's kernel uses the instruction dot_intrinsic chose (vpdpbusd on AVX-512 VNNI / AVX-VNNI)."""
+    target = _host()
+    name, _, _ = _needs_dot(target)
+    model = qdq_model()
+    _, executable = _build(model, _input(model), target)
+    asm = _asm(executable)
+    assert ("vpdpbusd" if "vnni" in name else "vpmaddubsw") in asm
+
+
+def test_avx2_fallback_is_exact_when_pairs_fit():
+    """mcpu=haswell (AVX2, no VNNI): vpmaddubsw + vpmaddwd, exact for weights whose adjacent pairs keep
+    |w0|+|w1| <= 128 (no int16 saturation); a layer whose weights break that stays float and still matches."""
+    import tvm
+
+    from squeeze.targets.schedules import int8
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("the host cannot run AVX2 code")
+    assert int8.dot_intrinsic(target) == ("squeeze_dot_8x4_avx2", 8, False)
+    small = qdq_model(seed=3)
+    for init in small.graph.initializer:
+        if init.name == "wq":
+            init.CopyFrom(nh.from_array((nh.to_array(init) // 2).astype(np.int8), "wq"))
+    x = _input(small)
+    _, executable = _build(small, x, target)
+    assert "vpmaddubsw" in _asm(executable)
+    np.testing.assert_array_equal(_run(executable, x), _ort(small, x))
+    big = qdq_model(seed=3)
+    _, executable = _build(big, x, target)
+    assert "vpmaddubsw" not in _asm(executable)
+    np.testing.assert_array_equal(_run(executable, x), _ort(big, x))
+
+
+def test_pairs_fit():
+    from squeeze.targets.schedules.int8 import _pairs_fit
+    assert _pairs_fit(np.array([[64, 64, -127, 1]], np.int8))
+    assert not _pairs_fit(np.array([[65, 64, 0, 0]], np.int8))
+
+
+def test_float_output_layer():
+    """No QuantizeLinear after the layer: int32 accumulation × (sx·sw), float bias add; float rounding only."""
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model(quant_out=False)
+    x = _input(model)
+    _, executable = _build(model, x, target)
+    got, ref = _run(executable, x), _ort(model, x)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_weight_zero_point_stays_float():
+    """A non-zero weight zero point is not the symmetric form: the layer stays float (and correct)."""
+    from squeeze.targets.schedules import int8
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model(weight_zero_point=3)
+    for node in model.graph.node:  # per-tensor weight scale, as a zero point needs
+        if node.input[0] == "wq":
+            node.ClearField("attribute")
+    for init in model.graph.initializer:
+        if init.name == "ws":
+            init.CopyFrom(nh.from_array(np.array(nh.to_array(init).max(), np.float32), "ws"))
+        if init.name == "bs":
+            init.CopyFrom(nh.from_array(np.full(32, XS * 0.01, np.float32), "bs"))
+    x = _input(model)
+    mod, executable = _build(model, x, target)
+    assert int8.compute_summary(mod, target)["int8_layers"] == 0
+    got, ref = _run(executable, x), _ort(model, x, optimize=False)
+    assert np.abs(got - ref).max() <= YS + 1e-6
+
+
+def test_quantize_rounds_half_to_even():
+    """QuantizeLinear of values exactly between two steps: ONNX rounds to even (TVM's own legalization rounds
+    half away from zero)."""
+    x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, 3.5, 254.5, 7.0]], np.float32)
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [nh.from_array(np.array(1.0, np.float32), "s"), nh.from_array(np.array(2, np.uint8), "z")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 8])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    model.ir_version = 8
+    _, executable = _build(model, x, _host())
+    np.testing.assert_array_equal(_run(executable, x), _ort(model, x))
+
+
+def test_report_says_int8_or_float():
+    from squeeze import report
+    lines = report.compute_lines([{"spec": "cpu", "compute": "int8", "int8_layers": 26, "float_layers": 0,
+                                   "instruction": "vpdpbusd (AVX-512 VNNI)"}, {"spec": "arm", "error": "x"}])
+    assert any("| cpu | int8 | 26 | 0 | vpdpbusd (AVX-512 VNNI) |" in line for line in lines)
+    assert report.compute_lines([{"spec": "mcu"}]) == []
