@@ -91,8 +91,11 @@ class Arm(Target):
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
         info: dict = {"tvm_target": str(target)}
+        from .schedules import build_pipeline, int8  # noqa: PLC0415
+        info.update(int8.compute_summary(mod, target))  # QDQ layers on sdot where the CPU has dotprod
+        int8_pipeline = build_pipeline(target) if info["int8_layers"] else None
         with mcu_program.capture_plan() as plan:  # the library's own memory plan, for the emulation program
-            executable = tvm_build.compile_module(mod, target)
+            executable = tvm_build.compile_module(mod, target, int8_pipeline)
         folder = _folder(workdir, f"arm-{(self.tag or self.cpu).replace('/', '-')}", model)
         names = [i.name for i in model.graph.input if i.name in shapes]
         handle = {"names": names, "folder": folder}

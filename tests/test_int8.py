@@ -232,3 +232,41 @@ def test_report_says_int8_or_float():
                                    "instruction": "vpdpbusd (AVX-512 VNNI)"}, {"spec": "arm", "error": "x"}])
     assert any("| cpu | int8 | 26 | 0 | vpdpbusd (AVX-512 VNNI) |" in line for line in lines)
     assert report.compute_lines([{"spec": "mcu"}]) == []
+
+
+def test_arm_sdot_disassembly_and_qemu_run(tmp_path):
+    """arm with a dotprod CPU (cortex-a76): the int8 kernel object holds `sdot`, and the qemu run of the library's
+    own kernels matches ONNX Runtime's int8 output exactly."""
+    import shutil
+    import subprocess
+
+    from squeeze.targets.arm import Arm
+    if not all(shutil.which(t) for t in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-objdump", "qemu-aarch64")):
+        pytest.skip("the aarch64 toolchain or qemu-aarch64 is missing")
+    target = Arm(cpu="cortex-a76")
+    target.runner = None
+    model = qdq_model(seed=5)
+    x = _input(model)
+    artifact = target.build(model, {"x": x.shape}, tmp_path)
+    assert artifact.info["compute"] == "int8" and artifact.info["instruction"].startswith("sdot")
+    kernels = next(o for o in artifact.handle["objects"] if o.name == "kernels.o")
+    text = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(kernels)], capture_output=True, text=True).stdout
+    assert "sdot" in text
+    measured = target.measure(artifact, [{"x": x}], 1)
+    np.testing.assert_array_equal(measured.outputs["0"][0], _ort(model, x))
+
+
+def test_parallel_build_is_exact():
+    """Built without a thread count (as for a device): the tile loop runs parallel, same output."""
+    import tvm
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import build_pipeline
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model(c=32, k=64, hw=(20, 20))
+    x = _input(model)
+    mod = tvm_build.import_onnx(model, {"x": x.shape})
+    executable = tvm_build.compile_module(mod, target, build_pipeline(target))
+    got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
+    np.testing.assert_array_equal(got, _ort(model, x))

@@ -582,14 +582,14 @@ class Int8Kernel:
             loops = sch.get_loops(consumer)
             if (extent(sch, loops[-1]) or 1) > 1:
                 sch.vectorize(loops[-1])
+        if worth_parallel(work):  # before tensorize: the tensorized block is no longer a plain reduction
+            sch.parallel(outer)
         init = sch.decompose_reduction(anchor, rc)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(ki, intrinsic)
         sch.set_scope(init, 0, "local")  # the tile's accumulators, read back by the epilogue
         sch.unroll(xi)
         sch.unroll(kov)
-        if worth_parallel(work):
-            sch.parallel(outer)
         for name in producers:
             schedule_injective(sch, sch.get_sblock(name), lanes)
         done = {sch.get(c).name_hint for c in consumers}
