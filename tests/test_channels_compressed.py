@@ -230,7 +230,9 @@ def test_a_refit_of_a_codebook_weight_is_snapped_to_the_codebook():
 
 
 def _dq_scale(tensor: gs.Tensor) -> np.ndarray:
-    return tensor.inputs[0].inputs[1].values.astype(np.float64).ravel()
+    """The scale of the DequantizeLinear that makes `tensor` (quant stores some as a Cast or a Mul of constants)."""
+    from squeeze.passes.weights import folded
+    return folded(tensor.inputs[0].inputs[1]).astype(np.float64).ravel()
 
 
 def _bias_over_weight_scale(node: gs.Node) -> np.ndarray:
