@@ -24,6 +24,7 @@ import onnx.version_converter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import corpus  # noqa: E402
+from squeeze import task_metrics  # noqa: E402
 
 DATA = Path(tempfile.gettempdir()) / "ocr"
 
@@ -65,34 +66,19 @@ def run(model: onnx.ModelProto | str, feed: dict, batch: int = 8, threads: int =
 
 
 def ctc_accuracy(logits: np.ndarray, texts: np.ndarray) -> float:
-    chars = (corpus.ROOT / "ppocrv6_tiny_rec/dict.txt").read_text(encoding="utf-8").splitlines()
-    table = [""] + chars + [" "]
-    accs = []
-    for row, truth in zip(logits.argmax(-1), texts):
-        prev, text = 0, []
-        for i in row:
-            if i != prev and i != 0:
-                text.append(table[i] if i < len(table) else "")
-            prev = i
-        accs.append(1 - _edit("".join(text), str(truth)) / max(len(str(truth)), 1))
-    return float(np.mean(accs))
-
-
-def _edit(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
+    """squeeze's `ctc` metric: greedy decoding, 1 − Σ edit distance / Σ truth length over the set."""
+    chars = task_metrics.load_dictionary(corpus.ROOT / "ppocrv6_tiny_rec/dict.txt")
+    table = chars + [" "]
+    truths = [str(t) for t in texts]
+    scores = [task_metrics.char_accuracy("".join(table[i - 1] for i in task_metrics.ctc_greedy_decode(row)
+                                                 if i - 1 < len(table)), truth)
+              for row, truth in zip(logits.argmax(-1), truths)]
+    return float(np.average(scores, weights=[max(len(t), 1) for t in truths]))
 
 
 def mask_iou(prob: np.ndarray, masks: np.ndarray) -> float:
-    pred = prob.reshape(masks.shape) > 0.2
-    truth = masks > 0
-    inter = (pred & truth).sum(axis=(1, 2))
-    union = (pred | truth).sum(axis=(1, 2))
-    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+    """squeeze's `mask-iou:0.2` metric: mean over pages of IoU(probability > 0.2, word mask)."""
+    return float(np.mean(task_metrics.mask_iou(prob.reshape(masks.shape) > 0.2, masks)))
 
 
 def metric(name: str, outs: list[np.ndarray], truth: dict, ref: list[np.ndarray]) -> dict:
