@@ -121,11 +121,11 @@ def _steps(model: onnx.ModelProto) -> list[tuple[str, Step]]:
 
 
 def _order_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    ordered = _ordered(model)
-    if [n.name for n in ordered.graph.node] == [n.name for n in model.graph.node] and \
-            [list(n.output) for n in ordered.graph.node] == [list(n.output) for n in model.graph.node]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if not toposort(copy.graph):  # subgraphs included: a reordered branch alone is a change too
         return model, None
-    return ordered, "put the nodes in topological order, counting what control-flow subgraphs read"
+    return copy, "put the nodes in topological order, counting what control-flow subgraphs read"
 
 
 def _simplify_step(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -235,11 +235,13 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
             copy = onnx.TensorProto()
             copy.CopyFrom(value)
             return copy
-        arrays = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-                  "value_ints": np.int64}
-        if attr.name in arrays:
-            return numpy_helper.from_array(np.array(value, dtype=arrays[attr.name]))
+        if attr.name in _SCALAR_ATTRIBUTES:
+            return numpy_helper.from_array(np.array(value, dtype=_SCALAR_ATTRIBUTES[attr.name]))
     return None  # sparse_value, value_string(s): left as a node
+
+
+_SCALAR_ATTRIBUTES = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                      "value_ints": np.int64}
 
 
 def _problem(candidate: onnx.ModelProto, feeds: list[dict], reference: list[list[np.ndarray]] | None,

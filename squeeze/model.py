@@ -375,13 +375,14 @@ def _keep_subgraphs(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
                 available.add(name)
 
 
-def toposort(graph: onnx.GraphProto) -> None:
+def toposort(graph: onnx.GraphProto) -> bool:
     """Order `graph`'s nodes (and its subgraphs', recursively) so that every tensor is produced before it is read,
     counting what control-flow subgraphs read from the enclosing scope (ONNX requires that; graphsurgeon's sort
-    ignores it). Stable: nodes already in order keep it."""
+    ignores it). Stable: nodes already in order keep it. True when any node (here or in a subgraph) moved."""
+    moved = False
     for node in graph.node:
         for sub in subgraphs(node):
-            toposort(sub)
+            moved |= toposort(sub)
     nodes = list(graph.node)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     deps = [sorted({producer[name] for name in set(node.input) | outer_reads(node) if name in producer} - {i})
@@ -403,9 +404,11 @@ def toposort(graph: onnx.GraphProto) -> None:
             else:
                 state[nxt] = 1
                 stack.append((nxt, iter(deps[nxt])))
-    if order != list(range(len(nodes))):
-        del graph.node[:]
-        graph.node.extend(nodes[i] for i in order)
+    if order == list(range(len(nodes))):
+        return moved
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    return True
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -220,3 +220,21 @@ def test_real_exported_models(corpus, name, shape, other):
     if other is not None:  # still runs at another size, like the original
         x = np.random.default_rng(8).standard_normal(other).astype(np.float32)
         np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_branch_out_of_order_is_reordered_even_when_the_main_graph_is_in_order():
+    """x ─ If(true: [Neg(a) listed before a = Relu(x)] | Abs) ─ y: only the branch needs sorting."""
+    then_g = h.make_graph([h.make_node("Neg", ["a"], ["t_out"]), h.make_node("Relu", ["x"], ["a"])], "then", [],
+                          [h.make_tensor_value_info("t_out", T.FLOAT, None)])
+    else_g = h.make_graph([h.make_node("Abs", ["x"], ["e_out"])], "else", [],
+                          [h.make_tensor_value_info("e_out", T.FLOAT, None)])
+    cond = h.make_tensor_value_info("c", T.BOOL, [])
+    graph = h.make_graph([h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)], "branch",
+                         [h.make_tensor_value_info("x", T.FLOAT, [1, 4]), cond],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    ordered, step = canonical._order_step(model)
+    assert step and ordered is not model
+    then = next(a.g for a in ordered.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Relu", "Neg"]
+    onnx.checker.check_model(ordered, full_check=True)
