@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .errors import first_line
 from .data import Dataset
 from .model import is_big, subgraphs, toposort, without_weights
 
@@ -93,7 +94,7 @@ def _apply(model: onnx.ModelProto, steps: list[tuple[str, "Step"]], feeds: list[
         try:
             candidate, what = step(current)
         except Exception as exc:  # a step that cannot run on this model is skipped, not fatal
-            skipped.append(f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+            skipped.append(f"{name}: {type(exc).__name__}: {first_line(exc)}")
             continue
         if candidate is current:
             continue
@@ -251,13 +252,13 @@ def _problem(candidate: onnx.ModelProto, feeds: list[dict], reference: list[list
         checked = without_weights(candidate, as_inputs=True)[0] if is_big(candidate) else candidate
         onnx.checker.check_model(checked, full_check=True)
     except Exception as exc:
-        return f"the result fails the ONNX checker ({_first_line(exc)}); kept the model before this step"
+        return f"the result fails the ONNX checker ({first_line(exc)}); kept the model before this step"
     if not feeds or reference is None:
         return None
     try:
         got = _outputs(candidate, feeds, threads)
     except Exception as exc:
-        return f"ONNX Runtime cannot run the result ({_first_line(exc)}); kept the model before this step"
+        return f"ONNX Runtime cannot run the result ({first_line(exc)}); kept the model before this step"
     for ref_sample, got_sample in zip(reference, got):
         for ref, new in zip(ref_sample, got_sample):
             if ref.shape != new.shape:
@@ -298,7 +299,3 @@ def _count_nodes(graph: onnx.GraphProto) -> int:
 def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in _all_nodes(graph)).items()))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -27,3 +27,9 @@ class TargetError(SqueezeError):
 
 class OutputError(SqueezeError):
     """The output directory cannot be written safely."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type's name when empty), for one-line errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, OutputError
+from .errors import ModelLoadError, OutputError, first_line
 
 # Protobuf cannot serialise a message over 2 GiB; stay well below it before switching to external data.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -31,7 +31,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not a valid ONNX file (truncated or corrupt protobuf: {_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not a valid ONNX file (truncated or corrupt protobuf: {first_line(exc)})") from exc
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
@@ -44,14 +44,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx reports a missing file as invalid
-        raise ModelLoadError(f"{path}: cannot load external data: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: cannot load external data: {first_line(exc)}") from exc
     try:
         if not is_big(model):
             onnx.checker.check_model(model)
         else:
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {first_line(exc)}") from exc
     return model
 
 
@@ -448,7 +448,3 @@ def _min_ir_for(model: onnx.ModelProto) -> int:
             return ir
     return 11
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

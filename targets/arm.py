@@ -27,10 +27,10 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import Range, register_target
 
-from . import mcu_program, remote, toolchains, tvm_build
+from . import c_program, remote, toolchains, tvm_build
 from .base import Artifact, Measurement, Target
 from .cpu import tuned_note
-from .mcu import _folder, _relative
+from .base import build_folder, relative
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 CROSS_CXX = "aarch64-linux-gnu-g++"
@@ -71,7 +71,7 @@ class Arm(Target):
             try:
                 target = tvm.target.Target(self.tag)
             except Exception as exc:
-                raise TargetError(f"arm: unknown TVM target tag {self.tag!r} ({tvm_build._first_line(exc)}); "
+                raise TargetError(f"arm: unknown TVM target tag {self.tag!r} ({tvm_build.error_line(exc)}); "
                                   "e.g. raspberry-pi/4b-aarch64, arm/rk3399") from None
             triple = str(target.attrs.get("mtriple", ""))
             if target.kind.name != "llvm" or not ("aarch64" in triple or "arm64" in triple):
@@ -84,7 +84,7 @@ class Arm(Target):
         try:
             return tvm.target.Target(spec)
         except Exception as exc:
-            raise TargetError(f"arm: bad cpu {self.cpu!r}: {tvm_build._first_line(exc)}") from None
+            raise TargetError(f"arm: bad cpu {self.cpu!r}: {tvm_build.error_line(exc)}") from None
 
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
@@ -94,9 +94,9 @@ class Arm(Target):
         from .schedules import build_pipeline, int8  # noqa: PLC0415
         info.update(int8.compute_summary(mod, target))  # QDQ layers on sdot where the CPU has dotprod
         int8_pipeline = build_pipeline(target) if info["int8_layers"] else None
-        with mcu_program.capture_plan() as plan:  # the library's own memory plan, for the emulation program
+        with c_program.capture_plan() as plan:  # the library's own memory plan, for the emulation program
             executable = tvm_build.compile_module(mod, target, int8_pipeline)
-        folder = _folder(workdir, f"arm-{(self.tag or self.cpu).replace('/', '-')}", model)
+        folder = build_folder(workdir, f"arm-{(self.tag or self.cpu).replace('/', '-')}", model)
         names = [i.name for i in model.graph.input if i.name in shapes]
         handle = {"names": names, "folder": folder}
         files = []
@@ -115,14 +115,14 @@ class Arm(Target):
         if self.runner is None:
             handle.update(self._emulation_objects(mod, target, executable, folder, plan.get("mod")))
             files.append(folder / "model.c")
-        info.update({"library": _relative(library, workdir), "library_bytes": library.stat().st_size})
+        info.update({"library": relative(library, workdir), "library_bytes": library.stat().st_size})
         return Artifact(self.name, handle=handle, files=files, build_seconds=tvm_build.seconds_since(start),
                         info=info)
 
     def _emulation_objects(self, mod, target, executable, folder: Path, planned) -> dict:
         """Objects for the static emulation executable: model.so's kernel object + the standalone entry point."""
-        program = (mcu_program.program_from_plan(planned) if planned is not None
-                   else mcu_program.lower(mod, target))
+        program = (c_program.program_from_plan(planned) if planned is not None
+                   else c_program.lower(mod, target))
         kernels = folder / "kernels.o"
         library_kernels = [m for m in executable.mod.imports if m.kind == "llvm"]
         source = "model.so"
@@ -131,12 +131,12 @@ class Arm(Target):
         symbols = _symbols(kernels) if kernels.exists() else {}
         if any(f"__tvm_ffi_{k}" not in symbols for k, _ in program.calls):
             # The library was built by a pipeline whose kernels do not match the plan: compile them directly.
-            mcu_program.kernels_object(program, target, kernels)
+            c_program.kernels_object(program, target, kernels)
             symbols = _symbols(kernels)
             source = "squeeze's own lowering (the library's kernel names differ)"
         pointers = sorted(s for s, kind in symbols.items() if s.startswith("__TVM") and kind in "VvDdBbC")
-        texts = {"squeeze_model.h": mcu_program.MODEL_H, "model.c": mcu_program.emit_model(program),
-                 "runtime.c": mcu_program.RUNTIME_C, "hooks.c": mcu_program.hooks_c(pointers)}
+        texts = {"squeeze_model.h": c_program.MODEL_H, "model.c": c_program.emit_model(program),
+                 "runtime.c": c_program.RUNTIME_C, "hooks.c": c_program.hooks_c(pointers)}
         objects = [kernels]
         for name, text in texts.items():
             (folder / name).write_text(text)
@@ -165,16 +165,16 @@ class Arm(Target):
         return measured
 
     def _emulate(self, handle: dict, samples, runs: int) -> Measurement:
-        program: mcu_program.Program = handle["program"]
+        program: c_program.Program = handle["program"]
         folder: Path = handle["folder"]
-        (folder / "test_main.c").write_text(mcu_program.emit_harness(program, samples, handle["names"], runs,
+        (folder / "test_main.c").write_text(c_program.emit_harness(program, samples, handle["names"], runs,
                                                                       calibrate=False))
         exe = folder / "model_test"
         toolchains.run_tool([CROSS_CC, *_cflags(), "-static", "test_main.c", *[o.name for o in handle["objects"]],
-                             "-lm", "-o", exe.name], what=f"linking the aarch64 test executable", cwd=folder)
+                             "-lm", "-o", exe.name], what="linking the aarch64 test executable", cwd=folder)
         text = toolchains.run_tool(["qemu-aarch64", f"./{exe.name}"], what="qemu-aarch64", cwd=folder,
                                    timeout=600, check=False)
-        result = mcu_program.parse_run(text, program, len(samples))
+        result = c_program.parse_run(text, program, len(samples))
         stacked = {str(i): np.stack([row[i] for row in result.outputs]) for i in range(len(program.outputs))}
         ms = np.array(result.per_run, dtype=float) / 1e6
         latency = {"p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)), "min": float(ms.min()),
@@ -189,7 +189,7 @@ class Arm(Target):
 
 def _cflags() -> list[str]:
     return ["-O2", "-DSQUEEZE_HOSTED", "-fno-common", "-Wno-unused-variable", "-Wno-unused-but-set-variable"] + [
-        f"-I{d}" for d in mcu_program.include_dirs()]
+        f"-I{d}" for d in c_program.include_dirs()]
 
 
 def _symbols(obj: Path) -> dict[str, str]:

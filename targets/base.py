@@ -11,6 +11,8 @@ Measurement carries its `method`, which says what its numbers are:
 """
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,3 +87,22 @@ class Target(ABC):
     @abstractmethod
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
         """Run every sample once for outputs, then time the first one `runs` times after warm-up."""
+
+
+def build_folder(workdir: Path, stem: str, model: onnx.ModelProto) -> Path:
+    """OUTDIR/<stem>-<model digest>: the compressed and the original model build side by side."""
+    base = Path(workdir)
+    if base.resolve() == Path.cwd().resolve():  # the API without an output folder: never litter the cwd
+        base = Path(tempfile.mkdtemp(prefix="squeeze-"))
+    digest = hashlib.sha256(model.SerializeToString()).hexdigest()[:8]
+    folder = base / f"{stem}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def relative(path: Path, base: Path) -> str:
+    """`path` relative to the output folder (the report must not name the staging folder)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)

@@ -15,9 +15,8 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import register_target
 
-from . import remote, tvm_build
-from .base import Artifact, Measurement, Target
-from .mcu import _folder, _relative
+from . import device_build, remote, tvm_build
+from .base import Artifact, Measurement, Target, build_folder, relative
 
 DEFAULT_ARCH = "sm_80"
 
@@ -47,14 +46,7 @@ class Gpu(Target):
     def tvm_target(self):
         tvm = tvm_build.tvm()
         if self.tag:
-            try:
-                device = tvm.target.Target(self.tag)
-            except Exception as exc:
-                raise TargetError(f"gpu: unknown TVM target tag {self.tag!r} ({tvm_build._first_line(exc)})") \
-                    from None
-            if device.kind.name != "cuda":
-                raise TargetError(f"gpu: tag {self.tag!r} is not a CUDA target ({device.kind.name})")
-            return tvm.target.Target(device, host="llvm")
+            return device_build.tagged_target("gpu", self.tag, "cuda", "llvm")
         arch = self.arch
         if arch == "auto":
             arch = (f"sm_{tvm.cuda(0).compute_version.replace('.', '')}" if self.gpu_present() and self.runner is None
@@ -65,23 +57,16 @@ class Gpu(Target):
         start = time.perf_counter()
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
-        tvm = tvm_build.tvm()
-        from tvm import relax  # noqa: PLC0415
-        try:
-            with tvm_build.keep_affinity():
-                executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
-        except Exception as exc:
-            raise TargetError(f"TVM failed to compile for CUDA: {type(exc).__name__}: "
-                              f"{tvm_build._first_line(exc)}") from exc
-        folder = _folder(workdir, f"gpu-{(self.tag or target.attrs.get('arch', 'cuda')).replace('/', '-')}", model)
-        source = "\n".join(m.inspect_source() for m in _modules(executable.mod) if m.kind == "cuda")
+        executable = device_build.compile_default(mod, target, "CUDA")
+        folder = build_folder(workdir, f"gpu-{(self.tag or target.attrs.get('arch', 'cuda')).replace('/', '-')}", model)
+        source = device_build.device_source(executable, "cuda")
         (folder / "kernels.cu").write_text(source)
         library = remote.export(executable, folder / "model.so") if self.runner is not None or \
             self.gpu_present() else None
         names = [i.name for i in model.graph.input if i.name in shapes]
-        info = {"tvm_target": str(target), "kernels_source": _relative(folder / "kernels.cu", workdir)}
+        info = {"tvm_target": str(target), "kernels_source": relative(folder / "kernels.cu", workdir)}
         if library is not None:
-            info["library"] = _relative(library, workdir)
+            info["library"] = relative(library, workdir)
         return Artifact(self.name, handle={"executable": executable, "names": names, "library": library,
                                            "folder": folder}, files=[folder / "kernels.cu"],
                         build_seconds=tvm_build.seconds_since(start), info=info)
@@ -103,12 +88,3 @@ class Gpu(Target):
         stacked = {str(i): np.stack([o[i] for o in outputs]) for i in range(len(outputs[0]))}
         return Measurement("native", latency_ms=latency, outputs=stacked,
                            extra={"gpu": str(tvm.cuda(0).device_name)})
-
-
-def _modules(root):
-    stack, seen = [root], []
-    while stack:
-        m = stack.pop()
-        seen.append(m)
-        stack.extend(m.imports)
-    return seen

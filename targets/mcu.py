@@ -1,6 +1,6 @@
 """`mcu`: bare-metal Cortex-M4/M7. TVM lowers the model to C kernels; squeeze emits the rest of the firmware.
 
-TVM 0.27 has no AOT executor, so `mcu_program` walks the memory-planned Relax `main` and writes a C entry point
+TVM 0.27 has no AOT executor, so `c_program` walks the memory-planned Relax `main` and writes a C entry point
 over one static arena with the weights as `const` arrays (flash). `arm-none-eabi-gcc` builds it for the board's
 core; QEMU runs it on an MPS2 FPGA board model (`mps2-an386`: Cortex-M4, `mps2-an500`: Cortex-M7) with
 semihosting and `-icount`, so the outputs are checked against ONNX Runtime and the instructions counted
@@ -21,9 +21,7 @@ high-water mark. A named board whose flash or RAM is too small fails with the te
 """
 from __future__ import annotations
 
-import hashlib
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +33,8 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import Range, register_target
 
-from . import mcu_program, toolchains, tvm_build, weight_storage
-from .base import Artifact, Measurement, Target
+from . import c_program, toolchains, tvm_build, weight_storage
+from .base import Artifact, Measurement, Target, build_folder, relative
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -111,7 +109,7 @@ class Mcu(Target):
     def cflags(self) -> list[str]:
         return ([f"-mcpu={self.board.cpu}", "-mthumb", "-mfloat-abi=hard", *FPU[self.board.cpu], f"-{self.opt}",
                  "-ffunction-sections", "-fdata-sections", "-fno-common", "-Wno-unused-variable",
-                 "-Wno-unused-but-set-variable"] + [f"-I{d}" for d in mcu_program.include_dirs()])
+                 "-Wno-unused-but-set-variable"] + [f"-I{d}" for d in c_program.include_dirs()])
 
     # -------------------------------------------------------------------------------------------- build
 
@@ -120,22 +118,22 @@ class Mcu(Target):
         target = self.tvm_target()
         storage = weight_storage.plan(model) if self.weights != "float" else weight_storage.Plan(model, [])
         mod = tvm_build.import_onnx(storage.model, {**shapes, **storage.input_shapes})
-        planned = mcu_program.plan_module(mod, target)
-        names = mcu_program.const_names(model)
+        planned = c_program.plan_module(mod, target)
+        names = c_program.const_names(model)
         compact = {w.name: w for w in storage.weights}
-        program = mcu_program.walk(planned, names, compact)
-        source = mcu_program.kernels_c(program, target)
-        workspace = mcu_program.workspace_bytes(source)
+        program = c_program.walk(planned, names, compact)
+        source = c_program.kernels_c(program, target)
+        workspace = c_program.workspace_bytes(source)
         as_float = self._float_for_ram(program, workspace) if self.weights == "auto" else []
         if as_float:
-            program = mcu_program.walk(planned, names, compact, set(as_float))
+            program = c_program.walk(planned, names, compact, set(as_float))
         self._check_fit(program, flash=program.flash_data_bytes,
                         ram=program.arena_bytes + program.scratch_bytes + workspace, estimate=True)
 
-        folder = _folder(workdir, f"mcu-{self.board_name}", model)
-        files = {"squeeze_model.h": mcu_program.MODEL_H, "model.c": mcu_program.emit_model(program),
-                 "kernels.c": source, "runtime.c": mcu_program.RUNTIME_C, "startup.c": mcu_program.STARTUP_C,
-                 "firmware.ld": mcu_program.linker_script(*EMU_FLASH, *EMU_RAM, STACK_BYTES),
+        folder = build_folder(workdir, f"mcu-{self.board_name}", model)
+        files = {"squeeze_model.h": c_program.MODEL_H, "model.c": c_program.emit_model(program),
+                 "kernels.c": source, "runtime.c": c_program.RUNTIME_C, "startup.c": c_program.STARTUP_C,
+                 "firmware.ld": c_program.linker_script(*EMU_FLASH, *EMU_RAM, STACK_BYTES),
                  "deploy_main.c": DEPLOY_MAIN}
         for name, text in files.items():
             (folder / name).write_text(text)
@@ -152,7 +150,7 @@ class Mcu(Target):
         static_ram = sizes["data"] + sizes["bss"]
         self._check_fit(program, flash=flash, ram=static_ram, estimate=False)
         info = {"tvm_target": str(target), "board": self.board_name, "cpu": self.board.cpu,
-                "emulator": f"qemu-system-arm -M {self.board.machine}", "artifact_dir": _relative(folder, workdir)}
+                "emulator": f"qemu-system-arm -M {self.board.machine}", "artifact_dir": relative(folder, workdir)}
         symbols = symbol_sizes(elf)
         memory = {"flash_bytes": flash, "ram_static_bytes": static_ram, "arena_bytes": program.arena_bytes,
                   "workspace_pool_bytes": workspace, "weights_bytes": program.flash_data_bytes,
@@ -171,7 +169,7 @@ class Mcu(Target):
                         files=[folder / n for n in files] + [elf], build_seconds=tvm_build.seconds_since(start),
                         info=info)
 
-    def _float_for_ram(self, program: mcu_program.Program, workspace: int) -> list[str]:
+    def _float_for_ram(self, program: c_program.Program, workspace: int) -> list[str]:
         """`auto`: the compact weights to store as float instead, largest decoded first, until the arena, the decode
         scratch and the workspace fit the board's RAM (with room for the stack); none when they already fit."""
         chosen: list[str] = []
@@ -190,15 +188,15 @@ class Mcu(Target):
                             what=f"linking {out}", cwd=folder)
         return folder / out
 
-    def _check_fit(self, program: mcu_program.Program, *, flash: int, ram: int, estimate: bool) -> None:
+    def _check_fit(self, program: c_program.Program, *, flash: int, ram: int, estimate: bool) -> None:
         board = self.board
         problems = []
         if flash > board.flash:
             problems.append(f"flash {_kib(flash)} > {_kib(board.flash)} (largest weights: "
-                            f"{mcu_program.describe_consts(program)})")
+                            f"{c_program.describe_consts(program)})")
         if ram > board.ram:
             problems.append(f"RAM {_kib(ram)} > {_kib(board.ram)} (largest activation buffers: "
-                            f"{mcu_program.describe_storages(program)})")
+                            f"{c_program.describe_storages(program)})")
         if problems:
             what = "at least" if estimate else ""
             raise TargetError(f"mcu: the model does not fit {self.board_name} ({board.cpu}): needs {what} "
@@ -209,10 +207,10 @@ class Mcu(Target):
 
     def measure(self, artifact: Artifact, samples: list[dict[str, np.ndarray]], runs: int) -> Measurement:
         handle = artifact.handle
-        program: mcu_program.Program = handle["program"]
+        program: c_program.Program = handle["program"]
         folder: Path = handle["folder"]
         names = handle["names"]
-        (folder / "test_main.c").write_text(mcu_program.emit_harness(program, samples, names, self.runs,
+        (folder / "test_main.c").write_text(c_program.emit_harness(program, samples, names, self.runs,
                                                                       calibrate=True))
         elf = self._link(folder, handle["objects"], "test_main.c", "test_firmware.elf")
         cmd = ["qemu-system-arm", "-M", self.board.machine, "-cpu", self.board.cpu, "-nographic", "-monitor", "none",
@@ -220,7 +218,7 @@ class Mcu(Target):
                "-kernel", elf.name]
         text = toolchains.run_tool(cmd, what=f"qemu-system-arm -M {self.board.machine}", cwd=folder,
                                    timeout=self.timeout, check=False)
-        result = mcu_program.parse_run(text, program, len(samples))
+        result = c_program.parse_run(text, program, len(samples))
         stacked = {str(i): np.stack([row[i] for row in result.outputs]) for i in range(len(program.outputs))}
         per_tick = 2_000_000 / result.calib_ticks if result.calib_ticks else None
         ticks = result.ticks / result.timed_runs
@@ -237,7 +235,7 @@ class Mcu(Target):
             raise TargetError(f"mcu: the model does not fit {self.board_name}: RAM {_kib(ram)} (static "
                               f"{_kib(handle['static_ram'])} + stack {_kib(result.stack_used)}) > "
                               f"{_kib(self.board.ram)}; largest activation buffers: "
-                              f"{mcu_program.describe_storages(program)}")
+                              f"{c_program.describe_storages(program)}")
         extra = {"flash_bytes": handle["flash"], "ram_bytes": ram, "instructions": instructions,
                  "memory": memory, "emulated_runs": result.timed_runs,
                  "flash_breakdown": flash_breakdown(handle["sizes"], handle["symbols"]),
@@ -265,7 +263,7 @@ def symbol_sizes(elf: Path) -> dict[str, int]:
     return sizes
 
 
-# model.c's symbols (mcu_program.emit_model): float constants c<i>_data, compact weights w<i>_q_data and their
+# model.c's symbols (c_program.emit_model): float constants c<i>_data, compact weights w<i>_q_data and their
 # tables w<i>_table_data / w<i>_zero_data.
 _FLASH_PARTS = (("weights_float", re.compile(r"c\d+_data")), ("weights_compact", re.compile(r"w\d+_q_data")),
                 ("tables", re.compile(r"w\d+_(table|zero)_data")))
@@ -281,7 +279,7 @@ def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int]) -> dict[str,
     return out
 
 
-def ram_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: mcu_program.Program,
+def ram_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: c_program.Program,
                   stack: int) -> dict[str, int]:
     """RAM bytes as activations (the arena less I/O), I/O (inputs and outputs, in the arena), decode scratch,
     workspace pool, other static data and the measured stack; the parts add up to the RAM."""
@@ -294,7 +292,7 @@ def ram_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: mcu_p
     return out
 
 
-def _scratch_without(program: mcu_program.Program, as_float: list[str]) -> int:
+def _scratch_without(program: c_program.Program, as_float: list[str]) -> int:
     """The decode scratch when the weights named in `as_float` are float constants instead."""
     gone = {k for k, w in program.compact.items() if w.name in as_float}
     best = 0
@@ -302,12 +300,12 @@ def _scratch_without(program: mcu_program.Program, as_float: list[str]) -> int:
         size = 0
         for key, _ in decodes:
             if key not in gone:
-                size = mcu_program._round_up(size + program.compact[key].float_bytes)
+                size = c_program._round_up(size + program.compact[key].float_bytes)
         best = max(best, size)
     return best
 
 
-def _weights_why(mode: str, storage: weight_storage.Plan, program: mcu_program.Program, as_float: list[str]) -> str:
+def _weights_why(mode: str, storage: weight_storage.Plan, program: c_program.Program, as_float: list[str]) -> str:
     """One line for the report: what was stored how, and why."""
     if mode == "float":
         return "weights=float: every weight stored as float32 (TVM folds the decode at compile time)"
@@ -340,25 +338,6 @@ def section_sizes(elf: Path) -> dict[str, int]:
         elif name == ".squeeze_test":
             sizes["test"] += size
     return sizes
-
-
-def _folder(workdir: Path, stem: str, model: onnx.ModelProto) -> Path:
-    """OUTDIR/<stem>-<model digest>: the compressed and the original model build side by side."""
-    base = Path(workdir)
-    if base.resolve() == Path.cwd().resolve():  # the API without an output folder: never litter the cwd
-        base = Path(tempfile.mkdtemp(prefix="squeeze-"))
-    digest = hashlib.sha256(model.SerializeToString()).hexdigest()[:8]
-    folder = base / f"{stem}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _relative(path: Path, base: Path) -> str:
-    """`path` relative to the output folder (the report must not name the staging folder)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(base).resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _kib(n: int) -> str:

@@ -23,10 +23,10 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import Range, register_target
 
-from . import mcu_program, remote, toolchains, tvm_build
+from . import c_program, device_build, remote, toolchains, tvm_build
 from .arm import CROSS_CXX
 from .base import Artifact, Measurement, Target
-from .mcu import _folder, _relative
+from .base import build_folder, relative
 
 # Arm Mali (Bifrost/Valhall): up to 384+ work-items per group, 32 KiB local memory; TVM has no Mali tag.
 MALI = {"kind": "opencl", "device": "mali", "keys": ["mali", "opencl", "gpu"], "max_num_threads": 256,
@@ -64,14 +64,7 @@ class MobileGpu(Target):
         tvm = tvm_build.tvm()
         host = tvm.target.Target(HOST)
         if self.tag:
-            try:
-                device = tvm.target.Target(self.tag)
-            except Exception as exc:
-                raise TargetError(f"mobile-gpu: unknown TVM target tag {self.tag!r} "
-                                  f"({tvm_build._first_line(exc)})") from None
-            if device.kind.name != "opencl":
-                raise TargetError(f"mobile-gpu: tag {self.tag!r} is not an OpenCL target ({device.kind.name})")
-            return tvm.target.Target(device, host=host)
+            return device_build.tagged_target("mobile-gpu", self.tag, "opencl", host)
         if self.gpu == "adreno":
             return tvm.target.Target(tvm.target.Target("qcom/adreno-opencl"), host=host)
         return tvm.target.Target(MALI if self.gpu == "mali" else GENERIC, host=host)
@@ -80,23 +73,19 @@ class MobileGpu(Target):
         start = time.perf_counter()
         target = self.tvm_target()
         mod = tvm_build.import_onnx(model, shapes)
-        tvm = tvm_build.tvm()
-        from tvm import relax  # noqa: PLC0415
-        try:
-            with mcu_program.capture_plan() as plan, tvm_build.keep_affinity():
-                executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
-        except Exception as exc:
-            raise TargetError(f"TVM failed to compile for OpenCL: {type(exc).__name__}: "
-                              f"{tvm_build._first_line(exc)}") from exc
-        folder = _folder(workdir, f"mobile-gpu-{(self.tag or self.gpu).replace('/', '-')}", model)
+        with c_program.capture_plan() as plan:  # the memory plan the PoCL launcher lays buffers out by
+            executable = device_build.compile_default(mod, target, "OpenCL")
+        folder = build_folder(workdir, f"mobile-gpu-{(self.tag or self.gpu).replace('/', '-')}", model)
         library = remote.export(executable, folder / "model.so", CROSS_CXX)
-        source = _opencl_source(executable)
+        source = device_build.device_source(executable, "opencl")
+        if not source:
+            raise TargetError("mobile-gpu: TVM produced no OpenCL module")
         (folder / "kernels.cl").write_text(source)
         names = [i.name for i in model.graph.input if i.name in shapes]
         handle = {"library": library, "names": names, "source": source, "plan": plan.get("mod"),
                   "target": target}
-        info = {"tvm_target": str(target), "library": _relative(library, workdir),
-                "kernels_source": _relative(folder / "kernels.cl", workdir),
+        info = {"tvm_target": str(target), "library": relative(library, workdir),
+                "kernels_source": relative(folder / "kernels.cl", workdir),
                 "opencl_kernels": len(set(re.findall(r"__kernel void (\w+)\(", source)))}
         return Artifact(self.name, handle=handle, files=[library, folder / "kernels.cl"],
                         build_seconds=tvm_build.seconds_since(start), info=info)
@@ -115,7 +104,7 @@ class MobileGpu(Target):
             return Measurement("rpc", latency_ms=latency, outputs=outputs, extra=info, notes=self._tune_note())
         if handle["plan"] is None:
             raise TargetError("mobile-gpu: TVM's pipeline exposed no memory plan; cannot launch the kernels on PoCL")
-        program = mcu_program.program_from_plan(handle["plan"])
+        program = c_program.program_from_plan(handle["plan"])
         launches = kernel_launches(program, handle["target"])
         outputs, device = run_on_opencl(program, launches, handle["source"], samples, handle["names"])
         notes = [f"OpenCL kernels run on {device} (a CPU OpenCL) by squeeze's launcher: outputs checked, no latency "
@@ -124,23 +113,9 @@ class MobileGpu(Target):
         return Measurement("opencl-cpu", latency_ms=None, outputs=outputs, notes=notes, extra=extra)
 
 
-def _opencl_source(executable) -> str:
-    """The OpenCL C of every device module imported by the compiled library."""
-    found = []
-    stack = [executable.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "opencl":
-            found.append(m.inspect_source())
-        stack.extend(m.imports)
-    if not found:
-        raise TargetError("mobile-gpu: TVM produced no OpenCL module")
-    return "\n".join(found)
-
-
 # ------------------------------------------------------------------------------------------------ PoCL launcher
 
-def kernel_launches(program: mcu_program.Program, target) -> dict[str, list[tuple[str, list[str], list[int],
+def kernel_launches(program: c_program.Program, target) -> dict[str, list[tuple[str, list[str], list[int],
                                                                                        list[int]]]]:
     """For each PrimFunc: its device kernels in launch order, as (name, params, global size, local size).
 
@@ -178,7 +153,7 @@ def kernel_launches(program: mcu_program.Program, target) -> dict[str, list[tupl
     return launches
 
 
-def run_on_opencl(program: mcu_program.Program, launches, source: str, samples, names: list[str]):
+def run_on_opencl(program: c_program.Program, launches, source: str, samples, names: list[str]):
     """Run the planned program on the first CPU OpenCL device; stacked outputs and the device name."""
     from . import opencl_cpu  # noqa: PLC0415
     tvm_build.tvm()
@@ -200,7 +175,7 @@ def run_on_opencl(program: mcu_program.Program, launches, source: str, samples, 
         arena = {off: session.buffer(size) for off, size in regions.items()}
         consts = {c.key: session.buffer(c.nbytes, c.data) for c in program.consts}
 
-        def mem(t: mcu_program.Tensor) -> tuple[str, int]:
+        def mem(t: c_program.Tensor) -> tuple[str, int]:
             if t.region == "const":
                 return ("mem", consts[t.key.split("_r")[0]])
             return ("mem", arena[t.offset])
@@ -235,7 +210,7 @@ def run_on_opencl(program: mcu_program.Program, launches, source: str, samples, 
     return stacked, device
 
 
-def _param_names(program: mcu_program.Program) -> dict[str, list[str]]:
+def _param_names(program: c_program.Program) -> dict[str, list[str]]:
     """PrimFunc name → its buffer parameter names, in call order."""
     return {gv.name_hint: [p.name for p in func.params] for gv, func in program.tir.functions.items()}
 

@@ -97,7 +97,7 @@ class Runner:
         except Exception as exc:  # TVM raises RuntimeError/TVMError/socket errors, all with long text
             hint = (f"is `python -m tvm.exec.rpc_tracker` running there, and a server registered with key "
                     f"{self.key!r}?" if self.tracker else "is `python -m tvm.exec.rpc_server` running there?")
-            raise TargetError(f"cannot reach the device ({self.describe()}): {tvm_build._first_line(exc)}; "
+            raise TargetError(f"cannot reach the device ({self.describe()}): {tvm_build.error_line(exc)}; "
                               f"{hint}") from exc
 
 
@@ -130,7 +130,7 @@ def export(executable, path: Path, cross_compiler: str | None = None) -> Path:
         else:
             executable.export_library(str(path))
     except Exception as exc:
-        raise TargetError(f"exporting the library failed: {tvm_build._first_line(exc)}") from exc
+        raise TargetError(f"exporting the library failed: {tvm_build.error_line(exc)}") from exc
     return path
 
 
@@ -163,7 +163,7 @@ def measure(runner: Runner, library: Path, input_names: list[str], samples: list
     except TargetError:
         raise
     except Exception as exc:
-        raise TargetError(f"running on the device ({runner.describe()}) failed: {tvm_build._first_line(exc)}") \
+        raise TargetError(f"running on the device ({runner.describe()}) failed: {tvm_build.error_line(exc)}") \
             from exc
     finally:
         try:

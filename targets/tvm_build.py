@@ -78,10 +78,10 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
             return from_onnx(model, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes,
                              keep_params_in_input=False)
     except _tvm.error.OpNotImplemented as exc:
-        raise TargetError(f"TVM's ONNX frontend cannot import the model: {_first_line(exc)}") from exc
+        raise TargetError(f"TVM's ONNX frontend cannot import the model: {error_line(exc)}") from exc
     except Exception as exc:  # the frontend raises many types for unsupported attribute/opset combinations
         ops = _op_hint(model, exc)
-        raise TargetError(f"TVM's ONNX frontend failed{ops}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise TargetError(f"TVM's ONNX frontend failed{ops}: {type(exc).__name__}: {error_line(exc)}") from exc
 
 
 def _op_hint(model: onnx.ModelProto, exc: BaseException) -> str:
@@ -108,7 +108,7 @@ def compile_module(mod, target, pipeline=None) -> Any:
         with keep_affinity():
             return _tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target))
     except Exception as exc:
-        raise TargetError(f"TVM failed to compile the model: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise TargetError(f"TVM failed to compile the model: {type(exc).__name__}: {error_line(exc)}") from exc
 
 
 class VMRunner:
@@ -148,7 +148,8 @@ def flatten_outputs(out) -> list[np.ndarray]:
     return result
 
 
-def _first_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """The line of a TVM error that says what went wrong (TVM puts it last, after its backtrace)."""
     text = str(exc).strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     # TVM errors often end with the useful line; prefer one naming an error type.

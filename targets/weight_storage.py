@@ -4,7 +4,7 @@ A `quant` model reads its weights through DequantizeLinear(int8 constant, scale)
 Gather(codebook, unpacked indices); TVM folds both at compile time, so a firmware would hold float weights. Here,
 on a copy of the model, every large float weight that a constant subgraph computes (or that an initializer holds)
 is analysed by its values and, when a compact form rebuilds it bit for bit, becomes a graph input
-(`squeeze_w<i>`): TVM then sees an input, folds nothing, and `mcu_program` binds that input to a scratch buffer
+(`squeeze_w<i>`): TVM then sees an input, folds nothing, and `c_program` binds that input to a scratch buffer
 that squeeze's decoder fills from the compact data right before the layer that reads it.
 
 Two forms, chosen by size (both exact, both checked against the float values before they are used):

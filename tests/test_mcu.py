@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from squeeze.errors import TargetError
-from squeeze.targets import mcu_program, toolchains
+from squeeze.targets import c_program, toolchains
 from squeeze.targets.mcu import BOARDS, Board, Mcu
 
 pytestmark = pytest.mark.tvm
@@ -97,10 +97,10 @@ def test_the_plan_puts_every_tensor_in_one_arena(repo):
     model = onnx.load(repo / "models" / "digits_cnn.onnx")
     mod = tvm_build.import_onnx(model, {"input": (1, 1, 8, 8)})
     target = Mcu().tvm_target()
-    program = mcu_program.lower(mod, target, mcu_program.const_names(model))
+    program = c_program.lower(mod, target, c_program.const_names(model))
     assert program.calls and program.inputs and program.outputs
     views = [t for t in program.views if t.region == "arena"]
-    assert all(t.offset % mcu_program.ALIGN == 0 and t.offset + t.nbytes <= program.arena_bytes for t in views)
+    assert all(t.offset % c_program.ALIGN == 0 and t.offset + t.nbytes <= program.arena_bytes for t in views)
     # memory planning reuses storage: the arena is smaller than all intermediate tensors laid end to end
     assert program.arena_bytes < sum(t.nbytes for t in views)
     assert program.const_bytes == sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer)
@@ -113,15 +113,15 @@ def test_missing_toolchain_says_what_to_install(monkeypatch):
 
 
 def test_harness_output_is_decoded_exactly():
-    t = mcu_program.Tensor("t0", (1, 3), "float32", "arena")
-    program = mcu_program.Program([], [t], [], [t], [], [], 64, None)
+    t = c_program.Tensor("t0", (1, 3), "float32", "arena")
+    program = c_program.Program([], [t], [], [t], [], [], 64, None)
     values = np.array([[1.5, -2.25, 3e-8]], dtype=np.float32)
     words = " ".join(f"{w:08x}" for w in values.view(np.uint32).reshape(-1))
     text = f"OUT 0 0 {words}\nRUN 7\nTIME 1 7\nCALIB 1000000 50000\nWORKSPACE 0\nSTACK 12\nDONE\n"
-    result = mcu_program.parse_run(text, program, 1)
+    result = c_program.parse_run(text, program, 1)
     assert np.array_equal(result.outputs[0][0], values) and result.per_run == [7] and result.stack_used == 12
     with pytest.raises(TargetError, match="kernel conv failed"):
-        mcu_program.parse_run("ERR kernel conv failed\n", program, 1)
+        c_program.parse_run("ERR kernel conv failed\n", program, 1)
 
 
 def test_cli_row_for_mcu_compares_flash_with_the_original(mcu_tools, repo, tmp_path):

@@ -50,16 +50,16 @@ def test_opencl_kernels_match_onnx_runtime_on_pocl(opencl_cpu, repo, tmp_path, g
 
 def test_mobile_gpu_uses_gpu_schedules(repo):
     """dlight binds GPU threads: the kernels launch thread blocks, not one serial work-item."""
-    from squeeze.targets import mcu_program, tvm_build
+    from squeeze.targets import c_program, tvm_build
     from squeeze.targets.mobile_gpu import kernel_launches
     model, _, _ = _digits(repo)
     target = MobileGpu().tvm_target()
     mod = tvm_build.import_onnx(model, {"input": (1, 1, 8, 8)})
     import tvm
     from tvm import relax
-    with mcu_program.capture_plan() as plan:
+    with c_program.capture_plan() as plan:
         tvm.compile(mod, target=target, relax_pipeline=relax.get_default_pipeline(target))
-    launches = kernel_launches(mcu_program.program_from_plan(plan["mod"]), target)
+    launches = kernel_launches(c_program.program_from_plan(plan["mod"]), target)
     sizes = [local for per in launches.values() for _, _, _, local in per]
     assert sizes and max(int(np.prod(s)) for s in sizes) > 1
 
