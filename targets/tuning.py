@@ -22,9 +22,10 @@ runner worker per device; the report's `tuning.devices` says how many).
 Both the default-schedule seeds and every tuning candidate then go through that runner: built (and, for a
 cross target, linked with `export=library_export("aarch64-linux-gnu-g++")`) here, uploaded and timed there.
 
-The JSON database lives in `cache/<target>-t<threads>[-<device>]/`, one per target, thread count (the best
-schedule for one core is not the best for two) and device (`remote.Runner.identity()`: `key-KEY` or
-`rpc-HOST-PORT`; none for this machine), so times from different machines never meet in one database.
+The JSON database lives in `cache/<target>-<digest>-t<threads>[-<device>]/`, one per target, thread count (the
+best schedule for one core is not the best for two), device (`remote.Runner.identity()`: `key-KEY` or
+`rpc-HOST-PORT`; this machine's CPU model otherwise), TVM version and version of squeeze's default schedules, so
+times from different machines or code never meet in one database.
 `cache_dir()` is `--tune-cache`, else `$SQUEEZE_CACHE/tuning`, else `~/.cache/squeeze/tuning`.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import re
 import tempfile
 from dataclasses import dataclass
@@ -61,11 +63,27 @@ def database_dir(cache: Path, target, threads: int, device: str | None = None) -
     the default schedules: a record replays its schedule on the same workload, so records made with older rules
     (e.g. before their epilogues were vectorized) would otherwise stand in for the better current default."""
     from .schedules.pipeline import SCHEDULES_VERSION  # noqa: PLC0415
-    text = f"{target} rules={SCHEDULES_VERSION}"
+    # TVM's version too: its codegen and its MetaSchedule rules change what a record's schedule compiles to.
+    # This machine is named by its CPU model (two hosts with the same -mcpu can still differ in caches and
+    # clocks); a device by its RPC identity.
+    text = f"{target} rules={SCHEDULES_VERSION} tvm={tvm_build.tvm().__version__}"
+    text += f" device={device}" if device else f" host={host_model()}"
     cpu = str(target.attrs.get("mcpu", "") or "generic")
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     name = f"{target.kind.name}-{cpu}-{digest}-t{threads}" + (f"-{device}" if device else "")
     return cache / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def host_model() -> str:
+    """This machine's CPU model ("AMD EPYC 9454 48-Core Processor"), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "Hardware", "Processor")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass

@@ -40,7 +40,8 @@ def test_databases_are_kept_per_device(tmp_path):
     on_pi = tuning.database_dir(tmp_path, target, 4, pi.identity())
     on_board = tuning.database_dir(tmp_path, target, 4, board.identity())
     assert len({here, on_pi, on_board}) == 3
-    assert on_pi.name == here.name + "-key-rpi4" and on_board.parent == tmp_path
+    assert on_pi.name.endswith("-t4-key-rpi4") and on_board.parent == tmp_path
+    assert on_pi.name.split("-")[:2] == here.name.split("-")[:2]  # the same target, another device
 
 
 def test_a_runner_without_a_device_name_is_refused(tmp_path):

@@ -103,5 +103,11 @@ def test_seeds_are_planned_for_the_tuned_thread_count(tmp_path, monkeypatch):
         tuning.tune(mod, target, trials=0, cache=tmp_path, threads=threads)
     assert seen == [1, 2]
     now = tuning.database_dir(tmp_path, target, 1)
+    monkeypatch.setattr(tuning, "host_model", lambda: "another CPU")  # the same -mcpu on another machine
+    other_host = tuning.database_dir(tmp_path, target, 1)
+    assert other_host != now
+    monkeypatch.setattr(tvm, "__version__", tvm.__version__ + ".other")  # records made by another TVM
+    other_tvm = tuning.database_dir(tmp_path, target, 1)
+    assert other_tvm not in (now, other_host)
     monkeypatch.setattr(pipeline, "SCHEDULES_VERSION", pipeline.SCHEDULES_VERSION + 1)
-    assert tuning.database_dir(tmp_path, target, 1) != now
+    assert tuning.database_dir(tmp_path, target, 1) not in (now, other_host, other_tvm)
