@@ -23,6 +23,7 @@ samples (ONNX Runtime); a step that fails that is skipped and the report says wh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import time
@@ -72,12 +73,33 @@ def freeze_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) ->
     """
     if is_big(model):
         return model
+    if model.ByteSize() > FROZEN_CACHE_BYTES:
+        return _frozen(model, shapes) or model
+    key = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest() + repr(sorted(shapes.items()))
+    if key not in _FROZEN:  # a run compiles the same model for several targets (and the original besides)
+        frozen = _frozen(model, shapes)
+        while len(_FROZEN) >= FROZEN_CACHE:
+            _FROZEN.pop(next(iter(_FROZEN)))
+        _FROZEN[key] = frozen
+    frozen = _FROZEN[key]
+    if frozen is None:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(frozen)  # callers may change what they get; the cached model stays as it was
+    return copy
+
+
+FROZEN_CACHE = 4                # frozen copies kept: a run needs the compressed and the original one
+FROZEN_CACHE_BYTES = 64 << 20   # larger models are frozen again each time rather than held in memory
+_FROZEN: dict[str, onnx.ModelProto | None] = {}
+
+
+def _frozen(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto | None:
     try:
-        ordered = _ordered(model)
-        frozen = _slim(ordered, {name: list(dims) for name, dims in shapes.items()})
+        frozen = _slim(_ordered(model), {name: list(dims) for name, dims in shapes.items()})
         onnx.checker.check_model(frozen)
     except Exception:  # the compiler gets the model as it is and names what it cannot import
-        return model
+        return None
     return frozen
 
 

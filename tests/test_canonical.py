@@ -117,6 +117,22 @@ def test_freeze_shapes_folds_the_shape_arithmetic_on_a_copy():
     np.testing.assert_allclose(_run(frozen, x), _run(model, x), rtol=1e-5, atol=1e-5)
 
 
+def test_freeze_shapes_simplifies_a_model_once_per_shape(monkeypatch):
+    """A run compiles the same model for several targets: the simplifier runs once per model and shape, and each
+    caller gets its own copy."""
+    model, _ = canonical.canonicalize(paddle_style_conv_bn())
+    calls = []
+    slim = canonical._slim
+    monkeypatch.setattr(canonical, "_slim", lambda *a, **k: calls.append(1) or slim(*a, **k))
+    monkeypatch.setattr(canonical, "_FROZEN", {})
+    first = canonical.freeze_shapes(model, {"x": (2, 3, 8, 8)})
+    first.graph.node[0].name = "changed by a caller"
+    second = canonical.freeze_shapes(model, {"x": (2, 3, 8, 8)})
+    assert len(calls) == 1 and second.graph.node[0].name != "changed by a caller"
+    canonical.freeze_shapes(model, {"x": (1, 3, 8, 8)})
+    assert len(calls) == 2
+
+
 def test_passes_see_constant_weights_without_cleanup():
     """fold-bn, quant and codebook used to change nothing on Constant-node weights unless `cleanup` came first."""
     model = paddle_style_conv_bn()
