@@ -53,7 +53,10 @@ from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
 
 from . import blockperm_search as bs
-from .channels import CUTTERS, Cut, Group, channel_groups, constant_value, infer_shapes
+from .channel_space import Group
+from .coupling import channel_groups
+from .cutting import CUTTERS, Cut
+from .graph_util import constant_value, infer_shapes
 from .graph_util import fresh_name
 
 BLOCK_OPS = ("Gemm", "MatMul", "Conv")

@@ -16,8 +16,11 @@ from squeeze.context import Context
 from squeeze.registry import Backoff, Range, halve, register_pass
 
 from . import compensate as compensation
-from .channels import (Group, apply_plan, channel_groups, constant_value, note_unprunable, plan_removal,
-                       summarize_plan)
+from .channel_plan import note_unprunable, plan_removal, summarize_plan
+from .channel_space import Group
+from .coupling import channel_groups
+from .cutting import apply_plan
+from .graph_util import constant_value
 
 #: |γ| below this fraction of the largest |γ| counts as "near zero" for the sparsity check.
 NEAR_ZERO = 0.01

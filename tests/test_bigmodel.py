@@ -103,7 +103,7 @@ def test_a_big_model_loads_passes_and_saves_with_external_data(tmp_path, small_l
 def test_channel_groups_of_a_big_model_need_no_weight_bytes(small_limit, monkeypatch):
     """Shape inference for the channel analysis sees the weights' types and dims only: no weight is loaded into
     numpy (the graph's constants stay lazy) and the analysis finds the hidden groups of an over-the-limit model."""
-    from squeeze.passes import channels
+    from squeeze.passes import coupling
     model = graphs.flatten_gemm()
     monkeypatch.setattr(model_io, "_LARGE_TENSOR_BYTES", 64)  # conv.weight and fc.weight count as large
     graph = model_io.to_graph(model)
@@ -114,7 +114,7 @@ def test_channel_groups_of_a_big_model_need_no_weight_bytes(small_limit, monkeyp
         seen.append(sum(len(t.raw_data) for t in m.graph.initializer))
         return infer(m, *args, **kwargs)
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
-    groups = channels.channel_groups(graph)
+    groups = coupling.channel_groups(graph)
     assert seen == [sum(len(t.raw_data) for t in model.graph.initializer if len(t.raw_data) <= 64)]
     assert any(g.prunable for g in groups)
     assert all(isinstance(t._values, gs.ir.tensor.LazyValues) for t in graph.tensors().values()

@@ -210,7 +210,7 @@ def residual_block(seed: int = 0) -> onnx.ModelProto:
 def test_permuting_channel_groups_is_lossless(build):
     """The fold step on its own: every member of each permutable group reordered (BN statistics, residual
     Add, depthwise filters, Concat offsets, Flatten→Gemm columns), outputs unchanged."""
-    from squeeze.passes.channels import channel_groups
+    from squeeze.passes.coupling import channel_groups
     model = build()
     graph = gs.import_onnx(model)
     rng = np.random.default_rng(0)

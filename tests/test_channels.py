@@ -16,8 +16,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from squeeze.model import to_model
-from squeeze.passes.channels import (Group, apply_plan, channel_groups, constant_value, describe, expand,
-                                     merged_axis, plan_removal, remove_channels, round_keep)
+from squeeze.passes.channel_plan import plan_removal, round_keep
+from squeeze.passes.channel_space import Group
+from squeeze.passes.coupling import channel_groups, describe, merged_axis
+from squeeze.passes.cutting import apply_plan, expand, remove_channels
+from squeeze.passes.graph_util import constant_value
 
 OPSET = 13
 

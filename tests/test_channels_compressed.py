@@ -27,8 +27,9 @@ from squeeze.data import Dataset
 from squeeze.model import to_model
 from squeeze.passes import compensate as compensate_module
 from squeeze.passes import prune as prune_module
-from squeeze.passes.channels import (apply_plan, channel_groups, constant_value, remove_channels,
-                                     set_constant_input, weight_shape, weight_value)
+from squeeze.passes.coupling import channel_groups
+from squeeze.passes.cutting import apply_plan, remove_channels
+from squeeze.passes.graph_util import constant_value, set_constant_input, weight_shape, weight_value
 from squeeze.passes.weights import WEIGHT_OPS, compressed_kind, compressed_value
 from test_channels import PRUNABLE, Tiny, feeds_for, group_written_by, zero_readers
 

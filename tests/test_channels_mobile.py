@@ -23,8 +23,11 @@ import pytest
 
 from squeeze import metrics
 from squeeze.model import to_model
-from squeeze.passes.channels import (CUTTERS, Cut, Group, channel_groups, constant_value, remove_channels,
-                                     round_keep)
+from squeeze.passes.channel_plan import round_keep
+from squeeze.passes.channel_space import Group
+from squeeze.passes.coupling import channel_groups
+from squeeze.passes.cutting import CUTTERS, Cut, remove_channels
+from squeeze.passes.graph_util import constant_value
 
 from test_channels import Tiny, feeds_for, group_written_by, inferred_shapes, run, zero_readers
 from test_prune import calibration, prune_model
