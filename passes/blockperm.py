@@ -8,8 +8,8 @@ arXiv:1805.12085, 2018, trains with such a fixed mask; here a trained model is r
 1. **Search** (`blockperm_search`): balanced co-clustering of the score w² (times E[x²] of each input with real
    calibration data, so the kept blocks carry most of the layer's expected output) — spectral seed, then
    exact balanced assignments (Hungarian) by coordinate ascent, jointly over the layers that share channels.
-2. **Fold**: a permutation of a channel group (`channels.channel_groups`: through BN, activations, residual
-   Adds, Flatten→Gemm) is applied to every producer and consumer of the group (`channels.CUTTERS` with a
+2. **Fold**: a permutation of a channel group (`coupling.channel_groups`: through BN, activations, residual
+   Adds, Flatten→Gemm) is applied to every producer and consumer of the group (`cutting.CUTTERS` with a
    reordering instead of a cut), which costs nothing at run time. Where the analysis forbids it (a graph
    output, a Softmax over the channels, a Concat, a size not divisible by B) or where the folded partition
    would keep clearly less energy than a free one (`fold=auto`: < 98 %; e.g. the 11616 features after a
@@ -49,10 +49,10 @@ from squeeze import runtime
 from squeeze.context import Context
 from squeeze.threads import single_threaded
 from squeeze.errors import PassError
-from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
 
 from . import blockperm_search as bs
+from .blockperm_fit import compensate_blocks, export, samples_first
 from .channel_space import Group
 from .coupling import channel_groups
 from .cutting import CUTTERS, Cut
@@ -63,12 +63,8 @@ BLOCK_OPS = ("Gemm", "MatMul", "Conv")
 #: fold=auto: a layer whose folded partition keeps less than this fraction of what a free one keeps gets Gathers.
 FOLD_RATIO = 0.98
 #: Ridge strengths of the compensation, relative to the mean diagonal of XᵀX (besides no change and scale only).
-ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: Calibration rows per layer for compensation (Conv: sampled im2col positions) and samples for E[x²].
-MAX_ROWS = 16384
-ROW_FLOATS = 25_000_000  # at most this many input values are kept per layer (rows are subsampled to fit)
 POWER_SAMPLES = 128
-HOLDOUT_EVERY = 4
 _PERMUTED_PORTS = ("in", "out", "dw", "param")  # members whose constants a reordering rewrites
 #: What benchmarks/results/blockperm.md measured (batch 1, one thread): the report's target latencies say the rest.
 SPEED_NOTE = ("speed (measured in benchmarks/results/blockperm.md, batch 1): with the cpu target's schedules the "
@@ -101,7 +97,7 @@ class Port:
 
 
 @dataclass
-class Target:
+class BlockLayer:
     """A layer to rewrite: the node, its block count, its input/output tensors and both ports."""
 
     node: gs.Node
@@ -198,9 +194,9 @@ def _blockperm(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], laye
         ctx.note("compensation skipped: the calibration data is synthetic (give --calib with real inputs)")
     plan = group_permutations(targets, solution)
     orders = permute_groups(graph, plan)
-    reference = _export(graph, ctx) if compensate and real else None
+    reference = export(graph, ctx) if compensate and real else None
     rows = []
-    done: list[Target] = []
+    done: list[BlockLayer] = []
     for t in sorted(targets, key=lambda t: graph.nodes.index(t.node)):
         row = rewrite(graph, ctx, t, solution, orders, scores[id(t)], reference, done, form)
         rows.append(row)
@@ -213,7 +209,7 @@ def _blockperm(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], laye
 # ------------------------------------------------------------------------------------------------ selection
 
 def select_targets(graph: gs.Graph, ctx: Context, blocks: int | dict[str, int], layers: list[str], min_size: int,
-                   skip: list[str]) -> tuple[list[Target], dict[str, str]]:
+                   skip: list[str]) -> tuple[list[BlockLayer], dict[str, str]]:
     """The layers to rewrite (with their B) and {name: why} for layers matched but left alone."""
     _name_unnamed(graph)
     weight_nodes = [n for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
@@ -280,8 +276,8 @@ def _matching(nodes: list[gs.Node], entries: list[str], what: str) -> list[gs.No
     return [n for n in nodes if id(n) in hits]
 
 
-def make_target(graph: gs.Graph, node: gs.Node, blocks: int, shapes: dict) -> tuple[Target | None, str]:
-    """A Target for `node`, or (None, why it cannot be rewritten)."""
+def make_target(graph: gs.Graph, node: gs.Node, blocks: int, shapes: dict) -> tuple[BlockLayer | None, str]:
+    """A BlockLayer for `node`, or (None, why it cannot be rewritten)."""
     x = node.inputs[0]
     w = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or not np.issubdtype(np.asarray(w).dtype, np.floating):
@@ -334,12 +330,12 @@ def make_target(graph: gs.Graph, node: gs.Node, blocks: int, shapes: dict) -> tu
     positions = None
     if out_shape is not None and all(isinstance(d, int) for d in out_shape) and out_shape:
         positions = int(np.prod(out_shape)) // m
-    return Target(node, node.name, blocks, x, y, bias_add, m, n, kernel, rank, positions), ""
+    return BlockLayer(node, node.name, blocks, x, y, bias_add, m, n, kernel, rank, positions), ""
 
 
 # ------------------------------------------------------------------------------------------------- weights
 
-def weights(t: Target) -> tuple[np.ndarray, np.ndarray]:
+def weights(t: BlockLayer) -> tuple[np.ndarray, np.ndarray]:
     """The layer as (W [m, n, *kernel], bias [m]) in float64, Gemm's alpha/beta applied, current constants."""
     node = t.node
     w = np.asarray(constant_value(node.inputs[1]), dtype=np.float64)
@@ -361,7 +357,7 @@ def weights(t: Target) -> tuple[np.ndarray, np.ndarray]:
     return w.T, bias
 
 
-def input_power(ctx: Context, targets: list[Target]) -> dict[str, np.ndarray]:
+def input_power(ctx: Context, targets: list[BlockLayer]) -> dict[str, np.ndarray]:
     """E[x²] per input feature (Gemm/MatMul) or channel (Conv) of every target, on calibration samples."""
     data = ctx.calib.subset(0, min(len(ctx.calib), POWER_SAMPLES))
     names = sorted({t.x.name for t in targets})
@@ -372,29 +368,14 @@ def input_power(ctx: Context, targets: list[Target]) -> dict[str, np.ndarray]:
         values.update(runtime.activations(ctx.model, data, rest, threads=ctx.threads))
     power = {}
     for t in targets:
-        x = _samples_first(values[t.x.name], t.rank).astype(np.float64)
+        x = samples_first(values[t.x.name], t.rank).astype(np.float64)
         if t.op == "Conv":
             x = np.moveaxis(x, 1, -1)
         power[t.name] = (x.reshape(-1, t.n) ** 2).mean(axis=0)
     return power
 
 
-def _samples_first(value: np.ndarray, rank: int) -> np.ndarray:
-    """An activation over calibration samples in the tensor's own rank (samples merged into the batch axis)."""
-    return value.reshape((-1,) + value.shape[2:]) if value.ndim > rank else value
-
-
-def _values(model, ctx: Context, names: list[str]) -> dict[str, np.ndarray]:
-    """Calibration values of tensors (graph inputs straight from the data)."""
-    inputs = {i.name for i in model.graph.input}
-    out = {n: ctx.calib.arrays[n] for n in names if n in inputs}
-    rest = [n for n in names if n not in inputs]
-    if rest:
-        out.update(runtime.activations(model, ctx.calib, rest, threads=ctx.threads))
-    return out
-
-
-def layer_score(t: Target, power: np.ndarray | None) -> dict[str, np.ndarray]:
+def layer_score(t: BlockLayer, power: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per (output, input feature): energy Σw² over the kernel, and the score (× E[x²] with calibration data)."""
     w, _ = weights(t)
     energy = (w ** 2).reshape(t.m, t.n, -1).sum(axis=-1)
@@ -405,7 +386,7 @@ def layer_score(t: Target, power: np.ndarray | None) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------------- ports
 
-def assign_ports(targets: list[Target], groups: list[Group]) -> None:
+def assign_ports(targets: list[BlockLayer], groups: list[Group]) -> None:
     """Each target's input and output port: the channel group a permutation can be folded through, or why not."""
     by_node = {id(t.node): t for t in targets}
     for t in targets:
@@ -465,17 +446,17 @@ def _unfoldable(group: Group) -> str | None:
 
 # --------------------------------------------------------------------------------------------------- search
 
-def _var(t: Target, side: str) -> Hashable:
+def _var(t: BlockLayer, side: str) -> Hashable:
     port = t.inp if side == "in" else t.out
     return ("group", port.group.index) if port.group is not None else ("own", t.name, side)
 
 
-def _var_size(t: Target, side: str) -> int:
+def _var_size(t: BlockLayer, side: str) -> int:
     port = t.inp if side == "in" else t.out
     return port.group.size if port.group is not None else port.size
 
 
-def _search_score(t: Target, score: np.ndarray) -> np.ndarray:
+def _search_score(t: BlockLayer, score: np.ndarray) -> np.ndarray:
     """The layer's score on the items of its partitions (a folded input sums each channel's features)."""
     if t.inp.group is not None and t.inp.inner > 1:
         return score.reshape(t.m, t.inp.group.size, t.inp.inner).sum(axis=-1)
@@ -493,7 +474,7 @@ class Partitions:
     seeds: dict[str, str]
 
 
-def _solve(targets: list[Target], scores: dict, restarts: int, rng: np.random.Generator, cache: dict
+def _solve(targets: list[BlockLayer], scores: dict, restarts: int, rng: np.random.Generator, cache: dict
            ) -> tuple[dict[Hashable, np.ndarray], dict[str, float], dict[str, str]]:
     """Solve every connected component (targets linked by shared partitions) of the current port assignment."""
     parent = list(range(len(targets)))
@@ -520,7 +501,7 @@ def _solve(targets: list[Target], scores: dict, restarts: int, rng: np.random.Ge
         for side in ("in", "out"):
             uses[_var(t, side)] = uses.get(_var(t, side), 0) + 1
 
-    def alias(t: Target, side: str) -> Hashable:
+    def alias(t: BlockLayer, side: str) -> Hashable:
         v = _var(t, side)
         port = t.inp if side == "in" else t.out
         return ("own", t.name, side) if uses[v] == 1 and port.inner == 1 else v
@@ -549,12 +530,12 @@ def _solve(targets: list[Target], scores: dict, restarts: int, rng: np.random.Ge
     return labels, kept, seeds
 
 
-def choose_partitions(targets: list[Target], scores: dict, fold: str, restarts: int,
+def choose_partitions(targets: list[BlockLayer], scores: dict, fold: str, restarts: int,
                       rng: np.random.Generator) -> Partitions:
     """Search the partitions; with fold=auto, unfold the ports of layers that folding costs too much energy."""
     cache: dict = {}
 
-    def set_ports(t: Target, inp: bool, out: bool, why: str) -> None:
+    def set_ports(t: BlockLayer, inp: bool, out: bool, why: str) -> None:
         if not inp and t.inp.group is not None:
             t.inp.group, t.inp.inner, t.inp.why = None, 1, why
         if not out and t.out.group is not None:
@@ -603,7 +584,7 @@ def choose_partitions(targets: list[Target], scores: dict, fold: str, restarts: 
 
 # ---------------------------------------------------------------------------------------------------- fold
 
-def group_permutations(targets: list[Target], solution: Partitions) -> dict[Group, np.ndarray]:
+def group_permutations(targets: list[BlockLayer], solution: Partitions) -> dict[Group, np.ndarray]:
     """For every folded group: the channel order that puts cluster 0 first, then cluster 1, ... (new → old)."""
     plan: dict[Group, np.ndarray] = {}
     for t in targets:
@@ -638,7 +619,7 @@ def permute_groups(graph: gs.Graph, plan: dict[Group, np.ndarray]) -> dict[tuple
     return elements
 
 
-def _positions(t: Target, side: str, solution: Partitions, orders: dict) -> np.ndarray:
+def _positions(t: BlockLayer, side: str, solution: Partitions, orders: dict) -> np.ndarray:
     """[B, width] current feature positions of each block on one side of the layer (-1: a padding slot)."""
     port = t.inp if side == "in" else t.out
     size = port.size
@@ -659,8 +640,8 @@ def _positions(t: Target, side: str, solution: Partitions, orders: dict) -> np.n
 
 # ------------------------------------------------------------------------------------------------- rewrite
 
-def rewrite(graph: gs.Graph, ctx: Context, t: Target, solution: Partitions, orders: dict, score: dict,
-            reference, done: list[Target], form: str = "auto") -> dict:
+def rewrite(graph: gs.Graph, ctx: Context, t: BlockLayer, solution: Partitions, orders: dict, score: dict,
+            reference, done: list[BlockLayer], form: str = "auto") -> dict:
     """Replace one layer by its block form (compensated when `reference` is given); its report row."""
     w, bias = weights(t)
     pin, pout = _positions(t, "in", solution, orders), _positions(t, "out", solution, orders)
@@ -689,7 +670,7 @@ def rewrite(graph: gs.Graph, ctx: Context, t: Target, solution: Partitions, orde
     return row
 
 
-def lowering_for(t: Target, block_outputs: int, form: str) -> str:
+def lowering_for(t: BlockLayer, block_outputs: int, form: str) -> str:
     """How a Gemm/MatMul's blocks run. Measured (benchmarks/results/blockperm.md): squeeze's CPU schedules pack
     a grouped Conv whose groups have a multiple of 4 outputs and every 2-D-weight MatMul, but run a batched
     MatMul with a 3-D weight unscheduled (5× slower than the dense layer on mnist_burn's fc1)."""
@@ -702,7 +683,7 @@ def _contiguous(pos: np.ndarray) -> bool:
     return bool((pos.reshape(-1) == np.arange(pos.size)).all())
 
 
-def _build(graph: gs.Graph, t: Target, blocks: np.ndarray, bias: np.ndarray, pin: np.ndarray | None,
+def _build(graph: gs.Graph, t: BlockLayer, blocks: np.ndarray, bias: np.ndarray, pin: np.ndarray | None,
            pout: np.ndarray | None, lowering: str) -> None:
     """Insert the block form of `t` between its input and its output tensor, and disconnect the old node(s).
 
@@ -789,208 +770,9 @@ def _reshape(graph: gs.Graph, x: gs.Tensor, shape: list[int], name: str) -> gs.V
     return out
 
 
-# ---------------------------------------------------------------------------------------------- compensation
-
-def _export(graph: gs.Graph, ctx: Context):
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return to_model(graph, like=ctx.model)
-
-
-def compensate_blocks(graph: gs.Graph, ctx: Context, t: Target, reference, done: list[Target],
-                      blocks: np.ndarray, bias: np.ndarray, pin: np.ndarray, pout: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Refit the blocks so the layer's output on calibration inputs (from the network as rewritten so far)
-    matches the original output: choose among no change, scale only and ridge strengths on held-out images."""
-    from .compensate import post_op  # noqa: PLC0415  (the next nonlinearity, shared with prune's compensation)
-    current = _export(graph, ctx) if any(_upstream(d, t) for d in done) else reference
-    x = _samples_first(_values(current, ctx, [t.x.name])[t.x.name], t.rank)
-    y = _samples_first(_values(reference, ctx, [t.y.name])[t.y.name], t.rank)
-    rng = np.random.default_rng(ctx.seed)
-    rows_x, rows_y, sample = _rows(t, x, y, rng)
-    if not (np.isfinite(rows_x).all() and np.isfinite(rows_y).all()):
-        return blocks, bias, {"method": "none", "why": "non-finite calibration activations"}
-    holdout = sample % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    if holdout.all() or not holdout.any():
-        holdout = np.arange(len(sample)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    if holdout.all() or not holdout.any():  # e.g. a Gemm with fewer calibration samples than HOLDOUT_EVERY
-        return blocks, bias, {"method": "none", "rows": int(len(rows_x)),
-                              "why": f"{len(rows_x)} calibration rows: too few to fit on some and check on others"}
-    post = post_op(t.y)
-    B = t.blocks
-
-    def block_x(rows: np.ndarray, g: int) -> np.ndarray:
-        valid = pin[g][pin[g] >= 0]
-        return rows[:, valid].reshape(len(rows), -1).astype(np.float64)
-
-    def predict(ws: list[np.ndarray], bs_: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-        pred = np.zeros((len(rows), t.m))
-        for g in range(B):
-            ro = pout[g] >= 0
-            pred[:, pout[g][ro]] = block_x(rows, g) @ ws[g] + bs_[g]
-        return pred
-
-    w0, b0 = [], []
-    for g in range(B):
-        ri, ro = pin[g] >= 0, pout[g] >= 0
-        w0.append(blocks[g][np.ix_(ro, ri)].reshape(ro.sum(), -1).T)  # [inputs·kernel, outputs]
-        b0.append(bias[g][ro])
-    train, test = ~holdout, holdout
-    target = post(rows_y[test])
-    denom = max(float((target ** 2).sum()), 1e-30)
-
-    def loss(ws, bs_) -> float:
-        return float(((post(predict(ws, bs_, rows_x[test])) - target) ** 2).sum()) / denom
-
-    candidates = {"none": (w0, b0)}
-    fits = [_block_fits(block_x(rows_x[train], g), rows_y[train][:, pout[g][pout[g] >= 0]], w0[g])
-            for g in range(B)]
-    for key in fits[0]:
-        candidates[key] = ([f[key][0] for f in fits], [f[key][1] for f in fits])
-    losses = {k: loss(*v) for k, v in candidates.items()}
-    best = min(losses, key=lambda k: losses[k])
-    info = {"method": best, "rows": int(len(rows_x)), "holdout_loss_before": round(losses["none"], 6),
-            "holdout_loss_after": round(losses[best], 6)}
-    if best == "none":
-        return blocks, bias, info
-    blocks, bias = blocks.copy(), bias.copy()
-    for g in range(B):
-        wg, bg = _block_fits(block_x(rows_x, g), rows_y[:, pout[g][pout[g] >= 0]], w0[g], only=best)[best]
-        ri, ro = pin[g] >= 0, pout[g] >= 0
-        blocks[g][np.ix_(ro, ri)] = wg.T.reshape((ro.sum(), ri.sum()) + t.kernel)
-        bias[g][ro] = bg
-    return blocks, bias, info
-
-
-def _upstream(a: Target, b: Target) -> bool:
-    """Whether `a`'s output (now written by its block form) feeds `b`'s input."""
-    seen: set[int] = set()
-    stack = [b.x]
-    while stack:
-        tensor = stack.pop()
-        if tensor is a.y:
-            return True
-        for node in tensor.inputs:
-            if id(node) not in seen:
-                seen.add(id(node))
-                stack.extend(node.inputs)
-    return False
-
-
-def _rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Matching input rows [R, n, (kernel)] and output rows [R, m] (im2col positions for a Conv), and the
-    calibration sample each row comes from."""
-    if t.op == "Conv":
-        return _conv_rows(t, x, y, rng)
-    xr = x.reshape(-1, t.n) if t.op != "Gemm" else x.reshape(x.shape[0], -1)
-    yr = y.reshape(-1, t.m)
-    per = len(xr) // x.shape[0]
-    sample = np.arange(len(xr)) // max(per, 1)
-    limit = _row_limit(t)
-    if len(xr) > limit:
-        pick = np.sort(rng.choice(len(xr), limit, replace=False))
-        xr, yr, sample = xr[pick], yr[pick], sample[pick]
-    return xr.astype(np.float32), yr.astype(np.float64), sample
-
-
-def _conv_rows(t: Target, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
-    node = t.node
-    d = len(t.kernel)
-    strides = list(node.attrs.get("strides", [1] * d))
-    dil = list(node.attrs.get("dilations", [1] * d))
-    pads = _conv_pads(node, x.shape[2:], t.kernel, strides, dil)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
-    out_sp = y.shape[2:]
-    per = int(np.prod(out_sp))
-    total = x.shape[0] * per
-    pick = np.sort(rng.choice(total, min(_row_limit(t), total), replace=False))
-    sample = pick // per
-    pos = np.unravel_index(pick % per, out_sp)
-    patches = np.empty((len(pick), t.n) + t.kernel, dtype=x.dtype)
-    for k in np.ndindex(*t.kernel):  # one kernel tap at a time: [R, n]
-        coords = [(pos[a] * strides[a] + k[a] * dil[a])[:, None] for a in range(d)]
-        patches[(slice(None), slice(None)) + k] = xp[(sample[:, None], np.arange(t.n)[None, :], *coords)]
-    target = y[(sample, slice(None)) + tuple(pos)]
-    return patches, target.astype(np.float64), sample
-
-
-def _row_limit(t: Target) -> int:
-    """Rows kept for compensation: MAX_ROWS, fewer for wide layers, but at least 4× a block's inputs."""
-    features = t.n * t.kernel_size
-    return int(max(min(MAX_ROWS, ROW_FLOATS // features), 4 * -(-features // t.blocks)))
-
-
-def _conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
-    d = len(kernel)
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(d):
-            out = -(-size[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size[i])
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * d)
-    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
-
-
-def _block_fits(x: np.ndarray, y: np.ndarray, w0: np.ndarray, only: str | None = None
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Refits of one block, x [R, p] → y [R, q], from the kept weights w0 [p, q]:
-
-    `scale`: y ≈ a_j·(x w0_j) + c_j per output; `ridge(α)`: y ≈ a_j·(x w0_j) + x d_j + c_j with ‖d_j‖² penalised
-    by λ = α·mean(diag xᵀx) (a_j eliminated in closed form, primal or dual, whichever is smaller).
-    """
-    xm, ym = x.mean(axis=0), y.mean(axis=0)
-    xc, yc = x - xm, y - ym
-    k = xc @ w0
-    out = {}
-
-    def finish(name: str, w: np.ndarray) -> None:
-        out[name] = (w, ym - xm @ w)
-
-    if only in (None, "scale"):
-        den = (k * k).sum(axis=0)
-        a = np.where(den > 1e-30, (k * yc).sum(axis=0) / np.maximum(den, 1e-30), 1.0)
-        finish("scale", w0 * a[None, :])
-    wanted = [a for a in ALPHAS if only is None or only == f"ridge({a:g})"]
-    if not wanted:
-        return out
-    rows, cols = xc.shape
-    scale = max(float((xc * xc).sum()) / max(cols, 1), 1e-30)
-    if rows <= cols:
-        evals, q = np.linalg.eigh(xc @ xc.T)
-        qk, qy = q.T @ k, q.T @ yc
-    else:
-        evals, q = np.linalg.eigh(xc.T @ xc)
-        xk, xy = q.T @ (xc.T @ k), q.T @ (xc.T @ yc)
-    evals = np.maximum(evals, 0.0)
-    for alpha in wanted:
-        lam = alpha * scale
-        inv = 1.0 / (evals + lam)
-        if rows <= cols:
-            num = (qk * qy * inv[:, None]).sum(axis=0)
-            den = (qk * qk * inv[:, None]).sum(axis=0)
-        else:  # kᵀMy with M = (I − X(XᵀX+λ)⁻¹Xᵀ)/λ; the 1/λ cancels in the ratio
-            num = (k * yc).sum(axis=0) - (xk * xy * inv[:, None]).sum(axis=0)
-            den = (k * k).sum(axis=0) - (xk * xk * inv[:, None]).sum(axis=0)
-        a = np.where(den > 1e-30, num / np.maximum(den, 1e-30), 1.0)
-        z = yc - k * a[None, :]
-        if rows <= cols:
-            d = xc.T @ (q @ ((q.T @ z) * inv[:, None]))
-        else:
-            d = q @ ((q.T @ (xc.T @ z)) * inv[:, None])
-        finish(f"ridge({alpha:g})", w0 * a[None, :] + d)
-    return out
-
-
 # -------------------------------------------------------------------------------------------------- report
 
-def _row(t: Target, score: dict, solution: Partitions, pin: np.ndarray, pout: np.ndarray, orders: dict) -> dict:
+def _row(t: BlockLayer, score: dict, solution: Partitions, pin: np.ndarray, pout: np.ndarray, orders: dict) -> dict:
     """The report row of one layer (kept energy vs identity and random partitions, sizes, MACs)."""
     energy, weighted = score["energy"], score["score"]
     B = t.blocks
