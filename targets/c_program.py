@@ -194,126 +194,136 @@ def walk(planned, names: dict[str, str], compact: dict[str, Any] | None = None,
     `weight_storage.plan`): each is decoded into the scratch buffer right before every call that reads it, or,
     when its name is in `as_float`, stored as a float constant (flash) instead.
     """
-    compact = compact or {}
-    tvm = tvm_build.tvm()
     from tvm import relax  # noqa: PLC0415
-    from tvm.ir.expr import GenericConst  # noqa: PLC0415
     from tvm.tirx import PrimFunc  # noqa: PLC0415
 
+    tvm = tvm_build.tvm()
     main = planned["main"]
     tir = tvm.IRModule({gv: f for gv, f in planned.functions.items() if isinstance(f, PrimFunc)})
-    layout = _Layout()
-    env: dict[Any, Any] = {}       # relax Var → Tensor | ("storage", Storage) | tuple
-    consts: dict[int, Tensor] = {}
-    storage_of: dict[str, Storage] = {}
-    calls: list[tuple[str, list[str]]] = []
-    decodes: dict[int, list[tuple[str, int]]] = {}
-    scratch_views: list[Tensor] = []
-    scratch = 0
-
-    inputs = []
-    compact_keys: dict[str, Any] = {}
+    run = _Interpreter(names)
+    compact = compact or {}
     for param in main.params:
         shape, dtype = _tensor_sinfo(param, "input")
         weight = compact.get(param.name)
         if weight is not None:
-            env[param] = _weight_tensor(weight, shape, dtype, as_float, consts, compact_keys)
+            run.env[param] = _weight_tensor(weight, shape, dtype, as_float, run.consts, run.compact_keys)
             continue
-        t = layout.view(f"in{len(inputs)}", shape, dtype, layout.region(_nbytes(shape, dtype)),
-                        label=f"input {param.name}")
-        env[param] = t
-        inputs.append(t)
-
-    def value_of(expr):
-        if isinstance(expr, relax.Var):
-            if expr not in env:
-                raise TargetError(f"mcu: unsupported Relax program: {expr.name} used before definition")
-            return env[expr]
-        if isinstance(expr, GenericConst) and hasattr(expr.value, "numpy"):
-            key = expr.__chandle__()  # the node's address (a Python id() of the wrapper would be reused)
-            if key not in consts:
-                arr = expr.value.numpy()
-                name = names.get(_digest(arr), "")
-                if not name and arr.ndim == 2:  # Gemm/MatMul weights arrive transposed by FoldConstant
-                    name = names.get(_digest(arr.T), "")
-                    name = f"{name} (transposed)" if name else ""
-                consts[key] = Tensor(f"c{len(consts)}", tuple(arr.shape), str(arr.dtype), "const", data=arr,
-                                     label=name or f"constant {list(arr.shape)}")
-            return consts[key]
-        if isinstance(expr, relax.Tuple):
-            return tuple(value_of(f) for f in expr.fields)
-        if isinstance(expr, relax.TupleGetItem):
-            return value_of(expr.tuple_value)[expr.index]
-        raise TargetError(f"mcu: unsupported Relax expression {type(expr).__name__}")
-
+        t = run.layout.view(f"in{len(run.inputs)}", shape, dtype, run.layout.region(_nbytes(shape, dtype)),
+                            label=f"input {param.name}")
+        run.env[param] = t
+        run.inputs.append(t)
     for block in main.body.blocks:
         for binding in block.bindings:
             if not isinstance(binding, relax.VarBinding):
                 raise TargetError(f"mcu: unsupported Relax binding {type(binding).__name__}")
-            var, value = binding.var, binding.value
-            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-                op = value.op.name
-                if op == "relax.memory.alloc_storage":
-                    size = int(value.args[0].values[0])
-                    env[var] = ("storage", layout.storage(size))
-                elif op == "relax.memory.alloc_tensor":
-                    kind, storage = env[value.args[0]]
-                    offset = int(value.args[1].value)
-                    shape = tuple(int(v) for v in value.args[2].values)
-                    dtype = str(value.args[3].value)
-                    t = layout.view(f"t{len(layout.views)}", shape, dtype, storage.offset + offset)
-                    env[var] = t
-                    storage_of[t.key] = storage
-                elif op == "relax.builtin.alloc_tensor":
-                    shape = tuple(int(v) for v in value.args[0].values)
-                    dtype = str(value.args[1].value)
-                    env[var] = layout.view(f"t{len(layout.views)}", shape, dtype,
-                                           layout.region(_nbytes(shape, dtype)))
-                elif op == "relax.reshape":
-                    src = value_of(value.args[0])
-                    shape, dtype = _tensor_sinfo(var, "reshape")
-                    env[var] = layout.alias(src, shape, dtype)
-                else:
-                    raise TargetError(f"mcu: the standalone program does not support Relax op {op} "
-                                      "(it needs the TVM runtime)")
-            elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar):
-                kernel = value.op.name_hint
-                args = []
-                for a in value.args:
-                    t = value_of(a)
-                    if not isinstance(t, Tensor):
-                        raise TargetError(f"mcu: kernel {kernel} takes a non-tensor argument "
-                                          f"({type(a).__name__}); dynamic shapes are not supported")
-                    args.append(t)
-                out = args[-1]
-                if out.region == "arena" and not out.label:
-                    out.label = f"output of {kernel} {list(out.shape)} {out.dtype}"
-                    storage = storage_of.get(out.key)
-                    if storage is not None:
-                        storage.tensors.append(out.label)
-                for t in args:
-                    if t.region == "arena":
-                        layout.use(t)
-                if any(t.region == "scratch" for t in args):
-                    args, decodes[len(calls)], size = _scratch_views(args, len(calls))
-                    scratch = max(scratch, size)
-                    scratch_views.extend(t for t in args if t.region == "scratch")
-                calls.append((kernel, [t.key for t in args]))
-                env[var] = None
-            else:
-                env[var] = value_of(value)
-
-    result = value_of(main.body.body)
+            run.bind(binding.var, binding.value)
+    result = run.value_of(main.body.body)
     outs = list(result) if isinstance(result, tuple) else [result]
     if any(not isinstance(o, Tensor) for o in outs):
         raise TargetError("mcu: nested tuple outputs are not supported")
-    for o in outs:
-        layout.use(o)
-    for i in inputs:
-        layout.use(i)
-    return Program(inputs=inputs, outputs=outs, consts=list(consts.values()), views=layout.used() + scratch_views,
-                   calls=calls, storages=layout.storages, arena_bytes=layout.size, tir=tir,
-                   compact=compact_keys, decodes=decodes, scratch_bytes=scratch)
+    for t in outs + run.inputs:
+        run.layout.use(t)
+    return Program(inputs=run.inputs, outputs=outs, consts=list(run.consts.values()),
+                   views=run.layout.used() + run.scratch_views, calls=run.calls, storages=run.layout.storages,
+                   arena_bytes=run.layout.size, tir=tir, compact=run.compact_keys, decodes=run.decodes,
+                   scratch_bytes=run.scratch)
+
+
+class _Interpreter:
+    """The state of `walk`: what each Relax variable is (a Tensor view, ("storage", Storage), a tuple), the
+    constants met, and the kernel calls in order."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+        self.layout = _Layout()
+        self.env: dict[Any, Any] = {}
+        self.consts: dict[int, Tensor] = {}
+        self.storage_of: dict[str, Storage] = {}
+        self.calls: list[tuple[str, list[str]]] = []
+        self.decodes: dict[int, list[tuple[str, int]]] = {}
+        self.scratch_views: list[Tensor] = []
+        self.scratch = 0
+        self.inputs: list[Tensor] = []
+        self.compact_keys: dict[str, Any] = {}
+
+    def value_of(self, expr):
+        from tvm import relax  # noqa: PLC0415
+        from tvm.ir.expr import GenericConst  # noqa: PLC0415
+        if isinstance(expr, relax.Var):
+            if expr not in self.env:
+                raise TargetError(f"mcu: unsupported Relax program: {expr.name} used before definition")
+            return self.env[expr]
+        if isinstance(expr, GenericConst) and hasattr(expr.value, "numpy"):
+            key = expr.__chandle__()  # the node's address (a Python id() of the wrapper would be reused)
+            if key not in self.consts:
+                arr = expr.value.numpy()
+                name = self.names.get(_digest(arr), "")
+                if not name and arr.ndim == 2:  # Gemm/MatMul weights arrive transposed by FoldConstant
+                    name = self.names.get(_digest(arr.T), "")
+                    name = f"{name} (transposed)" if name else ""
+                self.consts[key] = Tensor(f"c{len(self.consts)}", tuple(arr.shape), str(arr.dtype), "const",
+                                          data=arr, label=name or f"constant {list(arr.shape)}")
+            return self.consts[key]
+        if isinstance(expr, relax.Tuple):
+            return tuple(self.value_of(f) for f in expr.fields)
+        if isinstance(expr, relax.TupleGetItem):
+            return self.value_of(expr.tuple_value)[expr.index]
+        raise TargetError(f"mcu: unsupported Relax expression {type(expr).__name__}")
+
+    def bind(self, var, value) -> None:
+        from tvm import ir, relax  # noqa: PLC0415
+        if isinstance(value, relax.Call) and isinstance(value.op, ir.Op):
+            self.env[var] = self.builtin(var, value)
+        elif isinstance(value, relax.Call) and isinstance(value.op, ir.GlobalVar):
+            self.kernel(value)
+            self.env[var] = None
+        else:
+            self.env[var] = self.value_of(value)
+
+    def builtin(self, var, value):
+        """A memory-planning op of the VM: storage, a tensor view in it, a fresh region, or a reshape alias."""
+        op, layout = value.op.name, self.layout
+        if op == "relax.memory.alloc_storage":
+            return ("storage", layout.storage(int(value.args[0].values[0])))
+        if op == "relax.memory.alloc_tensor":
+            _, storage = self.env[value.args[0]]
+            shape = tuple(int(v) for v in value.args[2].values)
+            t = layout.view(f"t{len(layout.views)}", shape, str(value.args[3].value),
+                            storage.offset + int(value.args[1].value))
+            self.storage_of[t.key] = storage
+            return t
+        if op == "relax.builtin.alloc_tensor":
+            shape, dtype = tuple(int(v) for v in value.args[0].values), str(value.args[1].value)
+            return layout.view(f"t{len(layout.views)}", shape, dtype, layout.region(_nbytes(shape, dtype)))
+        if op == "relax.reshape":
+            shape, dtype = _tensor_sinfo(var, "reshape")
+            return layout.alias(self.value_of(value.args[0]), shape, dtype)
+        raise TargetError(f"mcu: the standalone program does not support Relax op {op} (it needs the TVM runtime)")
+
+    def kernel(self, value) -> None:
+        """A call of a TIR kernel: its arguments are tensors; compact weights are decoded into scratch first."""
+        kernel = value.op.name_hint
+        args = []
+        for a in value.args:
+            t = self.value_of(a)
+            if not isinstance(t, Tensor):
+                raise TargetError(f"mcu: kernel {kernel} takes a non-tensor argument ({type(a).__name__}); "
+                                  "dynamic shapes are not supported")
+            args.append(t)
+        out = args[-1]
+        if out.region == "arena" and not out.label:
+            out.label = f"output of {kernel} {list(out.shape)} {out.dtype}"
+            storage = self.storage_of.get(out.key)
+            if storage is not None:
+                storage.tensors.append(out.label)
+        for t in args:
+            if t.region == "arena":
+                self.layout.use(t)
+        if any(t.region == "scratch" for t in args):
+            args, self.decodes[len(self.calls)], size = _scratch_views(args, len(self.calls))
+            self.scratch = max(self.scratch, size)
+            self.scratch_views.extend(t for t in args if t.region == "scratch")
+        self.calls.append((kernel, [t.key for t in args]))
 
 
 def _weight_tensor(weight, shape, dtype: str, as_float: set[str], consts: dict, compact_keys: dict) -> Tensor:
