@@ -14,7 +14,11 @@ from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+from squeeze.model import to_graph
+from squeeze.registry import provides
 
 from .channel_space import Analysis, Group, Layout, Segment, groups_of, sub_layout
 from .cutting import cut_problem
@@ -712,6 +716,12 @@ RULES: dict[str, Rule] = {
     "QuantizeLinear": _quantize_linear,
     "DequantizeLinear": _quantize_linear,
 }
+
+
+@provides("inspect-channels")
+def describe_model(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None) -> str:
+    """`squeeze inspect`: the channel groups of `model` as text (see `describe`)."""
+    return describe(channel_groups(to_graph(model), input_shapes))
 
 
 def channel_groups(graph: gs.Graph, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Group]:

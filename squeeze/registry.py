@@ -152,6 +152,31 @@ def _register(table: dict[str, Entry], kind: str, name: str, obj: Any, skip: int
     table[name] = Entry(name, obj, tuple(params), doc.splitlines()[0] if doc else "", backoff)
 
 
+#: Named hooks: what the core needs from plug-ins beyond a pass or a target (the channel groups `squeeze inspect`
+#: prints, `squeeze doctor`, a device runner for --rpc/--tracker, the goal's sensitivity tables), so that the core
+#: never imports a pass or target module. Each hook has exactly one provider, registered by the module that
+#: implements it with `@provides(name)`.
+HOOKS: dict[str, Callable] = {}
+
+
+def provides(name: str) -> Callable:
+    """Register `fn` as the provider of the hook `name` (see HOOKS)."""
+    def decorate(fn: Callable) -> Callable:
+        if name in HOOKS and HOOKS[name] is not fn:
+            raise ValueError(f"hook {name!r} has two providers: {HOOKS[name].__module__} and {fn.__module__}")
+        HOOKS[name] = fn
+        return fn
+    return decorate
+
+
+def hook(name: str) -> Callable:
+    """The provider of the hook `name`, after loading the plug-ins."""
+    _load_plugins()
+    if name not in HOOKS:
+        raise LookupError(f"no plug-in provides the hook {name!r}; known: {', '.join(sorted(HOOKS))}")
+    return HOOKS[name]
+
+
 def get_pass(name: str) -> Entry:
     return _lookup(PASSES, "pass", name)
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from squeeze.errors import SqueezeError, TargetError
+from squeeze.registry import provides
 
 from . import tvm_build
 
@@ -99,6 +100,12 @@ class Runner:
                     f"{self.key!r}?" if self.tracker else "is `python -m tvm.exec.rpc_server` running there?")
             raise TargetError(f"cannot reach the device ({self.describe()}): {tvm_build.error_line(exc)}; "
                               f"{hint}") from exc
+
+
+@provides("device-runner")
+def device_runner(rpc: str | None = None, tracker: str | None = None, key: str | None = None) -> Runner | None:
+    """The device behind --rpc HOST:PORT or --tracker HOST:PORT --key KEY (None for neither)."""
+    return Runner.from_args(rpc, tracker, key)
 
 
 def registered(summary: dict, key: str | None) -> int:

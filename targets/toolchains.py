@@ -12,6 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from squeeze.registry import provides
+
 INSTALL_SCRIPT = "scripts/install-toolchains.sh"
 
 
@@ -132,6 +134,7 @@ def script_path() -> Path | None:
     return path if path.is_file() else None
 
 
+@provides("doctor")
 def doctor(install: bool = False, out=print) -> int:
     """`squeeze doctor [--install]`: what each target needs and whether it is here. Returns the exit status."""
     if install:

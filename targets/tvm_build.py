@@ -15,6 +15,7 @@ import onnx
 
 from squeeze.canonical import freeze_shapes
 from squeeze.errors import TargetError
+from squeeze.registry import provides
 
 
 def tvm():
@@ -39,6 +40,7 @@ def keep_affinity():
         os.sched_setaffinity(0, before)
 
 
+@provides("compile-threads")
 def set_threads(threads: int | None) -> None:
     """Thread count for TVM's runtime (must be called before TVM starts its thread pool)."""
     if threads:
