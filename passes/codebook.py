@@ -54,6 +54,14 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                                       "0 keeps it float"] = 6,
              compensate: Annotated[bool, "refit centroids by least squares on the layer outputs over the "
                                    "calibration data, then correct the bias"] = True,
+             assign: Annotated[Literal["gptq", "nearest"], "how weights pick their centroid (unit=weight, with "
+                               "calibration data): 'gptq' assigns input by input and spreads each one's output "
+                               "error over the inputs not yet assigned through the inverse input Hessian (GPTQ, "
+                               "Frantar et al. 2023); 'nearest' takes the nearest centroid (Deep Compression)"]
+             = "gptq",
+             rounds: Annotated[int, Range(1, 8), "gptq: alternations of assignment and centroid refit"] = 2,
+             weighted: Annotated[bool, "k-means weights every weight by its input's energy (the Hessian "
+                                 "diagonal on the calibration data) instead of uniformly"] = False,
              skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
              = [],  # noqa: B006 (never mutated)
              layer_bits: Annotated[list[str], "per-layer index bits 'LAYER=B' (node name or pattern, B in 1..8); "
@@ -91,16 +99,23 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         kernel = unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
         size = kernels if kernel else 1 << bits_of.get(layer.name, bits)
         vectors = w.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
-        centroids, labels, zero = _cluster(vectors, size, ctx.seed)
         x = rows.get(layer.name) if len(consumers) == 1 else None
         # The inputs this layer will really see: those of the network compressed so far (same sampled rows).
         x_in = _compressed_rows(graph, ctx, layer) if x is not None and changed else x
+        energy = _input_energy(layer, w, x_in) if weighted and x is not None and not kernel else None
+        centroids, labels, zero = _cluster(vectors, size, ctx.seed, energy)
         entry = {"layer": layer.name, "op": layer.op, "unit": "kernel" if kernel else "weight",
                  "params": int(w.size), "centroids": int(len(centroids)),
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
         if x is not None:
             entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x, x_in)
             centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
+            if assign == "gptq" and not kernel:
+                problem = _gptq_problem(layer, w, x, x_in)
+                for _ in range(rounds):
+                    labels = _gptq_assign(layer, w, problem, centroids[:, 0], zero)
+                    centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
+                entry["assign"] = "gptq"
         codes = None
         if kernel and codebook_bits:
             codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
@@ -164,8 +179,10 @@ def _index_bits(count: int) -> int:
     return max(1, int(np.ceil(np.log2(count))))
 
 
-def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(centroids [K, d], labels [n], zero reserved?) — k-means, index 0 is the zero vector when reserved."""
+def _cluster(vectors: np.ndarray, size: int, seed: int, weights: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(centroids [K, d], labels [n], zero reserved?) — k-means, index 0 is the zero vector when reserved;
+    `weights` (one per vector, optional) weight the k-means objective."""
     from sklearn.cluster import KMeans  # noqa: PLC0415 (heavy import, only when the pass runs)
     is_zero = ~vectors.any(axis=1)
     zero = bool(is_zero.mean() >= ZERO_SHARE) and size > 1
@@ -183,8 +200,12 @@ def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             km = KMeans(n_clusters=room, init=init, n_init=1, max_iter=300, tol=1e-6, random_state=seed)
+            sample = None
+            if weights is not None:
+                sample = weights[~is_zero] if zero else weights
+                sample = np.maximum(sample, 1e-12 * max(float(sample.max()), 1e-30))
             with single_threaded():
-                point_labels = km.fit_predict(points)
+                point_labels = km.fit_predict(points, sample_weight=sample)
         centroids = km.cluster_centers_
         used = np.unique(point_labels)  # drop empty clusters, renumber
         remap = np.full(room, -1)
@@ -196,6 +217,83 @@ def _cluster(vectors: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.
     else:
         labels = point_labels.astype(np.int64)
     return centroids, labels, zero
+
+
+def _input_energy(layer: Layer, w: np.ndarray, x_in: np.ndarray) -> np.ndarray:
+    """Per weight: the mean square of the input it multiplies (the diagonal of the layer's input Hessian XᵀX/P),
+    the weight's share of the output error per unit of its own error."""
+    energy = np.mean(np.square(x_in.astype(np.float64)), axis=1)                   # [G, D]
+    per = np.broadcast_to(energy[:, None, :], layer.matrix(w).shape)               # [G, O, D]
+    return layer.from_matrix(np.ascontiguousarray(per)).ravel()
+
+
+GPTQ_DAMP = 0.01      # relative damping of the layer Hessian before it is inverted (GPTQ's percdamp)
+GPTQ_BLOCK = 128      # columns updated eagerly; the rest get each block's error in one matrix product
+
+
+def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray
+                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per group (target weights W* [O, D], upper Cholesky factor U of H⁻¹ in column order, the order).
+
+    H = X̃ᵀX̃/P is the Hessian of the output error ‖X·Wᵀ − X̃·Ŵᵀ‖² in Ŵ; W* = W·XᵀX̃·H⁻¹/P minimises it without
+    the codebook, so the error is ‖X̃·(W* − Ŵ)ᵀ‖² plus a constant (W* = W when X̃ = X: nothing before this layer
+    is compressed). Columns go in order of decreasing H diagonal ("act order"); inputs that are always zero
+    get a unit diagonal (their weights are free and spread no error)."""
+    wm = layer.matrix(w).astype(np.float64)
+    out = []
+    for g in range(wm.shape[0]):
+        xt = x_in[g].astype(np.float64)
+        h = xt.T @ xt / max(len(xt), 1)
+        dead = np.diag(h) <= 0
+        h[dead, dead] = 1.0
+        damp = GPTQ_DAMP * float(np.mean(np.diag(h)))
+        h[np.diag_indices_from(h)] += damp
+        target = wm[g].copy()
+        if x_in is not x:
+            cross = xt.T @ x[g].astype(np.float64) / max(len(xt), 1)          # X̃ᵀX/P
+            target = np.linalg.solve(h, cross @ wm[g].T).T
+        target[:, dead] = wm[g][:, dead]
+        order = np.argsort(-np.diag(h), kind="stable")
+        hp = h[np.ix_(order, order)]
+        try:
+            u = np.linalg.cholesky(np.linalg.inv(hp)).T
+        except np.linalg.LinAlgError:
+            u = np.diag(1.0 / np.sqrt(np.diag(hp)))                           # no error feedback
+        out.append((target[:, order], u, order))
+    return out
+
+
+def _gptq_assign(layer: Layer, w: np.ndarray, problem: list, table: np.ndarray, zero: bool) -> np.ndarray:
+    """Labels (w's shape, flattened) from GPTQ's column-by-column assignment to the scalar codebook `table`: each
+    column takes its nearest centroids, and its error, scaled by the inverse Hessian, is subtracted from the
+    columns not yet assigned. With a reserved zero centroid (index 0), weights that are exactly zero stay zero
+    and the others choose among the other centroids."""
+    wm = layer.matrix(w)
+    labels = np.zeros(wm.shape, np.int64)
+    first = 1 if zero else 0
+    values = table[first:]
+    order_c = np.argsort(values, kind="stable")
+    ordered = values[order_c]
+    mids = (ordered[1:] + ordered[:-1]) / 2
+    for g, (target, u, order) in enumerate(problem):
+        pruned = (wm[g] == 0)[:, order] if zero else None
+        cur = target.copy()
+        cols = cur.shape[1]
+        lab = np.zeros(cur.shape, np.int64)
+        for start in range(0, cols, GPTQ_BLOCK):
+            end = min(start + GPTQ_BLOCK, cols)
+            err = np.zeros((cur.shape[0], end - start))
+            for j in range(start, end):
+                k = order_c[np.searchsorted(mids, cur[:, j])] + first
+                if zero:
+                    k = np.where(pruned[:, j], 0, k)
+                lab[:, j] = k
+                e = (cur[:, j] - table[k]) / u[j, j]
+                cur[:, j + 1:end] -= np.outer(e, u[j, j + 1:end])
+                err[:, j - start] = e
+            cur[:, end:] -= err @ u[start:end, end:]
+        labels[g][:, order] = lab
+    return layer.from_matrix(labels).ravel()
 
 
 def _output_error(layer: Layer, w: np.ndarray, shared: np.ndarray, x: np.ndarray, x_in: np.ndarray,
