@@ -182,6 +182,14 @@ def transformer(kind: str) -> onnx.ModelProto:
         h = g.node("MatMul", [p, v], "attn")
     elif kind == "softmax_head":
         h = g.node("Softmax", [g.node("MatMul", ["x", g.weight("w", c, 37)], "logits")], "p", axis=-1)
+    elif kind == "softmax_wide":  # a CTC head over a large alphabet: whole vectors plus a tail of 3
+        h = g.node("Softmax", [g.node("MatMul", ["x", g.weight("w", c, 147)], "logits")], "p", axis=-1)
+    elif kind == "softmax_4d":  # attention probabilities [1, heads, T, T] of 64 keys, scaled up
+        s = g.node("Reshape", [g.node("MatMul", ["x", g.weight("w", c, 128)], "mm"),
+                               g.tensor("shape", np.array([1, t, 2, 64], np.int64))], "heads")
+        s = g.node("Mul", [g.node("Transpose", [s], "ht", perm=[0, 2, 1, 3]), g.tensor("temp", np.float32(8))],
+                   "scaled")
+        h = g.node("Softmax", [s], "p", axis=-1)
     else:
         raise ValueError(kind)
     return _model(g, [1, t, c], h, opset)
@@ -241,7 +249,8 @@ def _patterns() -> dict[str, Pattern]:
         out.append(Pattern(f"pw_{kind}", lambda kind=kind: pointwise_epilogue(kind)))
     for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
-    for kind in ("matmul_gelu", "layernorm", "layernorm_decomposed", "attention", "softmax_head"):
+    for kind in ("matmul_gelu", "layernorm", "layernorm_decomposed", "attention", "softmax_head", "softmax_wide",
+                 "softmax_4d"):
         out.append(Pattern(f"seq_{kind}", lambda kind=kind: transformer(kind)))
     out.append(Pattern("fpn_head", fpn))
     return {p.name: p for p in out}
@@ -251,7 +260,7 @@ PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
 FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "grouped_g3_c3_3x3_s2", "convT_2x2_s2_p0_op0_g1",
-        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "seq_attention", "fpn_head"]
+        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 
 # ------------------------------------------------------------------------------------------ the comparison

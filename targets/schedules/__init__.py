@@ -8,6 +8,7 @@ function a schedule without tuning, in milliseconds:
 |---|---|---|
 | `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv, fused vectorized epilogue |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
+| `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators, inlined element-wise steps |
 | `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI); float32 Erf as `fast_erf` (vectorizable) | elementwise chains, concat, padding; fallback for the rest |
 

@@ -25,8 +25,10 @@ def legalize_map() -> dict:
     from .dense import legalize_matmul  # noqa: PLC0415
     from .injective import legalize_erf  # noqa: PLC0415
     from .int8 import int8_legalizations  # noqa: PLC0415
+    from .reduce import legalize_softmax  # noqa: PLC0415
     return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose":
-                               legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf})
+                               legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
+                               "relax.nn.softmax": legalize_softmax})
 
 
 def rules() -> list:
@@ -40,7 +42,9 @@ def rules() -> list:
     from .injective import Fallback, Injective  # noqa: PLC0415
     from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
-    return [Int8Kernel(), Conv2dPacked(), DepthwiseConv2d(), DensePacked(), Pool(), Injective(), Fallback()]
+    from .reduce import LaneReduce  # noqa: PLC0415
+    return [Int8Kernel(), Conv2dPacked(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(), Injective(),
+            Fallback()]
 
 
 def fuse_passes(target) -> list:
