@@ -19,14 +19,14 @@ import numpy as np
 import onnx
 
 from . import __version__, canonical, report as report_mod, runtime, verify
-from .data import Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
-from .errors import ModelLoadError, OutputError, PassError, SqueezeError, TargetError
+from .data import HOLDOUT_EVERY, Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
+from .errors import DataError, ModelLoadError, OutputError, PassError, SqueezeError, TargetError
 from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
 from .outdir import OutputDir
-from .pipeline import evaluate, model_stats, run_pipeline
+from .pipeline import model_stats, run_pipeline
 from .registry import get_pass, get_target
 from .spec import Call, bind
-from .task_metrics import Metric, Scorer, check_data, resolve_metric
+from .task_metrics import Metric, MetricError, Scorer, check_data, mcnemar, resolve_metric
 from .timing import time_calls
 
 SYNTHETIC_SAMPLES = 32
@@ -62,7 +62,7 @@ class Result:
 
 def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[str] = "", *,
              calib: str | os.PathLike | Dataset | None = None, eval: str | os.PathLike | Dataset | None = None,
-             targets: str | Iterable[str] = "cpu", seed: int = 0,
+             val: str | os.PathLike | Dataset | None = None, targets: str | Iterable[str] = "cpu", seed: int = 0,
              input_shapes: dict[str, tuple[int, ...]] | list[str] | None = None, threads: int | None = None,
              runs: int = 50, out_dir: str | os.PathLike | None = None, force: bool = False,
              max_drop: float | None = None, progress: Callable[[str], None] | None = None,
@@ -79,7 +79,14 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
     `metric` is the task metric of the report, `max_drop` and `goal` (squeeze.task_metrics): a name such as "top1",
     "ctc:dict.txt", "mask-iou:0.2", "agreement", "rel-l2", "attribution", a Metric, or a callable
-    `fn(outputs, data) -> number or per-sample array` (higher is better). Default: top1 with labels, else agreement.
+    `fn(outputs, data) -> number or per-sample array` (higher is better). Default: top1 with labels, else agreement
+    (chosen per dataset: the validation data may have no labels where the evaluation data has them).
+
+    Data has three roles. `calib` fits (calibration ranges, refits, tables), `val` chooses (the `max_drop` guard, the
+    `goal` search and its measured plans), `eval` only reports. Without `val`, when something chooses, every 4th
+    `calib` sample is held out to validate and the passes fit on the other three quarters (squeeze.data.HOLDOUT_EVERY),
+    so no choice is measured on samples a pass fitted on; without `calib` either, validation runs on synthetic inputs
+    drawn with seed + 1. `eval` is never used to choose.
 
     With `out_dir`, the compressed model is saved as soon as the passes finish (the last good model if a
     pass fails), then the report. Bad input raises a SqueezeError subclass with a one-line message.
@@ -120,22 +127,28 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     specs = input_specs(original)
     overrides = parse_shape_overrides(input_shapes) if isinstance(input_shapes, list) else dict(input_shapes or {})
     calib_data = _dataset(calib, specs, overrides)
+    val_data = _dataset(val, specs, overrides, "--val")
     eval_data = _dataset(eval, specs, overrides)
-    shapes = resolve_shapes(specs, overrides, calib_data or eval_data)
+    shapes = resolve_shapes(specs, overrides, calib_data or val_data or eval_data)
     if calib_data is None:
         calib_data = synthesize(specs, shapes, SYNTHETIC_SAMPLES, seed)
-    for data in (calib_data, eval_data):
+    for data in (calib_data, val_data, eval_data):
         if data is not None:
             _check_fits(data, specs, shapes)
     if task_metric is not None:
         check_data(task_metric, eval_data or calib_data)
+    choosing = max_drop is not None or goal_spec is not None
+    roles = data_roles(calib_data, val_data, choosing, specs, shapes, seed) if choosing else None
+    if roles is not None and task_metric is not None:
+        _check_validation_metric(task_metric, roles.val)
     if goal_spec is not None and calib_data.source.startswith("synthetic"):
         from .goal import NEEDS_CALIB  # noqa: PLC0415
         raise SqueezeError(NEEDS_CALIB)  # before the output folder exists: a user error writes nothing
     if max_drop is not None and max_drop < 0:
         raise SqueezeError("--max-drop must be a non-negative number of points")
     job = dict(original=original, source_path=source_path, source_hash=source_hash, specs=specs, shapes=shapes,
-               calib_data=calib_data, eval_data=eval_data, pass_calls=pass_calls, target_calls=target_calls,
+               calib_data=calib_data, eval_data=eval_data, roles=roles, unused_val=None if choosing else val_data,
+               pass_calls=pass_calls, target_calls=target_calls,
                seed=seed, threads=threads, runs=runs, max_drop=max_drop, say=say, started=started, runner=runner,
                goal=goal_spec, metric=task_metric)
     if out_dir is None:
@@ -149,14 +162,17 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
 
 def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, shapes, calib_data, eval_data,
              pass_calls, target_calls, seed, threads, runs, max_drop, say, started, runner=None, goal=None,
-             metric=None) -> Result:
+             metric=None, roles: "Roles | None" = None, unused_val: Dataset | None = None) -> Result:
     """Everything after the inputs are validated; files go to `stage` (committed by the caller)."""
     say("measuring the original model")
     original_stats = model_stats(original, shapes)
     original_stats["bytes"]["file"] = file_bytes(source_path) if source_path else serialized_bytes(original)
-    original_accuracy = evaluate(original, eval_data, threads)
+    original_accuracy = _top1(original, eval_data, threads)
     reference = eval_data or calib_data
-    scorer = Scorer(metric, original, reference, threads)  # the task metric: report, guard and goal
+    scorer = Scorer(metric, original, reference, threads)  # the task metric of the reported numbers
+    # What chooses (guard, goal) scores the validation data, with its own default metric when none is given.
+    val_scorer = Scorer(metric, original, roles.val, threads) if roles is not None else None
+    fit_data = roles.fit if roles is not None else calib_data
 
     say("canonicalizing the model (lossless front end)")
     canonical_model, front_end = canonical.canonicalize(original, calib_data, threads)
@@ -165,13 +181,14 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         from . import goal as goal_mod  # noqa: PLC0415
         start = canonical_model
         if pass_calls:  # the goal allocates on what --passes made of the model
-            pre = run_pipeline(canonical_model, pass_calls, calib_data, shapes, seed=seed, threads=threads,
+            pre = run_pipeline(canonical_model, pass_calls, fit_data, shapes, seed=seed, threads=threads,
                                progress=say)
             start = pre.model
         try:
-            found = goal_mod.search(start, goal, calib_data, shapes, original=original, seed=seed,
-                                    threads=threads, max_drop=max_drop, guard_data=eval_data, say=say, runner=runner,
-                                    metric=scorer.metric)
+            assert roles is not None and val_scorer is not None
+            found = goal_mod.search(start, goal, fit_data, shapes, original=original, seed=seed,
+                                    threads=threads, max_drop=max_drop, guard_data=roles.val, say=say, runner=runner,
+                                    metric=val_scorer.metric)
         except SqueezeError:
             raise
         except Exception as exc:  # a bug in the search: one line for the user, the traceback with --debug
@@ -180,8 +197,9 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
         goal_report = found.report
         pass_calls = list(pass_calls) + found.calls
         guard_drop = None  # the search kept the drop within max_drop; a guard now would undo the allocation
-    result = run_pipeline(canonical_model, pass_calls, calib_data, shapes, seed=seed, eval_data=eval_data,
-                          threads=threads, progress=say, max_drop=guard_drop, metric=scorer.metric)
+    result = run_pipeline(canonical_model, pass_calls, fit_data, shapes, seed=seed, eval_data=eval_data,
+                          val_data=roles.val if roles is not None else None, threads=threads, progress=say,
+                          max_drop=guard_drop, metric=val_scorer.metric if val_scorer is not None else scorer.metric)
     # With no passes the report measures the model as it is; otherwise passes start from the canonical form.
     final = result.model if pass_calls else original
     final_stats = model_stats(final, shapes)
@@ -195,16 +213,14 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
     final_outputs = runtime.run(final, reference, threads=threads) if pass_calls else scorer.reference.outputs
     final_fidelity = verify.fidelity(scorer.reference.outputs, final_outputs) if pass_calls else None
     final_score = scorer.score(final, final_outputs) if pass_calls else scorer.original
-    final_accuracy = evaluate(final, eval_data, threads) if pass_calls else original_accuracy
+    final_accuracy = _top1(final, eval_data, threads) if pass_calls else original_accuracy
 
     report: dict[str, Any] = {
         "squeeze_version": __version__,
         "model": {"path": str(source_path) if source_path else None, "sha256": source_hash,
                   "inputs": {s.name: list(shapes[s.name]) for s in specs}},
         "seed": seed,
-        "data": {"calib": calib_data.source, "calib_samples": len(calib_data), "calib_synthetic":
-                 calib_data.source.startswith("synthetic"),
-                 "eval": eval_data.source if eval_data else None, "eval_samples": len(eval_data) if eval_data else 0},
+        "data": _data_block(calib_data, eval_data, roles, unused_val),
         "front_end": front_end,
         "pass_spec": ",".join(str(c) for c in pass_calls),
         "max_drop": max_drop,
@@ -217,10 +233,13 @@ def _run_job(stage: Path | None, *, original, source_path, source_hash, specs, s
     }
     if goal_report is not None:
         report["goal"] = goal_report
-    report["metric"] = scorer.block(final_score)
+    report["metric"] = {**scorer.block(final_score), "drop_basis": "evaluation" if eval_data else "calibration"}
+    if val_scorer is not None and roles is not None:
+        val_score = val_scorer.score(final) if pass_calls else val_scorer.original
+        report["validation"] = {**val_scorer.block(val_score), "drop_basis": "validation", "role": roles.how,
+                                "notes": roles.notes + _fallback(val_scorer, scorer)}
     if original_accuracy is not None:
-        report["accuracy"] = {"original": original_accuracy, "final": final_accuracy,
-                              "drop_pts": round(100 * (original_accuracy["top1"] - final_accuracy["top1"]), 4)}
+        report["accuracy"] = accuracy_block(original_accuracy, final_accuracy)
     samples = reference.samples(CHECK_SAMPLES)
     report["onnxruntime"] = _ort_latency(original, final, samples[0], threads, runs, bool(pass_calls))
     with tempfile.TemporaryDirectory(prefix="squeeze-targets-") as scratch:  # never the working directory
@@ -262,10 +281,96 @@ def _join(spec: str | Iterable[str]) -> str:
     return spec if isinstance(spec, str) else ",".join(spec)
 
 
-def _dataset(value, specs, overrides) -> Dataset | None:
+def _dataset(value, specs, overrides, flag: str | None = None) -> Dataset | None:
     if value is None or isinstance(value, Dataset):
         return value
+    if flag is not None and not Path(value).is_file():  # --val: say which flag named the missing file
+        raise DataError(f"{flag} {value}: no such file")
     return load_npz(value, specs, overrides or None)
+
+
+@dataclass
+class Roles:
+    """Who fits and who chooses: `fit` is what the passes calibrate on, `val` what the guard and goal score."""
+
+    fit: Dataset
+    val: Dataset
+    how: str
+    notes: list[str] = field(default_factory=list)
+
+
+def data_roles(calib: Dataset, val: Dataset | None, choosing: bool, specs, shapes, seed: int) -> Roles:
+    """The fitting and validation data of a run that chooses something (--max-drop, --goal).
+
+    `--val` given: it validates and the passes fit on all of `calib`. Else, with real calibration data, every 4th
+    calibration sample (squeeze.data.HOLDOUT_EVERY) validates and the passes fit on the rest only: a choice measured
+    on samples a pass fitted on would flatter it. With synthetic calibration inputs, validation gets its own
+    synthetic draw (seed + 1), disjoint from what the passes fit on; it can only measure output fidelity.
+    """
+    assert choosing
+    if val is not None:
+        return Roles(calib, val, "--val")
+    if not calib.source.startswith("synthetic"):
+        fit, held = calib.split_holdout(HOLDOUT_EVERY)
+        return Roles(fit, held, f"held out from --calib (every {HOLDOUT_EVERY}th sample; the passes fit on the rest)")
+    drawn = synthesize(specs, shapes, SYNTHETIC_SAMPLES, seed + 1)
+    return Roles(calib, drawn, "synthetic (no --calib or --val; a separate draw from the calibration inputs)",
+                 ["validation on random inputs measures output fidelity only: give --val or --calib"])
+
+
+def _check_validation_metric(metric: Metric, val: Dataset) -> None:
+    """An explicit labelled --metric needs its ground truth in the validation data: one line, not a silent swap."""
+    if metric.needs is not None and getattr(val, metric.needs, None) is None:
+        raise MetricError(f"--metric {metric.spec} chooses on the validation data ({val.source}), which has no "
+                          f"'{metric.needs}' array: give --val FILE.npz with '{metric.needs}', or add "
+                          f"'{metric.needs}' to --calib (every {HOLDOUT_EVERY}th sample validates)")
+
+
+def _fallback(val_scorer: Scorer, scorer: Scorer) -> list[str]:
+    """A note when the default metric differs between validation (no labels) and evaluation."""
+    if not val_scorer.default or val_scorer.metric.name == scorer.metric.name:
+        return []
+    return [f"the validation data has no {scorer.metric.needs or 'ground truth'}: --max-drop/--goal held "
+            f"{val_scorer.metric.label} with the original (label-free), while {scorer.metric.label} is reported on "
+            f"the evaluation data; add '{scorer.metric.needs}' to --calib or give --val to choose on "
+            f"{scorer.metric.label}"]
+
+
+def _data_block(calib: Dataset, eval_data: Dataset | None, roles: Roles | None, unused_val: Dataset | None) -> dict:
+    """report.json's `data`: each role's source and n (calib fits, val chooses, eval reports)."""
+    block = {"calib": calib.source, "calib_samples": len(calib), "calib_synthetic": calib.source.startswith("synthetic"),
+             "calib_fit_samples": len(roles.fit) if roles is not None else len(calib),
+             "val": roles.val.source if roles is not None else None,
+             "val_samples": len(roles.val) if roles is not None else 0,
+             "val_role": roles.how if roles is not None else (
+                 "given but unused: nothing chooses without --max-drop or --goal" if unused_val is not None
+                 else "none: nothing chooses without --max-drop or --goal"),
+             "eval": eval_data.source if eval_data else None, "eval_samples": len(eval_data) if eval_data else 0}
+    if unused_val is not None:
+        block["val"], block["val_samples"] = unused_val.source, len(unused_val)
+    return block
+
+
+def _top1(model: onnx.ModelProto, data: Dataset | None, threads) -> dict | None:
+    """Top-1 on labelled data with the per-sample `correct` array (paired tests need it); None without labels."""
+    if data is None or data.labels is None:
+        return None
+    return verify.accuracy(runtime.run(model, data, threads=threads), data.labels)
+
+
+def accuracy_block(original: dict, final: dict) -> dict:
+    """report.json's `accuracy`: top-1 of the original and the final model with n and standard errors, the drop
+    with its paired standard error, and McNemar's test of the two on the same samples."""
+    a, b = original["correct"].astype(np.float64), final["correct"].astype(np.float64)
+    n = len(a)
+    se = (lambda x: float(x.std(ddof=1) / np.sqrt(n)) if n > 1 else None)
+
+    def one(acc: dict, x: np.ndarray) -> dict:
+        return {"top1": acc["top1"], "n": n, "stderr": se(x), "output": acc.get("output")}
+    drop_se = se(a - b)
+    return {"original": one(original, a), "final": one(final, b),
+            "drop_pts": round(100 * (original["top1"] - final["top1"]), 4),
+            "drop_stderr_pts": None if drop_se is None else round(100 * drop_se, 4), "test": mcnemar(a, b)}
 
 
 def _check_fits(data: Dataset, specs, shapes) -> None:

@@ -74,16 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, metavar="LIST",
                    help="comma-separated targets to compile and measure on (default: cpu; 'none' skips)")
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs (arrays named after the model inputs)")
-    p.add_argument("--eval", metavar="FILE.npz", help="evaluation inputs, optionally with ground truth: integer "
-                   "'labels', string 'texts' or 'masks' arrays")
+    p.add_argument("--val", metavar="FILE.npz", help="validation data: what --max-drop and --goal choose on, "
+                   "with the same ground truth keys as --eval (default: every 4th --calib sample, held out from fitting)")
+    p.add_argument("--eval", metavar="FILE.npz", help="evaluation data, only reported (never used to choose), "
+                   "optionally with ground truth: integer 'labels', string 'texts' or 'masks' arrays")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: MODEL_STEM.squeeze/ beside the model)")
     p.add_argument("--seed", type=int, default=None, help="seed for everything random (default 0)")
     p.add_argument("--input-shape", action="append", metavar="NAME=1x3x32x32",
                    help="concrete shape for an input with dynamic dimensions (repeatable)")
     p.add_argument("--threads", type=int, metavar="N", help="threads for ONNX Runtime and TVM (default: all cores)")
     p.add_argument("--max-drop", type=float, metavar="PTS",
-                   help="accuracy guard: back passes off so the --metric drops at most PTS (points for accuracies, "
-                        "absolute for IoU and correlations)")
+                   help="accuracy guard: back passes off so the --metric drops at most PTS on the validation data "
+                        "(points for accuracies, absolute for IoU and correlations)")
     p.add_argument("--metric", metavar="NAME", help="task metric of the report, --max-drop and --goal: top1, "
                    "ctc:DICT.txt, mask-iou[:THRESHOLD], agreement, rel-l2, attribution[:spearman|topK] "
                    "(default: top1 with integer labels, else agreement)")
@@ -145,7 +147,7 @@ def _run(argv: list[str]) -> int:
         onnxruntime.set_default_logger_severity(4)
     progress = _Progress()
     targets = "" if args.target.strip().lower() == "none" else args.target
-    result = compress(model, args.passes, calib=args.calib, eval=args.eval, targets=targets, seed=args.seed,
+    result = compress(model, args.passes, calib=args.calib, val=args.val, eval=args.eval, targets=targets, seed=args.seed,
                       input_shapes=args.input_shape or [], threads=threads, runs=args.runs, out_dir=out,
                       force=args.force, max_drop=args.max_drop, progress=progress,
                       rpc=args.rpc, tracker=args.tracker, key=args.key, tune=args.tune, tune_cache=args.tune_cache,

@@ -112,6 +112,21 @@ def _fmt(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+#: Every HOLDOUT_EVERY-th calibration sample is held out where a choice needs samples the fit did not see.
+HOLDOUT_EVERY = 4
+
+
+def holdout(n: int, every: int = HOLDOUT_EVERY) -> np.ndarray:
+    """Boolean mask over `n` samples, True for the held-out ones: indices every−1, 2·every−1, ... (every 4th)."""
+    if every < 2:
+        raise ValueError("every must be at least 2")
+    return np.arange(n) % every == every - 1
+
+
+def _nth(k: int) -> str:
+    return f"{k}{'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
+
+
 @dataclass
 class Dataset:
     """Arrays named after the model inputs (samples on axis 0), optional ground truth, and where they came from.
@@ -141,6 +156,27 @@ class Dataset:
             return None if values is None else values[start:stop]
         return Dataset({k: v[start:stop] for k, v in self.arrays.items()}, part(self.labels), self.source,
                        dict(self.stacked), part(self.texts), part(self.masks))
+
+    def take(self, keep: np.ndarray, source: str) -> "Dataset":
+        """The samples where the boolean mask `keep` is True (or at the given indices), described as `source`."""
+        def part(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[keep]
+        return Dataset({k: v[keep] for k, v in self.arrays.items()}, part(self.labels), source, dict(self.stacked),
+                       part(self.texts), part(self.masks))
+
+    def split_holdout(self, every: int = HOLDOUT_EVERY) -> tuple["Dataset", "Dataset"]:
+        """(fit, held): every `every`-th sample (indices every−1, 2·every−1, ...) is held out, the rest fit.
+
+        Deterministic and order-preserving; ground truth travels with its samples. Needs at least 2·every samples
+        (else a DataError: the held-out part would be one sample or none).
+        """
+        n = len(self)
+        if n < 2 * every:
+            raise DataError(f"{self.source}: {n} sample(s) are too few to hold out every {_nth(every)} sample for "
+                            f"validation (need at least {2 * every}); give more, or validation data with --val")
+        held = holdout(n, every)
+        return (self.take(~held, f"{self.source}: {int((~held).sum())} fitting samples (every {_nth(every)} held out)"),
+                self.take(held, f"{self.source}: {int(held.sum())} held-out samples (every {_nth(every)})"))
 
     def samples(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first `count` samples, each as a single-sample feed (batch 1 where the model has a batch axis)."""

@@ -1,12 +1,13 @@
 """The accuracy guard (`--max-drop X`): back a pass off instead of failing when it costs too much accuracy.
 
-After a pass, the drop from the *original* model is measured on the guard data with the task metric
+After a pass, the drop from the *original* model is measured on the validation data with the task metric
 (squeeze.task_metrics, `--metric`: points for accuracies, absolute for IoU and correlations; by default top-1
 points when the data has labels, else 100 × (1 − top-1 agreement) for class scores, else 100 × relative L2
-error). Per-layer sensitivity is ranked on the calibration data by output fidelity (agreement, else relative L2),
-which needs no ground truth. Over the limit, the guard:
+error). The validation data is `--val`, or a held-out part of `--calib` the passes did not fit on (squeeze.api);
+never the evaluation data, whose numbers are only reported. Per-layer sensitivity is ranked on the validation
+inputs by output fidelity (agreement, else relative L2), which needs no ground truth. Over the limit, the guard:
 
-1. measures each changed layer's sensitivity on the calibration data (the pass applied to that layer alone),
+1. measures each changed layer's sensitivity on the validation inputs (the pass applied to that layer alone),
    then leaves the most sensitive layers untouched, one more at a time, until the drop is within the limit
    (passes that declare a `skip` parameter and list their layers in `ctx.details["layers"]`);
 2. otherwise weakens the pass's strength parameter step by step (halve a ratio, add a bit);
@@ -30,15 +31,17 @@ Attempt = Callable[[dict[str, Any]], tuple[onnx.ModelProto, Context]]
 
 
 class Guard:
-    def __init__(self, original: onnx.ModelProto, max_drop: float, data: Dataset, calib: Dataset,
+    def __init__(self, original: onnx.ModelProto, max_drop: float, data: Dataset, sensitivity: Dataset,
                  threads: int | None = None, metric: Metric | None = None):
+        """`data` scores the drop held within `max_drop`; `sensitivity`'s inputs rank layers (no labels needed)."""
         self.max_drop = max_drop
         self.data = data
-        self.calib = calib
+        self.calib = sensitivity
         self.threads = threads
         self.scorer = Scorer(metric, original, data, threads)
         self.metric = self.scorer.metric
-        self.calib_scorer = Scorer(None, original, Dataset(calib.arrays, None, calib.source, calib.stacked), threads)
+        self.calib_scorer = Scorer(None, original, Dataset(sensitivity.arrays, None, sensitivity.source,
+                                                           sensitivity.stacked), threads)
         self.basis = self.metric.basis
 
     def drop(self, model: onnx.ModelProto) -> float:
@@ -46,7 +49,7 @@ class Guard:
         return self.scorer.drop(self.scorer.score(model))
 
     def calib_drop(self, model: onnx.ModelProto) -> float:
-        """Drop in output fidelity on the calibration data (ranks layers by sensitivity; no ground truth needed)."""
+        """Drop in output fidelity on the sensitivity inputs (ranks layers; no ground truth needed)."""
         return self.calib_scorer.drop(self.calib_scorer.score(model))
 
     def run(self, call: Call, attempt: Attempt, progress: Callable[[str], None]
@@ -57,7 +60,8 @@ class Guard:
         model, ctx = attempt(params)
         drop = self.drop(model)
         log.append({"params": _shown(params), "drop": round(drop, 4)})
-        record = {"max_drop": self.max_drop, "basis": self.basis, "metric": self.metric.spec, "attempts": log,
+        record = {"max_drop": self.max_drop, "basis": self.basis, "metric": self.metric.spec,
+                  "drop_basis": "validation", "data": self.data.source, "n": len(self.data), "attempts": log,
                   "action": "none", "drop": round(drop, 4)}
         if drop <= self.max_drop:
             return model, ctx, record
@@ -134,7 +138,7 @@ class Guard:
         return (model, ctx) if drop <= self.max_drop else None
 
     def _sensitivity(self, attempt: Attempt, params: dict[str, Any], skip: str, layers: list[str]) -> dict[str, float]:
-        """Drop on calibration data with the pass applied to one layer alone, for every layer."""
+        """Fidelity drop on the sensitivity inputs with the pass applied to one layer alone, for every layer."""
         result = {}
         for layer in layers:
             only = {**params, skip: sorted(set(params.get(skip) or []) | (set(layers) - {layer}))}

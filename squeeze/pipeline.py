@@ -45,11 +45,15 @@ def model_stats(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> d
 
 
 def evaluate(model: onnx.ModelProto, data: Dataset | None, threads: int | None = None) -> dict | None:
-    """Top-1 accuracy on labelled data (None without labels)."""
+    """Top-1 accuracy on labelled data with n and its standard error (None without labels)."""
     if data is None or data.labels is None:
         return None
     acc = verify.accuracy(runtime.run(model, data, threads=threads), data.labels)
-    return None if acc is None else {k: v for k, v in acc.items() if k != "correct"}
+    if acc is None:
+        return None
+    correct = acc.pop("correct").astype(np.float64)
+    acc["stderr"] = float(correct.std(ddof=1) / np.sqrt(len(correct))) if len(correct) > 1 else None
+    return acc
 
 
 def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, calib: Dataset,
@@ -79,12 +83,14 @@ def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, cal
 def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shapes: dict[str, tuple[int, ...]],
                  seed: int = 0, eval_data: Dataset | None = None, threads: int | None = None,
                  progress: Callable[[str], None] = lambda msg: None, max_drop: float | None = None,
-                 metric=None) -> PipelineResult:
+                 metric=None, val_data: Dataset | None = None) -> PipelineResult:
     """Apply `calls` in order; each step is verified against the model before it.
 
     With `max_drop`, the accuracy guard (squeeze.guard) backs a pass off until the drop from the original model
     (in `metric`'s units, a squeeze.task_metrics.Metric; by default top-1 points with labels, else disagreement)
-    is at most `max_drop`, down to reverting the pass.
+    on `val_data` is at most `max_drop`, down to reverting the pass. `val_data` should be samples the passes do not
+    fit on (squeeze.api holds out part of the calibration data); without it the guard scores `calib` itself.
+    `eval_data` is only reported (each step's top-1), never used to choose.
     """
     current = model
     previous_out = runtime.run(current, calib, threads=threads)
@@ -93,7 +99,8 @@ def run_pipeline(model: onnx.ModelProto, calls: list[Call], calib: Dataset, shap
     guard = None
     if max_drop is not None:
         from .guard import Guard  # noqa: PLC0415
-        guard = Guard(model, max_drop, eval_data if eval_data is not None else calib, calib, threads, metric)
+        val = val_data if val_data is not None else calib
+        guard = Guard(model, max_drop, val, val, threads, metric)
     for index, call in enumerate(calls, 1):
         progress(f"pass {index}/{len(calls)}: {call}")
         step: dict[str, Any] = {"name": call.name, "params": call.params, "spec": str(call)}

@@ -264,6 +264,54 @@ def mean_score(values: np.ndarray, weights: np.ndarray | None = None) -> Score:
     return Score(value, n, stderr, values, None if weights is None else w)
 
 
+#: Below this many discordant samples McNemar's test uses the exact binomial; from it, chi-square with continuity
+#: correction (the usual rule: the normal approximation is poor for b + c < 25).
+MCNEMAR_EXACT_BELOW = 25
+
+
+def mcnemar(original: np.ndarray, candidate: np.ndarray) -> dict:
+    """McNemar's paired test of two classifiers on the same samples (per-sample correct = 1, wrong = 0).
+
+    b = samples the original got right and the candidate wrong, c = the reverse. Under "same accuracy" each
+    discordant sample goes either way with probability ½: two-sided p = min(1, 2 · P(X ≤ min(b, c))), X ~ Bin(b + c, ½)
+    for b + c < MCNEMAR_EXACT_BELOW; else χ² = (|b − c| − 1)² / (b + c) with one degree of freedom.
+    """
+    a, c_ = np.asarray(original).astype(bool), np.asarray(candidate).astype(bool)
+    if a.shape != c_.shape:
+        raise ValueError(f"McNemar needs paired samples; got {a.shape} and {c_.shape}")
+    b, c = int((a & ~c_).sum()), int((~a & c_).sum())
+    n = b + c
+    if n == 0:
+        return {"test": "McNemar", "method": "exact binomial", "b": 0, "c": 0, "n": int(a.size), "p": 1.0}
+    if n < MCNEMAR_EXACT_BELOW:
+        tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+        return {"test": "McNemar", "method": "exact binomial", "b": b, "c": c, "n": int(a.size),
+                "p": min(1.0, 2 * tail)}
+    chi2 = (abs(b - c) - 1) ** 2 / n
+    return {"test": "McNemar", "method": "chi-square, continuity-corrected", "b": b, "c": c, "n": int(a.size),
+            "statistic": chi2, "p": math.erfc(math.sqrt(chi2 / 2))}
+
+
+def paired_test(metric: "Metric", original: Score, candidate: Score) -> dict | None:
+    """The paired test of `candidate` against `original` on the same samples.
+
+    Binary per-sample scores (top-1, agreement): McNemar. Otherwise (character accuracy, IoU, rel-L2, custom) a
+    z test of the drop over its paired standard error (the per-sample differences'), two-sided normal p.
+    None when neither is possible (no per-sample scores and no standard errors).
+    """
+    a, b = original.samples, candidate.samples
+    if (a is not None and b is not None and len(a) == len(b) and original.weights is None
+            and candidate.weights is None and np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all()):
+        return mcnemar(a, b)
+    drop, se = metric.drop(original, candidate), metric.drop_stderr(original, candidate)
+    if se is None:
+        return None
+    if se == 0:
+        return {"test": "paired z", "se": 0.0, "z": None, "p": 1.0 if drop == 0 else 0.0}
+    z = drop / se
+    return {"test": "paired z", "se": se, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
+
+
 def _top1(candidate: Evaluated, original: Evaluated, data: Dataset) -> Score:
     assert data.labels is not None
     acc = verify.accuracy(candidate.outputs, data.labels)
@@ -628,6 +676,7 @@ class Scorer:
                 "drop": round(m.drop(self.original, final), 6), "drop_unit": m.drop_unit,
                 "n": final.n, "stderr": {"original": self.original.stderr, "final": final.stderr,
                                          "drop": m.drop_stderr(self.original, final)},
+                "test": paired_test(m, self.original, final),
                 "data": self.data.source, "basis": m.basis}
 
 
