@@ -133,6 +133,15 @@ def pointwise_epilogue(kind: str) -> onnx.ModelProto:
     return _model(g, [1, 24, 10, 12], h, opset)
 
 
+def narrow_conv(c_in: int, c_out: int, k: int, stride: int, pad: int, hw: tuple[int, int]) -> onnx.ModelProto:
+    """x[1,Ci,H,W] ─ Conv k×k Ci→Co (few input channels: a stem, a fire module's expand) ─ Relu ─ y
+
+    Convs with ≤ 16 input channels and wide rows take the column-vector rule (`Conv2dColumns`)."""
+    g = graphs.Builder(c_in * 100 + c_out + k + stride)
+    h = g.conv("x", "conv", c_in, c_out, k=k, strides=[stride, stride], pads=[pad] * 4)
+    return _model(g, [1, c_in, *hw], g.node("Relu", [h], "relu"))
+
+
 def pools(kind: str) -> onnx.ModelProto:
     """x[1,7,13,11] ─ Conv 3×3 ─ pool `kind` ─ y"""
     g = graphs.Builder(len(kind))
@@ -247,6 +256,11 @@ def _patterns() -> dict[str, Pattern]:
     for kind in ("hardswish", "hardsigmoid_mul", "gelu", "swish", "relu6", "residual", "se", "pad_after",
                  "two_uses"):
         out.append(Pattern(f"pw_{kind}", lambda kind=kind: pointwise_epilogue(kind)))
+    for ci, co, k, st, pad, hw in ((3, 64, 3, 2, 0, (35, 50)), (3, 13, 3, 1, 1, (9, 48)), (16, 64, 1, 1, 0, (7, 40)),
+                                   (16, 20, 3, 1, 1, (5, 63)), (8, 16, 2, 2, 1, (6, 78)), (5, 6, 5, 2, 2, (12, 79)),
+                                   (16, 8, 3, 1, 1, (6, 13))):
+        out.append(Pattern(f"narrow_c{ci}_k{co}_{k}x{k}_s{st}_p{pad}_w{hw[1]}",
+                           lambda ci=ci, co=co, k=k, st=st, pad=pad, hw=hw: narrow_conv(ci, co, k, st, pad, hw)))
     for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
     for kind in ("matmul_gelu", "layernorm", "layernorm_decomposed", "attention", "softmax_head", "softmax_wide",
@@ -259,7 +273,7 @@ def _patterns() -> dict[str, Pattern]:
 PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
-FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "grouped_g3_c3_3x3_s2", "convT_2x2_s2_p0_op0_g1",
+FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
         "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 
@@ -441,7 +455,8 @@ def test_full_sweep_matches_onnxruntime(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dw3x3_s1_same_c24_large", "dw5x5_s2_same_c32_large", "fpn_head"])
+@pytest.mark.parametrize("name", ["dw3x3_s1_same_c24_large", "dw5x5_s2_same_c32_large", "fpn_head",
+                                  "narrow_c16_k64_1x1_s1_p0_w40"])
 def test_parallel_builds_match_onnxruntime(name):
     """Built for 2 threads (parallel tile loops where there is work enough), the same answers."""
     check_pattern(PATTERNS[name].build(), name, threads=2)

@@ -38,6 +38,11 @@ from .simd import describe, is_cpu
 CONV = "conv2d_nchw_packed"
 REGROUPED = "squeeze.regrouped"  #: conv block annotation: its output channels are per-group padded (see the crop)
 DEPTHWISE = "depthwise_conv2d_nchw"
+COLUMNS = "conv2d_columns"
+#: `Conv2dColumns` takes convs with at most this many input channels per group and columns padded by at most
+#: 5 % (see its docstring for the measurements)
+COLUMNS_MAX_INPUTS = 16
+COLUMNS_MAX_WASTE = 1.05
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,11 @@ def legalize_conv2d(bb, call):
         return bb.call_te(_depthwise_compute(k, oh, ow, cpu, dtype, geometry), data, weight,
                           primfunc_name_hint="depthwise_conv2d")
     plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype)
+    columns = plan_columns(k, cg, oh, ow, cpu, dtype) if groups == 1 else None
+    if columns is not None:
+        packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
+        return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
+                          primfunc_name_hint="conv2d")
     packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
 
@@ -336,6 +346,48 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
     return compute
 
 
+def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
+    """The column-vector plan of a conv with `c` input channels (per group), or None where the channel-vector
+    tile is expected to win (see `Conv2dColumns`): kb output channels × ht rows × kv column vectors of
+    full-rate width, kv = 2 where that pads the columns as little as one vector does, ~16 accumulators."""
+    lanes = cpu.full_rate_lanes(dtype)
+    kv = 2 if math.ceil(ow / (2 * lanes)) * 2 * lanes <= ow * COLUMNS_MAX_WASTE else 1
+    if c > COLUMNS_MAX_INPUTS or math.ceil(ow / (kv * lanes)) * kv * lanes > ow * COLUMNS_MAX_WASTE:
+        return None
+    kb = min(4, k)
+    ht = max(1, min(oh, cpu.accumulators() // (kv * kb)))
+    return ConvPlan(kb, kv, ht, kv * lanes)
+
+
+def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: int):
+    """out[n, o, y, x] as `_conv_compute`, the tile's accumulators vectors along x (`Conv2dColumns`)."""
+    def compute(data, packed):
+        from tvm import te  # noqa: PLC0415
+        kblocks, c, r, s, kb = (int(v) for v in packed.shape)
+        ohp = math.ceil(oh / plan.ht) * plan.ht
+        owp = math.ceil(ow / plan.wt) * plan.wt
+        (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
+        rc = te.reduce_axis((0, c), "rc")
+        ry = te.reduce_axis((0, r), "ry")
+        rx = te.reduce_axis((0, s), "rx")
+        attrs = {KERNEL: COLUMNS, TILE: [plan.kv, plan.ht, plan.kb]}
+        shape = (data.shape[0], kblocks * kb, ohp, owp)
+        if sw == 1:
+            padded = _pad_to(data, (ohp, owp), (r, s), geometry)
+            conv = te.compute(shape, lambda b, o, y, x: te.sum(
+                padded[b, rc, y * sh + ry * dh, x + rx * dw] * packed[o // kb, rc, ry, rx, o % kb], axis=[rc, ry, rx]),
+                name="conv2d_columns", attrs=attrs)
+        else:
+            phased = _column_phases(data, (ohp, owp), (r, s), geometry)
+            conv = te.compute(shape, lambda b, o, y, x: te.sum(
+                phased[b, rc, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw]
+                * packed[o // kb, rc, ry, rx, o % kb], axis=[rc, ry, rx]), name="conv2d_columns", attrs=attrs)
+        if (kblocks * kb, ohp, owp) == (k, oh, ow):
+            return conv
+        return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: conv[b, o, y, x], name="conv2d_crop")
+    return compute
+
+
 def _column_phases(data, out_hw, kernel_hw, geometry):
     """The zero-padded input split into its `sw` column phases: [n, c, rows, sw, columns / sw]."""
     from tvm import te, tirx  # noqa: PLC0415
@@ -485,6 +537,36 @@ def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_ac
                 scored.append((useful * acc / (max(acc / 2, 4) + 1), (kv, ht, wt)))
     scored.sort(key=lambda item: -round(item[0], 9))
     return [tile for _, tile in scored] or [(1, 1, 1)]
+
+
+class Conv2dColumns:
+    """Schedule rule for `conv2d_columns`: a register tile of kb output channels × ht rows × kv column vectors;
+    per (c, r, s) it loads ht·kv input vectors and broadcasts kb weights. The tile is already in NCHW order, so
+    its epilogue stores whole vectors (the channel-vector tile transposes on the way out)."""
+
+    def apply(self, func, target, tunable: bool):
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, COLUMNS)
+        if anchor is None:
+            return None
+        kv, ht, kb = tile_of(sch, anchor)
+        lanes = describe(target).full_rate_lanes(str(sch.get(anchor).writes[0].source.dtype))
+        n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
+        work = product(extent(sch, lp) for lp in (n, k, y, x, rc, ry, rx))
+        ko, ki = sch.split(k, [None, kb])
+        yo, yi = sch.split(y, [None, ht])
+        xo, xv, xl = sch.split(x, [None, kv, lanes])
+        sch.reorder(n, ko, yo, xo, rc, ry, rx, ki, yi, xv, xl)
+        outer = sch.fuse(n, ko, yo, xo)
+        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer, lambda b, o, yy, xx: (b, o, yy, xx))
+        sch.vectorize(xl)
+        for lp in (xv, yi, ki):
+            sch.unroll(lp)
+        _finish(sch, anchor, rc, outer, work, lanes, leftovers)
+        return sch
 
 
 class DepthwiseConv2d:

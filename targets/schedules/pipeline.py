@@ -37,13 +37,13 @@ def rules() -> list:
     dlight's CPU `Reduction` rule is left out: on a softmax over [1, 1000] it fuses the batch and class axes
     and recomputes the max and the sum for every element (6.7 ms instead of microseconds).
     """
-    from .conv2d import Conv2dPacked, DepthwiseConv2d  # noqa: PLC0415
+    from .conv2d import Conv2dColumns, Conv2dPacked, DepthwiseConv2d  # noqa: PLC0415
     from .dense import DensePacked  # noqa: PLC0415
     from .injective import Fallback, Injective  # noqa: PLC0415
     from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
     from .reduce import LaneReduce  # noqa: PLC0415
-    return [Int8Kernel(), Conv2dPacked(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(), Injective(),
+    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(), Injective(),
             Fallback()]
 
 
