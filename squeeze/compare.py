@@ -43,15 +43,24 @@ def rows(folders: list[str | Path]) -> list[dict]:
                "file bytes": r["final"]["bytes"].get("file"), "packed bytes": r["final"]["bytes"].get("packed"),
                "size ratio": _ratio(r["original"]["bytes"].get("file"), r["final"]["bytes"].get("file")),
                "MACs": r["final"]["macs"], "MAC ratio": _ratio(r["original"]["macs"], r["final"]["macs"])}
-        acc = r.get("accuracy")
+        acc = r.get("accuracy")  # on the evaluation data, with n, standard errors and McNemar's p
         row["top-1"] = acc["final"]["top1"] if acc else None
+        row["top-1 SE"] = (acc["final"].get("stderr") if acc else None)
+        row["n"] = acc["final"].get("n") if acc else None
         row["drop (pts)"] = acc["drop_pts"] if acc else None
+        row["drop SE"] = acc.get("drop_stderr_pts") if acc else None
+        row["McNemar p"] = (acc.get("test") or {}).get("p") if acc else None
         metric = r.get("metric")  # the task metric (squeeze.task_metrics): name, final value, drop in its units
         if metric:
             from .report import metric_drop, metric_label, metric_value  # noqa: PLC0415
             row["metric"] = f"{metric_label(metric)} (n={metric['n']})"
             row["metric (final)"] = metric_value(metric, metric["final"], (metric.get("stderr") or {}).get("final"))
             row["metric drop"] = metric_drop(metric, metric["drop"], (metric.get("stderr") or {}).get("drop"))
+            row["metric p"] = (metric.get("test") or {}).get("p")
+        val = r.get("validation")  # what --max-drop/--goal chose on (never the evaluation data)
+        if val:
+            row["validation drop"] = (f"{metric_drop(val, val['drop'], (val.get('stderr') or {}).get('drop'))} "
+                                      f"(n={val['n']})")
         for t in r.get("targets", []):
             row.update(_target_cells(t))
         result.append(row)

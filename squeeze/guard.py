@@ -29,10 +29,15 @@ from .task_metrics import Metric, Scorer
 
 Attempt = Callable[[dict[str, Any]], tuple[onnx.ModelProto, Context]]
 
+#: A setting is kept when its validation drop plus this many (paired) standard errors is within --max-drop: the
+#: validation set is small (64 images when a quarter of 256 calibration images validates: one image = 1.6 pts), and
+#: a point estimate that just fits would be kept as often by luck as by merit. 0 keeps the point estimate's rule.
+MARGIN_SE = 1.0
+
 
 class Guard:
     def __init__(self, original: onnx.ModelProto, max_drop: float, data: Dataset, sensitivity: Dataset,
-                 threads: int | None = None, metric: Metric | None = None):
+                 threads: int | None = None, metric: Metric | None = None, margin_se: float | None = None):
         """`data` scores the drop held within `max_drop`; `sensitivity`'s inputs rank layers (no labels needed)."""
         self.max_drop = max_drop
         self.data = data
@@ -43,10 +48,21 @@ class Guard:
         self.calib_scorer = Scorer(None, original, Dataset(sensitivity.arrays, None, sensitivity.source,
                                                            sensitivity.stacked), threads)
         self.basis = self.metric.basis
+        self.margin_se = MARGIN_SE if margin_se is None else margin_se
 
     def drop(self, model: onnx.ModelProto) -> float:
         """Drop of `model` against the original on the guard data, in the metric's units (points for accuracies)."""
         return self.scorer.drop(self.scorer.score(model))
+
+    def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
+        """(drop, its paired standard error) of `model` on the guard data (standard error 0 where unknown)."""
+        score = self.scorer.score(model)
+        se = self.metric.drop_stderr(self.scorer.original, score)
+        return self.scorer.drop(score), float(se or 0.0)
+
+    def holds(self, drop: float, se: float) -> bool:
+        """Whether a setting is kept: drop + margin_se · se ≤ max_drop."""
+        return drop + self.margin_se * se <= self.max_drop
 
     def calib_drop(self, model: onnx.ModelProto) -> float:
         """Drop in output fidelity on the sensitivity inputs (ranks layers; no ground truth needed)."""
@@ -58,12 +74,13 @@ class Guard:
         log: list[dict] = []
         params = dict(call.params)
         model, ctx = attempt(params)
-        drop = self.drop(model)
-        log.append({"params": _shown(params), "drop": round(drop, 4)})
+        drop, se = self.measure(model)
+        log.append({"params": _shown(params), "drop": round(drop, 4), "stderr": round(se, 4)})
         record = {"max_drop": self.max_drop, "basis": self.basis, "metric": self.metric.spec,
-                  "drop_basis": "validation", "data": self.data.source, "n": len(self.data), "attempts": log,
-                  "action": "none", "drop": round(drop, 4)}
-        if drop <= self.max_drop:
+                  "drop_basis": "validation", "data": self.data.source, "n": len(self.data),
+                  "rule": f"drop + {self.margin_se:g} × its standard error ≤ max_drop", "attempts": log,
+                  "action": "none", "drop": round(drop, 4), "stderr": round(se, 4)}
+        if self.holds(drop, se):
             return model, ctx, record
         backoff = call.entry.backoff
         if backoff is None:
@@ -78,7 +95,8 @@ class Guard:
             if best:
                 count, trial, found, kept_drop = best
                 record.update(action="skipped sensitive layers", skipped=order[:count], params=_shown(trial),
-                              drop=kept_drop)
+                              drop=kept_drop, stderr=next(e.get("stderr") for e in reversed(log)
+                                                          if e["params"] == _shown(trial)))
                 found[1].note(f"accuracy guard: left {', '.join(order[:count])} untouched "
                               f"({self._change(drop, kept_drop)})")
                 return found[0], found[1], record
@@ -88,7 +106,8 @@ class Guard:
             progress(f"{call.name}: weakening {backoff.param} to {value:g}")
             found = self._try(attempt, trial, log)
             if found:
-                record.update(action=f"weakened {backoff.param}", params=_shown(trial), drop=log[-1]["drop"])
+                record.update(action=f"weakened {backoff.param}", params=_shown(trial), drop=log[-1]["drop"],
+                              stderr=log[-1]["stderr"])
                 found[1].note(f"accuracy guard: {backoff.param} lowered from {params[backoff.param]:g} to {value:g} "
                               f"({self._change(drop, log[-1]['drop'])})")
                 return found[0], found[1], record
@@ -133,9 +152,9 @@ class Guard:
         except SqueezeError as exc:
             log.append({"params": _shown(params), "error": str(exc)})
             return None
-        drop = self.drop(model)
-        log.append({"params": _shown(params), "drop": round(drop, 4)})
-        return (model, ctx) if drop <= self.max_drop else None
+        drop, se = self.measure(model)
+        log.append({"params": _shown(params), "drop": round(drop, 4), "stderr": round(se, 4)})
+        return (model, ctx) if self.holds(drop, se) else None
 
     def _sensitivity(self, attempt: Attempt, params: dict[str, Any], skip: str, layers: list[str]) -> dict[str, float]:
         """Fidelity drop on the sensitivity inputs with the pass applied to one layer alone, for every layer."""
@@ -156,7 +175,8 @@ class Guard:
                            threads=ctx.threads)
         reverted.note(f"accuracy guard: reverted {call.name} ({why}; first attempt dropped "
                       f"{self._show(record['drop'])})")
-        record.update(action="reverted", reason=why, drop=round(self.drop(previous), 4))
+        drop, se = self.measure(previous)
+        record.update(action="reverted", reason=why, drop=round(drop, 4), stderr=round(se, 4))
         return previous, reverted, record
 
 

@@ -157,7 +157,7 @@ def _goal_plot(goal: dict) -> str | None:
     if goal.get("max_drop") is not None:
         axes[1].axhline(goal["max_drop"], color="#888", linestyle="--", label="--max-drop")
         axes[1].legend()
-    axes[1].set_ylabel("accuracy drop (pts)")
+    axes[1].set_ylabel("drop on validation data")
     limit = (goal.get("budgets") or {}).get(metric, {}).get("ratio")
     for ax in axes:
         if limit:
@@ -276,29 +276,35 @@ def render(report: dict) -> str:
         {"": "parameters", "original": o["param_count"], "final": f["param_count"]},
         {"": "MACs", "original": o["macs"], "final": f["macs"]},
     ]
+    from .report import data_lines, metric_drop, metric_label, metric_value, test_text, top1_text  # noqa: PLC0415
     if report.get("accuracy"):
         acc = report["accuracy"]
-        summary_rows.append({"": "top-1", "original": acc["original"]["top1"], "final": acc["final"]["top1"]})
-    if report.get("metric"):  # the task metric with n and standard errors (squeeze.task_metrics)
-        from .report import metric_drop, metric_label, metric_value  # noqa: PLC0415
-        m, se = report["metric"], report["metric"].get("stderr") or {}
-        summary_rows.append({"": f"{metric_label(m)} (n={m['n']}; {m.get('direction', '')})",
-                             "original": metric_value(m, m["original"], se.get("original")),
-                             "final": metric_value(m, m["final"], se.get("final")),
-                             "drop": metric_drop(m, m["drop"], se.get("drop"))})
+        se = acc.get("drop_stderr_pts")
+        summary_rows.append({"": f"top-1 (evaluation, n={acc['original']['n']})",
+                             "original": top1_text({**acc["original"], "n": None}),
+                             "final": top1_text({**acc["final"], "n": None}),
+                             "drop": f"{acc['drop_pts']:.2f}" + (f" ± {se:.2f}" if isinstance(se, (int, float)) else "")
+                             + " pts", "paired test": test_text(acc.get("test"))})
+    for key, role in (("metric", "evaluation: reported"), ("validation", "validation: chose")):
+        if report.get(key):  # the task metric with n, standard errors and the paired test (squeeze.task_metrics)
+            m, se = report[key], report[key].get("stderr") or {}
+            summary_rows.append({"": f"{metric_label(m)} ({role}, n={m['n']}; {m.get('direction', '')})",
+                                 "original": metric_value(m, m["original"], se.get("original")),
+                                 "final": metric_value(m, m["final"], se.get("final")),
+                                 "drop": metric_drop(m, m["drop"], se.get("drop")), "paired test": test_text(m.get("test"))})
     fidelity_rows = [{"pass": s["spec"], "max abs": (s.get("fidelity") or {}).get("max_abs"),
                       "rel L2": (s.get("fidelity") or {}).get("rel_l2"),
                       "top-1 agreement": (s.get("fidelity") or {}).get("top1_agreement"),
-                      "top-1": (s.get("accuracy") or {}).get("top1"),
+                      "top-1 (evaluation)": top1_text(s["accuracy"]) if s.get("accuracy") else None,
                       "notes": "; ".join(s.get("notes", [])) or s.get("failed", "")} for s in report["passes"]]
-    guard_rows = [{"pass": s["spec"], "action": s["guard"]["action"], "drop (pts)": s["guard"]["drop"],
+    guard_rows = [{"pass": s["spec"], "action": s["guard"]["action"], "drop on validation": s["guard"]["drop"],
+                   "validation n": s["guard"].get("n"),
                    "limit": s["guard"]["max_drop"], "skipped": ", ".join(s["guard"].get("skipped", [])),
                    "basis": s["guard"]["basis"]} for s in report["passes"] if s.get("guard")]
     layers_svg = _layer_macs(report)
     sections = {
         "summary": "<p>" + "<br>".join(_esc(x) for x in (
-            f"passes: {report['pass_spec'] or '(none)'}", f"calibration: {report['data']['calib']}",
-            f"evaluation: {report['data']['eval'] or '(none)'}",
+            f"passes: {report['pass_spec'] or '(none)'}", *data_lines(report["data"]),
             f"squeeze {report['squeeze_version']}, TVM {report['environment'].get('tvm')}, onnxruntime "
             f"{report['environment'].get('onnxruntime')}, {report['environment'].get('threads')} thread(s)")) + "</p>"
         + (f"<p class='bad'>Pipeline stopped: {_esc(report['failure'])}</p>" if report.get("failure") else "")

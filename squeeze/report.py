@@ -118,9 +118,9 @@ def failed_check(row: dict) -> str | None:
 def markdown(report: dict) -> str:
     o, f = report["original"], report["final"]
     lines = [f"# squeeze report: {Path(report['model']['path']).name if report['model']['path'] else 'model'}", ""]
-    lines += [f"- passes: `{report['pass_spec'] or '(none)'}`",
-              f"- calibration data: {report['data']['calib']}",
-              f"- evaluation data: {report['data']['eval'] or '(none)'}",
+    lines += [f"- passes: `{report['pass_spec'] or '(none)'}`"]
+    lines += [f"- {line}" for line in data_lines(report["data"])]
+    lines += [
               f"- inputs: {', '.join(f'{k} {v}' for k, v in report['model']['inputs'].items())}",
               f"- seed {report['seed']}; squeeze {report['squeeze_version']}, onnxruntime "
               f"{report['environment']['onnxruntime']}, TVM {report['environment']['tvm']}; "
@@ -140,22 +140,24 @@ def markdown(report: dict) -> str:
         lines += ["Ops counted as zero MACs: " + ", ".join(f"{k} ×{v}" for k, v in o["macs_not_counted"].items()), ""]
     acc = report.get("accuracy")
     if acc:
-        lines += ["## Accuracy", "", f"top-1 original {100 * acc['original']['top1']:.2f} %, final "
-                  f"{100 * acc['final']['top1']:.2f} % (drop {acc['drop_pts']:.2f} pts, n = {acc['original']['n']})", ""]
-    lines += _metric_lines(report.get("metric"))
+        lines += ["## Accuracy", "", f"top-1 original {top1_text(acc['original'])}, final {top1_text(acc['final'])} "
+                  f"on the evaluation data (drop {acc['drop_pts']:.2f}"
+                  + (f" ± {acc['drop_stderr_pts']:.2f}" if isinstance(acc.get("drop_stderr_pts"), (int, float)) else "")
+                  + f" pts, n = {acc['original']['n']}; {test_text(acc.get('test'))})", ""]
+    lines += _metric_lines(report.get("metric"), report.get("validation"))
     if report.get("fidelity"):
         lines += [f"Final vs original outputs: {_fid(report['fidelity'])}", ""]
     lines += _goal_lines(report.get("goal"))
     lines += _front_end_lines(report.get("front_end"))
     if report["passes"]:
         lines += ["## Passes", "", "| pass | seconds | size | packed | bits/param | params | MACs "
-                  "| fidelity vs previous | top-1 | notes |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+                  "| fidelity vs previous | top-1 (evaluation) | notes |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
         for step in report["passes"]:
             if "failed" in step:
                 lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | | | | | | **failed** | | "
                              f"{step['failed']} |")
                 continue
-            top1 = f"{100 * step['accuracy']['top1']:.2f} %" if step.get("accuracy") else "—"
+            top1 = top1_text(step["accuracy"]) if step.get("accuracy") else "—"
             notes = "; ".join(step.get("notes", [])).replace("|", "\\|")
             b = step["bytes"]
             lines.append(f"| `{step['spec']}` | {step['seconds']:.2f} | {_mb(b['onnx'])} | {_mb(b.get('packed'))} | "
@@ -278,18 +280,63 @@ def metric_label(block: dict) -> str:
     return label if name in ("top1", "") or name in label else f"{label} ({name})"
 
 
-def _metric_lines(block: dict | None) -> list[str]:
-    """The task metric (squeeze.task_metrics): original vs final with n and standard errors, and the drop."""
+def _metric_lines(block: dict | None, validation: dict | None = None) -> list[str]:
+    """The task metric (squeeze.task_metrics): original vs final with n and standard errors, the drop and its paired
+    test; with a validation block, the drop that chose (validation) beside the one reported (evaluation)."""
     if not block:
         return []
-    se = block.get("stderr") or {}
     how = "the default (no --metric)" if block.get("default") else f"`--metric {block.get('spec', block['name'])}`"
-    return ["## Task metric", "", "| metric | original | final | drop |", "|---|---:|---:|---:|",
-            f"| {metric_label(block)} (n={block['n']}) | {metric_value(block, block['original'], se.get('original'))} "
-            f"| {metric_value(block, block['final'], se.get('final'))} | "
-            f"{metric_drop(block, block['drop'], se.get('drop'))} |", "",
-            f"Metric: {how}, {block.get('direction', '')}; on {block.get('data', 'the evaluation data')}. "
-            "± is one standard error (the drop's is paired over the same samples).", ""]
+    lines = ["## Task metric", "", "| metric | data | original | final | drop | paired test |",
+             "|---|---|---:|---:|---:|---|"]
+    for role, b in (("evaluation: reported", block), ("validation: chose", validation)):
+        if not b:
+            continue
+        se = b.get("stderr") or {}
+        role = role if validation else b.get("drop_basis", "evaluation")
+        lines.append(f"| {metric_label(b)} (n={b['n']}) | {role} | {metric_value(b, b['original'], se.get('original'))} "
+                     f"| {metric_value(b, b['final'], se.get('final'))} | {metric_drop(b, b['drop'], se.get('drop'))} | "
+                     f"{test_text(b.get('test'))} |")
+    lines += ["", f"Metric: {how}, {block.get('direction', '')}; reported on {block.get('data', 'the evaluation data')}."
+              + (f" --max-drop/--goal chose on the validation data (n = {validation.get('n')}); the evaluation data "
+                 "is never used to choose." if validation else "")
+              + " ± is one standard error (the drop's is paired over the same samples).", ""]
+    lines += [f"Note: {n}" for n in (validation or {}).get("notes", [])]
+    return lines + ([""] if (validation or {}).get("notes") else [])
+
+
+def data_lines(data: dict) -> list[str]:
+    """The three data roles with their sources and n: calibration fits, validation chooses, evaluation reports."""
+    calib = f"calibration data (fits): {data['calib']}"
+    fit, total = data.get("calib_fit_samples"), data.get("calib_samples")
+    if fit is not None and total is not None and fit != total:
+        calib += f" — the passes fit on {fit} of {total}"
+    val, role = data.get("val"), data.get("val_role") or "(none)"
+    if val:
+        shown = "" if role.startswith("held out") else f" ({role})"  # the held-out part's source says so itself
+        lines = [calib, f"validation data (chooses): {val}, n = {data['val_samples']}{shown}"]
+    else:
+        lines = [calib, f"validation data (chooses): {role}"]
+    lines.append(f"evaluation data (reports only): {data['eval']}, n = {data['eval_samples']}" if data.get("eval")
+                 else "evaluation data (reports only): (none)")
+    return lines
+
+
+def top1_text(entry: dict) -> str:
+    """`99.26 % ± 0.37 (n=540)` from an accuracy entry (top1, n, stderr)."""
+    se = entry.get("stderr")
+    return (f"{100 * entry['top1']:.2f} %" + (f" ± {100 * se:.2f}" if isinstance(se, (int, float)) else "")
+            + (f" (n={entry['n']})" if entry.get("n") is not None else ""))
+
+
+def test_text(test: dict | None) -> str:
+    """`McNemar b=3 c=1, p=0.62 (exact)` or `paired z=1.20, p=0.23`: the paired test against the original."""
+    if not test:
+        return "—"
+    if test.get("test") == "McNemar":
+        exact = " (exact)" if test.get("method") == "exact binomial" else " (χ²)"
+        return f"McNemar b={test['b']} c={test['c']}, p={test['p']:.3g}{exact}"
+    z = test.get("z")
+    return f"paired z={'—' if z is None else f'{z:.2f}'}, p={test['p']:.3g}"
 
 
 def _goal_lines(goal: dict | None) -> list[str]:
@@ -304,7 +351,7 @@ def _goal_lines(goal: dict | None) -> list[str]:
              f"{', from the cache' if goal['tables'].get('cached') else ''}).", ""]
     lines += [f"- {w}" for w in goal.get("why", [])] + [""]
     metrics = list(goal["budgets"])
-    lines += ["| measured plan | " + " | ".join(f"{m} × (predicted)" for m in metrics) + " | drop (pts) | "
+    lines += ["| measured plan | " + " | ".join(f"{m} × (predicted)" for m in metrics) + " | drop on validation | "
               "loss predicted | loss measured |", "|---|" + "---:|" * (len(metrics) + 3)]
     for p in goal.get("points", []):
         cells = [f"{p['ratios'].get(m, 0):.3g} ({(p.get('predicted') or {}).get(m, float('nan')):.3g})" for m in metrics]
@@ -332,14 +379,26 @@ def terminal_table(report: dict) -> str:
     acc = report.get("accuracy")
     metric = report.get("metric")
     if acc and (not metric or metric.get("name") != "top1"):
-        rows.append(("top-1", f"{100 * acc['original']['top1']:.2f} %", f"{100 * acc['final']['top1']:.2f} %",
-                     f"{0.0 - acc['drop_pts']:+.2f} pts"))
-    if metric:  # the task metric, its n and standard errors; the change is signed (negative = worse)
-        se = metric.get("stderr") or {}
-        change = 0.0 - metric["drop"]
-        rows.append((f"{metric_label(metric)} (n={metric['n']})", metric_value(metric, metric["original"],
-                     se.get("original")), metric_value(metric, metric["final"], se.get("final")),
-                     f"{change:+.2f} pts" if metric.get("drop_unit") == "pts" else f"{change:+.4f}"))
+        se = acc.get("drop_stderr_pts")
+        rows.append((f"top-1 (n={acc['original']['n']})", top1_text({**acc["original"], "n": None}),
+                     top1_text({**acc["final"], "n": None}), f"{0.0 - acc['drop_pts']:+.2f}"
+                     + (f" ± {se:.2f}" if isinstance(se, (int, float)) else "") + " pts"))
+    validation = report.get("validation")
+    for block, role in ((metric, "eval"), (validation, "val, chose")):
+        if not block:  # the task metric, its n and standard errors; the change is signed (negative = worse)
+            continue
+        se = block.get("stderr") or {}
+        change = 0.0 - block["drop"]
+        drop_se = se.get("drop")
+        pts = block.get("drop_unit") == "pts"
+        text = f"{change:+.2f}" if pts else f"{change:+.4f}"
+        if isinstance(drop_se, (int, float)):
+            text += f" ± {drop_se:.2f}" if pts else f" ± {drop_se:.4f}"
+        p = (block.get("test") or {}).get("p")
+        text += (" pts" if pts else "") + (f" (p={p:.2g})" if isinstance(p, (int, float)) else "")
+        rows.append((f"{metric_label(block)} ({role + ', ' if validation else ''}n={block['n']})",
+                     metric_value(block, block["original"], se.get("original")),
+                     metric_value(block, block["final"], se.get("final")), text))
     ort = report.get("onnxruntime", {})
     rows.append(("ONNX Runtime", _short(ort.get("original")), _short(ort.get("final")),
                  _ratio((ort.get("original") or {}).get("p50"), (ort.get("final") or {}).get("p50"))))

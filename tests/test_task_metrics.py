@@ -278,7 +278,8 @@ def test_report_names_the_metric_with_n_and_stderr():
     assert block["stderr"]["original"] == pytest.approx(math.sqrt(p * (1 - p) / 539))
     table = squeeze.report.terminal_table(result.report)
     assert [line.split()[:3] for line in table.splitlines() if line.startswith("top-1")] == [["top-1", "(n=540)", "99.26"]]
-    assert "| top-1 (n=540) | 99.26 % ± 0.37 | 99.26 % ± 0.37 | 0.00 pts ± 0.00 |" in squeeze.report.markdown(result.report)
+    assert ("| top-1 (n=540) | evaluation | 99.26 % ± 0.37 | 99.26 % ± 0.37 | 0.00 pts ± 0.00 | McNemar b=0 c=0, p=1 "
+            "(exact) |") in squeeze.report.markdown(result.report)
 
 
 def test_report_with_a_fidelity_metric_and_no_labels():
