@@ -29,6 +29,30 @@ def legalize_erf(bb, call):
     return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
 
 
+def legalize_sigmoid(bb, call):
+    """relax.sigmoid on float32 → 1 / (1 + fast_exp(−x)) (vectorizable), else TOPI's.
+
+    TOPI's sigmoid calls libm's `expf` per element: ppocrv6_tiny_det's probability map (1×1×320×320, the
+    epilogue of its last ConvTranspose) and every swish/SiLU epilogue ran scalar."""
+    return _fast_float32(bb, call, "relax.sigmoid", "sigmoid",
+                         lambda topi, x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))))
+
+
+def legalize_exp(bb, call):
+    """relax.exp on float32 → TOPI's `fast_exp` (float32-accurate, vectorizable), else TOPI's."""
+    return _fast_float32(bb, call, "relax.exp", "exp", lambda topi, x: topi.fast_exp(x))
+
+
+def _fast_float32(bb, call, op_name: str, hint: str, make):
+    import tvm  # noqa: PLC0415
+    from tvm import topi  # noqa: PLC0415
+    from .conv2d import _default  # noqa: PLC0415
+    target = tvm.target.Target.current(allow_none=True)
+    if not is_cpu(target) or str(call.args[0].ty.dtype) != "float32":
+        return _default(op_name)(bb, call)
+    return bb.call_te(lambda x: make(topi, x), call.args[0], primfunc_name_hint=hint)
+
+
 def _inline_all(sch) -> list:
     from tvm import s_tir  # noqa: PLC0415
     progress = True

@@ -23,12 +23,13 @@ SCHEDULES_VERSION = 5
 def legalize_map() -> dict:
     from .conv2d import legalize_conv2d, legalize_conv2d_transpose  # noqa: PLC0415
     from .dense import legalize_matmul  # noqa: PLC0415
-    from .injective import legalize_erf  # noqa: PLC0415
+    from .injective import legalize_erf, legalize_exp, legalize_sigmoid  # noqa: PLC0415
     from .int8 import int8_legalizations  # noqa: PLC0415
     from .reduce import legalize_softmax  # noqa: PLC0415
     return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose":
                                legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
-                               "relax.nn.softmax": legalize_softmax})
+                               "relax.nn.softmax": legalize_softmax, "relax.sigmoid": legalize_sigmoid,
+                               "relax.exp": legalize_exp})
 
 
 def rules() -> list:
@@ -43,8 +44,8 @@ def rules() -> list:
     from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
     from .reduce import LaneReduce  # noqa: PLC0415
-    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(), Injective(),
-            Fallback()]
+    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(),
+            Injective(), Fallback()]
 
 
 def fuse_passes(target) -> list:
