@@ -142,11 +142,13 @@ def narrow_conv(c_in: int, c_out: int, k: int, stride: int, pad: int, hw: tuple[
     return _model(g, [1, c_in, *hw], g.node("Relu", [h], "relu"))
 
 
-def pools(kind: str) -> onnx.ModelProto:
-    """x[1,7,13,11] ─ Conv 3×3 ─ pool `kind` ─ y"""
+def pools(kind: str, hw: tuple[int, int] = (13, 11)) -> onnx.ModelProto:
+    """x[1,7,H,W] ─ Conv 3×3 ─ pool `kind` ─ y (H·W = 13·11 for `Pool`, 16·40 for `RowReduce`)"""
     g = graphs.Builder(len(kind))
     h = g.conv("x", "conv", 7, 9, pads=[1, 1, 1, 1])
-    if kind == "gap":
+    if kind == "max_rows":  # ReduceMax over the last axis
+        h = g.node("ReduceMax", [h], "max", axes=[-1], keepdims=0)
+    elif kind == "gap":
         h = g.node("GlobalAveragePool", [h], "gap")
     elif kind == "reduce_mean":
         h = g.node("ReduceMean", [h], "mean", axes=[2, 3], keepdims=1)
@@ -158,7 +160,7 @@ def pools(kind: str) -> onnx.ModelProto:
         h = g.node("AveragePool", [h], "pool", kernel_shape=[2, 1], strides=[2, 1])
     else:
         raise ValueError(kind)
-    return _model(g, [1, 7, 13, 11], h)
+    return _model(g, [1, 7, *hw], h)
 
 
 def transformer(kind: str) -> onnx.ModelProto:
@@ -263,6 +265,8 @@ def _patterns() -> dict[str, Pattern]:
                            lambda ci=ci, co=co, k=k, st=st, pad=pad, hw=hw: narrow_conv(ci, co, k, st, pad, hw)))
     for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
+    for kind in ("gap", "reduce_mean", "max_rows"):
+        out.append(Pattern(f"pool_{kind}_16x40", lambda kind=kind: pools(kind, (16, 40))))
     for kind in ("matmul_gelu", "layernorm", "layernorm_decomposed", "attention", "softmax_head", "softmax_wide",
                  "softmax_4d"):
         out.append(Pattern(f"seq_{kind}", lambda kind=kind: transformer(kind)))
@@ -274,7 +278,7 @@ PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
 FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
-        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "seq_attention", "seq_softmax_wide", "fpn_head"]
+        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 
 # ------------------------------------------------------------------------------------------ the comparison
@@ -456,7 +460,7 @@ def test_full_sweep_matches_onnxruntime(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dw3x3_s1_same_c24_large", "dw5x5_s2_same_c32_large", "fpn_head",
-                                  "narrow_c16_k64_1x1_s1_p0_w40"])
+                                  "narrow_c16_k64_1x1_s1_p0_w40", "pool_reduce_mean_16x40"])
 def test_parallel_builds_match_onnxruntime(name):
     """Built for 2 threads (parallel tile loops where there is work enough), the same answers."""
     check_pattern(PATTERNS[name].build(), name, threads=2)

@@ -43,8 +43,9 @@ def rules() -> list:
     from .injective import Fallback, Injective  # noqa: PLC0415
     from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
-    from .reduce import LaneReduce  # noqa: PLC0415
-    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), Pool(),
+    from .reduce import LaneReduce, RowReduce  # noqa: PLC0415
+    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), RowReduce(),
+            Pool(),
             Injective(), Fallback()]
 
 
