@@ -62,6 +62,8 @@ def test_datasets_with_labels_give_accuracy(repo):
     calib = Dataset({"input": test.arrays["input"][:32]}, source="first 32 test images")
     report = squeeze.compress(model, "fold-bn", calib=calib, eval=test, targets="", runs=3).report
     assert report["data"] == {"calib": "first 32 test images", "calib_samples": 32, "calib_synthetic": False,
+                              "calib_fit_samples": 32, "val": None, "val_samples": 0,
+                              "val_role": "none: nothing chooses without --max-drop or --goal",
                               "eval": test.source, "eval_samples": 540}
     acc = report["accuracy"]
     assert acc["original"]["top1"] == acc["final"]["top1"] == pytest.approx(536 / 540)

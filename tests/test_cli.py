@@ -233,7 +233,8 @@ def test_e2e_exit_and_files(e2e):
     assert outputs_in(out) == REPORT_FILES
     assert sha256(e2e["model"]) == e2e["hash_before"]
     assert "cpu [native]" in run.stdout
-    assert [line.split()[-2:] for line in run.stdout.splitlines() if line.startswith("top-1")] == [["+0.00", "pts"]]
+    assert [line.split()[-5:] for line in run.stdout.splitlines() if line.startswith("top-1")] == [
+        ["+0.00", "±", "0.00", "pts", "(p=1)"]]
 
 
 @pytest.mark.tvm
@@ -293,6 +294,7 @@ def test_e2e_report_md(e2e):
     text = (e2e["out"] / "report.md").read_text()
     assert text.startswith("# squeeze report: digits_cnn.onnx")
     assert "- passes: `cleanup,fold-bn`" in text
-    assert "## Accuracy" in text and "top-1 original 99.26 %, final 99.26 %" in text
+    assert "## Accuracy" in text and "top-1 original 99.26 % ± 0.37 (n=540), final 99.26 % ± 0.37 (n=540)" in text
+    assert "McNemar b=0 c=0, p=1" in text and "evaluation data (reports only):" in text
     assert "## Passes" in text and "| `fold-bn` |" in text
     assert "## Targets" in text and "| cpu | native |" in text and " ok: max abs " in text
