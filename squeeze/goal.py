@@ -677,7 +677,8 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     """Allocate per-layer strengths for `goal` on `model` (the input after any --passes), measure, correct.
 
     The drop held within `max_drop` is `metric`'s (a squeeze.task_metrics.Metric; default top-1 with labels,
-    else agreement) on `guard_data`.
+    else agreement) on `guard_data`: validation data, never the evaluation data (squeeze.api passes --val or the
+    held-out part of --calib; `calib` is then the part the passes fit on). Without it, `calib` itself.
     """
     from .guard import Guard  # noqa: PLC0415
     from .pipeline import apply_pass  # noqa: PLC0415
@@ -804,7 +805,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
         "tables": {"seconds": tables.seconds, "cached": tables.cached, "knobs": len(tables.knobs),
                    "holdout_samples": len(holdout)},
         "loss_scale": predictor.scale,
-        "drop_basis": guard.basis + (" (eval data)" if guard_data is not None else " (calibration data)"),
+        "drop_basis": "validation: " + guard.basis + f" on {guard.data.source}",
         "metric": guard.metric.spec,
         "seconds": round(time.perf_counter() - started, 2),
     }

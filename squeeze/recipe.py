@@ -23,9 +23,9 @@ from typing import Any
 
 from .errors import SqueezeError
 
-KEYS = {"model", "passes", "target", "targets", "calib", "eval", "output", "seed", "max_drop", "input_shape",
+KEYS = {"model", "passes", "target", "targets", "calib", "val", "eval", "output", "seed", "max_drop", "input_shape",
         "threads", "runs", "force", "goal", "metric"}
-PATH_KEYS = ("model", "calib", "eval", "output")
+PATH_KEYS = ("model", "calib", "val", "eval", "output")
 
 
 class RecipeError(SqueezeError):
@@ -139,7 +139,7 @@ def arguments(path: str | Path) -> dict[str, Any]:
     r = load(path)
     if "model" not in r:
         raise RecipeError(f"{path}: the recipe names no model")
-    names = {"model": "model", "passes": "passes", "target": "targets", "calib": "calib", "eval": "eval",
+    names = {"model": "model", "passes": "passes", "target": "targets", "calib": "calib", "val": "val", "eval": "eval",
              "output": "out_dir", "seed": "seed", "max_drop": "max_drop", "input_shape": "input_shapes",
              "threads": "threads", "runs": "runs", "force": "force", "goal": "goal", "metric": "metric"}
     return {names[k]: v for k, v in r.items()}
