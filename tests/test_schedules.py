@@ -177,7 +177,7 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
 
 @pytest.mark.parametrize("name, expected", [
     ("conv_odd", {"conv2d": "Conv2dPacked"}),
-    ("conv_strided_no_bias", {"conv2d": "Conv2dPacked"}),
+    ("conv_strided_no_bias", {"conv2d": "Conv2dColumns"}),  # few input channels, wide rows
     ("conv_residual_dilated", {"conv2d": "Conv2dPacked"}),
     ("grouped", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add_relu": "Conv2dPacked", "conv2d2": "Conv2dPacked"}),
     ("grouped_padded", {"conv2d_add_relu": "Conv2dPacked", "conv2d1_add1_relu": "Conv2dPacked",
@@ -185,7 +185,7 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("depthwise", {"depthwise_conv2d": "DepthwiseConv2d"}),
     ("dense_heads", {"dense": "DensePacked", "log_softmax": "Fallback"}),
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
-    ("pools", {"max_pool2d": "Pool", "avg_pool2d": "Pool", "mean": "Pool"}),
+    ("pools", {"max_pool2d": "Pool", "avg_pool2d": "Pool", "mean": "RowReduce"}),
     ("concat_bn", {"conv2d": "Conv2dPacked", "concatenate": "Injective"}),
 ])
 def test_each_function_gets_its_rule(name, expected):
