@@ -118,6 +118,9 @@ CASES = {
     "conv1x1_odd_channels": dict(op="Conv", ksize=1, pad=0, c=20, k=10),
     "conv_stem_3_channels": dict(op="Conv", c=3, k=24, hw=(9, 17)),
     "conv_no_bias": dict(op="Conv", bias=False),
+    # epilogues vectorized over whole channel blocks (kv·kb channels per tile), odd input channels
+    "conv_64_channels_stride2": dict(op="Conv", c=7, k=64, hw=(15, 15), stride=2),
+    "conv5x5_48_channels": dict(op="Conv", c=9, k=48, ksize=5, pad=2, hw=(10, 13)),
     "gemm": dict(op="Gemm", c=40, k=24),
     "matmul_rows": dict(op="MatMul", c=36, k=20),
 }
