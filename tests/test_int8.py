@@ -273,3 +273,71 @@ def test_parallel_build_is_exact():
     executable = tvm_build.compile_module(mod, target, build_pipeline(target))
     got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
     np.testing.assert_array_equal(got, _ort(model, x))
+
+
+def _glue_model(pool: dict, seed: int = 3) -> onnx.ModelProto:
+    """x → Q → DQ → two int8 convs (own output scales, 5 and 11 channels) → Q → DQ → Concat → MaxPool → Q → DQ,
+    and a third conv → Q → DQ → MaxPool → Q → DQ beside it (the glue between squeezenet's int8 layers)."""
+    rng = np.random.default_rng(seed)
+    inits = [nh.from_array(np.array(XS), "xs"), nh.from_array(np.array(XZ), "xz")]
+    nodes = [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    convs = []
+    for i, (k, ys, yz) in enumerate([(5, 0.031, 0), (11, 0.047, 3), (6, 0.02, 9)]):
+        wq, ws = _weights(rng, (k, 7, 3, 3), k)
+        inits += [nh.from_array(wq, f"w{i}"), nh.from_array(ws, f"ws{i}"),
+                  nh.from_array(np.array(ys, np.float32), f"ys{i}"), nh.from_array(np.array(yz, np.uint8), f"yz{i}")]
+        nodes += [oh.make_node("DequantizeLinear", [f"w{i}", f"ws{i}"], [f"wd{i}"], axis=0),
+                  oh.make_node("Conv", ["xd", f"wd{i}"], [f"c{i}"], pads=[1] * 4, kernel_shape=[3, 3]),
+                  oh.make_node("QuantizeLinear", [f"c{i}", f"ys{i}", f"yz{i}"], [f"cq{i}"]),
+                  oh.make_node("DequantizeLinear", [f"cq{i}", f"ys{i}", f"yz{i}"], [f"cd{i}"])]
+        convs.append(f"cd{i}")
+    inits += [nh.from_array(np.array(0.043, np.float32), "os"), nh.from_array(np.array(2, np.uint8), "oz"),
+              nh.from_array(np.array(0.025, np.float32), "ps"), nh.from_array(np.array(1, np.uint8), "pz")]
+    nodes += [oh.make_node("Concat", convs[:2], ["cat"], axis=1),
+              oh.make_node("MaxPool", ["cat"], ["pool"], **pool),
+              oh.make_node("QuantizeLinear", ["pool", "os", "oz"], ["pq"]),
+              oh.make_node("DequantizeLinear", ["pq", "os", "oz"], ["out"]),
+              oh.make_node("MaxPool", [convs[2]], ["pool2"], **pool),
+              oh.make_node("QuantizeLinear", ["pool2", "ps", "pz"], ["pq2"]),
+              oh.make_node("DequantizeLinear", ["pq2", "ps", "pz"], ["out2"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 7, 13, 10])],
+                          [oh.make_tensor_value_info(n, TP.FLOAT, None) for n in ("out", "out2")], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("pool", [dict(kernel_shape=[3, 3], strides=[2, 2]),
+                                  dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+                                  dict(kernel_shape=[2, 2], strides=[1, 1], pads=[1, 0, 1, 1])])
+def test_integer_glue_is_exact(pool):
+    """QuantizeLinear moved before MaxPool / Concat: the pool and the concat run on uint8 (the relax module has
+    no float max_pool2d / concat left) and both outputs stay identical to ONNX Runtime's."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from squeeze.targets.schedules import int8
+    target = _host()
+    _needs_dot(target)
+    model = _glue_model(pool)
+    x = _input(model)
+    mod, executable = _build(model, x, target)
+    with target:
+        rewritten = int8.rewrite_qdq(mod)
+    dtypes = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in ("relax.nn.max_pool2d", "relax.concat"):
+            dtypes.append(str(expr.ty.dtype))
+    relax.analysis.post_order_visit(rewritten["main"], visit)
+    assert sorted(dtypes) == ["uint8"] * 3
+    from squeeze.targets import tvm_build
+    outs = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert len(outs) == 2
+    for a, b in zip(outs, ref):
+        np.testing.assert_array_equal(a, b)

@@ -230,9 +230,49 @@ def rewrite_qdq(mod):
             continue
         func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, requantize=True), func)
         func = rewrite_call(plain[0], _rewriter(plain[1], counter, requantize=False), func)
+        func = _integer_glue(func)
         out[gv] = func
     out = relax.transform.DeadCodeElimination()(out)
     return out.with_attr(INT8_LAYERS, counter[0]) if counter[0] else out
+
+
+def _integer_glue(func):
+    """Move QuantizeLinear before MaxPool and Concat: quantize(max_pool(y)) → max_pool(quantize(y)),
+    quantize(concat(y₁, y₂, …)) → concat(quantize(y₁), quantize(y₂), …), repeated until nothing moves.
+
+    Both are exact: quantize (divide by a positive scale, round, add, saturate) is monotone non-decreasing, so
+    it commutes with a max over a window that holds at least one real element (every pool window does), and a
+    concat only moves values. The quantize then meets the dequantize after the int8 layer that produced y
+    and fuses into that layer's epilogue: the layer writes uint8, the pool / concat moves bytes instead of
+    float32 (squeezenet: every Fire module's concat and its three max pools).
+    """
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.dpl import is_const, is_op, wildcard  # noqa: PLC0415
+    scale, zero = is_const(), is_const()
+    inner = is_op("relax.nn.max_pool2d")(wildcard()) | is_op("relax.concat")(wildcard())
+    root = is_op("relax.quantize")(inner, scale, zero)
+
+    def rewrite(orig, matches):
+        call = matches[inner]
+        if not _per_tensor(matches[scale]) or not _per_tensor(matches[zero]):
+            return orig
+
+        def quantize(y):
+            return relax.op.quantize(y, matches[scale], matches[zero], axis=int(orig.attrs.axis),
+                                     out_dtype=str(orig.attrs.out_dtype))
+        if call.op.name == "relax.nn.max_pool2d":
+            return relax.Call(call.op, [quantize(call.args[0])], call.attrs)
+        fields = call.args[0]
+        if not isinstance(fields, relax.Tuple):
+            return orig
+        return relax.Call(call.op, [relax.Tuple([quantize(f) for f in fields.fields])], call.attrs)
+
+    from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
+    return rewrite_call(root, rewrite, func)
+
+
+def _per_tensor(expr) -> bool:
+    return _value(expr).size == 1
 
 
 def _patterns():
