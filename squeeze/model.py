@@ -86,7 +86,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
     if path.is_symlink():
         raise OutputError(f"{path}: is a symbolic link; refusing to write through it")
     if not is_big(model):
-        _atomic_write(path, model.SerializeToString(deterministic=True))
+        atomic_write(path, model.SerializeToString(deterministic=True))
         return [path]
     # Large model: the large weights go, one after the other, to one file beside it (never the whole model
     # serialized or copied at once); the model file keeps the rest and points at that file.
@@ -108,7 +108,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
                 f.write(b"\0" * (-f.tell() % 4096))  # page-aligned tensors: readers may map them
             f.flush()
             os.fsync(f.fileno())
-        _atomic_write(path, skeleton.SerializeToString(deterministic=True))
+        atomic_write(path, skeleton.SerializeToString(deterministic=True))
         os.replace(tmp, data_path)
     except BaseException:
         if os.path.exists(tmp):
@@ -195,7 +195,7 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
@@ -217,7 +217,7 @@ def _umask() -> int:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), text.encode())
+    atomic_write(Path(path), text.encode())
 
 
 def file_bytes(path: str | os.PathLike) -> int:

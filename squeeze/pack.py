@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto
 
 from .errors import OutputError, SqueezeError
-from .model import _atomic_write, load_model, save_model
+from .model import atomic_write, load_model, save_model
 
 MAGIC = b"SQZPACK\x01"
 MAX_CODE_LENGTH = 15          # code lengths fit a nibble in the decoder table
@@ -695,7 +695,7 @@ def pack_file(model_path: str | os.PathLike, out_path: str | os.PathLike, force:
     _check_output(model_path, out_path, force)
     model = load_model(model_path)
     packed = pack(model)
-    _atomic_write(out_path, packed.data)
+    atomic_write(out_path, packed.data)
     report = size_report(model, packed)
     report["onnx"] = model_path.stat().st_size
     report["encodings"] = {r.name: r.encoding for r in packed.records}

@@ -36,7 +36,7 @@ from . import tvm_build, weight_storage
 ALIGN = 64  # TVM kernels may assume 64-byte aligned buffers (kAllocAlignment)
 
 
-def _round_up(n: int, a: int = ALIGN) -> int:
+def round_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
@@ -350,7 +350,7 @@ def _scratch_views(args: list[Tensor], call: int) -> tuple[list[Tensor], list[tu
     for t in args:
         if t.region == "scratch" and t.source not in offsets:
             offsets[t.source] = size
-            size = _round_up(size + t.nbytes)
+            size = round_up(size + t.nbytes)
     views = [Tensor(f"{t.key}_k{call}_{i}", t.shape, t.dtype, "scratch", offsets[t.source], label=t.label,
                     source=t.source) if t.region == "scratch" else t for i, t in enumerate(args)]
     return views, list(offsets.items()), size
@@ -367,7 +367,7 @@ class _Layout:
 
     def region(self, nbytes: int) -> int:
         offset = self.size
-        self.size = _round_up(self.size + max(nbytes, 1))
+        self.size = round_up(self.size + max(nbytes, 1))
         return offset
 
     def storage(self, nbytes: int) -> Storage:
@@ -449,7 +449,7 @@ def workspace_bytes(kernel_source: str) -> int:
     best = 0
     for body in re.split(r"\nTVM_DLL int32_t \w+\(", kernel_source)[1:]:
         sizes = [int(s) for s in re.findall(r"TVMBackendAllocWorkspace\([^,]+,[^,]+,\s*\(uint64_t\)(\d+)", body)]
-        best = max(best, sum(_round_up(s) for s in sizes))
+        best = max(best, sum(round_up(s) for s in sizes))
     return best
 
 

@@ -300,7 +300,7 @@ def _scratch_without(program: c_program.Program, as_float: list[str]) -> int:
         size = 0
         for key, _ in decodes:
             if key not in gone:
-                size = c_program._round_up(size + program.compact[key].float_bytes)
+                size = c_program.round_up(size + program.compact[key].float_bytes)
         best = max(best, size)
     return best
 
