@@ -179,7 +179,7 @@ def _goal_section(report: dict) -> str:
             f"search {goal.get('seconds')} s (tables {goal['tables']['seconds']} s"
             f"{', cached' if goal['tables'].get('cached') else ''}).</p>")
     why = "<ul>" + "".join(f"<li>{_esc(w)}</li>" for w in goal.get("why", [])) + "</ul>"
-    points = [{"plan": p["label"], **{f"{m} ×": v for m, v in p["ratios"].items()}, "drop (pts)": p["drop"],
+    points = [{"plan": p["label"], **{f"{m} ×": v for m, v in p["ratios"].items()}, "drop on validation": p["drop"],
                "predicted loss": p["predicted_loss"], "measured loss": p["measured_loss"],
                "meets goal": p["meets_goal"], "within max-drop": p["within_max_drop"]} for p in goal["points"]]
     plan = [r for r in goal.get("plan", []) if r.get("bits", "float") != "float" or
