@@ -8,8 +8,11 @@ HAWQ/ZeroQ-style mixed-precision searches, done here with ONNX Runtime on one mo
 x + m[i]·(DQ(Q(x)) − x), with m a graph input, so one session serves all candidates (m one-hot per run).
 `outliers` then picks the tensors whose error stands far above the others, and `validated_float` keeps float only
 those of them that, on held-out calibration samples (not the ones measured above), make the whole quantized model's
-error smaller by a real margin: every tensor kept float breaks ONNX Runtime's int8 fusion of the layers around it,
-so one is given up only where that is measured to pay.
+error smaller by a margin that pays for what the float tensor costs in ONNX Runtime. `fusion_costs` says what
+that is, per fusion unit: a float input takes the int8 kernel from every layer that reads it; a float output of a
+Conv does too (ORT fuses DQ → Conv → Q only), while a MatMul or Gemm writing a float output keeps its int8 kernel
+(ORT runs DQ → MatMul as MatMulIntegerToFloat, DQ → Gemm as QGemm with float output). A tensor whose float form
+costs less than CHEAP of the model's MACs needs only a NOISE_GAIN lower held-out error; any other needs MIN_GAIN.
 """
 from __future__ import annotations
 
@@ -19,13 +22,19 @@ from onnx import helper
 
 from squeeze import runtime
 from squeeze.data import Dataset
+from squeeze.metrics import node_macs
 from squeeze.model import toposort
 
 MASK = "squeeze_quant_site_mask"
 MAX_RUNS = 1024         # model runs spent at most (tensors × samples; samples are cut to fit)
 MAX_SAMPLES = 16
 HELD_OUT = 16           # calibration samples (the last ones) that validate the kept-float choice
-MIN_GAIN = 0.1          # a tensor stays float only if that lowers the held-out error by this fraction
+MIN_GAIN = 0.1          # a tensor whose float form costs int8 kernels stays float only for this error reduction
+NOISE_GAIN = 0.01       # ... one that costs (almost) none: any reduction beyond noise
+CHEAP = 0.02            # fraction of the model's MACs that lose their int8 kernel, below which a tensor is cheap
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOAT_OUTPUT_FUSES = ("Gemm", "MatMul")  # int8 kernels in ORT that may write a float output
+CLAMPS = ("Relu", "Clip")
 
 
 class Probe:
@@ -53,11 +62,46 @@ def site_errors(model: onnx.ModelProto, ranges: dict[str, tuple[float, int]], da
     return errors, len(feeds)
 
 
-def validated_float(probe: Probe, candidates: list[str], data: Dataset, min_gain: float = MIN_GAIN
-                    ) -> tuple[list[str], list[float]]:
+def fusion_costs(model: onnx.ModelProto, names: list[str], input_shapes: dict[str, tuple[int, ...]]
+                 ) -> dict[str, float]:
+    """{tensor: fraction of the model's layer MACs that ONNX Runtime runs in float instead of int8 when that
+    tensor stays float}: the layers reading it, and the Conv writing it (directly or through a Relu/Clip that the
+    quantized output would absorb). A MatMul/Gemm writing it loses nothing (its int8 kernel can write float)."""
+    try:
+        macs, _ = node_macs(model, input_shapes)
+    except Exception:  # noqa: BLE001 (shapes not inferable: every layer counts alike)
+        macs = {}
+    nodes = list(model.graph.node)
+    layer_macs = {id(n): macs.get(n.name or f"{n.op_type}_{i}", 1) for i, n in enumerate(nodes) if n.op_type in LAYERS}
+    total = max(sum(layer_macs.values()), 1)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in nodes:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    wanted = set(names)
+    cost = {name: 0 for name in names}
+    for n in nodes:
+        if n.op_type not in LAYERS:
+            continue
+        for t in set(n.input) & wanted:  # activations only (weights are not among `names`)
+            cost[t] += layer_macs[id(n)]
+        if n.op_type in FLOAT_OUTPUT_FUSES:
+            continue
+        out = n.output[0]
+        after = readers.get(out, [])
+        written = {out} | ({after[0].output[0]} if len(after) == 1 and after[0].op_type in CLAMPS else set())
+        for t in written & wanted:
+            cost[t] += layer_macs[id(n)]
+    return {name: cost[name] / total for name in names}
+
+
+def validated_float(probe: Probe, candidates: list[str], data: Dataset, min_gain: float = MIN_GAIN,
+                    costs: dict[str, float] | None = None) -> tuple[list[str], list[float]]:
     """Greedy, worst candidate first: keep a tensor float when the error of the model with everything else
-    quantized, on the last HELD_OUT calibration samples, drops by at least `min_gain` of its current value.
+    quantized, on the last HELD_OUT calibration samples, drops by at least `min_gain` of its current value
+    (NOISE_GAIN where `costs` says the float tensor costs less than CHEAP of the MACs' int8 kernels).
     Returns the tensors kept float and the held-out error after each accepted step (the first: all quantized)."""
+    costs = costs or {}
     n = len(data)
     held = data.subset(max(0, n - HELD_OUT)) if n > 1 else data
     feeds = held.samples(len(held))
@@ -67,7 +111,8 @@ def validated_float(probe: Probe, candidates: list[str], data: Dataset, min_gain
     kept = []
     for name in candidates:
         error = _relative_error(reference, probe.outputs(feeds, quantized - {name}))
-        if error < (1 - min_gain) * trace[-1]:
+        need = NOISE_GAIN if costs.get(name, 1.0) < CHEAP else min_gain
+        if error < (1 - need) * trace[-1]:
             quantized.discard(name)
             kept.append(name)
             trace.append(error)
