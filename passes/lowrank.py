@@ -52,6 +52,7 @@ from .weights import Builder, Layer, calibrate, find_layers, select_layers
 ROWS = 8192            # sampled input rows (im2col windows for a conv) per layer
 BUDGET = 16_000_000    # floats per layer's sampled rows (fewer rows for layers with very many inputs)
 HOLDOUT_EVERY = 4      # every 4th calibration sample is held out to choose the refit and the conv form
+MIN_SHARE = 0.01       # layers with a smaller share of the model's MACs are left alone by default
 RANK_CEILING = 0.95    # the accuracy guard raises `rank` up to this fraction, then gives up
 
 
@@ -81,7 +82,7 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
                                   "activations"] = True,
             min_share: Annotated[float, Range(0.0, 1.0), "layers with less than this share of the model's MACs "
                                  "are left as they are (little to gain; a classifier's last layer loses most from "
-                                 "a rank cut); 0 considers every layer"] = 0.01,
+                                 "a rank cut); 0 considers every layer"] = MIN_SHARE,
             skip: Annotated[list[str], "layers left as they are: node names, op types, patterns, first, last"]
             = [],  # noqa: B006 (never mutated)
             ) -> None:
@@ -136,6 +137,13 @@ def _candidates(graph: gs.Graph, ctx: Context, layers: list[Layer], skip: list[s
         else:
             kept.append(spec)
     return kept, skipped
+
+
+def candidate_layers(graph: gs.Graph, ctx: Context, min_share: float | None = None) -> list[str]:
+    """The layers `lowrank` would factorize with its defaults (what a goal search measures), in graph order."""
+    share = MIN_SHARE if min_share is None else min_share
+    specs, _ = _candidates(graph, ctx, find_layers(graph), [], {}, share)
+    return [s.layer.name for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------- parameters

@@ -48,8 +48,9 @@ from .model import serialized_bytes, to_graph, to_model
 from .registry import get_pass, get_target
 from .spec import Call, bind
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PRUNE_LEVELS = (0.25, 0.5, 0.75)        #: fractions of a group removed in the sensitivity tables
+LOWRANK_LEVELS = (0.75, 0.5, 0.375, 0.25)  #: kept rank (fraction of full rank) of a low-rank implant, per layer
 CODEBOOK_BITS = (8, 6, 5, 4, 3, 2, 1)   #: index widths measured per layer (0 = left in float)
 MAX_ROUNDS = 6                          #: measured plans per search (each applies the passes for real)
 RELAX_STEPS = (0.96, 0.9, 0.8, 0.65, 0.5, 0.3)  #: how far towards the goal when it costs more than --max-drop
@@ -90,12 +91,13 @@ class Goal:
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 2**20,
                "g": 1e9, "gb": 1e9, "gib": 2**30}
-KNOBS = ("prune", "codebook")
+KNOBS = ("prune", "lowrank", "codebook")
 
 
 def parse_goal(text: str) -> Goal:
     """`size=8x`, `bytes=200k`, `macs=0.5` (fraction) or `macs=2x`, `latency=1.5x@cpu`, joined by commas;
-    `using=prune+codebook` picks the passes (default: prune and codebook for size goals, prune otherwise);
+    `using=prune+lowrank+codebook` picks the passes (default: prune and codebook for size goals, prune
+    otherwise);
     `sensitivity=hessian` predicts the codebook losses from Hessian traces (squeeze.hessian) instead of
     measuring every layer at every width."""
     parts = [p.strip() for p in _split_top(text or "") if p.strip()]
@@ -136,7 +138,8 @@ def parse_goal(text: str) -> Goal:
             names = tuple(n.strip() for n in re.split(r"[+ ]", value) if n.strip())
             bad = [n for n in names if n not in KNOBS]
             if bad or not names:
-                raise SpecError(f"--goal {part!r}: using= takes {' and/or '.join(KNOBS)} joined by '+'")
+                raise SpecError(f"--goal {part!r}: using= takes {', '.join(KNOBS[:-1])} and/or {KNOBS[-1]} "
+                                "joined by '+'")
             using = names
         elif key == "sensitivity":
             if value not in ("measured", "hessian"):
@@ -150,9 +153,9 @@ def parse_goal(text: str) -> Goal:
     if sum(c.metric == "latency" for c in constraints) > 1:
         raise SpecError("--goal: one latency budget at a time")
     if using is None:
-        using = KNOBS if any(c.metric == "bytes" for c in constraints) else ("prune",)
-    if "codebook" in using and "prune" not in using and all(c.metric != "bytes" for c in constraints):
-        raise SpecError("--goal: codebook changes size only; a macs or latency goal needs using=prune")
+        using = ("prune", "codebook") if any(c.metric == "bytes" for c in constraints) else ("prune",)
+    if using == ("codebook",) and all(c.metric != "bytes" for c in constraints):
+        raise SpecError("--goal: codebook changes size only; a macs or latency goal needs using=prune or lowrank")
     return Goal(tuple(constraints), using, ",".join(parts), sensitivity)
 
 
@@ -192,16 +195,20 @@ def _ratio(part: str, value: str) -> float:
 
 @dataclass
 class Knob:
-    """One allocation decision: a channel group (`prune`: choices = channels kept) or a weight layer
-    (`codebook`: choices = index bits, 0 = float). `loss[i]` is the measured output loss of choice i alone;
-    `latency_saved[i]` (prune, latency goals) the measured seconds saved on the goal's target."""
+    """One allocation decision: a channel group (`prune`: choices = channels kept), a weight layer
+    (`codebook`: choices = index bits, 0 = float) or a layer's low-rank implant (`lowrank`: choices = kept rank
+    as a fraction of full rank, 0 = not factorized). `loss[i]` is the measured output loss of choice i alone;
+    `latency_saved[i]` (latency goals) the measured seconds saved on the goal's target; `macs_kept[i]` and
+    `params_kept[i]` (lowrank) the layer's measured MACs and parameters after the implant, as fractions."""
 
     kind: str
     name: str
-    choices: list[int]
+    choices: list[float]
     loss: list[float]
     size: int = 0
     latency_saved: list[float] | None = None
+    macs_kept: list[float] | None = None
+    params_kept: list[float] | None = None
 
 
 @dataclass
@@ -237,10 +244,38 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "squeeze"
 
 
-def _cache_path(model: onnx.ModelProto, calib: Dataset, seed: int, part: str, extra: list) -> Path:
-    """One file per table part, keyed by the model, the calibration samples used, the seed and the part's
-    settings (prune: channel multiple and latency target; codebook: the bit widths)."""
+_CODE_VERSIONS: dict[tuple[str, ...], str] = {}
+
+
+def code_version(packages: tuple[str, ...] = ("squeeze", "squeeze.passes")) -> str:
+    """A digest of the source of what measures the tables: every module of the core and of the passes (the
+    targets too for latency tables), and squeeze's version. An edit to any of them is a new version, so tables
+    measured by other code are never read back."""
+    if packages not in _CODE_VERSIONS:
+        import importlib  # noqa: PLC0415
+        import importlib.metadata  # noqa: PLC0415
+        h = hashlib.sha256()
+        try:
+            h.update(importlib.metadata.version("squeeze").encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        for name in packages:
+            folder = Path(importlib.import_module(name).__file__).parent
+            for f in sorted(folder.glob("*.py")):
+                h.update(f"{name}/{f.name}".encode() + hashlib.sha256(f.read_bytes()).digest())
+        _CODE_VERSIONS[packages] = h.hexdigest()[:16]
+    return _CODE_VERSIONS[packages]
+
+
+def _cache_path(model: onnx.ModelProto, calib: Dataset, seed: int, part: str, extra: list,
+                latency_key: str | None = None) -> Path:
+    """One file per table part, keyed by the model, the calibration samples used, the seed, the part's
+    settings (prune: channel multiple and criterion; codebook: the bit widths), the code that measures it
+    (`code_version`) and, for latency tables, the target and the device it timed on (`latency_key`)."""
     h = hashlib.sha256()
+    h.update(code_version(("squeeze", "squeeze.passes", "squeeze.targets") if latency_key else
+                          ("squeeze", "squeeze.passes")).encode())
+    h.update(json.dumps(latency_key).encode())
     h.update(model.SerializeToString(deterministic=True))
     for name in sorted(calib.arrays):
         arr = np.ascontiguousarray(calib.arrays[name][:HOLDOUT_SAMPLES])
@@ -293,6 +328,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                    seed: int, threads: int | None, say: Callable[[str], None], target_latency=None,
                    latency_key: str | None = None, multiple: int = 1, cache: bool = True) -> Tables:
     """Sensitivity and cost tables of `model` (see the module docstring); each part from the cache when there."""
+    from squeeze.passes import lowrank as lowrank_mod  # noqa: PLC0415
     from squeeze.passes import prune as prune_mod  # noqa: PLC0415
     from squeeze.passes.channels import apply_plan, channel_groups, note_unprunable  # noqa: PLC0415
     from squeeze.passes.weights import find_layers  # noqa: PLC0415
@@ -303,6 +339,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
     ctx = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
     note_unprunable(ctx, groups)
     candidates = prune_mod._candidates(groups, ctx, multiple) if "prune" in goal.using else []
+    implants = lowrank_mod.candidate_layers(graph, ctx) if "lowrank" in goal.using else []
     layers = [l for l in find_layers(graph) if l.values is not None and l.values.size >= 2
               and np.isfinite(l.values).all()]
     layer_names = sorted(l.name for l in layers)
@@ -326,14 +363,17 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
 
     # the channel order prune(keep=...) will cut in: the pass's default criterion, ranked the same way here
     criterion = get_pass("prune").bind({})["criterion"]
-    prune_path = _cache_path(model, calib, seed, "prune", [multiple, latency_key, list(PRUNE_LEVELS), criterion])
+    prune_path = _cache_path(model, calib, seed, "prune", [multiple, list(PRUNE_LEVELS), criterion], latency_key)
     book_path = _cache_path(model, calib, seed, "codebook" if goal.sensitivity == "measured" else "codebook-hessian",
                             [list(CODEBOOK_BITS), layer_names])
+    lowrank_path = _cache_path(model, calib, seed, "lowrank", [list(LOWRANK_LEVELS), implants], latency_key)
     prune_part = _read_cache(prune_path, cache) if candidates else {"knobs": [], "latency": 0.0}
     book_part = _read_cache(book_path, cache) if "codebook" in goal.using else {"knobs": [], "bits": {}}
+    lowrank_part = _read_cache(lowrank_path, cache) if implants else {"knobs": [], "latency": 0.0}
     steps = (0 if prune_part else len(candidates) * len(PRUNE_LEVELS) * (2 if target_latency else 1)
              + (1 if target_latency else 0)) + (0 if book_part else len(CODEBOOK_BITS) * (
-                 (len(layers) if goal.sensitivity == "measured" else 0) + 1) + (goal.sensitivity != "measured"))
+                 (len(layers) if goal.sensitivity == "measured" else 0) + 1) + (goal.sensitivity != "measured")) \
+        + (0 if lowrank_part else len(implants) * len(LOWRANK_LEVELS) + (1 if target_latency else 0))
     bar = Progress(say, steps, "measuring sensitivity")
     if steps:
         holdout = _holdout(calib)
@@ -400,11 +440,44 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
         if cache:
             _write_cache(book_path, book_part)
 
+    if lowrank_part is None:
+        lowrank_part = {"version": CACHE_VERSION, "knobs": [], "latency": 0.0}
+        entry = get_pass("lowrank")
+        base_params = metrics.count_params(model)
+        if target_latency is not None:
+            lowrank_part["latency"] = prune_part["latency"] or target_latency(model)
+            bar.step("latency of the starting model")
+        for name in implants:  # this layer alone factorized at each rank (fitted and refit as the pass does)
+            others = [n for n in implants if n != name]
+            knob = Knob("lowrank", name, [0.0], [0.0], latency_saved=[0.0] if target_latency else None,
+                        macs_kept=[1.0], params_kept=[1.0])
+            for level in LOWRANK_LEVELS:
+                g2 = to_graph(model)
+                c2 = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
+                entry.obj(g2, c2, **entry.bind({"layer_rank": [f"{name}={level}"], "skip": others}))
+                bar.step(f"lowrank {name} at rank {level:g}")
+                if not c2.details.get("layers"):
+                    continue  # not factorized at this rank (no fewer MACs than the layer): no choice
+                factored = to_model(g2, like=model)
+                per_node = metrics.summary(factored, shapes)["macs_per_node"]
+                knob.choices.append(float(level))
+                knob.loss.append(prune_mod.output_loss(reference, runtime.run(factored, holdout, threads=threads)))
+                knob.macs_kept.append((per_node.get(name, 0) + per_node.get(f"{name}_lowrank", 0))
+                                      / max(costs[name].macs, 1))
+                knob.params_kept.append(1.0 - (base_params - metrics.count_params(factored)) / costs[name].params)
+                if target_latency is not None:
+                    knob.latency_saved.append(max(knob.latency_saved[-1],
+                                                  lowrank_part["latency"] - target_latency(factored)))
+            if len(knob.choices) > 1:
+                lowrank_part["knobs"].append(asdict(knob))
+        if cache:
+            _write_cache(lowrank_path, lowrank_part)
+
     for name, per_bits in book_part["bits"].items():
         if name in costs:
             costs[name].bits = {int(b): v for b, v in per_bits.items()}
-    base["latency"] = float(prune_part["latency"])
-    knobs = [Knob(**k) for k in prune_part["knobs"] + book_part["knobs"]]
+    base["latency"] = float(prune_part["latency"] or lowrank_part["latency"])
+    knobs = [Knob(**k) for k in prune_part["knobs"] + lowrank_part["knobs"] + book_part["knobs"]]
     layer_bytes = sum(c.params * c.float_bits / 8 for c in costs.values())
     layer_macs = sum(c.macs for c in costs.values())
     other = {"bytes": max(0.0, base["bytes"] - layer_bytes), "macs": max(0.0, base["macs"] - layer_macs)}
@@ -438,7 +511,7 @@ class Model:
     def __init__(self, tables: Tables, scale: dict[str, float] | None = None,
                  cost_scale: dict[str, float] | None = None):
         self.t = tables
-        self.scale = dict(scale or {"prune": 1.0, "codebook": 1.0})        # measured / predicted loss
+        self.scale = dict(scale or {kind: 1.0 for kind in KNOBS})          # measured / predicted loss
         self.cost_scale = dict(cost_scale or {m: 1.0 for m in METRICS})   # measured / predicted cost
         self.by_key = {knob_key(k): k for k in tables.knobs}
         self.groups = {k.name: k for k in tables.knobs if k.kind == "prune"}
@@ -459,10 +532,12 @@ class Model:
             knob = self.by_key.get(f"codebook:{c.name}")
             bits = knob.choices[plan.get(f"codebook:{c.name}", 0)] if knob else 0
             bpp = c.bits.get(bits, c.float_bits) if bits else c.float_bits
-            total_bytes += c.params * fin * fout * bpp / 8
-            total_macs += c.macs * fin * fout
-        saved = sum(k.latency_saved[plan.get(f"prune:{name}", 0)] for name, k in self.groups.items()
-                    if k.latency_saved)
+            implant = self.by_key.get(f"lowrank:{c.name}")
+            i = plan.get(f"lowrank:{c.name}", 0) if implant else 0
+            # an implant on a pruned layer: its measured fractions, scaled by the channels pruning leaves
+            total_bytes += c.params * fin * fout * bpp / 8 * (implant.params_kept[i] if i else 1.0)
+            total_macs += c.macs * fin * fout * (implant.macs_kept[i] if i else 1.0)
+        saved = sum(k.latency_saved[plan.get(key, 0)] for key, k in self.by_key.items() if k.latency_saved)
         latency = max(self.t.base["latency"] - saved, 1e-3 * self.t.base["latency"])
         raw = {"bytes": total_bytes, "macs": total_macs, "latency": latency}
         return {m: v * self.cost_scale[m] for m, v in raw.items()}
@@ -626,7 +701,15 @@ def plan_calls(model: Model, plan: Plan) -> list[Call]:
             if plan.get(f"prune:{name}", 0)]
     if keep:
         calls.append(f"prune(ratio=0,keep={_list(keep)})")
-    bits = {k.name: k.choices[plan.get(key, 0)] for key, k in model.by_key.items() if k.kind == "codebook"}
+    implants = {k.name: k.choices[plan.get(key, 0)] for key, k in model.by_key.items() if k.kind == "lowrank"}
+    ranks = [f"{n}={r:g}" for n, r in implants.items() if r]
+    if ranks:
+        others = [n for n, r in implants.items() if not r]
+        calls.append(f"lowrank(layer_rank={_list(ranks)}" + (f",skip={_list(others)})" if others else ")"))
+    bits = {k.name: int(k.choices[plan.get(key, 0)]) for key, k in model.by_key.items() if k.kind == "codebook"}
+    for n, r in implants.items():  # an implant's first factor is clustered like the layer (its second factor)
+        if r and n in bits:
+            bits[f"{n}_lowrank"] = bits[n]
     clustered = {n: b for n, b in bits.items() if b}
     if clustered:
         common = max(set(clustered.values()), key=lambda b: (list(clustered.values()).count(b), b))
@@ -655,6 +738,8 @@ def describe_plan(model: Model, plan: Plan) -> list[dict]:
         row = {"kind": k.kind, "name": k.name, "predicted_loss": round(float(k.loss[i]), 6)}
         if k.kind == "prune":
             row.update(channels_before=k.size, channels_after=k.choices[i])
+        elif k.kind == "lowrank":
+            row.update(rank=k.choices[i] or "full", macs_kept=round(float(k.macs_kept[i]), 4))
         else:
             row["bits"] = k.choices[i] or "float"
         rows.append(row)
@@ -687,11 +772,12 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     if calib.source.startswith("synthetic"):
         raise SqueezeError(NEEDS_CALIB)
     started = time.perf_counter()
-    latency_fn, multiple, target_name = None, 1, None
+    latency_fn, multiple, target_name, device = None, 1, None, None
     if goal.latency is not None:
-        latency_fn, multiple, target_name = _latency_meter(goal.latency.target, shapes, calib, threads, runner)
-    tables = measure_tables(model, goal, calib, shapes, seed=seed, threads=threads, say=say,
-                            target_latency=latency_fn, latency_key=f"{target_name}-t{threads}" if latency_fn else None,
+        latency_fn, multiple, target_name, device = _latency_meter(goal.latency.target, shapes, calib, threads,
+                                                                   runner)
+    tables = measure_tables(model, goal, calib, shapes, seed=seed, threads=threads, say=say, target_latency=latency_fn,
+                            latency_key=f"{target_name}-t{threads} {device}" if latency_fn else None,
                             multiple=multiple, cache=cache)
     if not tables.knobs:
         raise SqueezeError(f"--goal {goal.text}: nothing to allocate ({'+'.join(goal.using)} finds no prunable "
@@ -768,7 +854,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
             break
         if not rescaled and max_drop is not None:
             rescaled = True
-            for kind in ("prune", "codebook"):
+            for kind in KNOBS:
                 sub = {k: v for k, v in plan.items() if k.startswith(kind) and v}
                 if sub and any(not k.startswith(kind) and v for k, v in plan.items()):
                     p = measure(sub, f"round {rounds}: {kind} part alone", only=kind)
@@ -777,8 +863,9 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
                         predictor.scale[kind] *= max(p["measured_loss"], 1e-9) / p["predicted_loss"]
             if parts:
                 history.append(f"round {rounds}: drop {show(point['drop'])} > {show(max_drop)}; predicted losses "
-                               f"rescaled by the parts measured alone (prune ×{predictor.scale['prune']:.3g}, "
-                               f"codebook ×{predictor.scale['codebook']:.3g}) and re-solved")
+                               "rescaled by the parts measured alone (" + ", ".join(
+                                   f"{kind} ×{predictor.scale[kind]:.3g}" for kind in KNOBS if kind in goal.using)
+                               + ") and re-solved")
                 continue
         history.append(f"round {rounds}: the goal costs {show(point['drop'])} > {show(max_drop)}; relaxing the budget")
         break
@@ -903,4 +990,12 @@ def _latency_meter(spec: str, shapes, calib: Dataset, threads, runner):
                                f"(method {measured.method}); name a target that times the model")
         return measured.latency_ms["p50"] / 1e3
 
-    return latency, int(getattr(target, "channel_multiple", 1) or 1), str(call)
+    return latency, int(getattr(target, "channel_multiple", 1) or 1), str(call), device_identity(runner)
+
+
+def device_identity(runner) -> str:
+    """Where latency is measured: the RPC device (`key-KEY` / `rpc-HOST-PORT`), else this host's CPU model."""
+    if runner is not None and hasattr(runner, "identity"):
+        return f"device={runner.identity()}"
+    from squeeze.targets.tuning import host_model  # noqa: PLC0415
+    return f"host={host_model()}"

@@ -163,7 +163,7 @@ BAD_GOALS = {
     "latency empty target": ("latency=2x@", "say where latency is measured"),
     "unknown target": ("latency=2x@nosuchtarget", "unknown target 'nosuchtarget'"),
     "unknown key": ("colour=red", "unknown key 'colour'"),
-    "using quant": ("size=8x,using=quant", "using= takes prune and/or codebook"),
+    "using quant": ("size=8x,using=quant", "using= takes prune, lowrank and/or codebook"),
     "sensitivity kind": ("size=8x,sensitivity=guess", "sensitivity= is measured or hessian"),
     "no budget": ("using=prune", "names no budget"),
     "two latencies": ("latency=2x@cpu,latency=3x@cpu", "one latency budget at a time"),
@@ -530,7 +530,7 @@ def _one_line_error(run: subprocess.CompletedProcess, fragment: str) -> str:
 @pytest.mark.parametrize("bad,fragment", [("nonsense", "--goal 'nonsense': expected key=value"),
                                           ("size=0.5x", "a ratio must be greater than 1"),
                                           ("latency=2x", "say where latency is measured"),
-                                          ("size=8x,using=quant", "using= takes prune and/or codebook")])
+                                          ("size=8x,using=quant", "using= takes prune, lowrank and/or codebook")])
 def test_cli_bad_goal_is_one_line_exit_2(tmp_path, digits_copy, bad, fragment):
     _one_line_error(_cli(digits_copy, "--goal", bad, "--target", "none", cwd=tmp_path), fragment)
     assert not (tmp_path / "digits_cnn.squeeze").exists()
