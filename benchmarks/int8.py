@@ -111,9 +111,11 @@ def bench(name: str, folder: Path, rounds: int, runs: int, samples: int, calib_c
     tvm_float, _ = tvm_runner(float_path, feed)
     tvm_int8, layers = tvm_runner(ours, feed)
     ort_static, ort_ours = ort_session(static), ort_session(ours)
+    load_before = os.getloadavg()[0]
     ms = interleaved({"tvm float": lambda: tvm_float.run(feed), "tvm int8": lambda: tvm_int8.run(feed),
                       "ort int8 (static)": lambda: ort_static.run(None, feed),
                       "ort int8 (squeeze quant)": lambda: ort_ours.run(None, feed)}, rounds, runs)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     per = [{key: xs[i:i + 1]} for i in range(len(xs))]
     got = [tvm_int8.run(f)[0] for f in per]
     ref = [ort_ours.run(None, f)[0] for f in per]
@@ -128,7 +130,7 @@ def bench(name: str, folder: Path, rounds: int, runs: int, samples: int, calib_c
             "metric": {"tvm int8": quant_ort.metric(name, [np.concatenate(got)], sub_truth, [np.concatenate(floats)]),
                        "ort int8": quant_ort.metric(name, [np.concatenate(ref)], sub_truth,
                                                     [np.concatenate(floats)])},
-            "samples": len(xs)}
+            "samples": len(xs), "load_1min_before_after": load}
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -136,15 +138,16 @@ def markdown(rows: list[dict], command: str) -> str:
              f"`{command}` — {corpus.cpu_model()}, 1 thread, medians over interleaved rounds in one process.", "",
              "| model | int8 layers | TVM float ms | TVM int8 ms | ORT int8 static ms | ORT int8 (squeeze quant) ms "
              "| int8 / float | int8 / ORT static | identical vs ORT int8 | rel L2 vs ORT int8 | ORT opt vs unopt rel L2 "
-             "| metric TVM int8 | metric ORT int8 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| metric TVM int8 | metric ORT int8 | load (1-min, before / after) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["latency_ms"]
         lines.append(f"| {r['model']} | {r['int8_layers']} | {ms['tvm float']} | {ms['tvm int8']} | "
                      f"{ms['ort int8 (static)']} | {ms['ort int8 (squeeze quant)']} | {r['int8_vs_float']} | "
                      f"{r['int8_vs_ort_static']} | {r['agreement_vs_ort_int8']['identical']} | "
                      f"{r['agreement_vs_ort_int8']['rel_l2']} | {r['ort_optimized_vs_unoptimized']['rel_l2']} | "
-                     f"{json.dumps(r['metric']['tvm int8'])} | {json.dumps(r['metric']['ort int8'])} |")
+                     f"{json.dumps(r['metric']['tvm int8'])} | {json.dumps(r['metric']['ort int8'])} | "
+                     f"{' / '.join(str(v) for v in r['load_1min_before_after'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,10 @@ float scale, round to nearest even, add the zero point, saturate): bit-exact wit
 with zx instead of 0 makes the zero-point correction a per-channel constant. Without a QuantizeLinear after it
 (a float layer output) the result is float32(acc)·(sx·sw) and the float bias add stays as it was.
 
+**Glue.** A QuantizeLinear after a MaxPool or a Concat moves before it (`_integer_glue`, exact), so it meets
+the DequantizeLinear of the int8 layer before and fuses into that layer's epilogue: the layer writes uint8 and
+the pool / concat move bytes.
+
 **Kernels.** `legalize_conv2d_int8` / `legalize_matmul_int8` pack the weight at compile time as
 [K/kb, C/4, R, S, kb, 4] (kb output channels × 4 input channels, the operand of one dot-product instruction) and
 the activation as [N, C/4, H, W, 4]; `Int8Kernel` tensorizes the kb × 4 update with `dot_intrinsic(target)`:
