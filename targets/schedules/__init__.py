@@ -6,11 +6,11 @@ function a schedule without tuning, in milliseconds:
 
 | module | legalization | rule |
 |---|---|---|
-| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv, fused vectorized epilogue |
+| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv (channel vectors, or column vectors for ≤ 16 input channels), fused vectorized epilogue |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
-| `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators, inlined element-wise steps |
+| `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
 | `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
-| `injective` | (TOPI); float32 Erf as `fast_erf` (vectorizable) | elementwise chains, concat, padding; fallback for the rest |
+| `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); fallback for the rest |
 
 An epilogue is computed tile by tile only when it reads the kernel's result element for element
 (`common.tile_epilogue`); anything else (a Pad fused after a conv, a broadcast into a larger tensor) runs after

@@ -17,6 +17,15 @@ schedule and of oneDNN's jit kernels, kept in NCHW. The fused epilogue (bias, re
 the tile right after it is computed, vectorized along the columns; tiles are distributed over cores. (Per-group
 padded convolutions copy the tile out and run the epilogue afterwards: see `_tile_loop_with_epilogue`.)
 
+Few input channels (`Conv2dColumns`, ≤ 16 per group, stride any, columns padded by ≤ 5 %): the channel tile
+sums only C·R·S products per accumulator before its transposing epilogue, which then costs as much as the
+products (squeezenet's 3→64 stem at 26 GMAC/s whatever the tile). The column tile vectorizes along the output
+row instead (kb = 4 output channels broadcast × ht rows × kv column vectors of full-rate width), so the tile is
+already NCHW and its epilogue stores whole vectors. Squeezenet at 1 thread (min of 7, same process, channel →
+column tile): stem 827 → 618 µs, 16→64 1×1 on 55×55 239 → 131, 16→64 3×3 703 → ~600; ppocrv6_tiny_det's
+16→32 1×1 on 80×80 95 → 72, its 8→16 2×2 311 → 269. With more input channels it lost on most convs measured
+(1.1-2.2× on det's and rec's 1×1 convs with 32-320 inputs), hence the cut.
+
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
 channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~8 independent
 accumulator vectors, since a lone vector is one FMA dependency chain), and a strided conv reads its input through
