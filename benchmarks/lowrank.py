@@ -50,6 +50,8 @@ MODELS = ["cifar10_resnet4b", "sri_resnet_a", "mnist_burn"]
 RANKS = [0.75, 0.5, 0.25]
 EXTRA = ["lowrank(rank=0.5,form=channel)", "lowrank(rank=0.5,init=weight)", "lowrank(rank=0.5,compensate=false)"]
 PRUNES = {"prune": "", "prune (sensitivity)": "scope=sensitivity"}
+GOALS = ["macs=0.65,using=prune", "macs=0.65,using=prune+lowrank"]
+GOAL_PRUNES = {"prune (layer)": "scope=layer", "prune (sensitivity)": "scope=sensitivity"}
 
 
 def _load() -> str:
@@ -118,6 +120,23 @@ def _pruned(m: prune_curve.Model, options: str, mac_reduction: float, rankings: 
     return f"prune(ratio={ratio:.4f}{',' + options if options else ''})", make
 
 
+def _goal(m: prune_curve.Model, text: str):
+    """(spec, maker) for `--goal TEXT` without --max-drop: squeeze.goal.search allocates on the calibration data
+    alone (its tables hold out every 4th calibration image), then the plan's pass calls run for real."""
+    from squeeze import goal as goal_mod  # noqa: PLC0415
+    found = {}
+
+    def make():
+        t0 = time.perf_counter()
+        result = goal_mod.search(m.model, goal_mod.parse_goal(text), m.calib, m.shapes, original=m.model, seed=0,
+                                 say=lambda msg: None)
+        spec = ",".join(str(c) for c in result.calls)
+        found.update(spec=spec, why=result.report["why"], tables_s=result.report["tables"]["seconds"])
+        model, seconds, notes = _apply(m, spec)
+        return model, time.perf_counter() - t0, notes
+    return found, make
+
+
 def bench_model(name: str, args, log) -> dict:
     m = prune_curve.Model(name)
     m.base = float(np.mean(m.ref_correct))
@@ -131,6 +150,15 @@ def bench_model(name: str, args, log) -> dict:
             traceback.print_exc()
             log(f"  TVM failed on the original: {harness._one_line(exc)}")
     rows, rankings = [], {}
+    for text in args.goals:
+        found, make = _goal(m, text)
+        row = _row(m, f"--goal {text}", f"--goal {text}", orig, log, make)
+        row["plan"] = found.get("spec", "")
+        rows.append(row)
+        if "macs" in row and text == args.goals[-1]:
+            for label, options in GOAL_PRUNES.items():
+                spec, mk = _pruned(m, options, 100 * (1 - row["macs"]), rankings)
+                rows.append({**_row(m, f"{label} at the same MACs", spec, orig, log, mk), "matches": row["pipeline"]})
     for rank in args.ranks:
         row = _row(m, f"lowrank(rank={rank:g})", f"lowrank(rank={rank:g})", orig, log)
         rows.append(row)
@@ -194,6 +222,9 @@ def markdown(results: list[dict], command: str, started: dict, args) -> str:
                 lines.append(f"- {base['pipeline']} (MACs {base['macs']:.3f}) vs {r['pipeline']} (MACs "
                              f"{r['macs']:.3f}): {base['top1'] - r['top1']:+.2f}")
         forms = [f"- `{r['spec']}`: {r['forms']}" for r in res["rows"] if r.get("forms")]
+        plans = [f"- `{r['spec']}` chose: `{r['plan']}`" for r in res["rows"] if r.get("plan")]
+        if plans:
+            lines += ["", "What the goal searches chose (pass calls):", ""] + plans
         lines += ["", "What lowrank did (the pass's note):", ""] + forms + [""]
     return "\n".join(lines)
 
@@ -203,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--ranks", nargs="+", type=float, default=RANKS)
     parser.add_argument("--extra", nargs="*", default=EXTRA, help="ablation specs run at the end of each model")
+    parser.add_argument("--goals", nargs="*", default=GOALS, help="--goal texts run first (no --max-drop), the "
+                        "last one followed by prune at its MACs")
     parser.add_argument("--no-tvm", action="store_true", help="accuracy and MACs only")
     parser.add_argument("--runs", type=int, default=100, help="timed calls per latency round")
     parser.add_argument("--threads", type=int, default=1, help="TVM and ONNX Runtime threads (1: least noise)")
