@@ -40,6 +40,8 @@ ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact w
 RIDGE = 1e-3          # relative ridge of the least-squares refit, towards the k-means centroids
 MAX_Z = 16_000_000    # floats in the refit's design matrix (rows are subsampled to stay under it)
 MAX_GRAM_INPUTS = 4608  # a kernel refit needs the inputs' Gram matrix; larger layers skip the refit
+CALIB_ROWS = 8192      # input rows sampled per layer: GPTQ's Hessian needs several times more rows than inputs
+CALIB_BUDGET = 8_000_000  # ... and at most this many floats per layer
 MIN_BIAS_SAMPLES = 64  # per-channel bias corrections from fewer calibration samples are not trusted
 
 
@@ -60,6 +62,9 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                                "Frantar et al. 2023); 'nearest' takes the nearest centroid (Deep Compression)"]
              = "gptq",
              rounds: Annotated[int, Range(1, 8), "gptq: alternations of assignment and centroid refit"] = 2,
+             damp: Annotated[float, Range(0, 100), "gptq: damping of the input Hessian, relative to its mean "
+                             "diagonal; 0 chooses per layer among 0.01, 0.1, 1 and the nearest-centroid "
+                             "assignment by the output error on held-out calibration samples"] = 0.0,
              weighted: Annotated[bool, "k-means weights every weight by its input's energy (the Hessian "
                                  "diagonal on the calibration data) instead of uniformly"] = False,
              skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
@@ -89,8 +94,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     if compensate and ctx.calib_is_synthetic:
         ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
     tracked = [ls[0] for ls in by_weight.values() if len(ls) == 1]
-    rows, samples = calibrate(model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads,
-                              with_samples=True) if refit and tracked else ({}, {})
+    rows, samples = calibrate(model, ctx.calib, tracked, seed=ctx.seed, threads=ctx.threads, rows=CALIB_ROWS,
+                              budget=CALIB_BUDGET, with_samples=True) if refit and tracked else ({}, {})
     builder = Builder(graph)
     per_layer, changed = [], False
     for consumers in by_weight.values():
@@ -109,13 +114,16 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
         if x is not None:
             entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x, x_in)
-            centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
             if assign == "gptq" and not kernel:
-                problem = _gptq_problem(layer, w, x, x_in)
-                for _ in range(rounds):
-                    labels = _gptq_assign(layer, w, problem, centroids[:, 0], zero)
-                    centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
-                entry["assign"] = "gptq"
+                chosen = damp or _choose_damp(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
+                                              rounds)
+                entry["gptq_damp"] = chosen
+            else:
+                chosen = None
+            if chosen is None:
+                centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
+            else:
+                centroids, labels = _gptq(layer, w, centroids, labels, x, x_in, x_in is x, zero, rounds, chosen)
         codes = None
         if kernel and codebook_bits:
             codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
@@ -227,11 +235,44 @@ def _input_energy(layer: Layer, w: np.ndarray, x_in: np.ndarray) -> np.ndarray:
     return layer.from_matrix(np.ascontiguousarray(per)).ravel()
 
 
-GPTQ_DAMP = 0.01      # relative damping of the layer Hessian before it is inverted (GPTQ's percdamp)
+GPTQ_DAMPS = (0.01, 0.1, 1.0)  # relative dampings of the layer Hessian tried (GPTQ's percdamp is 0.01)
 GPTQ_BLOCK = 128      # columns updated eagerly; the rest get each block's error in one matrix product
 
 
-def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray
+def _choose_damp(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+                 x_in: np.ndarray, sample: np.ndarray, zero: bool, rounds: int) -> float | None:
+    """The Hessian damping for GPTQ, or None for the nearest-centroid assignment, whichever gives the lowest
+    output error on the odd calibration samples when fitted on the even ones. With fewer calibration rows than
+    inputs (a Gemm sees one row per sample) H is singular, and a lightly damped GPTQ hides the error in
+    directions the calibration data never spans; held-out rows show it."""
+    fit = sample % 2 == 0
+    held = ~fit
+    if fit.sum() < 2 or held.sum() < 2:
+        return GPTQ_DAMPS[0]
+    same = x_in is x
+    xf, xif, xh, xih = x[:, fit], x_in[:, fit], x[:, held], x_in[:, held]
+    best, best_err = None, _output_error(layer, w, _refit(layer, w, centroids, labels, xf, xif, False, zero)[labels]
+                                         .reshape(w.shape), xh, xih)
+    for damp in GPTQ_DAMPS:
+        c, l = _gptq(layer, w, centroids, labels, xf, xif, same, zero, rounds, damp)
+        err = _output_error(layer, w, c[l].reshape(w.shape), xh, xih)
+        if err < best_err:
+            best, best_err = damp, err
+    return best
+
+
+def _gptq(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray, x_in: np.ndarray,
+          same: bool, zero: bool, rounds: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """`rounds` alternations of GPTQ assignment to the codebook and least-squares refit of the codebook."""
+    centroids = _refit(layer, w, centroids, labels, x, x_in, False, zero)
+    problem = _gptq_problem(layer, w, x, x_in, same, damp)
+    for _ in range(rounds):
+        labels = _gptq_assign(layer, w, problem, centroids[:, 0], zero)
+        centroids = _refit(layer, w, centroids, labels, x, x_in, False, zero)
+    return centroids, labels
+
+
+def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray, same: bool, damp: float
                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per group (target weights W* [O, D], upper Cholesky factor U of H⁻¹ in column order, the order).
 
@@ -246,10 +287,9 @@ def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray
         h = xt.T @ xt / max(len(xt), 1)
         dead = np.diag(h) <= 0
         h[dead, dead] = 1.0
-        damp = GPTQ_DAMP * float(np.mean(np.diag(h)))
-        h[np.diag_indices_from(h)] += damp
+        h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
         target = wm[g].copy()
-        if x_in is not x:
+        if not same:
             cross = xt.T @ x[g].astype(np.float64) / max(len(xt), 1)          # X̃ᵀX/P
             target = np.linalg.solve(h, cross @ wm[g].T).T
         target[:, dead] = wm[g][:, dead]
@@ -313,7 +353,8 @@ def _compressed_rows(graph: gs.Graph, ctx: Context, layer: Layer) -> np.ndarray:
     partial = graph.copy()
     partial.cleanup(remove_unused_graph_inputs=False).toposort()
     model = to_model(partial, like=ctx.model)
-    return calibrate(model, ctx.calib, [layer], seed=ctx.seed, threads=ctx.threads)[layer.name]
+    return calibrate(model, ctx.calib, [layer], seed=ctx.seed, threads=ctx.threads, rows=CALIB_ROWS,
+                     budget=CALIB_BUDGET)[layer.name]
 
 
 def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
