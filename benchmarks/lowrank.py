@@ -232,7 +232,7 @@ def markdown(results: list[dict], command: str, started: dict, args) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--ranks", nargs="+", type=float, default=RANKS)
+    parser.add_argument("--ranks", nargs="*", type=float, default=RANKS)
     parser.add_argument("--extra", nargs="*", default=EXTRA, help="ablation specs run at the end of each model")
     parser.add_argument("--goals", nargs="*", default=GOALS, help="--goal texts run first (no --max-drop), the "
                         "last one followed by prune at its MACs")

@@ -112,3 +112,16 @@ def test_device_identity_names_the_rpc_device_or_the_host():
 
     assert goal_mod.device_identity(Runner()) == "device=key-rpi4"
     assert goal_mod.device_identity(None).startswith("host=")
+
+
+def test_search_with_implants_meets_the_budget_and_weighs_the_uniform_plan(digits):
+    found = goal_mod.search(digits.model, parse_goal("macs=0.65,using=prune+lowrank"), digits.calib, digits.shapes,
+                            original=digits.model)
+    report = found.report
+    assert report["status"] == "met", report["why"]
+    assert report["budgets"]["macs"]["ratio"] <= min(p["ratios"]["macs"] for p in report["points"]
+                                                     if p["spec"] == report["spec"]) + 1e-9
+    uniform = [p for p in report["points"] if p["label"].startswith("uniform rank")]
+    assert len(uniform) == 1 and any(w.startswith("every implant at rank") for w in report["why"])
+    best = min([p for p in report["points"] if p["meets_goal"]], key=lambda p: p["measured_loss"])
+    assert report["measured_loss"] == best["measured_loss"]  # the lower measured loss of the two is kept
