@@ -121,8 +121,8 @@ CASES = {
     # epilogues vectorized over whole channel blocks (kv·kb channels per tile), odd input channels
     "conv_64_channels_stride2": dict(op="Conv", c=7, k=64, hw=(15, 15), stride=2),
     "conv5x5_48_channels": dict(op="Conv", c=9, k=48, ksize=5, pad=2, hw=(10, 13)),
-    # one input-channel group: kb x 16-column tiles, epilogue over columns (a partial last tile, k % kb != 0)
-    "conv_stem_stride2_column_tiles": dict(op="Conv", c=4, k=40, hw=(21, 37), stride=2),
+    # one input-channel group: kb x 12-column tiles (24 output columns), epilogue over columns, k % kb != 0
+    "conv_stem_stride2_column_tiles": dict(op="Conv", c=4, k=40, hw=(21, 47), stride=2),
     "gemm": dict(op="Gemm", c=40, k=24),
     "matmul_rows": dict(op="MatMul", c=36, k=20),
 }
