@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 import squeeze
-from squeeze.data import Dataset, holdout, input_specs, load_npz
+from squeeze.data import Dataset, holdout
 from squeeze.errors import DataError
-from squeeze.model import load_model
 from squeeze.report import markdown, terminal_table
 from squeeze.task_metrics import Score, mcnemar, paired_test, parse_metric
 
