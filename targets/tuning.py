@@ -370,7 +370,7 @@ def _measure_variants(database, task: Task, target, builder, runner, limit: int)
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
     from . import schedules  # noqa: PLC0415
-    from .schedules.conv2d import VARIANT  # noqa: PLC0415
+    from .schedules.common import VARIANT  # noqa: PLC0415
     func = task.workload_mod["main"]
     workload = database.commit_workload(task.workload_mod)
     seen = "\n".join(str(r.trace) for r in database.get_top_k(workload, 1 << 20))

@@ -200,3 +200,46 @@ def vectorize_columns(sch, epilogue) -> None:
     inner = sch.get_loops(epilogue)[-1]
     if (extent(sch, inner) or 1) > 1:
         sch.vectorize(inner)
+
+
+VARIANT = "squeeze.variant"  #: block annotation naming the tile/parallel choice of a tuning variant
+
+
+def static_shape(expr) -> list[int] | None:
+    """A Relax expression's shape as ints, or None when it is not static."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return [int(v) for v in shape.values]
+    except TypeError:
+        return None
+
+
+def dtype_or(value, default: str) -> str:
+    """An op's `out_dtype` attribute, or `default` where it is unset (None, "" or void)."""
+    text = "" if value is None else str(value)
+    return default if text in ("", "void", "None") else text
+
+
+def default_legalization(op_name: str):
+    """TVM's own legalization of `op_name` (what a rule falls back to for shapes it does not handle)."""
+    import tvm  # noqa: PLC0415
+    return tvm.ir.Op.get(op_name).get_attr("FLegalize")
+
+
+def tile_variants(rule, func, target, options, limit: int) -> list:
+    """Up to `limit` schedules of `func` by `rule`, one per (tile, parallel) option that applies, each marked with
+    VARIANT = its parameters (tuning replays them as seeds)."""
+    out = []
+    for tile, parallel in options:
+        if len(out) >= limit:
+            break
+        try:
+            sch = rule.schedule(func, target, tile, parallel)
+        except Exception:  # noqa: BLE001 - a tile the loop nest cannot take: skip it
+            continue
+        if sch is not None:
+            sch.annotate(root_blocks(sch)[0], VARIANT, f"{tile}/{parallel}")
+            out.append(sch)
+    return out

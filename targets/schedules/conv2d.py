@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
+from .common import KERNEL, TILE, default_legalization, dtype_or, extent, find_kernel, inline_epilogue, product, \
+    schedule_injective, static_shape, tile_epilogue, tile_of, tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
@@ -113,27 +113,6 @@ def pack_weight(weight: np.ndarray, kb: int, groups: int = 1) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- legalization
 
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    try:
-        return [int(v) for v in shape.values]
-    except TypeError:
-        return None
-
-
-def _dtype_or(value, default: str) -> str:
-    """An op's `out_dtype` attribute, or `default` where it is unset (None, "" or void)."""
-    text = "" if value is None else str(value)
-    return default if text in ("", "void", "None") else text
-
-
-def _default(op_name: str):
-    import tvm  # noqa: PLC0415
-    return tvm.ir.Op.get(op_name).get_attr("FLegalize")
-
-
 def legalize_conv2d(bb, call):
     """relax.nn.conv2d → packed-weight TE compute (see the module docstring), else TOPI's legalization."""
     import tvm  # noqa: PLC0415
@@ -141,13 +120,13 @@ def legalize_conv2d(bb, call):
     attrs = call.attrs
     data, weight = call.args
     target = tvm.target.Target.current(allow_none=True)
-    dshape, wshape = _static_shape(data), _static_shape(weight)
+    dshape, wshape = static_shape(data), static_shape(weight)
     dtype = str(data.ty.dtype)
-    out_dtype = _dtype_or(attrs.out_dtype, dtype)
+    out_dtype = dtype_or(attrs.out_dtype, dtype)
     if (not is_cpu(target) or dshape is None or wshape is None or not isinstance(weight, tvm.ir.GenericConst)
             or (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW")
             or dtype != "float32" or str(weight.ty.dtype) != dtype or out_dtype != dtype):
-        return _default("relax.nn.conv2d")(bb, call)
+        return default_legalization("relax.nn.conv2d")(bb, call)
     n, c, h, w = dshape
     k, cg, r, s = wshape
     groups = int(attrs.groups)
@@ -208,13 +187,13 @@ def legalize_conv2d_transpose(bb, call):
     attrs = call.attrs
     data, weight = call.args
     target = tvm.target.Target.current(allow_none=True)
-    dshape, wshape, oshape = _static_shape(data), _static_shape(weight), _static_shape(call)
+    dshape, wshape, oshape = static_shape(data), static_shape(weight), static_shape(call)
     dtype = str(data.ty.dtype)
     if (not is_cpu(target) or dshape is None or wshape is None or oshape is None
             or not isinstance(weight, tvm.ir.GenericConst) or dtype != "float32" or str(weight.ty.dtype) != dtype
             or (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "IOHW", "NCHW")
-            or _dtype_or(attrs.out_dtype, dtype) != dtype):
-        return _default("relax.nn.conv2d_transpose")(bb, call)
+            or dtype_or(attrs.out_dtype, dtype) != dtype):
+        return default_legalization("relax.nn.conv2d_transpose")(bb, call)
     _, c, h, w = dshape
     _, k, oh, ow = oshape
     groups = int(attrs.groups)
@@ -499,26 +478,7 @@ class Conv2dPacked:
         tiles = ranked_tiles(y, x, k // kb, vectors, cpu.accumulators(), exact=True)
         tiles += [t for t in ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True) if t not in tiles]
         options = [(t, None) for t in tiles if t != default] + [(default, True), (default, False)]
-        return _marked(self, func, target, options, limit)
-
-
-VARIANT = "squeeze.variant"  #: block annotation naming the tile/parallel choice of a tuning variant
-
-
-def _marked(rule, func, target, options, limit: int) -> list:
-    from .common import root_blocks  # noqa: PLC0415
-    out = []
-    for tile, parallel in options:
-        if len(out) >= limit:
-            break
-        try:
-            sch = rule.schedule(func, target, tile, parallel)
-        except Exception:  # noqa: BLE001 - a tile the loop nest cannot take: skip it
-            continue
-        if sch is not None:
-            sch.annotate(root_blocks(sch)[0], VARIANT, f"{tile}/{parallel}")
-            out.append(sch)
-    return out
+        return tile_variants(self, func, target, options, limit)
 
 
 def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,

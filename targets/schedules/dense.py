@@ -17,7 +17,8 @@ import numpy as np
 
 from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
     schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
-from .conv2d import _default, _dtype_or, _static_shape, channel_block, register_tile
+from .common import default_legalization, dtype_or, static_shape
+from .conv2d import channel_block, register_tile
 from .simd import describe, is_cpu
 
 DENSE = "dense_packed"
@@ -54,13 +55,13 @@ def legalize_matmul(bb, call):
     from tvm import relax  # noqa: PLC0415
     a, b = call.args
     target = tvm.target.Target.current(allow_none=True)
-    ashape, bshape = _static_shape(a), _static_shape(b)
+    ashape, bshape = static_shape(a), static_shape(b)
     dtype = str(a.ty.dtype)
-    out_dtype = _dtype_or(getattr(call.attrs, "out_dtype", None), dtype)
+    out_dtype = dtype_or(getattr(call.attrs, "out_dtype", None), dtype)
     if (not is_cpu(target) or ashape is None or bshape is None or not isinstance(b, tvm.ir.GenericConst)
             or len(bshape) != 2 or len(ashape) < 1 or ashape[-1] != bshape[0] or dtype != "float32"
             or str(b.ty.dtype) != dtype or out_dtype != dtype):
-        return _default("relax.matmul")(bb, call)
+        return default_legalization("relax.matmul")(bb, call)
     k, n = bshape
     m = ashape[-2] if len(ashape) >= 2 else 1
     nb, nv, mt, ks = plan_dense(m, k, n, describe(target), dtype)
@@ -106,7 +107,7 @@ class DensePacked:
         """Other (column vectors, rows, reduction split) tiles and parallel on/off, for tuning to measure."""
         from tvm import s_tir  # noqa: PLC0415
 
-        from .conv2d import _marked  # noqa: PLC0415
+        from .common import tile_variants  # noqa: PLC0415
         if not is_cpu(target):
             return []
         sch = s_tir.Schedule(func)
@@ -124,7 +125,7 @@ class DensePacked:
                         continue
                     options.append(((nv, mt, ks), None))
         options.sort(key=lambda o: -min(o[0][0] * o[0][1] * o[0][2], 12))
-        return _marked(self, func, target, [(default, True), (default, False)] + options, limit)
+        return tile_variants(self, func, target, [(default, True), (default, False)] + options, limit)
 
     def schedule(self, func, target, tile: tuple[int, int, int] | None = None, parallel: bool | None = None):
         from tvm import s_tir  # noqa: PLC0415

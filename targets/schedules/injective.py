@@ -22,10 +22,10 @@ def legalize_erf(bb, call):
     """
     import tvm  # noqa: PLC0415
     from tvm import topi  # noqa: PLC0415
-    from .conv2d import _default  # noqa: PLC0415
+    from .common import default_legalization  # noqa: PLC0415
     target = tvm.target.Target.current(allow_none=True)
     if not is_cpu(target) or str(call.args[0].ty.dtype) != "float32":
-        return _default("relax.erf")(bb, call)
+        return default_legalization("relax.erf")(bb, call)
     return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
 
 
@@ -46,10 +46,10 @@ def legalize_exp(bb, call):
 def _fast_float32(bb, call, op_name: str, hint: str, make):
     import tvm  # noqa: PLC0415
     from tvm import topi  # noqa: PLC0415
-    from .conv2d import _default  # noqa: PLC0415
+    from .common import default_legalization  # noqa: PLC0415
     target = tvm.target.Target.current(allow_none=True)
     if not is_cpu(target) or str(call.args[0].ty.dtype) != "float32":
-        return _default(op_name)(bb, call)
+        return default_legalization(op_name)(bb, call)
     return bb.call_te(lambda x: make(topi, x), call.args[0], primfunc_name_hint=hint)
 
 

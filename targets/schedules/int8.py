@@ -424,8 +424,8 @@ def legalize_quantize(bb, call):
     out_dtype = str(call.attrs.out_dtype)
     axis = int(call.attrs.axis)
     if "int" not in out_dtype:
-        from .conv2d import _default  # noqa: PLC0415
-        return _default("relax.quantize")(bb, call)
+        from .common import default_legalization  # noqa: PLC0415
+        return default_legalization("relax.quantize")(bb, call)
     info = np.iinfo(np.dtype(out_dtype))
     # x / 1.0 is x exactly (IEEE): `rewrite_qdq`'s requantize passes scale 1.0 (the multiplier is applied
     # before), and a division per output value costs more than the rest of a 1x1 conv's epilogue
@@ -507,11 +507,11 @@ def pack_weight_int8(w: np.ndarray, kb: int) -> np.ndarray:
 def legalize_conv2d_int8(bb, call):
     """uint8 × constant int8 conv2d (NCHW, no padding, groups 1) → packed dot-product kernel; None otherwise."""
     from tvm import relax  # noqa: PLC0415
-    from .conv2d import _static_shape  # noqa: PLC0415
+    from .common import static_shape  # noqa: PLC0415
     found = _int8_operands(call)
     attrs = call.attrs
     data, weight = call.args
-    dshape, wshape = _static_shape(data), _static_shape(weight)
+    dshape, wshape = static_shape(data), static_shape(weight)
     if found is None or dshape is None or wshape is None or int(attrs.groups) != 1 or any(
             int(p) for p in attrs.padding) or (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -582,10 +582,10 @@ def _conv_int8_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, wt:
 def legalize_matmul_int8(bb, call):
     """uint8 [..., M, K] × constant int8 [K, N] matmul → packed dot-product kernel; None otherwise."""
     from tvm import relax  # noqa: PLC0415
-    from .conv2d import _static_shape  # noqa: PLC0415
+    from .common import static_shape  # noqa: PLC0415
     found = _int8_operands(call)
     a, b = call.args
-    ashape, bshape = _static_shape(a), _static_shape(b)
+    ashape, bshape = static_shape(a), static_shape(b)
     if found is None or ashape is None or bshape is None or len(bshape) != 2 or len(ashape) < 2:
         return None
     target, intrinsic, kb, exact = found

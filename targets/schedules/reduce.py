@@ -30,16 +30,16 @@ LANE_REDUCE = "lane_reduce"
 def legalize_softmax(bb, call):
     """relax.nn.softmax over the innermost axis (float32, static shape) → lane-parallel TE; else TOPI's."""
     import tvm  # noqa: PLC0415
-    from .conv2d import _default, _static_shape  # noqa: PLC0415
+    from .common import default_legalization, static_shape  # noqa: PLC0415
     x = call.args[0]
     target = tvm.target.Target.current(allow_none=True)
-    shape = _static_shape(x)
+    shape = static_shape(x)
     if not is_cpu(target) or shape is None or str(x.ty.dtype) != "float32":
-        return _default("relax.nn.softmax")(bb, call)
+        return default_legalization("relax.nn.softmax")(bb, call)
     axis = int(call.attrs.axis)
     lanes = describe(target).lanes("float32")
     if axis % len(shape) != len(shape) - 1 or shape[-1] < 2 * lanes:
-        return _default("relax.nn.softmax")(bb, call)
+        return default_legalization("relax.nn.softmax")(bb, call)
     return bb.call_te(lambda t: _softmax_compute(t, lanes), x, primfunc_name_hint="softmax")
 
 
