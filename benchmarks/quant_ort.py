@@ -65,6 +65,38 @@ def run(model: onnx.ModelProto | str, feed: dict, batch: int = 8, threads: int =
     return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
 
 
+def ctc_scores(logits: np.ndarray, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-line character accuracy and line length (the weights of squeeze's pooled `ctc` metric)."""
+    chars = task_metrics.load_dictionary(corpus.ROOT / "ppocrv6_tiny_rec/dict.txt")
+    table = chars + [" "]
+    truths = [str(t) for t in texts]
+    scores = [task_metrics.char_accuracy("".join(table[i - 1] for i in task_metrics.ctc_greedy_decode(row)
+                                                 if i - 1 < len(table)), truth)
+              for row, truth in zip(logits.argmax(-1), truths)]
+    return np.array(scores), np.array([max(len(t), 1) for t in truths], np.float64)
+
+
+def per_sample(name: str, outs: list[np.ndarray], truth: dict, ref: list[np.ndarray]
+               ) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(metric name, per-sample values, weights) of the model's task metric: char accuracy (rec), mask IoU
+    (det), else the top-1 agreement of the per-anchor class with the float model (layout: class-score outputs)."""
+    if "texts" in truth:
+        return ("char_acc", *ctc_scores(outs[0], truth["texts"]))
+    if "masks" in truth:
+        return "mask_iou", task_metrics.mask_iou(outs[0].reshape(truth["masks"].shape) > 0.2, truth["masks"]), None
+    agree = []
+    for o, r in zip(outs, ref):
+        if r.ndim == 3 and r.shape[-1] <= 16:  # [1, anchors, classes]
+            agree.append((o.argmax(-1) == r.argmax(-1)).reshape(len(r), -1).mean(1))
+    return "class_agree", np.mean(agree, axis=0) if agree else np.zeros(len(outs[0])), None
+
+
+def paired(a: np.ndarray, b: np.ndarray, w: np.ndarray | None) -> dict:
+    """Mean of a − b (weighted as the metric is) with its paired standard error and n."""
+    s = task_metrics.mean_score(a - b, w)
+    return {"diff": round(s.value, 4), "se": round(s.stderr, 4) if s.stderr else None, "n": s.n}
+
+
 def ctc_accuracy(logits: np.ndarray, texts: np.ndarray) -> float:
     """squeeze's `ctc` metric: greedy decoding, 1 − Σ edit distance / Σ truth length over the set."""
     chars = task_metrics.load_dictionary(corpus.ROOT / "ppocrv6_tiny_rec/dict.txt")
@@ -145,13 +177,21 @@ def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dic
         sessions[key] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         sessions[key].run(None, feed)
     times: dict[str, list[float]] = {k: [] for k in models}
+    per_round: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for key, sess in sessions.items():
+            got = []
             for _ in range(runs):
                 t = time.perf_counter()
                 sess.run(None, feed)
-                times[key].append(time.perf_counter() - t)
-    return {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+                got.append(time.perf_counter() - t)
+            times[key] += got
+            per_round[key].append(float(np.median(got)))
+    out = {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+    if "quantize_static" in per_round:  # ratio to quantize_static per round, median over rounds
+        base = np.array(per_round["quantize_static"])
+        out["ratio_to_static"] = {k: round(float(np.median(np.array(v) / base)), 3) for k, v in per_round.items()}
+    return out
 
 
 def main() -> None:
@@ -163,6 +203,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: the whole half)")
     ap.add_argument("--save", default=None, help="folder for the models")
+    ap.add_argument("--no-pre", action="store_true", help="skip quantize_static after quant_pre_process")
     args = ap.parse_args()
     path = model_path(args.model)
     calib, ev, truth = load_split(args.model, args.calib)
@@ -170,6 +211,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ref = run(str(path), ev)
     rows = {"float": {**metric(args.model, ref, truth, ref), "file": path.stat().st_size}}
+    samples = {"float": per_sample(args.model, ref, truth, ref)}
     blobs = {"float": path.read_bytes()}
     print("float", json.dumps(rows["float"]), flush=True)
     for spec in args.specs:
@@ -177,24 +219,40 @@ def main() -> None:
         model, info = squeeze_model(path, spec, calib)
         out = folder / (spec.replace(",", "_").replace("(", "").replace(")", "").replace("=", "") + ".onnx")
         onnx.save(model, str(out))
-        rows[spec] = {**metric(args.model, run(str(out), ev), truth, ref), "file": out.stat().st_size,
+        outs = run(str(out), ev)
+        samples[spec] = per_sample(args.model, outs, truth, ref)
+        rows[spec] = {**metric(args.model, outs, truth, ref), "file": out.stat().st_size,
                       "file_ratio": round(path.stat().st_size / out.stat().st_size, 2),
                       "packed": info["packed"], "seconds": round(time.perf_counter() - t, 1)}
         if info["packed"]:
             rows[spec]["packed_ratio"] = round(path.stat().st_size / info["packed"], 2)
         blobs[spec] = out.read_bytes()
         print(spec, json.dumps(rows[spec]), flush=True)
-    for preprocess in ([False, True] if args.static else []):
+    for preprocess in ([False, True] if args.static else [])[:1 if args.no_pre else 2]:
         key = "quantize_static" + ("+pre" if preprocess else "")
         out = static_model(path, calib, folder, preprocess)
-        rows[key] = {**metric(args.model, run(str(out), ev), truth, ref), "file": out.stat().st_size,
+        outs = run(str(out), ev)
+        samples[key] = per_sample(args.model, outs, truth, ref)
+        rows[key] = {**metric(args.model, outs, truth, ref), "file": out.stat().st_size,
                      "file_ratio": round(path.stat().st_size / out.stat().st_size, 2)}
         blobs[key] = out.read_bytes()
     (key, x), = ev.items()
     timed = {k: v for k, v in blobs.items() if "codebook" not in k}
     ms = latency(timed, {key: x[:1]}, args.rounds, args.runs)
+    ratios = ms.pop("ratio_to_static", {})
     for k, v in ms.items():
         rows[k]["ort_ms_1t"] = v
+        if k in ratios:
+            rows[k]["ort_ratio_to_static"] = ratios[k]
+    name, base, w = samples["float"]
+    for k, (_, values, _) in samples.items():
+        rows[k][name] = round(task_metrics.mean_score(values, w).value, 4)
+        rows[k][name + "_se"] = round(task_metrics.mean_score(values, w).stderr or 0.0, 4)
+        rows[k]["n"] = len(values)
+        if k != "float":
+            rows[k]["vs_float"] = paired(values, base, w)
+            if "quantize_static" in samples and k != "quantize_static":
+                rows[k]["vs_static"] = paired(values, samples["quantize_static"][1], w)
     print(json.dumps({"model": args.model, "rows": rows}, indent=1))
 
 
