@@ -20,11 +20,11 @@ import onnx
 
 from . import __version__, canonical, report as report_mod, runtime, verify
 from .data import HOLDOUT_EVERY, Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize
-from .errors import DataError, ModelLoadError, OutputError, PassError, SqueezeError, TargetError
+from .errors import DataError, ModelLoadError, PassError, SqueezeError
 from .model import file_bytes, load_model, save_model, serialized_bytes, sha256
 from .outdir import OutputDir
 from .pipeline import model_stats, run_pipeline
-from .registry import get_pass, get_target
+from .registry import get_pass, get_target, hook
 from .spec import Call, bind
 from .task_metrics import Metric, MetricError, Scorer, check_data, mcnemar, resolve_metric
 from .timing import time_calls
@@ -106,8 +106,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, passes: str | Iterable[
     _target_defaults(target_calls, tune=tune, tune_cache=tune_cache, batch=batch)
     runner = None
     if rpc or tracker or key:  # a device over TVM RPC for the targets that can use one (targets/remote.py)
-        from squeeze.targets.remote import Runner  # noqa: PLC0415
-        runner = Runner.from_args(rpc, tracker, key)
+        runner = hook("device-runner")(rpc, tracker, key)
     if goal_spec is not None and goal_spec.latency is not None:
         _check_real_timing(goal_spec.latency.target, target_calls, runner)
 
@@ -403,8 +402,7 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
         if missing:
             row["error"] = missing
             return row
-        from squeeze.targets import tvm_build  # noqa: PLC0415
-        tvm_build.set_threads(threads)
+        hook("compile-threads")(threads)
         workdir = out
         say(f"{call.name}: compiling the compressed model with TVM")
         artifact = target.build(final, shapes, workdir)

@@ -218,8 +218,8 @@ def _doctor_cmd(argv: list[str]) -> int:
     parser.add_argument("--install", action="store_true", help="first run scripts/install-toolchains.sh (apt-get)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    from .targets.toolchains import doctor  # noqa: PLC0415
-    return doctor(install=args.install)
+    from .registry import hook  # noqa: PLC0415
+    return hook("doctor")(install=args.install)
 
 
 def _pack_cmd(argv: list[str]) -> int:
@@ -260,13 +260,13 @@ def _inspect_cmd(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from .data import input_specs, parse_shape_overrides  # noqa: PLC0415
     from .canonical import canonicalize  # noqa: PLC0415
-    from .model import load_model, to_graph  # noqa: PLC0415
-    from .passes.channels import channel_groups, describe  # noqa: PLC0415
+    from .model import load_model  # noqa: PLC0415
+    from .registry import hook  # noqa: PLC0415
     model, _ = canonicalize(load_model(args.model))  # the groups as passes see them: after the front end
     shapes = parse_shape_overrides(args.input_shape)
     if "" in shapes:
         shapes = {spec.name: shapes[""] for spec in input_specs(model)[:1]}
-    print(describe(channel_groups(to_graph(model), shapes)))
+    print(hook("inspect-channels")(model, shapes))
     return 0
 
 
