@@ -40,7 +40,7 @@ from benchmarks import run as harness  # noqa: E402
 from squeeze import metrics  # noqa: E402
 from squeeze.model import to_graph, to_model  # noqa: E402
 from squeeze.passes import compensate as compensation  # noqa: E402
-from squeeze.passes.channels import channel_groups  # noqa: E402
+from squeeze.passes.coupling import channel_groups  # noqa: E402
 from squeeze.passes.prune import rank_channels  # noqa: E402
 from squeeze.pipeline import run_pipeline  # noqa: E402
 from squeeze.registry import get_pass  # noqa: E402

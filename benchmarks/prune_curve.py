@@ -35,7 +35,8 @@ from squeeze.context import Context  # noqa: E402
 from squeeze.data import Dataset, input_specs  # noqa: E402
 from squeeze.model import load_model, to_graph, to_model  # noqa: E402
 from squeeze.passes import compensate as compensation  # noqa: E402
-from squeeze.passes.channels import apply_plan, channel_groups  # noqa: E402
+from squeeze.passes.coupling import channel_groups  # noqa: E402
+from squeeze.passes.cutting import apply_plan  # noqa: E402
 from squeeze.passes.prune import rank_channels  # noqa: E402
 
 MODELS = ["cifar10_resnet4b", "mnist_burn", "sri_resnet_a", "squeezenet"]

@@ -36,8 +36,9 @@ from squeeze.threads import single_threaded
 from squeeze.data import Dataset
 from squeeze.model import to_graph, to_model
 
-from .channels import (Group, infer_shapes, node_labels, set_constant_input, tensor_masks, topological_order,
-                       weight_value)
+from .channel_space import Group
+from .cutting import tensor_masks
+from .graph_util import infer_shapes, node_labels, set_constant_input, topological_order, weight_value
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)

@@ -45,7 +45,7 @@ from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
 from squeeze.threads import single_threaded
 
-from .channels import infer_shapes
+from .graph_util import infer_shapes
 from .compensate import PostOp, post_op, refit
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
 

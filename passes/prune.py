@@ -41,8 +41,11 @@ from squeeze.registry import Backoff, Range, halve, register_pass
 from squeeze.threads import single_threaded
 
 from . import compensate as compensation
-from .channels import (Group, Member, Slot, apply_plan, channel_groups, infer_shapes, note_unprunable, plan_removal,
-                       round_keep, summarize_plan, weight_value)
+from .channel_plan import note_unprunable, plan_removal, round_keep, summarize_plan
+from .channel_space import Group, Member, Slot
+from .coupling import channel_groups
+from .cutting import apply_plan
+from .graph_util import infer_shapes, weight_value
 
 Importance = Callable[[Group], np.ndarray]
 

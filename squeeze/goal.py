@@ -330,7 +330,9 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
     """Sensitivity and cost tables of `model` (see the module docstring); each part from the cache when there."""
     from squeeze.passes import lowrank as lowrank_mod  # noqa: PLC0415
     from squeeze.passes import prune as prune_mod  # noqa: PLC0415
-    from squeeze.passes.channels import apply_plan, channel_groups, note_unprunable  # noqa: PLC0415
+    from squeeze.passes.channel_plan import note_unprunable  # noqa: PLC0415
+    from squeeze.passes.coupling import channel_groups  # noqa: PLC0415
+    from squeeze.passes.cutting import apply_plan  # noqa: PLC0415
     from squeeze.passes.weights import find_layers  # noqa: PLC0415
 
     start = time.perf_counter()

@@ -13,7 +13,9 @@ from squeeze.data import Dataset, input_specs
 from squeeze.model import to_graph
 from squeeze.passes import compensate as comp
 from squeeze.passes import prune as prune_module
-from squeeze.passes.channels import Slot, channel_groups, constant_value
+from squeeze.passes.channel_space import Slot
+from squeeze.passes.coupling import channel_groups
+from squeeze.passes.graph_util import constant_value
 from squeeze.passes.prune import IMPORTANCES, output_loss
 from squeeze.pipeline import run_pipeline
 from squeeze.registry import get_pass
