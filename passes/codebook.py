@@ -116,7 +116,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         # The inputs this layer will really see: those of the network compressed so far (same sampled rows).
         x_in = _compressed_rows(graph, ctx, layer) if x is not None and changed else x
         energy = _input_energy(layer, w, x_in) if weighted and x is not None and not kernel else None
-        centroids, labels, zero = _cluster(vectors, size, ctx.seed, energy)
+        centroids, labels, zero = cluster(vectors, size, ctx.seed, energy)
         entry = {"layer": layer.name, "op": layer.op, "unit": "kernel" if kernel else "weight",
                  "params": int(w.size), "centroids": int(len(centroids)),
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
@@ -195,7 +195,7 @@ def _index_bits(count: int) -> int:
     return max(1, int(np.ceil(np.log2(count))))
 
 
-def _cluster(vectors: np.ndarray, size: int, seed: int, weights: np.ndarray | None = None
+def cluster(vectors: np.ndarray, size: int, seed: int, weights: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray, bool]:
     """(centroids [K, d], labels [n], zero reserved?) — k-means, index 0 is the zero vector when reserved;
     `weights` (one per vector, optional) weight the k-means objective."""

@@ -590,7 +590,7 @@ def _ridge(x: np.ndarray) -> Callable[[np.ndarray, float], np.ndarray]:
     return dual
 
 
-def _row_budget(cols: int) -> int:
+def row_budget(cols: int) -> int:
     return int(np.clip(GRAM_FLOPS / max(cols, 1) ** 2, 4 * cols, 65536))
 
 
@@ -600,7 +600,7 @@ def _row_budget(cols: int) -> int:
 def _fit_conv(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
     node = layer.node
     w = weight_value(node.inputs[1])
-    return _fit_windows(graph, layer, _windows(node, x, w.shape[2:]), w, y, fit, lambda conv_w: conv_w)
+    return _fit_windows(graph, layer, conv_windows(node, x, w.shape[2:]), w, y, fit, lambda conv_w: conv_w)
 
 
 def _fit_conv_transpose(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.ndarray, fit: _Fit) -> dict:
@@ -608,7 +608,7 @@ def _fit_conv_transpose(graph: gs.Graph, layer: _Layer, x: np.ndarray, y: np.nda
     node = layer.node
     w = weight_value(node.inputs[1])
     conv_w = conv_transpose_as_conv(w)
-    return _fit_windows(graph, layer, _transposed_windows(node, x, w.shape[2:]), conv_w, y, fit,
+    return _fit_windows(graph, layer, transposed_windows(node, x, w.shape[2:]), conv_w, y, fit,
                         conv_transpose_as_conv)
 
 
@@ -621,7 +621,7 @@ def _fit_windows(graph: gs.Graph, layer: _Layer, windows: np.ndarray, w: np.ndar
     bias_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     b0 = weight_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
     spatial = y.shape[2:]
-    budget = _row_budget(cols + 1)
+    budget = row_budget(cols + 1)
     xt, yt = _conv_rows(windows, y, np.flatnonzero(~fit.holdout), spatial, budget, fit.rng)
     xh, yh = _conv_rows(windows, y, np.flatnonzero(fit.holdout), spatial, max(budget // 3, 1), fit.rng)
     if not len(xh):
@@ -643,7 +643,7 @@ def conv_transpose_as_conv(w: np.ndarray) -> np.ndarray:
 
 
 def conv_transpose_problem(node: gs.Node) -> str | None:
-    """Why a ConvTranspose cannot be refit as a Conv (None when it can): the forms `_transposed_windows` covers."""
+    """Why a ConvTranspose cannot be refit as a Conv (None when it can): the forms `transposed_windows` covers."""
     if weight_value(node.inputs[1]) is None:
         return "its weight is not a constant"
     if int(node.attrs.get("group", 1)) != 1:
@@ -656,7 +656,7 @@ def conv_transpose_problem(node: gs.Node) -> str | None:
     return None
 
 
-def _transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+def transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     """Windows [N, C, *out_positions, *kernel] of the Conv a ConvTranspose equals: the input with stride−1 zeros
     between samples, padded by dilation·(k−1) − pad at each side (plus output_padding at the end; a negative pad
     crops), read at stride 1 with the ConvTranspose's dilation."""
@@ -680,7 +680,7 @@ def _transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -
     return win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
 
 
-def _windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+def conv_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     """Sliding windows [N, C, *out_positions(unstrided), *kernel] of the padded input (a view, no copy)."""
     d = len(kernel)
     strides = list(node.attrs.get("strides", [1] * d))

@@ -89,7 +89,7 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
     """Low-rank implants: factorize Conv/Gemm/MatMul layers into two thin ones fitted to calibration activations."""
     all_layers = find_layers(graph)
     ranks = parse_layer_ranks(layer_rank, all_layers)
-    specs, skipped = _candidates(graph, ctx, all_layers, skip, ranks, min_share)
+    specs, skipped = candidate_specs(graph, ctx, all_layers, skip, ranks, min_share)
     data_aware = not ctx.calib_is_synthetic and ctx.model is not None
     if ctx.calib_is_synthetic and (init == "activation" or compensate):
         ctx.note("activation-aware init and refit skipped: the calibration data is synthetic noise; plain weight "
@@ -115,7 +115,7 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
     _report(ctx, per_layer, skipped)
 
 
-def _candidates(graph: gs.Graph, ctx: Context, layers: list[Layer], skip: list[str], ranks: dict,
+def candidate_specs(graph: gs.Graph, ctx: Context, layers: list[Layer], skip: list[str], ranks: dict,
                 min_share: float) -> tuple[list["_LayerSpec"], dict[str, str]]:
     """The layers to try, in graph order, and {layer: why not} for the others (skip list, unsupported form, too
     small a share of the model's MACs unless `layer_rank` names it)."""
@@ -142,7 +142,7 @@ def _candidates(graph: gs.Graph, ctx: Context, layers: list[Layer], skip: list[s
 def candidate_layers(graph: gs.Graph, ctx: Context, min_share: float | None = None) -> list[str]:
     """The layers `lowrank` would factorize with its defaults (what a goal search measures), in graph order."""
     share = MIN_SHARE if min_share is None else min_share
-    specs, _ = _candidates(graph, ctx, find_layers(graph), [], {}, share)
+    specs, _ = candidate_specs(graph, ctx, find_layers(graph), [], {}, share)
     return [s.layer.name for s in specs]
 
 

@@ -219,11 +219,11 @@ def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader 
     if convolution and s.inner == 1 and s.outer == 1 \
             and w.shape[1] == s.width and w.shape[1] * int(np.prod(w.shape[2:])) <= EXACT_FEATURES:
         k = int(np.prod(w.shape[2:]))
-        windows = compensation._transposed_windows(node, x, w.shape[2:]) if node.op == "ConvTranspose" \
-            else compensation._windows(node, x, w.shape[2:])
+        windows = compensation.transposed_windows(node, x, w.shape[2:]) if node.op == "ConvTranspose" \
+            else compensation.conv_windows(node, x, w.shape[2:])
         spatial = windows.shape[2:2 + w.ndim - 2]
         per = int(np.prod(spatial))
-        budget = min(RECONSTRUCTION_ROWS, compensation._row_budget(w.shape[1] * k))
+        budget = min(RECONSTRUCTION_ROWS, compensation.row_budget(w.shape[1] * k))
         picks = rng.choice(len(x) * per, size=min(budget, len(x) * per), replace=False)
         rows = windows[(picks // per, slice(None)) + np.unravel_index(picks % per, spatial)]
         rows = rows.reshape(len(picks), -1).astype(np.float64)
@@ -245,7 +245,7 @@ def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader 
     # a channel's weights at each position scaled by that position's spread relative to the channel's.
     xs = np.moveaxis(x, s.axis, -1).reshape(-1, s.outer, s.width, s.inner).astype(np.float64)
     chan = np.moveaxis(xs, 2, -1).reshape(-1, s.width)
-    budget = min(RECONSTRUCTION_ROWS, compensation._row_budget(s.width))
+    budget = min(RECONSTRUCTION_ROWS, compensation.row_budget(s.width))
     if len(chan) > budget:
         chan = chan[rng.choice(len(chan), budget, replace=False)]
     chan = chan - chan.mean(axis=0)
@@ -518,7 +518,7 @@ def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: s
                   compensate: bool) -> Ranking:
     """Score the prunable groups with `criterion` (and, for scope `sensitivity`, measure each group's loss
     curve); the Ranking then gives the plan for any ratio."""
-    candidates = _candidates(groups, ctx, multiple)
+    candidates = candidate_groups(groups, ctx, multiple)
     if not candidates:
         return Ranking([], {}, {}, scope, multiple)
     importance = importance_for(criterion, candidates, ctx)
@@ -530,7 +530,7 @@ def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: s
     return Ranking(candidates, scores, scores, scope, multiple)
 
 
-def _candidates(groups: list[Group], ctx: Context, multiple: int) -> list[Group]:
+def candidate_groups(groups: list[Group], ctx: Context, multiple: int) -> list[Group]:
     out = []
     for g in groups:
         if not g.prunable:

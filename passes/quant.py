@@ -73,23 +73,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
           ) -> None:
     """Int8 QDQ: per-channel symmetric weights, calibrated uint8 activations, optional AdaRound."""
     onnx_int4 = int4 == "onnx" and bits <= 4
-    need = 21 if onnx_int4 else (13 if per_channel else 10)
-    model = ctx.model
-    before = int(graph.opset or need)
-    if before < need and has_subgraphs(ctx.model):
-        # onnx.version_converter would rewrite the If/Loop/Scan bodies too, which this pass does not own.
-        if before >= 10 and not onnx_int4:
-            per_channel, need = False, 10
-            ctx.note(f"per-tensor weight scales: per-channel needs opset 13, and upgrading opset {before} would "
-                     "rewrite the model's control-flow subgraphs")
-        else:
-            raise PassError(f"quant needs opset {need} (the model has {before}), and the upgrade would rewrite "
-                            "the model's control-flow subgraphs (If/Loop/Scan); upgrade the model first")
-    if before < need:
-        model = upgrade_opset(graph, ctx.model, need)
-        ctx.note(f"opset upgraded {before} → {need} with onnx.version_converter "
-                 f"({'INT4 tensors' if onnx_int4 else 'per-channel DequantizeLinear needs axis'})")
-        ctx.details["opset"] = {"from": before, "to": need}
+    model, per_channel = _opset_for(graph, ctx, per_channel, onnx_int4)
     gates = _hardswish_as_gate(graph)
     if gates:
         ctx.note(f"{gates} hard-swish(es) written x·Clip(x + 3, 0, 6) / 6 rewritten as x·HardSigmoid(x) (the same "
@@ -121,28 +105,8 @@ def quant(graph: gs.Graph, ctx: Context, *,
     learn = rounding != "nearest" and not ctx.calib_is_synthetic
     if rounding != "nearest" and ctx.calib_is_synthetic:
         ctx.note(f"rounding={rounding} needs real calibration data; rounded to nearest instead")
-    per_layer, scales = [], {}
-    for k, layer in enumerate(layers):
-        entry = {"layer": layer.name, "op": layer.op}
-        x = rows.get(layer.name)
-        act = ranges.get(layer.input.name)
-        w = layer.values
-        if w is not None and not np.isfinite(w).all():
-            skipped[layer.name] = "its weight holds NaN or inf"
-            w = None
-        if w is None:
-            entry["weights"] = "kept (computed, already compressed, or not finite)"
-        else:
-            entry.update(_quantize_weight(builder, layer, w, bits, per_channel, onnx_int4, x if learn else None,
-                                          rounding, iters, ctx.seed, f"w{k}"))
-        if x is not None and w is not None:
-            entry["sqnr_db"] = _sqnr(layer, w, entry["_dequantized"], x, act)
-        if w is not None:
-            scales[layer.name] = entry.pop("_scale")
-        entry.pop("_dequantized", None)
-        if act is not None:
-            entry["input_scale"], entry["input_zero_point"] = act[0], act[1]
-        per_layer.append(entry)
+    per_layer, scales = _quantize_weights(builder, layers, rows, ranges, skipped, bits, per_channel, onnx_int4,
+                                          rounding, learn, iters, ctx.seed)
     sources = {l.name: l.input.name for l in layers}
     kept_float = _sensitive_sites(ctx, model, ranges, sensitive) if names and sensitive > 0 else []
     sites = {k: v for k, v in sites.items() if k not in kept_float}
@@ -167,6 +131,58 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if biases:
         ctx.note(f"{biases} bias(es) stored as int32 with scale input_scale × weight_scale (as an integer "
                  "kernel adds them; ONNX Runtime would otherwise requantize float biases itself)")
+
+
+def _opset_for(graph: gs.Graph, ctx: Context, per_channel: bool, onnx_int4: bool) -> tuple[onnx.ModelProto, bool]:
+    """The model at the opset the QDQ form needs (per-channel axis: 13, INT4: 21), and whether per-channel scales
+    are still possible (not when upgrading would rewrite control-flow subgraphs)."""
+    need = 21 if onnx_int4 else (13 if per_channel else 10)
+    model = ctx.model
+    before = int(graph.opset or need)
+    if before < need and has_subgraphs(ctx.model):
+        # onnx.version_converter would rewrite the If/Loop/Scan bodies too, which this pass does not own.
+        if before >= 10 and not onnx_int4:
+            per_channel, need = False, 10
+            ctx.note(f"per-tensor weight scales: per-channel needs opset 13, and upgrading opset {before} would "
+                     "rewrite the model's control-flow subgraphs")
+        else:
+            raise PassError(f"quant needs opset {need} (the model has {before}), and the upgrade would rewrite "
+                            "the model's control-flow subgraphs (If/Loop/Scan); upgrade the model first")
+    if before < need:
+        model = upgrade_opset(graph, ctx.model, need)
+        ctx.note(f"opset upgraded {before} → {need} with onnx.version_converter "
+                 f"({'INT4 tensors' if onnx_int4 else 'per-channel DequantizeLinear needs axis'})")
+        ctx.details["opset"] = {"from": before, "to": need}
+    return model, per_channel
+
+
+def _quantize_weights(builder, layers, rows, ranges, skipped, bits, per_channel, onnx_int4, rounding, learn,
+                      iters, seed) -> tuple[list[dict], dict]:
+    """Quantize every layer's weight (`learn`: `rounding` may use the layer's calibration rows); the report rows
+    and each layer's weight scales."""
+    per_layer, scales = [], {}
+    for k, layer in enumerate(layers):
+        entry = {"layer": layer.name, "op": layer.op}
+        x = rows.get(layer.name)
+        act = ranges.get(layer.input.name)
+        w = layer.values
+        if w is not None and not np.isfinite(w).all():
+            skipped[layer.name] = "its weight holds NaN or inf"
+            w = None
+        if w is None:
+            entry["weights"] = "kept (computed, already compressed, or not finite)"
+        else:
+            entry.update(_quantize_weight(builder, layer, w, bits, per_channel, onnx_int4, x if learn else None,
+                                          rounding, iters, seed, f"w{k}"))
+        if x is not None and w is not None:
+            entry["sqnr_db"] = _sqnr(layer, w, entry["_dequantized"], x, act)
+        if w is not None:
+            scales[layer.name] = entry.pop("_scale")
+        entry.pop("_dequantized", None)
+        if act is not None:
+            entry["input_scale"], entry["input_zero_point"] = act[0], act[1]
+        per_layer.append(entry)
+    return per_layer, scales
 
 
 def _fold_bias_adds(graph: gs.Graph) -> int:

@@ -136,8 +136,8 @@ def plot_html(table: list[dict]) -> str:
     """A self-contained page with the table and an accuracy-vs-size / latency plot."""
     import html as html_mod  # noqa: PLC0415
 
-    from .html import _plt, _svg, _table  # noqa: PLC0415
-    plt = _plt()
+    from .html import pyplot, svg, html_table  # noqa: PLC0415
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for r in table:
         label = r["passes"][:30]
@@ -149,18 +149,18 @@ def plot_html(table: list[dict]) -> str:
     _bars(axes[1], table, [k for k in main if k.endswith("]") and " p50 ms " in k], "latency p50 (ms), real time")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    plots = _svg(fig)
+    plots = svg(fig)
     for method, what in NOT_DEVICE_TIME.items():  # each on its own axis, named after what it measures
         keys = [k for k in apart if apart_method(k) == method and " check [" not in k]
         if keys:
             fig, ax = plt.subplots(figsize=(4.5, 3.2))
             _bars(ax, table, keys, f"{method}: {what}")
             fig.tight_layout()
-            plots += _svg(fig)
-    tables = _table([{k: r.get(k) for k in main} for r in table])
+            plots += svg(fig)
+    tables = html_table([{k: r.get(k) for k in main} for r in table])
     if apart:
         tables += ("<h2>Not device time (emulated, opencl-cpu, instruction-count)</h2><p>Not comparable with the "
-                   "latencies above; no ratio is computed from them.</p>" + _table([{k: r.get(k) for k in apart}
+                   "latencies above; no ratio is computed from them.</p>" + html_table([{k: r.get(k) for k in apart}
                                                                                    for r in table]))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>squeeze compare</title></head><body>"
             f"<h1>squeeze compare</h1>{plots}{tables}"

@@ -340,7 +340,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
     groups = channel_groups(graph, shapes)
     ctx = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
     note_unprunable(ctx, groups)
-    candidates = prune_mod._candidates(groups, ctx, multiple) if "prune" in goal.using else []
+    candidates = prune_mod.candidate_groups(groups, ctx, multiple) if "prune" in goal.using else []
     implants = lowrank_mod.candidate_layers(graph, ctx) if "lowrank" in goal.using else []
     layers = [l for l in find_layers(graph) if l.values is not None and l.values.size >= 2
               and np.isfinite(l.values).all()]

@@ -212,8 +212,8 @@ def predicted_loss(trace_per_param: float, w: np.ndarray, w_quantized: np.ndarra
 
 def clustered(w: np.ndarray, bits: int, seed: int) -> np.ndarray:
     """`w` as the codebook pass clusters it at `bits` index bits without compensation (unit=weight)."""
-    from squeeze.passes.codebook import _cluster  # noqa: PLC0415
-    centroids, labels, _ = _cluster(w.reshape(-1, 1).astype(np.float64), 1 << int(bits), seed)
+    from squeeze.passes.codebook import cluster  # noqa: PLC0415
+    centroids, labels, _ = cluster(w.reshape(-1, 1).astype(np.float64), 1 << int(bits), seed)
     return centroids.astype(w.dtype)[labels].reshape(w.shape)
 
 

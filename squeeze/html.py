@@ -10,7 +10,7 @@ from typing import Any
 SECTIONS = ("summary", "pipeline", "goal", "layers", "targets", "fidelity", "guard")
 
 
-def _plt():
+def pyplot():
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -18,10 +18,10 @@ def _plt():
     return plt
 
 
-def _svg(fig) -> str:
+def svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    _plt().close(fig)
+    pyplot().close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
@@ -37,7 +37,7 @@ def _stages(report: dict) -> list[tuple[str, dict]]:
 
 
 def _waterfall(report: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     stages = _stages(report)
     labels = [name if len(name) < 24 else name[:22] + "…" for name, _ in stages]
     size = [s["bytes"].get("onnx", 0) / 1e3 for _, s in stages]
@@ -64,11 +64,11 @@ def _waterfall(report: dict) -> str:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, rotation=30, ha="right")
     fig.tight_layout()
-    return _svg(fig)
+    return svg(fig)
 
 
 def _layer_macs(report: dict) -> str | None:
-    plt = _plt()
+    plt = pyplot()
     before, after = report["original"].get("macs_per_node", {}), report["final"].get("macs_per_node", {})
     names = list(before)
     if not names:
@@ -83,7 +83,7 @@ def _layer_macs(report: dict) -> str | None:
     ax.legend()
     ax.set_title("MACs per layer")
     fig.tight_layout()
-    return _svg(fig)
+    return svg(fig)
 
 
 def _latency(report: dict) -> str | None:
@@ -122,7 +122,7 @@ def _bar_plot(bars: list[tuple[str, float | None, float | None]], xlabel: str) -
     """Horizontal bars, original and compressed per label, on one axis."""
     if not bars:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 0.5 * len(bars) + 1.2))
     y = range(len(bars))
     ax.barh([i + 0.2 for i in y], [b[1] or 0 for b in bars], height=0.4, label="original", color="#4c72b0")
@@ -132,7 +132,7 @@ def _bar_plot(bars: list[tuple[str, float | None, float | None]], xlabel: str) -
     ax.set_xlabel(xlabel)
     ax.legend()
     fig.tight_layout()
-    return _svg(fig)
+    return svg(fig)
 
 
 def _goal_plot(goal: dict) -> str | None:
@@ -141,7 +141,7 @@ def _goal_plot(goal: dict) -> str | None:
     metric = next(iter(goal.get("budgets") or {}), "bytes")
     if not points:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
     curve = (goal.get("predicted_curve") or {}).get(metric) or []
     if curve:
@@ -165,7 +165,7 @@ def _goal_plot(goal: dict) -> str | None:
         ax.set_xlabel(f"{'size' if metric == 'bytes' else metric} ratio vs original (goal: dotted)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _svg(fig)
+    return svg(fig)
 
 
 def _goal_section(report: dict) -> str:
@@ -184,11 +184,11 @@ def _goal_section(report: dict) -> str:
                "meets goal": p["meets_goal"], "within max-drop": p["within_max_drop"]} for p in goal["points"]]
     plan = [r for r in goal.get("plan", []) if r.get("bits", "float") != "float" or
             r.get("channels_after", 0) != r.get("channels_before", 0)]
-    return (head + why + (_goal_plot(goal) or "") + "<h3>Measured plans (Pareto points)</h3>" + _table(points)
-            + "<h3>Per-layer plan (what changed)</h3>" + (_table(plan) or "<p>No layer changed.</p>"))
+    return (head + why + (_goal_plot(goal) or "") + "<h3>Measured plans (Pareto points)</h3>" + html_table(points)
+            + "<h3>Per-layer plan (what changed)</h3>" + (html_table(plan) or "<p>No layer changed.</p>"))
 
 
-def _table(rows: list[dict]) -> str:
+def html_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     keys: list[str] = []
@@ -215,11 +215,11 @@ def _details_tables(report: dict) -> str:
     for step in report["passes"]:
         for key, value in (step.get("details") or {}).items():
             if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                parts.append(f"<h3>{_esc(step['spec'])}: {_esc(key)}</h3>" + _table(value))
+                parts.append(f"<h3>{_esc(step['spec'])}: {_esc(key)}</h3>" + html_table(value))
         bpp = (step.get("bytes") or {}).get("bits_per_param")
         if isinstance(bpp, dict) and isinstance(bpp.get("layers"), dict):
             rows = [{"layer": k, "bits/param": v} for k, v in bpp["layers"].items()]
-            parts.append(f"<h3>{_esc(step['spec'])}: bits per parameter</h3>" + _table(rows))
+            parts.append(f"<h3>{_esc(step['spec'])}: bits per parameter</h3>" + html_table(rows))
     return "".join(parts)
 
 
@@ -256,12 +256,12 @@ def _targets_section(report: dict) -> str:
     apart = [r for r in report["targets"] if "error" not in r and not real_time(r)]
     failures = [f"{r['spec']}: {_failed(r)}" for r in report["targets"] if _failed(r)]
     text = "".join(f"<p class='bad'><b>{_esc(f)}</b></p>" for f in failures) + (_latency(report) or "")
-    text += _table([_target_row(r) for r in real])
+    text += html_table([_target_row(r) for r in real])
     if apart:
         text += ("<h3>Not device time (emulated, opencl-cpu, instruction-count)</h3><p>These figures are not the "
                  "target's real speed: they are drawn on their own axes, never next to a real latency, and no "
                  "speed-up is computed from them.</p>" + "".join(_apart_plots(report))
-                 + _table([_apart_row(r) for r in apart]))
+                 + html_table([_apart_row(r) for r in apart]))
     return text + ("<p>Every latency is labelled with how it was measured: native = timed on this machine; rpc = on a "
                    "device through TVM RPC; emulated = qemu's time, opencl-cpu = PoCL on this CPU (correctness only); "
                    "instruction-count = QEMU instruction counts, not cycles.</p>")
@@ -308,13 +308,13 @@ def render(report: dict) -> str:
             f"squeeze {report['squeeze_version']}, TVM {report['environment'].get('tvm')}, onnxruntime "
             f"{report['environment'].get('onnxruntime')}, {report['environment'].get('threads')} thread(s)")) + "</p>"
         + (f"<p class='bad'>Pipeline stopped: {_esc(report['failure'])}</p>" if report.get("failure") else "")
-        + _table(summary_rows),
+        + html_table(summary_rows),
         "pipeline": _waterfall(report),
         "goal": _goal_section(report),
         "layers": (layers_svg or "<p>No layers with counted MACs.</p>") + _details_tables(report),
         "targets": _targets_section(report),
-        "fidelity": _table(fidelity_rows) or "<p>No passes.</p>",
-        "guard": _table(guard_rows) or "<p>The accuracy guard was not used"
+        "fidelity": html_table(fidelity_rows) or "<p>No passes.</p>",
+        "guard": html_table(guard_rows) or "<p>The accuracy guard was not used"
         + (" (no pass needed backing off)." if report.get("max_drop") is not None else " (no --max-drop).") + "</p>",
     }
     titles = {"goal": "Goal: per-layer allocation", "summary": "Summary", "pipeline": "Pipeline: size, MACs and accuracy after each pass",

@@ -196,7 +196,7 @@ def test_compressed_weights_are_left_alone_by_a_second_run():
 
 def test_cluster_linear_init_spans_the_range():
     values = np.linspace(-1, 1, 1000)[:, None]
-    centroids, labels, zero = codebook_mod._cluster(values, 8, seed=0)
+    centroids, labels, zero = codebook_mod.cluster(values, 8, seed=0)
     assert not zero and len(centroids) == 8
     assert np.abs(centroids[labels] - values).max() < 0.15
 

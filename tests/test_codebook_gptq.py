@@ -72,10 +72,10 @@ def test_gptq_keeps_exact_zeros_on_the_reserved_centroid():
 def test_weighted_kmeans_follows_the_weights():
     values = np.concatenate([np.full(50, -1.0), np.full(50, 0.0), np.full(50, 1.0)])[:, None]
     weights = np.where(values[:, 0] > 0.5, 1000.0, 1.0)
-    centroids, labels, _ = cb._cluster(values + np.linspace(0, 0.01, 150)[:, None], 2, 0, weights)
+    centroids, labels, _ = cb.cluster(values + np.linspace(0, 0.01, 150)[:, None], 2, 0, weights)
     heavy = centroids[labels[values[:, 0] > 0.5]]
     assert np.all(np.abs(heavy - 1.0) < 0.02)              # the heavy group keeps a centroid of its own
-    plain, _, _ = cb._cluster(values, 2, 0)
+    plain, _, _ = cb.cluster(values, 2, 0)
     assert len(plain) == 2
 
 
