@@ -67,7 +67,8 @@ CODE_PATHS = ["squeeze", "passes", "targets"]
 # writes benchmarks/results/<script>.md with its defaults; one not in this checkout is left out (and said so).
 ISSUE_SCRIPTS: list[tuple[str, list[str]]] = [
     ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("blockperm", []), ("goal", []),
-    ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", [])]
+    ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", []),
+    ("codebook_bits", []), ("data_roles", [])]
 # Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
 ISSUE_TABLES = [f"{name}.md" for name, _ in ISSUE_SCRIPTS]
 ISSUE_COMMANDS = {f"{name}.md": " ".join(["python", f"benchmarks/{name}.py", *extra]) for name, extra in ISSUE_SCRIPTS}
