@@ -98,7 +98,7 @@ def parse_goal(text: str) -> Goal:
     """`size=8x`, `bytes=200k`, `macs=0.5` (fraction) or `macs=2x`, `latency=1.5x@cpu`, joined by commas;
     `using=prune+lowrank+codebook` picks the passes (default: prune and codebook for size goals, prune
     otherwise);
-    `sensitivity=hessian` predicts the codebook losses from Hessian traces (squeeze.hessian) instead of
+    `sensitivity=hessian` predicts the codebook losses from Hessian traces (squeeze.passes.hessian) instead of
     measuring every layer at every width."""
     parts = [p.strip() for p in _split_top(text or "") if p.strip()]
     if not parts:
@@ -421,7 +421,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                 book_part["bits"].setdefault(name, {})[str(bits)] = float(per_layer.get(name, costs[name].float_bits))
             bar.step(f"packed size of every layer at {bits} bits")
         if goal.sensitivity == "hessian":  # HAWQ-V2 proxy: ½·Tr(H)/n·‖Q(W)−W‖² (plain k-means, not compensated)
-            from . import hessian  # noqa: PLC0415
+            from squeeze.passes import hessian  # noqa: PLC0415
             proxy = hessian.codebook_proxy(model, holdout, CODEBOOK_BITS, seed=seed, threads=threads)
             bar.step("Hessian traces")
             for name in layer_names:

@@ -122,7 +122,7 @@ def test_parse_latency_at_a_target():
 
 
 def test_hessian_sensitivity_predicts_the_codebook_tables(digits):
-    """`sensitivity=hessian`: the codebook losses come from the Hessian-trace proxy (squeeze.hessian), not from
+    """`sensitivity=hessian`: the codebook losses come from the Hessian-trace proxy (squeeze.passes.hessian), not from
     clustering each layer at each width; the allocation then still meets the goal, measured."""
     assert parse_goal("size=8x").sensitivity == "measured"
     assert parse_goal("size=8x,sensitivity=hessian").sensitivity == "hessian"

@@ -1,4 +1,4 @@
-"""squeeze/hessian.py (issue 10, item 1): the Hutchinson / finite-difference Hessian-trace proxy for the per-layer
+"""passes/hessian.py (issue 10, item 1): the Hutchinson / finite-difference Hessian-trace proxy for the per-layer
 codebook loss, against an exact trace on a linear model and against the measured curve on digits_cnn.
 
 The measured curve is computed as `goal.measure_tables` computes its codebook knobs: the `codebook` pass on one
@@ -18,7 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from squeeze import hessian, runtime
+from squeeze import runtime
+from squeeze.passes import hessian
 from squeeze.context import Context
 from squeeze.data import Dataset, input_specs, load_npz, resolve_shapes
 from squeeze.goal import _holdout

@@ -48,10 +48,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import runtime
-from .data import Dataset, input_specs
-from .errors import PassError
-from .model import to_graph
+from squeeze import runtime
+from squeeze.data import Dataset, input_specs
+from squeeze.errors import PassError
+from squeeze.model import to_graph
 
 DEFAULT_EPS = 1e-3      #: finite-difference step, relative to the weight's RMS
 QUADRATIC_TOL = 0.25    #: L(2ε) / L(ε) must be within 4·(1 ± this) to count as quadratic
@@ -92,7 +92,7 @@ class TraceEstimate:
 
 def clusterable_layers(model: onnx.ModelProto):
     """The weight layers `goal.measure_tables` makes codebook knobs for (float constant, ≥ 2 finite values)."""
-    from squeeze.passes.weights import find_layers  # noqa: PLC0415 (squeeze.passes imports this package)
+    from .weights import find_layers  # noqa: PLC0415
     return [l for l in find_layers(to_graph(model)) if l.values is not None and l.values.size >= 2
             and np.isfinite(l.values).all()]
 
@@ -120,7 +120,7 @@ class _Probe:
     of it against the outputs at its original value, on `data`."""
 
     def __init__(self, model: onnx.ModelProto, weight: str, data: Dataset, threads: int | None):
-        from squeeze.passes.prune import output_loss  # noqa: PLC0415
+        from .prune import output_loss  # noqa: PLC0415
         self._loss = output_loss
         init = next((t for t in model.graph.initializer if t.name == weight), None)
         if init is None:
@@ -212,7 +212,7 @@ def predicted_loss(trace_per_param: float, w: np.ndarray, w_quantized: np.ndarra
 
 def clustered(w: np.ndarray, bits: int, seed: int) -> np.ndarray:
     """`w` as the codebook pass clusters it at `bits` index bits without compensation (unit=weight)."""
-    from squeeze.passes.codebook import cluster  # noqa: PLC0415
+    from .codebook import cluster  # noqa: PLC0415
     centroids, labels, _ = cluster(w.reshape(-1, 1).astype(np.float64), 1 << int(bits), seed)
     return centroids.astype(w.dtype)[labels].reshape(w.shape)
 
