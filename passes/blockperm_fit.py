@@ -14,6 +14,8 @@ from squeeze import runtime
 from squeeze.context import Context
 from squeeze.model import to_model
 
+from .graph_util import conv_pads
+
 if TYPE_CHECKING:
     from .blockperm import BlockLayer
 
@@ -152,7 +154,7 @@ def _conv_rows(t: BlockLayer, x: np.ndarray, y: np.ndarray, rng: np.random.Gener
     d = len(t.kernel)
     strides = list(node.attrs.get("strides", [1] * d))
     dil = list(node.attrs.get("dilations", [1] * d))
-    pads = _conv_pads(node, x.shape[2:], t.kernel, strides, dil)
+    pads = conv_pads(node, x.shape[2:], t.kernel, strides, dil)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
     out_sp = y.shape[2:]
     per = int(np.prod(out_sp))
@@ -172,24 +174,6 @@ def _row_limit(t: BlockLayer) -> int:
     """Rows kept for compensation: MAX_ROWS, fewer for wide layers, but at least 4× a block's inputs."""
     features = t.n * t.kernel_size
     return int(max(min(MAX_ROWS, ROW_FLOATS // features), 4 * -(-features // t.blocks)))
-
-
-def _conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
-    d = len(kernel)
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(d):
-            out = -(-size[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size[i])
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * d)
-    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
 
 
 def _block_fits(x: np.ndarray, y: np.ndarray, w0: np.ndarray, only: str | None = None

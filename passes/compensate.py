@@ -38,7 +38,7 @@ from squeeze.model import to_graph, to_model
 
 from .channel_space import Group
 from .cutting import tensor_masks
-from .graph_util import infer_shapes, node_labels, set_constant_input, topological_order, weight_value
+from .graph_util import conv_pads, infer_shapes, node_labels, set_constant_input, topological_order, weight_value
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -685,30 +685,12 @@ def conv_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.nd
     d = len(kernel)
     strides = list(node.attrs.get("strides", [1] * d))
     dil = list(node.attrs.get("dilations", [1] * d))
-    pads = _conv_pads(node, x.shape[2:], kernel, strides, dil)
+    pads = conv_pads(node, x.shape[2:], kernel, strides, dil)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
     eff = [dil[i] * (kernel[i] - 1) + 1 for i in range(d)]
     win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + d)))
     win = win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
     return win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
-
-
-def _conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
-    d = len(kernel)
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(d):
-            out = -(-size[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size[i])
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * d)
-    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
 
 
 def _conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, budget: int, rng):

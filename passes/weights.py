@@ -214,22 +214,10 @@ def select_layers(layers: list[Layer], skip: Iterable[str]) -> tuple[list[Layer]
 
 def _conv_geometry(node: gs.Node, in_hw: tuple[int, int], kernel: tuple[int, int]):
     """(pads top/left/bottom/right, strides, dilations) of a 2-D Conv, auto_pad resolved."""
+    from .graph_util import conv_pads  # noqa: PLC0415 (graph_util imports this module)
     strides = list(node.attrs.get("strides", [1, 1]))
     dilations = list(node.attrs.get("dilations", [1, 1]))
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0, 0, 0, 0]
-        for a in range(2):
-            out = -(-in_hw[a] // strides[a])
-            total = max(0, (out - 1) * strides[a] + (kernel[a] - 1) * dilations[a] + 1 - in_hw[a])
-            small, big = total // 2, total - total // 2
-            pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-    elif auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    else:
-        pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
-    return pads, strides, dilations
+    return conv_pads(node, in_hw, kernel, strides, dilations), strides, dilations
 
 
 def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator

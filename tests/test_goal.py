@@ -121,6 +121,7 @@ def test_parse_latency_at_a_target():
     assert g.latency.target == "cpu(mcpu='host',tune=0)"
 
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_hessian_sensitivity_predicts_the_codebook_tables(digits):
     """`sensitivity=hessian`: the codebook losses come from the Hessian-trace proxy (squeeze.passes.hessian), not from
     clustering each layer at each width; the allocation then still meets the goal, measured."""
@@ -358,6 +359,7 @@ def test_latency_and_the_measured_corrections():
     assert model.loss({"prune:g": 1, "codebook:B": 1}) == pytest.approx(0.21)
 
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_real_tables_couple_the_layers_a_group_touches(digits_tables):
     layers = {l.name: l for l in digits_tables.layers}
     assert set(layers) == {STEM, CONV1, CONV2, DOWN, FC1, FC2}
@@ -383,6 +385,7 @@ def _choice(tables: Tables, kind: str, name: str, value: int) -> tuple[str, int]
     return f"{kind}:{name}", knob.choices.index(value)
 
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_plan_calls_round_trip_and_do_what_the_plan_says(digits_tables, digits):
     t = digits_tables
     plan = dict([_choice(t, "prune", CONV1, 8), _choice(t, "prune", FC1, 48), _choice(t, "prune", DOWN, 32),
@@ -427,6 +430,7 @@ def test_plan_calls_of_nothing_and_of_float_layers_only():
 
 # --------------------------------------------------------------------------------- 5. end to end through compress
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_goal_end_to_end_meets_the_size_within_max_drop(goal_runs):
     report = goal_runs.first.report
     g = report["goal"]
@@ -456,6 +460,7 @@ def test_goal_end_to_end_meets_the_size_within_max_drop(goal_runs):
     assert "size=6x" in (goal_runs.out / "run1" / "report.md").read_text()
 
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_goal_second_run_reads_the_cache_and_is_byte_identical(goal_runs):
     first, second = goal_runs.first.report["goal"], goal_runs.second.report["goal"]
     assert first["tables"]["cached"] is False and second["tables"]["cached"] is True
@@ -467,10 +472,12 @@ def test_goal_second_run_reads_the_cache_and_is_byte_identical(goal_runs):
     assert one.read_bytes() == two.read_bytes()
 
 
+@pytest.mark.slow  # the end-to-end goal runs and their tables: ~10 min of the default run
 def test_two_budgets_on_one_metric_both_hold(goal_runs, digits, monkeypatch):
     monkeypatch.setenv("SQUEEZE_CACHE", str(goal_runs.cache))  # the tables are the ones already measured
-    found = goal_mod.search(digits.model, parse_goal("size=6x,bytes=10M"), digits.calib, digits.shapes,
-                            original=digits.model, max_drop=2.0, guard_data=digits.eval)
+    fit, held = digits.calib.split_holdout()  # as compress splits --calib: the cached tables are the fit part's
+    found = goal_mod.search(digits.model, parse_goal("size=6x,bytes=10M"), fit, digits.shapes,
+                            original=digits.model, max_drop=2.0, guard_data=held)
     assert found.report["tables"]["cached"]
     assert found.report["budgets"]["bytes"]["ratio"] >= 6.0  # the tighter of the two
 
