@@ -99,13 +99,8 @@ def paired(a: np.ndarray, b: np.ndarray, w: np.ndarray | None) -> dict:
 
 def ctc_accuracy(logits: np.ndarray, texts: np.ndarray) -> float:
     """squeeze's `ctc` metric: greedy decoding, 1 − Σ edit distance / Σ truth length over the set."""
-    chars = task_metrics.load_dictionary(corpus.ROOT / "ppocrv6_tiny_rec/dict.txt")
-    table = chars + [" "]
-    truths = [str(t) for t in texts]
-    scores = [task_metrics.char_accuracy("".join(table[i - 1] for i in task_metrics.ctc_greedy_decode(row)
-                                                 if i - 1 < len(table)), truth)
-              for row, truth in zip(logits.argmax(-1), truths)]
-    return float(np.average(scores, weights=[max(len(t), 1) for t in truths]))
+    scores, weights = ctc_scores(logits, texts)
+    return float(np.average(scores, weights=weights))
 
 
 def mask_iou(prob: np.ndarray, masks: np.ndarray) -> float:

@@ -109,13 +109,14 @@ def test_no_module_uses_another_modules_private_names():
     bad = []
     for path, module in _modules():
         aliases = {}
-        for imported, names, _, line in _imports(path, module):
+        imports = _imports(path, module)
+        for imported, names, _, line in imports:
             if imported in ours and imported != module:
                 bad += [f"{_rel(path)}:{line} imports {imported}.{n}" for n in names if _private(n)]
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):  # names bound to our modules: `from . import x`, `import a.b as x`
             if isinstance(node, ast.ImportFrom):
-                base = [m for m, names, _, line in _imports(path, module) if line == node.lineno and names]
+                base = [m for m, names, _, line in imports if line == node.lineno and names]
                 for a in node.names:
                     full = f"{base[0]}.{a.name}" if base else a.name
                     if full in ours and full != module:
