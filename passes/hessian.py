@@ -2,7 +2,7 @@
 
 HAWQ-V2 (Dong et al., NeurIPS 2020) ranks layers by the average Hessian trace Tr(H)/n of the loss with respect to
 their weights and predicts the loss of quantizing a layer as Ω = ½ · Tr(H)/n · ‖Q(W) − W‖². Here the loss is the
-one the goal tables measure (`squeeze.passes.prune.output_loss`: KL divergence of the class scores, else relative
+one the goal tables measure (`squeeze.verify.output_loss`: KL divergence of the class scores, else relative
 squared error, against the unmodified model's outputs on the same samples), and the trace comes from ONNX
 Runtime alone, without gradients:
 
@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from squeeze import runtime
+from squeeze import runtime, verify
 from squeeze.data import Dataset, input_specs
 from squeeze.errors import PassError
 from squeeze.model import to_graph
@@ -120,8 +120,7 @@ class _Probe:
     of it against the outputs at its original value, on `data`."""
 
     def __init__(self, model: onnx.ModelProto, weight: str, data: Dataset, threads: int | None):
-        from .prune import output_loss  # noqa: PLC0415
-        self._loss = output_loss
+        self._loss = verify.output_loss
         init = next((t for t in model.graph.initializer if t.name == weight), None)
         if init is None:
             raise PassError(f"hessian: weight {weight!r} is not an initializer of the main graph")

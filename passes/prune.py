@@ -32,7 +32,8 @@ from typing import Annotated, Callable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from squeeze import runtime, verify
+from squeeze import runtime
+from squeeze.verify import output_loss
 from squeeze.errors import PassError
 from squeeze.context import Context
 from squeeze.data import Dataset
@@ -323,29 +324,6 @@ SENSITIVITY_SAMPLES = 256
 #: Sensitivity runs refit every later layer too (as the pass does) when the model has at most this many
 #: Conv/Gemm/MatMul layers; beyond that only the readers of the cut group, to bound the time.
 SENSITIVITY_DOWNSTREAM_LAYERS = 16
-
-
-def output_loss(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
-    """How far a model's outputs moved: KL divergence of the class distributions for class-score outputs
-    (logits, log-probabilities or probabilities), relative squared error otherwise; summed over outputs."""
-    total = 0.0
-    for name, ref in reference.items():
-        new = candidate[name]
-        if verify.looks_like_scores(ref):
-            p, q = _distribution(ref), _distribution(new)
-            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-        else:
-            ref64 = ref.astype(np.float64)
-            total += float(((new.astype(np.float64) - ref64) ** 2).sum() / max((ref64 ** 2).sum(), 1e-30))
-    return total
-
-
-def _distribution(scores: np.ndarray) -> np.ndarray:
-    x = scores.reshape(scores.shape[0], -1).astype(np.float64)
-    if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
-        return x
-    x = np.exp(x - x.max(axis=1, keepdims=True))
-    return x / x.sum(axis=1, keepdims=True)
 
 
 def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np.ndarray], multiple: int,

@@ -384,9 +384,9 @@ def _check_fits(data: Dataset, specs, shapes) -> None:
 def _ort_latency(original, final, feed, threads, runs, compressed) -> dict:
     result = {}
     for key, model in (("original", original), ("final", final)) if compressed else (("original", original),):
-        sess = runtime.session(model, threads)
-        result[key] = time_calls(lambda: sess.run(None, feed), runs=runs)
-        del sess
+        run = runtime.session(model, threads).run  # one session at a time: released before the next is made
+        result[key] = time_calls(lambda run=run: run(None, feed), runs=runs)
+        del run
     if not compressed:
         result["final"] = result["original"]
     return result

@@ -40,11 +40,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from . import metrics, pack, runtime
+from . import metrics, pack, runtime, verify
 from .context import Context
 from .data import Dataset
 from .errors import PassError, SpecError, SqueezeError
-from .model import serialized_bytes, to_graph, to_model
+from .model import to_graph, to_model
 from .registry import get_pass, get_target
 from .spec import Call, bind
 
@@ -436,7 +436,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                 c2 = Context(calib=calib, seed=seed, model=model, input_shapes=shapes, threads=threads)
                 entry.obj(g2, c2, **entry.bind({"bits": bits, "skip": [n for n in layer_names if n != name]}))
                 out = runtime.run(to_model(g2, like=model), holdout, threads=threads)
-                loss.append(prune_mod.output_loss(reference, out))
+                loss.append(verify.output_loss(reference, out))
                 bar.step(f"codebook {name} at {bits} bits")
             book_part["knobs"].append(asdict(Knob("codebook", name, [0, *CODEBOOK_BITS], loss)))
         if cache:
@@ -463,7 +463,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
                 factored = to_model(g2, like=model)
                 per_node = metrics.summary(factored, shapes)["macs_per_node"]
                 knob.choices.append(float(level))
-                knob.loss.append(prune_mod.output_loss(reference, runtime.run(factored, holdout, threads=threads)))
+                knob.loss.append(verify.output_loss(reference, runtime.run(factored, holdout, threads=threads)))
                 knob.macs_kept.append((per_node.get(name, 0) + per_node.get(f"{name}_lowrank", 0))
                                       / max(costs[name].macs, 1))
                 knob.params_kept.append(1.0 - (base_params - metrics.count_params(factored)) / costs[name].params)
@@ -769,7 +769,6 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
     """
     from .guard import Guard  # noqa: PLC0415
     from .pipeline import apply_pass  # noqa: PLC0415
-    from squeeze.passes import prune as prune_mod  # noqa: PLC0415
 
     if calib.source.startswith("synthetic"):
         raise SqueezeError(NEEDS_CALIB)
@@ -808,7 +807,7 @@ def search(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: dict[str,
         point = {"label": label, "spec": ",".join(str(c) for c in calls),
                  "predicted_loss": round(Model(tables, predictor.scale).loss(
                      {k: v for k, v in plan.items() if only is None or k.startswith(only)}), 6),
-                 "measured_loss": round(prune_mod.output_loss(reference, out), 6)}
+                 "measured_loss": round(verify.output_loss(reference, out), 6)}
         if only is None:
             point["bytes"] = int(pack.size_report(current)["packed"])
             point["macs"] = int(metrics.summary(current, shapes)["macs"])

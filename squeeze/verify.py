@@ -29,6 +29,29 @@ def looks_like_scores(arr: np.ndarray) -> bool:
     return squeezed is not None and squeezed.shape[1] >= 2 and arr.dtype.kind == "f"
 
 
+def output_loss(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> float:
+    """How far a model's outputs moved: KL divergence of the class distributions for class-score outputs
+    (logits, log-probabilities or probabilities), relative squared error otherwise; summed over outputs."""
+    total = 0.0
+    for name, ref in reference.items():
+        new = candidate[name]
+        if looks_like_scores(ref):
+            p, q = _distribution(ref), _distribution(new)
+            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+        else:
+            ref64 = ref.astype(np.float64)
+            total += float(((new.astype(np.float64) - ref64) ** 2).sum() / max((ref64 ** 2).sum(), 1e-30))
+    return total
+
+
+def _distribution(scores: np.ndarray) -> np.ndarray:
+    x = scores.reshape(scores.shape[0], -1).astype(np.float64)
+    if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return x
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return x / x.sum(axis=1, keepdims=True)
+
+
 def fidelity(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
     """Per-output and worst-case error of `candidate` against `reference` (same output names, same samples)."""
     per_output = {}

@@ -2,7 +2,7 @@
 codebook loss, against an exact trace on a linear model and against the measured curve on digits_cnn.
 
 The measured curve is computed as `goal.measure_tables` computes its codebook knobs: the `codebook` pass on one
-layer alone (the others skipped) at each bit width, then `prune.output_loss` against the float model on the
+layer alone (the others skipped) at each bit width, then `squeeze.verify.output_loss` against the float model on the
 held-out calibration samples (`goal._holdout`, 64 of digits_calib's 256). The proxy predicts plain k-means, so
 the asserted comparison runs the pass with compensate=False; the comparison with the compensated pass (what the
 goal tables hold) is printed by a slow test (`-m slow`; ~25 s of least-squares refits on 2 cores).
@@ -24,7 +24,7 @@ from squeeze.context import Context
 from squeeze.data import Dataset, input_specs, load_npz, resolve_shapes
 from squeeze.goal import _holdout
 from squeeze.model import to_graph, to_model
-from squeeze.passes.prune import output_loss
+from squeeze.verify import output_loss
 from squeeze.registry import get_pass
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from squeeze.passes import prune as prune_module
 from squeeze.passes.channel_space import Slot
 from squeeze.passes.coupling import channel_groups
 from squeeze.passes.graph_util import constant_value
-from squeeze.passes.prune import IMPORTANCES, output_loss
+from squeeze.passes.prune import IMPORTANCES
+from squeeze.verify import output_loss
 from squeeze.pipeline import run_pipeline
 from squeeze.registry import get_pass
 from squeeze.spec import bind
