@@ -24,9 +24,9 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from squeeze import runtime
+from squeeze.codec import pack_bits, unpack_bits
 from squeeze.data import Dataset
 from squeeze.errors import PassError
-from squeeze.pack import pack_bits, unpack_bits
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs
-from squeeze import pack
+from squeeze import codec, pack
 from squeeze.cli import main
 
 
@@ -21,30 +21,30 @@ def _identical(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 @pytest.mark.parametrize("count", [1, 7, 8, 9, 1001])
 def test_pack_bits_round_trip(bits, count):
     symbols = np.random.default_rng(bits * 1000 + count).integers(0, 1 << bits, count)
-    packed = pack.pack_bits(symbols, bits)
+    packed = codec.pack_bits(symbols, bits)
     assert packed.dtype == np.uint8 and packed.shape == (-(-count // 8), bits)
-    assert np.array_equal(pack.unpack_bits(packed, bits, count), symbols)
+    assert np.array_equal(codec.unpack_bits(packed, bits, count), symbols)
 
 
 def test_pack_bits_layout_is_little_endian_groups():
     # group of 8 three-bit symbols = one 24-bit little-endian word: Σ s_k · 8^k
     symbols = np.array([1, 2, 3, 4, 5, 6, 7, 0])
     word = sum(int(s) << (3 * k) for k, s in enumerate(symbols))
-    assert pack.pack_bits(symbols, 3).ravel().tolist() == [word & 255, (word >> 8) & 255, word >> 16]
+    assert codec.pack_bits(symbols, 3).ravel().tolist() == [word & 255, (word >> 8) & 255, word >> 16]
 
 
 def test_pack_bits_rejects_symbols_that_do_not_fit():
     with pytest.raises(ValueError):
-        pack.pack_bits(np.array([4]), 2)
+        codec.pack_bits(np.array([4]), 2)
 
 
 # ---------------------------------------------------------------------------------------------- Huffman
 
 def test_huffman_lengths_are_optimal_and_prefix_free():
     counts = np.array([45, 13, 12, 16, 9, 5])  # the textbook example: optimal lengths 1,3,3,3,4,4
-    lengths = pack.huffman_lengths(counts)
+    lengths = codec.huffman_lengths(counts)
     assert sorted(lengths.tolist()) == [1, 3, 3, 3, 4, 4]
-    assert pack.huffman_bits(counts, lengths) == 224
+    assert codec.huffman_bits(counts, lengths) == 224
     assert np.sum(2.0 ** -lengths[lengths > 0]) <= 1.0  # Kraft
 
 
@@ -52,8 +52,8 @@ def test_huffman_lengths_are_limited():
     fib = [1, 1]
     while len(fib) < 40:
         fib.append(fib[-1] + fib[-2])  # Fibonacci counts make the deepest unrestricted code
-    lengths = pack.huffman_lengths(np.array(fib))
-    assert lengths.max() <= pack.MAX_CODE_LENGTH
+    lengths = codec.huffman_lengths(np.array(fib))
+    assert lengths.max() <= codec.MAX_CODE_LENGTH
     assert np.sum(2.0 ** -lengths.astype(float)) <= 1.0
 
 
@@ -63,16 +63,16 @@ def test_huffman_round_trip(bits, skew):
     rng = np.random.default_rng(bits)
     p = rng.dirichlet(np.full(1 << bits, skew))
     symbols = rng.choice(1 << bits, size=3000, p=p)
-    lengths = pack.huffman_lengths(np.bincount(symbols, minlength=1 << bits))
-    data = pack.huffman_encode(symbols, lengths)
-    assert len(data) == -(-pack.huffman_bits(np.bincount(symbols, minlength=1 << bits), lengths) // 8)
-    assert np.array_equal(pack.huffman_decode(data, lengths, symbols.size), symbols)
+    lengths = codec.huffman_lengths(np.bincount(symbols, minlength=1 << bits))
+    data = codec.huffman_encode(symbols, lengths)
+    assert len(data) == -(-codec.huffman_bits(np.bincount(symbols, minlength=1 << bits), lengths) // 8)
+    assert np.array_equal(codec.huffman_decode(data, lengths, symbols.size), symbols)
 
 
 def test_single_symbol_stream():
     symbols = np.full(100, 5)
-    enc = pack.encode_stream(symbols, 4)
-    assert np.array_equal(pack.decode_stream(pack._Reader(enc), 4, 100), symbols)
+    enc = codec.encode_stream(symbols, 4)
+    assert np.array_equal(codec.decode_stream(codec.Reader(enc), 4, 100), symbols)
     assert len(enc) < 30  # one bit per symbol (plus the table), not four
 
 
@@ -80,14 +80,14 @@ def test_sparse_stream_wins_when_zeros_dominate():
     rng = np.random.default_rng(0)
     symbols = np.where(rng.random(20000) < 0.03, rng.integers(1, 16, 20000), 0)
     symbols[-1] = 0
-    enc = pack.encode_stream(symbols, 4)
-    assert enc[0] == pack.STREAM_SPARSE
-    assert np.array_equal(pack.decode_stream(pack._Reader(enc), 4, symbols.size), symbols)
+    enc = codec.encode_stream(symbols, 4)
+    assert enc[0] == codec.STREAM_SPARSE
+    assert np.array_equal(codec.decode_stream(codec.Reader(enc), 4, symbols.size), symbols)
     # long runs need filler gaps (≥ 255 zeros between non-zeros)
     runs = np.zeros(5000, np.int64)
     runs[[0, 600, 4999]] = [3, 1, 2]
-    enc = pack.encode_stream(runs, 2)
-    assert np.array_equal(pack.decode_stream(pack._Reader(enc), 2, runs.size), runs)
+    enc = codec.encode_stream(runs, 2)
+    assert np.array_equal(codec.decode_stream(codec.Reader(enc), 2, runs.size), runs)
 
 
 # ---------------------------------------------------------------------------------------------- containers
