@@ -38,9 +38,10 @@ from squeeze.passes import compensate as compensation  # noqa: E402
 from squeeze.passes.coupling import channel_groups  # noqa: E402
 from squeeze.passes.cutting import apply_plan  # noqa: E402
 from squeeze.passes.prune import rank_channels  # noqa: E402
+from squeeze.verify import output_loss  # noqa: E402
 
 MODELS = ["cifar10_resnet4b", "mnist_burn", "sri_resnet_a", "squeezenet"]
-CRITERIA = ["l1", "l2", "fpgm", "activation"]
+CRITERIA = ["l1", "l2", "fpgm", "activation", "reconstruction", "hessian"]
 TARGETS = [10, 20, 30, 45, 50]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -57,6 +58,13 @@ class Point:
     p_value: float
     seconds: float
     methods: dict = field(default_factory=dict)
+    scope: str = ""
+    commit: str = ""
+    top1_se: float = float("nan")       # standard error of top-1 on the evaluation samples
+    drop_se: float = float("nan")       # paired standard error of the drop against the original
+    val_top1: float | None = None       # --holdout: top-1 on the held-out calibration samples (what chooses)
+    val_drop_se: float | None = None
+    val_loss: float | None = None       # --holdout: output loss (KL of the class scores) on them
 
 
 def photo_crops(files: list[str], count: int, seed: int) -> np.ndarray:
@@ -80,7 +88,8 @@ def photo_crops(files: list[str], count: int, seed: int) -> np.ndarray:
 
 
 def data_for(name: str) -> tuple[Dataset, Dataset, bool]:
-    """(calibration, evaluation, has labels)."""
+    """(calibration, evaluation, has labels); with --holdout the calibration is the fitting part only (the
+    validation part is `Model.val`)."""
     if name == "squeezenet":  # no labels, four photos: agreement on crops never used for calibration
         photos = ["kitten_224.png", "fish_tench.png", "cat_224x224.png", "satya_face.jpg"]
         calib = photo_crops(photos, 32, seed=0)
@@ -109,11 +118,17 @@ class Model:
         self.name = name
         self.model = load_model(corpus.model_path(name))
         self.calib, self.test, self.labelled = data_for(name)
+        self.val = None
+        if HOLDOUT and self.labelled:  # every 4th of the first 256 validates (squeeze.data.HOLDOUT_EVERY), the rest fit
+            self.calib, self.val = self.calib.split_holdout()
         self.shapes = {s.name: (1,) + tuple(self.calib.arrays[s.name].shape[1:]) for s in input_specs(self.model)}
         self.macs = metrics.summary(self.model, self.shapes)["macs"]
         self.reference = runtime.run(self.model, self.test)
         self.ref_pred = _pred(self.reference)
         self.ref_correct = self.ref_pred == self.test.labels if self.labelled else np.ones_like(self.ref_pred, bool)
+        if self.val is not None:
+            self.val_reference = runtime.run(self.model, self.val)
+            self.val_ref_correct = _pred(self.val_reference) == self.val.labels
 
     def context(self) -> Context:
         return Context(calib=self.calib, seed=0, model=self.model, input_shapes=self.shapes)
@@ -130,11 +145,25 @@ class Model:
         graph.cleanup().toposort()
         return 100.0 * (1 - metrics.summary(to_model(graph, like=self.model), self.shapes)["macs"] / self.macs)
 
-    def evaluate(self, pruned) -> tuple[float, float, float]:
+    def evaluate(self, pruned) -> tuple[float, float, float, float, float]:
+        """(top-1, agreement, McNemar p, se of top-1, paired se of the drop) on the evaluation samples."""
         pred = _pred(runtime.run(pruned, self.test))
         agreement = float(np.mean(pred == self.ref_pred))
         correct = pred == self.test.labels if self.labelled else pred == self.ref_pred
-        return float(np.mean(correct)), agreement, mcnemar(self.ref_correct, correct)
+        return (float(np.mean(correct)), agreement, mcnemar(self.ref_correct, correct), standard_error(correct),
+                standard_error(correct.astype(float) - self.ref_correct))
+
+    def validate(self, pruned) -> tuple[float, float, float]:
+        """(top-1, paired se of the drop, output loss against the original) on the held-out calibration samples."""
+        out = runtime.run(pruned, self.val)
+        correct = _pred(out) == self.val.labels
+        return (float(np.mean(correct)), standard_error(correct.astype(float) - self.val_ref_correct),
+                output_loss(self.val_reference, out))
+
+
+def standard_error(values: np.ndarray) -> float:
+    values = np.asarray(values, np.float64)
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def _pred(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -170,15 +199,21 @@ def curve(m: Model, criterion: str, comp: bool, scope: str, targets: list[float]
         rows = compensation.compensate(graph, m.context(), fresh) if comp else []
         graph.cleanup().toposort()
         pruned = to_model(graph, like=m.model)
-        top1, agreement, p = m.evaluate(pruned)
+        seconds = rank_seconds + time.perf_counter() - start
+        top1, agreement, p, top1_se, drop_se = m.evaluate(pruned)
         methods: dict[str, int] = {}
         for row in rows:
             key = row["method"].split("(")[0]
             methods[key] = methods.get(key, 0) + 1
-        points.append(Point(criterion, comp, target, ratio, reduction, top1, agreement, p,
-                            rank_seconds + time.perf_counter() - start, methods))
-        log(f"  {m.name} {criterion:10s} comp={str(comp):5s} target {target:4.0f}%: ratio {ratio:.3f} "
-            f"MACs -{reduction:5.1f}%  top-1 {100 * top1:6.2f}  agree {100 * agreement:6.2f}  p={p:.3g}")
+        point = Point(criterion, comp, target, ratio, reduction, top1, agreement, p, seconds, methods, scope,
+                      COMMIT, top1_se, drop_se)
+        if m.val is not None:
+            point.val_top1, point.val_drop_se, point.val_loss = m.validate(pruned)
+        points.append(point)
+        val = "" if m.val is None else f"  val {100 * point.val_top1:6.2f} loss {point.val_loss:.4f}"
+        log(f"  {m.name} {criterion:10s} {scope:11s} comp={str(comp):5s} target {target:4.0f}%: ratio {ratio:.3f} "
+            f"MACs -{reduction:5.1f}%  top-1 {100 * top1:6.2f}  agree {100 * agreement:6.2f}  p={p:.3g}{val}  "
+            f"{seconds:.1f} s")
     return points
 
 
@@ -266,38 +301,98 @@ def machine() -> str:
             f"{np.__version__}, onnxruntime {onnxruntime.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+#: The commit the rows of the first tables (issue 4, scope sensitivity, no held-out validation) were made at.
+OLD_COMMIT = "3abac27"
+
+
+def _key(p: dict) -> tuple:
+    return p["criterion"], p.get("scope") or "", p["compensate"], p.get("val_top1") is not None
+
+
+def _cell(p: dict | None, base: float) -> str:
+    if p is None:
+        return "—"
+    text = f"−{p['mac_reduction']:.1f} %: {100 * p['top1']:.2f}"
+    if p.get("top1_se") is not None and not math.isnan(p.get("top1_se", float("nan"))):
+        text += f" ± {100 * p['top1_se']:.2f} ({100 * (p['top1'] - base):+.2f} ± {100 * p['drop_se']:.2f}"
+    else:
+        text += f" ({100 * (p['top1'] - base):+.2f}"
+    text += f", p={p['p_value']:.2g})"
+    if p.get("val_top1") is not None:
+        text += f"; val {100 * p['val_top1']:.1f}, loss {p['val_loss']:.3f}"
+    return text
+
+
+def choice(models: dict[str, dict]) -> list[str]:
+    """Which (criterion, scope) keeps most top-1 on the validation samples, over every model and target that has
+    held-out rows with compensation; the evaluation columns confirm and are not used to choose."""
+    rows: dict[tuple, dict] = {}
+    for name, entry in models.items():
+        for p in entry["points"]:
+            if p.get("val_top1") is None or not p["compensate"]:
+                continue
+            r = rows.setdefault((p["criterion"], p["scope"]), {"val": [], "loss": [], "eval": [], "models": set(),
+                                                                 "seconds": []})
+            r["val"].append(100 * (p["val_top1"] - entry["val_baseline"]))
+            r["loss"].append(p["val_loss"])
+            r["eval"].append(100 * (p["top1"] - entry["baseline"]))
+            r["models"].add(name)
+            r["seconds"].append(p["seconds"])
+    if not rows:
+        return []
+    full = max(len(r["val"]) for r in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: (len(kv[1]["val"]) < full, -np.mean(kv[1]["val"]),
+                                                  np.mean(kv[1]["loss"])))
+    lines = ["## Choosing the default criterion and scope (held-out validation)", "",
+             "Rows with `val`: the pass fits on 192 of the first 256 samples and every 4th of them (64) validates "
+             "(squeeze.data.HOLDOUT_EVERY); evaluation on samples 256+ as above. Ranked by the mean validation "
+             "top-1 drop over every model × target (ties: mean validation output loss); the evaluation drop is "
+             "shown to confirm, not to choose. Seconds: ranking + one cut and compensation, per point.", "",
+             "| criterion | scope | points | models | mean val drop (pts) | mean val loss | mean eval drop (pts) "
+             "| mean seconds |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for (criterion, scope), r in ranked:
+        lines.append(f"| {criterion} | {scope} | {len(r['val'])} | {', '.join(sorted(r['models']))} | "
+                     f"{np.mean(r['val']):+.2f} | {np.mean(r['loss']):.4f} | {np.mean(r['eval']):+.2f} | "
+                     f"{np.mean(r['seconds']):.1f} |")
+    return lines + [""]
+
+
 def markdown(commands: list[str], scope: str, models: dict[str, dict], lat: dict | None) -> str:
     lines = ["# prune: accuracy against MACs (benchmarks/prune_curve.py)", "",
              "Command" + ("s" if len(commands) > 1 else "") + ": " + "; then ".join(f"`{c}`" for c in commands), "",
              f"Machine: {machine()}", "",
-             f"Scope `{scope}` (per model below), multiple 1, seed 0. Calibration = first 256 samples, "
-             "evaluation = the rest (SqueezeNet, no labels and only four photos in the corpus: calibration = 32 "
-             "random crops of the four, evaluation = 48 other crops of them, scored by top-1 *agreement* with the "
-             "original). "
-             "Each cell: MAC reduction, top-1 (drop in points vs the original); `p` is McNemar's exact p-value "
-             "against the original on the same samples.", ""]
+             "Multiple 1, seed 0. Calibration = first 256 samples, evaluation = the rest (SqueezeNet, no labels and "
+             "only four photos in the corpus: calibration = 32 random crops of the four, evaluation = 48 other crops "
+             "of them, scored by top-1 *agreement* with the original). Rows without `val` (commit "
+             f"{OLD_COMMIT}) fit on all 256; rows with `val` fit on 192 of them and validate on the other 64. "
+             "Each cell: MAC reduction, top-1 ± its standard error (drop in points vs the original ± its paired "
+             "standard error, McNemar's exact p-value against the original on the same samples); with `val`: top-1 "
+             "and output loss (KL) on the 64 held-out calibration samples.", ""]
+    lines += choice(models)
     for name, entry in models.items():
         base = entry["baseline"]
         kind = "top-1 agreement" if name == "squeezenet" else "top-1"
-        lines += [f"## {name} (scope `{entry['scope']}`)", "",
-                  f"Original: {kind} {100 * base:.2f} % on {entry['samples']} samples, "
+        n = entry["samples"]
+        se = math.sqrt(base * (1 - base) / n) if n else float("nan")
+        val = "" if entry.get("val_baseline") is None else \
+            f"; on the 64 validation samples {100 * entry['val_baseline']:.2f} %"
+        lines += [f"## {name}", "",
+                  f"Original: {kind} {100 * base:.2f} ± {100 * se:.2f} % on {n} samples{val}, "
                   f"{entry['macs'] / 1e6:.2f} M MACs. Pass check: the real pass at one point gives outputs within "
                   f"{entry['pass_check']:.1e} of the benchmark's model.", ""]
         targets = sorted({p["target"] for p in entry["points"]})
-        lines.append("| criterion | compensation | " + " | ".join(f"~{t:g} % MACs" for t in targets) + " |")
-        lines.append("|---|---|" + "---|" * len(targets))
-        for criterion in dict.fromkeys(p["criterion"] for p in entry["points"]):
-            for comp in (False, True):
-                cells = []
-                for t in targets:
-                    p = next((p for p in entry["points"] if p["criterion"] == criterion and p["compensate"] == comp
-                              and p["target"] == t), None)
-                    cells.append("—" if p is None else
-                                 f"−{p['mac_reduction']:.1f} %: {100 * p['top1']:.2f} "
-                                 f"({100 * (p['top1'] - base):+.2f}, p={p['p_value']:.2g})")
-                lines.append(f"| {criterion} | {'on' if comp else 'off'} | " + " | ".join(cells) + " |")
+        lines.append("| criterion | scope | compensation | commit | " + " | ".join(f"~{t:g} % MACs" for t in targets)
+                     + " |")
+        lines.append("|---|---|---|---|" + "---|" * len(targets))
+        for key in dict.fromkeys(_key(p) for p in entry["points"]):
+            criterion, sc, comp, _ = key
+            rows = [p for p in entry["points"] if _key(p) == key]
+            cells = [_cell(next((p for p in rows if p["target"] == t), None), base) for t in targets]
+            commit = rows[0].get("commit") or OLD_COMMIT
+            lines.append(f"| {criterion} | {sc or entry['scope']} | {'on' if comp else 'off'} | {commit} | "
+                         + " | ".join(cells) + " |")
         worse = [p for p in entry["points"] if p["compensate"] and any(
-            q["criterion"] == p["criterion"] and not q["compensate"] and q["target"] == p["target"]
+            _key(q)[:2] == _key(p)[:2] and not q["compensate"] and q["target"] == p["target"]
             and q["top1"] > p["top1"] for q in entry["points"])]
         lines += ["", "Compensation never worse than none: " + ("yes" if not worse else "NO at " + ", ".join(
             f"{p['criterion']} ~{p['target']:g} %" for p in worse)), ""]
@@ -318,33 +413,56 @@ def markdown(commands: list[str], scope: str, models: dict[str, dict], lat: dict
 
 
 QUICK = False
+HOLDOUT = False
+COMMIT = ""
+
+
+def _commit() -> str:
+    import subprocess  # noqa: PLC0415
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "passes", "squeeze", "benchmarks/prune_curve.py"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
-    global QUICK
+    global QUICK, HOLDOUT, COMMIT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--criteria", default=",".join(CRITERIA))
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="MAC reductions in %%")
-    parser.add_argument("--scope", default="sensitivity", choices=["layer", "global", "sensitivity"])
+    parser.add_argument("--scope", default="sensitivity",
+                        help="scope(s), comma-separated: layer, global, sensitivity")
     parser.add_argument("--large-scope", default="layer", choices=["layer", "global", "sensitivity"],
                         help="scope for SqueezeNet (its sensitivity scan takes long on two cores)")
+    parser.add_argument("--compensation", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--holdout", action="store_true",
+                        help="fit on 3/4 of the calibration samples, validate on every 4th (what chooses)")
     parser.add_argument("--latency", action="store_true", help="also time resnet4b at ratio 0.5 with TVM")
     parser.add_argument("--latency-threads", default="1,2", help="TVM thread counts to time with")
     parser.add_argument("--latency-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-pass-check", action="store_true",
+                        help="skip re-running one point through the pass manager (keeps the previous figure)")
     parser.add_argument("--quick", action="store_true", help="MNIST: evaluate on 2,000 images, not 9,744")
     parser.add_argument("--out", default=str(RESULTS / "prune_curve.md"))
     parser.add_argument("--append", action="store_true",
-                        help="keep the results of models not run now from the existing OUT .json")
+                        help="keep the existing OUT .json's results: other models whole, and the rows (criterion, "
+                             "scope, compensation, holdout) of the models run now that are not run again")
     args = parser.parse_args(argv)
     if args.latency_worker:
         _latency_worker(args.latency_worker)
         return 0
-    QUICK = args.quick
+    QUICK, HOLDOUT, COMMIT = args.quick, args.holdout, _commit()
     command = "python benchmarks/prune_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     targets = [float(t) for t in args.targets.split(",")]
+    scopes = args.scope.split(",")
+    comps = {"both": (False, True), "on": (True,), "off": (False,)}[args.compensation]
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     models: dict[str, dict] = {}
     commands = [command]
@@ -353,21 +471,33 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(out.with_suffix(".json").read_text())
         commands = previous.get("commands", []) + commands
         previous_latency = previous.get("latency")
-        models = {k: v for k, v in previous.get("models", {}).items() if k not in args.models.split(",")}
+        models = previous.get("models", {})
     for name in args.models.split(","):
         m = Model(name)
         base = float(np.mean(m.ref_correct)) if m.labelled else 1.0
         log(f"{name}: baseline {100 * base:.2f} % on {len(m.test)} samples, {m.macs / 1e6:.2f} M MACs")
-        scope = args.large_scope if name == "squeezenet" else args.scope
+        default_scope = args.large_scope if name == "squeezenet" else scopes[0]
         points = []
-        for criterion in args.criteria.split(","):
-            for comp in (False, True):
-                points += curve(m, criterion, comp, scope, targets, log)
-        check = next(p for p in points if p.compensate)
-        diff = check_against_pass(m, check, scope)
-        log(f"  pass check ({check.criterion}, ratio {check.ratio:.3f}, compensated): max |diff| {diff:.2e}")
-        models[name] = {"baseline": base, "samples": len(m.test), "macs": m.macs, "pass_check": diff, "scope": scope,
-                        "points": [p.__dict__ for p in points]}
+        for scope in ([args.large_scope] if name == "squeezenet" else scopes):
+            for criterion in args.criteria.split(","):
+                for comp in comps:
+                    points += curve(m, criterion, comp, scope, targets, log)
+        entry = models.get(name) or {"scope": default_scope}
+        diff = entry.get("pass_check", float("nan"))
+        if not args.no_pass_check:
+            check = next((p for p in points if p.compensate), points[0])
+            diff = check_against_pass(m, check, check.scope)
+            log(f"  pass check ({check.criterion}, ratio {check.ratio:.3f}, compensated): max |diff| {diff:.2e}")
+        new = [p.__dict__ for p in points]
+        old = [p for p in entry.get("points", []) if _key(p) not in {_key(q) for q in new}]
+        for p in old:
+            p.setdefault("scope", entry["scope"])
+            p.setdefault("commit", OLD_COMMIT)
+        entry.update({"baseline": base, "samples": len(m.test), "macs": m.macs, "pass_check": diff,
+                      "points": old + new})
+        if m.val is not None:
+            entry["val_baseline"] = float(np.mean(m.val_ref_correct))
+        models[name] = entry
         out.with_suffix(".json").write_text(json.dumps({"commands": commands, "models": models,
                                                         "latency": previous_latency}, indent=1))
     lat = latency(log, [int(t) for t in args.latency_threads.split(",")]) if args.latency else previous_latency

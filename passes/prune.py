@@ -42,6 +42,7 @@ from squeeze.registry import Backoff, Range, halve, register_pass
 from squeeze.threads import single_threaded
 
 from . import compensate as compensation
+from . import hessian
 from .channel_plan import note_unprunable, plan_removal, round_keep, summarize_plan
 from .channel_space import Group, Member, Slot
 from .coupling import channel_groups
@@ -316,6 +317,79 @@ def _greedy_removal(size: int, readers: list[_Reader]) -> np.ndarray:
     return scores
 
 
+#: `hessian`: calibration samples the probes run on, probes per channel, and the most ONNX Runtime runs of those
+#: samples in all (2 per probe and channel); beyond that one probe per channel, then the widest groups by `l1`.
+HESSIAN_SAMPLES = 64
+HESSIAN_PROBES = 2
+HESSIAN_MAX_RUNS = 4096
+
+
+def _channel_slices(group: Group, weights: set[str]) -> list:
+    """Where each producer of `group` keeps its channels' weights (`hessian.ChannelSlice`); producers whose weight
+    is not a float initializer of the model are left out."""
+    slices = []
+    for m in group.producers:
+        node, s = m.node, m.slot
+        if len(node.inputs) < 2 or node.inputs[1].name not in weights or weight_value(node.inputs[1]) is None:
+            continue
+        if node.op in ("Conv",):
+            axis = 0
+        elif node.op == "ConvTranspose":
+            axis = 1
+        elif node.op == "Gemm":
+            axis = 0 if node.attrs.get("transB", 0) else 1
+        else:  # MatMul [K, N]
+            axis = 1
+        slices.append(hessian.ChannelSlice(node.inputs[1].name, axis, s.start, s.offset, s.length))
+    return slices
+
+
+def hessian_importance(groups: list[Group], ctx: Context) -> Importance:
+    """HAP's relative Hessian trace (Yu et al. 2022, "Hessian-Aware Pruning and Optimal Neural Implant"): per
+    channel, Tr(H_c)/n_c · ‖w_c‖², where H_c is the Hessian of the output loss (the one the sensitivity scope
+    measures: KL of the class scores, else relative squared error, against the original model) w.r.t. the
+    channel's weights in every layer that writes the group, estimated by Hutchinson probes with ONNX Runtime
+    (`hessian.channel_traces`) on the first HESSIAN_SAMPLES calibration samples. Unlike a filter norm it sees
+    how much the rest of the network reads the channel. Groups without float initializer weights, groups over
+    the run budget, and synthetic calibration data: `l1`."""
+    if ctx.calib_is_synthetic:
+        ctx.note("criterion=hessian ranks by l1: the calibration data is synthetic (give --calib)")
+        return l1_importance
+    weights = {t.name for t in ctx.model.graph.initializer}
+    blocks = {g: s for g in groups if (s := _channel_slices(g, weights))}
+    channels = sum(g.size for g in blocks)
+    probes = HESSIAN_PROBES if 2 * HESSIAN_PROBES * channels <= HESSIAN_MAX_RUNS else 1
+    budget, chosen = HESSIAN_MAX_RUNS, {}
+    for g in sorted(blocks, key=lambda g: (g.size, g.index)):
+        if 2 * probes * g.size <= budget:
+            chosen[g] = blocks[g]
+            budget -= 2 * probes * g.size
+    over = [g.name for g in blocks if g not in chosen]
+    if over:
+        ctx.note(f"criterion=hessian ranks {len(over)} group(s) by l1 (over its budget of {HESSIAN_MAX_RUNS} "
+                 f"ONNX Runtime runs): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}")
+    data = ctx.calib.subset(0, min(len(ctx.calib), HESSIAN_SAMPLES))
+    keys = {f"{g.index}:{g.name}": g for g in chosen}
+    traces = hessian.channel_traces(ctx.model, {k: chosen[g] for k, g in keys.items()},
+                                    {k: g.size for k, g in keys.items()}, data, probes=probes, seed=ctx.seed,
+                                    threads=ctx.threads)
+    scores = {}
+    for key, g in keys.items():
+        norms = np.zeros(g.size)
+        for m in g.producers:
+            if any(s.weight == m.node.inputs[1].name for s in chosen[g]):
+                s = m.slot
+                norms[s.start:s.start + s.length] += (output_filters(m) ** 2).sum(axis=1)
+        scores[g] = np.maximum(traces[key].trace_per_param, 0.0) * norms
+    ctx.details["hessian"] = {"samples": len(data), "probes": probes,
+                              "runs": int(sum(t.runs for t in traces.values())),
+                              "seconds": round(sum(t.seconds for t in traces.values()), 2)}
+
+    def importance(group: Group) -> np.ndarray:
+        return scores[group] if group in scores else l1_importance(group)
+    return importance
+
+
 # ------------------------------------------------------------------------------------------- sensitivity
 
 #: Fractions of a group removed when measuring its sensitivity, and the calibration samples used.
@@ -384,10 +458,12 @@ def importance_for(criterion: str, groups: list[Group], ctx: Context) -> Importa
         return activation_importance(groups, ctx)
     if criterion == "reconstruction":
         return reconstruction_importance(groups, ctx)
+    if criterion == "hessian":
+        return hessian_importance(groups, ctx)
     return IMPORTANCES[criterion]
 
 
-#: Weight-only criteria; `activation` and `reconstruction` need calibration data and are built per call.
+#: Weight-only criteria; `activation`, `reconstruction` and `hessian` need calibration data and are built per call.
 IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, "fpgm": fpgm_importance}
 
 
@@ -398,7 +474,7 @@ IMPORTANCES: dict[str, Importance] = {"l1": l1_importance, "l2": l2_importance, 
 def prune(graph: gs.Graph, ctx: Context, *,
           ratio: Annotated[float, Range(0.0, 1.0, hi_open=True),
                            "fraction of the channels of the prunable groups to remove"] = 0.3,
-          criterion: Annotated[Literal["l1", "l2", "fpgm", "activation", "reconstruction"],
+          criterion: Annotated[Literal["l1", "l2", "fpgm", "activation", "reconstruction", "hessian"],
                                "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|, "
                                "or the output the reading layers cannot reconstruct without them (l1 on "
                                "synthetic calibration data)"] = "reconstruction",
