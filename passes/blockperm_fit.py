@@ -15,6 +15,7 @@ from squeeze.context import Context
 from squeeze.model import to_model
 
 from .graph_util import conv_pads
+from .ridge import Ridge
 
 if TYPE_CHECKING:
     from .blockperm import BlockLayer
@@ -181,7 +182,7 @@ def _block_fits(x: np.ndarray, y: np.ndarray, w0: np.ndarray, only: str | None =
     """Refits of one block, x [R, p] → y [R, q], from the kept weights w0 [p, q]:
 
     `scale`: y ≈ a_j·(x w0_j) + c_j per output; `ridge(α)`: y ≈ a_j·(x w0_j) + x d_j + c_j with ‖d_j‖² penalised
-    by λ = α·mean(diag xᵀx) (a_j eliminated in closed form, primal or dual, whichever is smaller).
+    by λ = α·mean(diag xᵀx) (a_j eliminated in closed form; `ridge.Ridge` solves, with this pass's grid ALPHAS).
     """
     xm, ym = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - xm, y - ym
@@ -198,29 +199,15 @@ def _block_fits(x: np.ndarray, y: np.ndarray, w0: np.ndarray, only: str | None =
     wanted = [a for a in ALPHAS if only is None or only == f"ridge({a:g})"]
     if not wanted:
         return out
-    rows, cols = xc.shape
-    scale = max(float((xc * xc).sum()) / max(cols, 1), 1e-30)
-    if rows <= cols:
-        evals, q = np.linalg.eigh(xc @ xc.T)
-        qk, qy = q.T @ k, q.T @ yc
-    else:
-        evals, q = np.linalg.eigh(xc.T @ xc)
-        xk, xy = q.T @ (xc.T @ k), q.T @ (xc.T @ yc)
-    evals = np.maximum(evals, 0.0)
+    ridge = Ridge(xc, dtype=np.float64)
+    ck, cy = ridge.coords(k), ridge.coords(yc)
     for alpha in wanted:
-        lam = alpha * scale
-        inv = 1.0 / (evals + lam)
-        if rows <= cols:
-            num = (qk * qy * inv[:, None]).sum(axis=0)
-            den = (qk * qk * inv[:, None]).sum(axis=0)
-        else:  # kᵀMy with M = (I − X(XᵀX+λ)⁻¹Xᵀ)/λ; the 1/λ cancels in the ratio
-            num = (k * yc).sum(axis=0) - (xk * xy * inv[:, None]).sum(axis=0)
-            den = (k * k).sum(axis=0) - (xk * xk * inv[:, None]).sum(axis=0)
-        a = np.where(den > 1e-30, num / np.maximum(den, 1e-30), 1.0)
-        z = yc - k * a[None, :]
-        if rows <= cols:
-            d = xc.T @ (q @ ((q.T @ z) * inv[:, None]))
+        inv = ridge.inverse(alpha)[:, None]
+        if ridge.dual:  # kᵀMy ∝ kᵀ(xxᵀ+λ)⁻¹y with M = I − x(xᵀx+λ)⁻¹xᵀ; the factor λ cancels in the ratio
+            num, den = (ck * cy * inv).sum(axis=0), (ck * ck * inv).sum(axis=0)
         else:
-            d = q @ ((q.T @ (xc.T @ z)) * inv[:, None])
-        finish(f"ridge({alpha:g})", w0 * a[None, :] + d)
+            num = (k * yc).sum(axis=0) - (ck * cy * inv).sum(axis=0)
+            den = (k * k).sum(axis=0) - (ck * ck * inv).sum(axis=0)
+        a = np.where(den > 1e-30, num / np.maximum(den, 1e-30), 1.0)
+        finish(f"ridge({alpha:g})", w0 * a[None, :] + ridge.solve(yc - k * a[None, :], alpha))
     return out

@@ -39,6 +39,7 @@ from squeeze.model import to_graph, to_model
 from .channel_space import Group
 from .cutting import tensor_masks
 from .graph_util import conv_pads, infer_shapes, node_labels, set_constant_input, topological_order, weight_value
+from .ridge import Ridge
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -192,7 +193,7 @@ def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray
     if len(feats) > 65536:
         feats = feats[np.sort(fit.rng.choice(len(feats), 65536, replace=False))]
     xk = _augment(feats[:, keep].astype(np.float32), True)
-    a = _ridge(xk)(feats[:, gone].astype(np.float64), 1e-4)  # [kept + 1, removed]
+    a = Ridge(xk).solve(feats[:, gone].astype(np.float64), 1e-4)  # [kept + 1, removed]
     w, bias = before
     w = w.astype(np.float64)
     if kind == "conv":  # [M, C, k...]
@@ -503,7 +504,7 @@ def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np
     if merged is not None:
         priors["merge"] = stack(merged[0], merged[1] if merged[1] is not None else b0)
     xat = _augment(xt, fit_bias)
-    solve = _ridge(xat)
+    solve = Ridge(xat).solve
     candidates = [("cut", "none", None, loss(priors["cut"]))]
     if "merge" in priors:
         candidates.append(("merge", "none", None, loss(priors["merge"])))
@@ -532,7 +533,7 @@ def refit(xt: np.ndarray, yt: np.ndarray, xh: np.ndarray, yh: np.ndarray, w0: np
     xa, y_all = xat, yt
     if refit_all and not in_sample:
         xa, y_all = np.vstack([xat, _augment(xh, fit_bias)]), np.vstack([yt, yh])
-        solve = _ridge(xa)
+        solve = Ridge(xa).solve
     if method == "bias":
         wa = wa0.copy()
         wa[n_in] += (y_all - xa @ wa0).mean(axis=0)
@@ -562,32 +563,6 @@ def _relu_fit(x: np.ndarray, y: np.ndarray, wa0: np.ndarray, solve, alpha: float
 
 def _augment(x: np.ndarray, bias: bool) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)]) if bias else x
-
-
-def _ridge(x: np.ndarray) -> Callable[[np.ndarray, float], np.ndarray]:
-    """A solver for Δ = argmin ‖xΔ − r‖² + λ‖Δ‖², λ = α·mean(diag xᵀx), for any r and α from one
-    eigendecomposition: of xᵀx (primal) or, with more columns than rows, of xxᵀ (dual)."""
-    rows, cols = x.shape
-    x32 = x.astype(np.float32, copy=False)
-    if cols <= rows:
-        gram = (x32.T @ x32).astype(np.float64)
-        scale = max(np.trace(gram) / cols, 1e-12)
-        evals, q = np.linalg.eigh(gram)
-        evals = np.maximum(evals, 0.0)
-
-        def primal(resid: np.ndarray, alpha: float) -> np.ndarray:
-            xr = (x32.T @ resid.astype(np.float32)).astype(np.float64)
-            return q @ ((q.T @ xr) / (evals + alpha * scale)[:, None])
-        return primal
-    kernel = (x32 @ x32.T).astype(np.float64)
-    scale = max(np.trace(kernel) / cols, 1e-12)
-    evals, q = np.linalg.eigh(kernel)
-    evals = np.maximum(evals, 0.0)
-
-    def dual(resid: np.ndarray, alpha: float) -> np.ndarray:
-        coef = q @ ((q.T @ resid.astype(np.float64)) / (evals + alpha * scale)[:, None])
-        return (x32.T @ coef.astype(np.float32)).astype(np.float64)
-    return dual
 
 
 def row_budget(cols: int) -> int:

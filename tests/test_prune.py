@@ -284,17 +284,6 @@ def test_ridge_pulls_toward_the_original_weights_not_zero():
     assert info["loss_after"] < info["loss_before"]
 
 
-def test_ridge_solver_primal_and_dual_match_the_closed_form():
-    rng = np.random.default_rng(1)
-    for rows, cols in ((50, 8), (8, 50)):
-        x = rng.standard_normal((rows, cols)).astype(np.float32)
-        r = rng.standard_normal((rows, 2))
-        xd = x.astype(np.float64)
-        lam = 0.1 * np.trace(xd.T @ xd) / cols
-        expected = np.linalg.solve(xd.T @ xd + lam * np.eye(cols), xd.T @ r)
-        np.testing.assert_allclose(comp._ridge(x)(r, 0.1), expected, rtol=1e-4, atol=1e-5)
-
-
 def test_refit_keeps_weights_that_are_already_right():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((200, 5)).astype(np.float32)
