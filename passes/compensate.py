@@ -197,7 +197,6 @@ def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray
     w, bias = before
     w = w.astype(np.float64)
     if kind == "conv":  # [M, C, k...]
-        rest = w.shape[2:]
         merged = w[:, keep] + np.einsum("kr,mr...->mk...", a[:-1], w[:, gone], optimize=True)
         gone_sum = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(axis=2)
         b = (bias.astype(np.float64) if bias is not None else np.zeros(w.shape[0])) \
