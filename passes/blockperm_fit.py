@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from squeeze import runtime
 from squeeze.context import Context
+from squeeze.data import holdout
 from squeeze.model import to_model
 
 from .graph_util import conv_pads
@@ -28,9 +29,6 @@ MAX_ROWS = 16384
 
 
 ROW_FLOATS = 25_000_000  # at most this many input values are kept per layer (rows are subsampled to fit)
-
-
-HOLDOUT_EVERY = 4
 
 
 def samples_first(value: np.ndarray, rank: int) -> np.ndarray:
@@ -66,10 +64,10 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: BlockLayer, reference, d
     rows_x, rows_y, sample = _rows(t, x, y, rng)
     if not (np.isfinite(rows_x).all() and np.isfinite(rows_y).all()):
         return blocks, bias, {"method": "none", "why": "non-finite calibration activations"}
-    holdout = sample % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    if holdout.all() or not holdout.any():
-        holdout = np.arange(len(sample)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    if holdout.all() or not holdout.any():  # e.g. a Gemm with fewer calibration samples than HOLDOUT_EVERY
+    held = holdout(len(x))[sample]  # every 4th calibration sample; else every 4th row (a few samples' windows)
+    if held.all() or not held.any():
+        held = holdout(len(sample))
+    if held.all() or not held.any():  # e.g. a Gemm with fewer calibration samples than HOLDOUT_EVERY
         return blocks, bias, {"method": "none", "rows": int(len(rows_x)),
                               "why": f"{len(rows_x)} calibration rows: too few to fit on some and check on others"}
     post = post_op(t.y)
@@ -91,7 +89,7 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: BlockLayer, reference, d
         ri, ro = pin[g] >= 0, pout[g] >= 0
         w0.append(blocks[g][np.ix_(ro, ri)].reshape(ro.sum(), -1).T)  # [inputs·kernel, outputs]
         b0.append(bias[g][ro])
-    train, test = ~holdout, holdout
+    train, test = ~held, held
     target = post(rows_y[test])
     denom = max(float((target ** 2).sum()), 1e-30)
 

@@ -33,7 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from squeeze import runtime
 from squeeze.context import Context
 from squeeze.threads import single_threaded
-from squeeze.data import Dataset
+from squeeze.data import HOLDOUT_EVERY, Dataset, holdout
 from squeeze.model import to_graph, to_model
 
 from .channel_space import Group
@@ -47,7 +47,6 @@ ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 MEMORY_BUDGET = 1 << 30
 #: Work budget for one Gram matrix (rows × columns²); rows are subsampled to fit.
 GRAM_FLOPS = 2e9
-HOLDOUT_EVERY = 4
 #: Rounds of the ReLU-aware refit (each one solve with the factorisation already made). It converges slowly:
 #: on mnist_burn prune(ratio=0.3) conv3's held-out loss is 0.055 after 3 rounds, 0.049 after 10, 0.046 after 30.
 RELU_ITERATIONS = 10
@@ -131,9 +130,9 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
         value = _select(cache[name], masks.get(name), shift)
         original[name] = value[:, 0] if shift else value
     n = len(data)
-    holdout = (np.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if n >= 2 * HOLDOUT_EVERY else np.zeros(n, bool)
+    held = holdout(n) if n >= 2 * HOLDOUT_EVERY else np.zeros(n, bool)
     full = {name: (cache[name][:, 0] if shift else cache[name]) for name in merging}
-    fit = _Fit(holdout, np.random.default_rng(ctx.seed), original, refit_all, masks, full, weights)
+    fit = _Fit(held, np.random.default_rng(ctx.seed), original, refit_all, masks, full, weights)
     rows: list[dict] = []
     pending = list(layers)
     graph_inputs = {t.name for t in graph.inputs}
@@ -148,7 +147,7 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
             x = current[layer.x][:, 0] if shift else current[layer.x]
             rows.append(FITTERS[layer.kind](graph, layer, x, original[layer.y], fit))
         pending = [layer for layer in pending if layer not in wave]
-    return rows, n, int(holdout.sum())
+    return rows, n, int(held.sum())
 
 
 def _unpruned_weights(graph: gs.Graph, model) -> dict[int, tuple]:

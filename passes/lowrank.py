@@ -40,6 +40,7 @@ import onnx_graphsurgeon as gs
 
 from squeeze import metrics
 from squeeze.context import Context
+from squeeze.data import HOLDOUT_EVERY, holdout
 from squeeze.errors import PassError
 from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
@@ -51,7 +52,6 @@ from .weights import Builder, Layer, calibrate, find_layers, select_layers
 
 ROWS = 8192            # sampled input rows (im2col windows for a conv) per layer
 BUDGET = 16_000_000    # floats per layer's sampled rows (fewer rows for layers with very many inputs)
-HOLDOUT_EVERY = 4      # every 4th calibration sample is held out to choose the refit and the conv form
 MIN_SHARE = 0.01       # layers with a smaller share of the model's MACs are left alone by default
 RANK_CEILING = 0.95    # the accuracy guard raises `rank` up to this fraction, then gives up
 
@@ -362,7 +362,7 @@ class _Split:
     @classmethod
     def of(cls, x, x_in, sample, spec: _LayerSpec) -> "_Split":
         y = x.astype(np.float64) @ spec.w.T + (spec.b if spec.b is not None else 0.0)
-        held = (sample % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if len(np.unique(sample)) >= 2 * HOLDOUT_EVERY \
+        held = holdout(int(sample.max()) + 1)[sample] if len(np.unique(sample)) >= 2 * HOLDOUT_EVERY \
             else np.zeros(len(x), bool)
         return cls(x, x_in, y, held)
 
