@@ -102,10 +102,11 @@ def _elementwise(an: Analysis, node: gs.Node) -> None:
 
 
 def _conv(an: Analysis, node: gs.Node) -> None:
-    """Conv: input channels are read (`in`), a new space is written (`out`); depthwise convs pass channels through."""
+    """Conv (weight [M, C/group, k...]) and ConvTranspose (weight [C, M/group, k...]): input channels are read
+    (`in`), a new space is written (`out`); depthwise convs pass channels through."""
     x, out = node.inputs[0], node.outputs[0]
     w = weight_shape(node.inputs[1])
-    where = f"Conv '{an.label(node)}'"
+    where = f"{node.op} '{an.label(node)}'"
     bias = node_input(node, 2)
     if w is None or (bias is not None and weight_shape(bias) is None):
         an.block(an.layout(x), f"{where} has a non-constant weight or bias")
@@ -113,71 +114,33 @@ def _conv(an: Analysis, node: gs.Node) -> None:
         an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight or bias")
         return
     group = int(node.attrs.get("group", 1))
-    m, per_group = int(w[0]), int(w[1])
-    layout = an.require(x, 1, per_group * group)
+    transposed = node.op == "ConvTranspose"
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)  # the weight's input and output channel axes
+    channels, outputs = (int(w[0]), int(w[1]) * group) if transposed else (int(w[1]) * group, int(w[0]))
+    layout = an.require(x, 1, channels)
     macs = an.macs(node)
-    bad_axis = layout.axis != 1 or layout.outer != 1 or layout.extent != per_group * group
+    bad_axis = layout.axis != 1 or layout.outer != 1 or layout.extent != channels
     if bad_axis:
         an.block(layout, f"the channels are not on the input channel axis of {where}")
-    if group > 1 and per_group == 1 and m % group == 0 and not bad_axis:
+    if group > 1 and channels == group and outputs % group == 0 and not bad_axis:
         an.member(node, "dw", x, layout, macs)
         problem = cut_problem(node, [(1, 0), (2, 0)], where)
         if problem:
             an.block(layout, problem)
-        an.set_layout(out, replace(layout, inner=layout.inner * (m // group)))
+        an.set_layout(out, replace(layout, inner=layout.inner * (outputs // group)))
         return
     if group > 1:
-        reason = f"{where} is a grouped convolution (group={group}, {per_group} channels per group)"
+        reason = f"{where} is a grouped convolution (group={group}, {channels // group} channels per group)"
         an.block(layout, reason)
-        an.opaque(out, 1, m, reason)
+        an.opaque(out, 1, outputs, reason)
         return
     if not bad_axis:
         an.member(node, "in", x, layout, macs)
-        problem = cut_problem(node, [(1, 1)], where)
+        problem = cut_problem(node, [(1, in_axis)], where)
         if problem:
             an.block(layout, problem)
-    out_layout = Layout(1, (Segment(an.new_space(m, cut_problem(node, [(1, 0), (2, 0)], where)), 0, m),))
-    an.member(node, "out", out, out_layout, macs)
-    an.set_layout(out, out_layout)
-
-
-def _conv_transpose(an: Analysis, node: gs.Node) -> None:
-    """ConvTranspose, weight [C_in, M/group, k...]: like Conv with the weight axes swapped."""
-    x, out = node.inputs[0], node.outputs[0]
-    w = weight_shape(node.inputs[1])
-    where = f"ConvTranspose '{an.label(node)}'"
-    bias = node_input(node, 2)
-    if w is None or (bias is not None and weight_shape(bias) is None):
-        an.block(an.layout(x), f"{where} has a non-constant weight or bias")
-        shape = an.shape(out)
-        an.opaque(out, 1, shape[1] if shape and len(shape) > 1 else None, f"{where} has a non-constant weight")
-        return
-    group = int(node.attrs.get("group", 1))
-    cin, per_group = int(w[0]), int(w[1])
-    layout = an.require(x, 1, cin)
-    macs = an.macs(node)
-    bad_axis = layout.axis != 1 or layout.outer != 1 or layout.extent != cin
-    if bad_axis:
-        an.block(layout, f"the channels are not on the input channel axis of {where}")
-    if group > 1 and group == cin and not bad_axis:
-        an.member(node, "dw", x, layout, macs)
-        problem = cut_problem(node, [(1, 0), (2, 0)], where)
-        if problem:
-            an.block(layout, problem)
-        an.set_layout(out, replace(layout, inner=layout.inner * per_group))
-        return
-    if group > 1:
-        reason = f"{where} is a grouped convolution (group={group})"
-        an.block(layout, reason)
-        an.opaque(out, 1, per_group * group, reason)
-        return
-    if not bad_axis:
-        an.member(node, "in", x, layout, macs)
-        problem = cut_problem(node, [(1, 0)], where)
-        if problem:
-            an.block(layout, problem)
-    out_space = an.new_space(per_group, cut_problem(node, [(1, 1), (2, 0)], where))
-    out_layout = Layout(1, (Segment(out_space, 0, per_group),))
+    out_space = an.new_space(outputs, cut_problem(node, [(1, out_axis), (2, 0)], where))
+    out_layout = Layout(1, (Segment(out_space, 0, outputs),))
     an.member(node, "out", out, out_layout, macs)
     an.set_layout(out, out_layout)
 
@@ -697,7 +660,7 @@ RULES: dict[str, Rule] = {
     **{op: _layer_norm for op in ("LayerNormalization", "RMSNormalization")},
     "Dropout": _dropout,
     "Conv": _conv,
-    "ConvTranspose": _conv_transpose,
+    "ConvTranspose": _conv,
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Pad": _pad,
