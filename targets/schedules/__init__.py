@@ -7,6 +7,7 @@ function a schedule without tuning, in milliseconds:
 | module | legalization | rule |
 |---|---|---|
 | `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv (channel vectors, or column vectors for ≤ 16 input channels), fused vectorized epilogue |
+| `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
 | `pool` | (TOPI) | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |

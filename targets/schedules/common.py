@@ -63,13 +63,13 @@ def is_spatial(sch: s_tir.Schedule, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-def inline_epilogue(sch: s_tir.Schedule, anchor) -> list:
+def inline_epilogue(sch: s_tir.Schedule, anchor, keep: Iterable[str] = ()) -> list:
     """Inline every injective block after `anchor` that can be inlined; return the blocks that remain.
 
     The producers of `anchor` (padding) stay materialised: inlined padding would put a bounds check in the
-    innermost loop.
+    innermost loop. Blocks named in `keep` stay too (a function with two kernels: the other one's padding).
     """
-    keep = {sch.get(b).name_hint for b in sch.get_producers(anchor)} | {sch.get(anchor).name_hint}
+    keep = {sch.get(b).name_hint for b in sch.get_producers(anchor)} | {sch.get(anchor).name_hint} | set(keep)
     progress = True
     while progress:
         progress = False

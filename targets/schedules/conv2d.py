@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import KERNEL, TILE, default_legalization, dtype_or, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, static_shape, tile_epilogue, tile_of, tile_variants, vectorize_columns, worth_parallel
+from .common import KERNEL, TILE, default_legalization, dtype_or, extent, find_kernel, inline_epilogue, is_spatial, \
+    product, schedule_injective, static_shape, tile_epilogue, tile_of, tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, is_cpu
 
 CONV = "conv2d_nchw_packed"
@@ -393,25 +393,28 @@ def _column_phases(data, out_hw, kernel_hw, geometry):
 
 # ---------------------------------------------------------------------------------------------- schedules
 
-def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout):
+def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout, keep=(), columns: bool = True):
     """Accumulate the tile in a local buffer (layout `kernel_layout`) and run the epilogue right after it.
 
     Where the epilogue reads the tile through a channel remap (`REGROUPED`: a grouped conv whose groups were
     padded one by one) it cannot be computed per tile (TVM cannot invert the remap to find the tile's part of
-    the output), so the tile is copied out whole and the epilogue runs afterwards as its own loop.
+    the output), so the tile is copied out whole and the epilogue runs afterwards as its own loop. `keep`:
+    blocks not to inline (`inline_epilogue`); `columns`: vectorize the epilogue along the columns.
     """
-    rest = inline_epilogue(sch, anchor)
+    rest = inline_epilogue(sch, anchor, keep)
     # a remapped read (`REGROUPED`), a larger consumer (a fused Pad) or none: accumulate locally, copy out
     epilogue = tile_epilogue(sch, anchor)
     sch.transform_layout(anchor, ("write", 0), kernel_layout)
     name = sch.get(epilogue).name_hint
     sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
-    vectorize_columns(sch, epilogue)
+    if columns:
+        vectorize_columns(sch, epilogue)
     return epilogue, [b for b in rest if sch.get(b).name_hint != name]
 
 
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
-    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
+    # (a conv's padding; in a `conv_pair` function the first conv is the second's producer: scheduled apart)
+    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor) if is_spatial(sch, b)]
     # before decompose_reduction: `parallel` needs a complete reduction block
     if parallel if parallel is not None else worth_parallel(work):
         sch.parallel(outer)
@@ -441,24 +444,41 @@ class Conv2dPacked:
         anchor = find_kernel(sch, CONV)
         if anchor is None:
             return None
-        kv, ht, wt = tile or tile_of(sch, anchor)
-        packed = sch.get(anchor).reads[1].source
-        kb = int(packed.shape[-1])
-        lanes = describe(target).lanes(str(packed.dtype))
-        n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
-        work = product(extent(sch, lp) for lp in (n, k, y, x, rc, ry, rx))
-        ko, kvi, ki = sch.split(k, [None, kv, kb])
-        yo, yi = sch.split(y, [None, ht])
-        xo, xi = sch.split(x, [None, wt])
-        sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
-        outer = sch.fuse(n, ko, yo, xo)
-        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer,
-                                                lambda b, o, yy, xx: (b, o // kb, yy, xx, o % kb))
-        sch.vectorize(ki)
-        for lp in (xi, yi, kvi):
-            sch.unroll(lp)
-        _finish(sch, anchor, rc, outer, work, lanes, leftovers, parallel)
+        schedule_channel_tile(sch, anchor, target, tile, parallel)
         return sch
+
+
+def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=(), layout=None) -> None:
+    """`Conv2dPacked`'s schedule of one packed-conv block `anchor` (also the two kernels of `conv_pair`).
+
+    `keep`: blocks not to inline into the epilogue; `layout`: the index map of the output buffer when the tile is
+    copied out in another layout than NCHW (`conv_pair`'s intermediate, channel blocks innermost), whose copy-out
+    then runs channel block by channel block, vectorized over the block's lanes.
+    """
+    kv, ht, wt = tile or tile_of(sch, anchor)
+    packed = sch.get(anchor).reads[1].source
+    kb = int(packed.shape[-1])
+    lanes = describe(target).lanes(str(packed.dtype))
+    n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
+    work = product(extent(sch, lp) for lp in (n, k, y, x, rc, ry, rx))
+    ko, kvi, ki = sch.split(k, [None, kv, kb])
+    yo, yi = sch.split(y, [None, ht])
+    xo, xi = sch.split(x, [None, wt])
+    sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
+    outer = sch.fuse(n, ko, yo, xo)
+    epilogue, leftovers = _tile_loop_with_epilogue(sch, anchor, outer,
+                                                   lambda b, o, yy, xx: (b, o // kb, yy, xx, o % kb), keep,
+                                                   columns=layout is None)
+    if layout is not None:  # the copy-out: (channel blocks, rows, columns, lanes), lanes vectorized
+        sch.transform_layout(epilogue, ("write", 0), layout)
+        eo, ey, ex = sch.get_loops(epilogue)[-3:]
+        ov, ol = sch.split(eo, [None, kb])
+        sch.reorder(ov, ey, ex, ol)
+        sch.vectorize(ol)
+    sch.vectorize(ki)
+    for lp in (xi, yi, kvi):
+        sch.unroll(lp)
+    _finish(sch, anchor, rc, outer, work, lanes, leftovers, parallel)
 
     def variants(self, func, target, limit: int) -> list:
         """Up to `limit` other (tile, parallel) schedules, each marked with VARIANT = its parameters."""

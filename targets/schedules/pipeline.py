@@ -18,7 +18,8 @@ from __future__ import annotations
 #: 5: depthwise convs tiled over rows and columns, strided ones read column phases (records of the one-row tile
 #: would replay the slower schedule).
 #: 6: softmax/row reductions, column-vector convs, BatchNorm folded into convs (different workloads and traces).
-SCHEDULES_VERSION = 6
+#: 7: conv → conv pairs (factorised layers) fused into one `conv2d_pair` function (`conv_pair.py`).
+SCHEDULES_VERSION = 7
 
 
 def legalize_map() -> dict:
@@ -40,14 +41,14 @@ def rules() -> list:
     and recomputes the max and the sum for every element (6.7 ms instead of microseconds).
     """
     from .conv2d import Conv2dColumns, Conv2dPacked, DepthwiseConv2d  # noqa: PLC0415
+    from .conv_pair import Conv2dPair  # noqa: PLC0415
     from .dense import DensePacked  # noqa: PLC0415
     from .injective import Fallback, Injective  # noqa: PLC0415
     from .int8 import Int8Kernel  # noqa: PLC0415
     from .pool import Pool  # noqa: PLC0415
     from .reduce import LaneReduce, RowReduce  # noqa: PLC0415
-    return [Int8Kernel(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(), RowReduce(),
-            Pool(),
-            Injective(), Fallback()]
+    return [Int8Kernel(), Conv2dPair(), Conv2dPacked(), Conv2dColumns(), DepthwiseConv2d(), DensePacked(), LaneReduce(),
+            RowReduce(), Pool(), Injective(), Fallback()]
 
 
 def fuse_passes(target) -> list:
@@ -55,6 +56,7 @@ def fuse_passes(target) -> list:
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
+    from .conv_pair import fuse_conv_pairs_pass  # noqa: PLC0415
     from .int8 import qdq_rewrite_pass  # noqa: PLC0415
     return [
         qdq_rewrite_pass(),  # quantized layers → integer compute (int8.py), while the weights are still int8
@@ -66,6 +68,7 @@ def fuse_passes(target) -> list:
         *cpu.library_dispatch_passes(target),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        fuse_conv_pairs_pass(),  # conv → conv with nothing between (a factorised layer): one function
         relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
