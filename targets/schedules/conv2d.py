@@ -208,7 +208,7 @@ def legalize_conv2d_transpose(bb, call):
                       primfunc_name_hint="conv2d_transpose")
 
 
-def _pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp"):
+def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp"):
     """Zero-pad `data` so that every tap of a (padded) output of size `out_hw` reads inside the buffer."""
     from tvm import topi  # noqa: PLC0415
     (pt, pl), (h, w) = geometry["pad_before"], geometry["in_hw"]
@@ -257,7 +257,7 @@ def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometr
 def _conv_taps(data, out_hw, kernel_hw, geometry):
     """A convolution's padded input, reduction extents and (input row, col, weight row, col) of a tap."""
     (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
-    padded = _pad_to(data, out_hw, kernel_hw, geometry)
+    padded = pad_to(data, out_hw, kernel_hw, geometry)
     return padded, kernel_hw, lambda y, x, ry, rx: (y * sh + ry * dh, x * sw + rx * dw, ry, rx)
 
 
@@ -315,7 +315,7 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
         rx = te.reduce_axis((0, s), "rx")
         attrs = {KERNEL: DEPTHWISE, TILE: [1, ht, wt]}
         if sw == 1:
-            padded = _pad_to(data, (ohp, owp), (r, s), geometry)
+            padded = pad_to(data, (ohp, owp), (r, s), geometry)
             conv = te.compute(
                 (data.shape[0], k, ohp, owp),
                 lambda b, o, y, x: te.sum(padded[b, o // mult, y * sh + ry * dh, x * sw + rx * dw] * weight[o, 0, ry, rx],
@@ -361,7 +361,7 @@ def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: 
         attrs = {KERNEL: COLUMNS, TILE: [plan.kv, plan.ht, plan.kb]}
         shape = (data.shape[0], kblocks * kb, ohp, owp)
         if sw == 1:
-            padded = _pad_to(data, (ohp, owp), (r, s), geometry)
+            padded = pad_to(data, (ohp, owp), (r, s), geometry)
             conv = te.compute(shape, lambda b, o, y, x: te.sum(
                 padded[b, rc, y * sh + ry * dh, x + rx * dw] * packed[o // kb, rc, ry, rx, o % kb], axis=[rc, ry, rx]),
                 name="conv2d_columns", attrs=attrs)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 from .common import KERNEL, TILE, dtype_or, find_kernel, root_blocks, static_shape
-from .conv2d import ConvPlan, _pad_to, pack_weight, plan_columns, plan_conv, schedule_channel_tile
+from .conv2d import ConvPlan, pad_to, pack_weight, plan_columns, plan_conv, schedule_channel_tile
 from .simd import describe, is_cpu
 
 FIRST = "conv2d_pair_first"
@@ -168,7 +168,7 @@ def _packed_conv(data, packed, spec: dict, plan: ConvPlan):
     kblocks, c, r, s, kb = (int(v) for v in packed.shape)
     ohp, owp = _padded(spec["oh"], plan.ht), _padded(spec["ow"], plan.wt)
     (sh, sw), (dh, dw) = spec["geometry"]["strides"], spec["geometry"]["dilation"]
-    padded = _pad_to(data, (ohp, owp), (r, s), spec["geometry"], name="pad_temp")
+    padded = pad_to(data, (ohp, owp), (r, s), spec["geometry"], name="pad_temp")
     rc = te.reduce_axis((0, c), "rc")
     ry = te.reduce_axis((0, r), "ry")
     rx = te.reduce_axis((0, s), "rx")
