@@ -75,33 +75,22 @@ def _take_input(graph: gs.Graph, node: gs.Node, index: int, idx: np.ndarray, axi
 
 
 def _cut_conv(graph: gs.Graph, cut: Cut) -> None:
+    """Conv (weight [M, C/group, k...]) and ConvTranspose (weight [C, M/group, k...]); the weight's channel axes
+    are swapped between the two."""
     node = cut.node
     idx = cut.indices()
+    transposed = node.op == "ConvTranspose"
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
     if cut.port == "in":
-        _take_input(graph, node, 1, idx, 1)
+        _take_input(graph, node, 1, idx, in_axis)
     elif cut.port == "out":
-        _take_input(graph, node, 1, idx, 0)
+        _take_input(graph, node, 1, idx, out_axis)
         _take_input(graph, node, 2, idx, 0)
-    elif cut.port == "dw":
-        mult = weight_shape(node.inputs[1])[0] // int(node.attrs.get("group", 1))
+    elif cut.port == "dw":  # one input channel per group, `mult` outputs each
+        w = weight_shape(node.inputs[1])
+        mult = w[1] if transposed else w[0] // int(node.attrs.get("group", 1))
         rows = (idx[:, None] * mult + np.arange(mult)[None, :]).reshape(-1)
-        _take_input(graph, node, 1, rows, 0)
-        _take_input(graph, node, 2, rows, 0)
-        node.attrs["group"] = int(len(idx))
-
-
-def _cut_conv_transpose(graph: gs.Graph, cut: Cut) -> None:
-    node = cut.node
-    idx = cut.indices()
-    if cut.port == "in":
-        _take_input(graph, node, 1, idx, 0)
-    elif cut.port == "out":
-        _take_input(graph, node, 1, idx, 1)
-        _take_input(graph, node, 2, idx, 0)
-    elif cut.port == "dw":
-        mult = weight_shape(node.inputs[1])[1]
-        _take_input(graph, node, 1, idx, 0)
-        rows = (idx[:, None] * mult + np.arange(mult)[None, :]).reshape(-1)
+        _take_input(graph, node, 1, idx if transposed else rows, 0)
         _take_input(graph, node, 2, rows, 0)
         node.attrs["group"] = int(len(idx))
 
@@ -212,7 +201,7 @@ Cutter = Callable[[gs.Graph, Cut], None]
 #: How to cut one op, for each member port other than `pass`.
 CUTTERS: dict[str, Cutter] = {
     "Conv": _cut_conv,
-    "ConvTranspose": _cut_conv_transpose,
+    "ConvTranspose": _cut_conv,
     "Gemm": _cut_gemm,
     "MatMul": _cut_matmul,
     "BatchNormalization": _cut_norm,
