@@ -15,6 +15,11 @@ name in `IMPORTANCES`):
   Unlike a filter norm it sees a dead channel, one the readers ignore, and one the other channels reproduce.
   prune(ratio=0.3) top-1 drop, reconstruction vs l1: mnist_burn 0.26 vs 0.91 pt (l1 kept a dead conv3 channel
   and two that fc1 barely reads), cifar10_resnet4b 8.8 vs 13.1, sri_resnet_a 8.4 vs 18.4.
+- `hessian`: HAP's relative Hessian trace (Yu et al. 2022, "Hessian-Aware Pruning and Optimal Neural Implant"):
+  Tr(H_c)/n_c · ‖w_c‖² of the output loss w.r.t. each channel's weights in every layer that writes the group,
+  by Hutchinson probes with ONNX Runtime (`hessian.channel_traces`: 2 runs of 64 calibration samples per channel
+  and probe, 2 probes; past HESSIAN_MAX_MACS fewer probes and samples, then `l1` for the widest groups). It sees
+  the whole network after the channel, where `reconstruction` sees the next layers only.
 
 Where to cut (`scope`): `layer` takes `ratio` of every group; `global` ranks all channels together, each
 group's scores divided by their mean; `sensitivity` cuts each group alone at 25/50/75 % (compensated like the
@@ -32,7 +37,7 @@ from typing import Annotated, Callable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from squeeze import runtime
+from squeeze import metrics, runtime
 from squeeze.verify import output_loss
 from squeeze.errors import PassError
 from squeeze.context import Context
@@ -317,11 +322,14 @@ def _greedy_removal(size: int, readers: list[_Reader]) -> np.ndarray:
     return scores
 
 
-#: `hessian`: calibration samples the probes run on, probes per channel, and the most ONNX Runtime runs of those
-#: samples in all (2 per probe and channel); beyond that one probe per channel, then the widest groups by `l1`.
+#: `hessian`: calibration samples the probes run on (at most), probes per channel, and the most multiply-adds all its
+#: ONNX Runtime runs may cost together (2 runs per probe and channel; a run costs samples × the model's MACs per
+#: sample). Over budget: one probe per channel, then fewer samples (down to HESSIAN_MIN_SAMPLES), then the widest
+#: groups are ranked by `l1`. 5e11 is about a minute of runs on 2 cores for the CIFAR ResNets.
 HESSIAN_SAMPLES = 64
+HESSIAN_MIN_SAMPLES = 16
 HESSIAN_PROBES = 2
-HESSIAN_MAX_RUNS = 4096
+HESSIAN_MAX_MACS = 5e11
 
 
 def _channel_slices(group: Group, weights: set[str]) -> list:
@@ -351,24 +359,33 @@ def hessian_importance(groups: list[Group], ctx: Context) -> Importance:
     channel's weights in every layer that writes the group, estimated by Hutchinson probes with ONNX Runtime
     (`hessian.channel_traces`) on the first HESSIAN_SAMPLES calibration samples. Unlike a filter norm it sees
     how much the rest of the network reads the channel. Groups without float initializer weights, groups over
-    the run budget, and synthetic calibration data: `l1`."""
+    the cost budget (HESSIAN_MAX_MACS), and synthetic calibration data: `l1`."""
     if ctx.calib_is_synthetic:
         ctx.note("criterion=hessian ranks by l1: the calibration data is synthetic (give --calib)")
         return l1_importance
     weights = {t.name for t in ctx.model.graph.initializer}
     blocks = {g: s for g in groups if (s := _channel_slices(g, weights))}
     channels = sum(g.size for g in blocks)
-    probes = HESSIAN_PROBES if 2 * HESSIAN_PROBES * channels <= HESSIAN_MAX_RUNS else 1
-    budget, chosen = HESSIAN_MAX_RUNS, {}
+    per_run = max(float(metrics.summary(ctx.model, ctx.input_shapes)["macs"]), 1.0)  # per sample
+    samples, probes = min(len(ctx.calib), HESSIAN_SAMPLES), HESSIAN_PROBES
+    while 2 * probes * channels * samples * per_run > HESSIAN_MAX_MACS:
+        if probes > 1:
+            probes = 1
+        elif samples > HESSIAN_MIN_SAMPLES:
+            samples = max(HESSIAN_MIN_SAMPLES, samples // 2)
+        else:
+            break
+    budget, chosen = HESSIAN_MAX_MACS, {}
     for g in sorted(blocks, key=lambda g: (g.size, g.index)):
-        if 2 * probes * g.size <= budget:
+        cost = 2 * probes * g.size * samples * per_run
+        if cost <= budget:
             chosen[g] = blocks[g]
-            budget -= 2 * probes * g.size
+            budget -= cost
     over = [g.name for g in blocks if g not in chosen]
     if over:
-        ctx.note(f"criterion=hessian ranks {len(over)} group(s) by l1 (over its budget of {HESSIAN_MAX_RUNS} "
-                 f"ONNX Runtime runs): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}")
-    data = ctx.calib.subset(0, min(len(ctx.calib), HESSIAN_SAMPLES))
+        ctx.note(f"criterion=hessian ranks {len(over)} of {len(blocks)} group(s) by l1 (its probes would cost more "
+                 f"than {HESSIAN_MAX_MACS:.0e} MACs): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}")
+    data = ctx.calib.subset(0, samples)
     keys = {f"{g.index}:{g.name}": g for g in chosen}
     traces = hessian.channel_traces(ctx.model, {k: chosen[g] for k, g in keys.items()},
                                     {k: g.size for k, g in keys.items()}, data, probes=probes, seed=ctx.seed,
@@ -476,8 +493,8 @@ def prune(graph: gs.Graph, ctx: Context, *,
                            "fraction of the channels of the prunable groups to remove"] = 0.3,
           criterion: Annotated[Literal["l1", "l2", "fpgm", "activation", "reconstruction", "hessian"],
                                "how channels are ranked: filter L1/L2 norm, geometric median, mean |activation|, "
-                               "or the output the reading layers cannot reconstruct without them (l1 on "
-                               "synthetic calibration data)"] = "reconstruction",
+                               "the output the reading layers cannot reconstruct without them, or the relative "
+                               "Hessian trace of the output loss (HAP; these two rank by l1 without --calib)"] = "reconstruction",
           scope: Annotated[Literal["global", "layer", "sensitivity"],
                            "layer: every group loses `ratio`; global: the lowest-ranked channels overall (scores "
                            "divided by their group's mean); sensitivity: overall, by measured output loss per MAC "
