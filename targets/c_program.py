@@ -418,29 +418,25 @@ def _nbytes(shape, dtype: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ kernels
 
-def kernels_c(program: Program, target) -> str:
-    """TVM's kernels as C source (target `c`), argument checks compiled out (they cost flash, not safety:
-    squeeze's own entry point passes exactly the planned tensors)."""
+def _build_kernels(program: Program, target, what: str):
+    """The TVM module of the program's kernels for `target`, argument checks compiled out (they cost flash, not
+    safety: squeeze's own entry point passes exactly the planned tensors)."""
     tvm = tvm_build.tvm()
     try:
         with tvm_build.keep_affinity(), tvm.transform.PassContext(config={"tirx.disable_assert": True}):
-            lib = tvm.tirx.build(program.tir, target=target)
+            return tvm.tirx.build(program.tir, target=target)
     except Exception as exc:
-        raise TargetError(f"TVM failed to generate C kernels: {type(exc).__name__}: "
-                          f"{tvm_build.error_line(exc)}") from exc
-    return lib.inspect_source()
+        raise TargetError(f"TVM failed to {what}: {type(exc).__name__}: {tvm_build.error_line(exc)}") from exc
+
+
+def kernels_c(program: Program, target) -> str:
+    """TVM's kernels as C source (target `c`)."""
+    return _build_kernels(program, target, "generate C kernels").inspect_source()
 
 
 def kernels_object(program: Program, target, path: Path) -> Path:
     """TVM's kernels as an object file from LLVM for `target` (e.g. aarch64 with NEON)."""
-    tvm = tvm_build.tvm()
-    try:
-        with tvm_build.keep_affinity(), tvm.transform.PassContext(config={"tirx.disable_assert": True}):
-            lib = tvm.tirx.build(program.tir, target=target)
-    except Exception as exc:
-        raise TargetError(f"TVM failed to compile the kernels: {type(exc).__name__}: "
-                          f"{tvm_build.error_line(exc)}") from exc
-    lib.write_to_file(str(path))
+    _build_kernels(program, target, "compile the kernels").write_to_file(str(path))
     return path
 
 
