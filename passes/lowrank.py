@@ -46,6 +46,7 @@ from squeeze.model import to_model
 from squeeze.registry import Backoff, Range, register_pass
 from squeeze.threads import single_threaded
 
+from .channel_plan import round_keep
 from .graph_util import infer_shapes
 from .compensate import PostOp, post_op, refit
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
@@ -85,6 +86,8 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
                                  "a rank cut); 0 considers every layer"] = MIN_SHARE,
             skip: Annotated[list[str], "layers left as they are: node names, op types, patterns, first, last"]
             = [],  # noqa: B006 (never mutated)
+            multiple: Annotated[int, Range(1, None), "ranks rounded to a multiple of this (a target's channel block, "
+                                "8/16 suit SIMD: the first factor's outputs fill whole vectors); 1: as chosen"] = 1,
             ) -> None:
     """Low-rank implants: factorize Conv/Gemm/MatMul layers into two thin ones fitted to calibration activations."""
     all_layers = find_layers(graph)
@@ -105,7 +108,7 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
             x_in = _rows(_current(graph, ctx), ctx, [spec.layer])[0][name] if x is not None and per_layer else x
             fits, why = _fit_layer(spec, x, x_in, samples.get(name), ranks.get(name, rank),
                                    0.0 if name in ranks else energy, form, init if x is not None else "weight",
-                                   compensate and x is not None)
+                                   compensate and x is not None, multiple)
             if not fits:
                 skipped[name] = why
                 continue
@@ -307,7 +310,7 @@ class _Fit:
 
 
 def _fit_layer(spec: _LayerSpec, x: np.ndarray | None, x_in: np.ndarray | None, sample: np.ndarray | None,
-               wanted: float | int, energy: float, form: str, init: str, do_refit: bool
+               wanted: float | int, energy: float, form: str, init: str, do_refit: bool, multiple: int = 1
                ) -> tuple[list[_Fit], str]:
     """The factorisations of `spec` worth making (empty, with the reason, when none saves MACs and parameters)."""
     split = _Split.of(x, x_in, sample, spec) if x is not None else None
@@ -326,6 +329,8 @@ def _fit_layer(spec: _LayerSpec, x: np.ndarray | None, x_in: np.ndarray | None, 
             r = problem.largest_rank_within(budget)
         else:
             r = _choose_rank(wanted, energy, energies, problem.full)
+        if multiple > 1:  # nearest multiple (within the budget: the multiple below)
+            r = r - r % multiple if kind == "spatial" and budget is not None else round_keep(problem.full, r, multiple)
         macs, params = problem.cost(r) if r >= 1 else (spec.macs(), spec.params())
         if r < 1 or r >= problem.full or macs >= spec.macs() or params >= spec.params():
             reasons.append(f"{kind} form at rank {max(r, 1)}/{problem.full} has {_ratio(macs, spec.macs())} the "

@@ -131,3 +131,22 @@ def test_lowrank_output_compiles_to_pairs():
         assert {r for n, r in applied.items() if "conv2d" in n} == {"Conv2dPair"}, applied
         err = _error_vs_onnxruntime(factored)
         assert err <= TOLERANCE, f"{form}: max rel error {err:.2e}"
+
+
+def test_lowrank_multiple_rounds_ranks_and_one_changes_nothing():
+    """`lowrank(multiple=M)` (M: a target's channel block) gives ranks that are multiples of M, so the first
+    factor's outputs fill whole vectors; multiple=1 writes the same model as without it."""
+    g = graphs.Builder(13)
+    h = g.node("Relu", [g.conv("x", "conv1", 24, 40, pads=[1, 1, 1, 1])], "relu1")
+    g.node("Relu", [g.conv(h, "conv2", 40, 40, pads=[1, 1, 1, 1])], "y")
+    model = g.model({"x": [1, 24, 8, 8]}, "y")
+    plain, _ = graphs.apply(model, "lowrank(rank=0.3,min_share=0)")
+    one, _ = graphs.apply(model, "lowrank(rank=0.3,min_share=0,multiple=1)")
+    assert plain.SerializeToString() == one.SerializeToString()
+    eight, steps = graphs.apply(model, "lowrank(rank=0.3,min_share=0,multiple=8)")
+    ranks = [e["rank"] for e in steps[0]["details"]["per_layer"]]
+    plain_ranks = [e["rank"] for e in graphs.apply(model, "lowrank(rank=0.3,min_share=0)")[1][0]["details"]["per_layer"]]
+    assert ranks and all(r % 8 == 0 for r in ranks), ranks
+    assert any(r % 8 for r in plain_ranks), plain_ranks  # the rounding had something to do
+    err = _error_vs_onnxruntime(eight)
+    assert err <= TOLERANCE, f"max rel error {err:.2e}"

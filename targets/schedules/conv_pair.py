@@ -184,6 +184,10 @@ class Conv2dPair:
     the first conv's tile copied out channel block by channel block into the intermediate."""
 
     def apply(self, func, target, tunable: bool):
+        return self.schedule(func, target)
+
+    def schedule(self, func, target, tiles: tuple | None = None):
+        """`tiles`: (first conv's, second conv's) register tiles instead of the planned ones."""
         from tvm import s_tir  # noqa: PLC0415
         if not is_cpu(target):
             return None
@@ -201,8 +205,9 @@ class Conv2dPair:
             ob, ol = sch.split(o, [None, kb])
             sch.reorder(b, ob, y, x, ol)
         # the second conv first, its epilogue inlined; nothing before it may be
-        schedule_channel_tile(sch, second, target, keep=names[:names.index(sch.get(second).name_hint)])
+        tile1, tile2 = tiles or (None, None)
+        schedule_channel_tile(sch, second, target, tile2, keep=names[:names.index(sch.get(second).name_hint)])
         first = find_kernel(sch, FIRST)
         others = [sch.get(b).name_hint for b in root_blocks(sch) if not b.same_as(first)]
-        schedule_channel_tile(sch, first, target, keep=others, layout=blocked)
+        schedule_channel_tile(sch, first, target, tile1, keep=others, layout=blocked)
         return sch
