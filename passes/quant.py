@@ -48,6 +48,11 @@ GRAM_LIMIT = 2048             # AdaRound uses the inputs' Gram matrix up to this
 ZETA, GAMMA = 1.1, -0.1       # AdaRound's rectified sigmoid stretch
 ELEMENTWISE = ("Add", "Mul")  # binary ops quantized around (ONNX Runtime: QLinearAdd, QLinearMul)
 GATES = ("HardSigmoid", "Sigmoid")  # cheap gates whose output may join the int8 region of an Add/Mul it feeds
+#: Cheap one-input functions (besides the gates) through which the int8 region reaches an Add/Mul: a decomposed
+#: GELU's x / √2 → Erf (quantize_static quantizes its Add/Mul tail: three QLinear ops in place of three float ones
+#: over the whole tensor, for one QuantizeLinear after the Erf), Tanh, and the Resize of an FPN's top-down path
+#: (whose Add then is a QLinearAdd). Div/Mul/Sub/Add by a scalar constant pass it on too (the Div of GELU).
+UNARY = ("Erf", "Tanh", "Resize")
 
 
 @register_pass("quant", backoff=Backoff("bits", step_up(8), skip="skip"))
@@ -500,12 +505,15 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> l
     """The Add/Mul that join the int8 region: quantize_static's binary ops (two float activations, or one and a
     scalar constant stored exactly in uint8; ONNX Runtime runs them as QLinearAdd / QLinearMul), kept only where
     every activation input is int8 anyway (written by a quantized layer, past a Relu/Clip it may absorb, or by
-    another kept op, or read by a quantized layer, or the output of a HardSigmoid/Sigmoid gate of such a tensor:
-    hard-swish and squeeze-and-excitation scaling) and some reader is int8 too (a quantized layer or a kept op).
+    another kept op, or read by a quantized layer, or the output of a cheap one-input function of such a tensor:
+    a HardSigmoid/Sigmoid gate (hard-swish, squeeze-and-excitation scaling), a decomposed GELU's x/√2 → Erf, an
+    FPN's Resize) and some reader is int8 too (a quantized layer or a kept op, directly or through such a function).
 
-    Elsewhere the op stays float, and so do the tensors around it: inside a decomposed GELU or LayerNorm (whose
-    other inputs come from Erf, ReduceMean, ...) quantizing adds QuantizeLinear nodes that ONNX Runtime cannot
-    fuse, stops it from fusing the pattern into its own Gelu / LayerNormalization kernels, and costs accuracy."""
+    Elsewhere the op stays float, and so do the tensors around it: inside a decomposed LayerNorm (whose other
+    inputs come from ReduceMean, Sqrt, ...) quantizing adds QuantizeLinear nodes that ONNX Runtime cannot fuse and
+    costs accuracy. (A GELU's tail is quantized as quantize_static does: with QDQ around it ONNX Runtime does not
+    fuse the pattern into its Gelu kernel anyway, and the float Add/Mul/Mul over the feature map cost ppocrv6_tiny_det
+    ~15 % of its int8 latency.)"""
     candidates = []
     for node in graph.nodes:
         if node.op not in ELEMENTWISE or len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -526,20 +534,39 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> l
         act = _clamp_after(out)
         produced.add((act.outputs[0] if act is not None else out).name)
     readers = {id(l.node) for l in fused}
-    gates = [n for n in graph.nodes if n.op in GATES and len(n.outputs) == 1 and n.outputs[0].name in floats]
+    gates = [n for n in graph.nodes if len(n.outputs) == 1 and n.outputs[0].name in floats and len(n.inputs) >= 1
+             and (n.op in GATES + UNARY or _scalar_arithmetic(n))]
     kept = list(candidates)
     while True:
         ids = {id(n) for n in kept}
         region = produced | {n.outputs[0].name for n in kept}
-        for gate in gates:  # x·HardSigmoid(x), SE scaling: the gate's output is quantized as quantize_static does
-            if gate.inputs[0].name in region:
-                region.add(gate.outputs[0].name)
+        grown = True
+        while grown:  # x·HardSigmoid(x), SE scaling, GELU's x/√2 → Erf: the output a kept op reads is quantized,
+            grown = False  # as quantize_static does (chains of them in any node order)
+            for gate in gates:
+                if gate.inputs[0].name in region and gate.outputs[0].name not in region:
+                    region.add(gate.outputs[0].name)
+                    grown = True
+        def int8_reader(node: gs.Node, depth: int = 3) -> bool:  # directly, or through a Resize / Erf chain
+            return id(node) in readers or id(node) in ids or (
+                depth > 0 and node.op in UNARY and len(node.outputs) == 1
+                and any(int8_reader(r, depth - 1) for r in node.outputs[0].outputs))
+
         nxt = [n for n in kept
                if all(t.name in region for t in n.inputs if isinstance(t, gs.Variable))
-               and any(id(r) in readers or id(r) in ids for r in _readers_past_clamp(n.outputs[0]))]
+               and any(int8_reader(r) for r in _readers_past_clamp(n.outputs[0]))]
         if len(nxt) == len(kept):
             return kept
         kept = nxt
+
+
+def _scalar_arithmetic(node: gs.Node) -> bool:
+    """Div/Mul/Sub/Add of a variable (first input) by one float scalar constant."""
+    if node.op not in ("Div", "Mul", "Sub", "Add") or len(node.inputs) != 2:
+        return False
+    first, second = node.inputs
+    return (isinstance(first, gs.Variable) and isinstance(second, gs.Constant) and second.values.size == 1
+            and second.values.dtype == np.float32)
 
 
 def _readers_past_clamp(tensor: gs.Variable) -> list[gs.Node]:

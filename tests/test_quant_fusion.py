@@ -7,16 +7,7 @@ import onnx
 import pytest
 
 import graphs
-from squeeze.data import Dataset
 from squeeze.passes import quant_sensitivity as qs
-
-
-@pytest.fixture
-def calib_data():
-    def make(model: onnx.ModelProto, count: int, seed: int = 0) -> Dataset:
-        data = graphs.random_inputs(model, count, seed)
-        return Dataset(data.arrays, None, "test calibration", data.stacked)
-    return make
 
 
 def _conv_relu_conv_matmul() -> onnx.ModelProto:
@@ -89,4 +80,54 @@ def test_decomposed_hardswish_joins_the_int8_region(calib_data, tmp_path):
     # the last Conv writes the graph output, which stays float: ORT runs that one as a float Conv
     assert ops["QLinearConv"] == 1 and ops["Conv"] == 1 and ops["QLinearMul"] == 1, ops
     assert not {"Add", "Clip", "Div"} & set(ops), ops
+    assert graphs.max_rel_error(model, out, data) < 0.05
+
+
+def _conv_gelu_conv() -> onnx.ModelProto:
+    """
+    x[1,4,8,8] ─ Conv 4→8 ─ h ─┬─ Div √2 ─ Erf ─ Add 1 ─ Mul ─ Mul 0.5 ─ Conv 8→4 ─ y
+                               └──────────────────────┘
+    (GELU as exporters decompose it)
+    """
+    g = graphs.Builder(7)
+    h = g.conv("x", "h", 4, 8, pads=[1, 1, 1, 1])
+    d = g.node("Div", [h, g.tensor("sqrt2", np.array(np.sqrt(2.0), np.float32))], "d")
+    e = g.node("Erf", [d], "e")
+    a = g.node("Add", [e, g.tensor("one", np.array(1.0, np.float32))], "a")
+    m = g.node("Mul", [h, a], "m")
+    half = g.node("Mul", [m, g.tensor("c0.5", np.array(0.5, np.float32))], "half")
+    g.conv(half, "y", 8, 4, pads=[1, 1, 1, 1])
+    return g.model({"x": [1, 4, 8, 8]}, "y")
+
+
+def _fpn_resize_add() -> onnx.ModelProto:
+    """
+    x[1,4,8,8] ─ Conv 4→8 stride 2 ─ low ─ Resize ×2 ─ up ─┐
+               └ Conv 4→8 ─ lateral ─────────────────── Add ─ s ─ Conv 8→4 ─ y
+    (an FPN's top-down step)
+    """
+    g = graphs.Builder(8)
+    low = g.conv("x", "low", 4, 8, pads=[1, 1, 1, 1], strides=[2, 2])
+    up = g.node("Resize", [low, "", g.tensor("scales", np.array([1, 1, 2, 2], np.float32))], "up", mode="nearest")
+    lateral = g.conv("x", "lateral", 4, 8, pads=[1, 1, 1, 1])
+    s = g.node("Add", [lateral, up], "s")
+    g.conv(s, "y", 8, 4, pads=[1, 1, 1, 1])
+    return g.model({"x": [1, 4, 8, 8]}, "y")
+
+
+@pytest.mark.parametrize("build, fused, floats", [
+    (_conv_gelu_conv, {"QLinearAdd": 1, "QLinearMul": 2}, {"Add", "Mul"}),  # Div and Erf stay float, as static's
+    (_fpn_resize_add, {"QLinearAdd": 1}, {"Add"}),
+])
+def test_elementwise_tails_behind_cheap_functions_join_the_int8_region(build, fused, floats, calib_data, tmp_path):
+    """As quantize_static does: the Add/Mul after a decomposed GELU's Erf and the Add after an FPN's Resize read
+    int8 tensors, so ONNX Runtime runs them as QLinearAdd/QLinearMul instead of float ops over whole feature maps
+    between a DequantizeLinear and a QuantizeLinear; the outputs stay close to the float model's."""
+    from test_quant import _ort_optimized_ops
+    model = build()
+    data = calib_data(model, 16)
+    out, _ = graphs.apply(model, "quant(sensitive=0)", data=data)
+    ops = _ort_optimized_ops(out, tmp_path)
+    assert all(ops.get(op, 0) == count for op, count in fused.items()), ops
+    assert not floats & set(ops), ops
     assert graphs.max_rel_error(model, out, data) < 0.05
