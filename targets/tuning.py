@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import re
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from squeeze.errors import TargetError
+from squeeze.host import host_model
 
 from . import tvm_build
 
@@ -72,18 +72,6 @@ def database_dir(cache: Path, target, threads: int, device: str | None = None) -
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     name = f"{target.kind.name}-{cpu}-{digest}-t{threads}" + (f"-{device}" if device else "")
     return cache / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-def host_model() -> str:
-    """This machine's CPU model ("AMD EPYC 9454 48-Core Processor"), from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "Hardware", "Processor")) and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass

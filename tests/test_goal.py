@@ -24,7 +24,7 @@ from squeeze import goal as goal_mod
 from squeeze import metrics, pack
 from squeeze.data import input_specs, load_npz, resolve_shapes
 from squeeze.errors import SpecError, SqueezeError
-from squeeze.goal import (Constraint, Knob, LayerCost, Model, Tables, describe_plan, feasible, parse_goal,
+from squeeze.goal import (Constraint, Knob, LayerCost, LossModel, Tables, describe_plan, feasible, parse_goal,
                           plan_calls, solve)
 from squeeze.pipeline import run_pipeline
 from squeeze.recipe import RecipeError, arguments, load
@@ -201,7 +201,7 @@ def _tables(knobs, layers, other_bytes=0.0, other_macs=0.0, latency=0.0) -> Tabl
     return Tables(knobs, layers, {**NO_BASE, "latency": latency}, {"bytes": other_bytes, "macs": other_macs})
 
 
-def _random_instance(seed: int) -> tuple[Model, dict[str, float]]:
+def _random_instance(seed: int) -> tuple[LossModel, dict[str, float]]:
     """3-4 knobs with 3-5 choices each: a chain of layers, 0-2 channel groups between them (coupled costs),
     codebook knobs on some layers, losses increasing with strength; a bytes budget, sometimes a MACs one."""
     rng = np.random.default_rng(seed)
@@ -226,7 +226,7 @@ def _random_instance(seed: int) -> tuple[Model, dict[str, float]]:
         n = int(rng.integers(3, 6))
         loss = np.concatenate([[0.0], np.sort(rng.exponential(0.05, n - 1))])
         knobs.append(Knob("codebook", f"L{i}", [0, 8, 6, 4, 2][:n], [float(v) for v in loss]))
-    model = Model(_tables(knobs, layers, other_bytes=float(rng.integers(0, 500))))
+    model = LossModel(_tables(knobs, layers, other_bytes=float(rng.integers(0, 500))))
     full, floor = model.costs({}), model.costs(_strongest(model))
     budgets = {"bytes": full["bytes"] * rng.uniform(floor["bytes"] / full["bytes"], 1.0)}
     if rng.random() < 0.3 and floor["macs"] < full["macs"]:
@@ -234,17 +234,17 @@ def _random_instance(seed: int) -> tuple[Model, dict[str, float]]:
     return model, budgets
 
 
-def _strongest(model: Model) -> dict[str, int]:
+def _strongest(model: LossModel) -> dict[str, int]:
     return {key: len(k.choices) - 1 for key, k in model.by_key.items()}
 
 
-def _all_plans(model: Model):
+def _all_plans(model: LossModel):
     keys = list(model.by_key)
     for combo in itertools.product(*(range(len(model.by_key[k].choices)) for k in keys)):
         yield dict(zip(keys, combo))
 
 
-def _brute_force(model: Model, budgets: dict[str, float]) -> float | None:
+def _brute_force(model: LossModel, budgets: dict[str, float]) -> float | None:
     """The least predicted loss of any plan within the budgets (None: no plan is)."""
     losses = [model.loss(p) for p in _all_plans(model) if feasible(model.costs(p), budgets)]
     return min(losses) if losses else None
@@ -270,11 +270,11 @@ def test_solve_is_feasible_and_nearly_always_optimal_on_small_random_instances()
     assert optimal >= 0.95 * instances, gaps
 
 
-def _three_layers() -> Model:
+def _three_layers() -> LossModel:
     """Three float layers (100, 100, 500 params; 2800 bytes), each clusterable at 8 or 4 bits."""
     layers = [LayerCost(f"L{i}", p, 0, 32.0, {8: 8.0, 4: 4.0}) for i, p in enumerate([100, 100, 500])]
     losses = [[0.0, 6.0, 10.0], [0.0, 2.0, 4.0], [0.0, 6.0, 9.0]]
-    return Model(_tables([Knob("codebook", f"L{i}", [0, 8, 4], l) for i, l in enumerate(losses)], layers))
+    return LossModel(_tables([Knob("codebook", f"L{i}", [0, 8, 4], l) for i, l in enumerate(losses)], layers))
 
 
 def test_solve_strengthens_from_the_empty_plan():
@@ -318,9 +318,9 @@ def test_budget_no_knob_can_move_is_infeasible():
     assert not feasible(costs, {"macs": 500.0}) and costs["macs"] == 1000.0
 
 
-# --------------------------------------------------------------------------------------- 3. Model.costs coupling
+# --------------------------------------------------------------------------------------- 3. LossModel.costs coupling
 
-def _coupled() -> Model:
+def _coupled() -> LossModel:
     """A[800 params] -(group g, 8 channels)-> B[1600 params] -(group h, 4 channels)-> C[400 params]; D apart."""
     layers = [LayerCost("A", 800, 8000, 32.0, {4: 4.5}, {}, {"g": 1 / 8}),
               LayerCost("B", 1600, 4000, 32.0, {4: 4.5}, {"g": 1 / 8}, {"h": 1 / 4}),
@@ -329,7 +329,7 @@ def _coupled() -> Model:
     knobs = [Knob("prune", "g", [8, 6, 2], [0.0, 0.1, 0.5], size=8, latency_saved=[0.0, 0.002, 0.004]),
              Knob("prune", "h", [4, 2], [0.0, 0.3], size=4),
              Knob("codebook", "B", [0, 4], [0.0, 0.01])]
-    return Model(_tables(knobs, layers, other_bytes=50.0, other_macs=10.0, latency=0.01))
+    return LossModel(_tables(knobs, layers, other_bytes=50.0, other_macs=10.0, latency=0.01))
 
 
 def test_pruning_a_group_shrinks_its_producer_and_its_consumer():
@@ -367,7 +367,7 @@ def test_real_tables_couple_the_layers_a_group_touches(digits_tables):
     assert layers[STEM].outs == {STEM_GROUP: 1 / 16} and layers[CONV2].outs == {STEM_GROUP: 1 / 16}
     assert layers[CONV1].ins == {STEM_GROUP: 1 / 16} and layers[DOWN].ins == {STEM_GROUP: 1 / 16}
     assert layers[FC1].ins == {DOWN: 1 / 32} and layers[FC2].ins == {FC1: 1 / 64} and layers[FC2].outs == {}
-    model = Model(digits_tables)
+    model = LossModel(digits_tables)
     base = model.costs({})
     conv1 = next(k for k in digits_tables.knobs if k.kind == "prune" and k.name == CONV1)
     plan = {f"prune:{CONV1}": conv1.choices.index(8)}   # conv1 keeps 8 of 16 channels
@@ -391,7 +391,7 @@ def test_plan_calls_round_trip_and_do_what_the_plan_says(digits_tables, digits):
     plan = dict([_choice(t, "prune", CONV1, 8), _choice(t, "prune", FC1, 48), _choice(t, "prune", DOWN, 32),
                  _choice(t, "codebook", STEM, 0), _choice(t, "codebook", CONV1, 4), _choice(t, "codebook", CONV2, 4),
                  _choice(t, "codebook", DOWN, 4), _choice(t, "codebook", FC1, 3), _choice(t, "codebook", FC2, 6)])
-    model = Model(t)
+    model = LossModel(t)
     calls = plan_calls(model, plan)
     assert [c.name for c in calls] == ["prune", "codebook"]
     prune, codebook = calls

@@ -12,7 +12,8 @@ import pytest
 from squeeze import goal as goal_mod
 from squeeze import metrics
 from squeeze.data import input_specs, load_npz, resolve_shapes
-from squeeze.goal import Model, parse_goal, plan_calls, solve
+from squeeze.goal import LossModel, parse_goal, plan_calls, solve
+from squeeze.goal import tables as goal_tables
 from squeeze.pipeline import apply_pass
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_lowrank_knobs_carry_measured_loss_and_cost(lowrank_tables):
 
 def test_plan_with_implants_applies_and_prices_macs(lowrank_tables, digits):
     """The solver may pick implants; their predicted MACs match what the real passes give."""
-    predictor = Model(lowrank_tables)
+    predictor = LossModel(lowrank_tables)
     implant = next(k for k in lowrank_tables.knobs if k.kind == "lowrank")
     plan = {f"lowrank:{implant.name}": len(implant.choices) - 1}
     calls = plan_calls(predictor, plan)
@@ -81,15 +82,15 @@ def test_plan_with_implants_applies_and_prices_macs(lowrank_tables, digits):
 
 
 def test_cache_key_changes_with_code_and_device(digits, monkeypatch):
-    key = goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A")
-    assert key == goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A")
-    assert key != goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU B")
-    assert key != goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 device=key-rpi4")
-    plain = goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1])
+    key = goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A")
+    assert key == goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A")
+    assert key != goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU B")
+    assert key != goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 device=key-rpi4")
+    plain = goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1])
     # another version of the code that measures the tables
-    monkeypatch.setattr(goal_mod, "_CODE_VERSIONS", {k: v + "0" for k, v in goal_mod._CODE_VERSIONS.items()})
-    assert goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1]) != plain
-    assert goal_mod._cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A") != key
+    monkeypatch.setattr(goal_tables, "CODE_VERSIONS", {k: v + "0" for k, v in goal_tables.CODE_VERSIONS.items()})
+    assert goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1]) != plain
+    assert goal_tables.cache_path(digits.model, digits.calib, 0, "prune", [1], "cpu-t1 host=CPU A") != key
 
 
 def test_code_version_reads_the_sources(tmp_path, monkeypatch):
@@ -99,10 +100,10 @@ def test_code_version_reads_the_sources(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("x = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    first = goal_mod.code_version(("fakepkg",))
-    goal_mod._CODE_VERSIONS.clear()
+    first = goal_tables.code_version(("fakepkg",))
+    goal_tables.CODE_VERSIONS.clear()
     (pkg / "a.py").write_text("x = 2\n")
-    assert goal_mod.code_version(("fakepkg",)) != first
+    assert goal_tables.code_version(("fakepkg",)) != first
 
 
 def test_device_identity_names_the_rpc_device_or_the_host():

@@ -3,7 +3,7 @@ codebook loss, against an exact trace on a linear model and against the measured
 
 The measured curve is computed as `goal.measure_tables` computes its codebook knobs: the `codebook` pass on one
 layer alone (the others skipped) at each bit width, then `squeeze.verify.output_loss` against the float model on the
-held-out calibration samples (`goal._holdout`, 64 of digits_calib's 256). The proxy predicts plain k-means, so
+held-out calibration samples (`goal.table_samples`, 64 of digits_calib's 256). The proxy predicts plain k-means, so
 the asserted comparison runs the pass with compensate=False; the comparison with the compensated pass (what the
 goal tables hold) is printed by a slow test (`-m slow`; ~25 s of least-squares refits on 2 cores).
 """
@@ -22,7 +22,7 @@ from squeeze import runtime
 from squeeze.passes import hessian
 from squeeze.context import Context
 from squeeze.data import Dataset, input_specs, load_npz, resolve_shapes
-from squeeze.goal import _holdout
+from squeeze.goal import table_samples
 from squeeze.model import to_graph, to_model
 from squeeze.verify import output_loss
 from squeeze.registry import get_pass
@@ -48,7 +48,7 @@ def digits():
     model = onnx.load(MODEL)
     specs = input_specs(model)
     calib = load_npz(CALIB, specs)
-    holdout = _holdout(calib)
+    holdout = table_samples(calib)
     assert len(holdout) == 64
     return SimpleNamespace(model=model, calib=calib, holdout=holdout, shapes=resolve_shapes(specs, {}, calib),
                            names=[l.name for l in hessian.clusterable_layers(model)])
