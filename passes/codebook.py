@@ -16,6 +16,12 @@ assignment) is chosen by the output error on held-out calibration samples: with 
 inputs, a lightly damped GPTQ fits directions the data never spans. On the CIFAR corpus models this halves the
 3-bit loss (benchmarks/results/codebook_bits.md).
 
+With `scale=channel` (unit=weight), every output channel is first divided by the RMS of its weights and the
+codebook is shared by the normalised weights: w = s_c · c[label], s_c stored as float16 (2 bytes per channel) and
+multiplied back by a Mul in the rebuild. Channels whose weights differ in range (up to 115× in the PP-OCR
+recogniser) then each get the codebook's full resolution instead of a few levels of one layer-wide table; GPTQ and
+the refit work on the normalised weights (a row's error is its scale² times its error in codebook units).
+
 Weights that are exactly zero (unstructured pruning) keep a reserved zero centroid. With `compensate` (and real
 calibration data), layer by layer in graph order, the centroids are refitted by least squares so that the layer
 fed with the activations of the network compressed so far reproduces the float layer's outputs on the
@@ -23,8 +29,8 @@ calibration inputs (so it also absorbs the error of the layers before), and the 
 error (bias correction, Nagel et al. 2019).
 
 The weight initializer is replaced by the codebook, the bit-packed indices, and the standard ops that rebuild
-it (Cast, Gather, Add, Mul, Div, Sub, Reshape, Slice), which ONNX Runtime runs and TVM folds at compile
-time. `squeeze pack` then Huffman codes the indices (`squeeze.pack`).
+it (Cast, Gather, Add, Mul, Div, Sub, Reshape, Slice; with channel scales a Cast of the float16 scales and a
+Mul), which ONNX Runtime runs and TVM folds at compile time. `squeeze pack` then Huffman codes the indices (`squeeze.pack`).
 """
 from __future__ import annotations
 
@@ -73,6 +79,11 @@ def codebook(graph: gs.Graph, ctx: Context, *,
              damp: Annotated[float, Range(0, 100), "gptq: damping of the input Hessian, relative to its mean "
                              "diagonal; 0 chooses per layer among 0.01, 0.1, 1 and the nearest-centroid "
                              "assignment by the output error on held-out calibration samples"] = 0.0,
+             scale: Annotated[Literal["layer", "channel"], "unit=weight: 'channel' divides every output channel by "
+                              "its RMS before the shared codebook and multiplies it back in the rebuild (w = s_c·q, "
+                              "s_c stored as float16, one per output channel), so channels whose weights differ in "
+                              "range share the codebook's levels; 'layer' clusters the weights as they are"]
+             = "channel",
              weighted: Annotated[bool, "k-means weights every weight by its input's energy (the Hessian "
                                  "diagonal on the calibration data) instead of uniformly"] = False,
              skip: Annotated[list[str], "layers left in float: node names, op types, patterns, first, last"]
@@ -111,8 +122,15 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         w = layer.values
         kernel = unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
         size = kernels if kernel else 1 << bits_of.get(layer.name, bits)
-        vectors = w.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
         x = rows.get(layer.name) if len(consumers) == 1 else None
+        # channel scales, unless the layer already has no more distinct values than the codebook (kept exactly)
+        s_full = _channel_scales(layer, w) if scale == "channel" and not kernel and w.ndim >= 2 \
+            and len(np.unique(w)) > size else None
+        normed = w if s_full is None else w.astype(np.float64) / s_full
+        vectors = normed.reshape(-1, layer.kernel_size if kernel else 1).astype(np.float64)
+        # per (group, output) row of the layer's matrix view: the scale the refit and GPTQ work under
+        sm = layer.matrix(np.broadcast_to(s_full, w.shape).astype(np.float64))[:, :, 0] \
+            if s_full is not None and x is not None else None
         # The inputs this layer will really see: those of the network compressed so far (same sampled rows).
         x_in = _compressed_rows(graph, ctx, layer) if x is not None and changed else x
         energy = _input_energy(layer, w, x_in) if weighted and x is not None and not kernel else None
@@ -121,30 +139,35 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                  "params": int(w.size), "centroids": int(len(centroids)),
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
         if x is not None:
-            entry["output_rel_err_kmeans"] = _output_error(layer, w, centroids[labels].reshape(w.shape), x, x_in)
+            entry["output_rel_err_kmeans"] = _output_error(layer, w, _expand(centroids, labels, w, s_full), x, x_in)
             if assign == "gptq" and not kernel:
                 chosen = damp or _choose_damp(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
-                                              rounds)
+                                              rounds, s_full, sm)
                 entry["gptq_damp"] = chosen
             else:
                 chosen = None
             if chosen is None:
-                centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero)
+                centroids, sm = _nearest_fit(layer, w, centroids, labels, x, x_in, kernel, zero, sm)
             else:
-                centroids, labels = _gptq(layer, w, centroids, labels, x, x_in, x_in is x, zero, rounds, chosen)
+                centroids, labels, sm = _gptq(layer, w, centroids, labels, x, x_in, x_in is x, zero, rounds, chosen,
+                                              sm)
+            if sm is not None:
+                s_full = sm.reshape(s_full.shape)
         codes = None
         if kernel and codebook_bits:
             codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
             centroids = (codes.astype(np.float32) - np.float32(zero_point)) * np.float32(step)
             entry["codebook_bits"] = codebook_bits
-        shared = centroids.astype(w.dtype)[labels].reshape(w.shape)
+        shared = _expand(centroids.astype(w.dtype), labels, w, s_full)
+        if s_full is not None:
+            entry["channel_scales"] = int(s_full.size)
         entry["weight_rel_err"] = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
         if x is not None:
             delta = _correct_bias(builder, layer, w, shared, x, x_in, samples[layer.name])
             entry["bias_corrected"] = delta is not None
             entry["output_rel_err"] = _output_error(layer, w, shared, x, x_in, delta)
         rebuilt = _rebuild(builder, layer, labels, centroids.astype(w.dtype), codes,
-                           (zero_point, step, codebook_bits) if codes is not None else None, kernel)
+                           (zero_point, step, codebook_bits) if codes is not None else None, kernel, s_full)
         for c in consumers:
             c.node.inputs[c.weight_index] = rebuilt
         per_layer.append(entry)
@@ -189,6 +212,28 @@ def _layer_bits(entries: list[str], layers: list[Layer]) -> dict[str, int]:
         for layer_name in chosen:
             out[layer_name] = int(value)
     return out
+
+
+def _channel_scales(layer: Layer, w: np.ndarray) -> np.ndarray:
+    """Per output channel (along `layer.out_axis`): the RMS of its weights, rounded to float16 as stored, shaped
+    to broadcast over `w`. A channel of zeros (or one whose RMS float16 cannot hold) gets 1."""
+    axis = layer.out_axis % w.ndim
+    moved = np.moveaxis(w.astype(np.float64), axis, 0).reshape(w.shape[axis], -1)
+    rms = np.sqrt(np.mean(np.square(moved), axis=1))
+    fp16 = np.finfo(np.float16)
+    rms = np.where((rms >= float(fp16.tiny)) & (rms <= float(fp16.max)), rms, 1.0)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return rms.astype(np.float16).astype(np.float64).reshape(shape)
+
+
+def _expand(centroids: np.ndarray, labels: np.ndarray, w: np.ndarray, s_full: np.ndarray | None) -> np.ndarray:
+    """The weight the codebook rebuilds: centroid of every label, times its channel's scale (when scaled), in the
+    rebuild's arithmetic (the centroid values times the float16 scale, in w's type)."""
+    shared = centroids[labels].reshape(w.shape)
+    if s_full is None:
+        return shared
+    return (shared.astype(w.dtype) * s_full.astype(w.dtype)).astype(w.dtype)
 
 
 def _index_bits(count: int) -> int:
@@ -248,7 +293,8 @@ GPTQ_BLOCK = 128      # columns updated eagerly; the rest get each block's error
 
 
 def _choose_damp(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
-                 x_in: np.ndarray, sample: np.ndarray, zero: bool, rounds: int) -> float | None:
+                 x_in: np.ndarray, sample: np.ndarray, zero: bool, rounds: int, s_full: np.ndarray | None = None,
+                 sm: np.ndarray | None = None) -> float | None:
     """The Hessian damping for GPTQ, or None for the nearest-centroid assignment, whichever gives the lowest
     output error on the odd calibration samples when fitted on the even ones. With fewer calibration rows than
     inputs (a Gemm sees one row per sample) H is singular, and a lightly damped GPTQ hides the error in
@@ -259,25 +305,64 @@ def _choose_damp(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.
         return GPTQ_DAMPS[0]
     same = x_in is x
     xf, xif, xh, xih = x[:, fit], x_in[:, fit], x[:, held], x_in[:, held]
-    best, best_err = None, _output_error(layer, w, _refit(layer, w, centroids, labels, xf, xif, False, zero)[labels]
-                                         .reshape(w.shape), xh, xih)
+    refit, s = _nearest_fit(layer, w, centroids, labels, xf, xif, False, zero, sm)
+    best, best_err = None, _output_error(layer, w, _expand(refit, labels, w, _full(s, s_full)), xh, xih)
     for damp in GPTQ_DAMPS:
-        c, l = _gptq(layer, w, centroids, labels, xf, xif, same, zero, rounds, damp)
-        err = _output_error(layer, w, c[l].reshape(w.shape), xh, xih)
+        c, l, s = _gptq(layer, w, centroids, labels, xf, xif, same, zero, rounds, damp, sm)
+        err = _output_error(layer, w, _expand(c, l, w, _full(s, s_full)), xh, xih)
         if err < best_err:
             best, best_err = damp, err
     return best
 
 
 def _gptq(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray, x_in: np.ndarray,
-          same: bool, zero: bool, rounds: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """`rounds` alternations of GPTQ assignment to the codebook and least-squares refit of the codebook."""
-    centroids = _refit(layer, w, centroids, labels, x, x_in, False, zero)
+          same: bool, zero: bool, rounds: int, damp: float, sm: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`rounds` alternations of GPTQ assignment to the codebook and least-squares refit of the codebook (and of
+    the channel scales `sm` [G, O] the codebook is multiplied by, when given): (centroids, labels, scales)."""
+    centroids = _refit(layer, w, centroids, labels, x, x_in, False, zero, sm)
     problem = _gptq_problem(layer, w, x, x_in, same, damp)
     for _ in range(rounds):
-        labels = _gptq_assign(layer, w, problem, centroids[:, 0], zero)
-        centroids = _refit(layer, w, centroids, labels, x, x_in, False, zero)
-    return centroids, labels
+        labels = _gptq_assign(layer, w, problem, centroids[:, 0], zero, sm)
+        centroids, sm = _nearest_fit(layer, w, centroids, labels, x, x_in, False, zero, sm)
+    return centroids, labels, sm
+
+
+def _nearest_fit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+                 x_in: np.ndarray, kernel: bool, zero: bool, sm: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares centroids for fixed labels; with channel scales, then each channel's scale refitted to the
+    least-squares gain of its rebuilt outputs, and the centroids once more (centroids, scales)."""
+    centroids = _refit(layer, w, centroids, labels, x, x_in, kernel, zero, sm)
+    if sm is None:
+        return centroids, None
+    sm = _refit_scales(layer, w, centroids, labels, x, x_in, sm)
+    return _refit(layer, w, centroids, labels, x, x_in, kernel, zero, sm), sm
+
+
+def _refit_scales(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+                  x_in: np.ndarray, sm: np.ndarray) -> np.ndarray:
+    """Per channel o: the gain s_o = ⟨X̃·q_o, X·w_o⟩ / ‖X̃·q_o‖² that best matches the float outputs with the
+    normalised codebook weights q_o, rounded to float16; a channel keeps its scale where that is not a positive
+    float16 number."""
+    wm = layer.matrix(w).astype(np.float64)
+    q = layer.matrix(centroids[labels].reshape(w.shape).astype(np.float64))
+    keep = max(1, min(x.shape[1], MAX_Z // max(wm.shape[1], 1)))
+    out = sm.copy()
+    fp16 = np.finfo(np.float16)
+    for g in range(wm.shape[0]):
+        a = x_in[g, :keep].astype(np.float64) @ q[g].T                       # [P, O] rebuilt, unit scales
+        b = x[g, :keep].astype(np.float64) @ wm[g].T                         # [P, O] float outputs
+        den = np.einsum("po,po->o", a, a)
+        gain = np.einsum("po,po->o", a, b) / np.where(den > 0, den, 1.0)
+        ok = (den > 0) & (gain >= float(fp16.tiny)) & (gain <= float(fp16.max))
+        out[g] = np.where(ok, gain, sm[g])
+    return out.astype(np.float16).astype(np.float64)
+
+
+def _full(sm: np.ndarray | None, s_full: np.ndarray | None) -> np.ndarray | None:
+    """Row scales [G, O] shaped as the weight-broadcast scales `s_full` (both list the output channels in order)."""
+    return None if sm is None else sm.reshape(s_full.shape)
 
 
 def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray, same: bool, damp: float
@@ -311,11 +396,14 @@ def _gptq_problem(layer: Layer, w: np.ndarray, x: np.ndarray, x_in: np.ndarray, 
     return out
 
 
-def _gptq_assign(layer: Layer, w: np.ndarray, problem: list, table: np.ndarray, zero: bool) -> np.ndarray:
+def _gptq_assign(layer: Layer, w: np.ndarray, problem: list, table: np.ndarray, zero: bool,
+                 sm: np.ndarray | None = None) -> np.ndarray:
     """Labels (w's shape, flattened) from GPTQ's column-by-column assignment to the scalar codebook `table`: each
     column takes its nearest centroids, and its error, scaled by the inverse Hessian, is subtracted from the
     columns not yet assigned. With a reserved zero centroid (index 0), weights that are exactly zero stay zero
-    and the others choose among the other centroids."""
+    and the others choose among the other centroids. With channel scales `sm` [G, O] the targets are divided by
+    their row's scale: a row's error is its scale² times the error in codebook units, the same factor for every
+    choice in that row, so GPTQ runs on the normalised weights unchanged."""
     wm = layer.matrix(w)
     labels = np.zeros(wm.shape, np.int64)
     first = 1 if zero else 0
@@ -325,7 +413,7 @@ def _gptq_assign(layer: Layer, w: np.ndarray, problem: list, table: np.ndarray, 
     mids = (ordered[1:] + ordered[:-1]) / 2
     for g, (target, u, order) in enumerate(problem):
         pruned = (wm[g] == 0)[:, order] if zero else None
-        cur = target.copy()
+        cur = target.copy() if sm is None else target / sm[g][:, None]
         cols = cur.shape[1]
         lab = np.zeros(cur.shape, np.int64)
         for start in range(0, cols, GPTQ_BLOCK):
@@ -366,7 +454,7 @@ def _compressed_rows(graph: gs.Graph, ctx: Context, layer: Layer) -> np.ndarray:
 
 
 def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarray, x: np.ndarray,
-           x_in: np.ndarray, kernel: bool, zero: bool) -> np.ndarray:
+           x_in: np.ndarray, kernel: bool, zero: bool, sm: np.ndarray | None = None) -> np.ndarray:
     """Least-squares centroids: minimise ‖X·Wᵀ − X̃·Ŵ(c)ᵀ‖² over the calibration rows, ridge towards k-means.
 
     X are the float network's inputs of the layer, X̃ those of the network compressed so far, so the refit also
@@ -384,7 +472,7 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
         normal, rhs = _kernel_system(wm, lab, x, x_in, count, dim)
     else:
         lab = layer.matrix(labels.reshape(w.shape))         # [G, O, D]
-        normal, rhs = _weight_system(wm, lab, x, x_in, count)
+        normal, rhs = _weight_system(wm, lab, x, x_in, count, sm)
     free = np.arange(count * dim) if not zero else np.arange(dim, count * dim)  # the zero centroid stays 0
     a = normal[np.ix_(free, free)]
     b = rhs[free]
@@ -399,9 +487,10 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
     return out.reshape(count, dim)
 
 
-def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations for scalar centroids from Z[p, o, k] = Σ_{d: label[o,d]=k} X̃[p, d], target X·Wᵀ."""
+def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int,
+                   sm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations for scalar centroids from Z[p, o, k] = s_o · Σ_{d: label[o,d]=k} X̃[p, d] (s_o: the
+    channel scale, 1 without), target X·Wᵀ."""
     import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
     normal = np.zeros((count, count))
     rhs = np.zeros(count)
@@ -413,6 +502,8 @@ def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndar
         rows = np.tile(np.arange(inputs), outs)
         select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
         z = np.asarray(xg @ select).reshape(len(xg), outs, count)
+        if sm is not None:
+            z = z * sm[g][None, :, None]
         y = x[g, :keep].astype(np.float64) @ wm[g].T                      # [P, O] float outputs
         normal += np.einsum("pok,pol->kl", z, z)
         rhs += np.einsum("pok,po->k", z, y)
@@ -483,8 +574,9 @@ def _correct_bias(builder: Builder, layer: Layer, w: np.ndarray, shared: np.ndar
 
 
 def _rebuild(builder: Builder, layer: Layer, labels: np.ndarray, centroids: np.ndarray, codes: np.ndarray | None,
-             quant: tuple[int, float, int] | None, kernel: bool) -> gs.Variable:
-    """Codebook + packed indices + the ops that rebuild the weight tensor; returns the rebuilt tensor."""
+             quant: tuple[int, float, int] | None, kernel: bool, s_full: np.ndarray | None = None) -> gs.Variable:
+    """Codebook + packed indices + the ops that rebuild the weight tensor (times the float16 channel scales
+    when given); returns the rebuilt tensor."""
     w = layer.values
     name = layer.weight.name
     dtype = w.dtype
@@ -502,7 +594,8 @@ def _rebuild(builder: Builder, layer: Layer, labels: np.ndarray, centroids: np.n
     else:
         table = builder.const(f"{name}_codebook", centroids if kernel else centroids.ravel())
     gathered = builder.op("Gather", [table, index], f"{name}_gathered", None, None, axis=0)
-    return builder.reshape(gathered, list(w.shape), f"{name}_shared", dtype)
+    shaped = builder.reshape(gathered, list(w.shape), f"{name}_shared", dtype)
+    return shaped if s_full is None else builder.channel_scale(shaped, s_full.astype(np.float16), name, dtype)
 
 
 def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], unit: str, refit: bool,

@@ -426,6 +426,16 @@ class Builder:
         target = self.const(f"{name}_shape", np.array(shape, np.int64))
         return self.op("Reshape", [x, target], name, dtype, shape)
 
+    def channel_scale(self, x: gs.Variable, scale: np.ndarray, name: str, dtype=np.float32) -> gs.Variable:
+        """`x` (a rebuilt weight of `x.shape`) times per-channel `scale` (shaped to broadcast along one axis),
+        stored in scale's type and Cast to `dtype` when that differs (runtimes fold the Cast and the Mul)."""
+        scale = np.asarray(scale)
+        stored = self.const(f"{name}_channel_scale", scale)
+        if scale.dtype != np.dtype(dtype):
+            stored = self.op("Cast", [stored], f"{name}_channel_scale_cast", None, None,
+                             to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        return self.op("Mul", [x, stored], f"{name}_scaled", dtype, x.shape)
+
 
 # ---------------------------------------------------------------------------------------------- opset
 
@@ -482,6 +492,13 @@ class _Codebook:
     labels: np.ndarray        # an index per weight (shape of the weight) or per kernel ([O, I])
     bits: int
     shape: list[int]
+    scale: np.ndarray | None = None   # per-channel scales the rebuilt weight is multiplied by (codebook scale=channel)
+
+    def value(self) -> np.ndarray:
+        shared = self.values[self.labels].reshape(self.shape)
+        if self.scale is None:
+            return shared
+        return (shared * self.scale.astype(shared.dtype)).astype(shared.dtype)
 
 
 @dataclass
@@ -494,6 +511,16 @@ class _Dequantized:
 
 
 def _as_codebook(tensor: gs.Tensor) -> _Codebook | None:
+    mul = _producer(tensor, "Mul")
+    if mul is not None and len(mul.inputs) == 2:  # channel scales: Mul(rebuilt codebook weight, scales)
+        book = _as_codebook(mul.inputs[0])
+        scale = folded(mul.inputs[1])
+        if book is None or book.scale is not None or scale is None or scale.ndim != len(book.shape) \
+                or book.values.ndim != 1 or sum(d > 1 for d in scale.shape) > 1 \
+                or any(d not in (1, n) for d, n in zip(scale.shape, book.shape)):
+            return None
+        book.scale = scale
+        return book
     reshape = _producer(tensor, "Reshape")
     gather = _producer(reshape.inputs[0], "Gather") if reshape is not None else None
     if gather is None or not isinstance(reshape.inputs[1], gs.Constant) or int(gather.attrs.get("axis", 0)) != 0:
@@ -569,7 +596,7 @@ def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The float values of a weight that `codebook` or `quant` rebuilds in the graph; None for anything else."""
     book = _as_codebook(tensor)
     if book is not None:
-        return book.values[book.labels].reshape(book.shape)
+        return book.value()
     deq = _as_dequantized(tensor)
     if deq is None:
         return None
@@ -651,7 +678,11 @@ def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray
         shape[axis] = len(keep)
         index_t, _ = builder.indices(labels.ravel(), book.bits, f"{base}_cut_index")
         gathered = builder.op("Gather", [book.table, index_t], f"{base}_cut_gathered", None, None, axis=0)
-        node.inputs[index] = builder.reshape(gathered, shape, f"{base}_cut", book.values.dtype)
+        out = builder.reshape(gathered, shape, f"{base}_cut", book.values.dtype)
+        if book.scale is not None:
+            scale = np.take(book.scale, keep, axis=axis) if book.scale.shape[axis] > 1 else book.scale
+            out = builder.channel_scale(out, _compact(scale), f"{base}_cut", book.values.dtype)
+        node.inputs[index] = out
         return True
     deq = _as_dequantized(tensor)
     if deq is None:
@@ -694,11 +725,20 @@ def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
         per = table.shape[1] if table.ndim == 2 else 1
         if per > 1 and (values.ndim < 2 or int(np.prod(values.shape[2:])) != per):
             return False
-        labels = _nearest_entries(table.reshape(len(table), per), values.astype(np.float64).reshape(-1, per))
+        target = values.astype(np.float64)
+        if book.scale is not None:
+            if book.scale.ndim != values.ndim or any(d not in (1, n) for d, n in zip(book.scale.shape, values.shape)):
+                return False
+            scale = book.scale.astype(np.float64)
+            target = target / np.where(scale != 0, scale, 1.0)
+        labels = _nearest_entries(table.reshape(len(table), per), target.reshape(-1, per))
         builder = Builder(graph)
         index_t, _ = builder.indices(labels, book.bits, f"{base}_refit_index")
         gathered = builder.op("Gather", [book.table, index_t], f"{base}_refit_gathered", None, None, axis=0)
-        node.inputs[index] = builder.reshape(gathered, list(values.shape), f"{base}_refit", book.values.dtype)
+        out = builder.reshape(gathered, list(values.shape), f"{base}_refit", book.values.dtype)
+        if book.scale is not None:
+            out = builder.channel_scale(out, _compact(book.scale), f"{base}_refit", book.values.dtype)
+        node.inputs[index] = out
         return True
     deq = _as_dequantized(tensor)
     if deq is None or values.ndim != deq.q.ndim:
@@ -740,6 +780,12 @@ def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
                          **dict(deq.cast.attrs))
     node.inputs[index] = out
     return True
+
+
+def _compact(scale: np.ndarray) -> np.ndarray:
+    """Channel scales as float16 when that holds them exactly (as `codebook` stores them), else as they are."""
+    half = scale.astype(np.float16)
+    return half if np.array_equal(half.astype(scale.dtype), scale) else scale
 
 
 def _along(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
