@@ -49,3 +49,19 @@ def digits_copy(tmp_path, repo) -> Path:
     """A private copy of models/digits_cnn.onnx in tmp_path (tests never write beside the repo's model)."""
     import shutil
     return Path(shutil.copy(repo / "models" / "digits_cnn.onnx", tmp_path / "digits_cnn.onnx"))
+
+
+@pytest.fixture
+def calib_data():
+    """`calib_data(model, count, seed=0)`: real-looking calibration data (helpers.calibration)."""
+    import helpers  # noqa: PLC0415
+    return helpers.calibration
+
+
+@pytest.fixture(scope="module")
+def arm_tools():
+    """Skips the test when the arm target's tools (aarch64 cross compiler, ...) are missing."""
+    from squeeze.targets.arm import Arm
+    why = Arm().missing()
+    if why:
+        pytest.skip(why)

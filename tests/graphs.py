@@ -271,6 +271,16 @@ LOSSLESS: dict[str, Callable[[], onnx.ModelProto]] = {
 
 # ------------------------------------------------------------------------- graphs for data and I/O tests
 
+def gemm(inputs: int = 256, outputs: int = 64) -> onnx.ModelProto:
+    """
+    x[1,inputs] ─ Gemm (transB) ─ y[1,outputs]
+    """
+    g = Builder(0)
+    g.node("Gemm", ["x", g.weight("fc.weight", outputs, inputs), g.weight("fc.bias", outputs, scale=0.1)], "y",
+           transB=1)
+    return g.model({"x": [1, inputs]}, "y")
+
+
 def two_inputs() -> onnx.ModelProto:
     """
     a[1,4] ─┐

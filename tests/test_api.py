@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 import graphs
+from helpers import REPORT_FILES, outputs_in
 import squeeze
 from squeeze import api
 from squeeze.data import Dataset, input_specs, load_npz
@@ -18,15 +19,6 @@ from squeeze.errors import ModelLoadError, OutputError, SpecError, TargetError
 from squeeze.model import sha256
 from squeeze.registry import TARGETS, register_target
 from squeeze.targets.base import Artifact, Measurement, Target
-
-
-def _files(folder: Path) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir())
-    assert not any(n.startswith(".squeeze-staging-") for n in names), names
-    return [n for n in names if n != ".squeeze.lock"]
-
-
-REPORT_FILES = ["model.onnx", "report.html", "report.json", "report.md"]
 
 
 # ------------------------------------------------------------------------------------------------- compress
@@ -94,7 +86,7 @@ def test_out_dir_gets_the_model_and_reports_and_the_input_is_untouched(tmp_path,
     out = tmp_path / "out"
     result = squeeze.compress(digits_copy, "fold-bn", targets="", out_dir=out, runs=3)
     assert (sha256(digits_copy), digits_copy.stat().st_mtime_ns) == before
-    assert _files(out) == REPORT_FILES
+    assert outputs_in(out) == REPORT_FILES
     assert sorted(p.name for p in result.files) == REPORT_FILES
     saved = onnx.load(out / "model.onnx")
     assert saved.SerializeToString() == result.model.SerializeToString()
@@ -108,7 +100,7 @@ def test_result_save(tmp_path):
     result = squeeze.compress(graphs.depthwise(), "fold-bn", targets="", runs=3)
     saved = result.save(tmp_path / "saved")
     assert saved == tmp_path / "saved"
-    assert _files(saved) == REPORT_FILES
+    assert outputs_in(saved) == REPORT_FILES
     assert onnx.load(saved / "model.onnx").SerializeToString() == result.model.SerializeToString()
     report = json.loads((saved / "report.json").read_text())
     assert report["schema"] == 1 and report["pass_spec"] == "fold-bn"
@@ -121,9 +113,9 @@ def test_result_save(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="holds no squeeze report; choose another -o or pass --force"):
         result.save(foreign)
-    assert _files(foreign) == ["notes.txt"]
+    assert outputs_in(foreign) == ["notes.txt"]
     result.save(foreign, force=True)
-    assert _files(foreign) == sorted(["notes.txt"] + REPORT_FILES)
+    assert outputs_in(foreign) == sorted(["notes.txt"] + REPORT_FILES)
 
 
 def test_report_json_is_plain_json_even_with_non_finite_numbers(tmp_path):
@@ -251,7 +243,7 @@ def compressed(tmp_path_factory, repo):
 def test_api_end_to_end(compressed, repo):
     result, out = compressed
     assert result.ok
-    assert _files(out) == REPORT_FILES
+    assert outputs_in(out) == REPORT_FILES
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["sha256"] == sha256(repo / "models" / "digits_cnn.onnx")
     assert report["accuracy"]["original"]["top1"] == report["accuracy"]["final"]["top1"] == pytest.approx(536 / 540)

@@ -20,13 +20,6 @@ EM_AARCH64 = 183
 
 
 @pytest.fixture(scope="module")
-def arm_tools():
-    why = Arm().missing()
-    if why:
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
 def digits_arm(arm_tools, tmp_path_factory):
     from conftest import REPO
     model = onnx.load(REPO / "models" / "digits_cnn.onnx")

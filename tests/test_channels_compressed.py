@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphs
+from helpers import calibration
 import squeeze
 from squeeze import runtime
 from squeeze.data import Dataset
@@ -48,8 +49,7 @@ COMPRESSIONS = ["codebook(bits=4)", "codebook(unit=kernel,kernels=4)", "quant(ac
 
 def _calib(model: onnx.ModelProto, count: int = 16) -> Dataset:
     """Real-looking calibration data (a non-synthetic source, so quant also quantizes the activations)."""
-    data = graphs.random_inputs(model, count, seed=3)
-    return Dataset(data.arrays, None, "test calibration", data.stacked)
+    return calibration(model, count, seed=3)
 
 
 def _decompressed(model: onnx.ModelProto) -> onnx.ModelProto:

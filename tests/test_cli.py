@@ -14,20 +14,11 @@ import onnx
 import pytest
 
 import graphs
+from helpers import REPORT_FILES, outputs_in, write_npz
 from squeeze.model import sha256
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CI": "1"}
-
-
-def outputs_in(folder: Path) -> list[str]:
-    """The files a run left in `folder`, less the lock file; no staging folder may be left behind."""
-    names = sorted(p.name for p in folder.iterdir())
-    assert not any(n.startswith(".squeeze-staging-") for n in names), names
-    return [n for n in names if n != ".squeeze.lock"]
-
-
-REPORT_FILES = ["model.onnx", "report.html", "report.json", "report.md"]
 
 
 def squeeze_cli(*args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -57,11 +48,6 @@ def _foreign_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def _npz(tmp_path: Path, **arrays) -> Path:
-    np.savez(tmp_path / "data.npz", **arrays)
-    return tmp_path / "data.npz"
-
-
 def _write(tmp_path: Path, name: str, content: bytes) -> Path:
     (tmp_path / name).write_bytes(content)
     return tmp_path / name
@@ -87,12 +73,12 @@ ERRORS = {
     "out of range": (lambda t, m: [m, "--passes", "cleanup(max_folded_mb=-1)"],
                      "cleanup: parameter max_folded_mb=-1 is out of range; must be in [0, inf)"),
     "spec syntax": (lambda t, m: [m, "--passes", "cleanup(("], "cannot parse spec 'cleanup(('"),
-    "npz wrong names": (lambda t, m: [m, "--eval", _npz(t, images=np.zeros((2, 1, 8, 8), np.float32),
+    "npz wrong names": (lambda t, m: [m, "--eval", write_npz(t, images=np.zeros((2, 1, 8, 8), np.float32),
                                                           weights=np.zeros((2, 1, 8, 8), np.float32))],
                         "no array for input(s) ['input']; the file has ['images', 'weights']"),
-    "npz wrong shape": (lambda t, m: [m, "--calib", _npz(t, input=np.zeros((2, 1, 9, 9), np.float32))],
+    "npz wrong shape": (lambda t, m: [m, "--calib", write_npz(t, input=np.zeros((2, 1, 9, 9), np.float32))],
                         "array 'input' has samples of shape [1, 1, 9, 9], but the model expects [batch, 1, 8, 8]"),
-    "npz bad labels": (lambda t, m: [m, "--eval", _npz(t, input=np.zeros((2, 1, 8, 8), np.float32),
+    "npz bad labels": (lambda t, m: [m, "--eval", write_npz(t, input=np.zeros((2, 1, 8, 8), np.float32),
                                                          labels=np.zeros(3, np.int64))], "'labels' must be"),
     "npz not a zip": (lambda t, m: [m, "--calib", _write(t, "x.npz", b"plain text")], "not a readable .npz file"),
     "bad input shape": (lambda t, m: [m, "--input-shape", "input=1x1xAx8"], "--input-shape 'input=1x1xAx8'"),

@@ -8,15 +8,10 @@ import pytest
 from onnx import helper
 
 import graphs
+from helpers import write_npz
 import squeeze
 from squeeze.data import (Dataset, input_specs, load_npz, parse_shape_overrides, resolve_shapes, synthesize)
 from squeeze.errors import DataError
-
-
-def _npz(tmp_path, name="data.npz", **arrays):
-    path = tmp_path / name
-    np.savez(path, **arrays)
-    return path
 
 
 def _data_error(fn, *args, **kwargs) -> str:
@@ -46,7 +41,7 @@ def test_input_specs_keep_symbolic_dims():
 def test_npz_named_after_inputs_with_labels(tmp_path):
     specs = input_specs(graphs.two_inputs())
     a, b = np.arange(12, dtype=np.float64).reshape(3, 4), np.ones((3, 4), np.float32)
-    data = load_npz(_npz(tmp_path, a=a, b=b, labels=np.array([0, 2, 1], np.uint8)), specs)
+    data = load_npz(write_npz(tmp_path, a=a, b=b, labels=np.array([0, 2, 1], np.uint8)), specs)
     assert len(data) == 3
     assert data.arrays["a"].dtype == np.float32  # converted to the input's dtype
     np.testing.assert_array_equal(data.arrays["a"], a.astype(np.float32))
@@ -58,11 +53,11 @@ def test_npz_named_after_inputs_with_labels(tmp_path):
 def test_single_unnamed_array_is_taken_for_the_only_input(tmp_path):
     specs = input_specs(graphs.conv_bn_relu())
     x = np.random.default_rng(0).standard_normal((5, 1, 3, 8, 8)).astype(np.float32)  # samples × [1,3,8,8]
-    data = load_npz(_npz(tmp_path, arr_0=x), specs)
+    data = load_npz(write_npz(tmp_path, arr_0=x), specs)
     assert list(data.arrays) == ["x"] and len(data) == 5
     assert data.stacked == {"x": False}
     assert data.samples(1)[0]["x"].shape == (1, 3, 8, 8)
-    data = load_npz(_npz(tmp_path, "stacked.npz", images=x[:, 0], labels=np.arange(5)), specs)
+    data = load_npz(write_npz(tmp_path, "stacked.npz", images=x[:, 0], labels=np.arange(5)), specs)
     assert data.stacked == {"x": True} and data.sample_shape(specs[0]) == (1, 3, 8, 8)
     assert data.labels.tolist() == [0, 1, 2, 3, 4]
 
@@ -88,7 +83,7 @@ def test_shipped_digits_data_loads(repo):
     ({"a": np.zeros((3, 4)), "b": np.zeros((3, 4)), "labels": np.zeros((3, 1), np.int64)}, "'labels' must be a 1-D"),
 ])
 def test_mismatched_npz_is_a_data_error(tmp_path, arrays, expected):
-    path = _npz(tmp_path, **arrays)
+    path = write_npz(tmp_path, **arrays)
     message = _data_error(load_npz, path, input_specs(graphs.two_inputs()))
     assert message.startswith(str(path) + ": ")
     assert expected in message
@@ -98,12 +93,12 @@ def test_npz_ground_truth_texts_and_masks(tmp_path):
     specs = input_specs(graphs.two_inputs())
     a = np.zeros((3, 4), np.float32)
     masks = np.arange(3 * 2 * 2).reshape(3, 2, 2) % 2
-    data = load_npz(_npz(tmp_path, a=a, b=a, texts=np.array(["ab", "", "c d"]), masks=masks), specs)
+    data = load_npz(write_npz(tmp_path, a=a, b=a, texts=np.array(["ab", "", "c d"]), masks=masks), specs)
     assert data.texts.tolist() == ["ab", "", "c d"] and data.labels is None
     np.testing.assert_array_equal(data.masks, masks)
     part = data.subset(1, 3)  # ground truth follows the samples
     assert part.texts.tolist() == ["", "c d"] and part.masks.shape == (2, 2, 2) and len(part) == 2
-    utf8 = load_npz(_npz(tmp_path, "bytes.npz", a=a, b=a, texts=np.array(["é".encode(), b"x", b""])), specs)
+    utf8 = load_npz(write_npz(tmp_path, "bytes.npz", a=a, b=a, texts=np.array(["é".encode(), b"x", b""])), specs)
     assert utf8.texts.tolist() == ["é", "x", ""]
 
 
@@ -111,7 +106,7 @@ def test_an_input_named_like_ground_truth_stays_an_input(tmp_path):
     x = helper.make_tensor_value_info("masks", onnx.TensorProto.FLOAT, ["N", 4])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
     model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["masks"], ["y"])], "g", [x], [y]))
-    data = load_npz(_npz(tmp_path, masks=np.ones((2, 4), np.float32)), input_specs(model))
+    data = load_npz(write_npz(tmp_path, masks=np.ones((2, 4), np.float32)), input_specs(model))
     assert list(data.arrays) == ["masks"] and data.masks is None
 
 
@@ -127,7 +122,7 @@ def test_an_input_named_like_ground_truth_stays_an_input(tmp_path):
 ])
 def test_bad_ground_truth_is_a_data_error(tmp_path, truth, expected):
     a = np.zeros((3, 4), np.float32)
-    message = _data_error(load_npz, _npz(tmp_path, a=a, b=a, **truth), input_specs(graphs.two_inputs()))
+    message = _data_error(load_npz, write_npz(tmp_path, a=a, b=a, **truth), input_specs(graphs.two_inputs()))
     assert expected in message
 
 
@@ -160,7 +155,7 @@ def test_dynamic_dims_from_input_shape():
 
 def test_dynamic_dims_from_data(tmp_path):
     specs = input_specs(graphs.dynamic_dims())
-    data = load_npz(_npz(tmp_path, x=np.zeros((7, 3, 10, 6), np.float32)), specs)
+    data = load_npz(write_npz(tmp_path, x=np.zeros((7, 3, 10, 6), np.float32)), specs)
     assert resolve_shapes(specs, {}, data) == {"x": (1, 3, 10, 6)}
 
 
@@ -201,14 +196,14 @@ def test_compress_takes_dynamic_dims_from_input_shape_or_data(tmp_path):
     result = squeeze.compress(model, "cleanup", targets="", input_shapes=["x=1x3x12x10"], runs=3)
     assert result.report["model"]["inputs"] == {"x": [1, 3, 12, 10]}
     assert result.report["original"]["macs"] == 4 * 12 * 10 * 3 * 9
-    path = _npz(tmp_path, x=np.zeros((4, 3, 6, 6), np.float32))
+    path = write_npz(tmp_path, x=np.zeros((4, 3, 6, 6), np.float32))
     result = squeeze.compress(model, "cleanup", calib=path, targets="", runs=3)
     assert result.report["model"]["inputs"] == {"x": [1, 3, 6, 6]}
     assert result.report["data"]["calib_samples"] == 4 and not result.report["data"]["calib_synthetic"]
 
 
 def test_eval_data_that_does_not_fit_the_resolved_shape_is_refused(tmp_path):
-    path = _npz(tmp_path, x=np.zeros((4, 3, 6, 6), np.float32))
+    path = write_npz(tmp_path, x=np.zeros((4, 3, 6, 6), np.float32))
     with pytest.raises(DataError, match=r"samples of 'x' have shape \[1, 3, 6, 6\], but the model is measured "
                                         r"with \[1, 3, 9, 9\]"):
         squeeze.compress(graphs.dynamic_dims(), "", eval=path, input_shapes=["1x3x9x9"], targets="")

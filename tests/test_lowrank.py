@@ -7,6 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 import graphs
+from helpers import calibration
 from squeeze import metrics, runtime
 from squeeze.data import Dataset
 from squeeze.passes import lowrank as lowrank_mod
@@ -15,9 +16,8 @@ from squeeze.registry import get_pass
 
 def real(model: onnx.ModelProto, count: int, seed: int = 0, x: np.ndarray | None = None) -> Dataset:
     """Calibration data from a non-synthetic source (so the activation-aware steps run): N(0,1) or `x`."""
-    data = graphs.random_inputs(model, count, seed)
-    arrays = {"x": x} if x is not None else data.arrays
-    return Dataset(arrays, None, "test calibration", data.stacked)
+    data = calibration(model, count, seed)
+    return data if x is None else Dataset({"x": x}, None, data.source, data.stacked)
 
 
 def set_weight(model: onnx.ModelProto, name: str, values: np.ndarray) -> onnx.ModelProto:

@@ -10,29 +10,9 @@ from onnx import numpy_helper
 
 import graphs
 from squeeze import pack, runtime
-from squeeze.data import Dataset
 from squeeze.passes import quant as quant_mod
 
 SMOKE = dict(graphs.LOSSLESS)
-
-
-@pytest.fixture
-def calib_data():
-    """Real-looking calibration data (a non-synthetic source, so data-driven steps run)."""
-    def make(model: onnx.ModelProto, count: int, seed: int = 0) -> Dataset:
-        data = graphs.random_inputs(model, count, seed)
-        return Dataset(data.arrays, None, "test calibration", data.stacked)
-    return make
-
-
-def _gemm(inputs: int = 256, outputs: int = 64) -> onnx.ModelProto:
-    """
-    x[1,inputs] ─ Gemm (transB) ─ y[1,outputs]
-    """
-    g = graphs.Builder(0)
-    g.node("Gemm", ["x", g.weight("fc.weight", outputs, inputs), g.weight("fc.bias", outputs, scale=0.1)], "y",
-           transB=1)
-    return g.model({"x": [1, inputs]}, "y")
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -87,7 +67,7 @@ def test_weights_are_int8_per_channel_within_half_a_step():
     assert np.allclose(np.abs(q).max(axis=1), 127)                             # each row uses the full range
     assert Counter(n.op_type for n in out.graph.node)["QuantizeLinear"] == 0
     # int8 storage: the file shrinks about 4× in those tensors
-    big = _gemm()
+    big = graphs.gemm()
     small, _ = graphs.apply(big, "quant(activations=false)")
     assert small.ByteSize() < big.ByteSize() / 3.5
 

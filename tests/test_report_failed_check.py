@@ -3,13 +3,11 @@ every view: no latency, no speed-up, a FAILED marker with the rel-L2 (terminal t
 `squeeze compare`)."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 
-import graphs
-import squeeze
+from helpers import cleanup_report
 from squeeze import compare, html, report as report_mod
 
 LATENCY = {"p50": 1.2345, "p90": 1.3456}
@@ -25,12 +23,7 @@ def _row(name: str, check: dict) -> dict:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     """A real report (conv-bn-relu, cleanup, no targets) given two cpu rows: one ok, one whose check failed."""
-    work = tmp_path_factory.mktemp("failed_check")
-    path = work / "tiny.onnx"
-    path.write_bytes(graphs.conv_bn_relu().SerializeToString())
-    result = squeeze.compress(path, "cleanup", targets="", runs=1, threads=1, out_dir=work / "out")
-    assert result.ok, result.failure
-    rep = copy.deepcopy(result.report)
+    rep = cleanup_report(tmp_path_factory.mktemp("failed_check"))
     rep["targets"] = [_row("cpu(schedules=false)", {"rel_l2": 1.6e-5, "max_abs_rel": 2e-5, "ok": True}),
                       _row("cpu", dict(FAILED_CHECK))]
     rep["targets"][1]["latency_ms"] = {"p50": 4.321, "p90": 4.5}  # the failed row's own (wrong-code) latency

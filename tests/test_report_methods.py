@@ -10,8 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import graphs
-import squeeze
+from helpers import cleanup_report
 from squeeze import api, compare, html, report as report_mod
 from squeeze.targets.base import Artifact, Measurement
 
@@ -37,12 +36,7 @@ APART_FIGURES = ("37.777", "55.555", "4.32", "6.54")
 def report(tmp_path_factory) -> dict:
     """A real report (conv-bn-relu, cleanup, no targets) given a native, an emulated, an instruction-count and an
     opencl-cpu row."""
-    work = tmp_path_factory.mktemp("methods")
-    path = work / "tiny.onnx"
-    path.write_bytes(graphs.conv_bn_relu().SerializeToString())
-    result = squeeze.compress(path, "cleanup", targets="", runs=1, threads=1, out_dir=work / "out")
-    assert result.ok, result.failure
-    rep = copy.deepcopy(result.report)
+    rep = cleanup_report(tmp_path_factory.mktemp("methods"))
     rep["targets"] = [copy.deepcopy(r) for r in (NATIVE, EMULATED, COUNTED, POCL)]
     return json.loads(json.dumps(rep))
 

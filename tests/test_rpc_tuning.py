@@ -22,14 +22,6 @@ def _digits(repo: Path) -> onnx.ModelProto:
     return onnx.load(repo / "models" / "digits_cnn.onnx")
 
 
-@pytest.fixture(scope="module")
-def arm_tools():
-    from squeeze.targets.arm import Arm
-    why = Arm().missing()
-    if why:
-        pytest.skip(why)
-
-
 def test_databases_are_kept_per_device(tmp_path):
     tvm = tvm_build.tvm()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "cortex-a72", "mtriple": "aarch64-linux-gnu"})
