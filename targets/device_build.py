@@ -33,6 +33,13 @@ def compile_default(mod, target, what: str):
                           f"{tvm_build.error_line(exc)}") from exc
 
 
+def compile_model(model, shapes: dict[str, tuple[int, ...]], target, what: str, kind: str):
+    """The build both GPU targets run: `model` imported for `shapes`, compiled for `target` (`compile_default`),
+    and the source of its `kind` kernels; (executable, source)."""
+    executable = compile_default(tvm_build.import_onnx(model, shapes), target, what)
+    return executable, device_source(executable, kind)
+
+
 def device_source(executable, kind: str) -> str:
     """The source of every `kind` module (`cuda`, `opencl`) the compiled library imports, in import order."""
     found, stack = [], [executable.mod]

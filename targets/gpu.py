@@ -56,10 +56,8 @@ class Gpu(Target):
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
         target = self.tvm_target()
-        mod = tvm_build.import_onnx(model, shapes)
-        executable = device_build.compile_default(mod, target, "CUDA")
+        executable, source = device_build.compile_model(model, shapes, target, "CUDA", "cuda")
         folder = build_folder(workdir, f"gpu-{(self.tag or target.attrs.get('arch', 'cuda')).replace('/', '-')}", model)
-        source = device_build.device_source(executable, "cuda")
         (folder / "kernels.cu").write_text(source)
         library = remote.export(executable, folder / "model.so") if self.runner is not None or \
             self.gpu_present() else None

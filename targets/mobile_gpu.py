@@ -72,12 +72,10 @@ class MobileGpu(Target):
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
         target = self.tvm_target()
-        mod = tvm_build.import_onnx(model, shapes)
         with c_program.capture_plan() as plan:  # the memory plan the PoCL launcher lays buffers out by
-            executable = device_build.compile_default(mod, target, "OpenCL")
+            executable, source = device_build.compile_model(model, shapes, target, "OpenCL", "opencl")
         folder = build_folder(workdir, f"mobile-gpu-{(self.tag or self.gpu).replace('/', '-')}", model)
         library = remote.export(executable, folder / "model.so", CROSS_CXX)
-        source = device_build.device_source(executable, "opencl")
         if not source:
             raise TargetError("mobile-gpu: TVM produced no OpenCL module")
         (folder / "kernels.cl").write_text(source)
