@@ -31,13 +31,19 @@ def _unknown(an: Analysis, node: gs.Node) -> None:
         an.block(an.layout(t), f"it reaches {node.op} '{an.label(node)}', which has no channel rule")
 
 
+def _pass(an: Analysis, node: gs.Node, layout: Layout, out: Layout | None = None) -> None:
+    """The ending of every pass-through rule: the first input's channels flow to the first output (as `out`, when
+    the op moves the channel axis)."""
+    an.member(node, "pass", node.inputs[0], layout)
+    an.set_layout(node.outputs[0], layout if out is None else out)
+
+
 def _same(an: Analysis, node: gs.Node) -> None:
     """Elementwise unary ops (and Identity, Cast, Clip with scalar bounds, ...): channels pass unchanged."""
     layout = an.layout(node.inputs[0]) if node.inputs else None
     if layout is None:
         return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], layout)
+    _pass(an, node, layout)
 
 
 def _dropout(an: Analysis, node: gs.Node) -> None:
@@ -240,8 +246,7 @@ def _pool(an: Analysis, node: gs.Node) -> None:
     if layout.axis != 1 or layout.outer != 1:
         an.block(layout, f"{where} pools over the axis that holds the channels")
         return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], layout)
+    _pass(an, node, layout)
 
 
 def _pad(an: Analysis, node: gs.Node) -> None:
@@ -264,8 +269,7 @@ def _pad(an: Analysis, node: gs.Node) -> None:
         if pads[i] != 0 or pads[i + len(axes)] != 0:
             an.block(layout, f"{where} pads the channel axis")
             return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], layout)
+    _pass(an, node, layout)
 
 
 def _resize(an: Analysis, node: gs.Node) -> None:
@@ -385,8 +389,7 @@ def _transpose(an: Analysis, node: gs.Node) -> None:
             return
         perm = list(reversed(range(rank)))
     perm = [int(p) for p in perm]
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], replace(layout, axis=perm.index(layout.axis)))
+    _pass(an, node, layout, replace(layout, axis=perm.index(layout.axis)))
 
 
 def _axes(an: Analysis, node: gs.Node, input_index: int, rank: int | None) -> list[int] | None:
@@ -415,8 +418,7 @@ def _squeeze(an: Analysis, node: gs.Node) -> None:
     if axes is None or layout.axis in axes:
         an.block(layout, f"Squeeze '{an.label(node)}' may remove the channel axis")
         return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], replace(layout, axis=layout.axis - sum(a < layout.axis for a in axes)))
+    _pass(an, node, layout, replace(layout, axis=layout.axis - sum(a < layout.axis for a in axes)))
 
 
 def _unsqueeze(an: Analysis, node: gs.Node) -> None:
@@ -429,8 +431,7 @@ def _unsqueeze(an: Analysis, node: gs.Node) -> None:
         an.block(layout, f"the axes of Unsqueeze '{an.label(node)}' are unknown")
         return
     kept = [i for i in range(rank_out) if i not in axes]
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], replace(layout, axis=kept[layout.axis]))
+    _pass(an, node, layout, replace(layout, axis=kept[layout.axis]))
 
 
 def _reduce(an: Analysis, node: gs.Node) -> None:
@@ -445,8 +446,7 @@ def _reduce(an: Analysis, node: gs.Node) -> None:
         return
     keep = int(node.attrs.get("keepdims", 1))
     axis = layout.axis if keep else layout.axis - sum(a < layout.axis for a in axes)
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], replace(layout, axis=axis))
+    _pass(an, node, layout, replace(layout, axis=axis))
 
 
 def _softmax(an: Analysis, node: gs.Node) -> None:
@@ -466,8 +466,7 @@ def _softmax(an: Analysis, node: gs.Node) -> None:
     if couples:
         an.block(layout, f"{node.op} '{an.label(node)}' normalises across the channels")
         return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], layout)
+    _pass(an, node, layout)
 
 
 def _concat(an: Analysis, node: gs.Node) -> None:
@@ -560,8 +559,7 @@ def _slice(an: Analysis, node: gs.Node) -> None:
     starts, ends, axes, steps = params
     axes = [norm_axis(a, rank) for a in (axes if axes is not None else range(len(starts)))]
     if layout.axis not in axes:
-        an.member(node, "pass", node.inputs[0], layout)
-        an.set_layout(node.outputs[0], layout)
+        _pass(an, node, layout)
         return
     i = axes.index(layout.axis)
     if (steps is not None and steps[i] != 1) or layout.inner != 1 or layout.outer != 1:
@@ -633,8 +631,7 @@ def _layer_norm(an: Analysis, node: gs.Node) -> None:
     if rank is None or layout.axis >= norm_axis(int(node.attrs.get("axis", -1)), rank):
         an.block(layout, f"{node.op} '{an.label(node)}' normalises across the channels")
         return
-    an.member(node, "pass", node.inputs[0], layout)
-    an.set_layout(node.outputs[0], layout)
+    _pass(an, node, layout)
 
 
 def _size(an: Analysis, node: gs.Node) -> None:
