@@ -15,7 +15,7 @@ from squeeze.context import Context
 from squeeze.data import holdout
 from squeeze.model import to_model
 
-from .graph_util import conv_pads
+from .compensate import conv_rows, conv_windows, post_op
 from .ridge import Ridge
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: BlockLayer, reference, d
                       ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Refit the blocks so the layer's output on calibration inputs (from the network as rewritten so far)
     matches the original output: choose among no change, scale only and ridge strengths on held-out images."""
-    from .compensate import post_op  # noqa: PLC0415  (the next nonlinearity, shared with prune's compensation)
     current = export(graph, ctx) if any(_upstream(d, t) for d in done) else reference
     x = samples_first(calib_values(current, ctx, [t.x.name])[t.x.name], t.rank)
     y = samples_first(calib_values(reference, ctx, [t.y.name])[t.y.name], t.rank)
@@ -149,24 +148,10 @@ def _rows(t: BlockLayer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
 
 
 def _conv_rows(t: BlockLayer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator):
-    node = t.node
-    d = len(t.kernel)
-    strides = list(node.attrs.get("strides", [1] * d))
-    dil = list(node.attrs.get("dilations", [1] * d))
-    pads = conv_pads(node, x.shape[2:], t.kernel, strides, dil)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
-    out_sp = y.shape[2:]
-    per = int(np.prod(out_sp))
-    total = x.shape[0] * per
-    pick = np.sort(rng.choice(total, min(_row_limit(t), total), replace=False))
-    sample = pick // per
-    pos = np.unravel_index(pick % per, out_sp)
-    patches = np.empty((len(pick), t.n) + t.kernel, dtype=x.dtype)
-    for k in np.ndindex(*t.kernel):  # one kernel tap at a time: [R, n]
-        coords = [(pos[a] * strides[a] + k[a] * dil[a])[:, None] for a in range(d)]
-        patches[(slice(None), slice(None)) + k] = xp[(sample[:, None], np.arange(t.n)[None, :], *coords)]
-    target = y[(sample, slice(None)) + tuple(pos)]
-    return patches, target.astype(np.float64), sample
+    """im2col rows [R, n, *kernel] at sampled output positions (compensation's sampler), outputs, samples."""
+    windows = conv_windows(t.node, x, t.kernel)
+    rows, target, sample = conv_rows(windows, y, np.arange(len(x)), y.shape[2:], _row_limit(t), rng)
+    return rows.reshape((len(rows), t.n) + t.kernel), target, sample
 
 
 def _row_limit(t: BlockLayer) -> int:

@@ -595,8 +595,8 @@ def _fit_windows(graph: gs.Graph, layer: _Layer, windows: np.ndarray, w: np.ndar
     b0 = weight_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(out_ch)
     spatial = y.shape[2:]
     budget = row_budget(cols + 1)
-    xt, yt = _conv_rows(windows, y, np.flatnonzero(~fit.holdout), spatial, budget, fit.rng)
-    xh, yh = _conv_rows(windows, y, np.flatnonzero(fit.holdout), spatial, max(budget // 3, 1), fit.rng)
+    xt, yt, _ = conv_rows(windows, y, np.flatnonzero(~fit.holdout), spatial, budget, fit.rng)
+    xh, yh, _ = conv_rows(windows, y, np.flatnonzero(fit.holdout), spatial, max(budget // 3, 1), fit.rng)
     if not len(xh):
         xh, yh = xt, yt
     w0 = w.reshape(out_ch, -1).T.astype(np.float64)
@@ -666,20 +666,22 @@ def conv_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.nd
     return win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
 
 
-def _conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, budget: int, rng):
-    """im2col rows (and matching output rows) at up to `budget` positions sampled from `images`."""
+def conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, budget: int, rng):
+    """im2col rows [R, C·kernel] float32 and the matching output rows [R, M] float64 at up to `budget` output
+    positions sampled (without replacement, in order) from `images` (indices into `windows`/`y`), and the image of
+    each row. `windows` from `conv_windows`; also blockperm's row sampler."""
     per_image = int(np.prod(spatial))
     total = len(images) * per_image
     if total == 0:
         cols = windows.shape[1] * int(np.prod(windows.shape[2 + len(spatial):]))
-        return np.zeros((0, cols), np.float32), np.zeros((0, y.shape[1]))
+        return np.zeros((0, cols), np.float32), np.zeros((0, y.shape[1])), np.zeros(0, np.int64)
     picks = np.sort(rng.choice(total, size=min(budget, total), replace=False))
     n_idx = images[picks // per_image]
     pos = np.unravel_index(picks % per_image, spatial)
     patches = windows[(n_idx, slice(None)) + tuple(pos)]
     rows = patches.reshape(len(picks), -1).astype(np.float32)
     target = y[(n_idx, slice(None)) + tuple(pos)].astype(np.float64)
-    return rows, target
+    return rows, target, n_idx
 
 
 def _checked(merged, w0: np.ndarray):
