@@ -213,13 +213,17 @@ def set_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
     if isinstance(old, gs.Variable) and old.inputs and replace_compressed(graph, node, index, values):
         return
     base = old.name if old is not None and old.name else f"{node.name or node.op}_{index}"
-    fresh = gs.Constant(fresh_name(graph, base + "_pruned"), values)
+    put_input(node, index, gs.Constant(fresh_name(graph, base + "_pruned"), values))
+
+
+def put_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """`tensor` as input `index` of `node`, appended (after empty placeholders) when that optional input is absent."""
     while len(node.inputs) < index:
         node.inputs.append(gs.Variable.empty())
     if index < len(node.inputs):
-        node.inputs[index] = fresh
+        node.inputs[index] = tensor
     else:
-        node.inputs.append(fresh)
+        node.inputs.append(tensor)
 
 
 def conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:

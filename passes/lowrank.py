@@ -47,7 +47,7 @@ from squeeze.registry import Backoff, Range, register_pass
 from squeeze.threads import single_threaded
 
 from .channel_plan import round_keep
-from .graph_util import infer_shapes
+from .graph_util import infer_shapes, put_input
 from .compensate import PostOp, post_op, refit
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
 
@@ -560,11 +560,7 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
         bias = fit.bias if fit.bias is not None else np.zeros(n)
         node.inputs[0] = mid
         node.inputs[1] = builder.const(f"{name}_lowrank_out_weight", second_w.astype(dtype))
-        b = builder.const(f"{name}_lowrank_bias", bias.astype(dtype))
-        if len(node.inputs) > 2:
-            node.inputs[2] = b
-        else:
-            node.inputs.append(b)
+        put_input(node, 2, builder.const(f"{name}_lowrank_bias", bias.astype(dtype)))
         return
     # the first factor of a Gemm or MatMul: x[..., D] · A[D, r] (a MatMul: Gemm needs a C input before opset 11)
     mid = builder.op("MatMul", [layer.input, builder.const(f"{name}_lowrank_weight",
@@ -576,11 +572,7 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
         node.attrs["transB"], node.attrs["alpha"] = 1, 1.0
         if fit.bias is not None:
             node.attrs["beta"] = 1.0
-            c = builder.const(f"{name}_lowrank_bias", fit.bias.astype(dtype))
-            if len(node.inputs) > 2:
-                node.inputs[2] = c
-            else:
-                node.inputs.append(c)
+            put_input(node, 2, builder.const(f"{name}_lowrank_bias", fit.bias.astype(dtype)))
         return
     node.inputs[1] = builder.const(f"{name}_lowrank_out_weight", np.ascontiguousarray(fit.second.T).astype(dtype))
 
