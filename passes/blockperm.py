@@ -45,14 +45,13 @@ from typing import Annotated, Hashable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from squeeze import runtime
 from squeeze.context import Context
 from squeeze.threads import single_threaded
 from squeeze.errors import PassError
 from squeeze.registry import Backoff, Range, register_pass
 
 from . import blockperm_search as bs
-from .blockperm_fit import compensate_blocks, export, samples_first
+from .blockperm_fit import calib_values, compensate_blocks, export, samples_first
 from .channel_space import Group
 from .coupling import channel_groups
 from .cutting import CUTTERS, Cut
@@ -360,12 +359,7 @@ def weights(t: BlockLayer) -> tuple[np.ndarray, np.ndarray]:
 def input_power(ctx: Context, targets: list[BlockLayer]) -> dict[str, np.ndarray]:
     """E[x²] per input feature (Gemm/MatMul) or channel (Conv) of every target, on calibration samples."""
     data = ctx.calib.subset(0, min(len(ctx.calib), POWER_SAMPLES))
-    names = sorted({t.x.name for t in targets})
-    inputs = {i.name for i in ctx.model.graph.input}
-    values = {n: data.arrays[n] for n in names if n in inputs}
-    rest = [n for n in names if n not in inputs]
-    if rest:
-        values.update(runtime.activations(ctx.model, data, rest, threads=ctx.threads))
+    values = calib_values(ctx.model, data, sorted({t.x.name for t in targets}), ctx.threads)
     power = {}
     for t in targets:
         x = samples_first(values[t.x.name], t.rank).astype(np.float64)

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from squeeze import runtime
 from squeeze.context import Context
-from squeeze.data import holdout
+from squeeze.data import Dataset, holdout
 from squeeze.model import to_model
 
 from .compensate import conv_rows, conv_windows, post_op
@@ -36,13 +36,13 @@ def samples_first(value: np.ndarray, rank: int) -> np.ndarray:
     return value.reshape((-1,) + value.shape[2:]) if value.ndim > rank else value
 
 
-def calib_values(model, ctx: Context, names: list[str]) -> dict[str, np.ndarray]:
-    """Calibration values of tensors (graph inputs straight from the data)."""
+def calib_values(model, data: Dataset, names: list[str], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Values of tensors on `data` (graph inputs straight from the data, the rest run by ONNX Runtime)."""
     inputs = {i.name for i in model.graph.input}
-    out = {n: ctx.calib.arrays[n] for n in names if n in inputs}
+    out = {n: data.arrays[n] for n in names if n in inputs}
     rest = [n for n in names if n not in inputs]
     if rest:
-        out.update(runtime.activations(model, ctx.calib, rest, threads=ctx.threads))
+        out.update(runtime.activations(model, data, rest, threads=threads))
     return out
 
 
@@ -57,8 +57,8 @@ def compensate_blocks(graph: gs.Graph, ctx: Context, t: BlockLayer, reference, d
     """Refit the blocks so the layer's output on calibration inputs (from the network as rewritten so far)
     matches the original output: choose among no change, scale only and ridge strengths on held-out images."""
     current = export(graph, ctx) if any(_upstream(d, t) for d in done) else reference
-    x = samples_first(calib_values(current, ctx, [t.x.name])[t.x.name], t.rank)
-    y = samples_first(calib_values(reference, ctx, [t.y.name])[t.y.name], t.rank)
+    x = samples_first(calib_values(current, ctx.calib, [t.x.name], ctx.threads)[t.x.name], t.rank)
+    y = samples_first(calib_values(reference, ctx.calib, [t.y.name], ctx.threads)[t.y.name], t.rank)
     rng = np.random.default_rng(ctx.seed)
     rows_x, rows_y, sample = _rows(t, x, y, rng)
     if not (np.isfinite(rows_x).all() and np.isfinite(rows_y).all()):
