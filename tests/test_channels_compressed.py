@@ -217,8 +217,8 @@ def test_a_refit_of_a_quantized_weight_is_requantized_with_its_bias():
 
 def test_a_refit_of_a_codebook_weight_is_snapped_to_the_codebook():
     model = graphs.concat()
-    compressed, _ = graphs.apply(model, "codebook(bits=3)")
-    graph = gs.import_onnx(compressed)
+    compressed, _ = graphs.apply(model, "codebook(bits=3,scale=layer)")  # one table for the layer (test_codebook_scale
+    graph = gs.import_onnx(compressed)                                      # checks the channel-scaled refit)
     node = next(n for n in graph.nodes if n.name == "conv_a")
     w = weight_value(node.inputs[1])
     entries = np.unique(w)
