@@ -20,6 +20,7 @@ damage), averaged over both models.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import platform
 import shlex
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="seeds (k-means init, calibration row sampling); the table "
                         "gives seed 0's row and the mean drop over all")
     parser.add_argument("--out", default=str(RESULTS / "codebook_bits.md"), help="'-' prints only")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--validation", action="store_true", help="only the validation rows (fit on 192 of images "
                         "0..255, measured on the other 64): what the default is chosen by; merged into "
                         "results/codebook_bits_validation.json unless --out -")
@@ -167,21 +169,23 @@ def main() -> None:
                         if opts.out != "-":
                             _store_validation(dict(r, args=args))
         return
+    cells = [(name, variant, bits, seed) for name in opts.models.split(",") for variant in _variants(opts.variants)
+             for bits in (int(b) for b in opts.bits.split(",")) for seed in (int(s) for s in opts.seeds.split(","))]
+    with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
+        futures = [pool.submit(run, name, variant[5:] if variant.startswith("args:") else VARIANTS[variant], bits,
+                               seed) for name, variant, bits, seed in cells]
+        done = {}
+        for cell, future in zip(cells, futures):
+            row = done[cell] = future.result()
+            name, variant, bits, seed = cell
+            print(f"{name:18s} {variant:28s} {bits} seed {seed}  top-1 {row['top1']:.2f} (drop "
+                  f"{row['drop']:+.2f} ± {row['se_drop']:.2f}, p={row['p']:.2g}) packed {row['packed']:.2f}x  "
+                  f"{row['seconds']:.0f}s", flush=True)
     rows = []
-    for name in opts.models.split(","):
-        for variant in _variants(opts.variants):
-            args = variant[5:] if variant.startswith("args:") else VARIANTS[variant]
-            for bits in (int(b) for b in opts.bits.split(",")):
-                runs = []
-                for seed in (int(s) for s in opts.seeds.split(",")):
-                    row = run(name, args, bits, seed)
-                    runs.append(row)
-                    print(f"{name:18s} {variant:28s} {bits} seed {seed}  top-1 {row['top1']:.2f} (drop "
-                          f"{row['drop']:+.2f} ± {row['se']:.2f}, p={row['p']:.2g}) packed {row['packed']:.2f}x  "
-                          f"{row['seconds']:.0f}s", flush=True)
-                row = dict(runs[0], variant=variant, mean_drop=float(np.mean([r["drop"] for r in runs])),
-                           seeds=len(runs))
-                rows.append(row)
+    for key in dict.fromkeys(c[:3] for c in cells):
+        runs = [done[c] for c in cells if c[:3] == key]
+        rows.append(dict(runs[0], variant=key[1], mean_drop=float(np.mean([r["drop"] for r in runs])),
+                         seeds=len(runs)))
     if opts.out == "-":
         return
     command = "python benchmarks/codebook_bits.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -75,7 +75,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                                "error over the inputs not yet assigned through the inverse input Hessian (GPTQ, "
                                "Frantar et al. 2023); 'nearest' takes the nearest centroid (Deep Compression)"]
              = "gptq",
-             rounds: Annotated[int, Range(1, 8), "gptq: alternations of assignment and centroid refit"] = 2,
+             rounds: Annotated[int, Range(1, 8), "gptq: alternations of assignment and centroid (and scale) "
+                               "refit"] = 4,
              damp: Annotated[float, Range(0, 100), "gptq: damping of the input Hessian, relative to its mean "
                              "diagonal; 0 chooses per layer among 0.01, 0.1, 1 and the nearest-centroid "
                              "assignment by the output error on held-out calibration samples"] = 0.0,
