@@ -65,7 +65,7 @@ def test_build_writes_external_data_tensor_by_tensor(tmp_path):
     onnx.checker.check_model(str(path), full_check=True)
 
 
-@pytest.mark.parametrize("passes", ["cleanup", "cleanup,prune"])
+@pytest.mark.parametrize("passes", ["cleanup", "cleanup,prune(scope=layer)"])
 def test_a_big_model_loads_passes_and_saves_with_external_data(tmp_path, small_limit, passes):
     from squeeze.registry import all_passes
     if "prune" in passes and "prune" not in all_passes():
@@ -205,7 +205,7 @@ def test_a_model_over_2gb_round_trips_through_cleanup_and_prune(tmp_path):
         # merge step (compensate._merged, an einsum without BLAS) costs ~n³ per layer — 48 s for n = 4000, so
         # about 20 minutes per layer at n = 12000 — and a refit on the two calibration samples of a random model
         # would show nothing; this test is about size and memory.
-        pruning = "cleanup,prune(ratio=0.1,compensate=false)"
+        pruning = "cleanup,prune(ratio=0.1,scope=layer,compensate=false)"
         pipelines = ["cleanup"] + ([pruning] if "prune" in all_passes() else [])
         for index, passes in enumerate(pipelines):
             out = work / f"out-{index}"

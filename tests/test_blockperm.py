@@ -330,8 +330,8 @@ def test_composes_with_prune_quant_and_codebook(kind):
     model = layer_graph(kind, folded=True, m=16, n=16)
     data = graphs.random_inputs(model, count=8)
     present = set(all_passes())
-    for spec in ("prune(ratio=0.25),blockperm(blocks=4, layers=[L])", "blockperm(blocks=4, layers=[L]),quant",
-                 "blockperm(blocks=4, layers=[L]),codebook(bits=4)", "blockperm(blocks=4, layers=[L]),prune"):
+    for spec in ("prune(ratio=0.25,scope=layer),blockperm(blocks=4, layers=[L])", "blockperm(blocks=4, layers=[L]),quant",
+                 "blockperm(blocks=4, layers=[L]),codebook(bits=4)", "blockperm(blocks=4, layers=[L]),prune(scope=layer)"):
         if not {c.split("(")[0] for c in spec.split("),")} <= present:
             continue
         out, steps = graphs.apply(model, spec, data)

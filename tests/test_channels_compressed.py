@@ -248,7 +248,7 @@ def test_activation_ranked_prune_after_compression_removes_channels(first):
     """prune with a criterion that reads no weight runs after codebook/quant today (tiny graph)."""
     model = graphs.concat()
     data = _calib(model, 32)
-    out, steps = graphs.apply(model, f"{first},prune(ratio=0.5,criterion=activation)", data=data)
+    out, steps = graphs.apply(model, f"{first},prune(ratio=0.5,criterion=activation,scope=layer)", data=data)
     graph = gs.import_onnx(out)
     shapes = _weight_shapes(graph)
     assert shapes["conv_a"][0] == 2 and shapes["conv_b"][0] == 1 and shapes["y"][1] == 3, shapes
@@ -277,7 +277,7 @@ def _digits(spec: str):
 
 @pytest.mark.parametrize("compression", ["codebook(bits=4)", "quant"])
 def test_digits_pruned_then_compressed(compression):
-    result, outputs, kinds = _digits(f"prune(ratio=0.3),{compression}")
+    result, outputs, kinds = _digits(f"prune(ratio=0.3,scope=layer),{compression}")
     assert outputs == PRUNED
     assert set(kinds.values()) == {compression.split("(")[0]}
     acc = result.report["accuracy"]
@@ -289,7 +289,7 @@ def test_digits_compressed_then_pruned(compression):
     if not PRUNE_READS_COMPRESSED:
         pytest.xfail("prune.py ranks filters with constant_value: it must read channels.weight_value to rank "
                      "compressed filters (requested change in prune.output_filters)")
-    result, outputs, kinds = _digits(f"{compression},prune(ratio=0.3)")
+    result, outputs, kinds = _digits(f"{compression},prune(ratio=0.3,scope=layer)")
     assert outputs == PRUNED  # the channels really went, from the compressed weights
     assert set(kinds.values()) == {compression.split("(")[0]}  # and every layer stayed compressed
     steps = result.report["passes"]

@@ -232,7 +232,7 @@ def test_multi_output_head_keeps_every_output_channel():
     for writer, output in (("cls", "scores"), ("boxes", "boxes")):
         group = group_written_by(groups, writer)
         assert f"it reaches the graph output '{output}'" in group.reasons
-    pruned, _ = prune_model(model, "prune(ratio=0.5)")
+    pruned, _ = prune_model(model, "prune(ratio=0.5,scope=layer)")
     assert [tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in pruned.graph.output] == \
         [(1, 3, 6, 6), (1, 4, 6, 6)]
     assert [o.shape for o in run(pruned, feeds_for(model))] == [(1, 3, 6, 6), (1, 4, 6, 6)]
@@ -249,12 +249,12 @@ def test_layer_norm_blocks_the_residual_stream_but_not_the_ffn_hidden_width():
 
 def test_per_channel_constants_shrink_with_the_group():
     model, _, _ = gelu_erf()
-    pruned, _ = prune_model(model, "prune(ratio=0.5)")
+    pruned, _ = prune_model(model, "prune(ratio=0.5,scope=layer)")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     bias = next(v for k, v in inits.items() if k.startswith("p.bias"))
     assert bias.shape == (1, 4, 1, 1)
     model, _, _ = bn_after_add()
-    pruned, _ = prune_model(model, "prune(ratio=0.5)")
+    pruned, _ = prune_model(model, "prune(ratio=0.5,scope=layer)")
     bn = next(n for n in pruned.graph.node if n.op_type == "BatchNormalization")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
     assert [inits[name].shape for name in bn.input[1:]] == [(4,)] * 4
@@ -262,7 +262,7 @@ def test_per_channel_constants_shrink_with_the_group():
 
 def test_conv_transpose_reader_is_refit_not_skipped():
     model, _, _ = conv_transpose_head()
-    _, step = prune_model(model, "prune(ratio=0.3)")
+    _, step = prune_model(model, "prune(ratio=0.3,scope=layer)")
     assert not any("is not refit" in note for note in step["notes"])
     rows = {r["node"]: r for r in step["details"]["compensation"]}
     assert rows["up2"]["op"] == "ConvTranspose" and rows["up2"]["method"] != "none"
@@ -277,7 +277,7 @@ def test_grouped_conv_transpose_is_noted_and_the_rest_compresses():
                output_shape=[8, 8])
     t.conv(t.node("Relu", [h], "relu_up"), "y", 2, 2)
     model = t.model({"x": [1, 3, 4, 4]}, ["y"])
-    pruned, step = prune_model(model, "prune(ratio=0.3)")
+    pruned, step = prune_model(model, "prune(ratio=0.3,scope=layer)")
     assert any("'up' is not refit (it has an output_shape attribute)" in n for n in step["notes"])
     assert constant_value(gs.import_onnx(pruned).tensors()["up.w"]).shape[0] < 8
 
@@ -305,7 +305,7 @@ def test_corpus_mobile_models_lose_a_quarter_of_their_macs(corpus, name):
     half = len(x) // 2
     calib = Dataset({key: x[:min(half, 16)]}, None, "ocr_synth calibration", {key: True})
     model = onnx.load(str(corpus.model_path(name)))
-    pruned, _ = prune_model(model, "cleanup,prune(ratio=0.3)", calib)
+    pruned, _ = prune_model(model, "cleanup,prune(ratio=0.3,scope=layer)", calib)
     onnx.checker.check_model(pruned)
     before = metrics.summary(model, {key: shape})["macs"]
     after = metrics.summary(pruned, {key: shape})["macs"]

@@ -81,7 +81,7 @@ def test_chromium_guarded_resnet_run(corpus, tmp_path):
         pytest.skip("prune/codebook passes not available")
     calib, test = corpus.split(corpus.dataset("cifar10_resnet4b"), 256)
     out = tmp_path / "resnet"
-    result = squeeze.compress(corpus.model_path("cifar10_resnet4b"), "prune(ratio=0.5),codebook(bits=3)",
+    result = squeeze.compress(corpus.model_path("cifar10_resnet4b"), "prune(ratio=0.5,scope=layer),codebook(bits=3)",
                               calib=calib, eval=test, targets="cpu", out_dir=out, max_drop=1.0, runs=10)
     assert result.report["accuracy"]["drop_pts"] <= 1.0
     assert any(s.get("guard", {}).get("action") not in (None, "none") for s in result.report["passes"])

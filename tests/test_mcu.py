@@ -144,7 +144,7 @@ def test_pruned_and_codebook_model_needs_less_flash(mcu_tools, repo):
     import squeeze
     if not {"prune", "codebook"} <= set(all_passes()):
         pytest.skip("the prune and codebook passes are not registered in this checkout")
-    result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "cleanup,fold-bn,prune(ratio=0.5),codebook",
+    result = squeeze.compress(repo / "models" / "digits_cnn.onnx", "cleanup,fold-bn,prune(ratio=0.5,scope=layer),codebook",
                               calib=repo / "models" / "digits_calib.npz", targets="mcu", runs=3)
     (row,) = result.report["targets"]
     assert row["method"] == "instruction-count" and row["numeric_check"]["ok"], row
@@ -188,7 +188,7 @@ def tiny_compressed():
         pytest.skip("the quant and codebook passes are not registered in this checkout")
     model = _tiny_conv_net()
     return {spec: squeeze.compress(model, spec, targets=[], runs=1).model
-            for spec in ("quant", "codebook(bits=4)")}
+            for spec in ("quant", "codebook(bits=4,scale=layer)")}  # channel scales: no compact form here yet
 
 
 def _check_breakdowns(measured) -> None:
@@ -200,7 +200,8 @@ def _check_breakdowns(measured) -> None:
 
 
 @pytest.mark.parametrize("spec, storage, per_weight", [("quant", "int8", 1.0),
-                                                       ("codebook(bits=4)", "packed 4-bit + codebook[16]", 0.5)])
+                                                       ("codebook(bits=4,scale=layer)", "packed 4-bit + codebook[16]",
+                                                        0.5)])
 def test_quant_and_codebook_weights_stay_compact_in_flash(mcu_tools, tiny_compressed, tmp_path, spec, storage,
                                                           per_weight):
     model = tiny_compressed[spec]
@@ -237,7 +238,7 @@ def test_float_weights_mode_holds_every_weight_as_float(mcu_tools, tiny_compress
 
 def test_auto_keeps_the_largest_weight_float_when_its_scratch_overflows_ram(mcu_tools, tiny_compressed, tmp_path,
                                                                              monkeypatch):
-    model = tiny_compressed["codebook(bits=4)"]
+    model = tiny_compressed["codebook(bits=4,scale=layer)"]
     probe = Mcu(weights="compact").build(model, {"x": (1, 3, 8, 8)}, tmp_path / "probe")
     memory = probe.handle["memory"]
     # RAM for everything but the Gemm's 32 KiB scratch (the next largest decoded weight is 4.6 KiB)

@@ -68,7 +68,7 @@ def idle_channels_model():
 def test_prune_removes_the_idle_channels_exactly(criterion):
     model = idle_channels_model()
     data = calibration(model, 8)
-    pruned, step = prune_model(model, f"prune(ratio=0.3,criterion={criterion},compensate=false)", data)
+    pruned, step = prune_model(model, f"prune(ratio=0.3,criterion={criterion},scope=layer,compensate=false)", data)
     weights = {i.name: i for i in pruned.graph.initializer}
     assert list(weights["p.w"].dims) == [6, 3, 3, 3]
     assert list(weights["q.w"].dims) == [6, 6, 3, 3]  # 8 → round(5.6) = 6: both idle ones of p, two of q's
@@ -82,7 +82,7 @@ def test_prune_removes_the_idle_channels_exactly(criterion):
 
 def test_details_and_notes():
     model = idle_channels_model()
-    _, step = prune_model(model, "prune(ratio=0.5,compensate=false)")
+    _, step = prune_model(model, "prune(ratio=0.5,scope=layer,compensate=false)")
     rows = {r["name"]: r for r in step["details"]["groups"]}
     assert set(rows) == {"p", "q"}
     for row in rows.values():
@@ -99,12 +99,12 @@ def test_multiple_rounds_and_never_empties():
     h = t.node("Relu", [t.conv("x", "p", 3, 16)], "relu")
     t.conv(h, "y", 16, 4)
     model = t.model({"x": [1, 3, 6, 6]}, ["y"])
-    pruned, step = prune_model(model, "prune(ratio=0.3,multiple=8,compensate=false)")
+    pruned, step = prune_model(model, "prune(ratio=0.3,scope=layer,multiple=8,compensate=false)")
     assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 8
     assert any("rounded to multiples of 8" in n for n in step["notes"])
-    pruned, _ = prune_model(model, "prune(ratio=0.99,compensate=false)")
+    pruned, _ = prune_model(model, "prune(ratio=0.99,scope=layer,compensate=false)")
     assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 1
-    pruned, step = prune_model(model, "prune(ratio=0.5,multiple=16,compensate=false)")
+    pruned, step = prune_model(model, "prune(ratio=0.5,scope=layer,multiple=16,compensate=false)")
     assert {i.name: list(i.dims) for i in pruned.graph.initializer}["p.w"][0] == 16
     assert any("not larger than multiple=16" in n for n in step["notes"])
 
@@ -121,6 +121,27 @@ def test_every_criterion_and_scope_gives_a_valid_smaller_model(criterion, scope)
     if scope == "sensitivity":
         curves = step["details"]["sensitivity"]
         assert curves and all(c["loss"][0] == [0, 0.0] and len(c["loss"]) >= 2 for c in curves)
+
+
+def test_sensitivity_samples_are_bounded_by_the_model_cost(monkeypatch):
+    """The trial cuts run on at most SENSITIVITY_MACS worth of samples (a 320×320 detector gets 8, not 256)."""
+    model = idle_channels_model()
+    macs = metrics.summary(model, {"x": (1, 3, 6, 6)})["macs"]
+    data = calibration(model, 32)
+    _, step = prune_model(model, "prune(ratio=0.25,scope=sensitivity,compensate=false)", data)
+    assert step["details"]["sensitivity_samples"] == 32
+    monkeypatch.setattr(prune_module, "SENSITIVITY_MACS", 12 * macs)
+    _, step = prune_model(model, "prune(ratio=0.25,scope=sensitivity,compensate=false)", data)
+    assert step["details"]["sensitivity_samples"] == 12
+    monkeypatch.setattr(prune_module, "SENSITIVITY_MACS", macs)
+    _, step = prune_model(model, "prune(ratio=0.25,scope=sensitivity,compensate=false)", data)
+    assert step["details"]["sensitivity_samples"] == prune_module.SENSITIVITY_MIN_SAMPLES == 8
+
+
+def test_the_default_scope_is_sensitivity():
+    model = idle_channels_model()
+    _, step = prune_model(model, "prune(ratio=0.25)", calibration(model, 16))
+    assert step["details"]["scope"] == "sensitivity" and step["details"]["sensitivity"]
 
 
 def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
@@ -170,11 +191,11 @@ def test_reconstruction_removes_dead_unread_and_duplicate_channels_first():
     compensation restores the output exactly; l1 removes three useful small filters instead."""
     model = costless_channels_model()
     data = calibration(model, 32)
-    pruned, step = prune_model(model, "prune(ratio=0.375)", data)
+    pruned, step = prune_model(model, "prune(ratio=0.375,scope=layer)", data)
     assert step["details"]["criterion"] == "reconstruction"
     assert _kept_filters(model, pruned) == [2, 4, 5, 6, 7]
     assert verify.fidelity(runtime.run(model, data), runtime.run(pruned, data))["rel_l2"] < 1e-4
-    by_norm, _ = prune_model(model, "prune(ratio=0.375,criterion=l1)", data)
+    by_norm, _ = prune_model(model, "prune(ratio=0.375,criterion=l1,scope=layer)", data)
     assert _kept_filters(model, by_norm)[:4] == [0, 1, 2, 2]  # the dead, the unread and both duplicates stay
     assert verify.fidelity(runtime.run(model, data), runtime.run(by_norm, data))["rel_l2"] > 1e-2
 
@@ -244,7 +265,7 @@ def test_least_squares_absorbs_a_duplicated_channel():
     data = calibration(model, 32)
     errors = {}
     for flag in ("false", "true"):
-        pruned, step = prune_model(model, f"prune(ratio=0.125,compensate={flag})", data)
+        pruned, step = prune_model(model, f"prune(ratio=0.125,scope=layer,compensate={flag})", data)
         assert [i for i in pruned.graph.initializer if i.name == "p.w"][0].dims[0] == 7
         errors[flag] = verify.fidelity(runtime.run(model, data), runtime.run(pruned, data))["rel_l2"]
     assert errors["false"] > 1e-2
@@ -255,7 +276,7 @@ def test_least_squares_absorbs_a_duplicated_channel():
 
 def test_compensation_never_increases_the_held_out_loss():
     model, _, _ = residual_add()
-    _, step = prune_model(model, "prune(ratio=0.5)", calibration(model, 32))
+    _, step = prune_model(model, "prune(ratio=0.5,scope=layer)", calibration(model, 32))
     rows = step["details"]["compensation"]
     assert rows
     for row in rows:
@@ -266,7 +287,7 @@ def test_compensation_is_skipped_on_synthetic_data():
     model, _, _ = residual_add()
     from squeeze.data import synthesize
     data = synthesize(input_specs(model), {"x": (1, 3, 6, 6)}, 8, seed=0)
-    _, step = prune_model(model, "prune(ratio=0.5)", data)
+    _, step = prune_model(model, "prune(ratio=0.5,scope=layer)", data)
     assert any("synthetic" in n for n in step["notes"])
     assert any("criterion=reconstruction ranks by l1" in n for n in step["notes"])
 
@@ -342,7 +363,7 @@ def _corpus_prune(corpus, name: str, spec: str, calib_count: int = 256):
 
 @pytest.mark.parametrize("name", CORPUS_MODELS)
 def test_corpus_prune_0_3_is_valid_and_a_quarter_cheaper(corpus, name):
-    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,compensate=false)", 32)
+    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,scope=layer,compensate=false)", 32)
     shapes = {s.name: (1,) + tuple(ds.arrays[s.name].shape[1:]) for s in input_specs(model)}
     before = metrics.summary(model, shapes)["macs"]
     after = metrics.summary(pruned, shapes)["macs"]
@@ -355,7 +376,7 @@ def test_corpus_prune_0_3_is_valid_and_a_quarter_cheaper(corpus, name):
 def test_corpus_compensation_beats_none(corpus, name):
     accuracy = {}
     for flag in ("false", "true"):
-        model, pruned, step, ds = _corpus_prune(corpus, name, f"prune(ratio=0.2,compensate={flag})")
+        model, pruned, step, ds = _corpus_prune(corpus, name, f"prune(ratio=0.2,scope=layer,compensate={flag})")
         test = ds.subset(256)
         accuracy[flag] = verify.accuracy(runtime.run(pruned, test), test.labels)["top1"]
     assert accuracy["true"] > accuracy["false"]
@@ -371,7 +392,7 @@ def test_corpus_sri_resnet_prune_finishes_in_10_seconds(corpus):
     ctx = Context(calib=calib, model=model, input_shapes={"input": (1, 3, 32, 32)})
     graph = to_graph(model)
     start = time.perf_counter()
-    prune(graph, ctx)
+    prune(graph, ctx, scope="layer")
     seconds = time.perf_counter() - start
     assert ctx.details["compensation"]
     assert seconds < 10, f"{seconds:.1f} s"
@@ -383,7 +404,7 @@ def test_corpus_sri_resnet_prune_finishes_in_10_seconds(corpus):
 def test_corpus_pruned_models_compile_with_tvm(corpus, name, tmp_path):
     pytest.importorskip("tvm")
     from squeeze.targets.cpu import Cpu
-    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,compensate=false)", 16)
+    model, pruned, step, ds = _corpus_prune(corpus, name, "prune(ratio=0.3,scope=layer,compensate=false)", 16)
     shapes = {s.name: (1,) + tuple(ds.arrays[s.name].shape[1:]) for s in input_specs(model)}
     target = Cpu()
     artifact = target.build(pruned, shapes, tmp_path)
@@ -402,8 +423,8 @@ def test_reconstruction_ranks_very_wide_groups_by_l1(monkeypatch):
     noise = graphs.random_inputs(model, count=16)
     data = Dataset(dict(noise.arrays), None, "calibration samples", dict(noise.stacked))  # not synthetic
     monkeypatch.setattr(prune_module, "RECONSTRUCTION_MAX_CHANNELS", 2)
-    _, steps = graphs.apply(model, "prune(ratio=0.5)", data=data)
+    _, steps = graphs.apply(model, "prune(ratio=0.5,scope=layer)", data=data)
     assert any("wider than 2 channels by l1" in n for n in steps[0]["notes"]), steps[0]["notes"]
     monkeypatch.setattr(prune_module, "RECONSTRUCTION_MAX_CHANNELS", 1024)
-    _, steps = graphs.apply(model, "prune(ratio=0.5)", data=data)
+    _, steps = graphs.apply(model, "prune(ratio=0.5,scope=layer)", data=data)
     assert not any("by l1" in n for n in steps[0]["notes"]), steps[0]["notes"]

@@ -93,7 +93,7 @@ def test_hessian_sees_what_the_readers_ignore_and_l1_cannot():
     assert list(np.argsort(hess["p"])) == [1, 2, 0]
     assert hess["p"][1] < 1e-3 * hess["p"][2]
     assert ctx.details["hessian"]["samples"] == 32 and ctx.details["hessian"]["runs"] > 0
-    pruned, step = prune_model(model, "prune(ratio=0.34,criterion=hessian,compensate=false)", data)
+    pruned, step = prune_model(model, "prune(ratio=0.34,criterion=hessian,scope=layer,compensate=false)", data)
     kept = onnx.numpy_helper.to_array({i.name: i for i in pruned.graph.initializer}["p.w"])
     original = onnx.numpy_helper.to_array({i.name: i for i in model.graph.initializer}["p.w"])
     np.testing.assert_array_equal(kept, original[[0, 2]])  # channel 1 went
