@@ -123,3 +123,14 @@ def test_prune_after_scaled_codebook_keeps_it_compressed():
     graph = gs.import_onnx(out)
     kinds = {compressed_kind(n.inputs[1]) for n in graph.nodes if n.op in ("Conv", "Gemm")}
     assert kinds == {"codebook"}
+
+
+def test_the_packed_size_counts_the_channel_scales():
+    """The float16 scales are stored tensors of the layer: its bits per weight grow by 16·O / (O·D)."""
+    model = ranged_gemm(outputs=64, inputs=256)
+    per_layer = {}
+    for scale in ("layer", "channel"):
+        out, _ = graphs.apply(model, f"codebook(bits=3,scale={scale},compensate=false)")
+        per_layer[scale] = pack.size_report(out)["bits_per_param"]["layers"]["y"]
+        assert pack.unpack(pack.pack(out).data).SerializeToString() == out.SerializeToString()
+    assert per_layer["channel"] - per_layer["layer"] >= 16 * 64 / (64 * 256) * 0.9
