@@ -99,6 +99,23 @@ class Build:
         return self.vm.time(self.feed, self.runs)["p50"]
 
 
+def scheduled_tir(model: onnx.ModelProto, shapes: dict, schedules) -> list[str]:
+    """The scheduled TIR of every function of `model` with `schedules` (1 thread), sorted: equal lists mean the
+    two schedule sets generate the same code for this model."""
+    from squeeze.targets import tvm_build  # noqa: PLC0415
+    from squeeze.targets.cpu import Cpu  # noqa: PLC0415
+    from tvm import tirx  # noqa: PLC0415
+    from tvm.s_tir import dlight as dl  # noqa: PLC0415
+    tvm = tvm_build.tvm()
+    target = Cpu().tvm_target()
+    planned = sys.modules[schedules.__name__ + ".common"].planned_threads
+    with target:
+        mod = tvm.transform.Sequential(schedules.fuse_passes(target))(tvm_build.import_onnx(model, shapes))
+        with planned(1):
+            mod = dl.ApplyDefaultSchedule(*schedules.rules())(mod)
+    return sorted(f.script() for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc))
+
+
 def _function_names(mod, target, schedules) -> list[str]:
     from tvm import tirx  # noqa: PLC0415
     fused = schedules.fused_module(mod, target)
@@ -286,7 +303,8 @@ def bench_others(names: list[str], args, current, baseline, log) -> list[dict]:
         times = interleaved(builds, args.rounds)
         rows.append({"model": name, "new_ms": float(np.median(times["new"])),
                      "base_ms": float(np.median(times["base"])), "ratio": ratio(times, "base", "new"),
-                     "pairs": builds["new"].pair_functions, "err": _check(model, builds["new"], [feed])})
+                     "pairs": builds["new"].pair_functions, "err": _check(model, builds["new"], [feed]),
+                     "same_code": scheduled_tir(model, shapes, current) == scheduled_tir(model, shapes, baseline)})
         log(f"  {name:18s} base {rows[-1]['base_ms']:.4f} ms  now {rows[-1]['new_ms']:.4f} ms  "
             f"base/now {rows[-1]['ratio']:.3f}")
     return rows
@@ -331,10 +349,10 @@ def markdown(results: list[dict], others: list[dict], command: str, started: dic
         lines.append("")
     if others:
         lines += ["## Models without factorised layers: baseline vs current schedules", "",
-                  "| model | baseline ms | current ms | baseline / current | pair functions | TVM=ORT |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| model | baseline ms | current ms | baseline / current | pair functions | same scheduled TIR "
+                  "| TVM=ORT |", "|---|---:|---:|---:|---:|---|---:|"]
         lines += [f"| {r['model']} | {r['base_ms']:.4f} | {r['new_ms']:.4f} | {r['ratio']:.3f} | {r['pairs']} "
-                  f"| {r['err']:.1e} |" for r in others]
+                  f"| {'yes' if r['same_code'] else 'no'} | {r['err']:.1e} |" for r in others]
         lines.append("")
     return "\n".join(lines)
 
