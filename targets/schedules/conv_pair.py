@@ -19,7 +19,15 @@ with both convs planned and scheduled as `Conv2dPacked` plans and schedules a lo
 `schedule_channel_tile`); the intermediate stays in the channel-blocked layout the first tile computes it in,
 so nothing is transposed, and the second conv broadcasts its inputs from it. The function is marked
 out-elementwise-fusable, so FuseOps puts the epilogue after it as for any conv. Pairs where either conv would
-take the column-vector tile (`plan_columns`: ≤ 16 input channels on wide rows) are left as two functions.
+take the column-vector tile (`plan_columns`: ≤ 16 input channels on wide rows) are left as two functions: fused
+with channel tiles, cifar10_resnet4b's 3→5→16 stem, 16→14→32 and 16→8→32 pairs ran slower (kernel times 3.3 vs
+3.1 µs, 5.7 vs 4.0, 0.91 vs 0.78).
+
+Measured (1 thread, benchmarks/results/lowrank_layers.md): the 32→26→32 pair on 8×8 went from 3.8 + 4.1 µs to
+7.0 µs in one function, 1.23× → 1.44× the original layer's speed for 1.85× fewer multiply-adds; on 4×4 maps
+1.04× → 1.28×. At that point the pair issues about one 16-lane FMA per cycle (Zen 4's peak): 36 other tile pairs
+timed within 0.5 %. What is left is the first conv's 26 outputs padded to 32 lanes; `lowrank(multiple=8)` (ranks
+rounded to the target's channel multiple) gives 24 → 5.9 µs, 1.65× for 2.0× fewer multiply-adds.
 """
 from __future__ import annotations
 
