@@ -41,7 +41,9 @@ def _import_from(code: Path) -> None:
         assert where.resolve().is_relative_to(code.resolve()), f"{name} from {where}, not {code}"
 
 
-def hashes(models: list[str], pipelines: list[str]) -> dict[str, str]:
+def hashes(models: list[str], pipelines: list[str], out_file: Path | None = None) -> dict[str, str]:
+    """sha256 (16 hex digits) of each model × pipeline's output; written to `out_file` after every cell, so a
+    stopped run keeps what it finished."""
     sys.path.insert(0, str(HERE))
     import run  # noqa: PLC0415  (benchmarks/run.py: the main table's data and pipelines)
 
@@ -64,6 +66,8 @@ def hashes(models: list[str], pipelines: list[str]) -> dict[str, str]:
                 digest = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
             out[f"{model} | {pipeline}"] = digest
             print(f"{model} | {pipeline}: {digest}  ({time.perf_counter() - start:.1f} s)", flush=True)
+            if out_file:
+                out_file.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     return out
 
 
@@ -92,12 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         _import_from(args.code)
     sys.path.insert(0, str(HERE))
     import run  # noqa: PLC0415
-    result = hashes(args.models or run.MODELS, args.pipelines or run.PIPELINES)
-    text = json.dumps(result, indent=1, sort_keys=True)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    result = hashes(args.models or run.MODELS, args.pipelines or run.PIPELINES, args.out)
+    if not args.out:
+        print(json.dumps(result, indent=1, sort_keys=True))
     return 0
 
 
