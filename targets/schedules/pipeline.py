@@ -19,7 +19,8 @@ from __future__ import annotations
 #: would replay the slower schedule).
 #: 6: softmax/row reductions, column-vector convs, BatchNorm folded into convs (different workloads and traces).
 #: 7: conv → conv pairs (factorised layers) fused into one `conv2d_pair` function (`conv_pair.py`).
-SCHEDULES_VERSION = 7
+#: 8: ceil-mode max pools legalized in floor mode with only the padding their windows read (`pool.py`).
+SCHEDULES_VERSION = 8
 
 
 def legalize_map() -> dict:
@@ -27,8 +28,10 @@ def legalize_map() -> dict:
     from .dense import legalize_matmul  # noqa: PLC0415
     from .injective import legalize_erf, legalize_exp, legalize_sigmoid  # noqa: PLC0415
     from .int8 import int8_legalizations  # noqa: PLC0415
+    from .pool import legalize_max_pool2d  # noqa: PLC0415
     from .reduce import legalize_softmax  # noqa: PLC0415
-    return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.conv2d_transpose":
+    return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.max_pool2d": legalize_max_pool2d,
+                               "relax.nn.conv2d_transpose":
                                legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
                                "relax.nn.softmax": legalize_softmax, "relax.sigmoid": legalize_sigmoid,
                                "relax.exp": legalize_exp})

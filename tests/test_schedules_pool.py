@@ -1,0 +1,59 @@
+"""`schedules/pool.legalize_max_pool2d`: a ceil-mode max pool compiles to floor mode with only the padding its
+last window reads (none when every window fits in the map), and TVM's outputs equal ONNX Runtime's."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import graphs
+from squeeze import runtime
+from squeeze.data import input_specs, resolve_shapes
+from squeeze.targets import tvm_build
+
+pytestmark = pytest.mark.tvm
+
+
+def max_pool(c: int, hw: int, k: int, s: int, pads: list[int], ceil: int, dilation: int = 1) -> onnx.ModelProto:
+    g = graphs.Builder(0)
+    g.node("MaxPool", ["x"], "y", kernel_shape=[k, k], strides=[s, s], pads=pads, ceil_mode=ceil,
+           dilations=[dilation, dilation])
+    return g.model({"x": [1, c, hw, hw]}, "y")
+
+
+CASES = {  # name: (model, whether the compiled pool may pad)
+    "squeezenet_27_to_13": (lambda: max_pool(16, 27, 3, 2, [0, 0, 0, 0], 1), False),  # every window fits
+    "squeezenet_111_to_55": (lambda: max_pool(8, 111, 3, 2, [0, 0, 0, 0], 1), False),
+    "ceil_reads_past_the_map": (lambda: max_pool(8, 28, 3, 2, [0, 0, 0, 0], 1), True),  # 14 out, last window
+    "ceil_with_padding": (lambda: max_pool(8, 14, 3, 2, [1, 1, 1, 1], 1), True),
+    "ceil_dilated": (lambda: max_pool(8, 16, 3, 2, [0, 0, 0, 0], 1, dilation=2), True),
+    "floor_mode": (lambda: max_pool(8, 28, 2, 2, [0, 0, 0, 0], 0), False),
+}
+
+
+def _target():
+    tvm = tvm_build.tvm()
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_max_pool_matches_onnxruntime_and_pads_only_when_read(name):
+    from tvm import tirx
+
+    from squeeze.targets import schedules
+    build, may_pad = CASES[name]
+    model = build()
+    target = _target()
+    shapes = resolve_shapes(input_specs(model), {})
+    mod = tvm_build.import_onnx(model, shapes)
+    fused = schedules.fused_module(mod, target)
+    text = "\n".join(f.script() for _, f in fused.functions_items() if isinstance(f, tirx.PrimFunc))
+    if not may_pad:
+        assert "pad_temp" not in text and "if_then_else" not in text, text
+    tvm = tvm_build.tvm()
+    executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, threads=1))
+    runner = tvm_build.VMRunner(executable, tvm.cpu(), [s.name for s in input_specs(model)])
+    data = graphs.random_inputs(model, count=2, seed=5)
+    ref = runtime.run(model, data)["y"]
+    got = np.stack([runner.run(s)[0] for s in data.samples(len(data))]).reshape(ref.shape)
+    assert np.array_equal(got, ref), f"{name}: max |Δ| {np.abs(got - ref).max():.2e}"
