@@ -210,7 +210,7 @@ def estimate(model: onnx.ModelProto, layers: Iterable | None, data: Dataset, *, 
         rng = np.random.default_rng([seed, zlib.crc32(layer.weight.name.encode())])
         for i in range(probes):
             v = rng.integers(0, 2, size=w.shape) * 2.0 - 1.0
-            curvature, _ = _curvature(lambda t: probe.loss(w + t * v), est, check=i == 0)
+            curvature, _ = _curvature(lambda t, probe=probe, w=w, v=v: probe.loss(w + t * v), est, check=i == 0)
             est.samples.append(curvature / n)
         est.seconds = round(time.perf_counter() - start, 3)
         out[layer.name] = est
@@ -311,7 +311,7 @@ def channel_traces(model: onnx.ModelProto, blocks: dict[str, Sequence[ChannelSli
                     shape[s.axis] = 1
                     directions.append((s, index, rng.integers(0, 2, size=shape) * 2.0 - 1.0))
 
-                def loss_at(t: float) -> float:
+                def loss_at(t: float, probe=probe, base=base, directions=directions) -> float:
                     values = {w: a.copy() for w, a in base.items()}
                     for s, index, v in directions:
                         where = [slice(None)] * v.ndim
