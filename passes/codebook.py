@@ -97,18 +97,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     all_layers = find_layers(graph)
     bits_of = _layer_bits(layer_bits, all_layers)
     layers, skipped = select_layers(all_layers, skip)
-    usable = []
-    for layer in layers:
-        if layer.values is None:
-            skipped[layer.name] = "its weight is computed, not a float constant (already compressed?)"
-        elif layer.values.size < 2:
-            skipped[layer.name] = "a single weight"
-        elif not np.isfinite(layer.values).all():
-            skipped[layer.name] = "its weight holds NaN or inf"
-        else:
-            usable.append(layer)
     by_weight: dict[str, list[Layer]] = {}
-    for layer in usable:
+    for layer in _usable(layers, skipped):
         by_weight.setdefault(layer.weight.name, []).append(layer)
     refit = compensate and not ctx.calib_is_synthetic
     if compensate and ctx.calib_is_synthetic:
@@ -141,19 +131,9 @@ def codebook(graph: gs.Graph, ctx: Context, *,
                  "index_bits": _index_bits(len(centroids)), "zero_reserved": bool(zero)}
         if x is not None:
             entry["output_rel_err_kmeans"] = _output_error(layer, w, _expand(centroids, labels, w, s_full), x, x_in)
-            if assign == "gptq" and not kernel:
-                chosen = damp or _choose_damp(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
-                                              rounds, s_full, sm)
-                entry["gptq_damp"] = chosen
-            else:
-                chosen = None
-            if chosen is None:
-                centroids, sm = _nearest_fit(layer, w, centroids, labels, x, x_in, kernel, zero, sm)
-            else:
-                centroids, labels, sm = _gptq(layer, w, centroids, labels, x, x_in, x_in is x, zero, rounds, chosen,
-                                              sm)
-            if sm is not None:
-                s_full = sm.reshape(s_full.shape)
+            gptq = assign == "gptq" and not kernel
+            centroids, labels, s_full = _assign(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
+                                                kernel, s_full, sm, rounds, damp, gptq, entry)
         codes = None
         if kernel and codebook_bits:
             codes, zero_point, step = _quantize_codebook(centroids, codebook_bits)
@@ -174,6 +154,37 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         per_layer.append(entry)
         changed = True
     _report(ctx, per_layer, skipped, unit, refit, [c.name for ls in by_weight.values() for c in ls])
+
+
+def _usable(layers: list[Layer], skipped: dict[str, str]) -> list[Layer]:
+    """The layers whose weight is a finite float constant of at least two values; the others go to `skipped`."""
+    usable = []
+    for layer in layers:
+        if layer.values is None:
+            skipped[layer.name] = "its weight is computed, not a float constant (already compressed?)"
+        elif layer.values.size < 2:
+            skipped[layer.name] = "a single weight"
+        elif not np.isfinite(layer.values).all():
+            skipped[layer.name] = "its weight holds NaN or inf"
+        else:
+            usable.append(layer)
+    return usable
+
+
+def _assign(layer: Layer, w, centroids, labels, x, x_in, samples, zero, kernel: bool, s_full, sm, rounds: int,
+            damp: float, gptq: bool, entry: dict):
+    """Fit the codebook on the calibration rows: GPTQ assignment (with `damp`, or the damping or nearest
+    assignment chosen on held-out samples when it is 0) or nearest-centroid with a least-squares refit. Returns
+    (centroids, labels, channel scales); records the damping chosen in `entry`."""
+    chosen = None
+    if gptq:
+        chosen = damp or _choose_damp(layer, w, centroids, labels, x, x_in, samples, zero, rounds, s_full, sm)
+        entry["gptq_damp"] = chosen
+    if chosen is None:
+        centroids, sm = _nearest_fit(layer, w, centroids, labels, x, x_in, kernel, zero, sm)
+    else:
+        centroids, labels, sm = _gptq(layer, w, centroids, labels, x, x_in, x_in is x, zero, rounds, chosen, sm)
+    return centroids, labels, (sm.reshape(s_full.shape) if sm is not None else s_full)
 
 
 def _opset_for_tvm(graph: gs.Graph, ctx: Context) -> onnx.ModelProto:

@@ -118,7 +118,7 @@ def test_scaled_codebook_weights_can_be_read_cut_and_refit(layer, axis):
 def test_prune_after_scaled_codebook_keeps_it_compressed():
     model = graphs.concat()
     data = real(graphs.random_inputs(model, 16, 0))
-    out, steps = graphs.apply(model, "codebook(bits=3,scale=channel),prune(ratio=0.5)", data=data)
+    out, steps = graphs.apply(model, "codebook(bits=3,scale=channel),prune(ratio=0.5,scope=layer)", data=data)
     assert all("failed" not in s for s in steps)
     graph = gs.import_onnx(out)
     kinds = {compressed_kind(n.inputs[1]) for n in graph.nodes if n.op in ("Conv", "Gemm")}
