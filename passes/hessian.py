@@ -23,7 +23,7 @@ Runtime alone, without gradients:
     proxy = codebook_proxy(model, holdout, CODEBOOK_BITS, seed=0, threads=2)  # {layer: [0.0, Ω at each bits]}
 
 `codebook_proxy` has the layout of `goal.measure_tables`' codebook knobs (`Knob("codebook", name,
-[0, *bits], loss)`): pass it the held-out calibration samples `goal._holdout(calib)` to predict the same numbers.
+[0, *bits], loss)`): pass it the held-out calibration samples `goal.table_samples(calib)` to predict the same numbers.
 It predicts the *uncompensated* codebook (plain k-means, `compensate=False`); the pass's least-squares refit and
 bias correction lower the real loss by a layer-dependent factor that the proxy does not model.
 
@@ -342,7 +342,7 @@ def codebook_proxy(model: onnx.ModelProto, data: Dataset, bits_list: Sequence[in
     """{layer: [0.0, Ω at bits_list[0], Ω at bits_list[1], ...]} for every clusterable layer: the predicted
     output loss of clustering that layer alone (plain k-means as `codebook` does with compensate=False, seed
     `seed`), in the layout of `goal.measure_tables`' codebook knobs (choices [0, *bits_list]). `data`: the
-    samples the loss is predicted on (goal: `_holdout(calib)`); `traces`: precomputed Tr(H)/n per layer."""
+    samples the loss is predicted on (goal: `table_samples(calib)`); `traces`: precomputed Tr(H)/n per layer."""
     layers = clusterable_layers(model)
     if traces is None:
         traces = trace_per_param(model, layers, data, probes=probes, seed=seed, threads=threads, eps=eps)
