@@ -47,7 +47,7 @@ from squeeze import metrics, runtime
 from squeeze.verify import output_loss
 from squeeze.errors import PassError
 from squeeze.context import Context
-from squeeze.data import Dataset
+from squeeze.data import HOLDOUT_EVERY, Dataset, holdout
 from squeeze.model import to_graph, to_model
 from squeeze.registry import Backoff, Range, halve, register_pass
 from squeeze.threads import single_threaded
@@ -420,7 +420,7 @@ def hessian_importance(groups: list[Group], ctx: Context) -> Importance:
 #: SENSITIVITY_MIN_SAMPLES (the CIFAR/MNIST models keep 256; the OCR models, 0.2–3.3 GMACs a sample, 8).
 SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
 SENSITIVITY_SAMPLES = 256
-SENSITIVITY_MIN_SAMPLES = 2 * compensation.HOLDOUT_EVERY
+SENSITIVITY_MIN_SAMPLES = 2 * HOLDOUT_EVERY
 SENSITIVITY_MACS = 1e9
 #: Sensitivity runs refit every later layer too (as the pass does) when the model has at most this many
 #: Conv/Gemm/MatMul layers; beyond that only the readers of the cut group, to bound the time.
@@ -437,9 +437,7 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
     data = ctx.calib.subset(0, min(len(ctx.calib), count))
     n = len(data)
     ctx.details["sensitivity_samples"] = n
-    held = np.arange(n) % compensation.HOLDOUT_EVERY == compensation.HOLDOUT_EVERY - 1
-    if n < 2 * compensation.HOLDOUT_EVERY:
-        held = np.ones(n, bool)
+    held = holdout(n) if n >= 2 * HOLDOUT_EVERY else np.ones(n, bool)
     measured = Dataset({k: v[held] for k, v in data.arrays.items()}, None, data.source, dict(data.stacked))
     reference = runtime.run(ctx.model, measured, threads=ctx.threads)
     cache: dict = {}
