@@ -1,17 +1,17 @@
 """`codebook`: per-layer k-means over weights or k×k kernels, packed indices rebuilt by standard ONNX ops."""
 from __future__ import annotations
 
+import graphs
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
-
-import graphs
-from squeeze import pack, runtime
-from squeeze.data import Dataset
 from squeeze.passes import codebook as codebook_mod
 from squeeze.passes.weights import Builder
+
+from squeeze import pack, runtime
+from squeeze.data import Dataset
 
 SMOKE = dict(graphs.LOSSLESS)
 
@@ -22,15 +22,6 @@ def weight_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     values = runtime.activations(model, graphs.random_inputs(model, 1), sorted(set(layers.values())))
     return {name: values[w][0] if values[w].shape[0] == 1 and values[w].ndim > 2 else values[w]
             for name, w in layers.items()}
-
-
-@pytest.fixture
-def calib_data():
-    """Real-looking calibration data (a non-synthetic source, so data-driven steps run)."""
-    def make(model: onnx.ModelProto, count: int, seed: int = 0) -> Dataset:
-        data = graphs.random_inputs(model, count, seed)
-        return Dataset(data.arrays, None, "test calibration", data.stacked)
-    return make
 
 
 @pytest.mark.parametrize("name", list(SMOKE))
@@ -78,18 +69,8 @@ def test_index_rebuild_in_onnx_runtime(bits, opset, count):
         assert stored.values.nbytes == -(-count // 8) * bits  # bit-packed: bits per index, not a byte
 
 
-def _gemm(inputs: int = 256, outputs: int = 64) -> onnx.ModelProto:
-    """
-    x[1,inputs] ─ Gemm (transB) ─ y[1,outputs]
-    """
-    g = graphs.Builder(0)
-    g.node("Gemm", ["x", g.weight("fc.weight", outputs, inputs), g.weight("fc.bias", outputs, scale=0.1)], "y",
-           transB=1)
-    return g.model({"x": [1, inputs]}, "y")
-
-
 def test_weights_are_rebuilt_exactly_from_codebook_and_indices():
-    model = _gemm()
+    model = graphs.gemm()
     layer, _ = graphs.apply(model, "codebook(bits=4,scale=layer)")
     assert len(np.unique(weight_values(layer)["y"])) == 16
     out, steps = graphs.apply(model, "codebook(bits=4)")              # default: float16 channel scales
@@ -128,7 +109,7 @@ def test_kernel_unit_reaches_about_one_bit_per_weight():
 
 def test_exact_zeros_stay_zero():
     """Pruned (exactly zero) weights keep a reserved zero centroid."""
-    model = graphs.flatten_gemm()
+    model = graphs.flattengraphs.gemm()
     w = numpy_helper.to_array(model.graph.initializer[2]).copy()  # fc.weight [5, 64]
     mask = np.random.default_rng(0).random(w.shape) < 0.6
     w[mask] = 0
@@ -140,7 +121,7 @@ def test_exact_zeros_stay_zero():
 
 
 def test_few_distinct_values_are_kept_exactly():
-    model = graphs.flatten_gemm()
+    model = graphs.flattengraphs.gemm()
     w = np.random.default_rng(1).choice([-0.5, 0.25, 1.0], size=(5, 64)).astype(np.float32)
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
     out, _ = graphs.apply(model, "codebook(bits=2,compensate=false)")
@@ -148,7 +129,7 @@ def test_few_distinct_values_are_kept_exactly():
 
 
 def test_compensation_reduces_the_output_error(calib_data):
-    model = graphs.flatten_gemm()
+    model = graphs.flattengraphs.gemm()
     data = calib_data(model, 64)
     plain, _ = graphs.apply(model, "codebook(bits=2,compensate=false)", data=data)
     refit, steps = graphs.apply(model, "codebook(bits=2)", data=data)
@@ -158,7 +139,7 @@ def test_compensation_reduces_the_output_error(calib_data):
 
 
 def test_compensation_is_skipped_on_synthetic_data():
-    _, steps = graphs.apply(graphs.flatten_gemm(), "codebook(bits=2)")
+    _, steps = graphs.apply(graphs.flattengraphs.gemm(), "codebook(bits=2)")
     assert any("synthetic" in n for n in steps[0]["notes"])
 
 
@@ -201,7 +182,7 @@ def test_ir3_opset8_model_is_upgraded_to_opset10():
 
 
 def test_compressed_weights_are_left_alone_by_a_second_run():
-    out, _ = graphs.apply(graphs.flatten_gemm(), "codebook(bits=4)")
+    out, _ = graphs.apply(graphs.flattengraphs.gemm(), "codebook(bits=4)")
     again, steps = graphs.apply(out, "codebook(bits=2)")
     assert "already compressed" in " ".join(steps[0]["notes"])
     assert again.ByteSize() == pytest.approx(out.ByteSize(), rel=0.01)
@@ -219,7 +200,7 @@ def test_cluster_linear_init_spans_the_range():
 @pytest.mark.tvm
 def test_tvm_runs_the_rebuild_and_matches_onnx_runtime(tmp_path):
     import squeeze
-    model = graphs.flatten_gemm()
+    model = graphs.flattengraphs.gemm()
     result = squeeze.compress(model, "codebook(unit=kernel,kernels=8),codebook(bits=3)", targets="cpu", runs=3)
     check = result.report["targets"][0]["numeric_check"]
     assert check["ok"], check
@@ -274,8 +255,9 @@ def _graph_weight(graph, node_name: str, index: int = 1):
 def test_compressed_weights_can_be_read_and_cut(spec, layer, axis):
     """What prune/slim need to run after codebook or quant: the dense values, and a channel cut that keeps the
     weight compressed (checked against ONNX Runtime evaluating the rebuilt graph)."""
-    from squeeze.model import to_model
     from squeeze.passes.weights import compressed_value, take_compressed
+
+    from squeeze.model import to_model
     model = graphs.concat()
     out, _ = graphs.apply(model, spec)
     dense = weight_values(out)[layer]
@@ -309,7 +291,7 @@ def test_int32_bias_can_be_cut(calib_data):
 
 @pytest.mark.parametrize("spec", ["codebook(bits=3)", "quant(activations=false)"])
 def test_non_finite_weights_are_left_alone(spec):
-    model = graphs.flatten_gemm()
+    model = graphs.flattengraphs.gemm()
     w = numpy_helper.to_array(model.graph.initializer[2]).copy()
     w[0, 0] = np.nan
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
