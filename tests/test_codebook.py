@@ -109,7 +109,7 @@ def test_kernel_unit_reaches_about_one_bit_per_weight():
 
 def test_exact_zeros_stay_zero():
     """Pruned (exactly zero) weights keep a reserved zero centroid."""
-    model = graphs.flattengraphs.gemm()
+    model = graphs.flatten_gemm()
     w = numpy_helper.to_array(model.graph.initializer[2]).copy()  # fc.weight [5, 64]
     mask = np.random.default_rng(0).random(w.shape) < 0.6
     w[mask] = 0
@@ -121,7 +121,7 @@ def test_exact_zeros_stay_zero():
 
 
 def test_few_distinct_values_are_kept_exactly():
-    model = graphs.flattengraphs.gemm()
+    model = graphs.flatten_gemm()
     w = np.random.default_rng(1).choice([-0.5, 0.25, 1.0], size=(5, 64)).astype(np.float32)
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
     out, _ = graphs.apply(model, "codebook(bits=2,compensate=false)")
@@ -129,7 +129,7 @@ def test_few_distinct_values_are_kept_exactly():
 
 
 def test_compensation_reduces_the_output_error(calib_data):
-    model = graphs.flattengraphs.gemm()
+    model = graphs.flatten_gemm()
     data = calib_data(model, 64)
     plain, _ = graphs.apply(model, "codebook(bits=2,compensate=false)", data=data)
     refit, steps = graphs.apply(model, "codebook(bits=2)", data=data)
@@ -139,7 +139,7 @@ def test_compensation_reduces_the_output_error(calib_data):
 
 
 def test_compensation_is_skipped_on_synthetic_data():
-    _, steps = graphs.apply(graphs.flattengraphs.gemm(), "codebook(bits=2)")
+    _, steps = graphs.apply(graphs.flatten_gemm(), "codebook(bits=2)")
     assert any("synthetic" in n for n in steps[0]["notes"])
 
 
@@ -182,7 +182,7 @@ def test_ir3_opset8_model_is_upgraded_to_opset10():
 
 
 def test_compressed_weights_are_left_alone_by_a_second_run():
-    out, _ = graphs.apply(graphs.flattengraphs.gemm(), "codebook(bits=4)")
+    out, _ = graphs.apply(graphs.flatten_gemm(), "codebook(bits=4)")
     again, steps = graphs.apply(out, "codebook(bits=2)")
     assert "already compressed" in " ".join(steps[0]["notes"])
     assert again.ByteSize() == pytest.approx(out.ByteSize(), rel=0.01)
@@ -200,7 +200,7 @@ def test_cluster_linear_init_spans_the_range():
 @pytest.mark.tvm
 def test_tvm_runs_the_rebuild_and_matches_onnx_runtime(tmp_path):
     import squeeze
-    model = graphs.flattengraphs.gemm()
+    model = graphs.flatten_gemm()
     result = squeeze.compress(model, "codebook(unit=kernel,kernels=8),codebook(bits=3)", targets="cpu", runs=3)
     check = result.report["targets"][0]["numeric_check"]
     assert check["ok"], check
@@ -291,7 +291,7 @@ def test_int32_bias_can_be_cut(calib_data):
 
 @pytest.mark.parametrize("spec", ["codebook(bits=3)", "quant(activations=false)"])
 def test_non_finite_weights_are_left_alone(spec):
-    model = graphs.flattengraphs.gemm()
+    model = graphs.flatten_gemm()
     w = numpy_helper.to_array(model.graph.initializer[2]).copy()
     w[0, 0] = np.nan
     model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[2].name))
