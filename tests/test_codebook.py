@@ -235,7 +235,8 @@ def test_corpus_pack_round_trip_after_codebook(corpus, name, unit):
     model = onnx.load(str(corpus.model_path(name)))
     data = Dataset({corpus._input_name(name): corpus.arrays(name, 8)[0]}, None, f"corpus:{name}", {}) \
         if name != "ultraface" else graphs.random_inputs(model, 4)
-    out, _ = graphs.apply(model, f"codebook(unit={unit})", data=data)
+    # nearest assignment: the container is under test here, and GPTQ's fit on 30 corpus models took ~16 min of CI
+    out, _ = graphs.apply(model, f"codebook(unit={unit},assign=nearest)", data=data)
     restored = pack.unpack(pack.pack(out).data)
     assert restored.SerializeToString(deterministic=True) == out.SerializeToString(deterministic=True)
 
