@@ -547,17 +547,20 @@ def _elementwise_ops(graph: gs.Graph, floats: set[str], fused: list[Layer]) -> l
                 if gate.inputs[0].name in region and gate.outputs[0].name not in region:
                     region.add(gate.outputs[0].name)
                     grown = True
-        def int8_reader(node: gs.Node, depth: int = 3) -> bool:  # directly, or through a Resize / Erf chain
-            return id(node) in readers or id(node) in ids or (
-                depth > 0 and node.op in UNARY and len(node.outputs) == 1
-                and any(int8_reader(r, depth - 1) for r in node.outputs[0].outputs))
-
+        int8 = readers | ids
         nxt = [n for n in kept
                if all(t.name in region for t in n.inputs if isinstance(t, gs.Variable))
-               and any(int8_reader(r) for r in _readers_past_clamp(n.outputs[0]))]
+               and any(_int8_reader(r, int8) for r in _readers_past_clamp(n.outputs[0]))]
         if len(nxt) == len(kept):
             return kept
         kept = nxt
+
+
+def _int8_reader(node: gs.Node, int8: set[int], depth: int = 3) -> bool:
+    """`node` (by id) reads the int8 form: it is in `int8`, or a `UNARY` function (Resize, Erf) whose output such a
+    node reads, up to `depth` functions deep."""
+    return id(node) in int8 or (depth > 0 and node.op in UNARY and len(node.outputs) == 1
+                                and any(_int8_reader(r, int8, depth - 1) for r in node.outputs[0].outputs))
 
 
 def _scalar_arithmetic(node: gs.Node) -> bool:
@@ -565,8 +568,7 @@ def _scalar_arithmetic(node: gs.Node) -> bool:
     if node.op not in ("Div", "Mul", "Sub", "Add") or len(node.inputs) != 2:
         return False
     first, second = node.inputs
-    return (isinstance(first, gs.Variable) and isinstance(second, gs.Constant) and second.values.size == 1
-            and second.values.dtype == np.float32)
+    return isinstance(first, gs.Variable) and _scalar(second) is not None
 
 
 def _readers_past_clamp(tensor: gs.Variable) -> list[gs.Node]:
