@@ -102,7 +102,7 @@ def measure_tables(model: onnx.ModelProto, goal: Goal, calib: Dataset, shapes: d
         if cache:
             write_cache(prune_path, prune_part)
     if book_part is None:
-        book_part = _measure_codebook(job, layer_names, costs, goal.sensitivity)
+        book_part = _measure_codebook(job, layer_names, costs, goal.sensitivity, candidates)
         if cache:
             write_cache(book_path, book_part)
     if lowrank_part is None:
@@ -170,17 +170,25 @@ def _latency_saved(job: _Job, group, choices: list, scores, start: float) -> lis
     return [float(v) for v in np.maximum.accumulate(saved)]
 
 
-def _measure_codebook(job: _Job, layer_names: list[str], costs: dict[str, LayerCost], sensitivity: str) -> dict:
-    """Packed bits per parameter of every layer at each width (the real encoding), and per layer the loss of it
-    alone clustered at each width (compensated as the pass does), or the Hessian proxy of that loss."""
-    part = {"version": CACHE_VERSION, "knobs": [], "bits": {}}
+def _measure_codebook(job: _Job, layer_names: list[str], costs: dict[str, LayerCost], sensitivity: str,
+                      candidates) -> dict:
+    """Packed bytes of every layer at each width (the real encoding), as a per-parameter part and a fixed part
+    (decoder tables, headers: what does not shrink when channels are cut), and per layer the loss of it alone
+    clustered at each width (compensated as the pass does), or the Hessian proxy of that loss."""
+    part = {"version": CACHE_VERSION, "knobs": [], "bits": {}, "fixed": {}}
     entry = get_pass("codebook")
-    for bits in CODEBOOK_BITS:  # bytes from the real encoding: every layer clustered, then packed
-        g2 = to_graph(job.model)
-        entry.obj(g2, job.context(), **entry.bind({"bits": bits, "compensate": False}))
-        per_layer = pack.size_report(to_model(g2, like=job.model))["bits_per_param"]["layers"]
+    halved = _halved(job, candidates)
+    for bits in CODEBOOK_BITS:  # bytes from the real encoding: every layer clustered, then packed, at two sizes
+        full, half = (_layer_bytes(m, entry, job, bits) for m in (job.model, halved))
         for name in layer_names:
-            part["bits"].setdefault(name, {})[str(bits)] = float(per_layer.get(name, costs[name].float_bits))
+            n1, b1 = full.get(name, (costs[name].params, costs[name].params * costs[name].float_bits / 8))
+            n2, b2 = half.get(name, (n1, b1))
+            slope = (b1 - b2) / (n1 - n2) if n2 < n1 else b1 / n1
+            fixed = b1 - slope * n1
+            if fixed < 0 or slope < 0:  # no clean affine fit: all of it per parameter
+                slope, fixed = b1 / n1, 0.0
+            part["bits"].setdefault(name, {})[str(bits)] = round(8 * slope, 4)
+            part["fixed"].setdefault(name, {})[str(bits)] = round(fixed, 2)
         job.bar.step(f"packed size of every layer at {bits} bits")
     if sensitivity == "hessian":  # HAWQ-V2 proxy: ½·Tr(H)/n·‖Q(W)−W‖² (plain k-means, not compensated)
         from . import hessian  # noqa: PLC0415  (only this option needs it)
@@ -200,6 +208,40 @@ def _measure_codebook(job: _Job, layer_names: list[str], costs: dict[str, LayerC
             job.bar.step(f"codebook {name} at {bits} bits")
         part["knobs"].append(asdict(Knob("codebook", name, [0, *CODEBOOK_BITS], loss)))
     return part
+
+
+def _halved(job: _Job, candidates) -> onnx.ModelProto:
+    """The model with every candidate group cut to half its channels (weights as they are): the second size the
+    per-layer bytes are measured at."""
+    g2 = to_graph(job.model)
+    names = {g.name for g in candidates}
+    plan = {t: np.arange(max(1, t.size // 2)) for t in channel_groups(g2, job.shapes) if t.prunable and t.name in names}
+    if plan:
+        apply_plan(g2, plan)
+    return to_model(g2, like=job.model)
+
+
+def _layer_bytes(model: onnx.ModelProto, entry, job: _Job, bits: int) -> dict[str, tuple[int, float]]:
+    """{layer: (parameters, packed bytes)} of `model` with every layer clustered at `bits` (not compensated). A
+    clustered layer's bytes include its share of what the container's graph grew by (the decode nodes and their
+    tensor names), split evenly over the clustered layers."""
+    g2 = to_graph(model)
+    counts = {l.name: int(l.values.size) for l in find_layers(g2) if l.values is not None}
+    float_bytes = pack.size_report(model)
+    ctx = job.context()
+    entry.obj(g2, ctx, **entry.bind({"bits": bits, "compensate": False}))
+    size = pack.size_report(to_model(g2, like=model))
+    layers = {name: (counts[name], v * counts[name] / 8) for name, v in size["bits_per_param"]["layers"].items()
+              if counts.get(name)}
+    clustered = [row["layer"] for row in ctx.details.get("per_layer", []) if row["layer"] in layers]
+    before = {name: v * counts[name] / 8 for name, v in float_bytes["bits_per_param"]["layers"].items()
+              if counts.get(name)}
+    grown = (size["packed"] - sum(b for _, b in layers.values())) \
+        - (float_bytes["packed"] - sum(before.get(name, 0.0) for name in layers))
+    for name in clustered:
+        n, b = layers[name]
+        layers[name] = (n, b + max(0.0, grown) / len(clustered))
+    return layers
 
 
 def _measure_lowrank(job: _Job, implants: list[str], costs: dict[str, LayerCost], start_latency: float) -> dict:
@@ -242,6 +284,7 @@ def _assemble(costs: dict[str, LayerCost], base: dict, prune_part: dict, book_pa
     for name, per_bits in book_part["bits"].items():
         if name in costs:
             costs[name].bits = {int(b): v for b, v in per_bits.items()}
+            costs[name].fixed = {int(b): v for b, v in book_part["fixed"].get(name, {}).items()}
     base["latency"] = float(prune_part["latency"] or lowrank_part["latency"])
     knobs = [Knob(**k) for k in prune_part["knobs"] + lowrank_part["knobs"] + book_part["knobs"]]
     layer_bytes = sum(c.params * c.float_bits / 8 for c in costs.values())

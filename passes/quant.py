@@ -106,7 +106,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
     rows = calibrate(model, ctx.calib, layers, seed=ctx.seed, threads=ctx.threads,
                      tensors=names, on_chunk=stats.add, chunk=chunk)
     ranges = {name: stats.range(name, method, percentile) for name in names}
-    builder = Builder(graph)
+    builder = Builder(graph, name_nodes=False)
     learn = rounding != "nearest" and not ctx.calib_is_synthetic
     if rounding != "nearest" and ctx.calib_is_synthetic:
         ctx.note(f"rounding={rounding} needs real calibration data; rounded to nearest instead")
@@ -727,20 +727,30 @@ def _half_exact(scale: np.ndarray) -> np.ndarray:
 
 
 def _compact_scale(builder: Builder, scale: np.ndarray, name: str) -> gs.Tensor:
-    """A per-channel float32 scale as float16 + Cast when that is exact (half the bytes; ONNX Runtime folds the
-    Cast when it loads the model, before it fuses the QDQ groups); scalars and other values as float32."""
-    if scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+    """A per-channel float32 scale as float16 + Cast when that is exact and the smaller file (ONNX Runtime folds
+    the Cast when it loads the model, before it fuses the QDQ groups); scalars and other values as float32."""
+    if scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale) \
+            and _cast_pays(scale.astype(np.float16), scale, name):
         stored = builder.const(f"{name}h", scale.astype(np.float16))
         return builder.op("Cast", [stored], name, None, None, to=onnx.TensorProto.FLOAT)
     return builder.const(name, scale)
 
 
 def _compact_integers(builder: Builder, q: np.ndarray, name: str) -> gs.Tensor:
-    """int32 bias integers as int16 + Cast when they fit (ONNX Runtime folds the Cast at load)."""
-    if q.size > 1 and np.abs(q).max(initial=0) < 2 ** 15:
+    """int32 bias integers as int16 + Cast when they fit and that is the smaller file (ONNX Runtime folds the Cast
+    at load)."""
+    if q.size > 1 and np.abs(q).max(initial=0) < 2 ** 15 and _cast_pays(q.astype(np.int16), q, name):
         return builder.op("Cast", [builder.const(f"{name}h", q.astype(np.int16))], name, None, None,
                           to=onnx.TensorProto.INT32)
     return builder.const(name, q)
+
+
+def _cast_pays(narrow: np.ndarray, wide: np.ndarray, name: str) -> bool:
+    """Whether `narrow` stored + a Cast node to `wide`'s type serialises smaller than `wide` stored."""
+    to = onnx.helper.np_dtype_to_tensor_dtype(wide.dtype)
+    cast = onnx.helper.make_node("Cast", [f"{name}h"], [name], to=to)
+    return onnx.numpy_helper.from_array(narrow, f"{name}h").ByteSize() + cast.ByteSize() \
+        < onnx.numpy_helper.from_array(wide, name).ByteSize()
 
 
 def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int, name: str,
@@ -754,7 +764,6 @@ def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int, na
     readers = list(tensor.outputs) if site.produced else site.readers
     q = builder.op("QuantizeLinear", [tensor, s, z], f"{name}q", None, None)
     dq = builder.op("DequantizeLinear", [q, s, z], f"{name}d", None, None)
-    q.inputs[0].name = dq.inputs[0].name = ""
     for node in readers:
         for i, t in enumerate(node.inputs):
             if t is tensor:

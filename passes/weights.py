@@ -307,8 +307,11 @@ class Builder:
     """Adds nodes and constants with fresh names, and the standard-op subgraphs that rebuild weights from packed
     integers (small constants shared between layers)."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, name_nodes: bool = True):
+        """`name_nodes=False` leaves the added nodes unnamed (ONNX node names are optional; a helper node's name
+        would only repeat its output's, in bytes of the file)."""
         self.graph = graph
+        self.name_nodes = name_nodes
         self.opset = int(graph.opset or 13)
         self._shared: dict[tuple, gs.Constant] = {}
         self._names = set(graph.tensors().keys())
@@ -348,7 +351,8 @@ class Builder:
         """Append a node; its output gets `dtype`/`shape` (None for both leaves it untyped, which keeps small
         intermediate tensors out of the exported value_info)."""
         out = gs.Variable(self.fresh(name), dtype=dtype, shape=None if shape is None else list(shape))
-        node = gs.Node(op, name=self.fresh(name, self._node_names), attrs=attrs, inputs=inputs, outputs=[out])
+        node = gs.Node(op, name=self.fresh(name, self._node_names) if self.name_nodes else "", attrs=attrs,
+                       inputs=inputs, outputs=[out])
         self.graph.nodes.append(node)
         return out
 

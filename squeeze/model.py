@@ -332,6 +332,46 @@ def _export(graph: gs.Graph, fill: bool = True) -> onnx.ModelProto:
     return model
 
 
+#: Attributes whose default the ONNX spec gives in words rather than in the schema: 1 (strides, dilations) or 0
+#: (pads, output_padding) along every spatial axis, on the convolution and pooling ops.
+_SPATIAL_DEFAULTS = {"strides": 1, "dilations": 1, "pads": 0, "output_padding": 0}
+_SPATIAL_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"})
+
+
+def drop_default_attributes(model: onnx.ModelProto) -> int:
+    """Remove, from the main graph's standard-domain nodes, every attribute set to the value the ONNX spec gives
+    when it is absent (the schema's default at the model's opset, and the spatial defaults above); returns how many.
+    Runtimes read the two forms alike; the file is smaller (on a quantized mobile model ~1 % of it)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        return 0
+    removed = 0
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, version, "")
+        except onnx.defs.SchemaError:
+            continue
+        kept = [a for a in node.attribute if not _is_default(node.op_type, a, schema)]
+        if len(kept) < len(node.attribute):
+            removed += len(node.attribute) - len(kept)
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    return removed
+
+
+def _is_default(op_type: str, attribute: onnx.AttributeProto, schema) -> bool:
+    if op_type in _SPATIAL_OPS and attribute.name in _SPATIAL_DEFAULTS:
+        return attribute.type == onnx.AttributeProto.INTS and len(attribute.ints) > 0 \
+            and all(v == _SPATIAL_DEFAULTS[attribute.name] for v in attribute.ints)
+    spec = schema.attributes.get(attribute.name)
+    if spec is None or spec.default_value.type == onnx.AttributeProto.UNDEFINED \
+            or spec.default_value.type != attribute.type:
+        return False
+    return onnx.helper.get_attribute_value(spec.default_value) == onnx.helper.get_attribute_value(attribute)
+
+
 def export_without_weights(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a model whose large initializers carry no bytes (marked as external data, dims and type kept):
     for shape inference and analyses that need the structure, at any model size and without copying weights."""

@@ -17,7 +17,7 @@ from . import metrics, pack, runtime, verify
 from .context import Context
 from .data import Dataset
 from .errors import PassError, SqueezeError
-from .model import serialized_bytes, subgraph_nodes, to_graph, to_model
+from .model import drop_default_attributes, serialized_bytes, subgraph_nodes, to_graph, to_model
 from .spec import Call
 
 
@@ -71,6 +71,7 @@ def apply_pass(call: Call, params: dict[str, Any], current: onnx.ModelProto, cal
         raise
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     candidate = to_model(graph, like=current)
+    drop_default_attributes(candidate)
     verify.check_structure(candidate)
     before = {n.name: list(n.attribute) for n in subgraph_nodes(current)}
     kept = [f"{n.op_type} {n.name!r}" for n in subgraph_nodes(candidate) if before.get(n.name) == list(n.attribute)]

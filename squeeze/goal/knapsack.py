@@ -55,7 +55,9 @@ class LossModel:
             implant = self.by_key.get(f"lowrank:{c.name}")
             i = plan.get(f"lowrank:{c.name}", 0) if implant else 0
             # an implant on a pruned layer: its measured fractions, scaled by the channels pruning leaves
-            total_bytes += c.params * fin * fout * bpp / 8 * (implant.params_kept[i] if i else 1.0)
+            fixed = c.fixed.get(bits, 0.0) if bits else 0.0  # per factor when implanted
+            total_bytes += c.params * fin * fout * bpp / 8 * (implant.params_kept[i] if i else 1.0) \
+                + fixed * (2 if i else 1)
             total_macs += c.macs * fin * fout * (implant.macs_kept[i] if i else 1.0)
         saved = sum(k.latency_saved[plan.get(key, 0)] for key, k in self.by_key.items() if k.latency_saved)
         latency = max(self.t.base["latency"] - saved, 1e-3 * self.t.base["latency"])

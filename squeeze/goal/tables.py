@@ -20,7 +20,7 @@ from ..data import HOLDOUT_EVERY, Dataset, holdout
 from ..registry import hook
 from .spec import Goal
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PRUNE_LEVELS = (0.25, 0.5, 0.75)        #: fractions of a group removed in the sensitivity tables
 LOWRANK_LEVELS = (0.75, 0.5, 0.375, 0.25)  #: kept rank (fraction of full rank) of a low-rank implant, per layer
 CODEBOOK_BITS = (8, 6, 5, 4, 3, 2, 1)   #: index widths measured per layer (0 = left in float)
@@ -50,8 +50,9 @@ class LayerCost:
     """A weight layer's share of the model's bytes and MACs, and which channel groups shrink it.
 
     `ins`/`outs`: {group: c} such that cutting r channels of the group removes the fraction r·c of the layer's
-    input (output) channels. `bits`: packed bits per parameter when clustered at each index width (measured);
-    `float_bits`: as stored now."""
+    input (output) channels. `bits`, `fixed`: packed bits per parameter, and bytes that do not shrink with the
+    channels (decoder tables, headers), when clustered at each index width (measured at two sizes); `float_bits`:
+    as stored now."""
 
     name: str
     params: int
@@ -60,6 +61,7 @@ class LayerCost:
     bits: dict[int, float] = field(default_factory=dict)
     ins: dict[str, float] = field(default_factory=dict)
     outs: dict[str, float] = field(default_factory=dict)
+    fixed: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
