@@ -20,11 +20,21 @@ from .graph_util import fresh_name
 @register_pass("fold-bn")
 def fold_bn(graph: gs.Graph, ctx: Context) -> None:
     """Fold each inference-mode BatchNormalization into the Conv/Gemm before it (or after it)."""
-    norms = [n for n in graph.nodes if n.op == "BatchNormalization"]
-    if not norms:
+    if not any(n.op == "BatchNormalization" for n in graph.nodes):
         ctx.note("no BatchNormalization nodes in the model")
-    folded = []
-    for bn in norms:
+    folded, kept = fold_all(graph)
+    for name, reason in kept:
+        ctx.note(f"kept {name or 'BatchNormalization'}: {reason}")
+    if folded:
+        ctx.note(f"folded {len(folded)} BatchNormalization node(s): {', '.join(folded)}")
+    ctx.details["folded"] = folded
+    ctx.details["kept"] = len(kept)
+
+
+def fold_all(graph: gs.Graph) -> tuple[list[str], list[tuple[str, str]]]:
+    """Fold every BatchNormalization that can be; returns (names folded, [(name, why not) of the others])."""
+    folded, kept = [], []
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         reason = _affine(bn)
         if reason is None:
             scale, shift = _scale_shift(bn)
@@ -33,13 +43,10 @@ def fold_bn(graph: gs.Graph, ctx: Context) -> None:
             if reason is not None:
                 reason = f"{back}; and forward: {reason}"
         if reason:
-            ctx.note(f"kept {bn.name or 'BatchNormalization'}: {reason}")
+            kept.append((bn.name, reason))
         else:
             folded.append(bn.name)
-    if folded:
-        ctx.note(f"folded {len(folded)} BatchNormalization node(s): {', '.join(folded)}")
-    ctx.details["folded"] = folded
-    ctx.details["kept"] = len(norms) - len(folded)
+    return folded, kept
 
 
 def _affine(bn: gs.Node) -> str | None:

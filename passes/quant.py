@@ -8,7 +8,8 @@ into int8 kernels (QLinearConv, QGemm, QLinearMatMul, QLinearAdd, QLinearMul): e
 quantized layer (and, with `elementwise`, of Add/Mul between activations) gets one shared per-tensor uint8
 QuantizeLinear → DequantizeLinear pair; a layer's output goes to its QuantizeLinear alone (every reader takes the
 DequantizeLinear); a Relu/Clip right after a layer is absorbed when the calibrated range lies inside its bounds;
-biases are int32 with scale input scale × weight scale. Tensors whose quantization alone moves the outputs far
+biases are int32 with scale input scale × weight scale; a BatchNormalization the export left after a layer is
+folded into it first (as `fold-bn`), so the int8 kernel applies it. Tensors whose quantization alone moves the outputs far
 more than the typical one does (`sensitive`, measured on the calibration data by `quant_sensitivity`) stay
 float. Ranges are calibrated by `method`:
 - `minmax`: the observed range;
@@ -38,6 +39,7 @@ from squeeze.registry import Backoff, Range, register_pass, step_up
 
 from squeeze.errors import PassError
 
+from .fold_bn import fold_all
 from .quant_sensitivity import CHEAP, MIN_GAIN, NOISE_GAIN, Probe, fusion_costs, outliers, site_errors, validated_float
 from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
@@ -75,10 +77,16 @@ def quant(graph: gs.Graph, ctx: Context, *,
                                  "QLinearAdd/QLinearMul instead of converting around them)"] = True,
           sensitive: Annotated[float, Range(0.0, 1e6), "activations whose measured output error (that tensor alone "
                                "quantized, on calibration data) exceeds this × the median stay float; 0: off"] = 4.0,
+          fold_bn: Annotated[bool, "fold BatchNormalization into its layer first (lossless), so the int8 kernel "
+                             "applies it; false keeps them (for a later `slim`, which ranks channels by BN γ)"] = True,
           ) -> None:
     """Int8 QDQ: per-channel symmetric weights, calibrated uint8 activations, optional AdaRound."""
     onnx_int4 = int4 == "onnx" and bits <= 4
     model, per_channel = _opset_for(graph, ctx, per_channel, onnx_int4)
+    norms, _ = fold_all(graph) if fold_bn else ([], [])
+    if norms:
+        ctx.note(f"{len(norms)} BatchNormalization(s) folded into their layer (lossless, as `fold-bn`): the int8 "
+                 "kernel then applies them, where each ran in float between a DequantizeLinear and a QuantizeLinear")
     gates = _hardswish_as_gate(graph)
     if gates:
         ctx.note(f"{gates} hard-swish(es) written x·Clip(x + 3, 0, 6) / 6 rewritten as x·HardSigmoid(x) (the same "
@@ -88,7 +96,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if folded_adds:
         ctx.note(f"{folded_adds} per-channel Add(s) after a Conv folded into its bias, so the int8 kernel adds it "
                  "(ONNX Runtime does the same for float models)")
-    if gates:  # calibration runs the rewritten graph (its gate tensors are new)
+    if gates or norms:  # calibration runs the rewritten graph (its gate tensors are new)
         model = _exported(graph, model)
     layers, skipped = select_layers(find_layers(graph), skip)
     quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic

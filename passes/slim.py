@@ -56,7 +56,7 @@ def slim(graph: gs.Graph, ctx: Context, *,
     """Network Slimming: remove the channels with the smallest BatchNormalization |γ|, then compensate."""
     if not any(n.op == "BatchNormalization" for n in graph.nodes):
         ctx.note("slim: the model has no BatchNormalization, so there is no γ to rank channels by; nothing changed "
-                 "(slim must run before fold-bn; use prune for BN-free models)")
+                 "(slim must run before fold-bn and quant, which fold them; use prune for BN-free models)")
         return
     groups = channel_groups(graph, ctx.input_shapes)
     note_unprunable(ctx, groups)

@@ -45,7 +45,8 @@ def test_forward_fold_into_flatten_gemm_changes_the_gemm():
     out, (step,) = graphs.apply(model, "fold-bn")
     assert graphs.op_counts(out) == {"Conv": 1, "Relu": 1, "Flatten": 1, "Gemm": 1}
     gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
-    assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}.get("beta") == 1.0
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+    assert attrs.get("beta", 1.0) == 1.0  # absent: the default
     conv_w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}["conv.weight"]
     original_w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["conv.weight"]
     np.testing.assert_array_equal(conv_w, original_w)  # the Conv before the Relu is untouched

@@ -215,3 +215,35 @@ def test_short_external_data_is_a_load_error(tmp_path):
     path = _external(tmp_path, "weights.bin")
     (tmp_path / "model" / "weights.bin").write_bytes(b"\0" * 100)  # the tensor needs 432 bytes
     _expect_load_error(path, "model.onnx: ")
+
+
+def test_attributes_at_their_onnx_default_are_dropped_and_the_model_computes_the_same():
+    """Conv strides/dilations 1, pads 0, group 1 and schema defaults (Gemm alpha/beta 1, LeakyRelu alpha 0.01)
+    leave the node; values that differ stay; ONNX Runtime gives the same outputs."""
+    from onnx import helper
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32), "w2")
+    fc = numpy_helper.from_array(rng.normal(size=(5, 64)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], strides=[1, 1], dilations=[1, 1], pads=[0, 0, 0, 0],
+                              group=1, kernel_shape=[3, 3]),
+             helper.make_node("LeakyRelu", ["a"], ["b"], alpha=0.01),
+             helper.make_node("Conv", ["b", "w2"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1]),
+             helper.make_node("Flatten", ["c"], ["d"], axis=1),
+             helper.make_node("Gemm", ["d", "fc"], ["y"], alpha=1.0, beta=1.0, transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])], [w1, w2, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compact = onnx.ModelProto()
+    compact.CopyFrom(model)
+    assert model_io.drop_default_attributes(compact) == 9
+    kept = {n.op_type + str(i): sorted(a.name for a in n.attribute) for i, n in enumerate(compact.graph.node)}
+    assert kept == {"Conv0": ["kernel_shape"], "LeakyRelu1": [], "Conv2": ["pads", "strides"], "Flatten3": [],
+                    "Gemm4": ["transB"]}
+    onnx.checker.check_model(compact, full_check=True)
+    x = {"x": np.random.default_rng(1).normal(size=(1, 3, 10, 10)).astype(np.float32)}
+    import onnxruntime as ort
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+           for m in (model, compact)]
+    np.testing.assert_array_equal(run[0], run[1])
+    assert compact.ByteSize() < model.ByteSize()

@@ -99,9 +99,9 @@ def test_activations_default_follows_the_calibration_data(calib_data):
     assert Counter(n.op_type for n in synthetic.graph.node)["QuantizeLinear"] == 0
     assert steps[0]["details"]["activations"] is None
     real, steps = graphs.apply(model, "quant(elementwise=false,sensitive=0)", data=calib_data(model, 16))
-    # Changed with the fused QDQ form: layer outputs are quantized too. conv1 reads x, conv2 reads relu1, and
-    # conv1's and conv2's outputs (read by the BNs): four tensors, each one shared Q/DQ pair.
-    assert Counter(n.op_type for n in real.graph.node)["QuantizeLinear"] == 4
+    # Layer outputs are quantized too, the BNs folded first: conv1 reads x, conv2 reads relu1 (conv1's output, its
+    # Relu absorbed), and conv2's output: three tensors, each one shared Q/DQ pair.
+    assert Counter(n.op_type for n in real.graph.node)["QuantizeLinear"] == 3
     # the residual Add still reads the float x (a tensor no quantized layer writes keeps its float readers)
     add = next(n for n in real.graph.node if n.op_type == "Add")
     assert "x" in add.input
@@ -295,6 +295,20 @@ def test_conv_layers_get_the_qdq_form_onnx_runtime_fuses(calib_data, tmp_path):
     optimized = _ort_optimized_ops(out, tmp_path)
     # the last Conv writes the model's output, which stays float: ORT runs it as a float Conv
     assert optimized["QLinearConv"] == 2 and optimized["QLinearAdd"] == 1 and optimized["Conv"] == 1
+    assert graphs.max_rel_error(model, out, data) < 0.1
+
+
+def test_batchnorm_left_in_the_export_is_folded_so_the_layer_runs_int8(calib_data, tmp_path):
+    """Conv → BatchNormalization → Relu as exporters leave it (paddle2onnx keeps BN): quant folds the BN into the
+    Conv first (lossless, as `fold-bn`), so ONNX Runtime runs one QLinearConv instead of an int8 Conv, a float BN
+    and a requantization."""
+    model = graphs.conv_bn_relu()
+    data = calib_data(model, 32)
+    out, steps = graphs.apply(model, "quant(sensitive=0)", data=data)
+    assert Counter(n.op_type for n in out.graph.node)["BatchNormalization"] == 0
+    assert any("BatchNormalization(s) folded" in n for n in steps[0]["notes"])
+    optimized = _ort_optimized_ops(out, tmp_path)
+    assert optimized["QLinearConv"] == 1 and optimized["BatchNormalization"] == 0
     assert graphs.max_rel_error(model, out, data) < 0.1
 
 
