@@ -405,8 +405,8 @@ def test_resnet4b_int8_drops_at_most_one_point(corpus):
 @pytest.mark.corpus
 @pytest.mark.parametrize("name,metric,max_drop,size", [
     pytest.param("ppocrv6_tiny_rec", "char_acc", 0.01, (1, 3, 48, 640), marks=pytest.mark.xfail(
-        reason="measured 0.8525 -> 0.8288 with the held-out-validated float choice (3a5e427); keeping every "
-               "sensitivity outlier float gave 0.8515", strict=False)),
+        reason="char accuracy 0.8087 -> 0.7973 (1.14 pts) at c579a35 (BNs folded before quantizing; 0.7992 "
+               "without folding): within noise of the 1.0 pt bound, not reliably under it", strict=False)),
     ("ppocrv6_tiny_det", "mask_iou", 0.02, (1, 3, 640, 640)),
 ])
 def test_mobile_ocr_quant_file_ratio_and_task_drop(corpus, tmp_path, name, metric, max_drop, size):
