@@ -264,9 +264,9 @@ def symbol_sizes(elf: Path) -> dict[str, int]:
 
 
 # model.c's symbols (c_program.emit_model): float constants c<i>_data, compact weights w<i>_q_data and their
-# tables w<i>_table_data / w<i>_zero_data.
+# tables w<i>_table_data / w<i>_zero_data / w<i>_scale_data.
 _FLASH_PARTS = (("weights_float", re.compile(r"c\d+_data")), ("weights_compact", re.compile(r"w\d+_q_data")),
-                ("tables", re.compile(r"w\d+_(table|zero)_data")))
+                ("tables", re.compile(r"w\d+_(table|zero|scale)_data")))
 
 
 def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int]) -> dict[str, int]:

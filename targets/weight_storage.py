@@ -14,6 +14,8 @@ Two forms, chosen by size (both exact, both checked against the float values bef
   value = (q − zero[c]) · scale[c] in float32, exactly what DequantizeLinear computes.
 - **codebook**: the weight has at most 256 distinct values (per weight) or distinct k×k kernels (per kernel):
   bit-packed indices plus the table of values (Han et al., "Deep Compression", 2016; Yu et al. 2020 per kernel).
+  A weight computed as Mul(codebook weight, per-channel scales) (`codebook` with scale=channel) keeps the scales
+  apart: value = table[symbol] · scale[c] in float32, the one multiply the graph's Mul does.
 
 A Gemm that reads its weight transposed (transB=1) gets the weight stored transposed and transB=0, so TVM needs no
 transpose at run time. The compute stays float32: the weight is decoded into RAM (the decode scratch), one layer at
@@ -55,6 +57,7 @@ class CompactWeight:
     channels: int = 1
     per: int = 1              # codebook: values per symbol (1 per weight, k*k per kernel)
     transposed: bool = False
+    scale: np.ndarray | None = None  # codebook: float32 scale per channel (channel c as for affine), else None
 
     @property
     def count(self) -> int:
@@ -70,7 +73,8 @@ class CompactWeight:
 
     @property
     def table_bytes(self) -> int:
-        return int(self.table.nbytes) + (int(self.zero.nbytes) if self.zero is not None else 0)
+        return int(self.table.nbytes) + (int(self.zero.nbytes) if self.zero is not None else 0) \
+            + (int(self.scale.nbytes) if self.scale is not None else 0)
 
     @property
     def storage(self) -> str:
@@ -79,7 +83,8 @@ class CompactWeight:
             return "int8" if self.bits == 8 else f"packed {self.bits}-bit int"
         entries = self.table.size // self.per
         unit = f"codebook[{entries}×{self.per}]" if self.per > 1 else f"codebook[{entries}]"
-        return f"packed {self.bits}-bit + {unit}"
+        scales = f" × scale[{self.channels}]" if self.scale is not None else ""
+        return f"packed {self.bits}-bit + {unit}{scales}"
 
     def symbols(self) -> np.ndarray:
         """The stored symbols as int64 (what the C decoder reads)."""
@@ -99,6 +104,8 @@ class CompactWeight:
             out = (s - self.zero[c]).astype(np.int32).astype(np.float32) * self.table[c]
         else:
             out = self.table.reshape(-1, self.per)[s].reshape(-1)
+            if self.scale is not None:
+                out = out * self.scale[(np.arange(self.count) // self.inner) % self.channels]
         return out.astype(np.float32).reshape(self.shape)
 
 
@@ -227,6 +234,8 @@ def _compact(name: str, value: np.ndarray, producer: onnx.NodeProto | None, valu
     candidates = []
     if producer is not None and producer.op_type == "DequantizeLinear":
         candidates.append(_affine(name, value, producer, values, model, transposed))
+    if producer is not None and producer.op_type == "Mul":
+        candidates += _scaled_codebooks(name, value, producer, values, transposed)
     candidates += _codebooks(name, value)
     exact = [c for c in candidates if c is not None and np.array_equal(c.decode().view(np.uint32),
                                                                        value.view(np.uint32))]
@@ -286,6 +295,33 @@ def _codebooks(name: str, value: np.ndarray) -> list[CompactWeight]:
         data = packed(labels.ravel(), bits) if bits < 8 else labels.astype(np.uint8).ravel()
         out.append(CompactWeight(name, name, [], tuple(value.shape), "codebook", bits, data,
                                  table.reshape(-1).view(np.float32).copy(), per=per))
+    return out
+
+
+def _scaled_codebooks(name: str, value: np.ndarray, node: onnx.NodeProto, values: dict[str, np.ndarray],
+                      transposed: bool) -> list[CompactWeight]:
+    """Mul(weight of the weight's shape, scales that vary along at most one axis): the codebooks of that weight
+    (`_codebooks`), each with the scales per channel of that axis. `value` is as stored (transposed when read so)."""
+    if len(node.input) != 2:
+        return []
+    out = []
+    for a, b in ((0, 1), (1, 0)):
+        base, scale = values.get(node.input[a]), values.get(node.input[b])
+        if base is None or scale is None or base.dtype != np.float32 or scale.dtype != np.float32 \
+                or scale.ndim > base.ndim:
+            continue
+        scale = scale.reshape((1,) * (base.ndim - scale.ndim) + scale.shape)
+        if transposed:
+            base, scale = base.T, scale.T
+        if base.shape != value.shape or sum(d > 1 for d in scale.shape) > 1 \
+                or any(d not in (1, n) for d, n in zip(scale.shape, base.shape)):
+            continue
+        axis = next((k for k, d in enumerate(scale.shape) if d > 1), 0)
+        channels = int(scale.size)
+        inner = int(np.prod(base.shape[axis + 1:], dtype=np.int64)) if channels > 1 else base.size
+        for book in _codebooks(name, np.ascontiguousarray(base)):
+            book.scale, book.inner, book.channels = scale.ravel().copy(), inner, channels
+            out.append(book)
     return out
 
 
@@ -364,14 +400,34 @@ static void squeeze_decode_codebook(const uint8_t* d, uint32_t bits, const float
     for (uint32_t t = 0; t < per; ++t) *out++ = row[t];
   }
 }
+/* value[i] = table[symbol][t] * scale[c], i = j * per + t, c = (i / inner) % channels: the rebuild's Mul */
+static void squeeze_decode_codebook_scaled(const uint8_t* d, uint32_t bits, const float* table, uint32_t symbols,
+                                           uint32_t per, const float* scale, uint32_t inner, uint32_t channels,
+                                           float* out) {
+  uint32_t c = 0, left = inner;
+  for (uint32_t j = 0; j < symbols; ++j) {
+    const uint32_t s = bits == 8u ? (uint32_t)d[j] : squeeze_symbol(d, j, bits);
+    const float* row = table + s * per;
+    for (uint32_t t = 0; t < per; ++t) {
+      *out++ = row[t] * scale[c];
+      if (--left == 0u) {
+        left = inner;
+        if (++c == channels) c = 0;
+      }
+    }
+  }
+}
 """
 
 
 def c_arrays(w: CompactWeight, key: str) -> dict[str, np.ndarray]:
-    """The C arrays of a compact weight: `<key>_q` (stored bytes), `<key>_table`, `<key>_zero` (affine)."""
+    """The C arrays of a compact weight: `<key>_q` (stored bytes), `<key>_table`, `<key>_zero` (affine),
+    `<key>_scale` (scaled codebook)."""
     arrays = {f"{key}_q": w.data, f"{key}_table": w.table.astype(np.float32)}
     if w.zero is not None:
         arrays[f"{key}_zero"] = w.zero.astype(np.int32)
+    if w.scale is not None:
+        arrays[f"{key}_scale"] = w.scale.astype(np.float32)
     return arrays
 
 
@@ -381,6 +437,10 @@ def c_decode_call(w: CompactWeight, key: str, out: str) -> str:
         return (f"squeeze_decode_affine((const uint8_t*){key}_q_data, {w.bits}u, {int(w.signed)}, "
                 f"(const float*){key}_table_data, (const int32_t*){key}_zero_data, {w.count}u, {w.inner}u, "
                 f"{w.channels}u, (float*)({out}));")
+    if w.scale is not None:
+        return (f"squeeze_decode_codebook_scaled((const uint8_t*){key}_q_data, {w.bits}u, "
+                f"(const float*){key}_table_data, {w.count // w.per}u, {w.per}u, (const float*){key}_scale_data, "
+                f"{w.inner}u, {w.channels}u, (float*)({out}));")
     return (f"squeeze_decode_codebook((const uint8_t*){key}_q_data, {w.bits}u, (const float*){key}_table_data, "
             f"{w.count // w.per}u, {w.per}u, (float*)({out}));")
 
