@@ -145,3 +145,125 @@ def test_layer_rows_give_storage_compute_and_macs():
     assert rows[1]["flash_bytes"] == 1280 + 4 + 4 and rows[1]["float_bytes"] == 5120
     kept = ws.layer_rows(model, {"x": (1, 4, 6, 6)}, plan, as_float={plan.weights[1].name})
     assert kept[1]["storage"].startswith("float32") and kept[1]["flash_bytes"] == 5120
+
+
+# ---------------------------------------------------------------------------------------------- channel-scaled codebooks
+
+def _scaled_rebuild(prefix: str, table: np.ndarray, labels: np.ndarray, scale: np.ndarray, *, scale_first=False,
+                    fp16=True) -> tuple[list, dict]:
+    """The rebuild `codebook` (scale=channel) writes: Mul(Reshape(Gather(table, index)), Cast(float16 scales))."""
+    inits = {f"{prefix}_table": table, f"{prefix}_index": labels.ravel().astype(np.int64),
+             f"{prefix}_shape": np.array(labels.shape, np.int64),
+             f"{prefix}_scale": scale.astype(np.float16 if fp16 else np.float32)}
+    nodes = [helper.make_node("Gather", [f"{prefix}_table", f"{prefix}_index"], [f"{prefix}_g"], axis=0),
+             helper.make_node("Reshape", [f"{prefix}_g", f"{prefix}_shape"], [f"{prefix}_shared"])]
+    scale_name = f"{prefix}_scale"
+    if fp16:
+        nodes.append(helper.make_node("Cast", [scale_name], [f"{prefix}_scale_f"], to=TensorProto.FLOAT))
+        scale_name = f"{prefix}_scale_f"
+    pair = [scale_name, f"{prefix}_shared"] if scale_first else [f"{prefix}_shared", scale_name]
+    nodes.append(helper.make_node("Mul", pair, [prefix]))
+    return nodes, inits
+
+
+def _labels(rng, k: int, shape) -> np.ndarray:
+    """Labels of `shape` that use every one of the k entries."""
+    return rng.permutation(np.arange(int(np.prod(shape))) % k).reshape(shape)
+
+
+def _scaled_net(rng, bits: int, scale_first=False) -> onnx.ModelProto:
+    """x[1,4,6,6] ─Conv(W1 = codebook·scale[8,1,1,1])─ Relu ─ Flatten ─ Gemm(W2 = codebook·scale[10,1], transB=1)
+    ─ MatMul(W3 = codebook·scale[48] (float32, along the last axis)) ─ y[1,48]"""
+    k = 1 << bits
+    t1, t2, t3 = (rng.normal(size=k).astype(np.float32) for _ in range(3))
+    s1 = rng.uniform(0.01, 2.0, (8, 1, 1, 1))
+    s2 = rng.uniform(0.01, 2.0, (10, 1))
+    s3 = rng.uniform(0.01, 2.0, 48).astype(np.float32)
+    n1, i1 = _scaled_rebuild("w1", t1, _labels(rng, k, (8, 4, 3, 3)), s1, scale_first=scale_first)
+    n2, i2 = _scaled_rebuild("w2", t2, _labels(rng, k, (10, 128)), s2)
+    n3, i3 = _scaled_rebuild("w3", t3, _labels(rng, k, (10, 48)), s3, scale_first=not scale_first, fp16=False)
+    nodes = n1 + n2 + n3 + [helper.make_node("Conv", ["x", "w1"], ["c"], kernel_shape=[3, 3]),
+                            helper.make_node("Relu", ["c"], ["r"]),
+                            helper.make_node("Flatten", ["r"], ["f"]),
+                            helper.make_node("Gemm", ["f", "w2"], ["h"], transB=1),
+                            helper.make_node("MatMul", ["h", "w3"], ["y"])]
+    return _model(nodes, {**i1, **i2, **i3}, [1, 4, 6, 6], [1, 48])
+
+
+def _ort_weights(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+    """The weights as ONNX Runtime computes them from the model's constants."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    outputs = ort.InferenceSession(probe.SerializeToString()).run(names, {"x": np.zeros((1, 4, 6, 6), np.float32)})
+    return dict(zip(names, outputs))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])   # 8 bits: the C decoder test (a 256-entry table needs a big weight)
+def test_channel_scaled_codebooks_are_stored_as_symbols_codebook_and_scales(bits):
+    rng = np.random.default_rng(10 + bits)
+    model = _scaled_net(rng, bits, scale_first=bits % 2 == 0)
+    plan = ws.plan(model)
+    assert [w.source for w in plan.weights] == ["w1", "w2", "w3"] and plan.kept == {}
+    conv, gemm, matmul = plan.weights
+    k = 1 << bits
+    assert conv.storage == f"packed {bits}-bit + codebook[{k}] × scale[8]"
+    assert (conv.channels, conv.inner, conv.per) == (8, 36, 1)
+    # Gemm transB=1 reads [10, 128]: stored [128, 10], so the scales run along the last axis
+    assert gemm.transposed and gemm.shape == (128, 10) and (gemm.channels, gemm.inner) == (10, 1)
+    assert (matmul.channels, matmul.inner) == (48, 1)
+    for w, count, channels in ((conv, 288, 8), (gemm, 1280, 10), (matmul, 480, 48)):
+        assert w.stored_bytes == -(-count * bits // 8) + (bits < 8)
+        assert w.table_bytes == 4 * k + 4 * channels
+    ort_values = _ort_weights(model, ["w1", "w2", "w3"])
+    for w in plan.weights:   # decoded == what ONNX Runtime's Mul computes, bit for bit
+        expected = ort_values[w.source].T if w.transposed else ort_values[w.source]
+        assert np.array_equal(w.decode().view(np.uint32), np.ascontiguousarray(expected).view(np.uint32))
+    # neither Mul, Gather nor the scales remain: TVM folds nothing
+    assert {n.op_type for n in plan.model.graph.node} == {"Conv", "Relu", "Flatten", "Gemm", "MatMul"}
+    _same_outputs(model, plan, rng.random((1, 4, 6, 6), dtype=np.float32))
+
+
+def test_a_scale_that_varies_along_two_axes_is_no_channel_scale():
+    rng = np.random.default_rng(20)
+    nodes, inits = _scaled_rebuild("w", rng.normal(size=4).astype(np.float32), rng.integers(0, 4, (16, 8, 3, 3)),
+                                   rng.uniform(0.5, 2.0, (16, 8, 1, 1)))
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3]))
+    plan = ws.plan(_model(nodes, inits, [1, 8, 5, 5], [1, 16, 3, 3]))
+    assert all(w.scale is None for w in plan.weights)
+    assert all("× scale" not in (w.storage) for w in plan.weights)
+
+
+def test_the_c_decoder_computes_what_onnx_runtime_computes(tmp_path):
+    """DECODE_C compiled for this machine decodes every form of `_scaled_net` and of the int8 / packed affine net
+    to the bytes ONNX Runtime computes."""
+    import shutil
+    import subprocess
+
+    from squeeze.targets import c_program
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no host C compiler (cc) to build the decoder with")
+    rng = np.random.default_rng(30)
+    weights, expected = [], []
+    for model in (_scaled_net(rng, 3), _scaled_net(rng, 8), _dq_conv_gemm(rng, q_range=7, zero=100, qtype=np.uint8)):
+        plan = ws.plan(model)
+        ort_values = _ort_weights(model, [w.source for w in plan.weights])
+        for w in plan.weights:
+            weights.append(w)
+            value = ort_values[w.source]
+            expected.append(np.ascontiguousarray(value.T if w.transposed else value).ravel())
+    assert any(w.scale is not None for w in weights) and any(w.kind == "affine" for w in weights)
+    lines = ["#include <stdint.h>", "#include <stdio.h>"]
+    calls = []
+    for k, w in enumerate(weights):
+        lines += [c_program.c_array(f"{name}_data", arr) for name, arr in ws.c_arrays(w, f"w{k}").items()]
+        lines.append(f"static float out{k}[{w.count}];")
+        calls.append(f"  {ws.c_decode_call(w, f'w{k}', f'out{k}')}\n"
+                     f"  fwrite(out{k}, sizeof(float), {w.count}, stdout);")
+    source = "\n".join(lines) + ws.DECODE_C + "int main(void) {\n" + "\n".join(calls) + "\n  return 0;\n}\n"
+    (tmp_path / "decode.c").write_text(source)
+    subprocess.run([cc, "-O2", "-std=c99", "-o", str(tmp_path / "decode"), str(tmp_path / "decode.c")], check=True)
+    got = np.frombuffer(subprocess.run([str(tmp_path / "decode")], check=True, capture_output=True).stdout,
+                        np.float32)
+    assert np.array_equal(got.view(np.uint32), np.concatenate(expected).view(np.uint32))
