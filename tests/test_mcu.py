@@ -188,7 +188,7 @@ def tiny_compressed():
         pytest.skip("the quant and codebook passes are not registered in this checkout")
     model = _tiny_conv_net()
     return {spec: squeeze.compress(model, spec, targets=[], runs=1).model
-            for spec in ("quant", "codebook(bits=4,scale=layer)")}  # channel scales: no compact form here yet
+            for spec in ("quant", "codebook(bits=4)", "codebook(bits=4,scale=layer)")}
 
 
 def _check_breakdowns(measured) -> None:
@@ -199,9 +199,13 @@ def _check_breakdowns(measured) -> None:
     assert extra["ram_breakdown"]["io"] == (3 * 64 + 10) * 4
 
 
-@pytest.mark.parametrize("spec, storage, per_weight", [("quant", "int8", 1.0),
-                                                       ("codebook(bits=4,scale=layer)", "packed 4-bit + codebook[16]",
-                                                        0.5)])
+_CHANNEL_SCALED = [f"packed 4-bit + codebook[16] × scale[{o}]" for o in (8, 16, 32, 10)]
+
+
+@pytest.mark.parametrize("spec, storage, per_weight", [("quant", ["int8"] * 4, 1.0),
+                                                       ("codebook(bits=4)", _CHANNEL_SCALED, 0.5),
+                                                       ("codebook(bits=4,scale=layer)",
+                                                        ["packed 4-bit + codebook[16]"] * 4, 0.5)])
 def test_quant_and_codebook_weights_stay_compact_in_flash(mcu_tools, tiny_compressed, tmp_path, spec, storage,
                                                           per_weight):
     model = tiny_compressed[spec]
@@ -213,14 +217,19 @@ def test_quant_and_codebook_weights_stay_compact_in_flash(mcu_tools, tiny_compre
     assert TINY_WEIGHTS * per_weight <= flash["weights_compact"] <= TINY_WEIGHTS * per_weight + 4
     assert flash["weights_float"] <= 4 * (8 + 16 + 32 + 10) + 64   # the biases only
     assert flash["tables"] > 0
-    assert [r["storage"] for r in extra["layers"]] == [storage] * 4
+    if spec.startswith("codebook"):  # four 16-entry float codebooks, plus a float scale per output channel
+        scales = 4 * (8 + 16 + 32 + 10) if "scale=layer" not in spec else 0
+        assert flash["tables"] == 4 * 16 * 4 + scales
+    assert [r["storage"] for r in extra["layers"]] == storage
     assert [r["macs"] for r in extra["layers"]] == [8 * 64 * 27, 16 * 16 * 72, 32 * 256, 10 * 32]
     assert all(r["compute"] == "float32" for r in extra["layers"])
     # the decode scratch holds the largest decoded weight (the 256→32 Gemm), in RAM
     assert extra["ram_breakdown"]["decode_scratch"] == 32 * 256 * 4
     assert extra["weights"]["mode"] == "auto" and extra["weights"]["compact"] == 4
     _check_breakdowns(measured)
-    assert "squeeze_decode_" in (artifact.handle["folder"] / "model.c").read_text()
+    source = (artifact.handle["folder"] / "model.c").read_text()
+    assert "squeeze_decode_" in source
+    assert ("squeeze_decode_codebook_scaled((const uint8_t*)" in source) == (storage == _CHANNEL_SCALED)  # a call
 
 
 def test_float_weights_mode_holds_every_weight_as_float(mcu_tools, tiny_compressed, tmp_path):
@@ -238,7 +247,7 @@ def test_float_weights_mode_holds_every_weight_as_float(mcu_tools, tiny_compress
 
 def test_auto_keeps_the_largest_weight_float_when_its_scratch_overflows_ram(mcu_tools, tiny_compressed, tmp_path,
                                                                              monkeypatch):
-    model = tiny_compressed["codebook(bits=4,scale=layer)"]
+    model = tiny_compressed["codebook(bits=4)"]
     probe = Mcu(weights="compact").build(model, {"x": (1, 3, 8, 8)}, tmp_path / "probe")
     memory = probe.handle["memory"]
     # RAM for everything but the Gemm's 32 KiB scratch (the next largest decoded weight is 4.6 KiB)
