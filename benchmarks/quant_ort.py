@@ -189,6 +189,30 @@ def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dic
     return out
 
 
+def op_profile(models: dict[str, bytes], feed: dict, runs: int, top: int = 12) -> dict:
+    """ms per run by op type (ORT's node profile after its graph optimisations, 1 thread; the first run, which warms
+    the session up, is counted too): where the time goes."""
+    import onnxruntime as ort  # noqa: PLC0415
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, data in models.items():
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tmp) / "profile")
+            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            for _ in range(runs):
+                sess.run(None, feed)
+            by_op: dict[str, float] = {}
+            for event in json.loads(Path(sess.end_profiling()).read_text()):
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    op = event["args"]["op_name"]
+                    by_op[op] = by_op.get(op, 0.0) + event["dur"] / 1e3 / runs
+            out[key] = {op: round(ms, 2) for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -199,6 +223,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=None, help="calibration samples (default: the whole half)")
     ap.add_argument("--save", default=None, help="folder for the models")
     ap.add_argument("--no-pre", action="store_true", help="skip quantize_static after quant_pre_process")
+    ap.add_argument("--profile", action="store_true", help="also ORT's time by op type for every timed model")
     args = ap.parse_args()
     path = model_path(args.model)
     calib, ev, truth = load_split(args.model, args.calib)
@@ -234,6 +259,8 @@ def main() -> None:
     (key, x), = ev.items()
     timed = {k: v for k, v in blobs.items() if "codebook" not in k}
     ms = latency(timed, {key: x[:1]}, args.rounds, args.runs)
+    if args.profile:
+        print(json.dumps({"ort_ms_by_op_1t": op_profile(timed, {key: x[:1]}, args.runs)}, indent=1), flush=True)
     ratios = ms.pop("ratio_to_static", {})
     for k, v in ms.items():
         rows[k]["ort_ms_1t"] = v
