@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,7 +55,7 @@ def measure(name: str, spec: str, weights: str, samples: int, workdir: Path, cac
     path, calib, test = data(name)
     if (name, spec) not in cache:
         cache[name, spec] = squeeze.compress(path, spec, calib=calib, targets=[], runs=1).model if spec else \
-            __import__("onnx").load(path)
+            onnx.load(path)
     model = cache[name, spec]
     feeds = test.samples(samples)
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
@@ -90,15 +91,15 @@ def main(argv=None) -> int:
                 print(f"{name} {r['spec']} weights={weights}: flash {r['flash']:,} RAM {r['ram']:,} "
                       f"max|diff| {r['max_abs']:.2e} ({r['seconds']} s)", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()
     command = "python benchmarks/mcu_codebook_flash.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines = ["# MCU flash of codebook(bits=4): per-channel scales vs scale=layer vs float", "",
              f"- command: `{command.strip()}`", f"- commit: {commit}",
-             f"- machine: {corpus.cpu_model()} ({platform.machine()}); arm-none-eabi-gcc -O2, qemu-system-arm "
-             "-M mps2-an386 (Cortex-M4) with -icount",
+             (f"- machine: {corpus.cpu_model()} ({platform.machine()}); arm-none-eabi-gcc -O2, qemu-system-arm "
+              "-M mps2-an386 (Cortex-M4) with -icount"),
              f"- samples: {args.samples} evaluation samples per firmware (outputs vs ONNX Runtime)", "",
-             "| model | passes | weights | flash | × float | float weights | compact weights | tables | RAM | "
-             "instructions | max abs diff vs ORT | weight storage |",
+             ("| model | passes | weights | flash | × float | float weights | compact weights | tables | RAM | "
+              "instructions | max abs diff vs ORT | weight storage |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     base = {r["model"]: r["flash"] for r in rows if r["spec"] == "(float)"}
     for r in rows:
@@ -107,9 +108,10 @@ def main(argv=None) -> int:
                      f"{r['flash'] / base[r['model']]:.3f} | {p['weights_float']:,} | {p['weights_compact']:,} | "
                      f"{p['tables']:,} | {r['ram']:,} | {r['instructions']:,} | {r['max_abs']:.2e} | "
                      f"{r['storage']} |")
-    lines += ["", "Flash = code + float weights + compact weights + tables (codebooks, channel scales) + other, from "
-              "the ELF. `codebook(bits=4)` weights=float is what the firmware held before the channel-scaled form "
-              "was recognised (the regression). Instructions: QEMU -icount, one inference.", ""]
+    lines += ["", ("Flash = code + float weights + compact weights + tables (codebooks, channel scales) + other, "
+                   "from the ELF. `codebook(bits=4)` weights=float is what the firmware held before the "
+                   "channel-scaled form was recognised (the regression). Instructions: QEMU -icount, one inference."),
+              ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0
