@@ -17,7 +17,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import corpus  # noqa: E402
-from benchmarks.mcu_weights import ort_outputs  # noqa: E402
+from benchmarks.mcu_weights import firmware  # noqa: E402
 import squeeze  # noqa: E402
 from squeeze.data import Dataset  # noqa: E402
-from squeeze.targets.mcu import Mcu  # noqa: E402
+from squeeze.targets.mcu import Mcu  # noqa: E402  (Mcu().missing())
 
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ["digits_cnn", "cifar10_resnet4b"]
@@ -56,20 +55,9 @@ def measure(name: str, spec: str, weights: str, samples: int, workdir: Path, cac
     if (name, spec) not in cache:
         cache[name, spec] = squeeze.compress(path, spec, calib=calib, targets=[], runs=1).model if spec else \
             onnx.load(path)
-    model = cache[name, spec]
-    feeds = test.samples(samples)
-    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
-    target = Mcu(weights=weights, runs=1)
-    start = time.perf_counter()
-    artifact = target.build(model, shapes, workdir)
-    measured = target.measure(artifact, feeds, 1)
-    got, want = measured.outputs["0"], ort_outputs(model, feeds)
-    e = measured.extra
-    storages = sorted({x["storage"] for x in e["layers"]})
-    return {"model": name, "spec": spec or "(float)", "weights": weights, "flash": e["flash_bytes"],
-            "parts": e["flash_breakdown"], "ram": e["ram_bytes"], "instructions": e["instructions"],
-            "max_abs": float(np.abs(got - want).max()), "storage": "; ".join(storages),
-            "seconds": round(time.perf_counter() - start, 1)}
+    row = firmware(cache[name, spec], test.samples(samples), weights, workdir)
+    return {"model": name, "spec": spec or "(float)", "weights": weights, **row, "parts": row["flash_parts"],
+            "storage": "; ".join(sorted({x["storage"] for x in row["layers"]}))}
 
 
 def main(argv=None) -> int:

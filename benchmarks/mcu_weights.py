@@ -57,9 +57,9 @@ def fits(flash: int, ram: int) -> str:
     return ", ".join(names) or "none of the presets"
 
 
-def measure(name: str, spec: str, weights: str, samples: int, workdir: Path) -> dict:
-    model, test = compressed(name, spec)
-    feeds = test.samples(samples)
+def firmware(model, feeds: list[dict], weights: str, workdir: Path) -> dict:
+    """Build `model` for the mcu target with `weights`, run it in QEMU on `feeds`; its figures and its outputs'
+    difference from ONNX Runtime's (also mcu_codebook_flash's measurement)."""
     shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
     target = Mcu(weights=weights, runs=1)
     start = time.perf_counter()
@@ -67,14 +67,19 @@ def measure(name: str, spec: str, weights: str, samples: int, workdir: Path) -> 
     measured = target.measure(artifact, feeds, 1)
     got, want = measured.outputs["0"], ort_outputs(model, feeds)
     e = measured.extra
-    diff = float(np.abs(got - want).max())
-    rel = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-    top1 = float(np.mean(got.reshape(len(feeds), -1).argmax(1) == want.reshape(len(feeds), -1).argmax(1)))
-    return {"model": name, "spec": spec or "(float)", "weights": weights, "flash": e["flash_bytes"],
-            "ram": e["ram_bytes"], "instructions": e["instructions"], "flash_parts": e["flash_breakdown"],
-            "ram_parts": e["ram_breakdown"], "layers": e["layers"], "max_abs": diff, "rel_l2": rel, "top1": top1,
-            "why": e["weights"]["why"], "seconds": round(time.perf_counter() - start, 1),
-            "fits": fits(e["flash_bytes"], e["ram_bytes"])}
+    return {"flash": e["flash_bytes"], "ram": e["ram_bytes"], "instructions": e["instructions"],
+            "flash_parts": e["flash_breakdown"], "ram_parts": e["ram_breakdown"], "layers": e["layers"],
+            "why": e["weights"]["why"], "max_abs": float(np.abs(got - want).max()),
+            "rel_l2": float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)),
+            "top1": float(np.mean(got.reshape(len(feeds), -1).argmax(1) == want.reshape(len(feeds), -1).argmax(1))),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def measure(name: str, spec: str, weights: str, samples: int, workdir: Path) -> dict:
+    model, test = compressed(name, spec)
+    row = firmware(model, test.samples(samples), weights, workdir)
+    return {"model": name, "spec": spec or "(float)", "weights": weights, **row,
+            "fits": fits(row["flash"], row["ram"])}
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -9,9 +9,9 @@ quantized layer (and, with `elementwise`, of Add/Mul between activations) gets o
 QuantizeLinear → DequantizeLinear pair; a layer's output goes to its QuantizeLinear alone (every reader takes the
 DequantizeLinear); a Relu/Clip right after a layer is absorbed when the calibrated range lies inside its bounds;
 biases are int32 with scale input scale × weight scale; a BatchNormalization the export left after a layer is
-folded into it first (as `fold-bn`), so the int8 kernel applies it. Tensors whose quantization alone moves the outputs far
-more than the typical one does (`sensitive`, measured on the calibration data by `quant_sensitivity`) stay
-float. Ranges are calibrated by `method`:
+folded into it first (as `fold-bn`), so the int8 kernel applies it. Tensors whose quantization alone moves the
+outputs far more than the typical one does (`sensitive`, measured on the calibration data by `quant_sensitivity`)
+stay float, within a budget of the MACs they take off the int8 kernels. Ranges are calibrated by `method`:
 - `minmax`: the observed range;
 - `percentile`: the `percentile`-th percentile of the values (and the mirrored one below), clipping outliers;
 - `mse`: the clipping range that minimises the mean squared quantization error of the calibration values.
@@ -40,7 +40,8 @@ from squeeze.registry import Backoff, Range, register_pass, step_up
 from squeeze.errors import PassError
 
 from .fold_bn import fold_all
-from .quant_sensitivity import CHEAP, MIN_GAIN, NOISE_GAIN, Probe, fusion_costs, outliers, site_errors, validated_float
+from .quant_sensitivity import (CHEAP, FLOAT_BUDGET, MIN_GAIN, NOISE_GAIN, Probe, fusion_costs, outliers, site_errors,
+                                validated_float)
 from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
 
 COMPUTE = "int8 kernels in ONNX Runtime (fused QDQ); int8 storage, float compute in TVM 0.27"
@@ -659,7 +660,8 @@ def _sensitive_sites(ctx: Context, model: onnx.ModelProto, ranges: dict[str, tup
         ctx.note(f"{len(worst)} activation tensor(s) move the outputs more than {factor:g}× the median tensor "
                  f"does when quantized alone (measured on {samples} calibration sample(s)); {len(kept)} kept float, "
                  f"those that lower the held-out error of the whole model by ≥ {MIN_GAIN:.0%} each ({NOISE_GAIN:.0%} "
-                 f"where ONNX Runtime keeps int8 kernels for ≥ {1 - CHEAP:.0%} of the MACs anyway) "
+                 f"where ONNX Runtime keeps int8 kernels for ≥ {1 - CHEAP:.0%} of the MACs anyway), at most "
+                 f"{FLOAT_BUDGET:.1%} of the MACs off the int8 kernels in all "
                  f"({trace[0]:.4f} → {trace[-1]:.4f})" + (": " + ", ".join(kept[:5]) if kept else "")
                  + (" ..." if len(kept) > 5 else ""))
     return kept

@@ -52,6 +52,21 @@ def test_a_cheap_tensor_stays_float_on_a_small_gain_a_costly_one_does_not(calib_
     assert kept == [], "a tensor whose float form does not lower the error is not kept, cheap or not"
 
 
+def test_float_tensors_stay_within_the_int8_mac_budget(calib_data):
+    """A tensor whose float form would lower the error a lot still goes int8 when keeping it float would take more
+    than the budget of MACs off the int8 kernels."""
+    model = _conv_relu_conv_matmul()
+    data = calib_data(model, 8)
+    ranges = {"x": (0.03, 128), "r": (0.02, 0), "c": (0.02, 128), "m": (0.5, 128)}  # m: a coarse step
+    probe = qs.Probe(model, ranges)
+    kept, _ = qs.validated_float(probe, ["m"], data, min_gain=0.01, costs={"m": 0.05}, budget=0.06)
+    assert kept == ["m"]
+    kept, trace = qs.validated_float(probe, ["m"], data, min_gain=0.01, costs={"m": 0.05}, budget=0.04)
+    assert kept == [] and len(trace) == 1
+    kept, _ = qs.validated_float(probe, ["m"], data, min_gain=0.01, costs={"m": 0.0})  # the default budget
+    assert kept == ["m"] and 0 < qs.FLOAT_BUDGET < qs.CHEAP
+
+
 def _conv_hardswish_conv() -> onnx.ModelProto:
     """
     x[1,4,8,8] ─ Conv 4→8 ─ h ─┬─ Add 3 ─ Clip 0..6 ─ Mul ─ Div 6 ─ Conv 8→4 ─ y
