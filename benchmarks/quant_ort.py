@@ -161,15 +161,23 @@ def static_model(path: Path, calib: dict, folder: Path, preprocess: bool = False
     return out
 
 
+def _session(data: bytes, profile: str | None = None):
+    """An ONNX Runtime CPU session at 1 thread (profiling to files prefixed `profile` when given)."""
+    import onnxruntime as ort  # noqa: PLC0415
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
 def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dict:
     """Median ms per model at 1 thread; rounds interleave the models so machine load hits all alike."""
-    import onnxruntime as ort  # noqa: PLC0415
     sessions = {}
     for key, data in models.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sessions[key] = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        sessions[key] = _session(data)
         sessions[key].run(None, feed)
     times: dict[str, list[float]] = {k: [] for k in models}
     per_round: dict[str, list[float]] = {k: [] for k in models}
@@ -192,16 +200,10 @@ def latency(models: dict[str, bytes], feed: dict, rounds: int, runs: int) -> dic
 def op_profile(models: dict[str, bytes], feed: dict, runs: int, top: int = 12) -> dict:
     """ms per run by op type (ORT's node profile after its graph optimisations, 1 thread; the first run, which warms
     the session up, is counted too): where the time goes."""
-    import onnxruntime as ort  # noqa: PLC0415
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for key, data in models.items():
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            so.enable_profiling = True
-            so.profile_file_prefix = str(Path(tmp) / "profile")
-            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            sess = _session(data, profile=str(Path(tmp) / "profile"))
             for _ in range(runs):
                 sess.run(None, feed)
             by_op: dict[str, float] = {}

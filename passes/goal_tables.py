@@ -178,8 +178,9 @@ def _measure_codebook(job: _Job, layer_names: list[str], costs: dict[str, LayerC
     part = {"version": CACHE_VERSION, "knobs": [], "bits": {}, "fixed": {}}
     entry = get_pass("codebook")
     halved = _halved(job, candidates)
+    sizes = [(m, _float_bytes(m)) for m in (job.model, halved)]  # each model's own packed bytes, measured once
     for bits in CODEBOOK_BITS:  # bytes from the real encoding: every layer clustered, then packed, at two sizes
-        full, half = (_layer_bytes(m, entry, job, bits) for m in (job.model, halved))
+        full, half = (_layer_bytes(m, entry, job, bits, before) for m, before in sizes)
         for name in layer_names:
             n1, b1 = full.get(name, (costs[name].params, costs[name].params * costs[name].float_bits / 8))
             n2, b2 = half.get(name, (n1, b1))
@@ -221,23 +222,28 @@ def _halved(job: _Job, candidates) -> onnx.ModelProto:
     return to_model(g2, like=job.model)
 
 
-def _layer_bytes(model: onnx.ModelProto, entry, job: _Job, bits: int) -> dict[str, tuple[int, float]]:
-    """{layer: (parameters, packed bytes)} of `model` with every layer clustered at `bits` (not compensated). A
-    clustered layer's bytes include its share of what the container's graph grew by (the decode nodes and their
-    tensor names), split evenly over the clustered layers."""
+def _float_bytes(model: onnx.ModelProto) -> tuple[dict[str, int], float, dict[str, float]]:
+    """({layer: parameters}, the model's packed bytes, {layer: its packed bytes}) as the model stands."""
+    counts = {l.name: int(l.values.size) for l in find_layers(to_graph(model)) if l.values is not None}
+    size = pack.size_report(model)
+    layers = {name: v * counts[name] / 8 for name, v in size["bits_per_param"]["layers"].items() if counts.get(name)}
+    return counts, float(size["packed"]), layers
+
+
+def _layer_bytes(model: onnx.ModelProto, entry, job: _Job, bits: int, before: tuple) -> dict[str, tuple[int, float]]:
+    """{layer: (parameters, packed bytes)} of `model` (`before`: its `_float_bytes`) with every layer clustered at
+    `bits` (not compensated). A clustered layer's bytes include its share of what the container's graph grew by
+    (the decode nodes and their tensor names), split evenly over the clustered layers."""
+    counts, packed_before, layers_before = before
     g2 = to_graph(model)
-    counts = {l.name: int(l.values.size) for l in find_layers(g2) if l.values is not None}
-    float_bytes = pack.size_report(model)
     ctx = job.context()
     entry.obj(g2, ctx, **entry.bind({"bits": bits, "compensate": False}))
     size = pack.size_report(to_model(g2, like=model))
     layers = {name: (counts[name], v * counts[name] / 8) for name, v in size["bits_per_param"]["layers"].items()
               if counts.get(name)}
     clustered = [row["layer"] for row in ctx.details.get("per_layer", []) if row["layer"] in layers]
-    before = {name: v * counts[name] / 8 for name, v in float_bytes["bits_per_param"]["layers"].items()
-              if counts.get(name)}
     grown = (size["packed"] - sum(b for _, b in layers.values())) \
-        - (float_bytes["packed"] - sum(before.get(name, 0.0) for name in layers))
+        - (packed_before - sum(layers_before.get(name, 0.0) for name in layers))
     for name in clustered:
         n, b = layers[name]
         layers[name] = (n, b + max(0.0, grown) / len(clustered))

@@ -739,28 +739,27 @@ def _half_exact(scale: np.ndarray) -> np.ndarray:
 def _compact_scale(builder: Builder, scale: np.ndarray, name: str) -> gs.Tensor:
     """A per-channel float32 scale as float16 + Cast when that is exact and the smaller file (ONNX Runtime folds
     the Cast when it loads the model, before it fuses the QDQ groups); scalars and other values as float32."""
-    if scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale) \
-            and _cast_pays(scale.astype(np.float16), scale, name):
-        stored = builder.const(f"{name}h", scale.astype(np.float16))
-        return builder.op("Cast", [stored], name, None, None, to=onnx.TensorProto.FLOAT)
-    return builder.const(name, scale)
+    exact = scale.size > 1 and np.array_equal(scale.astype(np.float16).astype(np.float32), scale)
+    return _stored(builder, scale, scale.astype(np.float16) if exact else None, name)
 
 
 def _compact_integers(builder: Builder, q: np.ndarray, name: str) -> gs.Tensor:
     """int32 bias integers as int16 + Cast when they fit and that is the smaller file (ONNX Runtime folds the Cast
     at load)."""
-    if q.size > 1 and np.abs(q).max(initial=0) < 2 ** 15 and _cast_pays(q.astype(np.int16), q, name):
-        return builder.op("Cast", [builder.const(f"{name}h", q.astype(np.int16))], name, None, None,
-                          to=onnx.TensorProto.INT32)
-    return builder.const(name, q)
+    fits = q.size > 1 and np.abs(q).max(initial=0) < 2 ** 15
+    return _stored(builder, q, q.astype(np.int16) if fits else None, name)
 
 
-def _cast_pays(narrow: np.ndarray, wide: np.ndarray, name: str) -> bool:
-    """Whether `narrow` stored + a Cast node to `wide`'s type serialises smaller than `wide` stored."""
+def _stored(builder: Builder, wide: np.ndarray, narrow: np.ndarray | None, name: str) -> gs.Tensor:
+    """`wide` as a constant, or `narrow` (the same values in a smaller type) + a Cast back to `wide`'s type where
+    that serialises smaller."""
     to = onnx.helper.np_dtype_to_tensor_dtype(wide.dtype)
-    cast = onnx.helper.make_node("Cast", [f"{name}h"], [name], to=to)
-    return onnx.numpy_helper.from_array(narrow, f"{name}h").ByteSize() + cast.ByteSize() \
-        < onnx.numpy_helper.from_array(wide, name).ByteSize()
+    if narrow is not None:
+        cast = onnx.helper.make_node("Cast", [f"{name}h"], [name], to=to)
+        if onnx.numpy_helper.from_array(narrow, f"{name}h").ByteSize() + cast.ByteSize() \
+                < onnx.numpy_helper.from_array(wide, name).ByteSize():
+            return builder.op("Cast", [builder.const(f"{name}h", narrow)], name, None, None, to=to)
+    return builder.const(name, wide)
 
 
 def _insert_qdq(builder: Builder, site: _Site, scale: float, zero_point: int, name: str,
