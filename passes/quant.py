@@ -42,7 +42,8 @@ from squeeze.errors import PassError
 from .fold_bn import fold_all
 from .quant_sensitivity import (CHEAP, FLOAT_BUDGET, MIN_GAIN, NOISE_GAIN, Probe, fusion_costs, outliers, site_errors,
                                 validated_float)
-from .weights import Builder, Layer, calibrate, find_layers, has_subgraphs, select_layers, upgrade_opset
+from .weights import (Builder, Layer, calibrate, find_layers, foldable_dequantize, has_subgraphs, select_layers,
+                      upgrade_opset)
 
 COMPUTE = "int8 kernels in ONNX Runtime (fused QDQ); int8 storage, float compute in TVM 0.27"
 ACTIVATION_SAMPLE = 400_000   # calibration values kept per activation tensor (uniformly sampled)
@@ -132,6 +133,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
                        for j, (name, site) in enumerate(sites.items())}
     biases = sum(_quantize_bias(builder, l, scale_constants[sources[l.name]], *scales[l.name], f"b{k}")
                  for k, l in enumerate(layers) if l.name in scales and sources[l.name] in sites)
+    refolded = _foldable_float_weights(builder, layers, scales) if quantize_inputs else 0
     _untype_intermediates(graph)
     folded = sum(1 for s in sites.values() if s.folds is not None)
     outputs = sum(1 for s in sites.values() if s.produced)
@@ -142,6 +144,10 @@ def quant(graph: gs.Graph, ctx: Context, *,
         ctx.note(f"{outputs} layer output(s) quantized too, so ONNX Runtime fuses DequantizeLinear → layer → "
                  f"QuantizeLinear into int8 kernels (QLinearConv, QGemm, QLinearMatMul)"
                  + (f"; {folded} Relu/Clip absorbed by the uint8 range of their output" if folded else ""))
+    if refolded:
+        ctx.note(f"{refolded} layer(s) run in float (an input or output kept float, or no int8 kernel for the op): "
+                 "their int8 weights are read as Cast(int8) · scale, which runtimes fold at load into a constant "
+                 "the float kernel prepacks (a DequantizeLinear is recomputed every run; same values)")
     if biases:
         ctx.note(f"{biases} bias(es) stored as int32 with scale input_scale × weight_scale (as an integer "
                  "kernel adds them; ONNX Runtime would otherwise requantize float biases itself)")
@@ -197,6 +203,43 @@ def _quantize_weights(builder, layers, rows, ranges, skipped, bits, per_channel,
             entry["input_scale"], entry["input_zero_point"] = act[0], act[1]
         per_layer.append(entry)
     return per_layer, scales
+
+
+def _foldable_float_weights(builder: Builder, layers: list[Layer], scales: dict) -> int:
+    """Rewrite the weight DequantizeLinear of every layer that no runtime runs with an int8 kernel as
+    `foldable_dequantize` (same values): a layer whose input is not quantized, a ConvTranspose (neither ONNX
+    Runtime's CPU QDQ fusion nor squeeze's TVM int8 rewrite has one), and a grouped Conv whose output is not
+    quantized (ONNX Runtime fuses DQ → Conv → Q only; the TVM int8 rewrite takes groups = 1 only, where a float
+    output still computes in int8, so those keep the DequantizeLinear). Returns how many."""
+    count = 0
+    for layer in layers:
+        if layer.name not in scales:
+            continue
+        deq = layer.weight.inputs[0] if layer.weight.inputs else None
+        if deq is None or deq.op != "DequantizeLinear" or not _runs_in_float(layer):
+            continue
+        scale, axis, _ = scales[layer.name]
+        shape = list(deq.inputs[0].shape or layer.weight.shape or [])
+        if not shape:
+            continue
+        out = foldable_dequantize(builder, deq.inputs[0], scale, axis, shape, f"{deq.outputs[0].name}f")
+        layer.node.inputs[layer.weight_index] = out
+        deq.outputs.clear()
+        count += 1
+    return count
+
+
+def _runs_in_float(layer: Layer) -> bool:
+    """Whether every runtime squeeze measures runs this quantized-weight layer with a float kernel."""
+    x = layer.input
+    dq = x.inputs[0] if x.inputs else None
+    quantized_input = dq is not None and dq.op == "DequantizeLinear" and bool(dq.inputs[0].inputs) \
+        and dq.inputs[0].inputs[0].op == "QuantizeLinear"
+    if not quantized_input or layer.op == "ConvTranspose":
+        return True
+    out = layer.node.outputs[0]
+    return layer.op == "Conv" and layer.groups > 1 \
+        and not (out.outputs and all(r.op == "QuantizeLinear" for r in out.outputs))
 
 
 def _fold_bias_adds(graph: gs.Graph) -> int:

@@ -507,11 +507,43 @@ class _Codebook:
 
 @dataclass
 class _Dequantized:
-    node: gs.Node             # the DequantizeLinear
+    params: list[gs.Tensor]   # scale and (optional) zero point, as DequantizeLinear takes them
+    attrs: dict               # DequantizeLinear's attributes (axis, block_size)
+    dtype: np.dtype           # the rebuilt value's type
     q: np.ndarray             # the integers, shape of the weight
     bits: int
     onnx_int4: bool
     cast: gs.Node | None      # a Cast after the DequantizeLinear (fp16 models)
+    foldable: bool = False    # spelled Cast(integers) · scale (`foldable_dequantize`), not DequantizeLinear
+
+    def rebuild(self, builder: "Builder", stored: gs.Tensor, params: list[gs.Tensor], name: str,
+                shape: list[int]) -> gs.Variable:
+        """The same form again over new integers `stored` and `params`."""
+        if self.foldable:
+            scale = folded(params[0])
+            axis = int(self.attrs.get("axis", 1)) % len(shape) if scale.size > 1 else None
+            out = foldable_dequantize(builder, stored, scale, axis, shape, name)
+        else:
+            out = builder.op("DequantizeLinear", [stored] + params, name, self.dtype, list(shape), **self.attrs)
+        if self.cast is not None:
+            out = builder.op("Cast", [out], f"{name}_cast", self.cast.outputs[0].dtype, list(shape),
+                             **dict(self.cast.attrs))
+        return out
+
+
+def foldable_dequantize(builder: "Builder", stored: gs.Tensor, scale: np.ndarray, axis: int | None,
+                        shape: list[int], name: str) -> gs.Variable:
+    """Cast(stored integers → float32) · scale (per tensor, or per channel along `axis`): bit for bit what
+    DequantizeLinear(stored, scale, axis) gives with zero point 0, spelled in ops that runtimes fold when they load
+    the model. ONNX Runtime never folds a DequantizeLinear (it keeps each one for its QDQ fusion), so a layer that
+    runs in float and reads its weight through one recomputes the weight on every run and cannot prepack it: a
+    3×3 depthwise Conv on a 400×304 map ran 8.7 ms instead of 1 ms."""
+    cast = builder.op("Cast", [stored], f"{name}_float", np.float32, list(shape), to=onnx.TensorProto.FLOAT)
+    scale = np.asarray(scale, np.float32)
+    if scale.size == 1:
+        return builder.op("Mul", [cast, builder.const(f"{name}_scale", scale.reshape(()))], name, np.float32,
+                          list(shape))
+    return builder.channel_scale(cast, _compact(_along(scale.ravel(), axis, len(shape))), name, np.float32)
 
 
 def _as_codebook(tensor: gs.Tensor) -> _Codebook | None:
@@ -575,15 +607,48 @@ def folded(tensor: gs.Tensor) -> np.ndarray | None:
 def _as_dequantized(tensor: gs.Tensor) -> _Dequantized | None:
     cast = _producer(tensor, "Cast")
     node = _producer(cast.inputs[0] if cast is not None else tensor, "DequantizeLinear")
-    if node is None or folded(node.inputs[1]) is None:
+    if node is None:
+        return _as_foldable(tensor)
+    if folded(node.inputs[1]) is None:
         return None
-    stored = node.inputs[0]
+    stored = _stored_integers(node.inputs[0])
+    if stored is None:
+        return None
+    params = [t for t in node.inputs[1:] if t.name]
+    return _Dequantized(params, dict(node.attrs), node.outputs[0].dtype, *stored, cast)
+
+
+def _as_foldable(tensor: gs.Tensor) -> _Dequantized | None:
+    """`foldable_dequantize`'s Cast(int8 integers) · scale, scale per tensor or along one axis."""
+    mul = _producer(tensor, "Mul")
+    if mul is None or len(mul.inputs) != 2:
+        return None
+    cast = _producer(mul.inputs[0], "Cast")
+    scale = folded(mul.inputs[1])
+    stored = _stored_integers(cast.inputs[0]) if cast is not None else None
+    if stored is None or stored[0].dtype != np.int8 or scale is None or scale.dtype != np.float32 \
+            or int(cast.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
+        return None
+    q = stored[0]
+    if scale.size == 1:
+        return _Dequantized([gs.Constant(f"{tensor.name}_scale", scale.reshape(()))], {}, np.float32, *stored, None,
+                            foldable=True)
+    long = [k for k, d in enumerate(scale.shape) if d > 1]
+    if scale.ndim != q.ndim or len(long) != 1 or scale.shape[long[0]] != q.shape[long[0]]:
+        return None
+    return _Dequantized([gs.Constant(f"{tensor.name}_scale", scale.ravel().copy())], {"axis": long[0]}, np.float32,
+                        *stored, None, foldable=True)
+
+
+def _stored_integers(stored: gs.Tensor) -> tuple[np.ndarray, int, bool] | None:
+    """(integers, bits, whether ONNX INT4) of the integers a dequantization reads: a constant, int32 biases stored as
+    int16 + Cast, or `Builder.integers`' bit-packed Reshape(Cast(Sub(index, offset)))."""
     if not isinstance(stored, gs.Constant) and folded(stored) is not None:  # int32 biases stored as int16 + Cast
-        return _Dequantized(node, folded(stored), 8 * folded(stored).dtype.itemsize, False, cast)
+        return folded(stored), 8 * folded(stored).dtype.itemsize, False
     if isinstance(stored, gs.Constant):
         int4 = isinstance(stored._values, LazyValues) and stored._values.tensor.data_type == onnx.TensorProto.INT4
         q = onnx.numpy_helper.to_array(stored._values.tensor).astype(np.int8) if int4 else stored.values
-        return _Dequantized(node, q, 4 if int4 else 8 * q.dtype.itemsize, int4, cast)
+        return q, 4 if int4 else 8 * q.dtype.itemsize, int4
     reshape = _producer(stored, "Reshape")  # bit-packed: Reshape(Cast(Sub(index, offset)))
     narrow = _producer(reshape.inputs[0], "Cast") if reshape is not None else None
     sub = _producer(narrow.inputs[0], "Sub") if narrow is not None else None
@@ -593,7 +658,7 @@ def _as_dequantized(tensor: gs.Tensor) -> _Dequantized | None:
     shape = [int(d) for d in reshape.inputs[1].values]
     offset = int(np.asarray(sub.inputs[1].values).ravel()[0])
     q = (symbols[0][:int(np.prod(shape))] - offset).reshape(shape).astype(np.int8)
-    return _Dequantized(node, q, symbols[1], False, cast)
+    return q, symbols[1], False
 
 
 def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -604,17 +669,16 @@ def compressed_value(tensor: gs.Tensor) -> np.ndarray | None:
     deq = _as_dequantized(tensor)
     if deq is None:
         return None
-    node = deq.node
-    scale = folded(node.inputs[1]).astype(np.float32)
-    zero = folded(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
-    block = int(node.attrs.get("block_size", 0) or 0)
+    scale = folded(deq.params[0]).astype(np.float32)
+    zero = folded(deq.params[1]) if len(deq.params) > 1 else np.zeros_like(scale, np.int64)
+    block = int(deq.attrs.get("block_size", 0) or 0)
     if block and scale.size > 1:  # blocked quantization: one scale per `block` elements along `axis`
-        axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
+        axis = int(deq.attrs.get("axis", 1)) % deq.q.ndim
         count = deq.q.shape[axis]
         scale = np.repeat(scale, block, axis=axis).take(np.arange(count), axis=axis)
         zero = np.repeat(np.asarray(zero), block, axis=axis).take(np.arange(count), axis=axis)
     elif scale.size > 1:
-        axis = int(node.attrs.get("axis", 1)) % deq.q.ndim
+        axis = int(deq.attrs.get("axis", 1)) % deq.q.ndim
         shape = [1] * deq.q.ndim
         shape[axis] = -1
         scale, zero = scale.reshape(shape), np.asarray(zero).reshape(shape)
@@ -652,15 +716,15 @@ def compressed_cut_problem(tensor: gs.Tensor, axis: int) -> str | None:
     deq = _as_dequantized(tensor)
     if deq is None:
         return None
-    if int(deq.node.attrs.get("block_size", 0) or 0):
+    if int(deq.attrs.get("block_size", 0) or 0):
         return "it is block-quantized (DequantizeLinear block_size), whose scales cannot be cut per channel"
     if not 0 <= axis < deq.q.ndim:
         return f"its integers have no axis {axis}"
-    params = [t for t in deq.node.inputs[1:] if t.name]
+    params = deq.params
     if any(folded(t) is None for t in params):
         return "its DequantizeLinear scale or zero point is computed"
     scale = folded(params[0])
-    axis_size = deq.q.shape[int(deq.node.attrs.get("axis", 1)) % deq.q.ndim]
+    axis_size = deq.q.shape[int(deq.attrs.get("axis", 1)) % deq.q.ndim]
     if scale.size > 1 and (scale.ndim != 1 or scale.size != axis_size):
         return "its DequantizeLinear scales are not one per channel of one axis"
     return None
@@ -691,21 +755,15 @@ def take_compressed(graph: gs.Graph, node: gs.Node, index: int, keep: np.ndarray
     deq = _as_dequantized(tensor)
     if deq is None:
         return False
-    old = deq.node
     q = np.take(deq.q, keep, axis=axis)
     if deq.q.dtype == np.int8:  # int8 constant, ONNX INT4, or bit-packed: stored the same way again
         stored, _ = builder.integers(q, deq.bits, f"{base}_cut", deq.onnx_int4)
     else:                       # int32 biases, uint8 weights of other quantizers: a plain constant
         stored = builder.const(f"{base}_cut_q", q)
-    params = [t for t in old.inputs[1:] if t.name]
-    if folded(params[0]).size > 1 and int(old.attrs.get("axis", 1)) % deq.q.ndim == axis:
+    params = deq.params
+    if folded(params[0]).size > 1 and int(deq.attrs.get("axis", 1)) % deq.q.ndim == axis:
         params = [builder.const(f"{_base_name(t.name)}_cut", np.take(folded(t), keep)) for t in params]
-    out = builder.op("DequantizeLinear", [stored] + params, f"{base}_cut", old.outputs[0].dtype,
-                     list(q.shape), **dict(old.attrs))
-    if deq.cast is not None:
-        out = builder.op("Cast", [out], f"{base}_cut_cast", deq.cast.outputs[0].dtype, list(q.shape),
-                         **dict(deq.cast.attrs))
-    node.inputs[index] = out
+    node.inputs[index] = deq.rebuild(builder, stored, params, f"{base}_cut", list(q.shape))
     return True
 
 
@@ -747,12 +805,11 @@ def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
     deq = _as_dequantized(tensor)
     if deq is None or values.ndim != deq.q.ndim:
         return False
-    old = deq.node
-    params = [t for t in old.inputs[1:] if t.name]
-    if any(folded(t) is None for t in params) or int(old.attrs.get("block_size", 0) or 0):
+    params = deq.params
+    if any(folded(t) is None for t in params) or int(deq.attrs.get("block_size", 0) or 0):
         return False
     scale, zero = folded(params[0]), (folded(params[1]) if len(params) > 1 else None)
-    axis = int(old.attrs.get("axis", 1)) % values.ndim if scale.size > 1 else None
+    axis = int(deq.attrs.get("axis", 1)) % values.ndim if scale.size > 1 else None
     if axis is not None and (scale.ndim != 1 or scale.size != values.shape[axis]):
         return False
     v = values.astype(np.float64)
@@ -777,12 +834,7 @@ def replace_compressed(graph: gs.Graph, node: gs.Node, index: int, values: np.nd
         if deq.q.dtype == np.int8 and deq.bits < 8:
             return False  # bit-packed integers with a zero point: not a form `quant` writes
         stored = builder.const(f"{name}_q", q) if deq.q.dtype != np.int8 else builder.integers(q, 8, name)[0]
-    out = builder.op("DequantizeLinear", [stored] + params, name, old.outputs[0].dtype, list(q.shape),
-                     **dict(old.attrs))
-    if deq.cast is not None:
-        out = builder.op("Cast", [out], f"{name}_cast", deq.cast.outputs[0].dtype, list(q.shape),
-                         **dict(deq.cast.attrs))
-    node.inputs[index] = out
+    node.inputs[index] = deq.rebuild(builder, stored, params, name, list(q.shape))
     return True
 
 
@@ -826,8 +878,8 @@ def _rescale_int32_bias(graph: gs.Graph, node: gs.Node, old_scale: np.ndarray, n
     deq = _as_dequantized(bias) if bias is not None else None
     if deq is None or deq.q.dtype != np.int32 or deq.cast is not None:
         return
-    params = [t for t in deq.node.inputs[1:] if t.name]
-    if any(folded(t) is None for t in params) or (len(params) > 1 and np.any(folded(params[1]))):
+    params = deq.params
+    if deq.foldable or any(folded(t) is None for t in params) or (len(params) > 1 and np.any(folded(params[1]))):
         return
     b_scale = folded(params[0]).astype(np.float64)
     w_old, w_new = old_scale.astype(np.float64).ravel(), new_scale.astype(np.float64).ravel()
@@ -844,4 +896,4 @@ def _rescale_int32_bias(graph: gs.Graph, node: gs.Node, old_scale: np.ndarray, n
     name = f"{_base_name(bias.name)}_rescaled"
     node.inputs[2] = builder.op("DequantizeLinear", [builder.const(f"{name}_int32", q),
                                                      builder.const(f"{name}_scale", b_new)] + params[1:],
-                                name, deq.node.outputs[0].dtype, list(q.shape), **dict(deq.node.attrs))
+                                name, deq.dtype, list(q.shape), **deq.attrs)

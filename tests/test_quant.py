@@ -5,12 +5,14 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
 import graphs
 from squeeze import pack, runtime
 from squeeze.passes import quant as quant_mod
+from squeeze.passes import weights
 
 SMOKE = dict(graphs.LOSSLESS)
 
@@ -40,18 +42,51 @@ def _weight_dq(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return out
 
 
+def _weight_foldable(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Layer name → (int8 integers, scale) of a weight read as Mul(Cast(int8 constant), scale constant)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = _inits(model)
+    out = {}
+    for n in model.graph.node:
+        mul = producer.get(n.input[1]) if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") else None
+        cast = producer.get(mul.input[0]) if mul is not None and mul.op_type == "Mul" else None
+        if cast is not None and cast.op_type == "Cast" and cast.input[0] in inits \
+                and inits[cast.input[0]].dtype == np.int8:
+            out[n.name] = (inits[cast.input[0]], inits[mul.input[1]])
+    return out
+
+
 @pytest.mark.parametrize("name", list(SMOKE))
 def test_runs_on_every_tiny_graph(name, calib_data):
-    """Every structure verifies; every weight becomes int8 + DequantizeLinear; outputs stay close."""
+    """Every structure verifies; every weight becomes int8 (+ DequantizeLinear, or Cast · scale where the layer
+    runs in float); outputs stay close."""
     model = SMOKE[name]()
     data = calib_data(model, 16)
     out, steps = graphs.apply(model, "quant", data=data)
     onnx.checker.check_model(out, full_check=True)
     assert out.opset_import[0].version >= 13
     layers = [n for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
-    assert len(_weight_dq(out)) == len(layers)
+    assert len(_weight_dq(out)) + len(_weight_foldable(out)) == len(layers)
     assert graphs.max_rel_error(model, out, data) < 0.1
     assert steps[0]["details"]["compute"] == quant_mod.COMPUTE
+
+
+def test_a_layer_that_runs_in_float_reads_a_weight_runtimes_fold(calib_data):
+    """A grouped Conv writing the graph output has no int8 kernel in ONNX Runtime (DQ → Conv → Q only) or in the
+    TVM rewrite (groups 1 only): its weight is Cast(int8) · scale, the same values DequantizeLinear gives, which
+    ONNX Runtime folds at load. Layers with int8 kernels keep the DequantizeLinear; a later prune cuts both forms."""
+    model = graphs.relu_bn_conv()
+    data = calib_data(model, 16)
+    out, steps = graphs.apply(model, "quant", data=data)
+    foldable = _weight_foldable(out)
+    assert list(foldable) == ["y"] and not _weight_dq(out)
+    q, scale = foldable["y"]
+    assert q.dtype == np.int8 and scale.shape == (q.shape[0], 1, 1, 1)
+    assert any("Cast(int8) · scale" in n for n in steps[0]["notes"])
+    graph = gs.import_onnx(out)
+    node = next(n for n in graph.nodes if n.name == "y")
+    assert np.array_equal(weights.compressed_value(node.inputs[1]), q.astype(np.float32) * scale)
+    assert weights.compressed_kind(node.inputs[1]) == "quant"
 
 
 def test_weights_are_int8_per_channel_within_half_a_step():
@@ -414,6 +449,7 @@ def test_mobile_ocr_quant_file_ratio_and_task_drop(corpus, tmp_path, name, metri
     default `quant` file is >= 3.5x smaller, the task metric drops within the bound, and the file runs in ONNX
     Runtime at the original's dynamic sizes. (Minutes: calibration, sensitivity and evaluation at 1-2 threads.)"""
     import onnxruntime as ort
+
     from benchmarks import quant_ort
     calib, evaluation, truth = quant_ort.load_split(name)
     path = quant_ort.model_path(name)
