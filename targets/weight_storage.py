@@ -141,7 +141,7 @@ def plan(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES, max_ratio: float
         if value is None or value.dtype != np.float32 or value.nbytes < min_bytes:
             continue
         transposed = _read_transposed([nodes[k] for k in readers[name]], name)
-        found = _compact(name, value, producers.get(name), values, model, transposed)
+        found = _compact(name, value, producers.get(name), values, model, transposed, producers)
         if found is None:
             kept[name] = "no exact compact form (more than 256 distinct values, not dequantized integers)"
             continue
@@ -227,7 +227,8 @@ def _read_transposed(readers: list[onnx.NodeProto], name: str) -> bool:
 
 
 def _compact(name: str, value: np.ndarray, producer: onnx.NodeProto | None, values: dict[str, np.ndarray],
-             model: onnx.ModelProto, transposed: bool) -> CompactWeight | None:
+             model: onnx.ModelProto, transposed: bool, producers: dict[str, onnx.NodeProto] | None = None
+             ) -> CompactWeight | None:
     """The smallest exact compact form of `value` (None if none rebuilds it bit for bit)."""
     if transposed:
         value = np.ascontiguousarray(value.T)
@@ -235,6 +236,7 @@ def _compact(name: str, value: np.ndarray, producer: onnx.NodeProto | None, valu
     if producer is not None and producer.op_type == "DequantizeLinear":
         candidates.append(_affine(name, value, producer, values, model, transposed))
     if producer is not None and producer.op_type == "Mul":
+        candidates.append(_scaled_integers(name, value, producer, values, producers or {}, transposed))
         candidates += _scaled_codebooks(name, value, producer, values, transposed)
     candidates += _codebooks(name, value)
     exact = [c for c in candidates if c is not None and np.array_equal(c.decode().view(np.uint32),
@@ -257,9 +259,35 @@ def _affine(name: str, value: np.ndarray, node: onnx.NodeProto, values: dict[str
     zp = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if q is None or scale is None or q.dtype.kind not in "iu" or scale.dtype != np.float32:
         return None
-    q = q.astype(np.int64)
     zero = np.zeros(scale.shape, np.int64) if zp is None else zp.astype(np.int64).reshape(scale.shape)
     axis = int(attrs.get("axis", 1)) % max(q.ndim, 1) if scale.size > 1 else 0
+    return _integers(name, value, q.astype(np.int64), scale, zero, axis, transposed)
+
+
+def _scaled_integers(name: str, value: np.ndarray, node: onnx.NodeProto, values: dict[str, np.ndarray],
+                     producers: dict[str, onnx.NodeProto], transposed: bool) -> CompactWeight | None:
+    """Mul(Cast(integers → float32), scale per tensor or along one axis): `quant`'s form for the weight of a layer
+    that runs in float (weights.foldable_dequantize), the affine form with zero point 0."""
+    if len(node.input) != 2:
+        return None
+    cast = producers.get(node.input[0])
+    q = values.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+    scale = values.get(node.input[1])
+    if q is None or scale is None or q.dtype.kind not in "iu" or scale.dtype != np.float32 or scale.ndim > q.ndim:
+        return None
+    scale = scale.reshape((1,) * (q.ndim - scale.ndim) + scale.shape)
+    long = [k for k, d in enumerate(scale.shape) if d > 1]
+    if len(long) > 1 or any(d not in (1, n) for d, n in zip(scale.shape, q.shape)):
+        return None
+    axis = long[0] if long else 0
+    scale = scale.ravel()
+    return _integers(name, value, q.astype(np.int64), scale, np.zeros(scale.shape, np.int64), axis, transposed)
+
+
+def _integers(name: str, value: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int,
+              transposed: bool) -> CompactWeight | None:
+    """Integers `q` with per-channel (along `axis`) or per-tensor scale and zero point, stored as int8 or
+    bit-packed offsets (`value`: the float weight, transposed when read so)."""
     if transposed:
         q, axis = q.T, (1 - axis if scale.size > 1 else 0)
     if q.shape != value.shape:

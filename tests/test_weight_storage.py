@@ -75,6 +75,24 @@ def test_int8_dequantized_weights_stay_int8_and_the_gemm_weight_is_stored_transp
     _same_outputs(model, plan, rng.random((1, 4, 6, 6), dtype=np.float32))
 
 
+def test_integers_cast_and_scaled_per_channel_stay_int8():
+    """quant's form for a layer that runs in float, Mul(Cast(int8 W), scale[8,1,1,1] as float16 + Cast), is the
+    affine form with zero point 0: one byte per weight, no codebook table."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, (8, 4, 3, 3)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.01, (8, 1, 1, 1)).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["w_s16"], ["w_s"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["w_f", "w_s"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])]
+    model = _model(nodes, {"w_q": w, "w_s16": scale}, [1, 4, 6, 6], [1, 8, 4, 4])
+    plan = ws.plan(model)
+    (conv,) = plan.weights
+    assert conv.kind == "affine" and conv.storage == "int8" and conv.stored_bytes == w.size
+    assert conv.channels == 8 and conv.inner == 36 and not np.any(conv.zero)
+    _same_outputs(model, plan, rng.random((1, 4, 6, 6), dtype=np.float32))
+
+
 def test_narrow_integers_are_bit_packed_and_zero_points_kept():
     rng = np.random.default_rng(1)
     model = _dq_conv_gemm(rng, q_range=7, zero=100, qtype=np.uint8)  # uint8 around 100: 4 bits of range
