@@ -154,6 +154,28 @@ def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
     np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(model, data)["y"], rtol=1e-5, atol=1e-5)
 
 
+def test_a_sensitivity_plan_that_loses_more_per_mac_than_layer_gives_way(monkeypatch):
+    """The sensitivity plan is cut and compensated next to `layer`'s at the same ratio and measured on held-out
+    calibration samples: a ranking that points at the channels that matter (here forced: the criterion's scores
+    negated) loses to `layer`, and the pass then removes what `layer` removes; an honest one (the idle channels
+    cost nothing; here `layer` removes the same idle channels, so nothing needs measuring) is kept."""
+    model = idle_channels_model()
+    data = calibration(model, 32)
+    _, honest = prune_model(model, "prune(ratio=0.25)", data)
+    assert honest["details"]["scope"] == "sensitivity" and "allocation" not in honest["details"]
+
+    monkeypatch.setattr(prune_module, "sensitivity_scores",
+                        lambda ctx, groups, scores, *args: {g: -np.asarray(scores[g], np.float64) for g in groups})
+    pruned, step = prune_model(model, "prune(ratio=0.25)", data)
+    allocation = step["details"]["allocation"]
+    assert allocation["chosen"] == "layer" and step["details"]["scope"] == "layer"
+    assert allocation["layer"]["loss_per_mac"] < allocation["sensitivity"]["loss_per_mac"]
+    layer, _ = prune_model(model, "prune(ratio=0.25,scope=layer)", data)
+    assert {i.name: list(i.dims) for i in pruned.graph.initializer} == \
+        {i.name: list(i.dims) for i in layer.graph.initializer}
+    np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(layer, data)["y"], rtol=1e-5, atol=1e-5)
+
+
 def _conv_relu_conv(seed: int):
     """x ─ Conv p 3→8 ─ Relu ─ Conv y 8→4 ─ y: (model, its initializers by name, copies of p's weight and bias)."""
     t = Tiny(seed=seed)
