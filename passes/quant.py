@@ -134,6 +134,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
     biases = sum(_quantize_bias(builder, l, scale_constants[sources[l.name]], *scales[l.name], f"b{k}")
                  for k, l in enumerate(layers) if l.name in scales and sources[l.name] in sites)
     refolded = _foldable_float_weights(builder, layers, scales) if quantize_inputs else 0
+    integer_gates = _integer_gates(builder, graph, zero_points) if quantize_inputs else 0
     _untype_intermediates(graph)
     folded = sum(1 for s in sites.values() if s.folds is not None)
     outputs = sum(1 for s in sites.values() if s.produced)
@@ -144,6 +145,11 @@ def quant(graph: gs.Graph, ctx: Context, *,
         ctx.note(f"{outputs} layer output(s) quantized too, so ONNX Runtime fuses DequantizeLinear → layer → "
                  f"QuantizeLinear into int8 kernels (QLinearConv, QGemm, QLinearMatMul)"
                  + (f"; {folded} Relu/Clip absorbed by the uint8 range of their output" if folded else ""))
+    if integer_gates:
+        ctx.note(f"{integer_gates} HardSigmoid(s) between int8 tensors computed as Add(x, β/α) quantized to "
+                 "[0, 1/α] (the clip is the uint8 range; α folds into the next DequantizeLinear's scale): ONNX "
+                 "Runtime runs a QLinearAdd where HardSigmoid ran in float between a DequantizeLinear and a "
+                 "QuantizeLinear")
     if refolded:
         ctx.note(f"{refolded} layer(s) run in float (an input or output kept float, or no int8 kernel for the op): "
                  "their int8 weights are read as Cast(int8) · scale, which runtimes fold at load into a constant "
@@ -225,6 +231,47 @@ def _foldable_float_weights(builder: Builder, layers: list[Layer], scales: dict)
         out = foldable_dequantize(builder, deq.inputs[0], scale, axis, shape, f"{deq.outputs[0].name}f")
         layer.node.inputs[layer.weight_index] = out
         deq.outputs.clear()
+        count += 1
+    return count
+
+
+def _integer_gates(builder: Builder, graph: gs.Graph, zero_points: dict[int, gs.Constant]) -> int:
+    """DQ(x) → HardSigmoid(α, β) → Q(s, z) → DQ(s, z) → readers, with α, β > 0, becomes
+    DQ(x), DQ(β/α) → Add → Q(1/(255·α), 0) → DQ(1/255, 0) → readers: HardSigmoid(x) = α·clip(x + β/α, 0, 1/α),
+    the QuantizeLinear clips to [0, 255 steps of 1/(255·α)] = [0, 1/α] exactly, and the DequantizeLinear's scale
+    applies α (a DequantizeLinear may read the uint8 tensor at any scale). The gate keeps 255 steps over [0, 1], as
+    calibrated, and ONNX Runtime fuses the Add into a QLinearAdd (it has no integer HardSigmoid). Returns how many."""
+    count = 0
+    shared: dict = {}
+
+    def constant(key, make):
+        if key not in shared:
+            shared[key] = make(len(shared))
+        return shared[key]
+
+    for node in list(graph.nodes):
+        if node.op != "HardSigmoid" or len(node.outputs[0].outputs) != 1:
+            continue
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        q = node.outputs[0].outputs[0]
+        readers = list(q.outputs[0].outputs) if q.op == "QuantizeLinear" else []
+        if alpha <= 0 or beta <= 0 or source is None or source.op != "DequantizeLinear" or not readers \
+                or any(r.op != "DequantizeLinear" for r in readers) or node.outputs[0] in graph.outputs:
+            continue
+        shift = np.float32(beta / alpha)
+        zero = _zero_point(builder, 0, zero_points)
+        offset = constant(("offset", float(shift)), lambda k: builder.op(
+            "DequantizeLinear", [builder.const(f"g{k}", np.array(1, np.uint8)),
+                                 builder.const(f"g{k}s", np.array(shift, np.float32)), zero], f"g{k}d", None, None))
+        node.op, node.attrs = "Add", {}
+        node.inputs.append(offset)
+        q.inputs[1] = constant(("range", alpha), lambda k: builder.const(
+            f"g{k}", np.array(1.0 / (255.0 * alpha), np.float32)))
+        q.inputs[2] = zero
+        step = constant(("step",), lambda k: builder.const(f"g{k}", np.array(1.0 / 255.0, np.float32)))
+        for r in readers:
+            r.inputs[1], r.inputs[2] = step, zero
         count += 1
     return count
 

@@ -84,8 +84,10 @@ def _conv_hardswish_conv() -> onnx.ModelProto:
 
 
 def test_decomposed_hardswish_joins_the_int8_region(calib_data, tmp_path):
-    """The Add/Clip/Mul/Div hard-swish becomes x·HardSigmoid(x): ONNX Runtime runs the Mul as QLinearMul and no
-    float Add/Clip/Div remains after the QLinearConv; the outputs stay close to the float model's."""
+    """The Add/Clip/Mul/Div hard-swish becomes x·HardSigmoid(x): ONNX Runtime runs the Mul as QLinearMul, the gate
+    as a QLinearAdd (HardSigmoid = Add(x, 3) clipped by the uint8 range of [0, 6], the 1/6 in the next
+    DequantizeLinear's scale), and no float Add/Clip/Div/HardSigmoid remains after the QLinearConv; the outputs stay
+    close to the float model's."""
     from test_quant import _ort_optimized_ops
     model = _conv_hardswish_conv()
     data = calib_data(model, 16)
@@ -94,7 +96,8 @@ def test_decomposed_hardswish_joins_the_int8_region(calib_data, tmp_path):
     ops = _ort_optimized_ops(out, tmp_path)
     # the last Conv writes the graph output, which stays float: ORT runs that one as a float Conv
     assert ops["QLinearConv"] == 1 and ops["Conv"] == 1 and ops["QLinearMul"] == 1, ops
-    assert not {"Add", "Clip", "Div"} & set(ops), ops
+    assert ops["QLinearAdd"] == 1 and any("HardSigmoid(s) between int8 tensors" in n for n in steps[0]["notes"])
+    assert not {"Add", "Clip", "Div", "HardSigmoid"} & set(ops), ops
     assert graphs.max_rel_error(model, out, data) < 0.05
 
 
