@@ -9,7 +9,8 @@ quantized layer (and, with `elementwise`, of Add/Mul between activations) gets o
 QuantizeLinear → DequantizeLinear pair; a layer's output goes to its QuantizeLinear alone (every reader takes the
 DequantizeLinear); a Relu/Clip right after a layer is absorbed when the calibrated range lies inside its bounds;
 biases are int32 with scale input scale × weight scale; a BatchNormalization the export left after a layer is
-folded into it first (as `fold-bn`), so the int8 kernel applies it. Tensors whose quantization alone moves the
+folded into it first (as `fold-bn`), so the int8 kernel applies it; a HardSigmoid between int8 tensors becomes an
+Add quantized so that the uint8 range is its clip (`_integer_gates`). Tensors whose quantization alone moves the
 outputs far more than the typical one does (`sensitive`, measured on the calibration data by `quant_sensitivity`)
 stay float, within a budget of the MACs they take off the int8 kernels. Ranges are calibrated by `method`:
 - `minmax`: the observed range;
