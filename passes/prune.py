@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Callable, Literal
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from squeeze import metrics, runtime
@@ -456,19 +457,26 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
             removed = group.size - round_keep(group.size, group.size * (1 - level), multiple)
             if removed <= points[-1][0]:
                 continue
-            graph = to_graph(ctx.model)
-            twin = channel_groups(graph, ctx.input_shapes)[group.index]
-            plan = {twin: np.sort(order[removed:])}
-            apply_plan(graph, plan)
-            if compensate:
-                compensation.compensate(graph, ctx, plan, downstream=downstream, data=data, refit_all=False,
-                                        cache=cache, notes=False)
-            out = runtime.run(to_model(graph, like=ctx.model), measured, threads=ctx.threads)
-            points.append((removed, output_loss(reference, out)))
+            trial = _cut_copy(ctx, {group: np.sort(order[removed:])}, compensate, downstream=downstream, data=data,
+                             cache=cache)
+            points.append((removed, output_loss(reference, runtime.run(trial, measured, threads=ctx.threads))))
         result[group] = _marginal_per_mac(group, order, points)
         if curves is not None:
             curves[group] = points
     return result
+
+
+def _cut_copy(ctx: Context, plan: dict[Group, np.ndarray], compensate: bool, **options) -> onnx.ModelProto:
+    """ctx.model with `plan` (groups of ctx.model's analysis, matched by index) cut on a copy and, with
+    `compensate`, refit as the pass refits, without the held-out calibration samples (trials are measured on
+    them); `options` go to `compensate.compensate`."""
+    graph = to_graph(ctx.model)
+    groups = channel_groups(graph, ctx.input_shapes)
+    twin = {groups[g.index]: kept for g, kept in plan.items()}
+    apply_plan(graph, twin)
+    if compensate:
+        compensation.compensate(graph, ctx, twin, refit_all=False, notes=False, **options)
+    return to_model(graph, like=ctx.model)
 
 
 def _marginal_per_mac(group: Group, order: np.ndarray, points: list[tuple[int, float]]) -> np.ndarray:
@@ -633,37 +641,29 @@ def validated_allocation(ctx: Context, ranking: Ranking, plan: dict[Group, np.nd
     n = len(ctx.calib)
     if not layer_plan or n < 2 * HOLDOUT_EVERY or _same_plan(plan, layer_plan):
         return plan, "sensitivity"
-    held = holdout(n)
-    measured = Dataset({k: v[held] for k, v in ctx.calib.arrays.items()}, None, ctx.calib.source,
-                       dict(ctx.calib.stacked))
+    _, measured = ctx.calib.split_holdout()
     reference = runtime.run(ctx.model, measured, threads=ctx.threads)
     macs = float(metrics.summary(ctx.model, ctx.input_shapes)["macs"])
     measured_plans = {}
     for name, candidate in (("sensitivity", plan), ("layer", layer_plan)):
-        graph = to_graph(ctx.model)
-        groups = channel_groups(graph, ctx.input_shapes)
-        twin = {groups[g.index]: kept for g, kept in candidate.items()}
-        apply_plan(graph, twin)
-        if compensate:
-            compensation.compensate(graph, ctx, twin, refit_all=False, notes=False)
-        model = to_model(graph, like=ctx.model)
+        model = _cut_copy(ctx, candidate, compensate)
         loss = output_loss(reference, runtime.run(model, measured, threads=ctx.threads))
         removed = macs - float(metrics.summary(model, ctx.input_shapes)["macs"])
         measured_plans[name] = {"loss": loss, "macs_removed": removed / max(macs, 1.0),
                                 "loss_per_mac": loss / max(removed / max(macs, 1.0), 1e-9)}
     chosen = min(("sensitivity", "layer"), key=lambda k: measured_plans[k]["loss_per_mac"])
-    ctx.details["allocation"] = {"chosen": chosen, "held_out_samples": int(held.sum()),
+    ctx.details["allocation"] = {"chosen": chosen, "held_out_samples": len(measured),
                                  **{k: {kk: round(vv, 6) for kk, vv in v.items()} for k, v in measured_plans.items()}}
     s, lay = measured_plans["sensitivity"], measured_plans["layer"]
     ctx.note(f"allocation: {chosen} (held-out output loss per share of MACs removed: sensitivity {s['loss']:.4g} "
              f"over {s['macs_removed']:.1%}, layer {lay['loss']:.4g} over {lay['macs_removed']:.1%}; "
-             f"{int(held.sum())} calibration samples)")
+             f"{len(measured)} calibration samples)")
     return (plan, "sensitivity") if chosen == "sensitivity" else (layer_plan, "layer")
 
 
 def _same_plan(a: dict[Group, np.ndarray], b: dict[Group, np.ndarray]) -> bool:
-    return {g.index for g in a} == {g.index for g in b} and all(
-        np.array_equal(np.sort(a[g]), np.sort(next(v for k, v in b.items() if k.index == g.index))) for g in a)
+    kept_a, kept_b = ({g.index: np.sort(kept) for g, kept in plan.items()} for plan in (a, b))
+    return kept_a.keys() == kept_b.keys() and all(np.array_equal(kept_a[i], kept_b[i]) for i in kept_a)
 
 
 def candidate_groups(groups: list[Group], ctx: Context, multiple: int) -> list[Group]:
