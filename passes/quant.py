@@ -254,10 +254,9 @@ def _integer_gates(builder: Builder, graph: gs.Graph, zero_points: dict[int, gs.
         if node.op != "HardSigmoid" or len(node.outputs[0].outputs) != 1:
             continue
         alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
-        source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
         q = node.outputs[0].outputs[0]
         readers = list(q.outputs[0].outputs) if q.op == "QuantizeLinear" else []
-        if alpha <= 0 or beta <= 0 or source is None or source.op != "DequantizeLinear" or not readers \
+        if alpha <= 0 or beta <= 0 or not _dequantized_activation(node.inputs[0]) or not readers \
                 or any(r.op != "DequantizeLinear" for r in readers) or node.outputs[0] in graph.outputs:
             continue
         shift = np.float32(beta / alpha)
@@ -277,13 +276,16 @@ def _integer_gates(builder: Builder, graph: gs.Graph, zero_points: dict[int, gs.
     return count
 
 
+def _dequantized_activation(tensor: gs.Tensor) -> bool:
+    """`tensor` is an activation's QuantizeLinear → DequantizeLinear output (an int8 kernel can read it)."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    return dq is not None and dq.op == "DequantizeLinear" and bool(dq.inputs[0].inputs) \
+        and dq.inputs[0].inputs[0].op == "QuantizeLinear"
+
+
 def _runs_in_float(layer: Layer) -> bool:
     """Whether every runtime squeeze measures runs this quantized-weight layer with a float kernel."""
-    x = layer.input
-    dq = x.inputs[0] if x.inputs else None
-    quantized_input = dq is not None and dq.op == "DequantizeLinear" and bool(dq.inputs[0].inputs) \
-        and dq.inputs[0].inputs[0].op == "QuantizeLinear"
-    if not quantized_input or layer.op == "ConvTranspose":
+    if not _dequantized_activation(layer.input) or layer.op == "ConvTranspose":
         return True
     out = layer.node.outputs[0]
     return layer.op == "Conv" and layer.groups > 1 \
