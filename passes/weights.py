@@ -551,9 +551,8 @@ def _as_codebook(tensor: gs.Tensor) -> _Codebook | None:
     if mul is not None and len(mul.inputs) == 2:  # channel scales: Mul(rebuilt codebook weight, scales)
         book = _as_codebook(mul.inputs[0])
         scale = folded(mul.inputs[1])
-        if book is None or book.scale is not None or scale is None or scale.ndim != len(book.shape) \
-                or book.values.ndim != 1 or sum(d > 1 for d in scale.shape) > 1 \
-                or any(d not in (1, n) for d, n in zip(scale.shape, book.shape)):
+        if book is None or book.scale is not None or scale is None or book.values.ndim != 1 \
+                or _scale_axis(scale, book.shape) is None:
             return None
         book.scale = scale
         return book
@@ -633,11 +632,20 @@ def _as_foldable(tensor: gs.Tensor) -> _Dequantized | None:
     if scale.size == 1:
         return _Dequantized([gs.Constant(f"{tensor.name}_scale", scale.reshape(()))], {}, np.float32, *stored, None,
                             foldable=True)
-    long = [k for k, d in enumerate(scale.shape) if d > 1]
-    if scale.ndim != q.ndim or len(long) != 1 or scale.shape[long[0]] != q.shape[long[0]]:
+    axis = _scale_axis(scale, q.shape)
+    if axis is None:
         return None
-    return _Dequantized([gs.Constant(f"{tensor.name}_scale", scale.ravel().copy())], {"axis": long[0]}, np.float32,
+    return _Dequantized([gs.Constant(f"{tensor.name}_scale", scale.ravel().copy())], {"axis": axis}, np.float32,
                         *stored, None, foldable=True)
+
+
+def _scale_axis(scale: np.ndarray, shape) -> int | None:
+    """The axis along which `scale` (of the weight's rank, broadcasting over `shape`) varies, 0 when it varies along
+    none, None when it has another rank, varies along several axes or does not broadcast."""
+    if scale.ndim != len(shape) or sum(d > 1 for d in scale.shape) > 1 \
+            or any(d not in (1, n) for d, n in zip(scale.shape, shape)):
+        return None
+    return next((k for k, d in enumerate(scale.shape) if d > 1), 0)
 
 
 def _stored_integers(stored: gs.Tensor) -> tuple[np.ndarray, int, bool] | None:

@@ -227,8 +227,7 @@ def _read_transposed(readers: list[onnx.NodeProto], name: str) -> bool:
 
 
 def _compact(name: str, value: np.ndarray, producer: onnx.NodeProto | None, values: dict[str, np.ndarray],
-             model: onnx.ModelProto, transposed: bool, producers: dict[str, onnx.NodeProto] | None = None
-             ) -> CompactWeight | None:
+             model: onnx.ModelProto, transposed: bool, producers: dict[str, onnx.NodeProto]) -> CompactWeight | None:
     """The smallest exact compact form of `value` (None if none rebuilds it bit for bit)."""
     if transposed:
         value = np.ascontiguousarray(value.T)
@@ -236,7 +235,7 @@ def _compact(name: str, value: np.ndarray, producer: onnx.NodeProto | None, valu
     if producer is not None and producer.op_type == "DequantizeLinear":
         candidates.append(_affine(name, value, producer, values, model, transposed))
     if producer is not None and producer.op_type == "Mul":
-        candidates.append(_scaled_integers(name, value, producer, values, producers or {}, transposed))
+        candidates.append(_scaled_integers(name, value, producer, values, producers, transposed))
         candidates += _scaled_codebooks(name, value, producer, values, transposed)
     candidates += _codebooks(name, value)
     exact = [c for c in candidates if c is not None and np.array_equal(c.decode().view(np.uint32),
@@ -276,12 +275,19 @@ def _scaled_integers(name: str, value: np.ndarray, node: onnx.NodeProto, values:
     if q is None or scale is None or q.dtype.kind not in "iu" or scale.dtype != np.float32 or scale.ndim > q.ndim:
         return None
     scale = scale.reshape((1,) * (q.ndim - scale.ndim) + scale.shape)
-    long = [k for k, d in enumerate(scale.shape) if d > 1]
-    if len(long) > 1 or any(d not in (1, n) for d, n in zip(scale.shape, q.shape)):
+    axis = _scale_axis(scale, q.shape)
+    if axis is None:
         return None
-    axis = long[0] if long else 0
     scale = scale.ravel()
     return _integers(name, value, q.astype(np.int64), scale, np.zeros(scale.shape, np.int64), axis, transposed)
+
+
+def _scale_axis(scale: np.ndarray, shape: tuple[int, ...]) -> int | None:
+    """The axis along which `scale` (of the weight's rank, broadcasting over `shape`) varies, 0 when it varies along
+    none, None when it varies along several or does not broadcast."""
+    if sum(d > 1 for d in scale.shape) > 1 or any(d not in (1, n) for d, n in zip(scale.shape, shape)):
+        return None
+    return next((k for k, d in enumerate(scale.shape) if d > 1), 0)
 
 
 def _integers(name: str, value: np.ndarray, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int,
@@ -341,10 +347,9 @@ def _scaled_codebooks(name: str, value: np.ndarray, node: onnx.NodeProto, values
         scale = scale.reshape((1,) * (base.ndim - scale.ndim) + scale.shape)
         if transposed:
             base, scale = base.T, scale.T
-        if base.shape != value.shape or sum(d > 1 for d in scale.shape) > 1 \
-                or any(d not in (1, n) for d, n in zip(scale.shape, base.shape)):
+        axis = _scale_axis(scale, base.shape)
+        if base.shape != value.shape or axis is None:
             continue
-        axis = next((k for k, d in enumerate(scale.shape) if d > 1), 0)
         channels = int(scale.size)
         inner = int(np.prod(base.shape[axis + 1:], dtype=np.int64)) if channels > 1 else base.size
         for book in _codebooks(name, np.ascontiguousarray(base)):
