@@ -136,18 +136,35 @@ def _compensate(graph, ctx, plan, layers, data, refit_all, cache) -> tuple[list[
     rows: list[dict] = []
     pending = list(layers)
     graph_inputs = {t.name for t in graph.inputs}
+    # Each wave's inputs are recomputed from the values before the layers the last wave refit, not from the model's
+    # inputs: on a network with a BatchNormalization after every conv, one model run instead of one per wave.
+    partial = runtime.Partial(data, runtime.input_specs(ctx.model), threads=ctx.threads, budget=MEMORY_BUDGET)
+    ancestors = {id(layer.node): _ancestors(layer.node) for layer in layers}  # refits change no edge
     while pending:
-        wave = _ready(pending)
+        wave = _ready(pending, ancestors)
         wanted = sorted({layer.x for layer in wave} - graph_inputs)
-        current = runtime.activations(to_model(graph, like=ctx.model), data, wanted, threads=ctx.threads) \
-            if wanted else {}
+        current = partial.values(to_model(graph, like=ctx.model), wanted) if wanted else {}
         for name in {layer.x for layer in wave} & graph_inputs:
             current[name] = data.arrays[name] if shift == 0 else data.arrays[name][:, None]
         for layer in wave:
             x = current[layer.x][:, 0] if shift else current[layer.x]
             rows.append(FITTERS[layer.kind](graph, layer, x, original[layer.y], fit))
+        partial.forget(_descendants([n for layer in wave for n in (layer.node, layer.bias_node) if n is not None]))
         pending = [layer for layer in pending if layer not in wave]
     return rows, n, int(held.sum())
+
+
+def _descendants(nodes: list[gs.Node]) -> set[str]:
+    """Names of the tensors that `nodes` write and of every tensor computed from them."""
+    names: set[str] = set()
+    stack = [t for node in nodes for t in node.outputs]
+    while stack:
+        t = stack.pop()
+        if t.name in names:
+            continue
+        names.add(t.name)
+        stack.extend(out for reader in t.outputs for out in reader.outputs)
+    return names
 
 
 def _unpruned_weights(graph: gs.Graph, model) -> dict[int, tuple]:
@@ -288,13 +305,12 @@ def _bn_constant(node: gs.Node) -> bool:
     return all(weight_value(t) is not None for t in node.inputs[1:5]) and not node.attrs.get("training_mode", 0)
 
 
-def _ready(pending: list[_Layer]) -> list[_Layer]:
-    """The pending layers whose inputs no other pending layer influences."""
+def _ready(pending: list[_Layer], ancestors: dict[int, set[int]]) -> list[_Layer]:
+    """The pending layers whose inputs no other pending layer influences (`ancestors`: id(node) → `_ancestors`)."""
     ids = {id(layer.node) for layer in pending}
     wave = []
     for layer in pending:
-        upstream = _ancestors(layer.node)
-        if not upstream & (ids - {id(layer.node)}):
+        if not ancestors[id(layer.node)] & (ids - {id(layer.node)}):
             wave.append(layer)
     return wave or pending[:1]
 

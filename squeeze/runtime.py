@@ -94,11 +94,15 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def activations(model: onnx.ModelProto, data: Dataset, names: list[str],
                 threads: int | None = None) -> dict[str, np.ndarray]:
     """Values of intermediate tensors `names` on every sample of `data` (graph optimisations off, so names exist)."""
+    return run(model, data, names, sess=_exposed(model, names, threads))
+
+
+def _exposed(model: onnx.ModelProto, names: list[str], threads: int | None):
+    """A session of `model` with graph optimisations off (so the tensor names exist) that outputs `names`."""
     weights, skeleton = None, model
     if is_big(model):  # expose the outputs on the weightless skeleton, not on a copy of every weight
         skeleton, weights = without_weights(model, as_inputs=True)
-    exposed = with_outputs(skeleton, names)
-    return run(model, data, names, sess=session(exposed, threads, optimize=False, weights=weights))
+    return session(with_outputs(skeleton, names), threads, optimize=False, weights=weights)
 
 
 def cpu_count() -> int:
@@ -107,3 +111,104 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+class Partial:
+    """Intermediate tensors of a model that is being edited, on fixed data, recomputing only what is unknown.
+
+    `values` runs the smallest part of the model that yields the tensors asked for from the inputs and from the
+    values it computed before (a segment of the graph, graph optimisations off as in `activations`), so asking
+    for the tensors after each edit costs the edited segment, not the whole model. `forget` drops the values an
+    edit changed. Values are kept per feed, the oldest dropped beyond `budget` bytes (they are recomputed when
+    asked for again). A model with control-flow subgraphs or over the protobuf limit runs whole each time."""
+
+    def __init__(self, data: Dataset, specs, threads: int | None = None, budget: int = 1 << 30):
+        self.feeds = list(data.batches(specs))
+        self.stacked = all(data.stacked.get(s.name, True) for s in specs)
+        self.threads, self.budget = threads, budget
+        self.known: dict[str, list[np.ndarray]] = {}  # tensor → value per feed, oldest first
+
+    def values(self, model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
+        missing = [n for n in names if n not in self.known]
+        if missing:
+            self._compute(model, missing)
+        return {n: np.concatenate([v if self.stacked else v[None] for v in self.known[n]], axis=0) for n in names}
+
+    def forget(self, names) -> None:
+        for name in names:
+            self.known.pop(name, None)
+
+    def _compute(self, model: onnx.ModelProto, names: list[str]) -> None:
+        fed = [n for n in names if n in self.feeds[0]] if self.feeds else []
+        for name in fed:
+            self.known[name] = [feed[name] for feed in self.feeds]
+        names = [n for n in names if n not in fed]
+        known = {n: values[0].dtype for n, values in self.known.items()}
+        segment = None if is_big(model) else _segment(model, names, known)
+        if segment is None:
+            sess = _exposed(model, names, self.threads)
+            per_feed = [_run_feed(sess, names, feed) for feed in self.feeds]
+        else:
+            sess = session(segment, self.threads, optimize=False)
+            inputs = [i.name for i in segment.graph.input]
+            per_feed = [_run_feed(sess, names, {k: feed[k] if k in feed else self.known[k][b] for k in inputs})
+                        for b, feed in enumerate(self.feeds)]
+        for j, name in enumerate(names):
+            self.known[name] = [values[j] for values in per_feed]
+        self._evict(keep=set(names))
+
+    def _evict(self, keep: set[str]) -> None:
+        total = sum(v.nbytes for values in self.known.values() for v in values)
+        for name in list(self.known):
+            if total <= self.budget:
+                break
+            if name not in keep:
+                total -= sum(v.nbytes for v in self.known.pop(name))
+
+
+def _run_feed(sess, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return sess.run(names, feed)
+    except Exception as exc:
+        raise PassError(f"ONNX Runtime failed to run the model: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _segment(model: onnx.ModelProto, names: list[str], known: dict[str, np.dtype]) -> onnx.ModelProto | None:
+    """The part of `model` that computes `names` from its inputs and the `known` tensors (inputs of the segment,
+    typed by their element type), or None when that part holds a node with a subgraph (which may read tensors of
+    the outer graph by name)."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = {t.name for t in graph.initializer}
+    graph_inputs = {i.name: i for i in graph.input if i.name not in constants}
+    kept: set[int] = set()
+    boundary: list[onnx.ValueInfoProto] = []
+    stack, seen = list(names), set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if name in known and name not in names:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(known[name]))
+            boundary.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        elif name in graph_inputs:
+            boundary.append(graph_inputs[name])
+        elif name in producer:
+            node = producer[name]
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                return None
+            if id(node) not in kept:
+                kept.add(id(node))
+                stack.extend(node.input)
+    segment = onnx.ModelProto(ir_version=model.ir_version, producer_name="squeeze-segment")
+    segment.opset_import.extend(model.opset_import)
+    segment.functions.extend(model.functions)
+    out = segment.graph
+    out.name = graph.name
+    out.node.extend(node for node in graph.node if id(node) in kept)  # graph order is topological
+    used = {i for node in out.node for i in node.input}
+    out.initializer.extend(t for t in graph.initializer if t.name in used)
+    out.input.extend(sorted(boundary, key=lambda v: v.name))
+    out.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    return segment

@@ -10,7 +10,7 @@ import pytest
 
 from squeeze import metrics, runtime, verify
 from squeeze.data import Dataset, input_specs
-from squeeze.model import to_graph
+from squeeze.model import to_graph, to_model
 from squeeze.passes import compensate as comp
 from squeeze.passes import prune as prune_module
 from squeeze.passes.channel_space import Slot
@@ -152,6 +152,44 @@ def test_sensitivity_spends_the_ratio_on_channels_that_cost_nothing():
     weights = {i.name: list(i.dims) for i in pruned.graph.initializer}
     assert weights["p.w"][0] + weights["q.w"][0] == 12
     np.testing.assert_allclose(runtime.run(pruned, data)["y"], runtime.run(model, data)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_sensitivity_trials_over_the_budget_fall_back_to_layer():
+    """Past `budget` GMACs of trials the pass ranks as `layer` (the same cut as scope=layer) and says why."""
+    model = idle_channels_model()
+    data = calibration(model, 16)
+    bounded, step = prune_model(model, "prune(ratio=0.25,budget=0)", data)
+    assert step["details"]["scope"] == "layer" and "sensitivity" not in step["details"]
+    assert any("over budget=0" in note for note in step["notes"])
+    layer, _ = prune_model(model, "prune(ratio=0.25,scope=layer)", data)
+    assert bounded.SerializeToString() == layer.SerializeToString()
+
+
+def test_partial_runs_recompute_only_what_an_edit_changed_and_match_whole_runs():
+    """runtime.Partial, as compensation uses it: after a weight edit and `forget` of what it changed, the values
+    asked for equal a whole run of the edited model; before the `forget` they are the cached ones."""
+    model, _, _ = residual_add()
+    data = calibration(model, 8)
+    graph = to_graph(model)
+    partial = runtime.Partial(data, input_specs(model))
+    names = ["relu_a", "add", "relu_add"]
+    first = partial.values(model, names)
+    for name, value in runtime.activations(model, data, names).items():
+        np.testing.assert_array_equal(first[name], value)
+    node = next(n for n in graph.nodes if n.name == "b2")
+    node.inputs[1].values = node.inputs[1].values * 0.5
+    edited = to_model(graph, like=model)
+    assert np.array_equal(partial.values(edited, ["add"])["add"], first["add"])  # stale until forgotten
+    partial.forget(comp._descendants([node]))
+    assert "relu_a" in partial.known and "add" not in partial.known
+    segment = runtime._segment(edited, ["add", "relu_add"], {"relu_a": np.dtype(np.float32)})
+    assert sorted(n.name for n in segment.graph.node) == ["add", "b1", "b2", "relu_add", "relu_b1", "sc"]
+    assert [i.name for i in segment.graph.input] == ["relu_a"]
+    whole = runtime.activations(edited, data, ["add", "relu_add"])
+    again = partial.values(edited, ["add", "relu_add"])
+    for name in ("add", "relu_add"):
+        np.testing.assert_array_equal(again[name], whole[name])
+    assert not np.allclose(again["add"], first["add"])
 
 
 def test_a_sensitivity_plan_that_loses_more_per_mac_than_layer_gives_way(monkeypatch):
