@@ -256,7 +256,8 @@ def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool)
             layer = _layer_for(m.node, labels[id(m.node)])
             if layer is None:
                 why = conv_transpose_problem(m.node) if m.op == "ConvTranspose" else None
-                skipped.append(f"compensation: {m.op} '{labels[id(m.node)]}' is not refit ({why or 'unsupported form'})")
+                skipped.append(f"compensation: {m.op} '{labels[id(m.node)]}' is not refit "
+                               f"({why or 'unsupported form'})")
             else:
                 chosen[id(m.node)] = layer
     tensors = graph.tensors()
