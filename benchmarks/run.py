@@ -5,6 +5,7 @@
     python benchmarks/run.py --models mnist_burn --pipelines "cleanup" --out /tmp/b.md
     python benchmarks/run.py --all                 # every per-issue script, then the main table: BENCHMARKS.md whole
     python benchmarks/run.py --all --scripts peers --dry-run   # what --all would run and what it would skip
+    python benchmarks/run.py --render              # no run: BENCHMARKS.md from the cache and the per-issue tables
 
 `--all` regenerates BENCHMARKS.md whole: it runs every per-issue script in ISSUE_SCRIPTS (each writes
 benchmarks/results/NAME.md with its defaults) and then the main table (with `--resume`). It is resumable: a per-issue
@@ -613,6 +614,22 @@ def write_markdown(out: Path, cache: Cache, cfg: dict, args, command: str, curre
     os.replace(tmp, out)
 
 
+def render(out: Path, cache: Cache, args) -> int:
+    """BENCHMARKS.md from the cache alone: the main table as the cache's last invocation left it (its code commit
+    and command, which the file states) and the per-issue tables as they are now."""
+    invocations = cache.data["invocations"]
+    if not invocations:
+        print(f"{args.cache}: no run recorded; run `python benchmarks/run.py` first", file=sys.stderr)
+        return 2
+    last = invocations[-1]
+    cfg = {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": last["code"], "head": last["head"],
+           "eval": {m: (args.eval_limit or EVAL_LIMIT.get(m)) for m in args.models}}
+    write_markdown(out, cache, cfg, args, last["command"], len(invocations) - 1)
+    print(f"{out}: main table from the cache at code {last['code']} ({last['started']}), "
+          f"per-issue tables from {RESULTS}", file=sys.stderr)
+    return 0
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                    "this code, then the main table (with --resume): BENCHMARKS.md whole")
     p.add_argument("--scripts", nargs="*", default=[n for n, _ in ISSUE_SCRIPTS],
                    help="with --all: only these per-issue scripts (default: all)")
+    p.add_argument("--render", action="store_true", help="run nothing: rewrite BENCHMARKS.md from --cache (the main "
+                   "table at the code its last invocation measured, which the file names) and the per-issue tables")
     p.add_argument("--dry-run", action="store_true", help="with --all: say what would run and what is current")
     p.add_argument("--no-main", action="store_true", help="with --all: the per-issue scripts only; BENCHMARKS.md "
                    "is left as it is")
@@ -651,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python benchmarks/run.py", *(shlex.quote(a) for a in raw)])
     out = Path(args.out)
+    if args.render:
+        return render(out, Cache(Path(args.cache), True), args)
     commit, dirty = code_key()
     cfg = {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": commit,
            "head": _git("rev-parse", "--short", "HEAD") or "?",

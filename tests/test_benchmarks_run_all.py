@@ -84,3 +84,26 @@ def test_imports_of_a_script_key_its_code():
     assert bench._benchmark_imports("real_models")[:1] == ["real_models"]
     assert {"run", "corpus"} <= set(bench._benchmark_imports("real_models"))
     assert "run" not in bench._benchmark_imports("prune_curve")
+
+
+def test_render_writes_the_cached_main_table_at_its_code_and_the_issue_tables(scripts, monkeypatch):
+    """`--render` runs nothing: the main table comes from the cache at the code its last invocation measured (the
+    file says which), the per-issue tables from results/; an empty cache is refused with exit 2."""
+    monkeypatch.setattr(bench.corpus, "available", lambda: True)
+    (scripts / "results").mkdir()
+    (scripts / "results" / "fake.md").write_text("# fake table\n\n| a |\n|---|\n| 1 |\n")
+    cache = bench.Cache(scripts / "cache.json", False)
+    cfg = {"seed": 0, "threads": 1, "runs": 50, "code": "0ld0c0d", "head": "0ld0c0d", "eval": {"mnist_burn": None}}
+    cache.data["invocations"].append({"command": "python benchmarks/run.py", "code": "0ld0c0d", "head": "0ld0c0d",
+                                      "started": "2026-01-01 00:00:00 UTC", "seconds": 60.0})
+    cache.data["cells"][bench._cell_key("mnist_burn", "quant", cfg)] = {
+        "status": "done", "invocation": 0, "row": {"top-1": 98.5, "note": "measured"}}
+    cache.save()
+    out = scripts / "B.md"
+    args = ["--render", "--cache", str(scripts / "cache.json"), "--out", str(out), "--models", "mnist_burn",
+            "--pipelines", "quant"]
+    assert bench.main(args) == 0
+    text = out.read_text()
+    assert "at commit `0ld0c0d`" in text and "| mnist_burn | `quant` |" in text and "98.50" in text
+    assert "INCOMPLETE" not in text and "## fake table" in text
+    assert bench.main(["--render", "--cache", str(scripts / "empty.json"), "--out", str(out)]) == 2
