@@ -15,7 +15,8 @@ from squeeze.context import Context
 from squeeze.data import Dataset, holdout
 from squeeze.model import to_model
 
-from .compensate import conv_rows, conv_windows, post_op
+from .compensate import conv_rows, post_op
+from .im2col import conv_windows
 from .ridge import Ridge
 
 if TYPE_CHECKING:

@@ -38,7 +38,8 @@ from squeeze.model import to_graph, to_model
 
 from .channel_space import Group
 from .cutting import tensor_masks
-from .graph_util import conv_pads, infer_shapes, node_labels, set_constant_input, topological_order, weight_value
+from .graph_util import infer_shapes, node_labels, set_constant_input, topological_order, weight_value
+from .im2col import conv_windows, window_rows
 from .ridge import Ridge
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
@@ -670,32 +671,16 @@ def transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) ->
     return win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
 
 
-def conv_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
-    """Sliding windows [N, C, *out_positions(unstrided), *kernel] of the padded input (a view, no copy)."""
-    d = len(kernel)
-    strides = list(node.attrs.get("strides", [1] * d))
-    dil = list(node.attrs.get("dilations", [1] * d))
-    pads = conv_pads(node, x.shape[2:], kernel, strides, dil)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
-    eff = [dil[i] * (kernel[i] - 1) + 1 for i in range(d)]
-    win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + d)))
-    win = win[(Ellipsis,) + tuple(slice(None, None, s) for s in dil)]
-    return win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
-
-
 def conv_rows(windows: np.ndarray, y: np.ndarray, images: np.ndarray, spatial, budget: int, rng):
     """im2col rows [R, C·kernel] float32 and the matching output rows [R, M] float64 at up to `budget` output
     positions sampled (without replacement, in order) from `images` (indices into `windows`/`y`), and the image of
     each row. `windows` from `conv_windows`; also blockperm's row sampler."""
-    per_image = int(np.prod(spatial))
-    total = len(images) * per_image
+    total = len(images) * int(np.prod(spatial))
     if total == 0:
         cols = windows.shape[1] * int(np.prod(windows.shape[2 + len(spatial):]))
         return np.zeros((0, cols), np.float32), np.zeros((0, y.shape[1])), np.zeros(0, np.int64)
     picks = np.sort(rng.choice(total, size=min(budget, total), replace=False))
-    n_idx = images[picks // per_image]
-    pos = np.unravel_index(picks % per_image, spatial)
-    patches = windows[(n_idx, slice(None)) + tuple(pos)]
+    patches, (n_idx, *pos) = window_rows(windows, images, picks, spatial)
     rows = patches.reshape(len(picks), -1).astype(np.float32)
     target = y[(n_idx, slice(None)) + tuple(pos)].astype(np.float64)
     return rows, target, n_idx

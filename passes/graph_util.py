@@ -224,22 +224,3 @@ def put_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
         node.inputs[index] = tensor
     else:
         node.inputs.append(tensor)
-
-
-def conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
-    """A Conv's pads (all begins, then all ends) for input spatial `size`, `auto_pad` resolved as ONNX defines it."""
-    d = len(kernel)
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i in range(d):
-            out = -(-size[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size[i])
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * d)
-    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]

@@ -66,6 +66,7 @@ from .channel_plan import note_unprunable, plan_removal, round_keep, summarize_p
 from .channel_space import Group, Member, Slot
 from .coupling import channel_groups
 from .cutting import apply_plan
+from .im2col import conv_windows, window_rows
 from .graph_util import infer_shapes, weight_value
 
 Importance = Callable[[Group], np.ndarray]
@@ -241,12 +242,12 @@ def _reader(member: Member, x: np.ndarray, rng: np.random.Generator) -> _Reader 
             and w.shape[1] == s.width and w.shape[1] * int(np.prod(w.shape[2:])) <= EXACT_FEATURES:
         k = int(np.prod(w.shape[2:]))
         windows = compensation.transposed_windows(node, x, w.shape[2:]) if node.op == "ConvTranspose" \
-            else compensation.conv_windows(node, x, w.shape[2:])
+            else conv_windows(node, x, w.shape[2:])
         spatial = windows.shape[2:2 + w.ndim - 2]
-        per = int(np.prod(spatial))
+        total = len(x) * int(np.prod(spatial))
         budget = min(RECONSTRUCTION_ROWS, compensation.row_budget(w.shape[1] * k))
-        picks = rng.choice(len(x) * per, size=min(budget, len(x) * per), replace=False)
-        rows = windows[(picks // per, slice(None)) + np.unravel_index(picks % per, spatial)]
+        picks = rng.choice(total, size=min(budget, total), replace=False)
+        rows, _ = window_rows(windows, np.arange(len(x)), picks, spatial)
         rows = rows.reshape(len(picks), -1).astype(np.float64)
         rows -= rows.mean(axis=0)
         flat = w.reshape(w.shape[0], -1).T

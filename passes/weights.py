@@ -28,6 +28,8 @@ from squeeze.codec import pack_bits, unpack_bits
 from squeeze.data import Dataset
 from squeeze.errors import PassError
 
+from .im2col import conv_windows, window_rows
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -212,35 +214,17 @@ def select_layers(layers: list[Layer], skip: Iterable[str]) -> tuple[list[Layer]
 
 # ---------------------------------------------------------------------------------------------- calibration
 
-def _conv_geometry(node: gs.Node, in_hw: tuple[int, int], kernel: tuple[int, int]):
-    """(pads top/left/bottom/right, strides, dilations) of a 2-D Conv, auto_pad resolved."""
-    from .graph_util import conv_pads  # noqa: PLC0415 (graph_util imports this module)
-    strides = list(node.attrs.get("strides", [1, 1]))
-    dilations = list(node.attrs.get("dilations", [1, 1]))
-    return conv_pads(node, in_hw, kernel, strides, dilations), strides, dilations
-
-
 def layer_rows(layer: Layer, x: np.ndarray, rows: int, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:
     """Up to `rows` sampled input rows of `layer` from its input activation `x`: ([groups, P, D] float32, the
     sample (index into x's batch) each row comes from)."""
     if layer.op == "Conv":
-        kernel = tuple(int(k) for k in layer.shape[2:])
-        n, c, h, w = x.shape
-        (pt, pl, pb, pr), (sh, sw), (dh, dw) = _conv_geometry(layer.node, (h, w), kernel)
-        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        oh = (h + pt + pb - dh * (kernel[0] - 1) - 1) // sh + 1
-        ow = (w + pl + pr - dw * (kernel[1] - 1) - 1) // sw + 1
-        total = n * oh * ow
+        windows = conv_windows(layer.node, x, tuple(int(k) for k in layer.shape[2:]))
+        spatial = windows.shape[2:4]
+        total = len(x) * int(np.prod(spatial))
         pick = rng.choice(total, size=min(rows, total), replace=False) if total > rows else np.arange(total)
-        ni, rem = np.divmod(pick, oh * ow)
-        yi, xi = np.divmod(rem, ow)
-        r = yi[:, None] * sh + np.arange(kernel[0])[None, :] * dh
-        q = xi[:, None] * sw + np.arange(kernel[1])[None, :] * dw
-        patches = xp[ni[:, None, None, None], np.arange(c)[None, :, None, None], r[:, None, :, None],
-                     q[:, None, None, :]]
-        g = layer.groups
-        return patches.reshape(len(pick), g, -1).transpose(1, 0, 2).astype(np.float32), ni
+        patches, (ni, *_) = window_rows(windows, np.arange(len(x)), pick, spatial)
+        return patches.reshape(len(pick), layer.groups, -1).transpose(1, 0, 2).astype(np.float32), ni
     if layer.op == "Gemm":
         a = x.reshape(x.shape[0], -1) if x.ndim != 2 else x
         sample = np.arange(len(a))
