@@ -289,6 +289,18 @@ def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
             assert kv * ht * wt >= 8, (oh, ow, blocks, (kv, ht, wt))
 
 
+def test_depthwise_tile_columns_fit_the_output_width():
+    """A depthwise tile's width divides the output width where a whole or (AVX-512) half vector does; else the
+    fewest vector instructions per row; rows make about 8 accumulators."""
+    from squeeze.targets.schedules.conv2d import depthwise_tile
+    assert depthwise_tile(40, 40, 16, 16) == (8, 8)      # 16 ∤ 40: half vectors, none wasted
+    assert depthwise_tile(76, 152, 16, 16) == (4, 8)     # 152 = 19 × 8
+    assert depthwise_tile(80, 80, 16, 16) == (8, 16)     # whole vectors fit: fewer instructions
+    assert depthwise_tile(38, 76, 16, 16)[1] == 16       # no width fits: fewest instructions, then padding
+    assert depthwise_tile(40, 40, 8, 16) == (8, 8)       # AVX2: no narrower vector than 8 lanes
+    assert depthwise_tile(13, 10, 16, 16)[1] == 10       # narrower than a vector: the row as one
+
+
 def test_packed_weights_give_the_same_convolution():
     from squeeze.targets.schedules.conv2d import pack_weight
     from squeeze.targets.schedules.dense import pack_columns
