@@ -13,8 +13,10 @@ evaluation set and no target (neither changes the model).
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 def _import_from(code: Path) -> None:
     """Make `import squeeze` load the checkout `code`: a folder laid out as the installed package (core files,
     with passes/ and targets/ inside) made of links to the checkout, first on sys.path."""
-    shim = Path(tempfile.mkdtemp(prefix="squeeze-identity-")) / "squeeze"
+    folder = tempfile.mkdtemp(prefix="squeeze-identity-")
+    atexit.register(shutil.rmtree, folder, True)  # links only: removing them leaves the checkout untouched
+    shim = Path(folder) / "squeeze"
     shim.mkdir()
     for item in (code / "squeeze").iterdir():
         (shim / item.name).symlink_to(item.resolve())
