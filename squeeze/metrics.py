@@ -102,6 +102,8 @@ def _macs_of(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | 
         return int(np.prod(x)) * int(np.prod(w[1:]))
     if node.op_type == "Gemm":
         a = ins[0]
+        if len(a) != 2:  # Gemm takes 2-D inputs; a model that breaks that is refused later, not here
+            return None
         k = a[0] if attrs.get("transA", 0) else a[1]
         return int(np.prod(out)) * int(k)
     if node.op_type == "MatMul":
