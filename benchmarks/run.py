@@ -614,6 +614,12 @@ def write_markdown(out: Path, cache: Cache, cfg: dict, args, command: str, curre
     os.replace(tmp, out)
 
 
+def _config(args, code: str, head: str) -> dict:
+    """The settings a cell's cache key is made of (`_cell_key`), for the code commit `code`."""
+    return {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": code, "head": head,
+            "eval": {m: (args.eval_limit or EVAL_LIMIT.get(m)) for m in args.models}}
+
+
 def render(out: Path, cache: Cache, args) -> int:
     """BENCHMARKS.md from the cache alone: the main table as the cache's last invocation left it (its code commit
     and command, which the file states) and the per-issue tables as they are now."""
@@ -622,8 +628,7 @@ def render(out: Path, cache: Cache, args) -> int:
         print(f"{args.cache}: no run recorded; run `python benchmarks/run.py` first", file=sys.stderr)
         return 2
     last = invocations[-1]
-    cfg = {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": last["code"], "head": last["head"],
-           "eval": {m: (args.eval_limit or EVAL_LIMIT.get(m)) for m in args.models}}
+    cfg = _config(args, last["code"], last["head"])
     write_markdown(out, cache, cfg, args, last["command"], len(invocations) - 1)
     print(f"{out}: main table from the cache at code {last['code']} ({last['started']}), "
           f"per-issue tables from {RESULTS}", file=sys.stderr)
@@ -673,9 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render(out, Cache(Path(args.cache), True), args)
     commit, dirty = code_key()
-    cfg = {"seed": args.seed, "threads": args.threads, "runs": args.runs, "code": commit,
-           "head": _git("rev-parse", "--short", "HEAD") or "?",
-           "eval": {m: (args.eval_limit or EVAL_LIMIT.get(m)) for m in args.models}}
+    cfg = _config(args, commit, _git("rev-parse", "--short", "HEAD") or "?")
     cache = Cache(Path(args.cache), args.resume)
     inv = {"command": command, "code": cfg["code"], "head": cfg["head"], "dirty": dirty, "started": _now(),
            "load_start": _load(),

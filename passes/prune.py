@@ -477,12 +477,6 @@ def _trial_samples(ctx: Context) -> tuple[int, float]:
     return min(len(ctx.calib), count), per_sample
 
 
-def trial_gmacs(ctx: Context, groups: list[Group]) -> float:
-    """The compute the sensitivity trials of `groups` take: every trial runs the model over its samples."""
-    count, per_sample = _trial_samples(ctx)
-    return len(groups) * len(SENSITIVITY_LEVELS) * count * per_sample / 1e9
-
-
 def _cut_copy(ctx: Context, plan: dict[Group, np.ndarray], compensate: bool, **options) -> onnx.ModelProto:
     """ctx.model with `plan` (groups of ctx.model's analysis, matched by index) cut on a copy and, with
     `compensate`, refit as the pass refits, without the held-out calibration samples (trials are measured on
@@ -643,11 +637,14 @@ def rank_channels(groups: list[Group], ctx: Context, *, criterion: str, scope: s
         return Ranking([], {}, {}, scope, multiple)
     importance = importance_for(criterion, candidates, ctx)
     scores = {g: importance(g) for g in candidates}
-    if scope == "sensitivity" and budget is not None and (cost := trial_gmacs(ctx, candidates)) > budget:
-        ctx.note(f"scope=layer: scope=sensitivity's trials would cost {cost:,.0f} GMACs ({len(candidates)} groups × "
-                 f"{len(SENSITIVITY_LEVELS)} levels × {_trial_samples(ctx)[0]} samples), over budget={budget:g}; "
-                 "raise `budget` to measure them")
-        scope = "layer"
+    if scope == "sensitivity" and budget is not None:
+        count, per_sample = _trial_samples(ctx)  # every trial runs the model over its samples
+        cost = len(candidates) * len(SENSITIVITY_LEVELS) * count * per_sample / 1e9
+        if cost > budget:
+            ctx.note(f"scope=layer: scope=sensitivity's trials would cost {cost:,.0f} GMACs ({len(candidates)} "
+                     f"groups × {len(SENSITIVITY_LEVELS)} levels × {count} samples), over budget={budget:g}; "
+                     "raise `budget` to measure them")
+            scope = "layer"
     if scope == "sensitivity":
         curves: dict = {}
         keys = sensitivity_scores(ctx, candidates, scores, multiple, compensate, curves)

@@ -71,11 +71,7 @@ def run(model: onnx.ModelProto, data: Dataset, outputs: list[str] | None = None,
     chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     stacked = all(data.stacked.get(s.name, True) for s in specs)
     for feed in data.batches(specs):
-        try:
-            result = sess.run(names, feed)
-        except Exception as exc:
-            raise PassError(f"ONNX Runtime failed to run the model: {str(exc).splitlines()[0][:300]}") from exc
-        for name, value in zip(names, result):
+        for name, value in zip(names, _run_feed(sess, names, feed)):
             chunks[name].append(value if stacked else value[None])
     return {n: np.concatenate(c, axis=0) for n, c in chunks.items()}
 
@@ -143,6 +139,8 @@ class Partial:
         for name in fed:
             self.known[name] = [feed[name] for feed in self.feeds]
         names = [n for n in names if n not in fed]
+        if not names:
+            return
         known = {n: values[0].dtype for n, values in self.known.items()}
         segment = None if is_big(model) else _segment(model, names, known)
         if segment is None:
@@ -167,6 +165,7 @@ class Partial:
 
 
 def _run_feed(sess, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """`sess.run` on one feed; ONNX Runtime's failure as a PassError in one line."""
     try:
         return sess.run(names, feed)
     except Exception as exc:

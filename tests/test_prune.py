@@ -190,6 +190,7 @@ def test_partial_runs_recompute_only_what_an_edit_changed_and_match_whole_runs()
     for name in ("add", "relu_add"):
         np.testing.assert_array_equal(again[name], whole[name])
     assert not np.allclose(again["add"], first["add"])
+    np.testing.assert_array_equal(partial.values(edited, ["x"])["x"], data.arrays["x"])  # an input: no run at all
 
 
 def test_a_sensitivity_plan_that_loses_more_per_mac_than_layer_gives_way(monkeypatch):
