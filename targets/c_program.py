@@ -155,11 +155,7 @@ def capture_plan():
             if info.name == "StaticPlanBlockMemory":
                 box["mod"] = mod
 
-    current = tvm.transform.PassContext.current()
-    with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
-                                   required_pass=list(current.required_pass),
-                                   disabled_pass=list(current.disabled_pass),
-                                   instruments=[*current.instruments, _Capture()]):
+    with tvm_build.pass_context(instruments=[_Capture()]):
         yield box
 
 

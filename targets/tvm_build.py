@@ -99,15 +99,32 @@ def _op_hint(model: onnx.ModelProto, exc: BaseException) -> str:
     return ""
 
 
+@contextmanager
+def pass_context(config: dict | None = None, instruments=()):
+    """The current PassContext with `config` entries and `instruments` added (opt level, passes kept)."""
+    _tvm = tvm()
+    current = _tvm.transform.PassContext.current()
+    with _tvm.transform.PassContext(opt_level=current.opt_level, config={**dict(current.config), **(config or {})},
+                                    required_pass=list(current.required_pass),
+                                    disabled_pass=list(current.disabled_pass),
+                                    instruments=[*current.instruments, *instruments]) as ctx:
+        yield ctx
+
+
 def compile_module(mod, target, pipeline=None) -> Any:
     """`tvm.compile` with `pipeline` (a Relax pass; default: Relax's default pipeline for `target`).
 
-    CPU targets pass `schedules.build_pipeline(target)` for squeeze's default schedules.
+    CPU targets pass `schedules.build_pipeline(target)` for squeeze's default schedules, which lower with
+    `schedules.COMPILE_CONFIG` (what their schedules rely on TVM's lowering to do).
     """
     _tvm = tvm()
     from tvm import relax  # noqa: PLC0415
+    config = {}
+    if pipeline is not None:
+        from .schedules import COMPILE_CONFIG  # noqa: PLC0415
+        config = COMPILE_CONFIG
     try:
-        with keep_affinity():
+        with keep_affinity(), pass_context(config):
             return _tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target))
     except Exception as exc:
         raise TargetError(f"TVM failed to compile the model: {type(exc).__name__}: {error_line(exc)}") from exc

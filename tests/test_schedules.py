@@ -289,16 +289,44 @@ def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
             assert kv * ht * wt >= 8, (oh, ow, blocks, (kv, ht, wt))
 
 
-def test_depthwise_tile_columns_fit_the_output_width():
-    """A depthwise tile's width divides the output width where a whole or (AVX-512) half vector does; else the
-    fewest vector instructions per row; rows make about 8 accumulators."""
+def test_depthwise_tile_computes_the_fewest_columns_then_the_fewest_instructions():
+    """A depthwise tile's width: a multiple of the full-rate vector width (`step`) up to two vectors, the one that
+    computes the fewest columns past the output, then the fewest vector instructions per row; rows make about 8
+    accumulators."""
     from squeeze.targets.schedules.conv2d import depthwise_tile
-    assert depthwise_tile(40, 40, 16, 16) == (8, 8)      # 16 ∤ 40: half vectors, none wasted
-    assert depthwise_tile(76, 152, 16, 16) == (4, 8)     # 152 = 19 × 8
-    assert depthwise_tile(80, 80, 16, 16) == (8, 16)     # whole vectors fit: fewer instructions
-    assert depthwise_tile(38, 76, 16, 16)[1] == 16       # no width fits: fewest instructions, then padding
-    assert depthwise_tile(40, 40, 8, 16) == (8, 8)       # AVX2: no narrower vector than 8 lanes
-    assert depthwise_tile(13, 10, 16, 16)[1] == 10       # narrower than a vector: the row as one
+    assert depthwise_tile(40, 40, 16, 16, 8) == (8, 8)     # 8-lane steps (Zen 4): 40 columns, none wasted
+    assert depthwise_tile(40, 40, 16, 16) == (8, 16)       # 16-lane steps: 48 columns (the last tile peeled)
+    assert depthwise_tile(76, 152, 16, 16, 8) == (4, 8)    # 152 = 19 × 8; 76 rows = 19 × 4
+    assert depthwise_tile(80, 80, 16, 16, 8) == (8, 16)    # 80 columns either way: half the instructions
+    assert depthwise_tile(38, 76, 16, 16, 8)[1] == 16      # 80 columns either way
+    assert depthwise_tile(19, 19, 16, 16, 8)[1] == 19      # up to two vectors wide: the row as one tile
+    assert depthwise_tile(40, 40, 8, 16) == (8, 8)         # AVX2
+    assert depthwise_tile(13, 10, 16, 16)[1] == 10         # narrower than a vector: the row as one
+
+
+def test_a_partial_last_tile_is_peeled_into_whole_vector_stores():
+    """`peel_partial_tiles`: the column tile loop of a 76-wide output in 16-wide tiles lowers to four predicate-free
+    16-lane tiles and one 12-lane tile (TVM scalarizes a predicated vector store, branch per element)."""
+    import tvm
+    from tvm import s_tir, te, tirx
+
+    from squeeze.targets.schedules import COMPILE_CONFIG
+    from squeeze.targets.schedules.common import peel_partial_tiles
+    a = te.placeholder((8, 76), name="a")
+    b = te.compute((8, 76), lambda y, x: a[y, x] * 2.0, name="b")
+    sch = s_tir.Schedule(te.create_prim_func([a, b]))
+    y, x = sch.get_loops(sch.get_sblock("b"))
+    xo, xi = sch.split(x, [None, 16])
+    sch.vectorize(xi)
+    sch = peel_partial_tiles(sch)
+    mod = tvm.IRModule({"main": sch.mod["main"]})
+    passes = [s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
+              s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), tirx.transform.NarrowDataType(32),
+              s_tir.transform.LoopPartition(), tirx.transform.VectorizeLoop(True), tirx.transform.StmtSimplify()]
+    with tvm.transform.PassContext(config=COMPILE_CONFIG):
+        text = tvm.ir.transform.Sequential(passes)(mod)["main"].script()
+    assert "1, 16)" in text and "1, 12)" in text, text          # Ramp(base, 1, lanes): 16- and 12-lane loads
+    assert " if " not in text, text
 
 
 def test_packed_weights_give_the_same_convolution():

@@ -234,6 +234,9 @@ def _patterns() -> dict[str, Pattern]:
     out.append(Pattern("dw3x3_s2_mult2_c7", lambda: dw_conv(3, 2, "same", 1, 7, mult=2)))
     out.append(Pattern("dw3x3_s1_same_c24_large", lambda: dw_conv(3, 1, "same", 1, 24, hw=(64, 72))))
     out.append(Pattern("dw5x5_s2_same_c32_large", lambda: dw_conv(5, 2, "same", 1, 32, hw=(60, 70))))
+    # planes over `CHANNEL_INPUT_BYTES` (padding computed per row tile), 76 columns (a peeled 12-column last tile)
+    out.append(Pattern("dw3x3_s2_same_c4_rowtiles", lambda: dw_conv(3, 2, "same", 1, 4, hw=(100, 152))))
+    out.append(Pattern("dw3x3_s1_same_c4_rowtiles", lambda: dw_conv(3, 1, "same", 1, 4, hw=(121, 76))))
     for groups, per, k, s in itertools.product((2, 3), (3, 8), (3, 5), (1, 2)):
         out.append(Pattern(f"grouped_g{groups}_c{per}_{k}x{k}_s{s}",
                            lambda groups=groups, per=per, k=k, s=s: grouped_conv(groups, per, k, s)))
@@ -277,7 +280,7 @@ def _patterns() -> dict[str, Pattern]:
 PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
-FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
+FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
         "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 

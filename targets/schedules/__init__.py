@@ -29,6 +29,10 @@ go parallel above 512 K multiply-adds, and never when the build is for one threa
 """
 from __future__ import annotations
 
+from .common import PARTITION_CONFIG
 from .pipeline import build_pipeline, fuse_passes, fused_module, legalize_map, rules
 
-__all__ = ["build_pipeline", "fuse_passes", "fused_module", "legalize_map", "rules"]
+#: PassContext config a build with these schedules lowers under (`tvm_build.compile_module` applies it)
+COMPILE_CONFIG = dict(PARTITION_CONFIG)
+
+__all__ = ["COMPILE_CONFIG", "build_pipeline", "fuse_passes", "fused_module", "legalize_map", "rules"]

@@ -29,7 +29,9 @@ column tile): stem 827 → 618 µs, 16→64 1×1 on 55×55 239 → 131, 16→64 
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
 channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~8 independent
 accumulator vectors, since a lone vector is one FMA dependency chain), and a strided conv reads its input through
-column phases (`_column_phases`) so every tap is a contiguous vector. Kernel times, ppocrv6_tiny_det at 1 thread
+column phases (`_column_phases`) so every tap is a contiguous vector; padding and phases are computed per
+channel, in cache (`_inputs_computed_at`), and the last, partial tile of a row is peeled (`peel_partial_tiles`).
+Kernel times, ppocrv6_tiny_det at 1 thread
 (min of 15, same process, before → after): 5×5 on 64×80×80 1936 → 1068 µs, 5×5 on 64×40×40 370 → 233,
 3×3 on 32×80×80 169 → 64; all eleven depthwise kernels 2.86 → 1.74 ms (two 3×3 on 48×40×40 lost 6-30 µs).
 """
@@ -41,13 +43,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, TILE, default_legalization, dtype_or, extent, find_kernel, inline_epilogue, is_spatial, \
-    product, schedule_injective, static_shape, tile_epilogue, tile_of, tile_variants, vectorize_columns, worth_parallel
-from .simd import describe, is_cpu
+    peel_partial_tiles, product, schedule_injective, static_shape, tile_epilogue, tile_of, tile_variants, \
+    vectorize_columns, worth_parallel
+from .simd import describe, dtype_bits, is_cpu
 
 CONV = "conv2d_nchw_packed"
 REGROUPED = "squeeze.regrouped"  #: conv block annotation: its output channels are per-group padded (see the crop)
 DEPTHWISE = "depthwise_conv2d_nchw"
 COLUMNS = "conv2d_columns"
+PHASES = "pad_phases"  #: the column phases of a strided conv's padded input (`_column_phases`)
 #: `Conv2dColumns` takes convs with at most this many input channels per group and columns padded by at most
 #: 5 % (see its docstring for the measurements)
 COLUMNS_MAX_INPUTS = 16
@@ -274,24 +278,27 @@ def _transposed_taps(data, out_hw, kernel_hw, geometry):
                                                    (y + pt) % sh + sh * ry, (x + pl) % sw + sw * rx)
 
 
-def depthwise_tile(oh: int, ow: int, lanes: int, max_acc: int) -> tuple[int, int]:
+def depthwise_tile(oh: int, ow: int, lanes: int, max_acc: int, step: int | None = None) -> tuple[int, int]:
     """(ht rows, wt columns) of a depthwise register tile: ht · wt/lanes accumulator vectors.
 
     A depthwise output sums only r·s taps, so a tile of one or two vectors is a single FMA dependency chain
     per vector: latency-bound at 4 cycles a tap (ppocrv6_tiny_det's 5×5 on 64×80×80: 5 GMAC/s). Rows give
     independent chains that share input rows (row y + ry is tap ry of output row y and tap ry−1 of row
-    y + 1, one load for both once unrolled): aim for 8 accumulators, at most `max_acc`. Columns: the vector
-    count that pads the fewest columns (80 → 16, not 32 → 96), but first a width that divides `ow` (half a
-    vector where it has at least 8 lanes and a whole one does not): a tile whose last columns fall outside the
-    output ran 2-4× slower than one that fits (AVX-512, 1 thread, median of 7 interleaved rounds, ratio to ONNX
-    Runtime: 48×40×40 3×3 tile 8×16 2.63, 8×8 0.53; 32×80×80 3×3/2 2.45 against 0.96; 64×200×152 3×3 3.47
-    against 0.79; 32×400×304 3×3/2 3.16 against 1.11); rows: those dividing `oh`, else the fewest padded rows.
+    y + 1, one load for both once unrolled): aim for 8 accumulators, at most `max_acc`; rows: those dividing
+    `oh`, else the fewest padded rows. Columns: a multiple of `step` (the full-rate vector width,
+    `Cpu.full_rate_lanes`; default `lanes`) up to two vectors, or the whole row where it is at most two vectors
+    wide, the one that computes the fewest columns past the output (20 → 24 with 8-lane steps, not 32), then
+    the fewest vector instructions a row (76 → 16, not 8). 96×38×38 3×3/2 (19 columns) at 1 thread: a tile of
+    one whole row 1.15× ONNX Runtime, 4 rows × 8 columns 1.45×. The last, partial tile of a row is peeled off
+    by `peel_partial_tiles` with a narrower store (before that it ran 2-4× slower than a tile that fits, and
+    widths dividing `ow` were preferred).
     """
-    if ow < lanes:
+    step = step or lanes
+    if ow < step:
         wt = ow
-    else:  # a width that fits the output, then fewest vector instructions per row, then fewest padded columns
-        widths = [v * lanes for v in (1, 2)] + ([lanes // 2] if lanes // 2 >= 8 else [])
-        wt = min(widths, key=lambda w: (ow % w != 0, math.ceil(ow / w) * max(1, w // lanes), math.ceil(ow / w) * w))
+    else:
+        widths = [w for w in range(step, 2 * lanes + 1, step)] + ([ow] if ow <= 2 * lanes else [])
+        wt = min(widths, key=lambda w: (math.ceil(ow / w) * w, math.ceil(ow / w) * math.ceil(w / lanes)))
     vectors = max(1, math.ceil(wt / lanes))
     rows = max(1, min(oh, 8 // vectors, max_acc // vectors))
     ht = min(range(1, rows + 1), key=lambda h: (math.ceil(oh / h) * h, -h))
@@ -306,7 +313,7 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
     (read directly, a stride-2 vector load is 16 scalar loads per tap: 2.7 GMAC/s on a 3×3/2).
     """
     lanes = cpu.lanes(dtype)
-    ht, wt = depthwise_tile(oh, ow, lanes, cpu.accumulators())
+    ht, wt = depthwise_tile(oh, ow, lanes, cpu.accumulators(), cpu.full_rate_lanes(dtype))
 
     def compute(data, weight):
         from tvm import te  # noqa: PLC0415
@@ -326,7 +333,7 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
                                           axis=[ry, rx]),
                 name="depthwise_conv2d_nchw", attrs=attrs)
         else:
-            phased = _column_phases(data, (ohp, owp), (r, s), geometry)
+            phased = _column_phases(data, (ohp, owp), (r, s), geometry, padded_first=True)
             conv = te.compute(
                 (data.shape[0], k, ohp, owp),
                 lambda b, o, y, x: te.sum(phased[b, o // mult, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw]
@@ -380,19 +387,39 @@ def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: 
     return compute
 
 
-def _column_phases(data, out_hw, kernel_hw, geometry):
-    """The zero-padded input split into its `sw` column phases: [n, c, rows, sw, columns / sw]."""
-    from tvm import te, tirx  # noqa: PLC0415
+def _column_phases(data, out_hw, kernel_hw, geometry, padded_first: bool = False):
+    """The zero-padded input split into its `sw` column phases: [n, c, rows, sw, columns / sw].
+
+    `padded_first`: pad in a block of its own (`pad_temp`), then split the phases without a bounds check. The
+    one-block form is a guarded strided read, which LLVM vectorizes with masked gathers (`vgatherdps`: 80 % of
+    a 32×160×152 3×3/2 depthwise conv, 2.3× ONNX Runtime); in two blocks the padding is a plain copy and the
+    split, scheduled with the phase loop innermost (`split_phases`), loads whole vectors and shuffles them.
+    """
+    from tvm import te, tirx, topi  # noqa: PLC0415
     (pt, pl), (h, w) = geometry["pad_before"], geometry["in_hw"]
     (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
     rows = (out_hw[0] - 1) * sh + (kernel_hw[0] - 1) * dh + 1
     cols = out_hw[1] + ((kernel_hw[1] - 1) * dw) // sw
+    shape = (data.shape[0], data.shape[1], rows, sw, cols)
+    if padded_first:
+        padded = topi.nn.pad(data, [0, 0, pt, pl], [0, 0, max(0, rows - h - pt), max(0, cols * sw - w - pl)],
+                             name="pad_temp")
+        return te.compute(shape, lambda b, ch, yy, p, xx: padded[b, ch, yy, xx * sw + p], name=PHASES)
 
     def value(b, ch, yy, p, xx):
         iy, ix = yy - pt, xx * sw + p - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
         return tirx.if_then_else(inside, data[b, ch, iy, ix], tirx.const(0, data.dtype))
-    return te.compute((data.shape[0], data.shape[1], rows, sw, cols), value, name="pad_phases")
+    return te.compute(shape, value, name=PHASES)
+
+
+def split_phases(sch, block) -> None:
+    """Schedule a `PHASES` block read from a padded buffer: the phase loop innermost and unrolled, the rest left
+    to LLVM, whose loop vectorizer turns the `sw` reads of one column group into whole-vector loads and
+    shuffles (`vpermt2ps`). Vectorized by TVM instead, each phase would be a strided gather or scatter."""
+    *_, p, xx = sch.get_loops(block)
+    sch.reorder(xx, p)
+    sch.unroll(p)
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -416,9 +443,52 @@ def _tile_loop_with_epilogue(sch, anchor, outer, kernel_layout, keep=(), columns
     return epilogue, [b for b in rest if sch.get(b).name_hint != name]
 
 
-def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None) -> None:
+#: per-channel padded input (padding + column phases) up to which a depthwise conv computes it per channel;
+#: larger ones are computed per row tile (in L1, a few rows recomputed where tiles overlap)
+CHANNEL_INPUT_BYTES = 32 * 1024
+
+
+def _inputs_computed_at(sch, anchor, loops) -> list:
+    """Compute `anchor`'s spatial producers (padding, column phases) and theirs inside the tile loops; return them.
+
+    `loops`: (the channel loop, the row-tile loop). Per channel while the channel's padded input fits in
+    `CHANNEL_INPUT_BYTES`, else per row tile: the padded input then stays in cache between the pass that writes
+    it and the taps that read it, instead of a whole-tensor round trip through memory. 1 thread, ratio to ONNX
+    Runtime, whole tensor → per row tile (→ per channel): 32×160×152 3×3/2 2.2 → 0.97 (1.2), 64×200×152 3×3
+    0.89 → 0.74 (0.79); 96×38×38 3×3/2 2.2 → 1.7 → 1.4 (with the phase split of `_column_phases(padded_first)`).
+    """
+    from tvm import s_tir  # noqa: PLC0415
+    todo = [b for b in sch.get_producers(anchor) if is_spatial(sch, b)]
+    blocks = list(todo)
+    while todo:  # and their producers (the padding before the phase split)
+        todo = [p for b in todo for p in sch.get_producers(b) if is_spatial(sch, p)]
+        blocks += todo
+    per_channel = sum(_per_channel_bytes(sch, b) for b in blocks)
+    loop = loops[0] if per_channel <= CHANNEL_INPUT_BYTES else loops[1]
+    placed = []
+    for block in blocks:  # consumers first: compute_at places a block at what its consumers read
+        try:
+            sch.compute_at(block, loop, preserve_unit_loops=True)
+        except s_tir.ScheduleError:  # also read elsewhere in the function: stays a pass of its own
+            break
+        placed.append(block)
+    return placed
+
+
+def _per_channel_bytes(sch, block) -> int:
+    """Bytes of one (batch, channel) plane of what `block` writes."""
+    buffer = sch.get(block).writes[0].source
+    return product(int(v) for v in buffer.shape[2:]) * dtype_bits(str(buffer.dtype)) // 8
+
+
+def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None,
+            placed=()) -> None:
+    """Parallel outer loop, decomposed reduction, and the producers (but those `placed` inside the tile loops)
+    and `leftovers` scheduled as injective loops."""
     # (a conv's padding; in a `conv_pair` function the first conv is the second's producer: scheduled apart)
-    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor) if is_spatial(sch, b)]
+    placed = {sch.get(b).name_hint for b in placed}
+    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)
+                 if is_spatial(sch, b) and sch.get(b).name_hint not in placed]
     # before decompose_reduction: `parallel` needs a complete reduction block
     if parallel if parallel is not None else worth_parallel(work):
         sch.parallel(outer)
@@ -581,8 +651,9 @@ class DepthwiseConv2d:
         yo, yi = sch.split(y, [None, ht])
         xo, xi = sch.split(x, [None, wt])
         sch.reorder(n, k, yo, xo, ry, rx, yi, xi)
-        outer = sch.fuse(n, k, yo, xo)
-        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer, lambda b, o, yy, xx: (b, o, yy, xx))
+        outer = sch.fuse(n, k)
+        _, leftovers = _tile_loop_with_epilogue(sch, anchor, xo, lambda b, o, yy, xx: (b, o, yy, xx),
+                                                keep=("pad_temp",))
         if wt > lanes and wt % lanes == 0:
             xv, xl = sch.split(xi, [None, lanes])
             sch.vectorize(xl)
@@ -590,5 +661,9 @@ class DepthwiseConv2d:
         else:
             sch.vectorize(xi)
         sch.unroll(yi)
-        _finish(sch, anchor, ry, outer, work, lanes, leftovers)
-        return sch
+        placed = _inputs_computed_at(sch, anchor, (outer, yo))
+        for block in placed:
+            if sch.get(block).name_hint == PHASES:
+                split_phases(sch, block)
+        _finish(sch, anchor, ry, outer, work, lanes, leftovers, placed=placed)
+        return peel_partial_tiles(sch)

@@ -20,7 +20,9 @@ from __future__ import annotations
 #: 6: softmax/row reductions, column-vector convs, BatchNorm folded into convs (different workloads and traces).
 #: 7: conv → conv pairs (factorised layers) fused into one `conv2d_pair` function (`conv_pair.py`).
 #: 8: ceil-mode max pools legalized in floor mode with only the padding their windows read (`pool.py`).
-SCHEDULES_VERSION = 8
+#: 9: depthwise convs: padding computed per channel or row tile, stride-2 phases split from the padding, the
+#: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps.
+SCHEDULES_VERSION = 9
 
 
 def legalize_map() -> dict:

@@ -23,11 +23,11 @@ class Cpu:
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of `dtype` in one SIMD register."""
-        return max(1, self.vector_bits // _bits(dtype))
+        return max(1, self.vector_bits // dtype_bits(dtype))
 
     def full_rate_lanes(self, dtype: str = "float32") -> int:
         """Lanes of `dtype` in the widest vector that costs no more per lane than a narrower one."""
-        return max(1, min(self.full_rate_bits or self.vector_bits, self.vector_bits) // _bits(dtype))
+        return max(1, min(self.full_rate_bits or self.vector_bits, self.vector_bits) // dtype_bits(dtype))
 
     def accumulators(self) -> int:
         """Vector registers a register tile may hold as accumulators (the rest: operands, addresses).
@@ -42,7 +42,7 @@ class Cpu:
         return min(16, spare) if self.arch == "x86" else spare
 
 
-def _bits(dtype: str) -> int:
+def dtype_bits(dtype: str) -> int:
     """Bits of one element of `dtype` ("float32" → 32)."""
     return int("".join(ch for ch in dtype if ch.isdigit()) or 32)
 
