@@ -185,7 +185,7 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("depthwise", {"depthwise_conv2d": "DepthwiseConv2d"}),
     ("dense_heads", {"dense": "DensePacked", "log_softmax": "Fallback"}),
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
-    ("pools", {"max_pool2d": "Pool", "avg_pool2d": "Pool", "mean": "RowReduce"}),
+    ("pools", {"max_pool2d": "DepthwiseConv2d", "avg_pool2d": "Pool", "mean": "RowReduce"}),  # max: window_compute
     ("concat_bn", {"conv2d": "Conv2dPacked", "concatenate": "Injective"}),
 ])
 def test_each_function_gets_its_rule(name, expected):

@@ -212,7 +212,7 @@ def legalize_conv2d_transpose(bb, call):
                       primfunc_name_hint="conv2d_transpose")
 
 
-def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp"):
+def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp", pad_value: float = 0.0):
     """Zero-pad `data` so that every tap of a (padded) output of size `out_hw` reads inside the buffer."""
     from tvm import topi  # noqa: PLC0415
     (pt, pl), (h, w) = geometry["pad_before"], geometry["in_hw"]
@@ -222,7 +222,7 @@ def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp"):
     pb, pr = max(0, need_h - h - pt), max(0, need_w - w - pl)
     if pt == pl == pb == pr == 0:
         return data
-    return topi.nn.pad(data, [0, 0, pt, pl], [0, 0, pb, pr], name=name)
+    return topi.nn.pad(data, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=pad_value, name=name)
 
 
 def _conv_compute(k: int, groups: int, oh: int, ow: int, plan: ConvPlan, geometry):
@@ -312,37 +312,44 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
     padded input column X·sw + p, one strided pass over the input; every tap then reads a contiguous vector
     (read directly, a stride-2 vector load is 16 scalar loads per tap: 2.7 GMAC/s on a 3×3/2).
     """
-    lanes = cpu.lanes(dtype)
-    ht, wt = depthwise_tile(oh, ow, lanes, cpu.accumulators(), cpu.full_rate_lanes(dtype))
-
     def compute(data, weight):
-        from tvm import te  # noqa: PLC0415
-        c = int(data.shape[1])
-        mult = k // c
+        k_over_c = k // int(data.shape[1])
         _, _, r, s = (int(v) for v in weight.shape)
-        ohp, owp = math.ceil(oh / ht) * ht, math.ceil(ow / wt) * wt
-        (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
-        ry = te.reduce_axis((0, r), "ry")
-        rx = te.reduce_axis((0, s), "rx")
-        attrs = {KERNEL: DEPTHWISE, TILE: [1, ht, wt]}
-        if sw == 1:
-            padded = pad_to(data, (ohp, owp), (r, s), geometry)
-            conv = te.compute(
-                (data.shape[0], k, ohp, owp),
-                lambda b, o, y, x: te.sum(padded[b, o // mult, y * sh + ry * dh, x * sw + rx * dw] * weight[o, 0, ry, rx],
-                                          axis=[ry, rx]),
-                name="depthwise_conv2d_nchw", attrs=attrs)
-        else:
-            phased = _column_phases(data, (ohp, owp), (r, s), geometry, padded_first=True)
-            conv = te.compute(
-                (data.shape[0], k, ohp, owp),
-                lambda b, o, y, x: te.sum(phased[b, o // mult, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw]
-                                          * weight[o, 0, ry, rx], axis=[ry, rx]),
-                name="depthwise_conv2d_nchw", attrs=attrs)
-        if (ohp, owp) == (oh, ow):
-            return conv
-        return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: conv[b, o, y, x], name="conv2d_crop")
+        return window_compute(data, k, oh, ow, (r, s), cpu, geometry,
+                              lambda tap, o, ry, rx: tap(o // k_over_c) * weight[o, 0, ry, rx])
     return compute
+
+
+def window_compute(data, k: int, oh: int, ow: int, kernel_hw, cpu, geometry, term, reducer: str = "sum",
+                   pad_value: float = 0.0):
+    """`reducer` (sum, max) over each output's r×s input window of `term(tap, o, ry, rx)`, where `tap(c)` is the
+    window's input value in channel `c`: a depthwise conv (sum of tap × weight) or a max pool, tiled by
+    `DepthwiseConv2d` (`KERNEL` = `DEPTHWISE`). The output is padded to whole tiles, then cropped; the input is
+    padded with `pad_value`, and read through its column phases when strided."""
+    from tvm import te  # noqa: PLC0415
+    dtype = str(data.dtype)
+    ht, wt = depthwise_tile(oh, ow, cpu.lanes(dtype), cpu.accumulators(), cpu.full_rate_lanes(dtype))
+    (r, s), (sh, sw), (dh, dw) = kernel_hw, geometry["strides"], geometry["dilation"]
+    ohp, owp = math.ceil(oh / ht) * ht, math.ceil(ow / wt) * wt
+    ry = te.reduce_axis((0, r), "ry")
+    rx = te.reduce_axis((0, s), "rx")
+    if sw == 1:
+        padded = pad_to(data, (ohp, owp), (r, s), geometry, pad_value=pad_value)
+
+        def window(b, y, x):
+            return lambda ch: padded[b, ch, y * sh + ry * dh, x + rx * dw]
+    else:
+        phased = _column_phases(data, (ohp, owp), (r, s), geometry, padded_first=True, pad_value=pad_value)
+
+        def window(b, y, x):
+            return lambda ch: phased[b, ch, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw]
+    combine = {"sum": te.sum, "max": te.max}[reducer]
+    out = te.compute((data.shape[0], k, ohp, owp),
+                     lambda b, o, y, x: combine(term(window(b, y, x), o, ry, rx), axis=[ry, rx]),
+                     name="depthwise_conv2d_nchw", attrs={KERNEL: DEPTHWISE, TILE: [1, ht, wt]})
+    if (ohp, owp) == (oh, ow):
+        return out
+    return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: out[b, o, y, x], name="conv2d_crop")
 
 
 def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
@@ -387,7 +394,7 @@ def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: 
     return compute
 
 
-def _column_phases(data, out_hw, kernel_hw, geometry, padded_first: bool = False):
+def _column_phases(data, out_hw, kernel_hw, geometry, padded_first: bool = False, pad_value: float = 0.0):
     """The zero-padded input split into its `sw` column phases: [n, c, rows, sw, columns / sw].
 
     `padded_first`: pad in a block of its own (`pad_temp`), then split the phases without a bounds check. The
@@ -403,13 +410,13 @@ def _column_phases(data, out_hw, kernel_hw, geometry, padded_first: bool = False
     shape = (data.shape[0], data.shape[1], rows, sw, cols)
     if padded_first:
         padded = topi.nn.pad(data, [0, 0, pt, pl], [0, 0, max(0, rows - h - pt), max(0, cols * sw - w - pl)],
-                             name="pad_temp")
+                             pad_value=pad_value, name="pad_temp")
         return te.compute(shape, lambda b, ch, yy, p, xx: padded[b, ch, yy, xx * sw + p], name=PHASES)
 
     def value(b, ch, yy, p, xx):
         iy, ix = yy - pt, xx * sw + p - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-        return tirx.if_then_else(inside, data[b, ch, iy, ix], tirx.const(0, data.dtype))
+        return tirx.if_then_else(inside, data[b, ch, iy, ix], tirx.const(pad_value, data.dtype))
     return te.compute(shape, value, name=PHASES)
 
 
