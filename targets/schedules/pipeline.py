@@ -21,7 +21,8 @@ from __future__ import annotations
 #: 7: conv → conv pairs (factorised layers) fused into one `conv2d_pair` function (`conv_pair.py`).
 #: 8: ceil-mode max pools legalized in floor mode with only the padding their windows read (`pool.py`).
 #: 9: depthwise convs: padding computed per channel or row tile, stride-2 phases split from the padding, the
-#: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps.
+#: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps; max pools as window
+#: maxes on the depthwise tile; channel blocks credit wider vectors (`WIDE_VECTOR_GAIN`).
 SCHEDULES_VERSION = 9
 
 
