@@ -293,16 +293,16 @@ def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
 
 def test_depthwise_tile_computes_the_fewest_columns_then_the_fewest_instructions():
     """A depthwise tile's width: a multiple of the full-rate vector width (`step`) up to two vectors, the one that
-    computes the fewest columns past the output, then the fewest vector instructions per row; rows make about 8
+    computes the fewest columns past the output, then the fewest vector instructions per row; rows make about 4
     accumulators."""
     from squeeze.targets.schedules.conv2d import depthwise_tile
-    assert depthwise_tile(40, 40, 16, 16, 8) == (8, 8)     # 8-lane steps (Zen 4): 40 columns, none wasted
-    assert depthwise_tile(40, 40, 16, 16) == (8, 16)       # 16-lane steps: 48 columns (the last tile peeled)
+    assert depthwise_tile(40, 40, 16, 16, 8) == (4, 8)     # 8-lane steps (Zen 4): 40 columns, none wasted
+    assert depthwise_tile(40, 40, 16, 16) == (4, 16)       # 16-lane steps: 48 columns (the last tile peeled)
     assert depthwise_tile(76, 152, 16, 16, 8) == (4, 8)    # 152 = 19 × 8; 76 rows = 19 × 4
-    assert depthwise_tile(80, 80, 16, 16, 8) == (8, 16)    # 80 columns either way: half the instructions
+    assert depthwise_tile(80, 80, 16, 16, 8) == (4, 16)    # 80 columns either way: half the instructions
     assert depthwise_tile(38, 76, 16, 16, 8)[1] == 16      # 80 columns either way
     assert depthwise_tile(19, 19, 16, 16, 8)[1] == 19      # up to two vectors wide: the row as one tile
-    assert depthwise_tile(40, 40, 8, 16) == (8, 8)         # AVX2
+    assert depthwise_tile(40, 40, 8, 16) == (4, 8)         # AVX2
     assert depthwise_tile(13, 10, 16, 16)[1] == 10         # narrower than a vector: the row as one
 
 

@@ -10,9 +10,11 @@ function a schedule without tuning, in milliseconds:
 | `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
-| `pool` | (TOPI); ceil-mode max pools as floor mode with only the padding a window reads | window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
+| `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, only the padding a window reads); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); fallback for the rest |
 
+A tile loop whose last tile runs past the output keeps its own loop, and `common.peel_partial_tiles` marks its
+predicates `likely` so TVM's LoopPartition (`COMPILE_CONFIG`) peels that tile with narrower vector stores.
 An epilogue is computed tile by tile only when it reads the kernel's result element for element
 (`common.tile_epilogue`); anything else (a Pad fused after a conv, a broadcast into a larger tensor) runs after
 the tile loop. `tests/test_schedules_diff.py` checks each rule against TVM's default pipeline and ONNX Runtime.

@@ -27,7 +27,7 @@ column tile): stem 827 → 618 µs, 16→64 1×1 on 55×55 239 → 131, 16→64 
 (1.1-2.2× on det's and rec's 1×1 convs with 32-320 inputs), hence the cut.
 
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
-channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~8 independent
+channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~4 independent
 accumulator vectors, since a lone vector is one FMA dependency chain), and a strided conv reads its input through
 column phases (`_column_phases`) so every tap is a contiguous vector; padding and phases are computed per
 channel, in cache (`_inputs_computed_at`), and the last, partial tile of a row is peeled (`peel_partial_tiles`).
@@ -287,14 +287,20 @@ def _transposed_taps(data, out_hw, kernel_hw, geometry):
                                                    (y + pt) % sh + sh * ry, (x + pl) % sw + sw * rx)
 
 
+#: accumulator vectors a depthwise tile aims for (rows × column vectors). Measured at 1 thread against 8 (ratio
+#: to ONNX Runtime, 8 → 4 rows of one vector): 64×160×160 5×5 1.57 → 0.75, 64×80×80 5×5 1.13 → 0.82, 64×200×152
+#: 3×3 0.66 → 0.51, 32×160×152 3×3/2 1.01 → 0.93, 48×80×80 3×3 0.65 → 0.61.
+DEPTHWISE_ACCUMULATORS = 4
+
+
 def depthwise_tile(oh: int, ow: int, lanes: int, max_acc: int, step: int | None = None) -> tuple[int, int]:
     """(ht rows, wt columns) of a depthwise register tile: ht · wt/lanes accumulator vectors.
 
     A depthwise output sums only r·s taps, so a tile of one or two vectors is a single FMA dependency chain
     per vector: latency-bound at 4 cycles a tap (ppocrv6_tiny_det's 5×5 on 64×80×80: 5 GMAC/s). Rows give
     independent chains that share input rows (row y + ry is tap ry of output row y and tap ry−1 of row
-    y + 1, one load for both once unrolled): aim for 8 accumulators, at most `max_acc`; rows: those dividing
-    `oh`, else the fewest padded rows. Columns: a multiple of `step` (the full-rate vector width,
+    y + 1, one load for both once unrolled): aim for `DEPTHWISE_ACCUMULATORS`, at most `max_acc`; rows:
+    those dividing `oh`, else the fewest padded rows. Columns: a multiple of `step` (the full-rate vector width,
     `Cpu.full_rate_lanes`; default `lanes`) up to two vectors, or the whole row where it is at most two vectors
     wide, the one that computes the fewest columns past the output (20 → 24 with 8-lane steps, not 32), then
     the fewest vector instructions a row (76 → 16, not 8). 96×38×38 3×3/2 (19 columns) at 1 thread: a tile of
@@ -309,7 +315,7 @@ def depthwise_tile(oh: int, ow: int, lanes: int, max_acc: int, step: int | None 
         widths = [w for w in range(step, 2 * lanes + 1, step)] + ([ow] if ow <= 2 * lanes else [])
         wt = min(widths, key=lambda w: (math.ceil(ow / w) * w, math.ceil(ow / w) * math.ceil(w / lanes)))
     vectors = max(1, math.ceil(wt / lanes))
-    rows = max(1, min(oh, 8 // vectors, max_acc // vectors))
+    rows = max(1, min(oh, DEPTHWISE_ACCUMULATORS // vectors, max_acc // vectors))
     ht = min(range(1, rows + 1), key=lambda h: (math.ceil(oh / h) * h, -h))
     return ht, wt
 
