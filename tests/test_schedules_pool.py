@@ -25,7 +25,7 @@ def max_pool(c: int, hw: int, k: int, s: int, pads: list[int], ceil: int, dilati
 CASES = {  # name: model
     "squeezenet_27_to_13": lambda: max_pool(16, 27, 3, 2, [0, 0, 0, 0], 1),  # every window fits
     "squeezenet_111_to_55": lambda: max_pool(8, 111, 3, 2, [0, 0, 0, 0], 1),  # fits
-    "ceil_reads_past_the_map": lambda: max_pool(8, 28, 3, 2, [0, 0, 0, 0], 1),  # 14 out: the last window reads past the map
+    "ceil_reads_past_the_map": lambda: max_pool(8, 28, 3, 2, [0, 0, 0, 0], 1),  # 14 out: the last window reads past
     "ceil_with_padding": lambda: max_pool(8, 14, 3, 2, [1, 1, 1, 1], 1),  # reads past
     "ceil_dilated": lambda: max_pool(8, 16, 3, 2, [0, 0, 0, 0], 1, dilation=2),  # reads past
     "floor_mode": lambda: max_pool(8, 28, 2, 2, [0, 0, 0, 0], 0),  # fits
