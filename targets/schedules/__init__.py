@@ -10,7 +10,7 @@ function a schedule without tuning, in milliseconds:
 | `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
-| `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, only the padding a window reads); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
+| `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); fallback for the rest |
 
 A tile loop whose last tile runs past the output keeps its own loop, and `common.peel_partial_tiles` marks its

@@ -410,7 +410,7 @@ def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: 
 
 
 def _column_phases(data, out_hw, kernel_hw, geometry, padded_first: bool = False, pad_value: float = 0.0):
-    """The zero-padded input split into its `sw` column phases: [n, c, rows, sw, columns / sw].
+    """The input, padded with `pad_value`, split into its `sw` column phases: [n, c, rows, sw, columns / sw].
 
     `padded_first`: pad in a block of its own (`pad_temp`), then split the phases without a bounds check. The
     one-block form is a guarded strided read, which LLVM vectorizes with masked gathers (`vgatherdps`: 80 % of

@@ -22,12 +22,14 @@ CHANNELS_IN_FLIGHT = 8
 def legalize_max_pool2d(bb, call):
     """relax.nn.max_pool2d (NCHW, static shapes) → a window max tiled like a depthwise conv
     (`conv2d.window_compute`: register tile over rows and columns, strided windows read through column phases,
-    padding with the lowest value computed per channel), else TVM's legalization.
+    the input padded with the lowest value, per channel, as far as the windows and the whole tiles read),
+    else TVM's legalization.
 
-    Ceil mode reads only the padding its last window needs. TOPI computes it as one more row and column of −∞
-    padding whether a window reads it or not, copied in a loop of its own with a bounds check per element:
-    squeezenet's 3×3/2 pool of 256×27×27 (13×13 out, every window inside the map) ran 4.5× slower than ONNX
-    Runtime; and its strided windows are loaded lane by lane (64×111×111 3×3/2: 166 µs against ORT's 77).
+    The padding is a plain copy in cache and the taps read without a bounds check. TOPI computes ceil mode as
+    one more row and column of −∞ padding whether a window reads it or not, copied in a loop of its own with a
+    bounds check per element: squeezenet's 3×3/2 pool of 256×27×27 (13×13 out, every window inside the map)
+    ran 4.5× slower than ONNX Runtime; and its strided windows are loaded lane by lane (64×111×111 3×3/2:
+    166 µs against ORT's 77).
     """
     import tvm  # noqa: PLC0415
     from tvm import te  # noqa: PLC0415
