@@ -67,7 +67,7 @@ CODE_PATHS = ["squeeze", "passes", "targets"]
 # Per-issue scripts, in the order `--all` runs them and BENCHMARKS.md shows their tables: (script, arguments). Each
 # writes benchmarks/results/<script>.md with its defaults; one not in this checkout is left out (and said so).
 ISSUE_SCRIPTS: list[tuple[str, list[str]]] = [
-    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("blockperm", []), ("goal", []),
+    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("quant_rounding", []), ("blockperm", []), ("goal", []),
     ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", []),
     ("codebook_bits", []), ("data_roles", [])]
 # Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
