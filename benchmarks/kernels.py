@@ -7,8 +7,8 @@
 Issue 17's profiling tool: where a compiled model loses to ONNX Runtime. TVM side: every call the Relax VM makes
 (one per fused PrimFunc call) is timed by a VM instrument, `--runs` runs, median per call; ORT side: its own
 per-node profile (after its graph optimisations, so fused nodes appear as ORT runs them), median per node. Both
-tables print the slowest entries with their share (TVM's with its first argument shapes). The sums are lower than end-to-end
-latency by the VM's and ORT's own overhead (and, for TVM, by the instrument's, a few µs per call).
+tables print the slowest entries with their share (TVM's with its first argument shapes). The sums are lower
+than end-to-end latency by the VM's and ORT's own overhead (and, for TVM, by the instrument's, a few µs per call).
 Prints text; `--json` also writes every entry. Not a timed test: run it on a quiet machine and compare ratios.
 """
 from __future__ import annotations

@@ -123,7 +123,8 @@ def quant(graph: gs.Graph, ctx: Context, *,
     builder = Builder(graph, name_nodes=False)
     learn = rounding != "nearest" and not ctx.calib_is_synthetic
     if rounding != "nearest" and ctx.calib_is_synthetic:
-        ctx.note(f"rounding={rounding} needs real calibration data; rounded to nearest instead")
+        ctx.note(f"weights rounded to nearest: rounding={rounding} fits on real calibration data (--calib), and "
+                 "there is none")
     per_layer, scales = _quantize_weights(builder, layers, rows, ranges, skipped, bits, per_channel, onnx_int4,
                                           rounding, learn, iters, ctx.seed)
     sources = {l.name: l.input.name for l in layers}

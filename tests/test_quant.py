@@ -242,6 +242,21 @@ def test_bias_correction_removes_the_mean_output_error(calib_data):
     assert errors["bias-correct"] < errors["nearest"] / 3
 
 
+def test_biases_are_corrected_by_default_when_the_calibration_data_is_real(calib_data):
+    """The default rounding is bias-correct (benchmarks/results/quant_rounding.md); on synthetic inputs there is
+    nothing to fit the correction on, so weights round to nearest and the report says why."""
+    model = graphs.flatten_gemm()
+    data = calib_data(model, 64)
+    default, steps = graphs.apply(model, "quant(activations=false)", data=data)
+    explicit, _ = graphs.apply(model, "quant(activations=false,rounding=bias-correct)", data=data)
+    nearest, _ = graphs.apply(model, "quant(activations=false,rounding=nearest)", data=data)
+    assert default.SerializeToString() == explicit.SerializeToString() != nearest.SerializeToString()
+    assert all(e["bias_corrected"] for e in steps[0]["details"]["per_layer"])
+    _, steps = graphs.apply(model, "quant(activations=false)")  # N(0,1) inputs
+    assert any(n.startswith("weights rounded to nearest") for n in steps[0]["notes"])
+    assert not any("bias_corrected" in e for e in steps[0]["details"]["per_layer"])
+
+
 def test_adaround_lowers_the_layer_output_error():
     """On one layer with correlated inputs (where rounding each weight to nearest is far from optimal),
     learned rounding halves the output error on the data it was fitted on."""
