@@ -27,7 +27,7 @@ from .pipeline import model_stats, run_pipeline
 from .registry import get_pass, get_target, hook
 from .spec import Call, bind
 from .task_metrics import Metric, MetricError, Scorer, check_data, mcnemar, resolve_metric
-from .timing import time_calls
+from .timing import contention_note, time_calls
 
 SYNTHETIC_SAMPLES = 32
 CHECK_SAMPLES = 8
@@ -414,6 +414,10 @@ def _run_target(call: Call, original, final, shapes, samples, out, runs, ort_lat
         row["latency_ms"] = measured.latency_ms
         row["build_seconds"] = artifact.build_seconds
         row["notes"] = measured.notes
+        busy = contention_note(measured.latency_ms or {}, threads or runtime.cpu_count(), "TVM") \
+            if measured.method == "native" else None
+        if busy:  # other work on this machine while timing: shown next to the row's latency
+            row["contention"] = busy
         row.update(measured.extra)
         row.update({k: v for k, v in artifact.info.items()})
         if measured.outputs is not None:

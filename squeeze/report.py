@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .model import write_text_atomic
+from .timing import contention_note
 
 SCHEMA_VERSION = 1
 
@@ -177,8 +178,13 @@ def markdown(report: dict) -> str:
     lines += _device_counts(report["targets"])
     lines += _firmware_lines(report["targets"])
     lines += compute_lines(report["targets"])
+    notes = [f"- **{row['spec']}**: {note}" for row in report["targets"]
+             for note in [*(row.get("notes") or []), *([row["contention"]] if row.get("contention") else [])]]
+    lines += ["", "Notes on the targets:", "", *notes] if notes else []
     ort = report.get("onnxruntime", {})
-    lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}.",
+    busy = contention_note(ort.get("original") or {}, 1, "ONNX Runtime")
+    lines += ["", f"ONNX Runtime on this machine: original {_ms(ort.get('original'))}, final {_ms(ort.get('final'))}"
+              + (f" ({busy})." if busy else "."),
               "", "Methods: `native` = run and timed on this machine. Latency is per call from Python, batch 1, "
               "after warm-up; p50 is the median. `rpc` = timed on a device through TVM RPC. `emulated` = run in qemu: "
               "outputs are checked, the time is the emulator's (not representative). `opencl-cpu` = the OpenCL "
@@ -434,7 +440,8 @@ def terminal_table(report: dict) -> str:
         tail = f"\ngoal {goal['goal']}: {goal['status']}" + (
             f" ({', '.join(f'{m} {v:.3g}×' for m, v in best['ratios'].items())}; drop {best['drop']:.2f} pts)"
             if best else "")
-    return _aligned(rows, widths) + _apart_table(apart) + tail
+    busy = [f"note: {row['name']}: {row['contention']}" for row in report["targets"] if row.get("contention")]
+    return _aligned(rows, widths) + _apart_table(apart) + tail + "".join("\n" + b for b in busy)
 
 
 def _aligned(rows: list[tuple[str, ...]], widths: list[int]) -> str:
