@@ -94,11 +94,12 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if norms:
         ctx.note(f"{len(norms)} BatchNormalization(s) folded into their layer (lossless, as `fold-bn`): the int8 "
                  "kernel then applies them, where each ran in float between a DequantizeLinear and a QuantizeLinear")
-    gates = _hardswish_as_gate(graph)
+    quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic
+    gates = _hardswish_as_gate(graph, ops=quantize_inputs)
     if gates:
-        ctx.note(f"{gates} hard-swish(es) written x·Clip(x + 3, 0, 6) / 6 rewritten as x·HardSigmoid(x) (the same "
-                 "function): the Mul then joins the int8 region as QLinearMul, where the Add/Clip/Mul/Div chain ran "
-                 "in float between a DequantizeLinear and a QuantizeLinear")
+        ctx.note(f"{gates} hard-swish(es) (x·Clip(x + 3, 0, 6) / 6, or HardSwish ops where activations are "
+                 "quantized) rewritten as x·HardSigmoid(x) (the same function): the Mul then joins the int8 region "
+                 "as QLinearMul, where the hard-swish ran in float between a DequantizeLinear and a QuantizeLinear")
     folded_adds = _fold_bias_adds(graph)
     if folded_adds:
         ctx.note(f"{folded_adds} per-channel Add(s) after a Conv folded into its bias, so the int8 kernel adds it "
@@ -106,7 +107,6 @@ def quant(graph: gs.Graph, ctx: Context, *,
     if gates or norms:  # calibration runs the rewritten graph (its gate tensors are new)
         model = _exported(graph, model)
     layers, skipped = select_layers(find_layers(graph), skip)
-    quantize_inputs = activations if activations is not None else not ctx.calib_is_synthetic
     if activations and ctx.calib_is_synthetic:
         ctx.note("activation ranges come from synthetic N(0,1) inputs; pass --calib with real inputs")
     fused = {l.name for l in layers if l.values is not None and np.isfinite(l.values).all()}
@@ -345,13 +345,20 @@ def _only_reader(t: gs.Tensor, outputs: set[int]) -> gs.Node | None:
     return t.outputs[0] if len(t.outputs) == 1 and id(t) not in outputs else None
 
 
-def _hardswish_as_gate(graph: gs.Graph) -> int:
-    """x·Clip(x + 3, 0, 6) / 6 (or · 1/6; the decomposed hard-swish of paddle2onnx and other exporters) becomes
+def _hardswish_as_gate(graph: gs.Graph, ops: bool = True) -> int:
+    """x·Clip(x + 3, 0, 6) / 6 (or · 1/6; the decomposed hard-swish of paddle2onnx and other exporters), and the
+    HardSwish op (`ops`: only where activations are quantized; in float one op beats two), become
     x·HardSigmoid(x, α = 1/6, β = 0.5), the same function (float rounding aside). Quantized, the gate then sits
     between int8 tensors as `GATES` do, and the Mul is a QLinearMul; decomposed, the four float ops over a whole
     feature map ran between a DequantizeLinear and a QuantizeLinear after every Conv."""
     outputs = {id(t) for t in graph.outputs}
     count = 0
+    for node in list(graph.nodes):  # the HardSwish op (opset 14; torch and paddle2onnx export it): the same rewrite
+        if ops and node.op == "HardSwish" and len(node.inputs) == 1 and isinstance(node.inputs[0], gs.Variable):
+            _gate_mul(graph, node.inputs[0], node.outputs[0], node.name or node.inputs[0].name)
+            node.inputs.clear()
+            node.outputs.clear()
+            count += 1
     for add in list(graph.nodes):
         if add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
             continue
@@ -374,16 +381,20 @@ def _hardswish_as_gate(graph: gs.Graph) -> int:
         c = _scalar(last.inputs[1])
         if not ((last.op == "Div" and c == 6.0) or (last.op == "Mul" and c is not None and abs(c * 6 - 1) < 1e-6)):
             continue
-        gate = gs.Variable(f"{add.name or x.name}_hsig", dtype=np.float32)
-        graph.nodes.append(gs.Node("HardSigmoid", f"{add.name or x.name}_hsig", {"alpha": 1.0 / 6, "beta": 0.5},
-                                   inputs=[x], outputs=[gate]))
-        graph.nodes.append(gs.Node("Mul", f"{add.name or x.name}_hswish", inputs=[x, gate],
-                                   outputs=[last.outputs[0]]))
+        _gate_mul(graph, x, last.outputs[0], add.name or x.name)
         for node in (add, clip, mul, last):
             node.inputs.clear()
             node.outputs.clear()
         count += 1
     return count
+
+
+def _gate_mul(graph: gs.Graph, x: gs.Variable, out: gs.Variable, name: str) -> None:
+    """out = x·HardSigmoid(x, α = 1/6, β = 0.5): hard-swish as a gate and a Mul."""
+    gate = gs.Variable(f"{name}_hsig", dtype=np.float32)
+    graph.nodes.append(gs.Node("HardSigmoid", f"{name}_hsig", {"alpha": 1.0 / 6, "beta": 0.5}, inputs=[x],
+                               outputs=[gate]))
+    graph.nodes.append(gs.Node("Mul", f"{name}_hswish", inputs=[x, gate], outputs=[out]))
 
 
 def _exported(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:

@@ -67,29 +67,34 @@ def test_float_tensors_stay_within_the_int8_mac_budget(calib_data):
     assert kept == ["m"] and 0 < qs.FLOAT_BUDGET < qs.CHEAP
 
 
-def _conv_hardswish_conv() -> onnx.ModelProto:
+def _conv_hardswish_conv(op: bool = False) -> onnx.ModelProto:
     """
     x[1,4,8,8] ─ Conv 4→8 ─ h ─┬─ Add 3 ─ Clip 0..6 ─ Mul ─ Div 6 ─ Conv 8→4 ─ y
                                └─────────────────────┘
-    (hard-swish as paddle2onnx writes it)
+    (hard-swish as paddle2onnx writes it; `op`: the HardSwish op of opset 14, as torch exports it)
     """
     g = graphs.Builder(6)
     h = g.conv("x", "h", 4, 8, pads=[1, 1, 1, 1])
-    a = g.node("Add", [h, g.tensor("three", np.array(3.0, np.float32))], "a")
-    c = g.node("Clip", [a, g.tensor("lo", np.array(0.0, np.float32)), g.tensor("hi", np.array(6.0, np.float32))], "c")
-    m = g.node("Mul", [h, c], "m")
-    d = g.node("Div", [m, g.tensor("six", np.array(6.0, np.float32))], "d")
+    if op:
+        d = g.node("HardSwish", [h], "d")
+    else:
+        a = g.node("Add", [h, g.tensor("three", np.array(3.0, np.float32))], "a")
+        c = g.node("Clip", [a, g.tensor("lo", np.array(0.0, np.float32)), g.tensor("hi", np.array(6.0, np.float32))],
+                   "c")
+        m = g.node("Mul", [h, c], "m")
+        d = g.node("Div", [m, g.tensor("six", np.array(6.0, np.float32))], "d")
     g.conv(d, "y", 8, 4, pads=[1, 1, 1, 1])
-    return g.model({"x": [1, 4, 8, 8]}, "y")
+    return g.model({"x": [1, 4, 8, 8]}, "y", opset=14 if op else graphs.OPSET)
 
 
-def test_decomposed_hardswish_joins_the_int8_region(calib_data, tmp_path):
-    """The Add/Clip/Mul/Div hard-swish becomes x·HardSigmoid(x): ONNX Runtime runs the Mul as QLinearMul, the gate
-    as a QLinearAdd (HardSigmoid = Add(x, 3) clipped by the uint8 range of [0, 6], the 1/6 in the next
-    DequantizeLinear's scale), and no float Add/Clip/Div/HardSigmoid remains after the QLinearConv; the outputs stay
-    close to the float model's."""
+@pytest.mark.parametrize("op", [False, True], ids=["decomposed", "HardSwish-op"])
+def test_hardswish_joins_the_int8_region(calib_data, tmp_path, op):
+    """The Add/Clip/Mul/Div hard-swish, and the HardSwish op, become x·HardSigmoid(x): ONNX Runtime runs the Mul as
+    QLinearMul, the gate as a QLinearAdd (HardSigmoid = Add(x, 3) clipped by the uint8 range of [0, 6], the 1/6 in
+    the next DequantizeLinear's scale), and no float Add/Clip/Div/HardSigmoid/HardSwish remains after the
+    QLinearConv; the outputs stay close to the float model's."""
     from test_quant import _ort_optimized_ops
-    model = _conv_hardswish_conv()
+    model = _conv_hardswish_conv(op)
     data = calib_data(model, 16)
     out, steps = graphs.apply(model, "quant(sensitive=0)", data=data)
     assert any("hard-swish" in n for n in steps[0]["notes"])
@@ -97,8 +102,14 @@ def test_decomposed_hardswish_joins_the_int8_region(calib_data, tmp_path):
     # the last Conv writes the graph output, which stays float: ORT runs that one as a float Conv
     assert ops["QLinearConv"] == 1 and ops["Conv"] == 1 and ops["QLinearMul"] == 1, ops
     assert ops["QLinearAdd"] == 1 and any("HardSigmoid(s) between int8 tensors" in n for n in steps[0]["notes"])
-    assert not {"Add", "Clip", "Div", "HardSigmoid"} & set(ops), ops
+    assert not {"Add", "Clip", "Div", "HardSigmoid", "HardSwish"} & set(ops), ops
     assert graphs.max_rel_error(model, out, data) < 0.05
+
+
+def test_a_hardswish_op_stays_one_op_when_activations_stay_float():
+    """Weights-only quantization (no real calibration data): in float one HardSwish beats HardSigmoid and Mul."""
+    out, steps = graphs.apply(_conv_hardswish_conv(op=True), "quant")  # synthetic inputs: activations stay float
+    assert graphs.op_counts(out)["HardSwish"] == 1 and not any("hard-swish" in n for n in steps[0]["notes"])
 
 
 def _conv_gelu_conv() -> onnx.ModelProto:
