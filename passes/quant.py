@@ -21,9 +21,9 @@ Rounding (`rounding`): `nearest`; `bias-correct` (the default) adds the mean out
 to the bias (Nagel et al., "Data-Free Quantization", ICCV 2019): on validation splits of eight corpus models'
 calibration samples (benchmarks/results/quant_rounding.md) it lowers the output rel-L2 by 4 % in geometric mean
 (ppocrv6_tiny_det −25 %, sri_resnet_a −15 %, squeezenet +22 % where 32 images fit it) and moves no task metric
-beyond its standard error; without real calibration data it rounds to nearest; `adaround` learns, per layer, whether each weight rounds up
-or down so the layer's output on the calibration data changes least (Nagel et al., "Up or Down? Adaptive
-Rounding for Post-Training Quantization", ICML 2020), then corrects the bias.
+beyond its standard error; without real calibration data it rounds to nearest; `adaround` learns, per layer,
+whether each weight rounds up or down so the layer's output on the calibration data changes least (Nagel et al.,
+"Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020), then corrects the bias.
 
 Per-channel DequantizeLinear needs opset 13 (ONNX Runtime rejects `axis` before): older models are upgraded with
 onnx.version_converter first. TVM 0.27 lowers QDQ to float arithmetic (it folds the weight dequantization into
