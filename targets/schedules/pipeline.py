@@ -23,7 +23,7 @@ from __future__ import annotations
 #: 9: depthwise convs: padding computed per channel or row tile, stride-2 phases split from the padding, the
 #: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps; max pools as window
 #: maxes on the depthwise tile; channel blocks credit wider vectors (`WIDE_VECTOR_GAIN`).
-SCHEDULES_VERSION = 9
+SCHEDULES_VERSION = 10
 
 
 def legalize_map() -> dict:
