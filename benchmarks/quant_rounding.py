@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not corpus.available():
         print(f"corpus not found at {corpus.ROOT}", file=sys.stderr)
         return 2
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/quant_rounding.py", *(shlex.quote(a) for a in given)])
+    command = harness.command_line("quant_rounding", argv)
     code, load0 = harness.code_key()[0], harness._load()
     rows = []
     with tempfile.TemporaryDirectory(prefix="squeeze-rounding-") as tmp:

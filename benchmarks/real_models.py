@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -232,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if not corpus.available():
         print(f"corpus not found at {corpus.ROOT}", file=sys.stderr)
         return 2
-    given = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python benchmarks/real_models.py", *(shlex.quote(a) for a in given)])
+    command = harness.command_line("real_models", argv)
     code, _dirty = harness.code_key()
     cfg = {"seed": args.seed, "code": code, "head": harness._git("rev-parse", "--short", "HEAD"),
            "threads": args.threads, "runs": args.runs, "load_start": harness._load()}

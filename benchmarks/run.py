@@ -67,8 +67,8 @@ CODE_PATHS = ["squeeze", "passes", "targets"]
 # Per-issue scripts, in the order `--all` runs them and BENCHMARKS.md shows their tables: (script, arguments). Each
 # writes benchmarks/results/<script>.md with its defaults; one not in this checkout is left out (and said so).
 ISSUE_SCRIPTS: list[tuple[str, list[str]]] = [
-    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("quant_rounding", []), ("blockperm", []), ("goal", []),
-    ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", []),
+    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("quant_rounding", []), ("blockperm", []),
+    ("goal", []), ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", []),
     ("codebook_bits", []), ("data_roles", [])]
 # Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
 ISSUE_TABLES = [f"{name}.md" for name, _ in ISSUE_SCRIPTS]
@@ -154,6 +154,12 @@ class Cache:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How `benchmarks/<script>.py` was invoked (for a table's header): its arguments, `argv` or the process's."""
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join([f"python benchmarks/{script}.py", *(shlex.quote(a) for a in given)])
 
 
 def _load() -> list[float]:
