@@ -154,6 +154,26 @@ def test_vnni_or_pmadd_in_the_built_code():
     assert ("vpdpbusd" if "vnni" in name else "vpmaddubsw") in asm
 
 
+@pytest.mark.parametrize("quant_out", [True, False], ids=["uint8-output", "float-output"])
+def test_channel_vector_epilogues_store_contiguously(quant_out):
+    """The epilogue computes whole channel vectors but stores through a staging tile (`_stage_epilogue`): no
+    scatter instruction writes the NCHW output (AVX-512 `vpscatter*`/`vscatter*` took ~70 % of such a kernel)."""
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model(ksize=1, pad=0, c=16, k=64, hw=(8, 32), quant_out=quant_out)
+    x = _input(model)
+    _, executable = _build(model, x, target)
+    asm = _asm(executable)
+    assert "vpdpbusd" in asm or "vpmaddubsw" in asm
+    assert "scatter" not in asm, [line for line in asm.splitlines() if "scatter" in line][:5]
+    got = _run(executable, x)
+    if quant_out:
+        np.testing.assert_array_equal(got, _ort(model, x))
+    else:
+        ref = _ort(model, x)
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_avx2_fallback_is_exact_when_pairs_fit():
     """mcpu=haswell (AVX2, no VNNI): vpmaddubsw + vpmaddwd, exact for weights whose adjacent pairs keep
     |w0|+|w1| <= 128 (no int16 saturation); a layer whose weights break that stays float and still matches."""
