@@ -236,13 +236,18 @@ def measure(name: str, pipeline: str, path: Path, feed: Path, threads: int, args
         except Exception as exc:  # noqa: BLE001
             print(f"  {engine}: {exc}", file=sys.stderr)
     rounds: dict[str, list[float]] = {e: [] for e in workers}
+    busy: dict[str, list[float]] = {e: [] for e in workers}  # cores other processes kept busy, per round
     for _ in range(args.rounds):
         for engine, worker in workers.items():
-            rounds[engine].append(worker.time()["p50"])
+            timed = worker.time()
+            rounds[engine].append(timed["p50"])
+            if timed.get("busy_elsewhere") is not None:
+                busy[engine].append(timed["busy_elsewhere"])
             time.sleep(SETTLE_S)
     for worker in workers.values():
         worker.close()
     return {"latency_ms": {e: _spread(v) for e, v in rounds.items() if v},
+            "busy_elsewhere": {e: v for e, v in busy.items() if v},
             "build_s": {e: w.info.get("build_s") for e, w in workers.items()}, "tune_s": tune_s}
 
 
@@ -357,12 +362,28 @@ def _markdown(rows, peak, command, args, seconds) -> str:
             f"| {r['model']} | {r['pipeline']} | {r['macs'] / 1e6:.1f} | {r['threads']} | {_fmt(lat.get('ort'))} | "
             f"{_fmt(lat.get('tvm'))} | {_fmt(lat.get('squeeze'))} | {_fmt(lat.get('tuned'))} | — | — | — | — |")
     lines += checks(rows)
+    lines += _busy_lines(rows)
     lines += ["", "Build seconds (default schedules / tuned build from the cache) and tuning seconds:", ""]
     for r in rows:
         if "build_s" in r:
             lines.append(f"- {r['model']} / {r['pipeline']} / {r['threads']} thread(s): build {r['build_s']}, "
                          f"tuning {r['tune_s']} s")
     return "\n".join(lines) + "\n"
+
+
+def _busy_lines(rows) -> list[str]:
+    """The cells whose rounds were timed while other processes kept cores busy (`squeeze.timing`'s
+    busy_elsewhere ≥ BUSY_ELSEWHERE_NOTE): TVM at several threads stalls then (docs/targets.md)."""
+    from squeeze.timing import BUSY_ELSEWHERE_NOTE as LIMIT  # noqa: PLC0415
+    found = [f"- {r['model']} / {r['pipeline']} / {r['threads']} thread(s) / {engine}: "
+             f"{sum(b >= LIMIT for b in v)} of {len(v)} rounds (up to {max(v):.2f} cores)"
+             for r in rows for engine, v in (r.get("busy_elsewhere") or {}).items() if max(v) >= LIMIT]
+    if found:
+        return ["", f"Rounds timed while other processes kept ≥ {LIMIT} core busy (those figures are above an idle "
+                "machine's; at several threads TVM's can be several times it):", ""] + found
+    if any("busy_elsewhere" in r for r in rows):
+        return ["", f"Every round was timed with less than {LIMIT} core busy with other processes."]
+    return []
 
 
 def _median(row: dict | None, engine: str) -> float | None:
