@@ -1,6 +1,7 @@
 """Pooling over NCHW windows: max/avg pool, and global pooling (ReduceMean/GlobalAveragePool over H, W).
 
-Max pools are legalized as a window max that `conv2d.DepthwiseConv2d` schedules (`legalize_max_pool2d`). Other
+Max pools are legalized as a window max that `conv2d.DepthwiseConv2d` schedules (`legalize_max_pool2d`; integer
+pools only where their rows are too short for LLVM to vectorize TOPI's loop nest, `_window_max_wins`). Other
 window pools are a reduction block with four spatial iterators (n, c, y, x) and two reduction iterators that
 read one tensor, and only get parallel channels: LLVM vectorizes the plain loop nest itself, and
 vectorizing the output columns in TIR is 8-60× slower (stride-2 windows become lane-by-lane loads; measured
@@ -17,6 +18,18 @@ from .common import extent, inline_epilogue, product, root_blocks, schedule_inje
 from .simd import describe, is_cpu
 
 CHANNELS_IN_FLIGHT = 8
+
+
+#: output columns below which LLVM leaves TOPI's plain byte-pool loop nest scalar (fewer columns than one 16-byte
+#: vector): int8 squeezenet's 3×3/2 pool of 256×27×27 uint8 (13 columns) 0.27 ms plain, 0.026 ms as a window max;
+#: at 27 and 55 columns the plain nest is vectorized and beats the window max (0.029 vs 0.037, 0.036 vs 0.063 ms)
+INTEGER_WINDOW_MAX_COLUMNS = 16
+
+
+def _window_max_wins(dtype: str, out_columns: int) -> bool:
+    """Whether `legalize_max_pool2d` takes a max pool: float32 always; uint8/int8 (the integer maps of quantized
+    models, pooled before their DequantizeLinear) where the output row is too short for LLVM to vectorize TOPI's."""
+    return dtype == "float32" or (dtype in ("uint8", "int8") and out_columns < INTEGER_WINDOW_MAX_COLUMNS)
 
 
 def legalize_max_pool2d(bb, call):
@@ -40,7 +53,7 @@ def legalize_max_pool2d(bb, call):
     dshape, oshape = static_shape(call.args[0]), static_shape(call)
     target = tvm.target.Target.current(allow_none=True)
     if (dshape is None or oshape is None or str(attrs.layout) != "NCHW" or str(attrs.out_layout) != "NCHW"
-            or not is_cpu(target) or str(call.args[0].ty.dtype) != "float32"):
+            or not is_cpu(target) or not _window_max_wins(str(call.args[0].ty.dtype), int(oshape[3]))):
         return default_legalization("relax.nn.max_pool2d")(bb, call)
     (kh, kw), (sh, sw), (dh, dw) = ([int(v) for v in attrs.pool_size], [int(v) for v in attrs.strides],
                                     [int(v) for v in attrs.dilation])
@@ -49,7 +62,7 @@ def legalize_max_pool2d(bb, call):
     if (oh - 1) * sh - pt >= h or (ow - 1) * sw - pl >= w:  # a window wholly in the padding: TOPI's semantics
         return default_legalization("relax.nn.max_pool2d")(bb, call)
     geometry = dict(strides=(sh, sw), dilation=(dh, dw), pad_before=(pt, pl), in_hw=(h, w))
-    lowest = float(te.min_value("float32").value)
+    lowest = float(te.min_value(str(call.args[0].ty.dtype)).value)
     return bb.call_te(lambda data: window_compute(data, c, oh, ow, (kh, kw), describe(target), geometry,
                                                   lambda tap, o, ry, rx: tap(o), reducer="max", pad_value=lowest),
                       call.args[0], primfunc_name_hint="max_pool2d")
