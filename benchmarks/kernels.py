@@ -1,8 +1,8 @@
 """Kernel by kernel: squeeze's compiled model (cpu target, default schedules) next to ONNX Runtime's node profile.
 
-    python benchmarks/kernels.py squeezenet                       # 1 thread, the model's corpus input size
-    python benchmarks/kernels.py ppocrv6_tiny_det --shape x=1x3x640x640 --top 30
-    python benchmarks/kernels.py path/to/model.onnx --shape input=1x3x224x224 --json /tmp/k.json
+    python benchmarks/kernels.py squeezenet                       # 1 thread, the model's static input size
+    python benchmarks/kernels.py ppocrv6_tiny_det --input-shape x=1x3x640x640 --top 30
+    python benchmarks/kernels.py path/to/model.onnx --input-shape input=1x3x224x224 --json /tmp/k.json
 
 Issue 17's profiling tool: where a compiled model loses to ONNX Runtime. TVM side: every call the Relax VM makes
 (one per fused PrimFunc call) is timed by a VM instrument, `--runs` runs, median per call; ORT side: its own
@@ -27,18 +27,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import corpus  # noqa: E402
-
-
-def _shapes(model, given: list[str]) -> dict[str, tuple[int, ...]]:
-    from squeeze.data import input_specs  # noqa: PLC0415
-    shapes = {}
-    for spec in input_specs(model):
-        dims = tuple(int(d) if isinstance(d, int) and d > 0 else 1 for d in spec.shape)
-        shapes[spec.name] = dims
-    for item in given:
-        name, _, dims = item.partition("=")
-        shapes[name] = tuple(int(d) for d in dims.split("x"))
-    return shapes
 
 
 def tvm_profile(model, shapes: dict, runs: int) -> tuple[list[dict], float]:
@@ -125,7 +113,8 @@ def _table(rows: list[dict], key: str, top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a corpus model name or an .onnx path")
-    p.add_argument("--shape", action="append", default=[], help="NAME=1x3x224x224 (repeatable)")
+    p.add_argument("--input-shape", "--shape", dest="shape", action="append", default=[],
+                   help="NAME=1x3x224x224 (repeatable), as squeeze's --input-shape")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=20)
@@ -138,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model at {path}", file=sys.stderr)
         return 2
     model = load_model(path)
-    shapes = _shapes(model, args.shape)
+    from squeeze.data import input_specs, parse_shape_overrides, resolve_shapes  # noqa: PLC0415
+    from squeeze.errors import SqueezeError  # noqa: PLC0415
+    try:  # as the CLI's --input-shape: batch 1 where only the batch is dynamic; other dynamic sizes must be given
+        shapes = resolve_shapes(input_specs(model), parse_shape_overrides(args.shape))
+    except SqueezeError as exc:
+        print(f"kernels.py: {exc}", file=sys.stderr)
+        return 2
     from squeeze.canonical import canonicalize  # noqa: PLC0415
     model, _ = canonicalize(model)  # what squeeze compiles: its canonical front end runs before every pass
     tvm_rows, tvm_whole = tvm_profile(model, shapes, args.runs)
