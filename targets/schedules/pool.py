@@ -51,9 +51,10 @@ def legalize_max_pool2d(bb, call):
     from .conv2d import window_compute  # noqa: PLC0415
     attrs = call.attrs
     dshape, oshape = static_shape(call.args[0]), static_shape(call)
+    dtype = str(call.args[0].ty.dtype)
     target = tvm.target.Target.current(allow_none=True)
     if (dshape is None or oshape is None or str(attrs.layout) != "NCHW" or str(attrs.out_layout) != "NCHW"
-            or not is_cpu(target) or not _window_max_wins(str(call.args[0].ty.dtype), int(oshape[3]))):
+            or not is_cpu(target) or not _window_max_wins(dtype, int(oshape[3]))):
         return default_legalization("relax.nn.max_pool2d")(bb, call)
     (kh, kw), (sh, sw), (dh, dw) = ([int(v) for v in attrs.pool_size], [int(v) for v in attrs.strides],
                                     [int(v) for v in attrs.dilation])
@@ -62,7 +63,7 @@ def legalize_max_pool2d(bb, call):
     if (oh - 1) * sh - pt >= h or (ow - 1) * sw - pl >= w:  # a window wholly in the padding: TOPI's semantics
         return default_legalization("relax.nn.max_pool2d")(bb, call)
     geometry = dict(strides=(sh, sw), dilation=(dh, dw), pad_before=(pt, pl), in_hw=(h, w))
-    lowest = float(te.min_value(str(call.args[0].ty.dtype)).value)
+    lowest = float(te.min_value(dtype).value)
     return bb.call_te(lambda data: window_compute(data, c, oh, ow, (kh, kw), describe(target), geometry,
                                                   lambda tap, o, ry, rx: tap(o), reducer="max", pad_value=lowest),
                       call.args[0], primfunc_name_hint="max_pool2d")
