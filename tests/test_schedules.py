@@ -306,29 +306,46 @@ def test_depthwise_tile_computes_the_fewest_columns_then_the_fewest_instructions
     assert depthwise_tile(13, 10, 16, 16)[1] == 10         # narrower than a vector: the row as one
 
 
-def test_a_partial_last_tile_is_peeled_into_whole_vector_stores():
-    """`peel_partial_tiles`: the column tile loop of a 76-wide output in 16-wide tiles lowers to four predicate-free
-    16-lane tiles and one 12-lane tile (TVM scalarizes a predicated vector store, branch per element)."""
+def _lowered_text(func) -> str:
+    """`func` through the lowering passes that peel and vectorize, as `COMPILE_CONFIG` configures them."""
     import tvm
-    from tvm import s_tir, te, tirx
+    from tvm import s_tir, tirx
 
     from squeeze.targets.schedules import COMPILE_CONFIG
-    from squeeze.targets.schedules.common import peel_partial_tiles
-    a = te.placeholder((8, 76), name="a")
-    b = te.compute((8, 76), lambda y, x: a[y, x] * 2.0, name="b")
-    sch = s_tir.Schedule(te.create_prim_func([a, b]))
-    y, x = sch.get_loops(sch.get_sblock("b"))
-    xo, xi = sch.split(x, [None, 16])
-    sch.vectorize(xi)
-    sch = peel_partial_tiles(sch)
-    mod = tvm.IRModule({"main": sch.mod["main"]})
+    from squeeze.targets.schedules.common import mark_partial_tiles
+    mod = mark_partial_tiles(tvm.IRModule({"main": func}))
     passes = [s_tir.transform.LowerInitBlock(), s_tir.transform.ConvertBlocksToOpaque(),
               s_tir.transform.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(), tirx.transform.NarrowDataType(32),
               s_tir.transform.LoopPartition(), tirx.transform.VectorizeLoop(True), tirx.transform.StmtSimplify()]
     with tvm.transform.PassContext(config=COMPILE_CONFIG):
-        text = tvm.ir.transform.Sequential(passes)(mod)["main"].script()
-    assert "1, 16)" in text and "1, 12)" in text, text          # Ramp(base, 1, lanes): 16- and 12-lane loads
-    assert " if " not in text, text
+        return tvm.ir.transform.Sequential(passes)(mod)["main"].script()
+
+
+@pytest.mark.parametrize("peel", [True, False])
+def test_a_partial_last_tile_is_peeled_into_whole_vector_stores(peel):
+    """`peel_partial_tiles`: the column tile loop of a 76-wide output in 16-wide tiles lowers to four predicate-free
+    16-lane tiles and one 12-lane tile (TVM scalarizes a predicated vector store, branch per element); also when
+    the schedule is replayed from its trace, as a tuning record is. Unmarked functions keep the predicate."""
+    from tvm import s_tir, te
+
+    from squeeze.targets.schedules.common import peel_partial_tiles
+    a = te.placeholder((8, 76), name="a")
+    b = te.compute((8, 76), lambda y, x: a[y, x] * 2.0, name="b")
+    func = te.create_prim_func([a, b])
+    sch = s_tir.Schedule(func)
+    y, x = sch.get_loops(sch.get_sblock("b"))
+    xo, xi = sch.split(x, [None, 16])
+    sch.vectorize(xi)
+    if peel:
+        peel_partial_tiles(sch, sch.get_sblock("b"))
+    replayed = s_tir.Schedule(func)
+    sch.trace.apply_to_schedule(replayed, remove_postproc=False)
+    for text in (_lowered_text(sch.mod["main"]), _lowered_text(replayed.mod["main"])):
+        if peel:
+            assert "1, 16)" in text and "1, 12)" in text, text      # Ramp(base, 1, lanes): 16- and 12-lane loads
+            assert " if " not in text, text
+        else:
+            assert " if " in text, text
 
 
 def test_packed_weights_give_the_same_convolution():

@@ -13,8 +13,10 @@ function a schedule without tuning, in milliseconds:
 | `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); fallback for the rest |
 
-A tile loop whose last tile runs past the output keeps its own loop, and `common.peel_partial_tiles` marks its
-predicates `likely` so TVM's LoopPartition (`COMPILE_CONFIG`) peels that tile with narrower vector stores.
+A tile loop whose last tile runs past the output keeps its own loop (outside the parallel one), and
+`common.peel_partial_tiles` annotates the kernel so that `common.mark_partial_tiles`, run on the scheduled module
+by the build pipeline and by the tuning builder, marks its predicates `likely`; TVM's LoopPartition
+(`COMPILE_CONFIG`) then peels that tile with narrower vector stores.
 An epilogue is computed tile by tile only when it reads the kernel's result element for element
 (`common.tile_epilogue`); anything else (a Pad fused after a conv, a broadcast into a larger tensor) runs after
 the tile loop. `tests/test_schedules_diff.py` checks each rule against TVM's default pipeline and ONNX Runtime.

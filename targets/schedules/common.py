@@ -22,6 +22,11 @@ TILE = "squeeze.tile"  # [k vectors, rows, cols] of the register tile, chosen by
 #: this project's 2-core machines (whole model, default schedules, 9 interleaved rounds) 512 K beat 2 M:
 #: mnist_burn 0.071 → 0.062 ms, sri_resnet_a 0.077 → 0.070, cifar10_resnet4b 0.066 → 0.058-0.067 (min-median).
 PARALLEL_MIN_WORK = 1 << 19
+#: The same for loops that copy or transform elements (padding, column phases, concat, elementwise chains): an
+#: element costs several multiply-adds' time. Squeezenet at 2 threads (7 interleaved rounds, one process):
+#: 512 K → 64 K elements 4.40 → 4.25 ms (its convs' 55×55 padding copies and the stem's phase split had run on
+#: one thread: 64→16 1×1 on 55×55 0.098 → 0.068 ms).
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 #: The thread count the code being scheduled will run with, when the build knows it (`planned_threads`).
 _THREADS: ContextVar[int | None] = ContextVar("squeeze_schedule_threads", default=None)
@@ -39,9 +44,9 @@ def planned_threads(threads: int | None):
         _THREADS.reset(token)
 
 
-def worth_parallel(work: int) -> bool:
+def worth_parallel(work: int, threshold: int = PARALLEL_MIN_WORK) -> bool:
     """Whether a loop nest doing `work` multiply-adds (or elements) should be spread over the thread pool."""
-    return _THREADS.get() != 1 and work >= PARALLEL_MIN_WORK
+    return _THREADS.get() != 1 and work >= threshold
 
 
 def root_blocks(sch: s_tir.Schedule) -> list:
@@ -85,6 +90,12 @@ def inline_epilogue(sch: s_tir.Schedule, anchor, keep: Iterable[str] = ()) -> li
     return [b for b in root_blocks(sch) if sch.get(b).name_hint not in keep]
 
 
+#: storage scope of a register tile's buffer. TVM 0.27 puts a CPU allocation under 1 KB on the stack only in
+#: "global" scope; a "local" one is a `TVMBackendAllocWorkspace` call, per tile inside a parallel loop (6272
+#: calls a run for squeezenet's stem), whose returned pointer also keeps LLVM from promoting the tile to registers.
+TILE_SCOPE = "global"
+
+
 def tile_epilogue(sch: s_tir.Schedule, anchor):
     """The block that writes `anchor`'s result out tile by tile: its one consumer when that reads it element
     for element, else a copy-out (`cache_write`) with the consumers left as loops of their own.
@@ -98,9 +109,9 @@ def tile_epilogue(sch: s_tir.Schedule, anchor):
     """
     consumers = list(sch.get_consumers(anchor))
     if len(consumers) == 1 and reads_elementwise(sch, consumers[0], sch.get(anchor).writes[0].source):
-        sch.set_scope(anchor, 0, "local")
+        sch.set_scope(anchor, 0, TILE_SCOPE)
         return consumers[0]
-    return sch.cache_write(anchor, 0, "local")
+    return sch.cache_write(anchor, 0, TILE_SCOPE)
 
 
 def reads_elementwise(sch: s_tir.Schedule, block, buffer) -> bool:
@@ -158,7 +169,7 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
     elif width is not None:
         _, vec = sch.split(inner, [None, width])
         sch.vectorize(vec)
-    if allow_parallel and len(loops) > 1 and worth_parallel(total):
+    if allow_parallel and len(loops) > 1 and worth_parallel(total, PARALLEL_MIN_ELEMENTS):
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         sch.parallel(outer)
 
@@ -207,28 +218,60 @@ def vectorize_columns(sch, epilogue) -> None:
 PARTITION_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
-def peel_partial_tiles(sch: s_tir.Schedule) -> s_tir.Schedule:
-    """`sch` with every block predicate marked `likely`, so lowering peels the last, partial tile of a loop.
+#: block annotation: the function's partial tiles are to be peeled (`peel_partial_tiles`)
+PEEL = "squeeze.peel"
+
+
+def peel_partial_tiles(sch: s_tir.Schedule, block) -> None:
+    """Have lowering peel the last, partial tile of the loops of `block`'s function.
 
     A tile loop whose last tile runs past the output (80 columns of tiles over a 76-column row) stores its
     epilogue under a predicate `x_o · wt + x_i < 76`; TVM cannot vectorize a predicated store, so the whole epilogue
     went scalar, element by element with a branch each (32×80×76 3×3 depthwise: 2.7× ONNX Runtime where the
-    80-column one runs at 0.7×). Marked `likely`, the predicate lets TVM's LoopPartition (with `PARTITION_CONFIG`)
-    split the tile loop into the whole tiles, with no predicate, and the last one, whose vector store is
-    narrower (12 lanes). The tile loop must be its own loop for this (not fused with the rows or channels: a
-    fused index reaches the tile through a modulo that LoopPartition cannot solve). The annotation
-    `pragma_loop_partition_hint` would do the same per loop, but TVM 0.27's NarrowDataType drops loop
-    annotations before LoopPartition runs, so the mark rides on the condition instead.
+    80-column one runs at 0.7×; squeezenet's 3→64 stem on 111×111 columns in 16-wide tiles: 0.58 ms, on 112×112
+    0.45). Marked `likely`, the predicate lets TVM's LoopPartition (with `PARTITION_CONFIG`) split the tile loop
+    into the whole tiles, with no predicate, and the last one, whose vector store is narrower (12 lanes). The tile
+    loop must be its own loop for this (not fused with the rows or channels: a fused index reaches the tile
+    through a modulo that LoopPartition cannot solve). The annotation `pragma_loop_partition_hint` would do the
+    same per loop, but TVM 0.27's NarrowDataType drops loop annotations before LoopPartition runs, so the mark
+    rides on the condition instead: this annotates `block` with `PEEL`, and `mark_partial_tiles` (run on the
+    scheduled module by the build pipeline and the tuning builder) marks the predicates. A schedule's trace
+    records the annotation, so a tuning record replays the peeling too (a schedule rewritten in place would
+    replay without it).
     """
+    sch.annotate(block, PEEL, 1)
+
+
+def mark_partial_tiles(mod):
+    """`mod` with every block predicate of each function that has a `PEEL` block marked `likely`, conjunct by
+    conjunct (a row bound over a fused loop must not stop the column loop's split)."""
     from tvm_ffi import structural_mutate  # noqa: PLC0415
 
     def mark(realize, mutator):
         realize = mutator.default_mutate(realize)
         if _is_one(realize.predicate) or _is_likely(realize.predicate):
             return realize
-        return s_tir.SBlockRealize(realize.iter_values, tirx.likely(realize.predicate), realize.block)
-    func = sch.mod["main"]
-    return s_tir.Schedule(func.with_body(structural_mutate(func.body, [(s_tir.SBlockRealize, mark)])))
+        return s_tir.SBlockRealize(realize.iter_values, _likely_conjuncts(realize.predicate), realize.block)
+    marked = {gvar: func.with_body(structural_mutate(func.body, [(s_tir.SBlockRealize, mark)]))
+              for gvar, func in mod.functions.items() if isinstance(func, tirx.PrimFunc) and _has_peel_block(func)}
+    if marked:
+        mod = mod.clone()
+        for gvar, func in marked.items():
+            mod.update_func(gvar, func)
+    return mod
+
+
+def _likely_conjuncts(cond):
+    if isinstance(cond, tirx.And):
+        return tirx.And(_likely_conjuncts(cond.a), _likely_conjuncts(cond.b))
+    return cond if _is_likely(cond) else tirx.likely(cond)
+
+
+def _has_peel_block(func) -> bool:
+    from tvm_ffi import structural_walk  # noqa: PLC0415
+    found = []
+    structural_walk(func.body, [(s_tir.SBlock, lambda block: found.append(PEEL in block.annotations))])
+    return any(found)
 
 
 def _is_likely(expr) -> bool:

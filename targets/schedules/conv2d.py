@@ -561,8 +561,9 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     yo, yi = sch.split(y, [None, ht])
     xo, xi = sch.split(x, [None, wt])
     sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
-    outer = sch.fuse(n, ko, yo, xo)
-    epilogue, leftovers = _tile_loop_with_epilogue(sch, anchor, outer,
+    outer = sch.fuse(n, ko, yo)  # the column tiles stay a loop of their own, the last one peeled
+    peel_partial_tiles(sch, anchor)
+    epilogue, leftovers = _tile_loop_with_epilogue(sch, anchor, xo,
                                                    lambda b, o, yy, xx: (b, o // kb, yy, xx, o % kb), keep,
                                                    columns=layout is None)
     if layout is not None:  # the copy-out: (channel blocks, rows, columns, lanes), lanes vectorized
@@ -645,8 +646,9 @@ class Conv2dColumns:
         yo, yi = sch.split(y, [None, ht])
         xo, xv, xl = sch.split(x, [None, kv, lanes])
         sch.reorder(n, ko, yo, xo, rc, ry, rx, ki, yi, xv, xl)
-        outer = sch.fuse(n, ko, yo, xo)
-        _, leftovers = _tile_loop_with_epilogue(sch, anchor, outer, lambda b, o, yy, xx: (b, o, yy, xx))
+        outer = sch.fuse(n, ko, yo)
+        peel_partial_tiles(sch, anchor)
+        _, leftovers = _tile_loop_with_epilogue(sch, anchor, xo, lambda b, o, yy, xx: (b, o, yy, xx))
         sch.vectorize(xl)
         for lp in (xv, yi, ki):
             sch.unroll(lp)
@@ -687,5 +689,6 @@ class DepthwiseConv2d:
         for block in placed:
             if sch.get(block).name_hint == PHASES:
                 split_phases(sch, block)
+        peel_partial_tiles(sch, anchor)
         _finish(sch, anchor, ry, outer, work, lanes, leftovers, placed=placed)
-        return peel_partial_tiles(sch)
+        return sch

@@ -23,7 +23,9 @@ from __future__ import annotations
 #: 9: depthwise convs: padding computed per channel or row tile, stride-2 phases split from the padding, the
 #: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps; max pools as window
 #: maxes on the depthwise tile; channel blocks credit wider vectors (`WIDE_VECTOR_GAIN`).
-SCHEDULES_VERSION = 10
+#: 11: channel and column conv tiles: the column tile loop outside the parallel loop, its partial last tile peeled;
+#: peeling rides on a block annotation (`peel_partial_tiles`) so that tuning records replay it.
+SCHEDULES_VERSION = 11
 
 
 def legalize_map() -> dict:
@@ -96,7 +98,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
     `threads`: the thread count the code will run with when the build knows it (the host); with 1 the default
     schedules make nothing parallel (`common.planned_threads`).
     """
-    from .common import planned_threads  # noqa: PLC0415
+    from .common import mark_partial_tiles, planned_threads  # noqa: PLC0415
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
@@ -111,6 +113,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
                     mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             with planned_threads(threads):
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
+            mod = mark_partial_tiles(mod)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 
