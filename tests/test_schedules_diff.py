@@ -266,6 +266,11 @@ def _patterns() -> dict[str, Pattern]:
                                    (16, 8, 3, 1, 1, (6, 13))):
         out.append(Pattern(f"narrow_c{ci}_k{co}_{k}x{k}_s{st}_p{pad}_w{hw[1]}",
                            lambda ci=ci, co=co, k=k, st=st, pad=pad, hw=hw: narrow_conv(ci, co, k, st, pad, hw)))
+    # channel tiles over a padded input of over `ROW_PADDING_BYTES`: stride 2 pads row tile by row tile inside
+    # the tile loop, stride 1 (one-row tiles reading three rows) in a pass of its own; 53 and 105 columns: peeled
+    for st, hw in ((2, (110, 104)), (1, (110, 105))):
+        out.append(Pattern(f"conv_c24_k20_3x3_s{st}_p1_w{hw[1]}",
+                           lambda st=st, hw=hw: narrow_conv(24, 20, 3, st, 1, hw)))
     for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
     for kind in ("gap", "reduce_mean", "max_rows"):
@@ -281,7 +286,7 @@ PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
 FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
-        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "seq_attention", "seq_softmax_wide", "fpn_head"]
+        "conv_c24_k20_3x3_s2_p1_w104", "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 
 # ------------------------------------------------------------------------------------------ the comparison
@@ -463,7 +468,8 @@ def test_full_sweep_matches_onnxruntime(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dw3x3_s1_same_c24_large", "dw5x5_s2_same_c32_large", "fpn_head",
-                                  "narrow_c16_k64_1x1_s1_p0_w40", "pool_reduce_mean_16x40"])
+                                  "narrow_c16_k64_1x1_s1_p0_w40", "pool_reduce_mean_16x40",
+                                  "conv_c24_k20_3x3_s2_p1_w104"])
 def test_parallel_builds_match_onnxruntime(name):
     """Built for 2 threads (parallel tile loops where there is work enough), the same answers."""
     check_pattern(PATTERNS[name].build(), name, threads=2)

@@ -24,7 +24,8 @@ from __future__ import annotations
 #: partial last column tile peeled (`peel_partial_tiles`), tile widths in full-rate steps; max pools as window
 #: maxes on the depthwise tile; channel blocks credit wider vectors (`WIDE_VECTOR_GAIN`).
 #: 11: channel and column conv tiles: the column tile loop outside the parallel loop, its partial last tile peeled;
-#: peeling rides on a block annotation (`peel_partial_tiles`) so that tuning records replay it.
+#: peeling rides on a block annotation (`peel_partial_tiles`) so that tuning records replay it; large padded
+#: inputs of strided channel tiles padded row tile by row tile (`ROW_PADDING_BYTES`).
 SCHEDULES_VERSION = 11
 
 
