@@ -306,6 +306,20 @@ def test_depthwise_tile_computes_the_fewest_columns_then_the_fewest_instructions
     assert depthwise_tile(13, 10, 16, 16)[1] == 10         # narrower than a vector: the row as one
 
 
+def test_a_conv_without_padding_takes_a_tile_that_divides_its_output():
+    """`EXACT_TILE_SHARE`: 55 columns in tiles of 14 need a padded copy of the input (56 columns); a conv that
+    pads anyway keeps the best-modelled tile."""
+    from squeeze.targets.schedules.conv2d import plan_conv
+    from squeeze.targets.schedules.simd import Cpu
+    cpu = Cpu(vector_bits=512, registers=32, fma=True, arch="x86", full_rate_bits=256)
+    padded = plan_conv(16, 64, 1, 55, 55, cpu, "float32")
+    exact = plan_conv(16, 64, 1, 55, 55, cpu, "float32", unpadded=True)
+    assert 55 % padded.wt and (padded.ht, padded.wt) != (exact.ht, exact.wt)
+    assert 55 % exact.wt == 0 and 55 % exact.ht == 0
+    assert plan_conv(16, 64, 1, 56, 56, cpu, "float32", unpadded=True) == plan_conv(16, 64, 1, 56, 56, cpu,
+                                                                                        "float32")
+
+
 def _lowered_text(func) -> str:
     """`func` through the lowering passes that peel and vectorize, as `COMPILE_CONFIG` configures them."""
     import tvm

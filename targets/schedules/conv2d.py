@@ -98,11 +98,26 @@ def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_a
     return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc)[0]
 
 
-def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan:
+#: share of the best tile's modelled rate above which a conv without padding takes the best tile that divides its
+#: output: then its input needs no padded copy to the tile grid (a pass over the whole input map). Squeezenet's
+#: 64→16 1×1 on 55×55, 1×14 → 1×11 columns (same process, 1 thread): 0.084 → 0.066 ms (ORT 0.088); the whole
+#: model 7.31 → 7.20 ms (four of its 1×1 convs change tile; none of ppocrv6_tiny_det's or _rec's does).
+EXACT_TILE_SHARE = 0.95
+
+
+def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str,
+              unpadded: bool = False) -> ConvPlan:
+    """Channel block and register tile of a packed conv; `unpadded`: the conv reads its input without padding
+    (`EXACT_TILE_SHARE`)."""
     lanes = cpu.lanes(dtype)
     kb = channel_block(k // groups, lanes, cpu.full_rate_lanes(dtype))
     kp = groups * padded_group(k // groups, kb)
-    kv, ht, wt = register_tile(oh, ow, kp // kb, max(1, kb // lanes), cpu.accumulators())
+    vectors = max(1, kb // lanes)
+    kv, ht, wt = register_tile(oh, ow, kp // kb, vectors, cpu.accumulators())
+    if unpadded and (oh % ht or ow % wt):
+        exact = ranked_tiles(oh, ow, kp // kb, vectors, cpu.accumulators(), exact=True)[0]
+        if _tile_rate(oh, ow, vectors, exact) >= EXACT_TILE_SHARE * _tile_rate(oh, ow, vectors, (kv, ht, wt)):
+            kv, ht, wt = exact
     return ConvPlan(kb, kv, ht, wt)
 
 
@@ -153,7 +168,7 @@ def legalize_conv2d(bb, call):
     if groups > 1 and cg == 1:
         return bb.call_te(_depthwise_compute(k, oh, ow, cpu, dtype, geometry), data, weight,
                           primfunc_name_hint="depthwise_conv2d")
-    plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype)
+    plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype, unpadded=not any((pt, pl, pb, pr)))
     columns = plan_columns(k, cg, oh, ow, cpu, dtype) if groups == 1 else None
     if columns is not None:
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
@@ -663,15 +678,21 @@ def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_ac
             if exact and oh % ht:
                 continue
             for wt in range(1, min(ow, max_acc) + 1):
-                acc = kv * vectors_per_block * ht * wt
-                if acc > max_acc:
+                if kv * vectors_per_block * ht * wt > max_acc:
                     break
                 if exact and ow % wt:
                     continue
-                useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
-                scored.append((useful * acc / (max(acc / 2, 4) + 1), (kv, ht, wt)))
+                scored.append((_tile_rate(oh, ow, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
     scored.sort(key=lambda item: -round(item[0], 9))
     return [tile for _, tile in scored] or [(1, 1, 1)]
+
+
+def _tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
+    """`ranked_tiles`' model of a tile's useful multiply-adds per step."""
+    kv, ht, wt = tile
+    acc = kv * vectors_per_block * ht * wt
+    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
+    return useful * acc / (max(acc / 2, 4) + 1)
 
 
 class Conv2dColumns:
