@@ -285,8 +285,10 @@ def _patterns() -> dict[str, Pattern]:
 PATTERNS = _patterns()
 
 #: the default run's part: one of each family, the shapes that broke before first
-FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2", "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1",
-        "conv_c24_k20_3x3_s2_p1_w104", "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "seq_attention", "seq_softmax_wide", "fpn_head"]
+FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2",
+        "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1", "conv_c24_k20_3x3_s2_p1_w104",
+        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40",
+        "seq_attention", "seq_softmax_wide", "fpn_head"]
 
 
 # ------------------------------------------------------------------------------------------ the comparison
