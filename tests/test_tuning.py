@@ -112,3 +112,25 @@ def test_seeds_are_planned_for_the_tuned_thread_count(tmp_path, monkeypatch):
     assert other_tvm not in (now, other_host)
     monkeypatch.setattr(pipeline, "SCHEDULES_VERSION", pipeline.SCHEDULES_VERSION + 1)
     assert tuning.database_dir(tmp_path, target, 1) not in (now, other_host, other_tvm)
+
+
+def test_a_tuned_record_replays_the_peeled_default_schedule(tmp_path):
+    """A tuning record keeps a schedule as its trace, replayed on the workload at build time. The default schedules
+    peel partial tiles through a block annotation the trace records (`peel_partial_tiles`); rewriting the function
+    instead left the trace empty, so a depthwise conv's record replayed as the unscheduled loop nest."""
+    tvm = tvm_build.tvm()
+    from tvm import relax, tirx
+
+    from squeeze.targets import schedules
+    from squeeze.targets.schedules.common import PEEL
+    g = graphs.Builder(5)
+    g.node("Relu", [g.conv("x", "dw", 8, 8, k=3, group=8, pads=[1, 1, 1, 1])], "y")
+    model = g.model({"x": [1, 8, 20, 19]}, "y")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    mod = tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {}))
+    database = tuning.tune(mod, target, trials=0, cache=tmp_path, threads=1)
+    with target, database:
+        tuned = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(schedules.fused_module(mod, target))
+    texts = [f.script() for _, f in tuned.functions_items() if isinstance(f, tirx.PrimFunc)]
+    dw = [t for t in texts if "depthwise" in t]
+    assert dw and all(PEEL in t and "T.vectorized" in t for t in dw), dw
