@@ -265,6 +265,29 @@ def test_tuning_variants_try_the_models_tiles_first():
     assert (1, 1, 22) in wide and (1, 1, 22) not in capped
 
 
+
+def test_the_channel_tile_rule_offers_its_variants_to_tuning():
+    """`Conv2dPacked.variants` is a method of the rule (`tuning._measure_variants` looks it up there; it had been
+    nested in `schedule_channel_tile` by mistake, so tuning never measured a packed conv's other tiles)."""
+    import tvm
+
+    import graphs
+    from squeeze.data import input_specs, resolve_shapes
+    from squeeze.targets import schedules, tvm_build
+    from squeeze.targets.schedules.common import VARIANT, root_blocks
+    from squeeze.targets.schedules.conv2d import Conv2dPacked
+    g = graphs.Builder(3)
+    g.node("Relu", [g.conv("x", "c", 32, 32, pads=[1, 1, 1, 1])], "y")
+    model = g.model({"x": [1, 32, 12, 12]}, "y")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    mod = schedules.fused_module(tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {})), target)
+    funcs = [f for gv, f in mod.functions_items() if "conv" in gv.name_hint]
+    with target:
+        variants = Conv2dPacked().variants(funcs[0], target, 4)
+    marks = [str(v.get(root_blocks(v)[0]).annotations[VARIANT]) for v in variants]
+    assert len(marks) == 4 and len(set(marks)) == 4, marks
+
+
 # ------------------------------------------------------------------------------------------ planning helpers
 
 def test_channel_block_prefers_whole_vectors_and_respects_groups():

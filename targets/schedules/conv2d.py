@@ -558,6 +558,26 @@ class Conv2dPacked:
         schedule_channel_tile(sch, anchor, target, tile, parallel)
         return sch
 
+    def variants(self, func, target, limit: int) -> list:
+        """Up to `limit` other (tile, parallel) schedules, each marked with VARIANT = its parameters."""
+        from tvm import s_tir  # noqa: PLC0415
+        if not is_cpu(target):
+            return []
+        sch = s_tir.Schedule(func)
+        anchor = find_kernel(sch, CONV)
+        if anchor is None:
+            return []
+        default = tuple(tile_of(sch, anchor))
+        kb = int(sch.get(anchor).reads[1].source.shape[-1])
+        cpu = describe(target)
+        vectors = max(1, kb // cpu.lanes("float32"))
+        _, k, y, x, *_ = (extent(sch, lp) for lp in sch.get_loops(anchor))
+        # the model's choices first, then the larger tiles it rules out (measured, never assumed)
+        tiles = ranked_tiles(y, x, k // kb, vectors, cpu.accumulators(), exact=True)
+        tiles += [t for t in ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True) if t not in tiles]
+        options = [(t, None) for t in tiles if t != default] + [(default, True), (default, False)]
+        return tile_variants(self, func, target, options, limit)
+
 
 def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=(), layout=None) -> None:
     """`Conv2dPacked`'s schedule of one packed-conv block `anchor` (also the two kernels of `conv_pair`).
@@ -640,27 +660,6 @@ def _tile_rows(block, index, ht: int) -> tuple[int, int] | None:
         return None
     sh, dh = int(coefs[0]), int(coefs[1])
     return (ht - 1) * sh + (int(r.dom.extent) - 1) * dh + 1, ht * sh
-
-    def variants(self, func, target, limit: int) -> list:
-        """Up to `limit` other (tile, parallel) schedules, each marked with VARIANT = its parameters."""
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
-            return []
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, CONV)
-        if anchor is None:
-            return []
-        default = tuple(tile_of(sch, anchor))
-        kb = int(sch.get(anchor).reads[1].source.shape[-1])
-        cpu = describe(target)
-        vectors = max(1, kb // cpu.lanes("float32"))
-        _, k, y, x, *_ = (extent(sch, lp) for lp in sch.get_loops(anchor))
-        # the model's choices first, then the larger tiles it rules out (measured, never assumed)
-        tiles = ranked_tiles(y, x, k // kb, vectors, cpu.accumulators(), exact=True)
-        tiles += [t for t in ranked_tiles(y, x, k // kb, vectors, cpu.registers - 4, exact=True) if t not in tiles]
-        options = [(t, None) for t in tiles if t != default] + [(default, True), (default, False)]
-        return tile_variants(self, func, target, options, limit)
-
 
 def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
                  exact: bool = False) -> list[tuple[int, int, int]]:
