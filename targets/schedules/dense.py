@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, extent, find_kernel, inline_epilogue, product, \
+from .common import KERNEL, TILE, TILE_SCOPE, extent, find_kernel, inline_epilogue, product, \
     schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .common import default_legalization, dtype_or, static_shape
 from .conv2d import channel_block, register_tile
@@ -161,7 +161,7 @@ class DensePacked:
         sch.unroll(ii)
         if ks > 1:
             sch.compute_at(partial, outer, preserve_unit_loops=True)
-            sch.set_scope(partial, 0, "local")
+            sch.set_scope(partial, 0, TILE_SCOPE)
             pk, pi, pj, pko = sch.get_loops(partial)[-4:]
             pjv, pji = sch.split(pj, [None, nb])
             sch.reorder(pko, pk, pi, pjv, pji)
