@@ -55,8 +55,8 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, find_kernel, inline_epilogue, product, schedule_injective, \
-    worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, extent, find_kernel, inline_epilogue, peel_partial_tiles, product, \
+    schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 CONV_INT8 = "conv2d_int8_packed"
@@ -609,6 +609,10 @@ def legalize_matmul_int8(bb, call):
 
 # ---------------------------------------------------------------------------------------------- schedule
 
+#: loops above a tile's epilogue: the parallel (batch, channel blocks, rows) loop and the column tiles
+TILE_LOOPS = 2
+
+
 class Int8Kernel:
     """Schedule rule for `conv2d_int8_packed`: a register tile of kv channel blocks × wt output columns, the
     kb × 4 update tensorized with the target's dot-product intrinsic, the requantizing epilogue computed per
@@ -635,14 +639,15 @@ class Int8Kernel:
         koo, kov = sch.split(ko, [None, kv])
         xo, xi = sch.split(x, [None, wt])
         sch.reorder(b, koo, y, xo, rc, ry, rx, kov, xi, ki, ri)
-        outer = sch.fuse(b, koo, y, xo)
+        outer = sch.fuse(b, koo, y)  # the column tiles a loop of their own, the last one peeled
+        peel_partial_tiles(sch, anchor)
         consumers = list(sch.get_consumers(anchor))
         kb = extent(sch, ki)
         columns = bool(int(sch.get(anchor).annotations.get(EPILOGUE_COLUMNS, 0)))
         for consumer in consumers:
-            sch.reverse_compute_at(consumer, outer, preserve_unit_loops=True)
+            sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
             if _vectorize_epilogue(sch, consumer, kb, columns) and wt > 1:
-                _stage_epilogue(sch, consumer, outer)
+                _stage_epilogue(sch, consumer, xo)
         if worth_parallel(work):  # before tensorize: the tensorized block is no longer a plain reduction
             sch.parallel(outer)
         init = sch.decompose_reduction(anchor, rc)
@@ -672,7 +677,7 @@ def _stage_epilogue(sch, consumer, outer) -> None:
     copy = sch.cache_write(consumer, 0, TILE_SCOPE)
     sch.transform_layout(consumer, ("write", 0), lambda b, c, y, x: (b, y, x, c))
     sch.reverse_compute_at(copy, outer, preserve_unit_loops=True)
-    b, c, y, x = sch.get_loops(copy)[1:]
+    b, c, y, x = sch.get_loops(copy)[TILE_LOOPS:]
     sch.reorder(b, y, c, x)
     sch.vectorize(x)
 
@@ -688,7 +693,7 @@ def _vectorize_epilogue(sch, consumer, kb: int, columns: bool = False) -> bool:
     Otherwise (a reshaped dense output) its innermost loop.
     """
     loops = sch.get_loops(consumer)
-    inner = loops[1:]
+    inner = loops[TILE_LOOPS:]
     extents = [extent(sch, lp) for lp in inner]
     if columns and len(inner) == 4 and None not in extents and extents[0] == 1 and extents[2] == 1:
         b, ch, y, x = inner
