@@ -25,7 +25,8 @@ from __future__ import annotations
 #: maxes on the depthwise tile; channel blocks credit wider vectors (`WIDE_VECTOR_GAIN`).
 #: 11: channel and column conv tiles: the column tile loop outside the parallel loop, its partial last tile peeled;
 #: peeling rides on a block annotation (`peel_partial_tiles`) so that tuning records replay it; large padded
-#: inputs of strided channel tiles padded row tile by row tile (`ROW_PADDING_BYTES`); int8 kernels peel too.
+#: inputs of strided channel tiles padded row tile by row tile (`ROW_PADDING_BYTES`); int8 kernels peel too;
+#: dense tiles iterate column panels outside row tiles.
 SCHEDULES_VERSION = 11
 
 
