@@ -54,6 +54,17 @@ def root_blocks(sch: s_tir.Schedule) -> list:
     return list(sch.get_child_blocks(get_root_block(sch)))
 
 
+def kernel_schedule(func, target, name: str):
+    """(a Schedule of `func`, its block marked `name`) when `target` is a CPU and `func` has that one kernel, else
+    None: how each rule for a squeeze legalization starts."""
+    from .simd import is_cpu  # noqa: PLC0415
+    if not is_cpu(target):
+        return None
+    sch = s_tir.Schedule(func)
+    anchor = find_kernel(sch, name)
+    return None if anchor is None else (sch, anchor)
+
+
 def find_kernel(sch: s_tir.Schedule, name: str):
     """The block whose `KERNEL` annotation is `name`, or None (several: None too, the rule does not apply)."""
     found = [b for b in root_blocks(sch) if str(sch.get(b).annotations.get(KERNEL, "")) == name]

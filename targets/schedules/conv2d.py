@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import KERNEL, TILE, default_legalization, dtype_or, extent, find_kernel, guarded, inline_epilogue, \
-    is_spatial, peel_partial_tiles, product, schedule_injective, static_shape, tile_epilogue, tile_of, \
+from .common import KERNEL, TILE, default_legalization, dtype_or, extent, guarded, inline_epilogue, is_spatial, \
+    kernel_schedule, peel_partial_tiles, product, schedule_injective, static_shape, tile_epilogue, tile_of, \
     tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, dtype_bits, is_cpu
 
@@ -548,25 +548,19 @@ class Conv2dPacked:
         return self.schedule(func, target)
 
     def schedule(self, func, target, tile: tuple[int, int, int] | None = None, parallel: bool | None = None):
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, CONV)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, CONV)
-        if anchor is None:
-            return None
+        sch, anchor = found
         schedule_channel_tile(sch, anchor, target, tile, parallel)
         return sch
 
     def variants(self, func, target, limit: int) -> list:
         """Up to `limit` other (tile, parallel) schedules, each marked with VARIANT = its parameters."""
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, CONV)
+        if found is None:
             return []
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, CONV)
-        if anchor is None:
-            return []
+        sch, anchor = found
         default = tuple(tile_of(sch, anchor))
         kb = int(sch.get(anchor).reads[1].source.shape[-1])
         cpu = describe(target)
@@ -700,13 +694,10 @@ class Conv2dColumns:
     its epilogue stores whole vectors (the channel-vector tile transposes on the way out)."""
 
     def apply(self, func, target, tunable: bool):
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, COLUMNS)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, COLUMNS)
-        if anchor is None:
-            return None
+        sch, anchor = found
         kv, ht, kb = tile_of(sch, anchor)
         lanes = describe(target).full_rate_lanes(str(sch.get(anchor).writes[0].source.dtype))
         n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
@@ -730,13 +721,10 @@ class DepthwiseConv2d:
     (`depthwise_tile`), vectors along the columns, the taps outside the tile loops."""
 
     def apply(self, func, target, tunable: bool):
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, DEPTHWISE)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, DEPTHWISE)
-        if anchor is None:
-            return None
+        sch, anchor = found
         _, ht, wt = tile_of(sch, anchor)
         lanes = describe(target).lanes(str(sch.get(anchor).writes[0].source.dtype))
         n, k, y, x, ry, rx = sch.get_loops(anchor)

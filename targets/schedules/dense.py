@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, find_kernel, inline_epilogue, product, \
-    schedule_injective, tile_epilogue, tile_of, vectorize_columns, worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, product, schedule_injective, \
+    tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .common import default_legalization, dtype_or, static_shape
 from .conv2d import channel_block, register_tile
 from .simd import describe, is_cpu
@@ -105,15 +105,11 @@ class DensePacked:
 
     def variants(self, func, target, limit: int) -> list:
         """Other (column vectors, rows, reduction split) tiles and parallel on/off, for tuning to measure."""
-        from tvm import s_tir  # noqa: PLC0415
-
         from .common import tile_variants  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, DENSE)
+        if found is None:
             return []
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, DENSE)
-        if anchor is None:
-            return []
+        sch, anchor = found
         default = tuple(tile_of(sch, anchor))
         nb = int(sch.get(anchor).reads[-1].source.shape[-1])
         *_, m, n, k = (extent(sch, lp) for lp in sch.get_loops(anchor))
@@ -128,13 +124,10 @@ class DensePacked:
         return tile_variants(self, func, target, [(default, True), (default, False)] + options, limit)
 
     def schedule(self, func, target, tile: tuple[int, int, int] | None = None, parallel: bool | None = None):
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, DENSE)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, DENSE)
-        if anchor is None:
-            return None
+        sch, anchor = found
         nv, mt, ks = tile or tile_of(sch, anchor)
         name = sch.get(anchor).name_hint
         packed = sch.get(anchor).reads[-1].source

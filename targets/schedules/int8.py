@@ -55,7 +55,7 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, find_kernel, inline_epilogue, peel_partial_tiles, product, \
+from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, peel_partial_tiles, product, \
     schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
@@ -622,13 +622,10 @@ class Int8Kernel:
         return self.schedule(func, target)
 
     def schedule(self, func, target):
-        from tvm import s_tir  # noqa: PLC0415
-        if not is_cpu(target):
+        found = kernel_schedule(func, target, CONV_INT8)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        anchor = find_kernel(sch, CONV_INT8)
-        if anchor is None:
-            return None
+        sch, anchor = found
         kv, _, wt = (int(v) for v in sch.get(anchor).annotations[TILE])
         intrinsic = str(sch.get(anchor).annotations["squeeze.intrinsic"])
         lanes = describe(target).lanes("int32")
