@@ -62,7 +62,8 @@ def _worker(args) -> int:
                      tune_cache=args.tune_cache)
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         start = time.perf_counter()
-        artifact = target.build(model, shapes, Path(tempfile.mkdtemp()))
+        scratch = tempfile.TemporaryDirectory(prefix="squeeze-codegen-worker-")  # removed when the worker exits
+        artifact = target.build(model, shapes, Path(scratch.name))
         build_s = time.perf_counter() - start
         runner = tvm_build.VMRunner(artifact.handle[0], tvm.cpu(), list(feed))
         args_ = runner.tensors(feed)
