@@ -500,7 +500,7 @@ def _inputs_computed_at(sch, anchor, loops) -> list:
     while todo:  # and their producers (the padding before the phase split)
         todo = [p for b in todo for p in sch.get_producers(b) if is_spatial(sch, p)]
         blocks += todo
-    per_channel = sum(_per_channel_bytes(sch, b) for b in blocks)
+    per_channel = sum(_written_bytes(sch, b, 2) for b in blocks)
     loop = loops[0] if per_channel <= CHANNEL_INPUT_BYTES else loops[1]
     placed = []
     for block in blocks:  # consumers first: compute_at places a block at what its consumers read
@@ -512,10 +512,10 @@ def _inputs_computed_at(sch, anchor, loops) -> list:
     return placed
 
 
-def _per_channel_bytes(sch, block) -> int:
-    """Bytes of one (batch, channel) plane of what `block` writes."""
+def _written_bytes(sch, block, first_axis: int = 0) -> int:
+    """Bytes of what `block` writes, over its axes from `first_axis` on (2: one (batch, channel) plane)."""
     buffer = sch.get(block).writes[0].source
-    return product(int(v) for v in buffer.shape[2:]) * dtype_bits(str(buffer.dtype)) // 8
+    return product(int(v) for v in buffer.shape[first_axis:]) * dtype_bits(str(buffer.dtype)) // 8
 
 
 def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: bool | None = None,
@@ -635,9 +635,8 @@ def _row_padding(sch, anchor, ht: int):
     if len(sch.get_consumers(producers[0])) != 1:
         return None
     buffer = sch.get(producers[0]).writes[0].source
-    size = product(int(v) for v in buffer.shape) * dtype_bits(str(buffer.dtype)) // 8
     read = [r for r in sch.get(anchor).reads if r.source.same_as(buffer)]
-    if size <= ROW_PADDING_BYTES or len(read) != 1:
+    if _written_bytes(sch, producers[0]) <= ROW_PADDING_BYTES or len(read) != 1:
         return None
     rows = _tile_rows(sch.get(anchor), read[0].region[2].min, ht)
     return producers[0] if rows is not None and rows[0] <= ROW_PADDING_OVERLAP * rows[1] else None
@@ -654,6 +653,7 @@ def _tile_rows(block, index, ht: int) -> tuple[int, int] | None:
         return None
     sh, dh = int(coefs[0]), int(coefs[1])
     return (ht - 1) * sh + (int(r.dom.extent) - 1) * dh + 1, ht * sh
+
 
 def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
                  exact: bool = False) -> list[tuple[int, int, int]]:
