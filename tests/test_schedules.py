@@ -265,7 +265,6 @@ def test_tuning_variants_try_the_models_tiles_first():
     assert (1, 1, 22) in wide and (1, 1, 22) not in capped
 
 
-
 def test_the_channel_tile_rule_offers_its_variants_to_tuning():
     """`Conv2dPacked.variants` is a method of the rule (`tuning._measure_variants` looks it up there; it had been
     nested in `schedule_channel_tile` by mistake, so tuning never measured a packed conv's other tiles)."""
