@@ -204,7 +204,8 @@ def _measure_codebook(job: _Job, layer_names: list[str], costs: dict[str, LayerC
         loss = [0.0]
         for bits in CODEBOOK_BITS:
             g2 = to_graph(job.model)
-            entry.obj(g2, job.context(), **entry.bind({"bits": bits, "skip": [n for n in layer_names if n != name]}))
+            entry.obj(g2, job.context(), **entry.bind({"bits": bits, "head_bits": 0,
+                                                         "skip": [n for n in layer_names if n != name]}))
             loss.append(job.loss(to_model(g2, like=job.model)))
             job.bar.step(f"codebook {name} at {bits} bits")
         part["knobs"].append(asdict(Knob("codebook", name, [0, *CODEBOOK_BITS], loss)))
@@ -237,7 +238,7 @@ def _layer_bytes(model: onnx.ModelProto, entry, job: _Job, bits: int, before: tu
     counts, packed_before, layers_before = before
     g2 = to_graph(model)
     ctx = job.context()
-    entry.obj(g2, ctx, **entry.bind({"bits": bits, "compensate": False}))
+    entry.obj(g2, ctx, **entry.bind({"bits": bits, "compensate": False, "head_bits": 0}))
     size = pack.size_report(to_model(g2, like=model))
     layers = {name: (counts[name], v * counts[name] / 8) for name, v in size["bits_per_param"]["layers"].items()
               if counts.get(name)}

@@ -200,6 +200,27 @@ def topological_order(graph: gs.Graph) -> list[gs.Node]:
     return order
 
 
+def nearest_to_outputs(graph: gs.Graph, nodes: Iterable[gs.Node]) -> list[gs.Node]:
+    """Those of `nodes` that some graph output reads without another of `nodes` between: walking back from every
+    graph output through the producers of each input, the first of `nodes` met on each path (a classifier's last
+    Gemm, a detector's head convs). In graph order; the graph is not modified."""
+    wanted = {id(n) for n in nodes}
+    producers = {id(t): n for n in graph.nodes for t in n.outputs}
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [producers.get(id(t)) for t in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in wanted:
+            found.add(id(node))
+            continue
+        stack.extend(producers.get(id(t)) for t in node.inputs)
+    return [n for n in graph.nodes if id(n) in found]
+
+
 def set_constant_input(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
     """Give `node` a new constant input `index`: in place when nothing else reads the old one, else a fresh
     tensor (a shared original stays untouched); appended when the optional input is absent. When the old input

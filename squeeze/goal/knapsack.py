@@ -235,7 +235,7 @@ def plan_calls(model: LossModel, plan: Plan) -> list[Call]:
     clustered = {n: b for n, b in bits.items() if b}
     if clustered:
         common = max(set(clustered.values()), key=lambda b: (list(clustered.values()).count(b), b))
-        spec = f"codebook(bits={common}"
+        spec = f"codebook(bits={common},head_bits=0"  # the plan sets every layer's width
         per = [f"{n}={b}" for n, b in clustered.items() if b != common]
         floats = [n for n, b in bits.items() if not b]
         if per:
