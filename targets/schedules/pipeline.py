@@ -27,7 +27,9 @@ from __future__ import annotations
 #: peeling rides on a block annotation (`peel_partial_tiles`) so that tuning records replay it; large padded
 #: inputs of strided channel tiles padded row tile by row tile (`ROW_PADDING_BYTES`); int8 kernels peel too;
 #: dense tiles iterate column panels outside row tiles.
-SCHEDULES_VERSION = 11
+#: 12: quantize rounds with `llvm.roundeven` (vectorized) instead of `nearbyint` (a scalar loop): int8 epilogues
+#: and quantize functions have other loop bodies.
+SCHEDULES_VERSION = 12
 
 
 def legalize_map() -> dict:
