@@ -113,7 +113,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     by_weight: dict[str, list[Layer]] = {}
     for layer in _usable(layers, skipped):
         by_weight.setdefault(layer.weight.name, []).append(layer)
-    heads = _heads(graph, all_layers, by_weight, bits, head_bits, bits_of)
+    heads = _heads(graph, all_layers, by_weight, bits, head_bits, bits_of, unit)
     refit = compensate and not ctx.calib_is_synthetic
     if compensate and ctx.calib_is_synthetic:
         ctx.note("compensation skipped: the calibration data is synthetic noise; pass --calib with real inputs")
@@ -171,11 +171,12 @@ def codebook(graph: gs.Graph, ctx: Context, *,
 
 
 def _heads(graph: gs.Graph, layers: list[Layer], by_weight: dict[str, list[Layer]], bits: int, head_bits: int,
-           bits_of: dict[str, int]) -> dict[str, int]:
+           bits_of: dict[str, int], unit: str = "weight") -> dict[str, int]:
     """{output layer: index bits} for the clustered layers nearest the graph outputs that hold under HEAD_SHARE
-    of the clustered weights and have no `layer_bits` entry; `bits_of` gets them. Measured on the CIFAR corpus
-    models (benchmarks/results/codebook_bits.md, validation): at 3 bits the 1000-weight classifier alone added a
-    third of the logits error."""
+    of the clustered weights and have no `layer_bits` entry; `bits_of` gets them. Under unit=kernel a k×k conv
+    is clustered by kernels (its codebook has `kernels` entries), so only per-weight layers can be heads.
+    Measured on the CIFAR corpus models (benchmarks/results/codebook_bits.md, validation): at 3 bits the
+    1000-weight classifier alone added a third of the logits error."""
     if head_bits <= bits:
         return {}
     total = sum(ls[0].values.size for ls in by_weight.values())
@@ -183,7 +184,9 @@ def _heads(graph: gs.Graph, layers: list[Layer], by_weight: dict[str, list[Layer
     out = {}
     for node in nearest_to_outputs(graph, [layer.node for layer in layers]):
         layer = clustered.get(id(node))
-        if layer is not None and layer.name not in bits_of and layer.values.size < HEAD_SHARE * total:
+        if layer is None or layer.name in bits_of or layer.values.size >= HEAD_SHARE * total:
+            continue
+        if not (unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1):
             out[layer.name] = bits_of[layer.name] = head_bits
     return out
 

@@ -53,6 +53,21 @@ def test_an_output_layer_holding_a_large_share_keeps_bits():
     assert bits_of(steps)["fc"] == (3, False)
 
 
+def test_under_unit_kernel_only_per_weight_layers_are_heads():
+    """unit=kernel clusters a k×k conv by kernels (`kernels` entries, not 2^bits), so a k×k conv head keeps its
+    kernel codebook and is not reported as a head; a Gemm head still takes head_bits."""
+    _, steps = graphs.apply(classifier(), "codebook(bits=3,unit=kernel)", graphs.random_inputs(classifier(), 16, 3))
+    assert bits_of(steps)["fc"] == (6, True)
+    g = graphs.Builder(0)
+    h = g.node("Relu", [g.conv("x", "conv1", 3, 64, pads=[1, 1, 1, 1])], "relu1")
+    h = g.node("Relu", [g.conv(h, "conv2", 64, 128, pads=[1, 1, 1, 1])], "relu2")
+    g.conv(h, "y", 128, 1, pads=[1, 1, 1, 1])  # 1152 of 76,608 weights: 1.5 %
+    model = g.model({"x": [1, 3, 8, 8]}, "y")
+    for spec, head in (("codebook(bits=3)", True), ("codebook(bits=3,unit=kernel)", False)):
+        _, steps = graphs.apply(model, spec, graphs.random_inputs(model, count=16, seed=3))
+        assert bits_of(steps)["y"][1] is head, spec
+
+
 def test_nearest_to_outputs_follows_every_path_back_to_the_first_weight_layer():
     """conv1 ─ Relu ─ conv2 ─ Add(·, Relu) ─ y: the skip path reaches conv1 without passing conv2."""
     g = graphs.Builder(0)
