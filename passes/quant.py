@@ -132,7 +132,7 @@ def quant(graph: gs.Graph, ctx: Context, *,
     sources = {l.name: l.input.name for l in layers}
     kept_float = _sensitive_sites(ctx, model, ranges, sensitive) if names and sensitive > 0 else []
     sites = {k: v for k, v in sites.items() if k not in kept_float}
-    sites = _settle_folds(sites, ranges)
+    sites = _settle_folds(graph, sites, ranges)
     sites = {k: v for k, v in sites.items() if v.folds is not None or k not in kept_float}
     zero_points: dict[int, gs.Constant] = {}
     _quantize_scalars(builder, ops, zero_points)
@@ -807,9 +807,9 @@ def _absorbs(bounds: tuple[float, float], scale: float, zero_point: int) -> bool
     return bounds[0] <= lo + scale / 2 and hi - scale / 2 <= bounds[1]
 
 
-def _settle_folds(sites: dict[str, _Site], ranges: dict[str, tuple[float, int]]) -> dict[str, _Site]:
-    """Remove each Relu/Clip its output range absorbs (the layer then writes the clamped tensor itself); where
-    the range does not fit inside the bounds, quantize the layer's own output instead. Returns the final sites."""
+def _settle_folds(graph: gs.Graph, sites: dict[str, _Site], ranges: dict) -> dict[str, _Site]:
+    """Remove each Relu/Clip its output range absorbs (the layer then writes the clamped tensor itself), else
+    quantize the layer's own output. Returns the final sites; max pools between them keep their input's range."""
     final: dict[str, _Site] = {}
     for name, site in sites.items():
         if site.folds is None:
@@ -826,6 +826,11 @@ def _settle_folds(sites: dict[str, _Site], ranges: dict[str, tuple[float, int]])
         final[inner.name] = _Site(inner, produced=True)
         if site.readers:
             final[name] = _Site(site.tensor, readers=site.readers)
+    # A max pool between quantized tensors keeps its input's scale and zero point (as quantize_static does): it
+    # picks input values, so that is exact, and only then does ONNX Runtime run DQ → MaxPool → Q as an int8 pool.
+    for node in graph.nodes:  # in graph order: chains of pools share one range
+        if node.op == "MaxPool" and node.inputs and {node.inputs[0].name, node.outputs[0].name} <= final.keys():
+            ranges[node.outputs[0].name] = ranges[node.inputs[0].name]
     return final
 
 

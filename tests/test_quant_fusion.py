@@ -160,3 +160,32 @@ def test_elementwise_tails_behind_cheap_functions_join_the_int8_region(build, fu
     assert all(ops.get(op, 0) == count for op, count in fused.items()), ops
     assert not floats & set(ops), ops
     assert graphs.max_rel_error(model, out, data) < 0.05
+
+
+def test_a_max_pool_between_int8_tensors_keeps_its_input_quantization(calib_data, tmp_path):
+    """Conv → Relu → MaxPool → Conv: the QuantizeLinear after the pool takes the scale and zero point of the
+    DequantizeLinear before it (the pool picks input values: exact), so ONNX Runtime runs an int8 pool instead of
+    a float MaxPool between a DequantizeLinear and a QuantizeLinear (squeezenet: 3.28 → 2.79 ms)."""
+    from onnx import numpy_helper
+
+    from test_quant import _ort_optimized_ops
+    g = graphs.Builder(3)
+    r = g.node("Relu", [g.conv("x", "conv1", 4, 8, pads=[1, 1, 1, 1])], "r")
+    p = g.node("MaxPool", [r], "p", kernel_shape=[3, 3], strides=[2, 2])
+    r2 = g.node("Relu", [g.conv(p, "conv2", 8, 8, pads=[1, 1, 1, 1])], "r2")
+    g.conv(r2, "y", 8, 4, pads=[1, 1, 1, 1])
+    model = g.model({"x": [1, 4, 15, 15]}, "y")
+    data = calib_data(model, 16)
+    out, _ = graphs.apply(model, "quant(sensitive=0)", data=data)
+    values = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in out.graph.node
+                   if n.op_type == "Constant"})
+    pool = next(n for n in out.graph.node if n.op_type == "MaxPool")
+    before = next(n for n in out.graph.node if pool.input[0] in n.output)
+    after = next(n for n in out.graph.node if pool.output[0] in n.input)
+    assert (before.op_type, after.op_type) == ("DequantizeLinear", "QuantizeLinear")
+    for i in (1, 2):
+        assert values[before.input[i]] == values[after.input[i]]
+    ops = _ort_optimized_ops(out, tmp_path)
+    assert "MaxPool" not in ops, ops
+    assert graphs.max_rel_error(model, out, data) < 0.05
