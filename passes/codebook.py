@@ -125,7 +125,7 @@ def codebook(graph: gs.Graph, ctx: Context, *,
     for consumers in by_weight.values():
         layer = consumers[0]
         w = layer.values
-        kernel = unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
+        kernel = _by_kernel(layer, unit)
         size = kernels if kernel else 1 << bits_of.get(layer.name, bits)
         x = rows.get(layer.name) if len(consumers) == 1 else None
         # channel scales, unless the layer already has no more distinct values than the codebook (kept exactly)
@@ -186,9 +186,14 @@ def _heads(graph: gs.Graph, layers: list[Layer], by_weight: dict[str, list[Layer
         layer = clustered.get(id(node))
         if layer is None or layer.name in bits_of or layer.values.size >= HEAD_SHARE * total:
             continue
-        if not (unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1):
+        if not _by_kernel(layer, unit):
             out[layer.name] = bits_of[layer.name] = head_bits
     return out
+
+
+def _by_kernel(layer: Layer, unit: str) -> bool:
+    """Whether `layer` is clustered by whole k×k kernels (unit=kernel on a Conv/ConvTranspose with k > 1)."""
+    return unit == "kernel" and layer.op in ("Conv", "ConvTranspose") and layer.kernel_size > 1
 
 
 def _usable(layers: list[Layer], skipped: dict[str, str]) -> list[Layer]:

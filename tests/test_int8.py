@@ -236,17 +236,23 @@ def test_weight_zero_point_stays_float():
     assert np.abs(got - ref).max() <= YS + 1e-6
 
 
+def _quantize_dequantize(shape: list[int], scale: float, zero) -> onnx.ModelProto:
+    """x ─ QuantizeLinear(scale, zero) ─ DequantizeLinear ─ y, per tensor."""
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    inits = [nh.from_array(np.array(scale, np.float32), "s"), nh.from_array(np.array(zero), "z")]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, shape)],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, shape)], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 def test_quantize_rounds_half_to_even():
     """QuantizeLinear of values exactly between two steps: ONNX rounds to even (TVM's own legalization rounds
     half away from zero)."""
     x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, 3.5, 254.5, 7.0]], np.float32)
-    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-             oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
-    inits = [nh.from_array(np.array(1.0, np.float32), "s"), nh.from_array(np.array(2, np.uint8), "z")]
-    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 8])],
-                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8])], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _quantize_dequantize(list(x.shape), 1.0, np.uint8(2))
     _, executable = _build(model, x, _host())
     np.testing.assert_array_equal(_run(executable, x), _ort(model, x))
 
@@ -260,13 +266,7 @@ def test_quantize_rounds_half_to_even_in_vector_loops(zero):
     import platform
     rng = np.random.default_rng(0)
     x = (rng.integers(-1200, 1200, (1, 16, 24, 40)) * 0.125).astype(np.float32)
-    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-             oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
-    inits = [nh.from_array(np.array(0.25, np.float32), "s"), nh.from_array(np.array(zero), "z")]
-    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, list(x.shape))],
-                          [oh.make_tensor_value_info("y", TP.FLOAT, list(x.shape))], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
-    model.ir_version = 8
+    model = _quantize_dequantize(list(x.shape), 0.25, zero)
     _, executable = _build(model, x, _host())
     np.testing.assert_array_equal(_run(executable, x), _ort(model, x))
     if platform.machine() in ("x86_64", "AMD64"):

@@ -426,8 +426,7 @@ def round_half_even(value, dtype: str):
     inlined into an epilogue (a GELU epilogue of ppocrv6_tiny_det did not finish scheduling)."""
     import tvm  # noqa: PLC0415
     from tvm import tirx  # noqa: PLC0415
-    target = tvm.target.Target.current(allow_none=True)
-    if target is not None and target.kind.name == "llvm":
+    if is_cpu(tvm.target.Target.current(allow_none=True)):  # the LLVM targets
         return tirx.call_llvm_pure_intrin(dtype, "llvm.roundeven", value)
     return tirx.nearbyint(value)
 
