@@ -657,9 +657,7 @@ def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], unit: 
         ctx.note("output layer(s) at " + ", ".join(f"{name} {b} bits" for name, b in heads.items())
                  + f" (head_bits; each under {HEAD_SHARE:.0%} of the clustered weights)")
     ctx.details["per_layer"] = per_layer
-    if skipped:
-        ctx.details["skipped"] = skipped
-        ctx.note("left in float: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    ctx.skipped(skipped, "left in float")
     if not per_layer:
         ctx.note("no layer with a float constant weight to cluster")
         return

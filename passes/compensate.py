@@ -39,7 +39,7 @@ from squeeze.model import to_graph, to_model
 from .channel_space import Group
 from .cutting import tensor_masks
 from .graph_util import infer_shapes, node_labels, set_constant_input, topological_order, weight_value
-from .im2col import conv_windows, window_rows
+from .im2col import auto_pad, conv_windows, fixed_pads, window_rows
 from .ridge import Ridge
 
 #: Ridge strengths tried, relative to the mean diagonal of XᵀX.
@@ -641,9 +641,8 @@ def conv_transpose_problem(node: gs.Node) -> str | None:
         return f"group={node.attrs.get('group')}"
     if "output_shape" in node.attrs:
         return "it has an output_shape attribute"
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-        return f"auto_pad={auto}"
+    if fixed_pads(node, 0) is None:
+        return f"auto_pad={auto_pad(node)}"
     return None
 
 
@@ -654,9 +653,7 @@ def transposed_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) ->
     d = len(kernel)
     strides = list(node.attrs.get("strides", [1] * d))
     dil = list(node.attrs.get("dilations", [1] * d))
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    pads = [0] * (2 * d) if (auto.decode() if isinstance(auto, bytes) else auto) == "VALID" \
-        else [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
+    pads = fixed_pads(node, d)
     extra = list(node.attrs.get("output_padding", [0] * d))
     size = [(n - 1) * s + 1 for n, s in zip(x.shape[2:], strides)]
     up = np.zeros(x.shape[:2] + tuple(size), dtype=x.dtype)

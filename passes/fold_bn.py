@@ -15,6 +15,7 @@ from squeeze.context import Context
 from squeeze.registry import register_pass
 
 from .graph_util import fresh_name
+from .im2col import fixed_pads
 
 
 @register_pass("fold-bn")
@@ -159,7 +160,8 @@ def _fold_forward(graph: gs.Graph, bn: gs.Node, scale: np.ndarray, shift: np.nda
     w64 = w.astype(np.float64)
     channels = len(scale)
     if consumer.op == "Conv":
-        if any(int(p) != 0 for p in consumer.attrs.get("pads", [])) or consumer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+        pads = fixed_pads(consumer, w.ndim - 2)
+        if pads is None or any(pads):
             return "the following Conv pads its input (padding would see the shift)"
         group = int(consumer.attrs.get("group", 1))
         per_group = w.shape[1]

@@ -7,11 +7,25 @@ import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
 
+def auto_pad(node: gs.Node) -> str:
+    """A Conv's or ConvTranspose's `auto_pad` as text (`NOTSET` when absent; exporters write str or bytes)."""
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    return auto.decode() if isinstance(auto, bytes) else auto
+
+
+def fixed_pads(node: gs.Node, d: int) -> list[int] | None:
+    """The pads (begins, then ends) of a conv whose padding does not depend on its input size: `pads` (zeros when
+    absent or `auto_pad=VALID`); None for `SAME_UPPER`/`SAME_LOWER`."""
+    auto = auto_pad(node)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        return None
+    return [0] * (2 * d) if auto == "VALID" else [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
+
+
 def conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
     """A Conv's pads (all begins, then all ends) for input spatial `size`, `auto_pad` resolved as ONNX defines it."""
     d = len(kernel)
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = auto_pad(node)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         begins, ends = [], []
         for i in range(d):
@@ -21,9 +35,7 @@ def conv_pads(node: gs.Node, size, kernel, strides, dil) -> list[int]:
             begins.append(small if auto == "SAME_UPPER" else big)
             ends.append(big if auto == "SAME_UPPER" else small)
         return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * d)
-    return [int(p) for p in node.attrs.get("pads", [0] * (2 * d))]
+    return fixed_pads(node, d)
 
 
 def conv_windows(node: gs.Node, x: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:

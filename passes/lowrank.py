@@ -48,6 +48,7 @@ from squeeze.threads import single_threaded
 
 from .channel_plan import round_keep
 from .graph_util import infer_shapes, put_input
+from .im2col import auto_pad, fixed_pads
 from .compensate import PostOp, post_op, refit
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
 
@@ -277,9 +278,8 @@ class _LayerSpec:
             return "not a conv"
         if self.kernel[0] == 1 or self.kernel[1] == 1:
             return "the kernel is already one-dimensional"
-        auto = self.layer.node.attrs.get("auto_pad", "NOTSET")
-        if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
-            return f"auto_pad={auto}"
+        if fixed_pads(self.layer.node, 2) is None:
+            return f"auto_pad={auto_pad(self.layer.node)}"
         if self.in_hw is None or self.out_hw is None:
             return "its spatial shape is unknown"
         return None
@@ -544,9 +544,8 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
         else:
             strides = list(attrs.get("strides", [1, 1]))
             dil = list(attrs.get("dilations", [1, 1]))
-            auto = attrs.pop("auto_pad", "NOTSET")
-            pads = [0, 0, 0, 0] if (auto.decode() if isinstance(auto, bytes) else auto) == "VALID" \
-                else list(attrs.get("pads", [0, 0, 0, 0]))
+            pads = fixed_pads(layer.node, 2)
+            attrs.pop("auto_pad", None)
             first_w = fit.first.reshape(r, spec.channels, kh, 1)
             attrs.update(kernel_shape=[kh, 1], strides=[strides[0], 1], dilations=[dil[0], 1],
                          pads=[pads[0], 0, pads[2], 0])
@@ -583,9 +582,7 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
 def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str]) -> None:
     ctx.details["layers"] = [e["layer"] for e in per_layer]
     ctx.details["per_layer"] = per_layer
-    if skipped:
-        ctx.details["skipped"] = skipped
-        ctx.note("left as they are: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    ctx.skipped(skipped, "left as they are")
     if not per_layer:
         ctx.note("no layer factorized")
         return

@@ -973,9 +973,7 @@ def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], bits: 
                               "storage": weights[0]["storage"] if weights else None}
     ctx.details["activations"] = ({"dtype": "uint8", "granularity": "per tensor", "method": method,
                                    "tensors": tensors, "samples": len(ctx.calib)} if quantize_inputs else None)
-    if skipped:
-        ctx.details["skipped"] = skipped
-        ctx.note("left in float: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    ctx.skipped(skipped, "left in float")
     if not per_layer:
         ctx.note("no Conv/Gemm/MatMul layer to quantize")
         return

@@ -32,6 +32,13 @@ class Context:
     def note(self, message: str) -> None:
         self.notes.append(message)
 
+    def skipped(self, skipped: dict[str, str], what: str) -> None:
+        """Record the layers a pass left alone (name → reason) in `details["skipped"]` and as one note that starts
+        with `what` ("left in float"); nothing when there are none."""
+        if skipped:
+            self.details["skipped"] = skipped
+            self.note(f"{what}: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+
     @property
     def calib_is_synthetic(self) -> bool:
         return self.calib.source.startswith("synthetic")

@@ -97,6 +97,28 @@ def test_an_exactly_low_rank_conv_is_reproduced_at_its_rank(form):
     assert graphs.max_rel_error(model, out, real(model, 8, seed=5)) < 1e-5
 
 
+@pytest.mark.parametrize("auto_pad", ["VALID", b"VALID", "SAME_UPPER"])
+def test_auto_pad_valid_factorizes_spatially_and_same_keeps_the_channel_form(auto_pad):
+    """
+    x[1,8,8,8] ─ Conv 8→16 3×3 auto_pad=… (no pads) ─ y     (weight of spatial rank 4)
+    VALID (str or bytes, as exporters write it) has fixed pads: the k×1 / 1×k pair reproduces the conv. SAME_UPPER's
+    pads depend on the input size: the spatial form is refused with the reason and the channel form is used.
+    """
+    rng = np.random.default_rng(0)
+    g = graphs.Builder(0)
+    g.conv("x", "conv", 8, 16, k=3, auto_pad=auto_pad)
+    model = g.model({"x": [1, 8, 8, 8]}, "conv")
+    set_weight(model, "conv.weight", low_rank(rng, 16 * 3, 8 * 3, 4).reshape(16, 3, 8, 3).transpose(0, 2, 3, 1))
+    out, steps = graphs.apply(model, "lowrank(layer_rank=['conv=4'])", data=real(model, 16))
+    assert steps[0]["details"]["per_layer"][0]["form"] == ("channel" if auto_pad == "SAME_UPPER" else "spatial")
+    onnx.checker.check_model(out, full_check=True)
+    if auto_pad != "SAME_UPPER":
+        assert graphs.max_rel_error(model, out, real(model, 8, seed=5)) < 1e-5
+        return
+    _, steps = graphs.apply(model, "lowrank(layer_rank=['conv=4'],form=spatial)", data=real(model, 16))
+    assert "the spatial form does not apply: auto_pad=SAME_UPPER" in steps[0]["details"]["skipped"]["conv"]
+
+
 @pytest.mark.parametrize("build", [gemm, matmul_add])
 def test_an_exactly_low_rank_gemm_or_matmul_is_reproduced_at_its_rank(build):
     rng = np.random.default_rng(1)

@@ -185,6 +185,17 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
         sch.parallel(outer)
 
 
+def schedule_rest(sch: s_tir.Schedule, producers: list[str], rest, lanes: int, done=()) -> None:
+    """The elementwise schedule for what a kernel's function holds besides the kernel: its `producers` (by name:
+    block handles go stale as the kernel is rewritten) and the blocks of `rest` not named in `done` (an epilogue
+    already placed in the kernel's tiles)."""
+    for name in producers:
+        schedule_injective(sch, sch.get_sblock(name), lanes)
+    for block in rest:
+        if sch.get(block).name_hint not in done:
+            schedule_injective(sch, block, lanes)
+
+
 def guarded(sch: s_tir.Schedule, block) -> bool:
     """Whether `block` computes an `if_then_else` (a padding: load inside, zero outside).
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, TILE, default_legalization, dtype_or, extent, guarded, inline_epilogue, is_spatial, \
-    kernel_schedule, peel_partial_tiles, product, schedule_injective, static_shape, tile_epilogue, tile_of, \
+    kernel_schedule, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
     tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, dtype_bits, is_cpu
 
@@ -531,10 +531,7 @@ def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: 
         sch.parallel(outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    for name in producers:
-        schedule_injective(sch, sch.get_sblock(name), lanes)
-    for block in leftovers:
-        schedule_injective(sch, block, lanes)
+    schedule_rest(sch, producers, leftovers, lanes)
 
 
 class Conv2dPacked:

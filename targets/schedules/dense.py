@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, product, schedule_injective, \
+from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, product, schedule_rest, \
     tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .common import default_legalization, dtype_or, static_shape
 from .conv2d import channel_block, register_tile
@@ -173,9 +173,5 @@ class DensePacked:
         if ks > 1:
             init = sch.decompose_reduction(partial, pko)
             sch.vectorize(sch.get_loops(init)[-1])
-        for name in producers:
-            schedule_injective(sch, sch.get_sblock(name), lanes)
-        for block in rest:
-            if sch.get(block).name_hint != epilogue_name:
-                schedule_injective(sch, block, lanes)
+        schedule_rest(sch, producers, rest, lanes, {epilogue_name})
         return sch

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, tile_epilogue, \
+from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, schedule_rest, tile_epilogue, \
     worth_parallel
 from .simd import describe, is_cpu
 
@@ -125,9 +125,5 @@ class Pool:
             sch.parallel(outer)
         sch.decompose_reduction(anchor, ry)
         epilogue_name = sch.get(epilogue).name_hint
-        for name in producers:
-            schedule_injective(sch, sch.get_sblock(name), lanes)
-        for block in rest:
-            if sch.get(block).name_hint != epilogue_name:
-                schedule_injective(sch, block, lanes)
+        schedule_rest(sch, producers, rest, lanes, {epilogue_name})
         return sch
