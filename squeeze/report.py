@@ -506,8 +506,9 @@ def _firmware_lines(rows: list[dict]) -> list[str]:
                 lines.append(f"| {x['layer']} | {x['op']} | {x['macs']:,} | {x.get('storage', '—')} | {size} | "
                              f"{full} | {x['compute']} |")
     if lines:
-        lines += ["", "Compact weights are decoded into the RAM decode scratch right before the layer that reads "
-                  "them; the kernels compute in float32. Flash and RAM parts are measured from the firmware ELF "
+        lines += ["", "Layers that compute in int8 run squeeze's int8 kernels on their int8 weights in flash (no "
+                  "decode); other compact weights are decoded into the RAM decode scratch right before the layer that "
+                  "reads them, which computes in float32. Flash and RAM parts are measured from the firmware ELF "
                   "(sections and symbols) and the stack's high-water mark."]
     return lines
 

@@ -270,8 +270,8 @@ class _Interpreter:
         from tvm import ir, relax  # noqa: PLC0415
         if isinstance(value, relax.Call) and isinstance(value.op, ir.Op):
             self.env[var] = self.builtin(var, value)
-        elif isinstance(value, relax.Call) and isinstance(value.op, ir.GlobalVar):
-            self.kernel(value)
+        elif isinstance(value, relax.Call) and isinstance(value.op, (ir.GlobalVar, relax.ExternFunc)):
+            self.kernel(value)  # a TIR kernel, or a C kernel of squeeze's (mcu_int8) with the same call signature
             self.env[var] = None
         else:
             self.env[var] = self.value_of(value)
@@ -297,8 +297,8 @@ class _Interpreter:
         raise TargetError(f"mcu: the standalone program does not support Relax op {op} (it needs the TVM runtime)")
 
     def kernel(self, value) -> None:
-        """A call of a TIR kernel: its arguments are tensors; compact weights are decoded into scratch first."""
-        kernel = value.op.name_hint
+        """A call of a kernel: its arguments are tensors; compact weights are decoded into scratch first."""
+        kernel = value.op.name_hint if hasattr(value.op, "name_hint") else str(value.op.global_symbol)
         args = []
         for a in value.args:
             t = self.value_of(a)
@@ -579,6 +579,9 @@ def _c_source(name: str) -> str:
 MODEL_H = _c_source("squeeze_model.h")
 
 RUNTIME_C = _c_source("runtime.c")
+
+# squeeze's int8 convolution / dense for the mcu firmware (mcu_int8: SMLAD on Cortex-M DSP cores)
+INT8_KERNELS_C = _c_source("int8_kernels.c")
 
 # Cortex-M startup: vector table, reset (copy .data, zero .bss, enable the FPU, paint the stack), SysTick as a
 # 64-bit counter, ARM semihosting for output and exit.

@@ -7,12 +7,17 @@ semihosting and `-icount`, so the outputs are checked against ONNX Runtime and t
 (`method=instruction-count`: an instruction count, not cycles — on silicon, wait states, pipeline stalls and
 the memory system make cycles differ).
 
-Weights (`weights=`): `compact` keeps what the passes made compact in flash — a `quant` model's int8 (or k-bit)
-integers with their scales, a `codebook` model's bit-packed indices with the codebook — and decodes each weight
-into a RAM scratch buffer right before the layer that reads it (`weight_storage`); `float` stores every weight as
-float32, as TVM folds it; `auto` (default) is `compact`, except that when the decode scratch would overflow the
-board's RAM the largest decoded weights stay float (flash traded back for RAM), one at a time until it fits. The
-compute is float32 either way (TVM's float kernels); the report lists per layer the storage, compute type and MACs.
+Compute (`compute=`): `auto` (default) runs a `quant` model's int8 Conv/Gemm/MatMul layers — those the CPU's
+int8 path computes exactly, same pattern — in squeeze's int8 C kernels (`mcu_int8`: CMSIS-NN style, SMLAD on the
+DSP extension of Cortex-M4/M7; ONNX Runtime's requantization) on their int8 weights as they are in flash; `float`
+computes every layer in TVM's float kernels. Everything else (pools, activations, a float layer) is TVM's.
+
+Weights (`weights=`) of the layers that compute in float: `compact` keeps what the passes made compact in flash — a
+`quant` model's int8 (or k-bit) integers with their scales, a `codebook` model's bit-packed indices with the
+codebook — and decodes each weight into a RAM scratch buffer right before the layer that reads it
+(`weight_storage`); `float` stores them as float32, as TVM folds them; `auto` (default) is `compact`, except that
+when the decode scratch would overflow the board's RAM the largest decoded weights stay float (flash traded back for
+RAM), one at a time until it fits. The report lists per layer the storage, compute type and MACs.
 
 Flash = text + rodata + initialised data of a firmware that runs the model once (startup, runtime hooks, kernels,
 weights), broken down from the ELF's symbols into code, float weights, compact weights, tables (scales, zero points,
@@ -33,7 +38,7 @@ import onnx
 from squeeze.errors import TargetError
 from squeeze.registry import Range, register_target
 
-from . import c_program, toolchains, tvm_build, weight_storage
+from . import c_program, mcu_int8, toolchains, tvm_build, weight_storage
 from .base import Artifact, Measurement, Target, build_folder, relative
 
 KiB = 1024
@@ -86,8 +91,12 @@ class Mcu(Target):
                  timeout: Annotated[int, Range(10, 3600), "seconds before the emulator run is abandoned"] = 300,
                  weights: Annotated[Literal["auto", "compact", "float"], "weights in flash: compact (int8 / packed "
                                     "codebook indices, decoded per layer into RAM), float, or auto (compact while "
-                                    "the decode scratch fits the board's RAM)"] = "auto"):
+                                    "the decode scratch fits the board's RAM)"] = "auto",
+                 compute: Annotated[Literal["auto", "float"], "auto: a quant model's int8 Conv/Gemm/MatMul layers "
+                                    "run squeeze's int8 C kernels (SMLAD on DSP cores), int8 weights in flash; "
+                                    "float: every layer in TVM's float kernels"] = "auto"):
         self.weights = weights
+        self.compute = compute
         self.board_name = board
         self.board = BOARDS[board]
         self.opt = opt
@@ -116,8 +125,12 @@ class Mcu(Target):
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
         target = self.tvm_target()
-        storage = weight_storage.plan(model) if self.weights != "float" else weight_storage.Plan(model, [])
+        integer = self._integer_weights(model, shapes)
+        storage = weight_storage.plan(model, leave=integer) if self.weights != "float" else \
+            weight_storage.Plan(model, [])
         mod = tvm_build.import_onnx(storage.model, {**shapes, **storage.input_shapes})
+        if self.compute == "auto":
+            mod, _ = mcu_int8.rewrite(mod)
         planned = c_program.plan_module(mod, target)
         names = c_program.const_names(model)
         compact = {w.name: w for w in storage.weights}
@@ -135,14 +148,18 @@ class Mcu(Target):
                  "kernels.c": source, "runtime.c": c_program.RUNTIME_C, "startup.c": c_program.STARTUP_C,
                  "firmware.ld": c_program.linker_script(*EMU_FLASH, *EMU_RAM, STACK_BYTES),
                  "deploy_main.c": DEPLOY_MAIN}
+        flags = {"runtime.c": [f"-DSQUEEZE_WORKSPACE_BYTES={max(workspace, 64)}"]}
+        im2col = mcu_int8.im2col_bytes(program)
+        if im2col:
+            files[mcu_int8.SOURCE] = c_program.INT8_KERNELS_C
+            flags[mcu_int8.SOURCE] = [f"-DSQUEEZE_IM2COL_BYTES={im2col}", "-ffp-contract=off"]
         for name, text in files.items():
             (folder / name).write_text(text)
         objects = []
-        for name in ("model.c", "kernels.c", "runtime.c", "startup.c"):
+        for name in [n for n in files if n.endswith(".c") and n != "deploy_main.c"]:
             obj = folder / (name[:-2] + ".o")
-            defines = [f"-DSQUEEZE_WORKSPACE_BYTES={max(workspace, 64)}"] if name == "runtime.c" else []
-            toolchains.run_tool(["arm-none-eabi-gcc", *self.cflags(), *defines, "-c", name, "-o", obj.name],
-                                what=f"arm-none-eabi-gcc {name}", cwd=folder)
+            toolchains.run_tool(["arm-none-eabi-gcc", *self.cflags(), *flags.get(name, []), "-c", name, "-o",
+                                 obj.name], what=f"arm-none-eabi-gcc {name}", cwd=folder)
             objects.append(obj)
         elf = self._link(folder, objects, "deploy_main.c", "firmware.elf")
         sizes = section_sizes(elf)
@@ -158,9 +175,9 @@ class Mcu(Target):
                   "kernels": len({k for k, _ in program.calls}), "calls": len(program.calls),
                   "board_flash_bytes": self.board.flash, "board_ram_bytes": self.board.ram}
         weights = {"mode": self.weights, "compact": len(program.compact), "float_for_ram": as_float,
-                   "kept_float": storage.kept,
-                   "why": _weights_why(self.weights, storage, program, as_float)}
-        layers = weight_storage.layer_rows(model, shapes, storage, set(as_float))
+                   "kept_float": storage.kept, "why": _weights_why(self.weights, storage, program, as_float, integer)}
+        layers = weight_storage.layer_rows(model, shapes, storage, set(as_float), integer)
+        info.update(_compute_summary(layers))
         names = [i.name for i in model.graph.input if i.name in shapes]
         return Artifact(self.name, handle={"program": program, "folder": folder, "objects": objects,
                                            "flash": flash, "static_ram": static_ram, "names": names,
@@ -168,6 +185,14 @@ class Mcu(Target):
                                            "weights": weights, "layers": layers},
                         files=[folder / n for n in files] + [elf], build_seconds=tvm_build.seconds_since(start),
                         info=info)
+
+    def _integer_weights(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+        """`compute=auto`: the weights (DequantizeLinear outputs) of the layers the int8 kernels will compute, by
+        name → the layer-independent reason; `weight_storage` leaves them as they are (int8 constants in flash)."""
+        if self.compute != "auto" or not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            return {}
+        _, consumed = mcu_int8.rewrite(tvm_build.import_onnx(model, shapes))
+        return weight_storage.dequantized(model, consumed)
 
     def _float_for_ram(self, program: c_program.Program, workspace: int) -> list[str]:
         """`auto`: the compact weights to store as float instead, largest decoded first, until the arena, the decode
@@ -238,7 +263,7 @@ class Mcu(Target):
                               f"{c_program.describe_storages(program)}")
         extra = {"flash_bytes": handle["flash"], "ram_bytes": ram, "instructions": instructions,
                  "memory": memory, "emulated_runs": result.timed_runs,
-                 "flash_breakdown": flash_breakdown(handle["sizes"], handle["symbols"]),
+                 "flash_breakdown": flash_breakdown(handle["sizes"], handle["symbols"], program),
                  "ram_breakdown": ram_breakdown(handle["sizes"], handle["symbols"], program, result.stack_used),
                  "weights": handle["weights"], "layers": handle["layers"]}
         return Measurement("instruction-count", latency_ms=None, outputs=stacked, notes=notes, extra=extra)
@@ -263,16 +288,23 @@ def symbol_sizes(elf: Path) -> dict[str, int]:
     return sizes
 
 
-# model.c's symbols (c_program.emit_model): float constants c<i>_data, compact weights w<i>_q_data and their
-# tables w<i>_table_data / w<i>_zero_data / w<i>_scale_data.
+# model.c's symbols (c_program.emit_model): constants c<i>_data (float weights, or the int8 kernels' weights and
+# tables), compact weights w<i>_q_data and their tables w<i>_table_data / w<i>_zero_data / w<i>_scale_data.
 _FLASH_PARTS = (("weights_float", re.compile(r"c\d+_data")), ("weights_compact", re.compile(r"w\d+_q_data")),
                 ("tables", re.compile(r"w\d+_(table|zero|scale)_data")))
 
 
-def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int]) -> dict[str, int]:
+def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: c_program.Program | None = None
+                    ) -> dict[str, int]:
     """Flash bytes as code (.text), float weights, compact weights, tables (scales, zero points, codebooks) and
-    other (tensor descriptors, call tables, kernel constants, initialised data); the parts add up to the flash."""
-    parts = {name: sum(n for s, n in symbols.items() if pattern.fullmatch(s)) for name, pattern in _FLASH_PARTS}
+    other (tensor descriptors, call tables, kernel constants, initialised data); the parts add up to the flash.
+    The int8 kernels' constants (`program`'s calls) count as compact weights (int8) and tables (bias, scales)."""
+    integer = {f"{k}_data": "weights_compact" for k in mcu_int8.weight_consts(program)} if program else {}
+    integer.update({f"{k}_data": "tables" for k in mcu_int8.table_consts(program)} if program else {})
+
+    def part(symbol: str) -> str | None:
+        return integer.get(symbol) or next((n for n, pattern in _FLASH_PARTS if pattern.fullmatch(symbol)), None)
+    parts = {name: sum(n for s, n in symbols.items() if part(s) == name) for name, _ in _FLASH_PARTS}
     total = sizes["text"] + sizes["rodata"] + sizes["data"]
     out = {"code": sizes["text"], **parts}
     out["other"] = total - sum(out.values())
@@ -282,11 +314,12 @@ def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int]) -> dict[str,
 def ram_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: c_program.Program,
                   stack: int) -> dict[str, int]:
     """RAM bytes as activations (the arena less I/O), I/O (inputs and outputs, in the arena), decode scratch,
-    workspace pool, other static data and the measured stack; the parts add up to the RAM."""
+    the int8 kernels' im2col columns, workspace pool, other static data and the measured stack; the parts add up
+    to the RAM."""
     arena = symbols.get("squeeze_arena", 0)
     io = min(program.io_bytes, arena)
     out = {"activations": arena - io, "io": io, "decode_scratch": symbols.get("squeeze_scratch", 0),
-           "workspace_pool": symbols.get("ws_pool", 0)}
+           "im2col": symbols.get("squeeze_im2col", 0), "workspace_pool": symbols.get("ws_pool", 0)}
     out["other_static"] = sizes["data"] + sizes["bss"] - sum(out.values())
     out["stack"] = stack
     return out
@@ -305,17 +338,30 @@ def _scratch_without(program: c_program.Program, as_float: list[str]) -> int:
     return best
 
 
-def _weights_why(mode: str, storage: weight_storage.Plan, program: c_program.Program, as_float: list[str]) -> str:
+def _weights_why(mode: str, storage: weight_storage.Plan, program: c_program.Program, as_float: list[str],
+                 integer: dict[str, str]) -> str:
     """One line for the report: what was stored how, and why."""
+    parts = [f"{len(integer)} weight(s) int8 in flash, read as they are by the int8 kernels"] if integer else []
     if mode == "float":
-        return "weights=float: every weight stored as float32 (TVM folds the decode at compile time)"
-    if not storage.weights:
-        return "no weight has an exact compact form (float model): float32 in flash"
-    text = (f"{len(program.compact)} weight(s) compact in flash, decoded per layer into a "
-            f"{program.scratch_bytes} B RAM scratch")
-    if as_float:
-        text += f"; {len(as_float)} kept float so the decode scratch fits the board's RAM"
-    return text
+        parts.append("weights=float: every other weight stored as float32 (TVM folds the decode at compile time)")
+    elif storage.weights:
+        text = (f"{len(program.compact)} weight(s) compact in flash, decoded per layer into a "
+                f"{program.scratch_bytes} B RAM scratch")
+        if as_float:
+            text += f"; {len(as_float)} kept float so the decode scratch fits the board's RAM"
+        parts.append(text)
+    elif not integer:
+        parts.append("no weight has an exact compact form (float model): float32 in flash")
+    return "; ".join(parts)
+
+
+def _compute_summary(layers: list[dict]) -> dict:
+    """The row's compute fields (as `schedules.int8.compute_summary` gives the cpu rows) from the layer table."""
+    weighted = [r for r in layers if r["op"] in weight_storage.WEIGHT_SLOT]
+    n8 = sum(r["compute"] == "int8" for r in weighted)
+    n32 = len(weighted) - n8
+    return {"compute": "int8" if n8 and not n32 else "mixed" if n8 else "float", "int8_layers": n8,
+            "float_layers": n32, "instruction": "SMLAD (Cortex-M DSP), squeeze's C kernels" if n8 else None}
 
 
 def section_sizes(elf: Path) -> dict[str, int]:

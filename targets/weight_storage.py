@@ -124,12 +124,15 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------- analysis
 
-def plan(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES, max_ratio: float = MAX_RATIO) -> Plan:
+def plan(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES, max_ratio: float = MAX_RATIO,
+         leave: dict[str, str] | None = None) -> Plan:
     """Find the large constant weights that a compact form rebuilds exactly; rewrite a copy to read them as inputs.
 
     A weight is a float32 constant tensor (an initializer, or the output of nodes that read only constants) that a
-    non-constant node reads. Returns the model unchanged (and no weights) when none qualifies.
+    non-constant node reads. Returns the model unchanged (and no weights) when none qualifies. `leave`: weights
+    to leave as they are (name → why: the int8 kernels read their integers directly).
     """
+    leave = leave or {}
     const_nodes, boundary = _constant_boundary(model)
     nodes = model.graph.node
     values = _evaluate(model, [nodes[k] for k in const_nodes])
@@ -139,6 +142,9 @@ def plan(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES, max_ratio: float
     for name in boundary:
         value = values.get(name)
         if value is None or value.dtype != np.float32 or value.nbytes < min_bytes:
+            continue
+        if name in leave:
+            kept[name] = leave[name]
             continue
         transposed = _read_transposed([nodes[k] for k in readers[name]], name)
         found = _compact(name, value, producers.get(name), values, model, transposed, producers)
@@ -155,6 +161,20 @@ def plan(model: onnx.ModelProto, *, min_bytes: int = MIN_BYTES, max_ratio: float
     if not weights:
         return Plan(model, [], kept)
     return Plan(_rewrite(model, weights, readers), weights, kept)
+
+
+def dequantized(model: onnx.ModelProto, integers: list[np.ndarray]) -> dict[str, str]:
+    """The outputs of the DequantizeLinear nodes whose integer input (an initializer) holds one of `integers` (as
+    is or transposed: a Gemm's weight), each with the reason to leave it alone: the int8 kernels read it."""
+    seen = {(a.dtype.str, a.shape, a.tobytes()) for w in integers for a in (w, np.ascontiguousarray(w.T))}
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            q = numpy_helper.to_array(inits[node.input[0]])
+            if (q.dtype.str, q.shape, q.tobytes()) in seen:
+                out[node.output[0]] = "computed in int8: the kernels read the int8 constant (in flash as it is)"
+    return out
 
 
 def _constant_boundary(model: onnx.ModelProto) -> tuple[list[int], list[str]]:
@@ -484,15 +504,19 @@ WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 def layer_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], storage: Plan,
-               as_float: set[str] = frozenset()) -> list[dict]:
+               as_float: set[str] = frozenset(), integer: dict[str, str] | None = None) -> list[dict]:
     """Per MAC-counted layer of `model`: MACs, its weight, how firmware stores it and what computes it.
 
-    `storage` is `plan(model)` (or an empty Plan for weights=float); `as_float` the compact weights kept float.
+    `storage` is `plan(model)` (or an empty Plan for weights=float); `as_float` the compact weights kept float;
+    `integer` the weights (DequantizeLinear outputs) of the layers the int8 kernels compute.
     """
     from squeeze.metrics import node_macs  # noqa: PLC0415
+    integer = integer or {}
     macs, _ = node_macs(model, shapes)
     by_layer = {layer: w for w in storage.weights for layer in w.layers}
     inits = {i.name: i for i in model.graph.initializer}
+    int8_bytes = {n.output[0]: int(np.prod(inits[n.input[0]].dims, dtype=np.int64)) for n in model.graph.node
+                  if n.op_type == "DequantizeLinear" and n.output[0] in integer and n.input[0] in inits}
     rows = []
     for k, node in enumerate(model.graph.node):
         name = node.name or f"{node.op_type}_{k}"
@@ -500,15 +524,18 @@ def layer_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], stora
             continue
         row = {"layer": name, "op": node.op_type, "macs": int(macs[name]), "compute": "float32"}
         w = by_layer.get(name)
-        if w is not None and w.name not in as_float:
+        slot = WEIGHT_SLOT.get(node.op_type)
+        source = node.input[slot] if slot is not None and len(node.input) > slot else ""
+        if source in integer:
+            row.update(weight=source, storage="int8", flash_bytes=int8_bytes.get(source), compute="int8",
+                       float_bytes=4 * int8_bytes[source] if source in int8_bytes else None)
+        elif w is not None and w.name not in as_float:
             row.update(weight=w.source, storage=w.storage, flash_bytes=w.stored_bytes + w.table_bytes,
                        float_bytes=w.float_bytes, decode="per layer into the RAM scratch")
         elif w is not None:
             row.update(weight=w.source, storage="float32 (kept float: decode scratch over the board's RAM)",
                        flash_bytes=w.float_bytes, float_bytes=w.float_bytes)
         else:
-            slot = WEIGHT_SLOT.get(node.op_type)
-            source = node.input[slot] if slot is not None and len(node.input) > slot else ""
             init = inits.get(source)
             nbytes = 4 * int(np.prod(init.dims, dtype=np.int64)) if init is not None else None
             row.update(weight=source or None, storage="float32" if source else "none",

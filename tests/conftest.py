@@ -59,6 +59,15 @@ def calib_data():
 
 
 @pytest.fixture(scope="module")
+def mcu_tools():
+    """Skips the test when the mcu target's tools (arm-none-eabi-gcc, newlib, qemu-system-arm) are missing."""
+    from squeeze.targets.mcu import Mcu
+    why = Mcu().missing()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
 def arm_tools():
     """Skips the test when the arm target's tools (aarch64 cross compiler, ...) are missing."""
     from squeeze.targets.arm import Arm

@@ -319,6 +319,67 @@ def fails_checker() -> onnx.ModelProto:
 
 # ------------------------------------------------------------------------------------------------- checks
 
+# scales and zero points of qdq_model's activation (x) and output (y)
+QDQ_XS, QDQ_XZ, QDQ_YS, QDQ_YZ = np.float32(0.02), np.uint8(100), np.float32(0.05), np.uint8(7)
+
+
+def qdq_weights(rng, shape, axis_len):
+    w = rng.normal(size=shape).astype(np.float32)
+    scale = (np.abs(w).reshape(axis_len, -1).max(1) / 127).astype(np.float32) if shape[0] == axis_len else \
+        (np.abs(w).reshape(-1, axis_len).max(0) / 127).astype(np.float32)
+    full = scale.reshape((-1,) + (1,) * (len(shape) - 1)) if shape[0] == axis_len else scale
+    return np.clip(np.round(w / full), -127, 127).astype(np.int8), scale
+
+
+def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, pad=1, quant_out=True, bias=True,
+              seed=0, weight_zero_point=0, trans_b=False, dilation=1, pads=None) -> onnx.ModelProto:
+    """x → Q → DQ ─┐
+       W_s8 → DQ ──┼→ Conv/Gemm/MatMul (+ DQ(b_s32)) → Q → DQ → out          (the form `quant` writes)
+
+    Input `x`, output `out` (`y` with quant_out=False). `trans_b`: a Gemm with its weight stored [k, c] and
+    transB=1, as exporters and `quant` write it; `pads`: a Conv's 4 pads (default `pad` on every side)."""
+    rng = np.random.default_rng(seed)
+    if op == "Conv":
+        wq, ws = qdq_weights(rng, (k, c, ksize, ksize), k)
+        xshape = [1, c, *hw]
+        axis = 0
+    elif trans_b:
+        wq, ws = qdq_weights(rng, (k, c), k)
+        xshape, axis = [1, c], 0
+    else:
+        wq, ws = qdq_weights(rng, (c, k), k)
+        xshape = [3, c] if op == "MatMul" else [1, c]
+        axis = 1
+    bq = rng.integers(-3000, 3000, size=k).astype(np.int32)
+    arrays = {"wq": wq, "ws": ws, "xs": np.array(QDQ_XS), "xz": np.array(QDQ_XZ), "ys": np.array(QDQ_YS),
+              "yz": np.array(QDQ_YZ), "bq": bq, "bs": (QDQ_XS * ws).astype(np.float32),
+              "wz": np.array(weight_zero_point, np.int8)}
+    inits = [numpy_helper.from_array(v, name) for name, v in arrays.items()]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws"] + (["wz"] if weight_zero_point else []), ["wd"],
+                          axis=axis if not weight_zero_point else 0),
+             helper.make_node("DequantizeLinear", ["bq", "bs"], ["bd"], axis=0)]
+    if op == "Conv":
+        nodes.append(helper.make_node("Conv", ["xd", "wd"] + (["bd"] if bias else []), ["y"], pads=pads or [pad] * 4,
+                                  strides=[stride, stride], kernel_shape=[ksize, ksize],
+                                  dilations=[dilation, dilation]))
+    elif op == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["xd", "wd"] + (["bd"] if bias else []), ["y"], transB=int(trans_b)))
+    else:
+        nodes += [helper.make_node("MatMul", ["xd", "wd"], ["mm"]), helper.make_node("Add", ["mm", "bd"], ["y"])]
+    out = "y"
+    if quant_out:
+        nodes += [helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+                  helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+        out = "out"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, xshape)],
+                          [helper.make_tensor_value_info(out, FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 

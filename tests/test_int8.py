@@ -9,59 +9,12 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+import graphs
+
 pytestmark = pytest.mark.tvm
 
-XS, XZ, YS, YZ = np.float32(0.02), np.uint8(100), np.float32(0.05), np.uint8(7)
-
-
-def _weights(rng, shape, axis_len):
-    w = rng.normal(size=shape).astype(np.float32)
-    scale = (np.abs(w).reshape(axis_len, -1).max(1) / 127).astype(np.float32) if shape[0] == axis_len else \
-        (np.abs(w).reshape(-1, axis_len).max(0) / 127).astype(np.float32)
-    full = scale.reshape((-1,) + (1,) * (len(shape) - 1)) if shape[0] == axis_len else scale
-    return np.clip(np.round(w / full), -127, 127).astype(np.int8), scale
-
-
-def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, pad=1, quant_out=True, bias=True,
-              seed=0, weight_zero_point=0) -> onnx.ModelProto:
-    """x → Q → DQ ─┐
-       W_s8 → DQ ──┼→ Conv/Gemm/MatMul (+ DQ(b_s32)) → Q → DQ → out          (the form `quant` writes)"""
-    rng = np.random.default_rng(seed)
-    if op == "Conv":
-        wq, ws = _weights(rng, (k, c, ksize, ksize), k)
-        xshape = [1, c, *hw]
-        axis = 0
-    else:
-        wq, ws = _weights(rng, (c, k), k)
-        xshape = [3, c] if op == "MatMul" else [1, c]
-        axis = 1
-    bq = rng.integers(-3000, 3000, size=k).astype(np.int32)
-    inits = [nh.from_array(wq, "wq"), nh.from_array(ws, "ws"), nh.from_array(np.array(XS), "xs"),
-             nh.from_array(np.array(XZ), "xz"), nh.from_array(np.array(YS), "ys"), nh.from_array(np.array(YZ), "yz"),
-             nh.from_array(bq, "bq"), nh.from_array((XS * ws).astype(np.float32), "bs"),
-             nh.from_array(np.array(weight_zero_point, np.int8), "wz")]
-    nodes = [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
-             oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
-             oh.make_node("DequantizeLinear", ["wq", "ws"] + (["wz"] if weight_zero_point else []), ["wd"],
-                          axis=axis if not weight_zero_point else 0),
-             oh.make_node("DequantizeLinear", ["bq", "bs"], ["bd"], axis=0)]
-    if op == "Conv":
-        nodes.append(oh.make_node("Conv", ["xd", "wd"] + (["bd"] if bias else []), ["y"], pads=[pad] * 4,
-                                  strides=[stride, stride], kernel_shape=[ksize, ksize]))
-    elif op == "Gemm":
-        nodes.append(oh.make_node("Gemm", ["xd", "wd"] + (["bd"] if bias else []), ["y"]))
-    else:
-        nodes += [oh.make_node("MatMul", ["xd", "wd"], ["mm"]), oh.make_node("Add", ["mm", "bd"], ["y"])]
-    out = "y"
-    if quant_out:
-        nodes += [oh.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
-                  oh.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
-        out = "out"
-    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, xshape)],
-                          [oh.make_tensor_value_info(out, TP.FLOAT, None)], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+XS, XZ, YS = graphs.QDQ_XS, graphs.QDQ_XZ, graphs.QDQ_YS
+qdq_model = graphs.qdq_model
 
 
 def _input(model: onnx.ModelProto, seed: int = 1) -> np.ndarray:
@@ -124,6 +77,9 @@ CASES = {
     # one input-channel group: kb x 12-column tiles (24 output columns), epilogue over columns, k % kb != 0
     "conv_stem_stride2_column_tiles": dict(op="Conv", c=4, k=40, hw=(21, 47), stride=2),
     "gemm": dict(op="Gemm", c=40, k=24),
+    # the weight stored [k, c] with transB=1, as exporters and `quant` write a Gemm: the rewrite reads the matched
+    # permute_dims (the matmul's argument is only the Var bound to it)
+    "gemm_transB": dict(op="Gemm", c=40, k=24, trans_b=True),
     "matmul_rows": dict(op="MatMul", c=36, k=20),
 }
 
@@ -329,7 +285,7 @@ def _glue_model(pool: dict, seed: int = 3) -> onnx.ModelProto:
              oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
     convs = []
     for i, (k, ys, yz) in enumerate([(5, 0.031, 0), (11, 0.047, 3), (6, 0.02, 9)]):
-        wq, ws = _weights(rng, (k, 7, 3, 3), k)
+        wq, ws = graphs.qdq_weights(rng, (k, 7, 3, 3), k)
         inits += [nh.from_array(wq, f"w{i}"), nh.from_array(ws, f"ws{i}"),
                   nh.from_array(np.array(ys, np.float32), f"ys{i}"), nh.from_array(np.array(yz, np.uint8), f"yz{i}")]
         nodes += [oh.make_node("DequantizeLinear", [f"w{i}", f"ws{i}"], [f"wd{i}"], axis=0),

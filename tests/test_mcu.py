@@ -18,13 +18,6 @@ from squeeze.targets.mcu import BOARDS, Board, Mcu
 pytestmark = pytest.mark.tvm
 
 
-@pytest.fixture(scope="module")
-def mcu_tools():
-    why = Mcu().missing()
-    if why:
-        pytest.skip(why)
-
-
 def _samples(model: onnx.ModelProto, shape, count=3, seed=0):
     name = model.graph.input[0].name
     rng = np.random.default_rng(seed)

@@ -52,11 +52,13 @@ sdot path or, without one, stays float (`_pairs_fit`) — ONNX Runtime's AVX2 ke
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, peel_partial_tiles, product, \
-    schedule_injective, worth_parallel
+    schedule_rest, worth_parallel
 from .simd import describe, is_cpu
 
 CONV_INT8 = "conv2d_int8_packed"
@@ -218,23 +220,27 @@ def _pairs_fit(weight: np.ndarray) -> bool:
 
 # ---------------------------------------------------------------------------------------------- Relax rewrite
 
-def rewrite_qdq(mod):
+def rewrite_qdq(mod, form=None):
     """`mod` with every quantized Conv/Gemm/MatMul (module docstring) computed in integers; the count of
-    rewritten layers is the module attribute `INT8_LAYERS`. Functions other than Relax ones are left alone."""
+    rewritten layers is the module attribute `INT8_LAYERS`. Functions other than Relax ones are left alone.
+
+    `form(layer: IntegerLayer)` builds each layer's replacement: by default `relax_form` (the CPU kernels here),
+    and only where the current target has a dot-product instruction; the mcu target passes its C kernels' call."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
-    target = tvm.target.Target.current(allow_none=True)
-    if dot_intrinsic(target) is None:
-        return mod
+    if form is None:
+        if dot_intrinsic(tvm.target.Target.current(allow_none=True)) is None:
+            return mod
+        form = relax_form
     counter = [0]
     quantized, plain = _patterns()
     out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     for gv, func in mod.functions.items():
         if not isinstance(func, relax.Function):
             continue
-        func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, requantize=True), func)
-        func = rewrite_call(plain[0], _rewriter(plain[1], counter, requantize=False), func)
+        func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, True, form), func)
+        func = rewrite_call(plain[0], _rewriter(plain[1], counter, False, form), func)
         func = _integer_glue(func)
         out[gv] = func
     out = relax.transform.DeadCodeElimination()(out)
@@ -289,9 +295,10 @@ def _patterns():
         xs, xz, w, ws, wz = is_const(), is_const(), is_const(), is_const(), is_const()
         dq_x = is_op("relax.dequantize")(x, xs, xz)
         dq_w = is_op("relax.dequantize")(w, ws, wz)
+        perm = is_op("relax.permute_dims")(dq_w)
         layer = is_op("relax.nn.conv2d")(dq_x, dq_w) | is_op("relax.matmul")(dq_x, dq_w) \
-            | is_op("relax.matmul")(dq_x, is_op("relax.permute_dims")(dq_w))
-        return dict(x=x, xs=xs, xz=xz, w=w, ws=ws, wz=wz, layer=layer)
+            | is_op("relax.matmul")(dq_x, perm)
+        return dict(x=x, xs=xs, xz=xz, w=w, ws=ws, wz=wz, perm=perm, layer=layer)
 
     q = parts()
     b, bs, bz = is_const(), is_const(), is_const()
@@ -306,18 +313,18 @@ def _patterns():
     return (root, q), (p["layer"], p)
 
 
-def _rewriter(parts: dict, counter: list, requantize: bool):
+def _rewriter(parts: dict, counter: list, requantize: bool, form):
     def rewrite(orig, matches):
         try:
-            new = _integer_layer(orig, matches, parts, requantize)
-        except _NoMatch:
+            new = form(integer_layer(orig, matches, parts, requantize))
+        except NoMatch:
             return orig
         counter[0] += 1
         return new
     return rewrite
 
 
-class _NoMatch(Exception):
+class NoMatch(Exception):
     """The matched layer does not have the form the integer kernels compute exactly."""
 
 
@@ -325,28 +332,50 @@ def _value(expr) -> np.ndarray:
     return expr.value.numpy()
 
 
-def _integer_layer(orig, matches: dict, parts: dict, requantize: bool):
-    """The integer form of one matched layer (module docstring), or _NoMatch."""
-    from tvm import relax  # noqa: PLC0415
+@dataclass
+class IntegerLayer:
+    """One quantized layer as exact integer arithmetic: acc = Σ (x − zx)·w + bias (int32), then either
+    y = clamp(round_half_even(float32(acc)·multiplier) + zy, 0, 255) (requantize) or float32(acc)·scale."""
+
+    x: Any                      # the uint8 activation (Relax expression)
+    w: np.ndarray               # int8 weight: OIHW for a conv, [K_in, N] for a matmul
+    conv: Any | None            # the conv2d's attributes (NCHW / OIHW, groups 1); None for a matmul
+    zx: int                     # the activation's zero point
+    bias: np.ndarray            # int64 [k]: the layer's int32 bias (zeros without one)
+    scale: np.ndarray           # float32 [k]: sx·sw, the accumulator's scale
+    multiplier: np.ndarray | None  # float32 [k]: scale / sy when requantizing, else None
+    zy: Any | None              # the output zero point (a Relax constant) when requantizing
+    k: int                      # output channels / features
+
+    @property
+    def requantize(self) -> bool:
+        return self.multiplier is not None
+
+
+def integer_layer(orig, matches: dict, parts: dict, requantize: bool) -> IntegerLayer:
+    """The integer form of one matched layer (module docstring), or NoMatch."""
     x = matches[parts["x"]]
     if str(x.ty.dtype) != "uint8" or _value(matches[parts["wz"]]).any():
-        raise _NoMatch
+        raise NoMatch
     w = _value(matches[parts["w"]])
     if w.dtype != np.int8:
-        raise _NoMatch
+        raise NoMatch
     sx, zx = _scalar(matches[parts["xs"]]), _scalar(matches[parts["xz"]])
     sw = _value(matches[parts["ws"]]).astype(np.float32).ravel()
     layer = matches[parts["layer"]]
-    is_conv = layer.op.name == "relax.nn.conv2d"
+    conv = layer.attrs if layer.op.name == "relax.nn.conv2d" else None
     if sx is None or zx is None or not (sw > 0).all():
-        raise _NoMatch
-    if is_conv:
-        acc, k = _conv_int32(layer, x, w, int(zx))
+        raise NoMatch
+    if conv is not None:
+        if (str(conv.data_layout), str(conv.kernel_layout), str(conv.out_layout)) != ("NCHW", "OIHW", "NCHW") \
+                or w.ndim != 4 or int(conv.groups) != 1:
+            raise NoMatch
+        k = int(w.shape[0])
     else:
-        acc, k = _matmul_int32(layer, x, w, int(zx))
-    if acc is None or sw.size not in (1, k):
-        raise _NoMatch
-    channel_shape = [1, k, 1, 1] if is_conv else [k]
+        w = _matmul_weight(matches.get(parts["perm"]), w)
+        k = int(w.shape[1])
+    if sw.size not in (1, k):
+        raise NoMatch
     bias = np.zeros(k, np.int64)
     if requantize and parts["b"] in matches:
         b = _value(matches[parts["b"]]).astype(np.int64).ravel()
@@ -354,22 +383,35 @@ def _integer_layer(orig, matches: dict, parts: dict, requantize: bool):
         expected = (np.float32(sx) * sw).astype(np.float32)
         if _value(matches[parts["bz"]]).any() or b.size not in (1, k) or not np.array_equal(
                 np.broadcast_to(bs, (k,)), np.broadcast_to(expected, (k,))):
-            raise _NoMatch
+            raise NoMatch
         bias = bias + b
-    bias = bias - int(zx) * _weight_sums(w, is_conv, k)
-    if np.abs(bias).max(initial=0) >= 2 ** 31:
-        raise _NoMatch
+    if np.abs(bias - int(zx) * weight_sums(w, conv is not None, k)).max(initial=0) >= 2 ** 31:
+        raise NoMatch
+    scale = np.broadcast_to((np.float32(sx) * sw).astype(np.float32), (k,)).copy()
+    if not requantize:
+        return IntegerLayer(x, w, conv, int(zx), bias, scale, None, None, k)
+    sy = _scalar(matches[parts["ys"]])
+    if sy is None or not sy > 0 or str(orig.ty.dtype) != "uint8":
+        raise NoMatch
+    multiplier = (scale / np.float32(sy)).astype(np.float32)
+    return IntegerLayer(x, w, conv, int(zx), bias, scale, multiplier, matches[parts["yz"]], k)
+
+
+def relax_form(layer: IntegerLayer):
+    """The layer as Relax ops for the CPU kernels: an int32 conv2d of x padded with zx (so the zero-point
+    correction −zx·ΣW is a per-channel constant) or matmul, the bias, then requantize or rescale."""
+    from tvm import relax  # noqa: PLC0415
+    is_conv = layer.conv is not None
+    acc = _conv_int32(layer.conv, layer.x, layer.w, layer.zx) if is_conv else \
+        relax.op.matmul(layer.x, relax.const(layer.w), out_dtype="int32")
+    channel_shape = [1, layer.k, 1, 1] if is_conv else [layer.k]
+    bias = layer.bias - layer.zx * weight_sums(layer.w, is_conv, layer.k)
     acc = relax.op.add(acc, relax.const(bias.astype(np.int32).reshape(channel_shape)))
     as_float = relax.op.astype(acc, "float32")
-    product_scale = np.broadcast_to((np.float32(sx) * sw).astype(np.float32), (k,))
-    if not requantize:
-        return relax.op.multiply(as_float, relax.const(product_scale.reshape(channel_shape).copy()))
-    sy, zy = _scalar(matches[parts["ys"]]), matches[parts["yz"]]
-    if sy is None or not sy > 0 or str(orig.ty.dtype) != "uint8":
-        raise _NoMatch
-    multiplier = (product_scale / np.float32(sy)).astype(np.float32)
-    scaled = relax.op.multiply(as_float, relax.const(multiplier.reshape(channel_shape).copy()))
-    return relax.op.quantize(scaled, relax.const(np.float32(1.0)), zy, axis=-1, out_dtype="uint8")
+    if not layer.requantize:
+        return relax.op.multiply(as_float, relax.const(layer.scale.reshape(channel_shape).copy()))
+    scaled = relax.op.multiply(as_float, relax.const(layer.multiplier.reshape(channel_shape).copy()))
+    return relax.op.quantize(scaled, relax.const(np.float32(1.0)), layer.zy, axis=-1, out_dtype="uint8")
 
 
 def _scalar(expr) -> float | None:
@@ -377,41 +419,35 @@ def _scalar(expr) -> float | None:
     return value.ravel()[0].item() if value.size == 1 else None
 
 
-def _weight_sums(w: np.ndarray, is_conv: bool, k: int) -> np.ndarray:
+def weight_sums(w: np.ndarray, is_conv: bool, k: int) -> np.ndarray:
     """Σ of each output channel's weights (int64): OIHW over I, H, W; a matmul's [K_in, N] over K_in."""
     w64 = w.astype(np.int64)
     return w64.reshape(k, -1).sum(axis=1) if is_conv else w64.reshape(-1, k).sum(axis=0)
 
 
-def _conv_int32(layer, x, w: np.ndarray, zx: int):
-    """int32 conv2d of x_u8 (padded with zx) by the int8 weight; (expr, output channels) or (None, 0)."""
+def _conv_int32(attrs, x, w: np.ndarray, zx: int):
+    """int32 conv2d of x_u8 (padded with zx) by the int8 weight."""
     from tvm import relax  # noqa: PLC0415
-    attrs = layer.attrs
-    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW") \
-            or w.ndim != 4 or int(attrs.groups) != 1:
-        return None, 0
     pads = [int(v) for v in attrs.padding]
     data = x
     if any(pads):
         top, left, bottom, right = pads
         data = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
-    conv = relax.op.nn.conv2d(data, relax.const(w), strides=attrs.strides, padding=[0, 0, 0, 0],
+    return relax.op.nn.conv2d(data, relax.const(w), strides=attrs.strides, padding=[0, 0, 0, 0],
                               dilation=attrs.dilation, out_dtype="int32")
-    return conv, int(w.shape[0])
 
 
-def _matmul_int32(layer, x, w: np.ndarray, zx: int):
-    """int32 matmul of x_u8 by the int8 weight as [K_in, N] (a permute_dims on it applied here)."""
-    from tvm import relax  # noqa: PLC0415
-    rhs = layer.args[1]
+def _matmul_weight(perm, w: np.ndarray) -> np.ndarray:
+    """A matmul's int8 weight as [K_in, N], or NoMatch; `perm`: the matched permute_dims of the weight (a Gemm
+    with transB=1), applied here. (The matmul's own argument is the Var bound to it, not the call.)"""
     if w.ndim != 2:
-        return None, 0
-    if getattr(rhs, "op", None) is not None and rhs.op.name == "relax.permute_dims":
-        axes = rhs.attrs.axes
+        raise NoMatch
+    if perm is not None:
+        axes = perm.attrs.axes
         if axes is not None and [int(a) for a in axes] != [1, 0]:
-            return None, 0
+            raise NoMatch
         w = np.ascontiguousarray(w.T)
-    return relax.op.matmul(x, relax.const(w), out_dtype="int32"), int(w.shape[1])
+    return w
 
 
 # ---------------------------------------------------------------------------------------------- legalization
@@ -668,12 +704,7 @@ class Int8Kernel:
         sch.set_scope(init, 0, TILE_SCOPE)  # the tile's accumulators, read back by the epilogue
         sch.unroll(xi)
         sch.unroll(kov)
-        for name in producers:
-            schedule_injective(sch, sch.get_sblock(name), lanes)
-        done = {sch.get(c).name_hint for c in consumers}
-        for block in rest:
-            if sch.get(block).name_hint not in done:
-                schedule_injective(sch, block, lanes)
+        schedule_rest(sch, producers, rest, lanes, {sch.get(c).name_hint for c in consumers})
         return sch
 
 
