@@ -55,6 +55,13 @@ def test_int8_layers_match_onnx_runtime_bit_for_bit(mcu_tools, tmp_path, case):
     assert (row["compute"], row["storage"]) == ("int8", "int8")
 
 
+def test_cortex_m7_board_is_bit_exact_too(mcu_tools, tmp_path):
+    """The same kernels built for Cortex-M7 (FPv5, run on mps2-an500)."""
+    model = graphs.qdq_model(op="Conv", c=5, k=7, hw=(9, 11), stride=2)
+    artifact, measured, expected = _firmware(model, tmp_path, board="mps2-an500")
+    assert artifact.info["compute"] == "int8" and np.array_equal(measured.outputs["0"], expected)
+
+
 def test_requantization_rounds_ties_to_even(mcu_tools, tmp_path):
     """x (integers 0..15, scale 1) · w = 1 → requantized at scale 2: every odd accumulator is a tie (0.5, 1.5, …);
     ONNX Runtime rounds ties to even, and so must the kernel (random data almost never hits a tie)."""
@@ -104,6 +111,54 @@ def test_the_kernels_use_smlad_on_cortex_m4(mcu_tools, tmp_path):
     obj = artifact.handle["folder"] / "int8_kernels.o"
     asm = subprocess.run(["arm-none-eabi-objdump", "-d", str(obj)], capture_output=True, text=True, check=True).stdout
     assert "smlad" in asm and "sxtb16" in asm
+
+
+def _kernel_args(model):
+    """The C kernel's constant arguments (packed weight, bias, multiplier, params) of `model`'s one int8 layer."""
+    from tvm import relax
+
+    from squeeze.targets import tvm_build
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+    mod, consumed = mcu_int8.rewrite(tvm_build.import_onnx(model, {"x": shape}))
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e) if isinstance(e, relax.Call) and getattr(
+        e.op, "name", "") == "relax.call_dps_packed" else None)
+    assert len(calls) == 1 and len(consumed) == 1
+    return [a.value.numpy() for a in calls[0].args[1].fields[1:]], tuple(int(d) for d in calls[0].ty.shape)
+
+
+def test_the_plain_c_path_without_dsp_is_exact_on_the_host(tmp_path):
+    """int8_kernels.c compiled for this machine (no __ARM_FEATURE_DSP: the plain C loops a core without the DSP
+    extension runs) on the arguments squeeze packs: the uint8 output equals ONNX Runtime's."""
+    import ctypes
+    import shutil
+
+    from squeeze.targets import c_program
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no host C compiler")
+    lib = tmp_path / "kernels.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-DSQUEEZE_IM2COL_BYTES=65536",
+                    *[f"-I{d}" for d in c_program.include_dirs()], "-o", str(lib),
+                    str(c_program.C_SOURCES / mcu_int8.SOURCE)], check=True)
+    kernel = getattr(ctypes.CDLL(str(lib)), f"__tvm_ffi_{mcu_int8.KERNEL}")
+    for case in ("conv3x3_stride2_odd_width", "conv_asymmetric_pads", "gemm_transB"):
+        model = graphs.qdq_model(**CASES[case])
+        (w, bias, multiplier, params), out_shape = _kernel_args(model)
+        shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+        xq = np.clip(np.rint(x / graphs.QDQ_XS) + int(graphs.QDQ_XZ), 0, 255).astype(np.uint8)
+        out = np.zeros(out_shape, np.uint8)
+        arrays = [np.ascontiguousarray(a) for a in (xq, w, bias, multiplier, params, out)]
+        # TVMFFIAny {int32 type_index; uint32 padding; void* v_ptr} → a DLTensor whose first field is the data pointer
+        holders = [ctypes.c_void_p(a.ctypes.data) for a in arrays]
+        args = (ctypes.c_uint64 * 12)()
+        for i, h in enumerate(holders):
+            args[2 * i + 1] = ctypes.addressof(h)
+        assert kernel(None, args, 6, None) == 0
+        got = (arrays[-1].astype(np.float32) - float(graphs.QDQ_YZ)) * graphs.QDQ_YS
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.array_equal(got.reshape(want.shape), want), case
 
 
 def test_packed_weight_pairs_what_sxtb16_widens_with_the_column_in_order():
