@@ -157,7 +157,8 @@ def test_the_plain_c_path_without_dsp_is_exact_on_the_host(tmp_path):
             args[2 * i + 1] = ctypes.addressof(h)
         assert kernel(None, args, 6, None) == 0
         got = (arrays[-1].astype(np.float32) - float(graphs.QDQ_YZ)) * graphs.QDQ_YS
-        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        want = sess.run(None, {"x": x})[0]
         assert np.array_equal(got.reshape(want.shape), want), case
 
 
