@@ -276,9 +276,10 @@ def test_parallel_build_is_exact():
     np.testing.assert_array_equal(got, _ort(model, x))
 
 
-def _glue_model(pool: dict, seed: int = 3) -> onnx.ModelProto:
+def _glue_model(pool: dict, seed: int = 3, shared: bool = False) -> onnx.ModelProto:
     """x → Q → DQ → two int8 convs (own output scales, 5 and 11 channels) → Q → DQ → Concat → MaxPool → Q → DQ,
-    and a third conv → Q → DQ → MaxPool → Q → DQ beside it (the glue between squeezenet's int8 layers)."""
+    and a third conv → Q → DQ → MaxPool → Q → DQ beside it (the glue between squeezenet's int8 layers).
+    `shared`: the second pool's Q keeps its input's scale and zero point (as `quant` writes a max pool)."""
     rng = np.random.default_rng(seed)
     inits = [nh.from_array(np.array(XS), "xs"), nh.from_array(np.array(XZ), "xz")]
     nodes = [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
@@ -300,8 +301,8 @@ def _glue_model(pool: dict, seed: int = 3) -> onnx.ModelProto:
               oh.make_node("QuantizeLinear", ["pool", "os", "oz"], ["pq"]),
               oh.make_node("DequantizeLinear", ["pq", "os", "oz"], ["out"]),
               oh.make_node("MaxPool", [convs[2]], ["pool2"], **pool),
-              oh.make_node("QuantizeLinear", ["pool2", "ps", "pz"], ["pq2"]),
-              oh.make_node("DequantizeLinear", ["pq2", "ps", "pz"], ["out2"])]
+              oh.make_node("QuantizeLinear", ["pool2", *(("ys2", "yz2") if shared else ("ps", "pz"))], ["pq2"]),
+              oh.make_node("DequantizeLinear", ["pq2", *(("ys2", "yz2") if shared else ("ps", "pz"))], ["out2"])]
     graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 7, 13, 10])],
                           [oh.make_tensor_value_info(n, TP.FLOAT, None) for n in ("out", "out2")], inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
@@ -342,3 +343,36 @@ def test_integer_glue_is_exact(pool):
     assert len(outs) == 2
     for a, b in zip(outs, ref):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_round_trip_through_float_at_the_same_scale_is_dropped():
+    """A max pool that keeps its input's quantization: after the glue moves its Q before it, the conv's epilogue
+    would quantize, dequantize and quantize again at the same scale; the rewrite drops the round trip (one
+    quantize fewer) and the outputs stay identical to ONNX Runtime's."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import int8
+    target = _host()
+    _needs_dot(target)
+    pool = dict(kernel_shape=[3, 3], strides=[2, 2])
+    counts = []
+    for shared in (False, True):
+        model = _glue_model(pool, shared=shared)
+        x = _input(model)
+        mod, executable = _build(model, x, target)
+        with target:
+            rewritten = int8.rewrite_qdq(mod)
+        found = []
+        relax.analysis.post_order_visit(rewritten["main"], lambda e: found.append(e) if isinstance(
+            e, relax.Call) and getattr(e.op, "name", "") == "relax.quantize" else None)
+        counts.append(len(found))
+        outs = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        for a, b in zip(outs, sess.run(None, {"x": x})):
+            np.testing.assert_array_equal(a, b)
+    assert counts[1] == counts[0] - 1

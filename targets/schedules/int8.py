@@ -241,7 +241,7 @@ def rewrite_qdq(mod, form=None):
             continue
         func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, True, form), func)
         func = rewrite_call(plain[0], _rewriter(plain[1], counter, False, form), func)
-        func = _integer_glue(func)
+        func = _drop_round_trips(_integer_glue(func))
         out[gv] = func
     out = relax.transform.DeadCodeElimination()(out)
     return out.with_attr(INT8_LAYERS, counter[0]) if counter[0] else out
@@ -279,6 +279,24 @@ def _integer_glue(func):
         return relax.Call(call.op, [relax.Tuple([quantize(f) for f in fields.fields])], call.attrs)
 
     from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
+    return rewrite_call(root, rewrite, func)
+
+
+def _drop_round_trips(func):
+    """quantize(dequantize(q, s, z), s, z) → q: a round trip through float with the same constant per-tensor scale
+    and zero point returns q exactly ((q − z)·s rounds to within 2⁻²⁴ relative, ÷ s back to within 255·2⁻²³ of
+    the integer q − z). `_integer_glue` leaves one wherever a pool or concat keeps its input's quantization (a max
+    pool always does, a concat for the input whose range it took): without this, the layer before requantizes
+    every output element a second time for nothing."""
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard  # noqa: PLC0415
+    q, s1, z1, s2, z2 = wildcard(), is_const(), is_const(), is_const(), is_const()
+    root = is_op("relax.quantize")(is_op("relax.dequantize")(q, s1, z1), s2, z2)
+
+    def rewrite(orig, matches):
+        x = matches[q]
+        same = all(_per_tensor(matches[a]) and _per_tensor(matches[b]) and _value(matches[a]).item() ==
+                   _value(matches[b]).item() for a, b in ((s1, s2), (z1, z2)))
+        return x if same and str(x.ty.dtype) == str(orig.ty.dtype) else orig
     return rewrite_call(root, rewrite, func)
 
 
