@@ -10,9 +10,12 @@ so the outputs match its int8 execution of the QDQ model.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .schedules import int8
+if TYPE_CHECKING:  # schedules import TVM: loaded when a build needs them, not with the target registry
+    from .schedules.int8 import IntegerLayer
 
 KERNEL = "squeeze_conv2d_u8s8"
 SOURCE = "int8_kernels.c"      # in targets/c/; compiled with -ffp-contract=off (see the file)
@@ -40,8 +43,9 @@ def _shape(expr) -> list[int] | None:
         return None
 
 
-def _geometry(layer: int8.IntegerLayer) -> tuple[dict, list[int]]:
+def _geometry(layer: IntegerLayer) -> tuple[dict, list[int]]:
     """(params without KP/ZY/REQUANTIZE, output shape) of a conv, or of a matmul as a 1×1 conv on 1×1 images."""
+    from .schedules import int8  # noqa: PLC0415
     shape = _shape(layer.x)
     if layer.conv is None:
         if shape is None or len(shape) != 2:
@@ -64,7 +68,7 @@ def _geometry(layer: int8.IntegerLayer) -> tuple[dict, list[int]]:
                 DW=dw), [n, layer.k, oh, ow]
 
 
-def kernel_call(layer: int8.IntegerLayer, consumed: list[np.ndarray]):
+def kernel_call(layer: IntegerLayer, consumed: list[np.ndarray]):
     """The layer as a call of the C kernel (`int8.rewrite_qdq`'s `form`); its int8 weight joins `consumed`."""
     from tvm import relax  # noqa: PLC0415
     params, out_shape = _geometry(layer)
@@ -82,6 +86,7 @@ def kernel_call(layer: int8.IntegerLayer, consumed: list[np.ndarray]):
 
 def rewrite(mod) -> tuple[object, list[np.ndarray]]:
     """(`mod` with its quantized layers as kernel calls, the int8 weights those layers read)."""
+    from .schedules import int8  # noqa: PLC0415
     consumed: list[np.ndarray] = []
     return int8.rewrite_qdq(mod, form=lambda layer: kernel_call(layer, consumed)), consumed
 
