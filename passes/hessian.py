@@ -136,6 +136,15 @@ class _Probe:
         self.weight = names[0]
         exposed = onnx.ModelProto()
         exposed.CopyFrom(model)
+        if exposed.ir_version < 4:
+            # IR 3 lists every initializer among the inputs, and ONNX Runtime folds them as constants (feeding one
+            # fails: "Invalid input name"). Under IR 4 an initializer listed as an input is an overridable default:
+            # keep only the probed ones listed, the others become plain constants again.
+            exposed.ir_version = 4
+            kept = [i for i in exposed.graph.input if i.name in names or i.name not in
+                    {t.name for t in exposed.graph.initializer}]
+            del exposed.graph.input[:]
+            exposed.graph.input.extend(kept)
         inputs = {i.name for i in exposed.graph.input}
         for n in names:
             if n not in inputs:

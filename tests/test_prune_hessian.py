@@ -111,6 +111,33 @@ def test_hessian_is_deterministic_and_seeded():
     assert list(np.argsort(c["p"])) == [1, 2, 0]
 
 
+def test_hessian_probes_an_ir3_model_whose_initializers_are_inputs():
+    """IR 3 lists every initializer among the graph inputs and ONNX Runtime folds them as constants, so feeding a
+    probed weight failed ("Invalid input name": squeezenet of the corpus). The probe session uses IR 4 semantics:
+    the probed weights are overridable inputs, the others constants; the traces are those of the IR 4 model."""
+    import graphs
+    ir3 = graphs.ir3_initializers_as_inputs()
+    ir4 = onnx.ModelProto()
+    ir4.CopyFrom(ir3)
+    ir4.ir_version = 4
+    inits = {t.name for t in ir4.graph.initializer}
+    kept = [i for i in ir4.graph.input if i.name not in inits]
+    del ir4.graph.input[:]
+    ir4.graph.input.extend(kept)
+    data = calibration(ir3, 16)
+    shapes = {"x": (1, 3, 8, 8)}
+    scores = []
+    for probed in (ir3, ir4):  # the model the probes run (the pass manager hands the pass the model as loaded)
+        ctx = Context(calib=data, seed=0, model=probed, input_shapes=shapes)
+        ranking = rank_channels(channel_groups(to_graph(ir4), shapes), ctx, criterion="hessian", scope="layer",
+                                multiple=1, compensate=False)
+        assert "hessian" in ctx.details
+        scores.append({g.name: ranking.scores[g] for g in ranking.groups})
+    assert scores[0].keys() == scores[1].keys() and scores[0]
+    for name in scores[0]:
+        np.testing.assert_array_equal(scores[0][name], scores[1][name])
+
+
 def test_hessian_without_calibration_data_ranks_by_l1_with_a_note():
     model = reads_unequally()
     data = synthesize(input_specs(model), {"x": (1, 2, 4, 4)}, 8, seed=0)
