@@ -141,8 +141,8 @@ class _Probe:
             # fails: "Invalid input name"). Under IR 4 an initializer listed as an input is an overridable default:
             # keep only the probed ones listed, the others become plain constants again.
             exposed.ir_version = 4
-            kept = [i for i in exposed.graph.input if i.name in names or i.name not in
-                    {t.name for t in exposed.graph.initializer}]
+            initializers = {t.name for t in exposed.graph.initializer}
+            kept = [i for i in exposed.graph.input if i.name in names or i.name not in initializers]
             del exposed.graph.input[:]
             exposed.graph.input.extend(kept)
         inputs = {i.name for i in exposed.graph.input}

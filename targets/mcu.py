@@ -125,12 +125,13 @@ class Mcu(Target):
     def build(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], workdir: Path) -> Artifact:
         start = time.perf_counter()
         target = self.tvm_target()
-        integer = self._integer_weights(model, shapes)
+        mod, integer = self._integer_layers(model, shapes)
         storage = weight_storage.plan(model, leave=integer) if self.weights != "float" else \
             weight_storage.Plan(model, [])
-        mod = tvm_build.import_onnx(storage.model, {**shapes, **storage.input_shapes})
-        if self.compute == "auto":
-            mod, _ = mcu_int8.rewrite(mod)
+        if mod is None or storage.model is not model:  # else the model as imported is the model to build
+            mod = tvm_build.import_onnx(storage.model, {**shapes, **storage.input_shapes})
+            if self.compute == "auto":
+                mod, _ = mcu_int8.rewrite(mod)
         planned = c_program.plan_module(mod, target)
         names = c_program.const_names(model)
         compact = {w.name: w for w in storage.weights}
@@ -186,13 +187,14 @@ class Mcu(Target):
                         files=[folder / n for n in files] + [elf], build_seconds=tvm_build.seconds_since(start),
                         info=info)
 
-    def _integer_weights(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
-        """`compute=auto`: the weights (DequantizeLinear outputs) of the layers the int8 kernels will compute, by
-        name → the layer-independent reason; `weight_storage` leaves them as they are (int8 constants in flash)."""
+    def _integer_layers(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
+        """`compute=auto` on a model with DequantizeLinear nodes: (the model imported with its int8 layers as kernel
+        calls, the weights — DequantizeLinear outputs — those layers read, name → why `weight_storage` leaves them
+        as they are: int8 constants in flash); else (None, {})."""
         if self.compute != "auto" or not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
-            return {}
-        _, consumed = mcu_int8.rewrite(tvm_build.import_onnx(model, shapes))
-        return weight_storage.dequantized(model, consumed)
+            return None, {}
+        mod, consumed = mcu_int8.rewrite(tvm_build.import_onnx(model, shapes))
+        return mod, weight_storage.dequantized(model, consumed)
 
     def _float_for_ram(self, program: c_program.Program, workspace: int) -> list[str]:
         """`auto`: the compact weights to store as float instead, largest decoded first, until the arena, the decode
@@ -299,12 +301,15 @@ def flash_breakdown(sizes: dict[str, int], symbols: dict[str, int], program: c_p
     """Flash bytes as code (.text), float weights, compact weights, tables (scales, zero points, codebooks) and
     other (tensor descriptors, call tables, kernel constants, initialised data); the parts add up to the flash.
     The int8 kernels' constants (`program`'s calls) count as compact weights (int8) and tables (bias, scales)."""
-    integer = {f"{k}_data": "weights_compact" for k in mcu_int8.weight_consts(program)} if program else {}
-    integer.update({f"{k}_data": "tables" for k in mcu_int8.table_consts(program)} if program else {})
-
-    def part(symbol: str) -> str | None:
-        return integer.get(symbol) or next((n for n, pattern in _FLASH_PARTS if pattern.fullmatch(symbol)), None)
-    parts = {name: sum(n for s, n in symbols.items() if part(s) == name) for name, _ in _FLASH_PARTS}
+    integer = {}
+    if program is not None:
+        integer = {**{f"{k}_data": "weights_compact" for k in mcu_int8.weight_consts(program)},
+                   **{f"{k}_data": "tables" for k in mcu_int8.table_consts(program)}}
+    parts = dict.fromkeys((name for name, _ in _FLASH_PARTS), 0)
+    for symbol, n in symbols.items():
+        part = integer.get(symbol) or next((p for p, pattern in _FLASH_PARTS if pattern.fullmatch(symbol)), None)
+        if part is not None:
+            parts[part] += n
     total = sizes["text"] + sizes["rodata"] + sizes["data"]
     out = {"code": sizes["text"], **parts}
     out["other"] = total - sum(out.values())

@@ -35,18 +35,11 @@ def packed_weight(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(rows.shape[0], -1, 4)[:, :, [0, 2, 1, 3]].reshape(rows.shape[0], kp))
 
 
-def _shape(expr) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    try:
-        return [int(d) for d in shape]
-    except (TypeError, ValueError):
-        return None
-
-
 def _geometry(layer: IntegerLayer) -> tuple[dict, list[int]]:
     """(params without KP/ZY/REQUANTIZE, output shape) of a conv, or of a matmul as a 1×1 conv on 1×1 images."""
     from .schedules import int8  # noqa: PLC0415
-    shape = _shape(layer.x)
+    from .schedules.common import static_shape  # noqa: PLC0415
+    shape = static_shape(layer.x)
     if layer.conv is None:
         if shape is None or len(shape) != 2:
             raise int8.NoMatch
