@@ -49,7 +49,8 @@ from .quant_sensitivity import (CHEAP, FLOAT_BUDGET, MIN_GAIN, NOISE_GAIN, Probe
 from .weights import (Builder, Layer, calibrate, find_layers, foldable_dequantize, has_subgraphs, select_layers,
                       upgrade_opset)
 
-COMPUTE = "int8 kernels in ONNX Runtime (fused QDQ); int8 storage, float compute in TVM 0.27"
+COMPUTE = ("int8 kernels in ONNX Runtime (fused QDQ); in TVM the targets compute these layers in int8 where "
+           "they have integer kernels (each target row says int8, mixed or float)")
 ACTIVATION_SAMPLE = 400_000   # calibration values kept per activation tensor (uniformly sampled)
 MSE_CANDIDATES = 100
 GRAM_LIMIT = 2048             # AdaRound uses the inputs' Gram matrix up to this many inputs per output
@@ -981,7 +982,7 @@ def _report(ctx: Context, per_layer: list[dict], skipped: dict[str, str], bits: 
             f"{len(weights)} layer(s)" if weights else "weights left as they are (computed, e.g. already compressed)")
     if quantize_inputs:
         text += f", uint8 activations at {tensors} layer input(s) ({method} calibration on {len(ctx.calib)} samples)"
-    ctx.note(text + f"; {COMPUTE}: TVM 0.27 and the CPU target dequantize to float and run float kernels")
+    ctx.note(f"{text}; {COMPUTE}")
     if onnx_int4:
         ctx.note("weights stored as ONNX INT4 tensors: ONNX Runtime runs them; TVM 0.27 cannot load INT4 "
                  "(use int4=packed for TVM targets)")
