@@ -24,7 +24,7 @@ Deterministic (row sampling seeded by ctx.seed, one BLAS thread), solved per lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -69,14 +69,15 @@ class _Layer:
 
 def compensate(graph: gs.Graph, ctx: Context, plan: Mapping[Group, np.ndarray], *, downstream: bool = True,
                data: Dataset | None = None, refit_all: bool = True, cache: dict | None = None,
-               notes: bool = True) -> list[dict]:
+               notes: bool = True, changed: Collection[gs.Node] = ()) -> list[dict]:
     """Refit, in graph order, every layer that reads a cut group — and, with `downstream`, every later
     Conv/Gemm/MatMul whose input changed — and re-estimate BatchNorm statistics downstream of the cut.
 
     `graph` is the already-cut graph; `ctx.model` the unpruned model, `data` the calibration samples (default
     `ctx.calib`, capped to a memory budget). `refit_all=False` keeps the fit on the non-held-out samples (for
-    honest held-out measurements); `cache` holds the unpruned model's activations across calls. Returns one
-    report row per layer.
+    honest held-out measurements); `cache` holds the unpruned model's activations across calls. `changed`: nodes
+    another pass rewrote (lowrank's factors), left as they are; what reads their outputs, directly or not, is
+    refit as if it were downstream of a cut (the channels stay as they are). Returns one report row per layer.
     """
     if ctx.model is None:
         if notes:
@@ -86,7 +87,7 @@ def compensate(graph: gs.Graph, ctx: Context, plan: Mapping[Group, np.ndarray], 
         if notes:
             ctx.note("compensation skipped: the calibration data is synthetic (give --calib with real inputs)")
         return []
-    layers, skipped = _layers(graph, plan, downstream)
+    layers, skipped = _layers(graph, plan, downstream, changed)
     if notes:
         for text in skipped:
             ctx.note(text)
@@ -243,9 +244,10 @@ def _merged(layer: _Layer, fit: _Fit, kind: str) -> tuple[np.ndarray, np.ndarray
     return merged, b
 
 
-def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool) -> tuple[list[_Layer], list[str]]:
+def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool,
+            changed: Collection[gs.Node] = ()) -> tuple[list[_Layer], list[str]]:
     """The consumers of the cut groups, plus BatchNormalizations (and, with `downstream`, Conv/Gemm/MatMul)
-    downstream of any cut, in graph order."""
+    downstream of any cut or of a `changed` node (never those nodes themselves), in graph order."""
     order = {id(n): i for i, n in enumerate(topological_order(graph))}
     labels = node_labels(graph)
     chosen: dict[int, _Layer] = {}
@@ -263,7 +265,8 @@ def _layers(graph: gs.Graph, plan: Mapping[Group, np.ndarray], downstream: bool)
                 chosen[id(m.node)] = layer
     tensors = graph.tensors()
     frontier = [tensors[s.tensor] for g in plan for s in g.slots if s.tensor in tensors]
-    seen: set[int] = set()
+    frontier += [t for n in changed for t in n.outputs]
+    seen: set[int] = {id(n) for n in changed}  # their outputs are in the frontier already
     while frontier:
         t = frontier.pop()
         for node in t.outputs:

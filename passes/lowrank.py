@@ -24,6 +24,10 @@ Then the second factor and the bias are refit by least squares like pruning's co
 (`compensate.refit`: ridge toward the initial factor, ReLU-aware when a ReLU follows, chosen on held-out
 calibration images), on the first factor's outputs in the network compressed so far, against the original
 network's outputs; layer by layer in graph order, so every refit also absorbs the error of the layers before it.
+Last, the layers after the implants that are left as they are (skipped, too small a share, depthwise, the
+classifier) are refit the same way, as pruning's compensation refits the layers downstream of a cut
+(`compensate.compensate(changed=…)`): on cifar10_resnet4b's `--goal macs=0.65` plan, which leaves four layers
+unfactorized, this lowers the KL divergence from the original on unseen images from 0.0185 to 0.0125.
 
 Grouped and depthwise convolutions (each group is already thin), and layers whose factorisation has as many MACs
 or parameters as the original, are left as they are with the reason in a note. Deterministic: rows are sampled by
@@ -49,6 +53,7 @@ from squeeze.threads import single_threaded
 from .channel_plan import round_keep
 from .graph_util import infer_shapes, put_input
 from .im2col import auto_pad, fixed_pads
+from . import compensate as compensation
 from .compensate import PostOp, post_op, refit
 from .weights import Builder, Layer, calibrate, find_layers, select_layers
 
@@ -101,6 +106,7 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
     rows, samples = _rows(ctx.model, ctx, [s.layer for s in specs]) if data_aware and specs else ({}, {})
     builder = Builder(graph)
     per_layer: list[dict] = []
+    changed: list[gs.Node] = []
     with single_threaded("blas"):
         for spec in specs:
             name = spec.layer.name
@@ -114,9 +120,11 @@ def lowrank(graph: gs.Graph, ctx: Context, *,
                 skipped[name] = why
                 continue
             best = min(fits, key=lambda f: f.loss)
-            _rewrite(builder, spec, best)
+            changed += _rewrite(builder, spec, best)
             per_layer.append(best.entry(spec, fits))
     _report(ctx, per_layer, skipped)
+    if changed and data_aware and compensate:
+        compensation.compensate(graph, ctx, {}, changed=changed)
 
 
 def candidate_specs(graph: gs.Graph, ctx: Context, layers: list[Layer], skip: list[str], ranks: dict,
@@ -526,7 +534,7 @@ def _loss(z: np.ndarray, second: np.ndarray, bias: np.ndarray | None, y: np.ndar
 # ---------------------------------------------------------------------------------------------- rewrite
 
 
-def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
+def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> list[gs.Node]:
     """Insert the first factor before the node and turn the node itself into the second factor (same name, same
     output, the bias on it), so what reads the layer's output is untouched."""
     layer, node = spec.layer, spec.layer.node
@@ -560,7 +568,7 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
         node.inputs[0] = mid
         node.inputs[1] = builder.const(f"{name}_lowrank_out_weight", second_w.astype(dtype))
         put_input(node, 2, builder.const(f"{name}_lowrank_bias", bias.astype(dtype)))
-        return
+        return [mid.inputs[0], node]
     # the first factor of a Gemm or MatMul: x[..., D] · A[D, r] (a MatMul: Gemm needs a C input before opset 11)
     mid = builder.op("MatMul", [layer.input, builder.const(f"{name}_lowrank_weight",
                                                           np.ascontiguousarray(fit.first.T).astype(dtype))],
@@ -572,8 +580,9 @@ def _rewrite(builder: Builder, spec: _LayerSpec, fit: _Fit) -> None:
         if fit.bias is not None:
             node.attrs["beta"] = 1.0
             put_input(node, 2, builder.const(f"{name}_lowrank_bias", fit.bias.astype(dtype)))
-        return
+        return [mid.inputs[0], node]
     node.inputs[1] = builder.const(f"{name}_lowrank_out_weight", np.ascontiguousarray(fit.second.T).astype(dtype))
+    return [mid.inputs[0], node]
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -252,6 +252,30 @@ def test_refit_lowers_the_error_of_the_network_after_an_earlier_factorized_layer
     assert all("refit" in e for e in steps[0]["details"]["per_layer"])
 
 
+def test_layers_left_as_they_are_downstream_of_an_implant_are_refit():
+    """conv1 factorized, conv2 skipped: conv2 is refit like pruning's downstream compensation (on the factorized
+    network's inputs, against the original outputs), and the network is closer to the original on unseen inputs
+    than with conv2's original weights put back."""
+    g = graphs.Builder(5)
+    h = g.node("Relu", [g.conv("x", "conv1", 16, 32, pads=[1, 1, 1, 1])], "relu")
+    g.conv(h, "conv2", 32, 32, pads=[1, 1, 1, 1])
+    model = g.model({"x": [1, 16, 8, 8]}, "conv2")
+    data, held_out = real(model, 64), real(model, 32, seed=9)
+    out, steps = graphs.apply(model, "lowrank(rank=0.25,skip=[conv2])", data=data)
+    assert steps[0]["details"]["layers"] == ["conv1"]
+    assert any(n.startswith("compensation refit 1 of 1") and "conv2" in n for n in steps[0]["notes"])
+    conv2 = next(n for n in out.graph.node if n.name == "conv2")
+    weights = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert not np.allclose(weights[conv2.input[1]], original["conv2.weight"])
+    put_back = onnx.ModelProto()
+    put_back.CopyFrom(out)
+    set_weight(put_back, conv2.input[1], original["conv2.weight"])
+    if len(conv2.input) > 2:
+        set_weight(put_back, conv2.input[2], original["conv2.bias"])
+    assert graphs.max_rel_error(model, out, held_out) < graphs.max_rel_error(model, put_back, held_out)
+
+
 def test_synthetic_calibration_falls_back_to_weight_svd():
     model = conv(16, 16)
     _, steps = graphs.apply(model, "lowrank(rank=0.5)")   # graphs.apply's default data is synthetic
