@@ -26,7 +26,8 @@ with zx instead of 0 makes the zero-point correction a per-channel constant. Wit
 
 **Glue.** A QuantizeLinear after a MaxPool or a Concat moves before it (`_integer_glue`, exact), so it meets
 the DequantizeLinear of the int8 layer before and fuses into that layer's epilogue: the layer writes uint8 and
-the pool / concat move bytes.
+the pool / concat move bytes. An elementwise chain on one quantized tensor (a quantized GELU, hard-sigmoid, the
+sigmoid of an output) becomes one gather from a 256-entry table that ONNX Runtime computed (`int8_tables.py`).
 
 **Kernels.** `legalize_conv2d_int8` / `legalize_matmul_int8` pack the weight at compile time as
 [K/kb, C/4, R, S, kb, 4] (kb output channels × 4 input channels, the operand of one dot-product instruction) and
@@ -59,6 +60,7 @@ import numpy as np
 
 from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, peel_partial_tiles, product, \
     schedule_rest, worth_parallel
+from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
 
 CONV_INT8 = "conv2d_int8_packed"
@@ -242,6 +244,7 @@ def rewrite_qdq(mod, form=None):
         func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, True, form), func)
         func = rewrite_call(plain[0], _rewriter(plain[1], counter, False, form), func)
         func = _drop_round_trips(_integer_glue(func))
+        func, _ = lookup_tables(func)
         out[gv] = func
     out = relax.transform.DeadCodeElimination()(out)
     return out.with_attr(INT8_LAYERS, counter[0]) if counter[0] else out

@@ -29,7 +29,8 @@ from __future__ import annotations
 #: dense tiles iterate column panels outside row tiles.
 #: 12: quantize rounds with `llvm.roundeven` (vectorized) instead of `nearbyint` (a scalar loop): int8 epilogues
 #: and quantize functions have other loop bodies.
-SCHEDULES_VERSION = 12
+#: 13: elementwise chains on quantized tensors read 256-entry tables (`int8_tables.py`): other fused functions.
+SCHEDULES_VERSION = 13
 
 
 def legalize_map() -> dict:

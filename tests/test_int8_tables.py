@@ -1,0 +1,183 @@
+"""Lookup tables for elementwise chains on quantized tensors (targets/schedules/int8_tables.py): which chains
+become one gather, and that the build computes the same values with and without them."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import graphs
+
+pytestmark = pytest.mark.tvm
+
+XS, XZ = graphs.QDQ_XS, graphs.QDQ_XZ
+
+
+class _Chain:
+    """An int8 conv, then elementwise ops with a QuantizeLinear → DequantizeLinear after each (as `quant` and
+    ONNX Runtime's quantize_static write them)."""
+
+    def __init__(self, seed: int = 0, signed: bool = False, channels: int = 8):
+        self.rng = np.random.default_rng(seed)
+        self.dtype = np.int8 if signed else np.uint8
+        self.k = channels
+        wq, ws = graphs.qdq_weights(self.rng, (channels, 6, 3, 3), channels)
+        self.inits = [nh.from_array(np.array(XS), "xs"), nh.from_array(np.array(XZ), "xz"),
+                      nh.from_array(wq, "w"), nh.from_array(ws, "ws")]
+        self.nodes = [oh.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                      oh.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                      oh.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0),
+                      oh.make_node("Conv", ["xd", "wd"], ["c"], pads=[1] * 4, kernel_shape=[3, 3])]
+        self.count = 0
+        self.last = self.qdq("c", 0.05)
+
+    def qdq(self, tensor: str, scale: float) -> str:
+        """Q → DQ of `tensor` at `scale` (zero point in the middle of the range for uint8, 0 for int8)."""
+        i = self.count = self.count + 1
+        zero = 0 if self.dtype == np.int8 else 100
+        self.inits += [nh.from_array(np.array(scale, np.float32), f"s{i}"),
+                       nh.from_array(np.array(zero, self.dtype), f"z{i}")]
+        self.nodes += [oh.make_node("QuantizeLinear", [tensor, f"s{i}", f"z{i}"], [f"q{i}"]),
+                       oh.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"])]
+        return f"d{i}"
+
+    def branch(self) -> str:
+        """A second int8 conv of the same input, quantized on its own (a residual's other operand)."""
+        wq, ws = graphs.qdq_weights(self.rng, (self.k, 6, 3, 3), self.k)
+        self.inits += [nh.from_array(wq, "w_b"), nh.from_array(ws, "ws_b")]
+        self.nodes += [oh.make_node("DequantizeLinear", ["w_b", "ws_b"], ["wd_b"], axis=0),
+                       oh.make_node("Conv", ["xd", "wd_b"], ["c_b"], pads=[1] * 4, kernel_shape=[3, 3])]
+        return self.qdq("c_b", 0.05)
+
+    def const(self, value, name: str) -> str:
+        self.inits.append(nh.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], scale: float) -> str:
+        i = self.count + 1
+        self.nodes.append(oh.make_node(op, inputs, [f"o{i}"]))
+        return self.qdq(f"o{i}", scale)
+
+    def gelu(self) -> "_Chain":
+        """x·½·(1 + erf(x/√2)) as exporters decompose it, each step quantized (ppocrv6_tiny_det's blocks)."""
+        x = self.last
+        e = self.op("Erf", [self.op("Div", [x, self.const(np.sqrt(2.0), "sqrt2")], 0.03)], 1 / 127)
+        a = self.op("Add", [e, self.const(1.0, "one")], 2 / 255)
+        m = self.op("Mul", [x, a], 0.06)
+        self.last = self.op("Mul", [m, self.const(0.5, "half")], 0.03)
+        return self
+
+    def model(self) -> onnx.ModelProto:
+        graph = oh.make_graph(self.nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 6, 9, 11])],
+                              [oh.make_tensor_value_info(self.last, TP.FLOAT, None)], self.inits)
+        model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+        model.ir_version = 8
+        return model
+
+
+def _target():
+    import tvm
+
+    from squeeze.targets import tvm_build
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+
+
+def _rewritten(model: onnx.ModelProto):
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import int8
+    mod = tvm_build.import_onnx(model, {"x": (1, 6, 9, 11)})
+    with _target():
+        return int8.rewrite_qdq(mod, form=int8.relax_form)
+
+
+def _ops(mod) -> list[str]:
+    from tvm import relax
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e.op.name) if isinstance(
+        e, relax.Call) and hasattr(e.op, "name") else None)
+    return found
+
+
+def _outputs(model: onnx.ModelProto, x: np.ndarray, tables: bool, monkeypatch) -> np.ndarray:
+    import tvm
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import build_pipeline, int8
+    with monkeypatch.context() as patch:
+        if not tables:
+            patch.setattr(int8, "lookup_tables", lambda func: (func, 0))
+        target = _target()
+        mod = tvm_build.import_onnx(model, {"x": x.shape})
+        executable = tvm_build.compile_module(mod, target, build_pipeline(target, threads=1))
+    return tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
+
+
+def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+
+
+def _x(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(scale=2.0, size=(1, 6, 9, 11)).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_quantized_gelu_becomes_one_gather_with_onnxruntimes_values(signed, monkeypatch):
+    """The whole GELU (erf, three arithmetic ops, four quantize/dequantize pairs) after an int8 conv becomes one
+    take from a table of 256 values that ONNX Runtime computed: the built model's outputs are identical to ONNX
+    Runtime's, and within one quantization step of the build without tables (whose float arithmetic may fuse a
+    multiply-add where ONNX Runtime rounds twice)."""
+    model = _Chain(signed=signed).gelu().model()
+    ops = _ops(_rewritten(model))
+    assert ops.count("relax.take") == 1 and "relax.erf" not in ops and "relax.divide" not in ops
+    x = _x()
+    with_tables, without = _outputs(model, x, True, monkeypatch), _outputs(model, x, False, monkeypatch)
+    np.testing.assert_array_equal(with_tables, _ort(model, x))
+    assert np.abs(with_tables - without).max() <= 0.03 * 1.001
+
+
+def test_a_float_result_gets_a_float_table():
+    """A chain that ends in float (the probability map of a detector: dequantize → add a bias → sigmoid, the
+    model's output) reads a float32 table: the output equals ONNX Runtime's."""
+    chain = _Chain(seed=2)
+    chain.nodes.append(oh.make_node("Add", [chain.last, chain.const(0.25, "bias")], ["shifted"]))
+    chain.nodes.append(oh.make_node("Sigmoid", ["shifted"], ["prob"]))
+    chain.last = "prob"
+    model = chain.model()
+    ops = _ops(_rewritten(model))
+    assert ops.count("relax.take") == 1 and "relax.sigmoid" not in ops
+    x = _x(3)
+    with pytest.MonkeyPatch.context() as patch:
+        out = _outputs(model, x, True, patch)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, _ort(model, x))
+
+
+def test_what_is_not_a_function_of_one_tensor_is_left_alone():
+    """Left as they are: an add of two different int8 tensors (a residual), a multiply by a per-channel constant,
+    and a chain too cheap to beat a gather (a dequantize and a relu)."""
+    residual = _Chain(seed=4)
+    a = residual.last
+    b = residual.branch()
+    residual.last = residual.op("Add", [residual.op("Erf", [a], 1 / 127), b], 0.05)
+    ops = _ops(_rewritten(residual.model()))
+    assert ops.count("relax.take") == 1           # the erf alone (a function of the first conv's output) ...
+    assert "relax.add" in ops                     # ... but not the add of the two convs' outputs
+
+    channel = _Chain(seed=6)
+    channel.last = channel.op("Mul", [channel.op("Erf", [channel.last], 1 / 127),
+                                      channel.const(np.linspace(0.5, 1.5, 8).reshape(1, 8, 1, 1), "per_channel")],
+                              0.02)
+    ops = _ops(_rewritten(channel.model()))
+    assert "relax.multiply" in ops and ops.count("relax.take") == 1   # the erf part only
+
+    cheap = _Chain(seed=7)
+    cheap.nodes.append(oh.make_node("Relu", [cheap.last], ["relu"]))
+    cheap.last = "relu"
+    assert "relax.take" not in _ops(_rewritten(cheap.model()))
