@@ -376,3 +376,43 @@ def test_a_round_trip_through_float_at_the_same_scale_is_dropped():
         for a, b in zip(outs, sess.run(None, {"x": x})):
             np.testing.assert_array_equal(a, b)
     assert counts[1] == counts[0] - 1
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_a_nearest_resize_moves_bytes(mode):
+    """int8 conv → Q → DQ → Resize ×2 → Q → DQ (an FPN's upsampling): a nearest-neighbour resize runs on uint8
+    (its QuantizeLinear moved before it, exact) and the output equals ONNX Runtime's; a linear one stays float
+    (its float interpolation rounds like ONNX Runtime's but for a value on a boundary now and then: ≤ 1 step)."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import int8
+    target = _host()
+    _needs_dot(target)
+    model = qdq_model("Conv", c=8, k=8, hw=(6, 7))
+    out = model.graph.output[0].name
+    model.graph.node.extend([
+        oh.make_node("Resize", [out, "", "scales"], ["up"], mode=mode),
+        oh.make_node("QuantizeLinear", ["up", "ys", "yz"], ["upq"]),
+        oh.make_node("DequantizeLinear", ["upq", "ys", "yz"], ["up_out"])])
+    model.graph.initializer.append(nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    del model.graph.output[:]
+    model.graph.output.append(oh.make_tensor_value_info("up_out", TP.FLOAT, None))
+    x = _input(model)
+    mod, executable = _build(model, x, target)
+    with target:
+        rewritten = int8.rewrite_qdq(mod)
+    dtypes = []
+    relax.analysis.post_order_visit(rewritten["main"], lambda e: dtypes.append(str(e.ty.dtype)) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.image.resize2d" else None)
+    assert dtypes == (["uint8"] if mode == "nearest" else ["float32"])
+    got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    if mode == "nearest":
+        np.testing.assert_array_equal(got, ref[0])
+    else:
+        assert np.abs(got - ref[0]).max() <= graphs.QDQ_YS * 1.001

@@ -251,19 +251,22 @@ def rewrite_qdq(mod, form=None):
 
 
 def _integer_glue(func):
-    """Move QuantizeLinear before MaxPool and Concat: quantize(max_pool(y)) → max_pool(quantize(y)),
-    quantize(concat(y₁, y₂, …)) → concat(quantize(y₁), quantize(y₂), …), repeated until nothing moves.
+    """Move QuantizeLinear before MaxPool, Concat and a nearest-neighbour Resize: quantize(max_pool(y)) →
+    max_pool(quantize(y)), quantize(concat(y₁, y₂, …)) → concat(quantize(y₁), quantize(y₂), …),
+    quantize(resize_nearest(y)) → resize_nearest(quantize(y)), repeated until nothing moves.
 
-    Both are exact: quantize (divide by a positive scale, round, add, saturate) is monotone non-decreasing, so
+    All are exact: quantize (divide by a positive scale, round, add, saturate) is monotone non-decreasing, so
     it commutes with a max over a window that holds at least one real element (every pool window does), and a
-    concat only moves values. The quantize then meets the dequantize after the int8 layer that produced y
-    and fuses into that layer's epilogue: the layer writes uint8, the pool / concat moves bytes instead of
-    float32 (squeezenet: every Fire module's concat and its three max pools).
+    concat or a nearest-neighbour resize only moves values. The quantize then meets the dequantize after the
+    int8 layer that produced y and fuses into that layer's epilogue: the layer writes uint8, the pool / concat /
+    resize move bytes instead of float32 (squeezenet: every Fire module's concat and its three max pools;
+    ppocrv6_tiny_det: the FPN's upsampling and the concat of its four scales).
     """
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import is_const, is_op, wildcard  # noqa: PLC0415
     scale, zero = is_const(), is_const()
-    inner = is_op("relax.nn.max_pool2d")(wildcard()) | is_op("relax.concat")(wildcard())
+    inner = is_op("relax.nn.max_pool2d")(wildcard()) | is_op("relax.concat")(wildcard()) \
+        | is_op("relax.image.resize2d")(wildcard(), wildcard())
     root = is_op("relax.quantize")(inner, scale, zero)
 
     def rewrite(orig, matches):
@@ -276,6 +279,9 @@ def _integer_glue(func):
                                      out_dtype=str(orig.attrs.out_dtype))
         if call.op.name == "relax.nn.max_pool2d":
             return relax.Call(call.op, [quantize(call.args[0])], call.attrs)
+        if call.op.name == "relax.image.resize2d":
+            moved = _resized(call, quantize, str(orig.attrs.out_dtype))
+            return orig if moved is None else moved
         fields = call.args[0]
         if not isinstance(fields, relax.Tuple):
             return orig
@@ -283,6 +289,20 @@ def _integer_glue(func):
 
     from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
     return rewrite_call(root, rewrite, func)
+
+
+def _resized(call, quantize, dtype: str):
+    """A nearest-neighbour resize2d `call` of quantize(its input) in `dtype`, or None for another method or a
+    mode that fills with an extrapolation value."""
+    from tvm import relax  # noqa: PLC0415
+    a = call.attrs
+    if str(a.method) != "nearest_neighbor" or str(a.coordinate_transformation_mode) == "tf_crop_and_resize":
+        return None
+    return relax.op.image.resize2d(quantize(call.args[0]), call.args[1], roi=[float(v) for v in a.roi],
+                                   layout=str(a.layout), method="nearest_neighbor",
+                                   coordinate_transformation_mode=str(a.coordinate_transformation_mode),
+                                   rounding_method=str(a.rounding_method), cubic_alpha=float(a.cubic_alpha),
+                                   cubic_exclude=int(a.cubic_exclude), out_dtype=dtype)
 
 
 def _drop_round_trips(func):
