@@ -223,6 +223,38 @@ def test_scheduled_code_is_vectorized_and_parallel():
         assert ("T.parallel(" in text) == parallel, name
 
 
+def test_a_computation_feeding_a_padding_keeps_its_own_vectorized_loop():
+    """quantize → pad with the zero point (a quantized model's input before its stem conv): the quantize is not
+    inlined into the padding's if_then_else (where it ran one element at a time) but gets its own vectorized
+    loop, the padding stays a plain copy; the values are those of numpy's round-half-even quantize."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.s_tir import dlight as dl
+
+    from squeeze.targets import schedules
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 3, 20, 32], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.quantize(x, relax.const(np.float32(0.05)), relax.const(np.uint8(114)), axis=1,
+                                          out_dtype="uint8"))
+            out = bb.emit_output(bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=114.0)))
+        bb.emit_func_output(out)
+    target = _target()
+    fused = schedules.fused_module(bb.get(), target)
+    with target:
+        scheduled = dl.ApplyDefaultSchedule(*schedules.rules())(fused)
+    (func,) = [f for _, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)]
+    text = func.script()
+    assert text.count("with T.sblock(") - text.count("T.sblock(\"root\")") == 2 and "T.vectorized(" in text, text
+    executable = tvm_build.compile_module(bb.get(), target, schedules.build_pipeline(target, threads=1))
+    data = np.random.default_rng(0).normal(scale=4.0, size=(1, 3, 20, 32)).astype(np.float32)
+    got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": data})[0]
+    expected = np.pad(np.clip(np.round(data / np.float32(0.05)) + 114, 0, 255).astype(np.uint8),
+                      [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=114)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_one_planned_thread_makes_nothing_parallel():
     """Built for 1 thread (the host at --threads 1) even the big conv runs its tiles in a plain loop."""
     from tvm import tirx

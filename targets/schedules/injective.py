@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, is_spatial, product, root_blocks, schedule_injective, worth_parallel
+from .common import extent, guarded, is_spatial, product, root_blocks, schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 
@@ -54,12 +54,18 @@ def _fast_float32(bb, call, op_name: str, hint: str, make):
 
 
 def _inline_all(sch) -> list:
+    """Inline every block that can be, except a computation into a padding (`guarded`) block: the padding stays a
+    plain copy that LLVM vectorizes and the computation its own vectorized loop. ppocrv6_tiny_det's quantized
+    input (quantize, then pad with the zero point for the stem conv, 3×320×320): 0.42 → 0.07 ms at 1 thread, the
+    quantize inside the padding's branch having run one element at a time."""
     from tvm import s_tir  # noqa: PLC0415
     progress = True
     while progress:
         progress = False
         for block in root_blocks(sch):
             for inline in (sch.compute_inline, sch.reverse_compute_inline):
+                if inline == sch.compute_inline and _feeds_padding(sch, block):
+                    continue
                 try:
                     inline(block)
                 except s_tir.ScheduleError:
@@ -69,6 +75,14 @@ def _inline_all(sch) -> list:
             if progress:
                 break
     return root_blocks(sch)
+
+
+def _feeds_padding(sch, block) -> bool:
+    """Whether a padding block reads what `block` computes (and `block` computes more than a copy)."""
+    body = sch.get(block).body
+    if isinstance(body, tirx.BufferStore) and hasattr(body.value, "indices"):  # a load: a plain copy
+        return False
+    return any(guarded(sch, c) for c in sch.get_consumers(block))
 
 
 def _dtype(sch, block) -> str:
