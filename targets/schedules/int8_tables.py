@@ -46,6 +46,7 @@ EXPENSIVE = ("relax.erf", "relax.tanh", "relax.sigmoid", "relax.exp", "relax.log
              "relax.divide")
 #: work (in cheap elementwise ops) a chain must hold to be replaced: a gather costs a few vector ops per element
 MIN_COST = 6
+LOOKUP = "squeeze.lookup"  #: PrimFunc attribute of the table lookups (`legalize_lookup`)
 #: what an op counts towards MIN_COST
 COST = {"relax.quantize": 3, "relax.dequantize": 1, "relax.astype": 0, **{op: 6 for op in EXPENSIVE}}
 
@@ -293,3 +294,42 @@ def _all_values(dtype: str) -> np.ndarray:
     """Every value of an 8-bit integer type, in table order (row i holds the value at i + min)."""
     info = np.iinfo(np.dtype(dtype))
     return np.arange(info.min, info.max + 1, dtype=dtype)
+
+
+def legalize_lookup(bb, call):
+    """relax.take of a table (a 1-D constant of at most 256 entries, mode "clip": what `lookup_tables` writes) as
+    a compute that `lookups_elementwise_pass` marks elementwise, so FuseOps puts the lookup into the epilogue of
+    the int8 layer that writes its index (TOPI's take is opaque: a separate pass over the map, the int32 index
+    written out and read back); any other take as TVM legalizes it."""
+    from tvm import te, tirx  # noqa: PLC0415
+    from .common import default_legalization  # noqa: PLC0415
+    table, index = call.args
+    shape = static_shape(table)
+    if not (hasattr(table, "value") and shape is not None and len(shape) == 1 and shape[0] <= 256
+            and str(call.attrs.mode) == "clip" and int(call.attrs.axis) == 0
+            and str(index.ty.dtype).startswith(("int", "uint"))):
+        return default_legalization("relax.take")(bb, call)
+    last = shape[0] - 1
+
+    def lookup(t, i):
+        return te.compute(i.shape, lambda *ax: t[tirx.max(tirx.min(i(*ax).astype("int32"), last), 0)],
+                          name="lookup")
+    return bb.call_te(lookup, table, index, primfunc_name_hint="lookup", primfunc_attrs={LOOKUP: 1})
+
+
+def lookups_elementwise_pass():
+    """A module pass run after AnnotateTIROpPattern: the lookups `legalize_lookup` wrote are elementwise in their
+    index (the table is a constant operand), so FuseOps may put them into an int8 conv's epilogue, which takes
+    only elementwise consumers. (AnnotateTIROpPattern reads the table's data-dependent load as opaque, and treats
+    an op_pattern of 0, elementwise, as unset.)"""
+    import tvm  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="SqueezeLookupsElementwise")
+    def _pass(mod, _ctx):
+        out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        for gv, func in mod.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and LOOKUP in func.attrs:
+                out[gv] = func.with_attr("op_pattern", 0)
+        return out
+    return _pass
+

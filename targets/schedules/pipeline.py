@@ -38,13 +38,14 @@ def legalize_map() -> dict:
     from .dense import legalize_matmul  # noqa: PLC0415
     from .injective import legalize_erf, legalize_exp, legalize_sigmoid  # noqa: PLC0415
     from .int8 import int8_legalizations  # noqa: PLC0415
+    from .int8_tables import legalize_lookup  # noqa: PLC0415
     from .pool import legalize_max_pool2d  # noqa: PLC0415
     from .reduce import legalize_softmax  # noqa: PLC0415
     return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.max_pool2d": legalize_max_pool2d,
                                "relax.nn.conv2d_transpose":
                                legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
                                "relax.nn.softmax": legalize_softmax, "relax.sigmoid": legalize_sigmoid,
-                               "relax.exp": legalize_exp})
+                               "relax.exp": legalize_exp, "relax.take": legalize_lookup})
 
 
 def rules() -> list:
@@ -71,6 +72,7 @@ def fuse_passes(target) -> list:
 
     from .conv_pair import fuse_conv_pairs_pass  # noqa: PLC0415
     from .int8 import qdq_rewrite_pass  # noqa: PLC0415
+    from .int8_tables import lookups_elementwise_pass  # noqa: PLC0415
     return [
         qdq_rewrite_pass(),  # quantized layers → integer compute (int8.py), while the weights are still int8
         # BatchNormalization right after a conv → scaled weights and a bias (as ONNX Runtime does): decomposed,
@@ -84,6 +86,7 @@ def fuse_passes(target) -> list:
         fuse_conv_pairs_pass(),  # conv → conv with nothing between (a factorised layer): one function
         relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
+        lookups_elementwise_pass(),  # table lookups (int8_tables.py) fuse into the int8 layer before them
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
