@@ -16,9 +16,9 @@ T = chain(every value of q). The table is what ONNX Runtime computes for the cha
 the ONNX ops it was imported from (`ONNX_OPS`) and run once, at compile time, on the 256 values (one session for
 all the model's tables). So these parts of the model compute what ONNX Runtime computes for them (its QLinearAdd /
 QLinearMul fusions included), on every target; without the tables TVM computes them in float32 with its own erf
-and fused multiply-adds and lands on the other side of a rounding boundary now and then (ppocrv6_tiny_det, 8 images: values identical to ONNX
-Runtime's int8 output 1 % → 35 %, relative L2 difference 0.144 → 0.082; ONNX Runtime's own optimized vs
-unoptimized graphs differ by 0.145). And they are faster: the 1×1 convs with a GELU epilogue on
+and fused multiply-adds and lands on the other side of a rounding boundary now and then (ppocrv6_tiny_det,
+8 images: values identical to ONNX Runtime's int8 output 1 % → 35 %, relative L2 difference 0.144 → 0.082;
+ONNX Runtime's own optimized vs unoptimized graphs differ by 0.145). And they are faster: the 1×1 convs with a GELU epilogue on
 ppocrv6_tiny_det's 80×80 maps took 0.77 ms each in int8 (four quantize/dequantize pairs, an erf and three
 arithmetic ops per element) against 0.44 ms for the float conv with its fused GELU; with the table, 0.21 ms.
 
