@@ -89,6 +89,55 @@ def freeze_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) ->
     return copy
 
 
+def explicit_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every Conv's auto_pad=SAME_UPPER/SAME_LOWER spelled as explicit `pads` for its (static) input
+    size (a copy; `model` itself when there is none). For compilers: TVM's ONNX frontend pads the input in a
+    separate function before such a conv, which costs a pass over the map and, between a DequantizeLinear and
+    the Conv, hides the int8 layer from targets that compute QDQ layers in integers (ppocrv6_tiny_det's stem:
+    two 2×2 convs on 160×160 maps stayed float in its int8 model)."""
+    todo = [i for i, n in enumerate(model.graph.node) if n.op_type == "Conv" and _auto_pad(n).startswith("SAME")]
+    if not todo:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 (the compiler pads as it does)
+        return model
+    dims = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input):
+        shape = info.type.tensor_type.shape
+        dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    changed = False
+    for i in todo:
+        node = out.graph.node[i]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        shape = dims.get(node.input[0])
+        kernel = list(attrs.get("kernel_shape", inits.get(node.input[1], [])[2:]))
+        if not shape or not kernel or any(d is None for d in shape[2:]) or len(shape) != len(kernel) + 2:
+            continue
+        rank = len(kernel)
+        strides = list(attrs.get("strides", [1] * rank))
+        dilations = list(attrs.get("dilations", [1] * rank))
+        begin, end = [], []
+        for size, k, st, dil in zip(shape[2:], kernel, strides, dilations):
+            total = max((-(-size // st) - 1) * st + (k - 1) * dil + 1 - size, 0)
+            small = total // 2
+            begin.append(small if _auto_pad(node) == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(kept + [onnx.helper.make_attribute("pads", begin + end)])
+        changed = True
+    return out if changed else model
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    value = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 FROZEN_CACHE = 4                # frozen copies kept: a run needs the compressed and the original one
 FROZEN_CACHE_BYTES = 64 << 20   # larger models are frozen again each time rather than held in memory
 _FROZEN: dict[str, onnx.ModelProto | None] = {}

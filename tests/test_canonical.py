@@ -254,3 +254,25 @@ def test_a_branch_out_of_order_is_reordered_even_when_the_main_graph_is_in_order
     then = next(a.g for a in ordered.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node] == ["Relu", "Neg"]
     onnx.checker.check_model(ordered, full_check=True)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("stride,kernel,size", [(1, 2, 9), (2, 3, 10), (2, 2, 7), (3, 5, 11)])
+def test_explicit_pads_spell_auto_pad_as_onnxruntime_pads(auto_pad, stride, kernel, size):
+    """A Conv's auto_pad=SAME_* becomes explicit pads for its input size (what compilers import); ONNX Runtime
+    gives the same outputs for both, and a model without such a conv comes back as it is."""
+    rng = np.random.default_rng(stride * 100 + kernel)
+    w = nh.from_array(rng.normal(size=(4, 3, kernel, kernel)).astype(np.float32), "w")
+    node = h.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kernel, kernel], strides=[stride, stride],
+                       auto_pad=auto_pad)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, size, size])],
+                         [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    spelled = canonical.explicit_pads(model)
+    attrs = {a.name for a in spelled.graph.node[0].attribute}
+    assert "auto_pad" not in attrs and "pads" in attrs
+    x = rng.normal(size=(1, 3, size, size)).astype(np.float32)
+    a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    b = ort.InferenceSession(spelled.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(a, b)
+    assert canonical.explicit_pads(spelled) is spelled

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, peel_partial_tiles, product, \
-    schedule_rest, worth_parallel
+    schedule_rest, tile_epilogue, worth_parallel
 from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
 
@@ -724,13 +724,17 @@ class Int8Kernel:
         work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
         rest = inline_epilogue(sch, anchor)
+        # a larger consumer (a Pad fused after the layer, e.g. the explicit pads of the next conv) cannot be
+        # computed per tile: its rows and columns outside the tile grid would stay unwritten; copy out instead
+        epilogue = tile_epilogue(sch, anchor)
+        rest = [r for r in rest if sch.get(r).name_hint != sch.get(epilogue).name_hint]
         b, ko, y, x, ki, rc, ry, rx, ri = sch.get_loops(anchor)
         koo, kov = sch.split(ko, [None, kv])
         xo, xi = sch.split(x, [None, wt])
         sch.reorder(b, koo, y, xo, rc, ry, rx, kov, xi, ki, ri)
         outer = sch.fuse(b, koo, y)  # the column tiles a loop of their own, the last one peeled
         peel_partial_tiles(sch, anchor)
-        consumers = list(sch.get_consumers(anchor))
+        consumers = [epilogue]
         kb = extent(sch, ki)
         columns = bool(int(sch.get(anchor).annotations.get(EPILOGUE_COLUMNS, 0)))
         for consumer in consumers:
