@@ -60,6 +60,16 @@ def matmul_add(d: int = 48, n: int = 24, seed: int = 0) -> onnx.ModelProto:
     return g.model({"x": [1, 5, d]}, "y")
 
 
+def two_convs(seed: int) -> onnx.ModelProto:
+    """
+    x[1,16,8,8] ─ conv1 16→32 3×3 ─ Relu ─ conv2 32→32 3×3 ─ y
+    """
+    g = graphs.Builder(seed)
+    h = g.node("Relu", [g.conv("x", "conv1", 16, 32, pads=[1, 1, 1, 1])], "relu")
+    g.conv(h, "conv2", 32, 32, pads=[1, 1, 1, 1])
+    return g.model({"x": [1, 16, 8, 8]}, "conv2")
+
+
 def low_rank(rng: np.random.Generator, rows: int, cols: int, rank: int) -> np.ndarray:
     return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) / np.sqrt(cols)
 
@@ -241,10 +251,7 @@ def test_activation_aware_init_beats_plain_weight_svd_on_correlated_inputs():
 
 def test_refit_lowers_the_error_of_the_network_after_an_earlier_factorized_layer():
     """Two stacked convs: the second one's refit sees the first one's error and absorbs part of it."""
-    g = graphs.Builder(4)
-    h = g.node("Relu", [g.conv("x", "conv1", 16, 32, pads=[1, 1, 1, 1])], "relu")
-    g.conv(h, "conv2", 32, 32, pads=[1, 1, 1, 1])
-    model = g.model({"x": [1, 16, 8, 8]}, "conv2")
+    model = two_convs(4)
     data, held_out = real(model, 64), real(model, 32, seed=9)
     plain, _ = graphs.apply(model, "lowrank(rank=0.25,compensate=false)", data=data)
     refit, steps = graphs.apply(model, "lowrank(rank=0.25)", data=data)
@@ -256,10 +263,7 @@ def test_layers_left_as_they_are_downstream_of_an_implant_are_refit():
     """conv1 factorized, conv2 skipped: conv2 is refit like pruning's downstream compensation (on the factorized
     network's inputs, against the original outputs), and the network is closer to the original on unseen inputs
     than with conv2's original weights put back."""
-    g = graphs.Builder(5)
-    h = g.node("Relu", [g.conv("x", "conv1", 16, 32, pads=[1, 1, 1, 1])], "relu")
-    g.conv(h, "conv2", 32, 32, pads=[1, 1, 1, 1])
-    model = g.model({"x": [1, 16, 8, 8]}, "conv2")
+    model = two_convs(5)
     data, held_out = real(model, 64), real(model, 32, seed=9)
     out, steps = graphs.apply(model, "lowrank(rank=0.25,skip=[conv2])", data=data)
     assert steps[0]["details"]["layers"] == ["conv1"]

@@ -121,9 +121,12 @@ def pointwise_epilogue(kind: str) -> onnx.ModelProto:
         s = g.node("Relu", [g.conv(s, "se1", 40, 10, k=1)], "se_relu")
         s = g.node("HardSigmoid", [g.conv(s, "se2", 10, 40, k=1)], "se_gate", alpha=0.2, beta=0.5)
         h = g.node("Mul", [h, s], "se_mul")
-    elif kind == "pad_after":  # the next op pads: auto_pad SAME_UPPER with an even kernel (PP-HGNet's stem)
+    elif kind == "pad_after":
+        # the next op pads the bottom and right only, as auto_pad SAME_UPPER with an even kernel does (PP-HGNet's
+        # stem); the build spells a Conv's SAME as the conv's own pads, so a Pad node makes the padding here
         h = g.node("Relu", [h], "relu")
-        h = g.node("Relu", [g.conv(h, "even", 40, 16, k=2, auto_pad="SAME_UPPER")], "relu2")
+        h = g.node("Pad", [h, g.tensor("pad_amounts", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64))], "pad")
+        h = g.node("Relu", [g.conv(h, "even", 40, 16, k=2)], "relu2")
         h = g.node("MaxPool", [h], "pool", kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER")
     elif kind == "two_uses":  # the conv's output feeds the epilogue and another conv
         r = g.node("Relu", [h], "relu")
@@ -437,8 +440,9 @@ def test_fast_part_covers_each_family():
 
 
 def test_pad_fused_after_a_conv_is_written_whole():
-    """The ppocrv6_tiny_det miscompile: a Pad fused after conv+relu (the next conv's auto_pad SAME_UPPER) is a
-    consumer over a larger domain than the conv's tiles; it must not be computed tile by tile."""
+    """The ppocrv6_tiny_det miscompile: a Pad fused after conv+relu (there: TVM's padding for the next conv's
+    auto_pad SAME_UPPER; here a Pad node) is a consumer over a larger domain than the conv's tiles; it must not be
+    computed tile by tile."""
     from tvm import s_tir, tirx
 
     from squeeze.targets import schedules
