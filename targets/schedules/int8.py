@@ -58,8 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, peel_partial_tiles, product, \
-    schedule_rest, tile_epilogue, worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, extent, guarded, inline_epilogue, kernel_schedule, peel_partial_tiles, \
+    product, schedule_rest, worth_parallel
 from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
 
@@ -724,9 +724,7 @@ class Int8Kernel:
         work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
         rest = inline_epilogue(sch, anchor)
-        # a larger consumer (a Pad fused after the layer, e.g. the explicit pads of the next conv) cannot be
-        # computed per tile: its rows and columns outside the tile grid would stay unwritten; copy out instead
-        epilogue = tile_epilogue(sch, anchor)
+        epilogue = _tile_epilogue(sch, anchor)
         rest = [r for r in rest if sch.get(r).name_hint != sch.get(epilogue).name_hint]
         b, ko, y, x, ki, rc, ry, rx, ri = sch.get_loops(anchor)
         koo, kov = sch.split(ko, [None, kv])
@@ -751,6 +749,20 @@ class Int8Kernel:
         sch.unroll(kov)
         schedule_rest(sch, producers, rest, lanes, {sch.get(c).name_hint for c in consumers})
         return sch
+
+
+def _tile_epilogue(sch, anchor):
+    """The block computed per tile after the int8 kernel: its one consumer (which reads the packed accumulator
+    through the channel-block remap, so `common.tile_epilogue`'s in-order test never holds; a broadcast, e.g. an SE
+    scale over a map, computes every iteration that reads the tile), unless that consumer has iterations that read
+    no tile — a padding (an `if_then_else`: a Pad fused after the layer for the next conv's bottom/right pads) —
+    or there are several: then a copy-out.
+    Computed per tile, such a consumer's rows and columns past the tile grid were never written (values off by up
+    to 255 on ppocrv6_tiny_det's stem once its SAME convs had explicit pads)."""
+    consumers = list(sch.get_consumers(anchor))
+    if len(consumers) == 1 and not guarded(sch, consumers[0]):
+        return consumers[0]
+    return sch.cache_write(anchor, 0, TILE_SCOPE)
 
 
 def _stage_epilogue(sch, consumer, outer) -> None:
