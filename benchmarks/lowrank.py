@@ -83,9 +83,9 @@ def _row(m: prune_curve.Model, label: str, spec: str, orig, log, make=None) -> d
         traceback.print_exc()
         return {**row, "error": harness._one_line(exc)}
     summary = metrics.summary(model, m.shapes)
-    top1, agreement, p = m.evaluate(model)
+    top1, agreement, p, _, drop_se = m.evaluate(model)
     row.update(macs=summary["macs"] / m.macs, params=summary["params"] / m.params, top1=100 * top1,
-               drop=100 * (m.base - top1), p=p, seconds=seconds,
+               drop=100 * (m.base - top1), drop_se=100 * drop_se, agreement=100 * agreement, p=p, seconds=seconds,
                forms=" ".join(n for n in notes if n.startswith("factorized"))[:400])
     if orig is not None:
         try:
@@ -194,24 +194,28 @@ def markdown(results: list[dict], command: str, started: dict, args) -> str:
              "Calibration: the first 256 labelled images; top-1 on the images after them (never calibrated on). "
              "`prune at the same MACs`: the `prune` pass at the channel ratio whose MAC reduction is closest to the "
              "lowrank row above it (default criterion reconstruction, scope layer; and scope sensitivity). "
-             "`p`: McNemar's exact test against the original on the same images. TVM: the `cpu` target, default "
-             "schedules, batch 1; `speed-up` = original / compressed latency (medians of alternating rounds), "
-             "`MAC ×` = original / compressed MACs; `TVM=ORT` checks the compiled model against ONNX Runtime.", ""]
+             "`± se`: the paired standard error of the drop; `agreement`: the share of images whose top class is "
+             "the original's. `p`: McNemar's exact test against the original on the same images. TVM: the `cpu` "
+             "target, default schedules, batch 1; `speed-up` = original / compressed latency (medians of "
+             "alternating rounds), `MAC ×` = original / compressed MACs; `TVM=ORT` checks the compiled model "
+             "against ONNX Runtime.", ""]
     for res in results:
         lines += [f"## {res['name']}", "",
                   f"Original: top-1 {res['base']:.2f} % on {res['n']} images, {res['macs'] / 1e6:.2f} M MACs, "
                   f"{res['params']:,} parameters" + (f", TVM {res['tvm_orig_ms']:.3f} ms" if res["tvm_orig_ms"]
                                                      else "") + ".", "",
-                  "| pipeline | MACs kept | params kept | top-1 | drop (pts) | p | TVM ms | TVM orig ms | TVM speed-up "
-                  "| MAC × | TVM=ORT | squeeze s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  "| pipeline | MACs kept | params kept | top-1 | drop (pts) ± se | agreement % | p | TVM ms "
+                  "| TVM orig ms | TVM speed-up | MAC × | TVM=ORT | squeeze s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for r in res["rows"]:
             if "error" in r:
-                lines.append(f"| `{r['spec']}` | error: {_fmt(r['error'])} |" + " |" * 10)
+                lines.append(f"| `{r['spec']}` | error: {_fmt(r['error'])} |" + " |" * 11)
                 continue
             label = f"`{r['spec']}`" if not r.get("matches") else f"{r['pipeline']}: `{r['spec']}`"
             lines.append(
-                f"| {label} | {_fmt(r['macs'])} | {_fmt(r['params'])} | {_fmt(r['top1'], 2)} | {_fmt(-r['drop'], 2)} "
-                f"| {r['p']:.2g} | {_fmt(r.get('TVM ms'))} | {_fmt(r.get('TVM orig ms'))} "
+                f"| {label} | {_fmt(r['macs'])} | {_fmt(r['params'])} | {_fmt(r['top1'], 2)} "
+                f"| {_fmt(-r['drop'], 2)} ± {_fmt(r['drop_se'], 2)} | {_fmt(r['agreement'], 2)} | {r['p']:.2g} "
+                f"| {_fmt(r.get('TVM ms'))} | {_fmt(r.get('TVM orig ms'))} "
                 f"| {_fmt(r.get('TVM speed-up'), 2)} | {1 / r['macs']:.2f} | {_fmt(r.get('TVM=ORT', r.get('TVM')))} "
                 f"| {r['seconds']:.1f} |")
         lines += ["", "Lowrank vs prune at matched MACs (top-1 points, lowrank − prune; positive: lowrank better):", ""]
