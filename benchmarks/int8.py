@@ -66,7 +66,7 @@ def tvm_runner(path: Path, feed: dict):
     target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
     mod = tvm_build.import_onnx(model, shapes)
     with target:
-        layers = int8.int8_layers(int8.rewrite_qdq(mod))
+        layers = int8.int8_layers(int8.rewrite_qdq(mod, tables=False))
     executable = tvm_build.compile_module(mod, target, build_pipeline(target, threads=1))
     return tvm_build.VMRunner(executable, tvm.cpu(), list(shapes)), layers
 

@@ -222,12 +222,13 @@ def _pairs_fit(weight: np.ndarray) -> bool:
 
 # ---------------------------------------------------------------------------------------------- Relax rewrite
 
-def rewrite_qdq(mod, form=None):
+def rewrite_qdq(mod, form=None, tables: bool = True):
     """`mod` with every quantized Conv/Gemm/MatMul (module docstring) computed in integers; the count of
     rewritten layers is the module attribute `INT8_LAYERS`. Functions other than Relax ones are left alone.
 
     `form(layer: IntegerLayer)` builds each layer's replacement: by default `relax_form` (the CPU kernels here),
-    and only where the current target has a dot-product instruction; the mcu target passes its C kernels' call."""
+    and only where the current target has a dot-product instruction; the mcu target passes its C kernels' call.
+    `tables` False leaves elementwise chains as they are (`int8_tables`; for callers that only count layers)."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import rewrite_call  # noqa: PLC0415
@@ -244,8 +245,7 @@ def rewrite_qdq(mod, form=None):
         func = rewrite_call(quantized[0], _rewriter(quantized[1], counter, True, form), func)
         func = rewrite_call(plain[0], _rewriter(plain[1], counter, False, form), func)
         func = _drop_round_trips(_integer_glue(func))
-        func, _ = lookup_tables(func)
-        out[gv] = func
+        out[gv] = lookup_tables(func) if tables else func
     out = relax.transform.DeadCodeElimination()(out)
     return out.with_attr(INT8_LAYERS, counter[0]) if counter[0] else out
 
@@ -725,20 +725,17 @@ class Int8Kernel:
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
         rest = inline_epilogue(sch, anchor)
         epilogue = _tile_epilogue(sch, anchor)
-        rest = [r for r in rest if sch.get(r).name_hint != sch.get(epilogue).name_hint]
         b, ko, y, x, ki, rc, ry, rx, ri = sch.get_loops(anchor)
         koo, kov = sch.split(ko, [None, kv])
         xo, xi = sch.split(x, [None, wt])
         sch.reorder(b, koo, y, xo, rc, ry, rx, kov, xi, ki, ri)
         outer = sch.fuse(b, koo, y)  # the column tiles a loop of their own, the last one peeled
         peel_partial_tiles(sch, anchor)
-        consumers = [epilogue]
         kb = extent(sch, ki)
         columns = bool(int(sch.get(anchor).annotations.get(EPILOGUE_COLUMNS, 0)))
-        for consumer in consumers:
-            sch.reverse_compute_at(consumer, xo, preserve_unit_loops=True)
-            if _vectorize_epilogue(sch, consumer, kb, columns) and wt > 1:
-                _stage_epilogue(sch, consumer, xo)
+        sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
+        if _vectorize_epilogue(sch, epilogue, kb, columns) and wt > 1:
+            _stage_epilogue(sch, epilogue, xo)
         if worth_parallel(work):  # before tensorize: the tensorized block is no longer a plain reduction
             sch.parallel(outer)
         init = sch.decompose_reduction(anchor, rc)
@@ -747,7 +744,7 @@ class Int8Kernel:
         sch.set_scope(init, 0, TILE_SCOPE)  # the tile's accumulators, read back by the epilogue
         sch.unroll(xi)
         sch.unroll(kov)
-        schedule_rest(sch, producers, rest, lanes, {sch.get(c).name_hint for c in consumers})
+        schedule_rest(sch, producers, rest, lanes, {sch.get(epilogue).name_hint})
         return sch
 
 
@@ -840,7 +837,7 @@ def compute_summary(mod, target, integer: bool = True) -> dict:
     from tvm import relax  # noqa: PLC0415
     found = dot_intrinsic(target) if integer else None
     with target:
-        rewritten = rewrite_qdq(mod) if integer else mod
+        rewritten = rewrite_qdq(mod, tables=False) if integer else mod
     counts = {"int8": 0, "float": 0}
 
     def visit(expr):

@@ -53,17 +53,17 @@ COST = {"relax.quantize": 3, "relax.dequantize": 1, "relax.astype": 0, **{op: 6 
 
 
 def lookup_tables(func):
-    """`func` (a Relax function) with every qualifying chain's result read from a table; the number replaced."""
+    """`func` (a Relax function) with every qualifying chain's result read from a table."""
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import is_op, rewrite_call, wildcard  # noqa: PLC0415
 
     chains = _chains(func)
     if not chains:
-        return func, 0
+        return func
     tables = _evaluate(chains)
     by_value = [(chain.value, chain.source, table) for chain, table in zip(chains, tables) if table is not None]
     if not by_value:
-        return func, 0
+        return func
 
     def rewrite(orig, _matches):
         for value, source, table in by_value:
@@ -80,7 +80,7 @@ def lookup_tables(func):
     for op, arity in sorted({(str(v.op.name), len(v.args)) for v, _, _ in by_value}):
         one = is_op(op)(*[wildcard() for _ in range(arity)])
         pattern = one if pattern is None else pattern | one
-    return rewrite_call(pattern, rewrite, func), len(by_value)
+    return rewrite_call(pattern, rewrite, func)
 
 
 class _Chain:
