@@ -71,9 +71,13 @@ def fuse_passes(target) -> list:
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
     from .conv_pair import fuse_conv_pairs_pass  # noqa: PLC0415
+    from .conv_transpose import shuffle_pass  # noqa: PLC0415
     from .int8 import qdq_rewrite_pass  # noqa: PLC0415
     from .int8_tables import lookups_elementwise_pass  # noqa: PLC0415
     return [
+        # ConvTranspose with kernel = stride → 1×1 conv + pixel shuffle, the elementwise ops after it moved before
+        # the shuffle (conv_transpose.py); first, so that the int8 rewrite sees the moved quantize chains
+        shuffle_pass(),
         qdq_rewrite_pass(),  # quantized layers → integer compute (int8.py), while the weights are still int8
         # BatchNormalization right after a conv → scaled weights and a bias (as ONNX Runtime does): decomposed,
         # it costs four epilogue ops per element and stops FuseOps from taking a following HardSwish into the
@@ -83,6 +87,7 @@ def fuse_passes(target) -> list:
         *cpu.library_dispatch_passes(target),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.FoldConstant(),
+        shuffle_pass(),  # again: a BatchNorm after the ConvTranspose is a multiply-add with constants only now
         fuse_conv_pairs_pass(),  # conv → conv with nothing between (a factorised layer): one function
         relax.transform.LegalizeOps(customize_legalize_map=legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
