@@ -243,8 +243,8 @@ def _patterns() -> dict[str, Pattern]:
     for groups, per, k, s in itertools.product((2, 3), (3, 8), (3, 5), (1, 2)):
         out.append(Pattern(f"grouped_g{groups}_c{per}_{k}x{k}_s{s}",
                            lambda groups=groups, per=per, k=k, s=s: grouped_conv(groups, per, k, s)))
-    for k, s, p, op, grp in ((2, 2, 0, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (3, 1, 1, 0, 1), (2, 2, 0, 0, 2),
-                             (4, 2, 1, 0, 8)):
+    for k, s, p, op, grp in ((2, 2, 0, 0, 1), (3, 3, 0, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (3, 1, 1, 0, 1),
+                             (2, 2, 0, 0, 2), (4, 2, 1, 0, 8)):
         name = f"convT_{k}x{k}_s{s}_p{p}_op{op}_g{grp}"
         c_out = 8 if grp == 8 else 6
         out.append(Pattern(name, lambda k=k, s=s, p=p, op=op, grp=grp, c_out=c_out:

@@ -7,11 +7,12 @@ function a schedule without tuning, in milliseconds:
 | module | legalization | rule |
 |---|---|---|
 | `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv (channel vectors, or column vectors for ≤ 16 input channels), fused vectorized epilogue |
+| `conv_transpose` | (a graph rewrite) ConvTranspose with kernel = stride and fewer outputs than a vector's lanes → 1×1 conv to K·sh·sw channels + pixel shuffle, the elementwise ops after it moved before the shuffle | the conv's rules with the moved ops as epilogue; the shuffle: `injective`'s interleaved store |
 | `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
 | `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
-| `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); fallback for the rest |
+| `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); gathers that interleave (x // c, x mod c: a pixel shuffle) as an unrolled phase loop LLVM vectorizes; fallback for the rest |
 
 A tile loop whose last tile runs past the output keeps its own loop (outside the parallel one), and
 `common.peel_partial_tiles` annotates the kernel so that `common.mark_partial_tiles`, run on the scheduled module

@@ -60,7 +60,8 @@ def _takes(call, weight, lanes: int) -> bool:
     see `as_pointwise`)."""
     a = call.attrs
     shape = getattr(call.args[0].ty, "shape", None)
-    return (len(weight.shape) == 4 and weight.shape[1] < lanes and tuple(int(v) for v in a.strides) == tuple(weight.shape[2:])
+    return (len(weight.shape) == 4 and weight.shape[1] < lanes
+            and tuple(int(v) for v in a.strides) == tuple(weight.shape[2:])
             and all(int(v) == 0 for v in list(a.padding) + list(a.output_padding))
             and all(int(v) == 1 for v in a.dilation) and int(a.groups) == 1
             and (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "IOHW", "NCHW")
@@ -114,7 +115,6 @@ def _shuffle(z, dims: tuple[int, int, int, int], kh: int, kw: int):
 def commute(func):
     """E(shuffle(z), constants) → shuffle(E(z, constants')) for the elementwise ops E of `UNARY`/`BINARY` and
     `relax.take(table, shuffle(z))` (a lookup), repeated until nothing moves."""
-    from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import is_op, rewrite_call, wildcard  # noqa: PLC0415
 
     def shuffle_pattern():

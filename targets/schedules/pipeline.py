@@ -30,7 +30,9 @@ from __future__ import annotations
 #: 12: quantize rounds with `llvm.roundeven` (vectorized) instead of `nearbyint` (a scalar loop): int8 epilogues
 #: and quantize functions have other loop bodies.
 #: 13: elementwise chains on quantized tensors read 256-entry tables (`int8_tables.py`): other fused functions.
-SCHEDULES_VERSION = 13
+#: 14: ConvTranspose with kernel = stride and few outputs as a 1×1 conv + pixel shuffle (`conv_transpose.py`),
+#: interleaving gathers stored through an unrolled phase loop (`injective.schedule_interleaved`).
+SCHEDULES_VERSION = 14
 
 
 def legalize_map() -> dict:
