@@ -159,8 +159,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="evaluation samples for agreement and the metric")
     ap.add_argument("--calib", type=int, default=8, help="calibration samples")
     ap.add_argument("--save", default=str(Path(tempfile.gettempdir()) / "squeeze-int8"))
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(RESULTS), help="the markdown file to write")
     args = ap.parse_args()
+    if Path(args.out).is_dir():  # checked before the run, not after it
+        ap.error(f"--out {args.out} is a folder: give the markdown file to write")
     rows = []
     for name in args.models:
         row = bench(name, Path(args.save), args.rounds, args.runs, args.samples, args.calib)
