@@ -10,7 +10,7 @@ which wastes most lanes where K is small (the DB head's last layer: K = 1, 16 in
 multiply-adds at 1 thread, ONNX Runtime 0.15) and transposes its channel tile on the way out.
 
 `shuffle_pass` rewrites the graph before legalization, then moves the elementwise ops after the shuffle before it
-(`_commute`: the bias add, a folded BatchNorm's multiply-add, ReLU, sigmoid, quantize/dequantize with one scale,
+(`commute`: the bias add, a decomposed BatchNorm's multiply-add, ReLU, sigmoid, quantize/dequantize with one scale,
 table lookups; per-channel constants repeated for the sh·sw phases), so they fuse into the 1×1 conv's epilogue
 and the shuffle moves the final values only (bytes, after a quantize). `injective.interleave_factor` schedules the
 shuffle's store so that LLVM interleaves whole vectors.
@@ -115,7 +115,13 @@ def _shuffle(z, dims: tuple[int, int, int, int], kh: int, kw: int):
 def commute(func):
     """E(shuffle(z), constants) → shuffle(E(z, constants')) for the elementwise ops E of `UNARY`/`BINARY` and
     `relax.take(table, shuffle(z))` (a lookup), repeated until nothing moves."""
+    from tvm import relax  # noqa: PLC0415
     from tvm.relax.dpl import is_op, rewrite_call, wildcard  # noqa: PLC0415
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(1) if isinstance(e, relax.Call) and getattr(
+        e.op, "name", "") == "relax.permute_dims" else None)
+    if not found:  # no shuffle to move anything through: spare the pattern sweeps
+        return func
 
     def shuffle_pattern():
         z = wildcard()
