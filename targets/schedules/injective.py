@@ -121,7 +121,6 @@ def interleave_factor(sch, block) -> int | None:
     """c where `block`'s innermost output axis x is read as x // c and x mod c (c ≤ `MAX_INTERLEAVE`, dividing the
     axis): every c consecutive outputs come from c different places at the same offset x // c, as in a pixel
     shuffle (`conv_transpose._shuffle`) or a nearest-neighbour 2× upsampling written as a gather. Else None."""
-    from tvm import tirx  # noqa: PLC0415
     stmt = sch.get(block)
     loops = sch.get_loops(block)
     if not loops or not stmt.iter_vars:
