@@ -225,6 +225,14 @@ def fpn(channels: int = 8) -> onnx.ModelProto:
     return _model(g, [1, channels, 16, 16], g.node("Sigmoid", [h], "prob"))
 
 
+def depth_to_space(mode: str, block: int, channels: int = 16, hw: tuple[int, int] = (9, 14)) -> onnx.ModelProto:
+    """x[1,C,H,W] ─ Conv 1×1 (bias) ─ DepthToSpace (DCR | CRD, block b) ─ Relu ─ y: the shuffle's store is the
+    interleaved one (`injective.schedule_interleaved`); with CRD the Relu moves before it (`conv_transpose.commute`)"""
+    g = graphs.Builder(block * 3 + len(mode))
+    h = g.node("DepthToSpace", [g.conv("x", "c", channels, channels, k=1)], "d2s", blocksize=block, mode=mode)
+    return _model(g, [1, channels, *hw], g.node("Relu", [h], "relu"))
+
+
 # ------------------------------------------------------------------------------------------ the generated set
 
 def _patterns() -> dict[str, Pattern]:
@@ -282,6 +290,8 @@ def _patterns() -> dict[str, Pattern]:
                  "softmax_4d"):
         out.append(Pattern(f"seq_{kind}", lambda kind=kind: transformer(kind)))
     out.append(Pattern("fpn_head", fpn))
+    for mode, block in (("DCR", 2), ("CRD", 2), ("CRD", 4)):
+        out.append(Pattern(f"d2s_{mode.lower()}_b{block}", lambda mode=mode, block=block: depth_to_space(mode, block)))
     return {p.name: p for p in out}
 
 
@@ -291,7 +301,7 @@ PATTERNS = _patterns()
 FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2",
         "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1", "conv_c24_k20_3x3_s2_p1_w104",
         "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40",
-        "seq_attention", "seq_softmax_wide", "fpn_head"]
+        "seq_attention", "seq_softmax_wide", "fpn_head", "d2s_crd_b2"]
 
 
 # ------------------------------------------------------------------------------------------ the comparison
