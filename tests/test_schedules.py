@@ -374,6 +374,39 @@ def test_a_conv_without_padding_takes_a_tile_that_divides_its_output():
                                                                                         "float32")
 
 
+@pytest.mark.parametrize("c_in, c_out, hw, rows_first", [
+    (64, 64, (128, 96), True),    # 3.1 MB of input: row tiles outside the 4 channel blocks
+    (64, 64, (32, 24), False),    # 0.2 MB: channel blocks outermost, as before
+    (16, 32, (256, 160), True),   # the column tile (16 inputs), 2.6 MB
+    (64, 16, (128, 96), False),   # one channel block: nothing to reorder
+])
+def test_a_conv_over_a_large_input_loops_over_row_tiles_outside_channel_blocks(c_in, c_out, hw, rows_first,
+                                                                              monkeypatch):
+    """`conv2d.ROWS_OUTERMOST_BYTES`: the outermost (fused, parallel) loop of a conv tile over a large input runs
+    over row tiles only (the channel blocks inside it), so each block reads the row tile's input while it is in
+    cache; below the bound, or with one channel block, the loop nest is as before."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    from squeeze.targets.schedules import conv2d, fused_module, rules
+    g = graphs.Builder(3)
+    model = g.model({"x": [1, c_in, *hw]}, g.node("Relu", [g.conv("x", "c", c_in, c_out, k=1)], "y"))
+    target = _target()
+    fused = fused_module(tvm_build.import_onnx(model, {"x": (1, c_in, *hw)}), target)
+    (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+
+    def outer_extent() -> int:
+        with target:
+            sch = next(s for s in (r.apply(func, target, False) for r in rules()) if s is not None)
+        block = next(b for b in sch.get_child_blocks(get_root_block(sch))
+                     if "squeeze.kernel" in sch.get(b).annotations)
+        return int(sch.get(sch.get_loops(block)[0]).extent)
+    now = outer_extent()
+    monkeypatch.setattr(conv2d, "ROWS_OUTERMOST_BYTES", 1 << 60)
+    before = outer_extent()
+    assert (now < before) == rows_first, (now, before)
+    assert before % now == 0  # the same row tiles, the channel blocks moved inside
+
+
 def _lowered_text(func) -> str:
     """`func` through the lowering passes that peel and vectorize, as `COMPILE_CONFIG` configures them."""
     import tvm

@@ -282,6 +282,9 @@ def _patterns() -> dict[str, Pattern]:
     for st, hw in ((2, (110, 104)), (1, (110, 105))):
         out.append(Pattern(f"conv_c24_k20_3x3_s{st}_p1_w{hw[1]}",
                            lambda st=st, hw=hw: narrow_conv(24, 20, 3, st, 1, hw)))
+    # inputs over `ROWS_OUTERMOST_BYTES` (2.1 and 2.3 MB): row tiles outside the channel blocks, channel and column tile
+    out.append(Pattern("conv_c32_k40_3x3_s1_p1_rowsfirst", lambda: narrow_conv(32, 40, 3, 1, 1, (130, 128))))
+    out.append(Pattern("narrow_c16_k24_1x1_rowsfirst", lambda: narrow_conv(16, 24, 1, 1, 0, (200, 180))))
     for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
     for kind in ("gap", "reduce_mean", "max_rows"):
