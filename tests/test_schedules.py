@@ -407,6 +407,35 @@ def test_a_conv_over_a_large_input_loops_over_row_tiles_outside_channel_blocks(c
     assert before % now == 0  # the same row tiles, the channel blocks moved inside
 
 
+@pytest.mark.parametrize("stride, pads", [(2, 1), (1, 1), (2, 0)])
+def test_a_column_tile_pads_and_splits_its_input_row_tile_by_row_tile(stride, pads):
+    """`Conv2dColumns` over a padded or strided input (few input channels: a stem): the padding and the column
+    phases are computed inside the row-tile loop, the same loop the channel blocks run in, not in a pass over
+    the whole map that each channel block reads back."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    from squeeze.targets.schedules import fused_module
+    from squeeze.targets.schedules.conv2d import COLUMNS, PHASES, Conv2dColumns
+    g = graphs.Builder(5)
+    conv = g.conv("x", "c", 3, 16, k=3, strides=[stride, stride], pads=[pads] * 4)
+    model = g.model({"x": [1, 3, 41, 64]}, g.node("Relu", [conv], "y"))
+    target = _target()
+    fused = fused_module(tvm_build.import_onnx(model, {"x": (1, 3, 41, 64)}), target)
+    (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+    with target:
+        sch = Conv2dColumns().apply(func, target, False)
+    assert sch is not None
+    blocks = list(sch.get_child_blocks(get_root_block(sch)))
+    kernel = next(b for b in blocks if str(sch.get(b).annotations.get("squeeze.kernel", "")) == COLUMNS
+                  and sch.get(b).name_hint.endswith("_update"))
+    outer = sch.get(sch.get_loops(kernel)[0])
+    inputs = [b for b in blocks if sch.get(b).name_hint in ("pad_temp", PHASES)]
+    assert inputs, "a padded or strided conv reads a padding / phase block"
+    for block in inputs:
+        assert sch.get(sch.get_loops(block)[0]).same_as(outer), sch.get(block).name_hint
+    assert int(outer.extent) < 41  # row tiles only: the 4 channel blocks run inside
+
+
 def _lowered_text(func) -> str:
     """`func` through the lowering passes that peel and vectorize, as `COMPILE_CONFIG` configures them."""
     import tvm
