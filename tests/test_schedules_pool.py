@@ -59,3 +59,33 @@ def test_max_pool_matches_onnxruntime_and_pads_only_when_read(name):
     ref = runtime.run(model, data)["y"]
     got = np.stack([runner.run(s)[0] for s in data.samples(len(data))]).reshape(ref.shape)
     assert np.array_equal(got, ref), f"{name}: max |Δ| {np.abs(got - ref).max():.2e}"
+
+
+@pytest.mark.parametrize("c, hw, k, s, pads, ceil, window", [
+    (8, 111, 3, 2, [0, 0, 0, 0], 0, False),   # 55 columns, no padding: TOPI's nest reads the map in place
+    (8, 40, 2, 1, [0, 0, 0, 0], 0, False),    # stride 1, 39 columns
+    (8, 40, 2, 1, [0, 0, 1, 1], 0, True),     # padded bottom/right (ppocrv6_tiny_det's): the window max
+    (8, 40, 3, 2, [1, 1, 1, 1], 0, True),     # padded
+    (8, 39, 3, 2, [0, 0, 0, 0], 1, True),     # ceil mode: TOPI would pad in a copy of its own
+    (8, 27, 3, 2, [0, 0, 0, 0], 0, True),     # 13 columns: too short for LLVM to vectorize TOPI's nest
+])
+def test_a_float_max_pool_is_a_window_max_where_it_pads_or_is_narrow(c, hw, k, s, pads, ceil, window):
+    """`pool._window_max_wins` for float32 (measurements in its docstring): the window max where the pool pads
+    (explicitly or by ceil mode) or has fewer than 16 output columns, TOPI's loop nest (the `Pool` rule) else;
+    both equal ONNX Runtime."""
+    from tvm import tirx
+
+    from squeeze.targets import schedules
+    model = max_pool(c, hw, k, s, pads, ceil)
+    target = _target()
+    mod = tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {}))
+    text = "\n".join(f.script() for _, f in schedules.fused_module(mod, target).functions_items()
+                     if isinstance(f, tirx.PrimFunc))
+    assert ('T.sblock("depthwise_conv2d_nchw")' in text) == window
+    tvm = tvm_build.tvm()
+    executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, threads=1))
+    runner = tvm_build.VMRunner(executable, tvm.cpu(), [s.name for s in input_specs(model)])
+    data = graphs.random_inputs(model, count=2, seed=7)
+    ref = runtime.run(model, data)["y"]
+    got = np.stack([runner.run(x)[0] for x in data.samples(len(data))]).reshape(ref.shape)
+    assert np.array_equal(got, ref)

@@ -1,7 +1,8 @@
 """Pooling over NCHW windows: max/avg pool, and global pooling (ReduceMean/GlobalAveragePool over H, W).
 
-Max pools are legalized as a window max that `conv2d.DepthwiseConv2d` schedules (`legalize_max_pool2d`; integer
-pools only where their rows are too short for LLVM to vectorize TOPI's loop nest, `_window_max_wins`). Other
+Max pools are legalized as a window max that `conv2d.DepthwiseConv2d` schedules (`legalize_max_pool2d`) where
+their rows are too short for LLVM to vectorize TOPI's loop nest, and float pools that pad (`_window_max_wins`).
+Other
 window pools are a reduction block with four spatial iterators (n, c, y, x) and two reduction iterators that
 read one tensor, and only get parallel channels: LLVM vectorizes the plain loop nest itself, and
 vectorizing the output columns in TIR is 8-60× slower (stride-2 windows become lane-by-lane loads; measured
@@ -26,23 +27,32 @@ CHANNELS_IN_FLIGHT = 8
 INTEGER_WINDOW_MAX_COLUMNS = 16
 
 
-def _window_max_wins(dtype: str, out_columns: int) -> bool:
-    """Whether `legalize_max_pool2d` takes a max pool: float32 always; uint8/int8 (the integer maps of quantized
-    models, pooled before their DequantizeLinear) where the output row is too short for LLVM to vectorize TOPI's."""
-    return dtype == "float32" or (dtype in ("uint8", "int8") and out_columns < INTEGER_WINDOW_MAX_COLUMNS)
+def _window_max_wins(dtype: str, out_columns: int, padded: bool) -> bool:
+    """Whether `legalize_max_pool2d` takes a max pool: uint8/int8 (the integer maps of quantized models, pooled
+    before their DequantizeLinear) and float32 where the output row is too short for LLVM to vectorize TOPI's
+    loop nest; float32 also where the pool pads (explicit pads or ceil mode), which TOPI does in a bounds-checked
+    copy of its own. An unpadded float pool reads its input in place in TOPI's nest, where the window max copies
+    it (padded, or split into column phases) first. 1 thread, one process, window max → TOPI (ORT), ms, each
+    including a copy of the input: 3×3/2 on 64×111×111 0.311 → 0.241 (0.159), on 128×55×55 0.206 → 0.134 (0.082),
+    2×2/1 on 32×160×160 0.486 → 0.375 (0.302); kept: 256×27×27 (13 columns) 0.119 vs 0.232, 3×3/2 pad 1 on
+    64×112×112 0.351 vs 0.472, the same in ceil mode 0.388 vs 0.431, ppocrv6_tiny_det's 2×2/1 padded [0, 0, 1, 1]
+    on 16×160×160 0.197 vs 0.233."""
+    if dtype in ("uint8", "int8"):
+        return out_columns < INTEGER_WINDOW_MAX_COLUMNS
+    return dtype == "float32" and (padded or out_columns < INTEGER_WINDOW_MAX_COLUMNS)
 
 
 def legalize_max_pool2d(bb, call):
     """relax.nn.max_pool2d (NCHW, static shapes) → a window max tiled like a depthwise conv
     (`conv2d.window_compute`: register tile over rows and columns, strided windows read through column phases,
     the input padded with the lowest value, per channel, as far as the windows and the whole tiles read),
-    else TVM's legalization.
+    where `_window_max_wins`, else TVM's legalization.
 
     The padding is a plain copy in cache and the taps read without a bounds check. TOPI computes ceil mode as
     one more row and column of −∞ padding whether a window reads it or not, copied in a loop of its own with a
     bounds check per element: squeezenet's 3×3/2 pool of 256×27×27 (13×13 out, every window inside the map)
-    ran 4.5× slower than ONNX Runtime; and its strided windows are loaded lane by lane (64×111×111 3×3/2:
-    166 µs against ORT's 77).
+    ran 4.5× slower than ONNX Runtime. (Its strided windows were once loaded lane by lane, 64×111×111 3×3/2 166 µs
+    against ORT's 77; measured again with today's `Pool` rule, TOPI's unpadded nest beats the window max there.)
     """
     import tvm  # noqa: PLC0415
     from tvm import te  # noqa: PLC0415
@@ -53,8 +63,9 @@ def legalize_max_pool2d(bb, call):
     dshape, oshape = static_shape(call.args[0]), static_shape(call)
     dtype = str(call.args[0].ty.dtype)
     target = tvm.target.Target.current(allow_none=True)
+    padded = bool(attrs.ceil_mode) or any(int(p) for p in attrs.padding)
     if (dshape is None or oshape is None or str(attrs.layout) != "NCHW" or str(attrs.out_layout) != "NCHW"
-            or not is_cpu(target) or not _window_max_wins(dtype, int(oshape[3]))):
+            or not is_cpu(target) or not _window_max_wins(dtype, int(oshape[3]), padded)):
         return default_legalization("relax.nn.max_pool2d")(bb, call)
     (kh, kw), (sh, sw), (dh, dw) = ([int(v) for v in attrs.pool_size], [int(v) for v in attrs.strides],
                                     [int(v) for v in attrs.dilation])
