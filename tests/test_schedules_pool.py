@@ -52,13 +52,19 @@ def test_max_pool_matches_onnxruntime_and_pads_only_when_read(name):
     window = text[text.index('T.sblock("depthwise_conv2d_nchw")'):]
     window = window[:window.index("T.sblock(", 1)] if "T.sblock(" in window[1:] else window
     assert "if_then_else" not in window, window  # the taps: no bounds check, whatever the padding
+    got, ref = _run_against_onnxruntime(model, mod, target, seed=5)
+    assert np.array_equal(got, ref), f"{name}: max |Δ| {np.abs(got - ref).max():.2e}"
+
+
+def _run_against_onnxruntime(model, mod, target, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(TVM's output with squeeze's pipeline, ONNX Runtime's) on two random inputs."""
+    from squeeze.targets import schedules
     tvm = tvm_build.tvm()
     executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, threads=1))
     runner = tvm_build.VMRunner(executable, tvm.cpu(), [s.name for s in input_specs(model)])
-    data = graphs.random_inputs(model, count=2, seed=5)
+    data = graphs.random_inputs(model, count=2, seed=seed)
     ref = runtime.run(model, data)["y"]
-    got = np.stack([runner.run(s)[0] for s in data.samples(len(data))]).reshape(ref.shape)
-    assert np.array_equal(got, ref), f"{name}: max |Δ| {np.abs(got - ref).max():.2e}"
+    return np.stack([runner.run(s)[0] for s in data.samples(len(data))]).reshape(ref.shape), ref
 
 
 @pytest.mark.parametrize("c, hw, k, s, pads, ceil, window", [
@@ -82,10 +88,5 @@ def test_a_float_max_pool_is_a_window_max_where_it_pads_or_is_narrow(c, hw, k, s
     text = "\n".join(f.script() for _, f in schedules.fused_module(mod, target).functions_items()
                      if isinstance(f, tirx.PrimFunc))
     assert ('T.sblock("depthwise_conv2d_nchw")' in text) == window
-    tvm = tvm_build.tvm()
-    executable = tvm_build.compile_module(mod, target, schedules.build_pipeline(target, threads=1))
-    runner = tvm_build.VMRunner(executable, tvm.cpu(), [s.name for s in input_specs(model)])
-    data = graphs.random_inputs(model, count=2, seed=7)
-    ref = runtime.run(model, data)["y"]
-    got = np.stack([runner.run(x)[0] for x in data.samples(len(data))]).reshape(ref.shape)
+    got, ref = _run_against_onnxruntime(model, mod, target, seed=7)
     assert np.array_equal(got, ref)
