@@ -11,7 +11,7 @@ function a schedule without tuning, in milliseconds:
 | `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
-| `pool` | max pools as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | max pools: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
+| `pool` | max pools that pad (or ceil mode) or have < 16 output columns as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | window maxes: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); gathers that interleave (x // c, x mod c: a pixel shuffle) as an unrolled phase loop LLVM vectorizes; fallback for the rest |
 
 A tile loop whose last tile runs past the output keeps its own loop (outside the parallel one), and
