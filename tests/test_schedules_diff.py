@@ -227,7 +227,8 @@ def fpn(channels: int = 8) -> onnx.ModelProto:
 
 def depth_to_space(mode: str, block: int, channels: int = 16, hw: tuple[int, int] = (9, 14)) -> onnx.ModelProto:
     """x[1,C,H,W] ─ Conv 1×1 (bias) ─ DepthToSpace (DCR | CRD, block b) ─ Relu ─ y: the shuffle's store is the
-    interleaved one (`injective.schedule_interleaved`); with CRD the Relu moves before it (`conv_transpose.commute`)"""
+    interleaved one (`common.schedule_injective(phases=…)`); with CRD the Relu moves before it
+    (`conv_transpose.commute`)"""
     g = graphs.Builder(block * 3 + len(mode))
     h = g.node("DepthToSpace", [g.conv("x", "c", channels, channels, k=1)], "d2s", blocksize=block, mode=mode)
     return _model(g, [1, channels, *hw], g.node("Relu", [h], "relu"))

@@ -155,11 +155,17 @@ def extent(sch: s_tir.Schedule, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: bool = True) -> None:
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: bool = True,
+                       phases: int | None = None) -> None:
     """Parallel outer loops and a vectorized innermost loop for a block at the root of the function.
 
     Only the innermost loop of the block is vectorized (its accesses are usually contiguous); fusing all loops
-    first would turn every index into div/mod of the lane and make LLVM gather.
+    first would turn every index into div/mod of the lane and make LLVM gather. `phases`: the innermost loop reads
+    as x // phases and x mod phases (`injective.interleave_factor`, a pixel shuffle): split into (x // phases,
+    x mod phases), the phase loop unrolled and the rest left to LLVM's loop vectorizer, which turns the phases'
+    stores of one step into whole-vector loads, shuffles and stores (an interleaved access group); vectorized by
+    TVM, the lanes would read different rows at x // phases, a gather. A pixel shuffle to 16×160×160 float32 at 1
+    thread: 0.171 → 0.043 ms.
     """
     loops = sch.get_loops(block)
     if not loops:
@@ -173,7 +179,10 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
     inner = loops[-1]
     inner_ext = extents[-1]
     width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and inner_ext % w == 0), None)
-    if guarded(sch, block):
+    if phases:
+        _, phase = sch.split(inner, [None, phases])
+        sch.unroll(phase)
+    elif guarded(sch, block):
         pass  # padding: LLVM's own code for the plain loop is 8× faster than TVM's vectorized if_then_else
     elif 2 <= inner_ext <= lanes:
         sch.vectorize(inner)
@@ -207,11 +216,24 @@ def guarded(sch: s_tir.Schedule, block) -> bool:
 
 
 def _has_if_then_else(expr) -> bool:
-    if hasattr(expr, "op") and hasattr(expr, "args"):  # a Call
-        return str(getattr(expr.op, "name", "")).endswith("if_then_else") or any(
-            _has_if_then_else(a) for a in expr.args)
-    return any(_has_if_then_else(getattr(expr, f)) for f in ("a", "b", "value", "condition", "true_value",
-                                                                "false_value") if hasattr(expr, f))
+    return any(hasattr(node, "op") and hasattr(node, "args") and str(getattr(node.op, "name", "")).endswith(
+        "if_then_else") for node in subexpressions(expr, indices=False))
+
+
+def subexpressions(node, indices: bool = True):
+    """`node` (a BufferStore or an expression) and every expression under it, depth first: operands, call
+    arguments, the parts of casts and selects, and (`indices`) the indices of buffer loads and stores."""
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        yield node
+        for field in ("value", "a", "b", "condition", "true_value", "false_value"):
+            child = getattr(node, field, None)
+            if child is not None and hasattr(child, "same_as"):
+                todo.append(child)
+        todo.extend(getattr(node, "args", None) or ())
+        if indices:
+            todo.extend(getattr(node, "indices", None) or ())
 
 
 def product(values: Iterable[int]) -> int:

@@ -746,7 +746,7 @@ class Conv2dColumns:
         ko, ki = sch.split(k, [None, kb])
         yo, yi = sch.split(y, [None, ht])
         xo, xv, xl = sch.split(x, [None, kv, lanes])
-        inputs = [b for b in sch.get_producers(anchor) if is_spatial(sch, b)]  # padding, column phases
+        inputs = _spatial_inputs(sch, anchor)  # padding, column phases
         rows_first = bool(inputs) or _rows_outermost(sch, anchor, extent(sch, ko))
         if rows_first:
             sch.reorder(n, yo, ko, xo, rc, ry, rx, ki, yi, xv, xl)
@@ -759,7 +759,7 @@ class Conv2dColumns:
         sch.vectorize(xl)
         for lp in (xv, yi, ki):
             sch.unroll(lp)
-        placed = _compute_inside(sch, _spatial_inputs(sch, anchor), outer) if inputs else []
+        placed = _compute_inside(sch, inputs, outer)
         _finish(sch, anchor, rc, outer, work, lanes, leftovers, placed=placed)
         return sch
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import dtype_or
+from .common import dtype_or, static_shape
 
 #: elementwise ops that commute with the shuffle (a permutation of elements) when their other operands are one
 #: value, or, for the broadcasting binary ops, one value per output channel
@@ -59,13 +59,12 @@ def _takes(call, weight, lanes: int) -> bool:
     and fewer output channels than a vector has lanes (`lanes`: float32 lanes of the target's widest vector;
     see `as_pointwise`)."""
     a = call.attrs
-    shape = getattr(call.args[0].ty, "shape", None)
     return (len(weight.shape) == 4 and weight.shape[1] < lanes
             and tuple(int(v) for v in a.strides) == tuple(weight.shape[2:])
             and all(int(v) == 0 for v in list(a.padding) + list(a.output_padding))
             and all(int(v) == 1 for v in a.dilation) and int(a.groups) == 1
             and (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "IOHW", "NCHW")
-            and shape is not None and all(isinstance(v, int) or hasattr(v, "value") for v in shape)
+            and static_shape(call.args[0]) is not None
             and str(weight.dtype) == "float32" and str(call.args[0].ty.dtype) == "float32")
 
 
@@ -98,7 +97,7 @@ def as_pointwise(func):
         _, k, kh, kw = weight.shape
         z = relax.op.nn.conv2d(matches[x], relax.const(pointwise_weight(weight)),
                                out_dtype=dtype_or(orig.attrs.out_dtype, "float32"))
-        n, _, rows, cols = (int(v) for v in matches[x].ty.shape)
+        n, _, rows, cols = static_shape(matches[x])
         return _shuffle(z, (n, k, rows, cols), kh, kw)
     return rewrite_call(root, rewrite, func)
 
@@ -150,7 +149,7 @@ def commute(func):
                     if moved is None:
                         return orig
                     k, kh, kw = geometry
-                    n, _, h, w = (int(v) for v in matches[z].ty.shape)
+                    n, _, h, w = static_shape(matches[z])
                     moved_any[0] = True
                     return _shuffle(moved, (n, k, h, w), kh, kw)
                 func = rewrite_call(root, rewrite, func)
@@ -159,8 +158,9 @@ def commute(func):
 
 def _arity(name: str) -> int:
     """Arguments of the op `name` (a call pattern must give each one)."""
-    return 3 if name in ("relax.clip", "relax.quantize", "relax.dequantize") else 2 if name in BINARY | {
-        "relax.take"} else 1
+    if name in ("relax.clip", "relax.quantize", "relax.dequantize"):
+        return 3
+    return 2 if name in BINARY or name == "relax.take" else 1
 
 
 def _geometry(six, perm) -> tuple[int, int, int] | None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 #: and quantize functions have other loop bodies.
 #: 13: elementwise chains on quantized tensors read 256-entry tables (`int8_tables.py`): other fused functions.
 #: 14: ConvTranspose with kernel = stride and few outputs as a 1×1 conv + pixel shuffle (`conv_transpose.py`),
-#: interleaving gathers stored through an unrolled phase loop (`injective.schedule_interleaved`).
+#: interleaving gathers stored through an unrolled phase loop (`common.schedule_injective(phases=…)`).
 #: 15: conv tiles over inputs above `conv2d.ROWS_OUTERMOST_BYTES` loop over row tiles outside channel blocks; column
 #: tiles over a padded / strided input pad and split it row tile by row tile; unpadded float max pools of 16+
 #: output columns legalized by TOPI (`pool._window_max_wins`).
