@@ -74,8 +74,17 @@ CASES = {
     # epilogues vectorized over whole channel blocks (kv·kb channels per tile), odd input channels
     "conv_64_channels_stride2": dict(op="Conv", c=7, k=64, hw=(15, 15), stride=2),
     "conv5x5_48_channels": dict(op="Conv", c=9, k=48, ksize=5, pad=2, hw=(10, 13)),
-    # one input-channel group: kb x 12-column tiles (24 output columns), epilogue over columns, k % kb != 0
-    "conv_stem_stride2_column_tiles": dict(op="Conv", c=4, k=40, hw=(21, 47), stride=2),
+    # one input-channel group, fewer output columns than lanes: kb x 14-column tiles, epilogue over columns,
+    # k % kb != 0
+    "conv_stem_stride2_column_tiles": dict(op="Conv", c=4, k=40, hw=(21, 27), stride=2),
+    # the column form (`columns_win`): lanes over output columns, weights broadcast
+    "conv1x1_columns": dict(op="Conv", ksize=1, pad=0, c=32, k=24, hw=(6, 40)),
+    "conv3x3_columns_stride2_odd_width": dict(op="Conv", c=8, k=20, hw=(9, 70), stride=2),
+    "conv3x3_columns_dilation2": dict(op="Conv", c=12, k=16, hw=(7, 40), dilation=2, pad=2),
+    "conv1x1_columns_partial_tile": dict(op="Conv", ksize=1, pad=0, c=16, k=32, hw=(5, 37)),
+    "conv_stem_columns": dict(op="Conv", c=3, k=16, hw=(12, 64), stride=2),
+    # wide enough for column tiles, but the last one would waste too much: the channel form
+    "conv3x3_channel_form_kept": dict(op="Conv", c=40, k=48, hw=(6, 20)),
     "gemm": dict(op="Gemm", c=40, k=24),
     # the weight stored [k, c] with transB=1, as exporters and `quant` write a Gemm: the rewrite reads the matched
     # permute_dims (the matmul's argument is only the Var bound to it)
@@ -100,6 +109,51 @@ def test_bit_exact_with_onnxruntime_int8(case):
     np.testing.assert_array_equal(got, _ort(model, x, optimize=False))
 
 
+FORMS = {"conv3x3_pad1": "channels", "conv_stem_stride2_column_tiles": "channels", "conv1x1_columns": "columns",
+         "conv3x3_columns_stride2_odd_width": "columns", "conv3x3_columns_dilation2": "columns",
+         "conv1x1_columns_partial_tile": "columns", "conv_stem_columns": "columns",
+         "conv3x3_channel_form_kept": "channels"}
+
+
+def _kernel_forms(model: onnx.ModelProto, x: np.ndarray, target) -> set[str]:
+    """The int8 kernel forms (`squeeze.kernel` annotations) in `model`'s fused functions for `target`."""
+    from tvm import s_tir, tirx
+    from tvm_ffi import structural_walk
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import pipeline
+    from squeeze.targets.schedules.common import KERNEL
+    fused = pipeline.fused_module(tvm_build.import_onnx(model, {"x": x.shape}), target)
+    found: set[str] = set()
+    for func in fused.functions.values():
+        if isinstance(func, tirx.PrimFunc):
+            structural_walk(func.body, [(s_tir.SBlock, lambda block: found.update(
+                str(v) for k, v in block.annotations.items() if k == KERNEL))])
+    return found
+
+
+@pytest.mark.parametrize("case", list(FORMS))
+def test_kernel_form(case):
+    """`columns_win` picks the column form for wide maps whose last column tile wastes little, the channel form
+    otherwise (and below one vector of output columns)."""
+    from squeeze.targets.schedules import int8
+    target = _host()
+    if _needs_dot(target)[1] != 16:
+        pytest.skip("the cases are sized for 16 int32 lanes")
+    model = qdq_model(**CASES[case])
+    forms = _kernel_forms(model, _input(model), target)
+    assert forms == {int8.CONV_INT8_COLUMNS if FORMS[case] == "columns" else int8.CONV_INT8}, forms
+
+
+def test_columns_win():
+    from squeeze.targets.schedules.int8 import columns_win
+    assert columns_win(32, 64, 1, 80, 16, 16)  # no waste
+    assert columns_win(96, 24, 1, 56, 16, 16)  # the channel form wastes more (24 of 32 lanes)
+    assert not columns_win(64, 64, 9, 55, 16, 16)  # 9 of 64 columns wasted on 144 dot products per lane
+    assert not columns_win(64, 128, 1, 20, 16, 16)
+    assert not columns_win(16, 16, 1, 15, 16, 16)  # not one vector of columns
+
+
 def test_vnni_or_pmadd_in_the_built_code():
     """The host build's kernel uses the instruction dot_intrinsic chose (vpdpbusd on AVX-512 VNNI / AVX-VNNI)."""
     target = _host()
@@ -110,13 +164,15 @@ def test_vnni_or_pmadd_in_the_built_code():
     assert ("vpdpbusd" if "vnni" in name else "vpmaddubsw") in asm
 
 
+@pytest.mark.parametrize("width", [12, 32], ids=["channel-form", "column-form"])
 @pytest.mark.parametrize("quant_out", [True, False], ids=["uint8-output", "float-output"])
-def test_channel_vector_epilogues_store_contiguously(quant_out):
-    """The epilogue computes whole channel vectors but stores through a staging tile (`_stage_epilogue`): no
-    scatter instruction writes the NCHW output (AVX-512 `vpscatter*`/`vscatter*` took ~70 % of such a kernel)."""
+def test_epilogues_store_contiguously(quant_out, width):
+    """No scatter instruction writes the NCHW output (AVX-512 `vpscatter*`/`vscatter*` took ~70 % of such a
+    kernel): the channel form computes whole channel vectors and stores through a staging tile
+    (`_stage_epilogue`), the column form's epilogue runs over the columns."""
     target = _host()
     _needs_dot(target)
-    model = qdq_model(ksize=1, pad=0, c=16, k=64, hw=(8, 32), quant_out=quant_out)
+    model = qdq_model(ksize=1, pad=0, c=16, k=64, hw=(8, width), quant_out=quant_out)
     x = _input(model)
     _, executable = _build(model, x, target)
     asm = _asm(executable)
@@ -130,9 +186,11 @@ def test_channel_vector_epilogues_store_contiguously(quant_out):
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-def test_avx2_fallback_is_exact_when_pairs_fit():
+@pytest.mark.parametrize("hw", [(12, 12), (12, 16)], ids=["channel-form", "column-form"])
+def test_avx2_fallback_is_exact_when_pairs_fit(hw):
     """mcpu=haswell (AVX2, no VNNI): vpmaddubsw + vpmaddwd, exact for weights whose adjacent pairs keep
-    |w0|+|w1| <= 128 (no int16 saturation); a layer whose weights break that stays float and still matches."""
+    |w0|+|w1| <= 128 (no int16 saturation); a layer whose weights break that stays float and still matches.
+    8 lanes: 12 output columns take the channel form, 16 the column form."""
     import tvm
 
     from squeeze.targets.schedules import int8
@@ -140,15 +198,16 @@ def test_avx2_fallback_is_exact_when_pairs_fit():
     if "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("the host cannot run AVX2 code")
     assert int8.dot_intrinsic(target) == ("squeeze_dot_8x4_avx2", 8, False)
-    small = qdq_model(seed=3)
+    small = qdq_model(seed=3, hw=hw)
     for init in small.graph.initializer:
         if init.name == "wq":
             init.CopyFrom(nh.from_array((nh.to_array(init) // 2).astype(np.int8), "wq"))
     x = _input(small)
+    assert _kernel_forms(small, x, target) == {int8.CONV_INT8 if hw[1] == 12 else int8.CONV_INT8_COLUMNS}
     _, executable = _build(small, x, target)
     assert "vpmaddubsw" in _asm(executable)
     np.testing.assert_array_equal(_run(executable, x), _ort(small, x))
-    big = qdq_model(seed=3)
+    big = qdq_model(seed=3, hw=hw)
     _, executable = _build(big, x, target)
     assert "vpmaddubsw" not in _asm(executable)
     np.testing.assert_array_equal(_run(executable, x), _ort(big, x))
@@ -238,9 +297,11 @@ def test_report_says_int8_or_float():
     assert report.compute_lines([{"spec": "mcu"}]) == []
 
 
-def test_arm_sdot_disassembly_and_qemu_run(tmp_path):
+@pytest.mark.parametrize("hw", [(12, 12), (6, 3)], ids=["column-form", "channel-form"])
+def test_arm_sdot_disassembly_and_qemu_run(tmp_path, hw):
     """arm with a dotprod CPU (cortex-a76): the int8 kernel object holds `sdot`, and the qemu run of the library's
-    own kernels matches ONNX Runtime's int8 output exactly."""
+    own kernels matches ONNX Runtime's int8 output exactly (4 lanes: 12 output columns take the column form, 3
+    the channel form)."""
     import shutil
     import subprocess
 
@@ -249,7 +310,7 @@ def test_arm_sdot_disassembly_and_qemu_run(tmp_path):
         pytest.skip("the aarch64 toolchain or qemu-aarch64 is missing")
     target = Arm(cpu="cortex-a76")
     target.runner = None
-    model = qdq_model(seed=5)
+    model = qdq_model(seed=5, hw=hw)
     x = _input(model)
     artifact = target.build(model, {"x": x.shape}, tmp_path)
     assert artifact.info["compute"] == "int8" and artifact.info["instruction"].startswith("sdot")

@@ -40,6 +40,13 @@ the activation as [N, C/4, H, W, 4]; `Int8Kernel` tensorizes the kb × 4 update 
 | x86 AVX-512BW / AVX2 | `vpmaddubsw` + `vpmaddwd` | `squeeze_dot_16x4_avx512bw` / `_8x4_avx2` | 16 / 8 |
 | aarch64 dotprod | `sdot` (s8×s8) | `squeeze_dot_4x4_i8i8s32_sdot` | 4 |
 
+That is the **channel form** (lanes over output channels). Where the map is at least one vector wide, the
+**column form** usually wins (`columns_win`): the weight is packed [K, C/4, R, S, 4], the activation
+[N, C/4, H, sw, W/sw, 4] (stride phases apart), and each instruction multiplies `lanes` consecutive output columns
+(4 input channels each, one contiguous load) by one output channel's 4 weights broadcast (the `_columns` form of
+each intrinsic below: `vpdpbusd` with an embedded broadcast). The epilogue then runs over columns and stores them
+contiguously, where the channel form transposes channel vectors into NCHW planes through a staging tile.
+
 The intrinsics are TVM tensor intrinsics (`TensorIntrin.register`, applied with `sch.tensorize`) registered
 here, not TVM 0.27's stock ones: its `dot_16x4_vnni` passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`,
 which the bundled LLVM declares on <64 x i8> and rejects, and importing `tvm.s_tir.tensor_intrin` (for
@@ -64,6 +71,7 @@ from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
 
 CONV_INT8 = "conv2d_int8_packed"
+CONV_INT8_COLUMNS = "conv2d_int8_columns"
 DENSE_INT8 = "dense_int8_packed"
 EPILOGUE_COLUMNS = "squeeze.epilogue_columns"  #: block attribute: vectorize the epilogue over output columns
 INT8_LAYERS = "squeeze.int8_layers"   #: module attribute: how many layers `rewrite_qdq` turned into int8 compute
@@ -122,6 +130,55 @@ def _dot_intrinsic(lanes: int, kind: str):
     return desc, dot_vnni if kind == "vnni" else dot_pmadd
 
 
+def _dot_columns_intrinsic(lanes: int, kind: str):
+    """(description, implementation) of C[lanes] += Σ_k A[lanes, k] · B[k] over k < 4: the column form, where the
+    lanes are `lanes` output columns (4 input channels each, contiguous in the packed activation) and the 4 weight
+    bytes of one output channel are broadcast. x86 (`vnni`, `pmadd`): u8 activations × s8 weights, as
+    `_dot_intrinsic`; `sdot`: s8 × s8 on aarch64 (lanes 4)."""
+    from tvm.script import tirx as T  # noqa: PLC0415
+    nbytes = lanes * 4
+    act = "int8" if kind == "sdot" else "uint8"
+    i32, a8, i8, i16 = f"int32x{lanes}", f"{act}x{nbytes}", f"int8x{nbytes}", f"int16x{lanes * 2}"
+    width = "512" if lanes == 16 else "256"
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((lanes, 4), act, offset_factor=1), B: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((lanes, 4), act, offset_factor=1), B: T.Buffer((4,), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes, 0:4], B[0:4])
+            T.writes(C[0:lanes])
+            b = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), lanes), dtype=i8)
+            if kind == "vnni":
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{width}"), C.vload([0], dtype=i32),
+                    A.vload([0, 0], dtype=a8), b, dtype=i32)
+            elif kind == "pmadd":
+                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(
+                    "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"),
+                    A.vload([0, 0], dtype=a8), b, dtype=i16)
+                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(
+                    "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"),
+                    pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype=i32),
+                    A.vload([0, 0], dtype=a8), b, dtype=i32)
+
+    return desc, impl
+
+
 def _sdot_intrinsic():
     """(description, implementation) of C[4] += Σ_k s8 A[k] · s8 B[4, k] over k < 4: one aarch64 `sdot`."""
     from tvm.script import tirx as T  # noqa: PLC0415
@@ -164,10 +221,13 @@ def _register_intrinsics() -> None:
         return
     for name, (lanes, kind) in X86_INTRINSICS.items():
         TensorIntrin.register(name, *_dot_intrinsic(lanes, kind))
+        TensorIntrin.register(name + COLUMNS, *_dot_columns_intrinsic(lanes, kind))
     TensorIntrin.register(SDOT, *_sdot_intrinsic())
+    TensorIntrin.register(SDOT + COLUMNS, *_dot_columns_intrinsic(4, "sdot"))
 
 
 SDOT = "squeeze_dot_4x4_i8i8s32_sdot"
+COLUMNS = "_columns"  #: suffix of each intrinsic's column form (`_dot_columns_intrinsic`)
 
 
 def _registered() -> bool:
@@ -624,13 +684,19 @@ def legalize_conv2d_int8(bb, call):
     # channel-vector epilogue stays faster, 1x1 16->64 on 55x55: 134 vs 412 us). A partial last tile puts a
     # bounds check in the epilogue and TVM then stores it element by element (squeezenet's stem,
     # 3->64 3x3/2 on 224 -> 111 columns: 1.25 -> 2.9 ms): only where whole tiles cover the row
+    correction = relax.const((128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)).astype(np.int32)) \
+        if signed else None
+    lanes = describe(target).lanes("int32")
+    if columns_win(c, k, r * s, ow, lanes, kb):
+        args = [data, relax.const(pack_weight_columns(w))] + ([correction] if signed else [])
+        kv = plan_columns(k, max(4, describe(target).registers - 8))
+        compute = _conv_int8_columns_compute(k, oh, ow, (sh, sw), (dh, dw), kv, lanes,
+                                             intrinsic + COLUMNS, signed)
+        return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
     span = ow if ow <= 16 else next((d for d in range(16, 7, -1) if ow % d == 0), None)
     columns = c <= 4 and not signed and span is not None
     kv, wt = (1, span) if columns else plan_tile(math.ceil(k / kb), ow, describe(target))
-    packed = pack_weight_int8(w, kb)
-    correction = relax.const((128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)).astype(np.int32)) \
-        if signed else None
-    args = [data, relax.const(packed)] + ([correction] if signed else [])
+    args = [data, relax.const(pack_weight_int8(w, kb))] + ([correction] if signed else [])
     compute = _conv_int8_compute(k, oh, ow, (sh, sw), (dh, dw), kv, wt, intrinsic, signed, columns)
     return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
 
@@ -666,6 +732,88 @@ def _conv_int8_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, wt:
 
         def crop(b, o, y, x):
             value = conv[b, o // kb, y, x, o % kb]
+            return value + correction[o] if signed else value
+        return te.compute((n, k, oh, ow), crop, name="conv2d_int8_out")
+    return compute
+
+
+#: `columns_win`: the channel form's extra cost per output value over the column form's, in dot-product
+#: instructions per lane (its epilogue's transposing store to NCHW); measured single layers below
+COLUMN_EPILOGUE_GAIN = 0.4
+
+
+def columns_win(c: int, k: int, taps: int, ow: int, lanes: int, kb: int) -> bool:
+    """Whether the column form (`_conv_int8_columns_compute`: lanes over output columns, broadcast weights, the
+    epilogue over columns with contiguous NCHW stores) beats the channel form (lanes over kb output channels,
+    the epilogue transposing channel vectors into NCHW planes) for a C → K conv with `taps` kernel taps and `ow`
+    output columns.
+
+    Each form wastes dot products on its partial tile: the column form on the last column tile (ow rounded up to
+    `lanes`), the channel form on the last channel block (K rounded up to kb). The column form wins unless its
+    waste exceeds the channel form's by more than the epilogue it saves, `COLUMN_EPILOGUE_GAIN` instructions per
+    output value (per 16 lanes: ⌈C/4⌉·taps·(ow'/ow − K'/K) ≤ 16·0.4). Measured (1 thread, one int8 layer with a
+    requantizing epilogue, column ÷ channel time): 1×1 32→64 on 80² 0.65, 64→64 on 32² 0.40, 16→8 2×2 on 160²
+    0.60, 96→24 on 56² 0.78, 24→144 on 56² 0.83, 48→96 on 40² 0.85, 3→16 3×3/2 on 320² 0.72, 3×3 64→16 on 80²
+    0.96, 128→16 on 55² 0.99 (the bound), and where the rule keeps the channel form: 3×3 64→64 on 55² 1.09,
+    1×1 64→128 on 20² 1.15, 256→64 on 20² 1.27."""
+    if ow < lanes:
+        return False
+    waste = math.ceil(ow / lanes) * lanes / ow - math.ceil(k / kb) * kb / k
+    return math.ceil(c / 4) * taps * waste <= lanes * COLUMN_EPILOGUE_GAIN
+
+
+def plan_columns(k: int, budget: int) -> int:
+    """Output channels per column tile (one accumulator vector each): the largest divisor of `k` within the
+    register `budget` (the registers less 8: 24 of AVX-512's 32; with one or two column vectors per tile and
+    budgets 12-24 measured on AVX-512, one vector and 24 were never slower)."""
+    return max(d for d in range(1, min(k, budget) + 1) if k % d == 0)
+
+
+def pack_weight_columns(w: np.ndarray) -> np.ndarray:
+    """OIHW int8 → [K, C/4, R, S, 4] (input channels zero-padded to fours)."""
+    k, c, r, s = w.shape
+    cp = math.ceil(c / 4) * 4
+    full = np.zeros((k, cp, r, s), np.int8)
+    full[:, :c] = w
+    return np.ascontiguousarray(full.reshape(k, cp // 4, 4, r, s).transpose(0, 1, 3, 4, 2))
+
+
+def _conv_int8_columns_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, lanes: int, intrinsic: str,
+                               signed: bool):
+    """The column form: int32 accumulators [N, K, OH, OW'] whose `lanes` lanes are output columns; the activation
+    packed [N, C/4, H, sw, W', 4]: columns split into the stride's sw phases (x = q·sw + p), so that consecutive
+    output columns read consecutive packed columns at every kernel tap. Columns past the input are zeros; they
+    feed only the cropped columns of the last tile."""
+    def compute(data, packed, correction=None):
+        from tvm import te, tirx  # noqa: PLC0415
+        n, c, h, w = (int(v) for v in data.shape)
+        _, c4, r, s, _ = (int(v) for v in packed.shape)
+        sh, sw = strides
+        dh, dw = dilation
+        owp = math.ceil(ow / lanes) * lanes
+        wq = owp + ((s - 1) * dw) // sw
+        act = "int8" if signed else "uint8"
+
+        def pack(b, cc, y, p, q, ci):
+            ch, x = cc * 4 + ci, q * sw + p
+            value = data[b, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)]
+            if signed:
+                value = (value.astype("int32") - 128).astype("int8")
+            return tirx.if_then_else(tirx.all(ch < c, tirx.likely(x < w)), value, tirx.const(0, act))
+        dp = te.compute((n, c4, h, sw, wq, 4), pack, name="pack_int8")
+        rc = te.reduce_axis((0, c4), "rc")
+        ry = te.reduce_axis((0, r), "ry")
+        rx = te.reduce_axis((0, s), "rx")
+        ri = te.reduce_axis((0, 4), "ri")
+
+        def body(b, o, y, x):
+            return te.sum(dp[b, rc, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw, ri].astype("int32")
+                          * packed[o, rc, ry, rx, ri].astype("int32"), axis=[rc, ry, rx, ri])
+        conv = te.compute((n, k, oh, owp), body, name="conv2d_int8",
+                          attrs={KERNEL: CONV_INT8_COLUMNS, TILE: [kv, 1, lanes], "squeeze.intrinsic": intrinsic})
+
+        def crop(b, o, y, x):
+            value = conv[b, o, y, x]
             return value + correction[o] if signed else value
         return te.compute((n, k, oh, ow), crop, name="conv2d_int8_out")
     return compute
@@ -716,7 +864,8 @@ class Int8Kernel:
     def schedule(self, func, target):
         found = kernel_schedule(func, target, CONV_INT8)
         if found is None:
-            return None
+            found = kernel_schedule(func, target, CONV_INT8_COLUMNS)
+            return None if found is None else _schedule_columns(*found, target)
         sch, anchor = found
         kv, _, wt = (int(v) for v in sch.get(anchor).annotations[TILE])
         intrinsic = str(sch.get(anchor).annotations["squeeze.intrinsic"])
@@ -746,6 +895,35 @@ class Int8Kernel:
         sch.unroll(kov)
         schedule_rest(sch, producers, rest, lanes, {sch.get(epilogue).name_hint})
         return sch
+
+
+def _schedule_columns(sch, anchor, target):
+    """The column form: a tile of kv output channels × `lanes` output columns, one accumulator vector per
+    channel; each kernel tap loads one vector of `lanes` packed columns and multiplies it by kv broadcast weights;
+    the epilogue runs over the columns and stores them contiguously (NCHW)."""
+    kv, _, lanes = (int(v) for v in sch.get(anchor).annotations[TILE])
+    intrinsic = str(sch.get(anchor).annotations["squeeze.intrinsic"])
+    work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
+    producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
+    rest = inline_epilogue(sch, anchor)
+    epilogue = _tile_epilogue(sch, anchor)
+    b, o, y, x, rc, ry, rx, ri = sch.get_loops(anchor)
+    oo, ov = sch.split(o, [None, kv])
+    xo, xi = sch.split(x, [None, lanes])
+    sch.reorder(b, oo, y, xo, rc, ry, rx, ov, xi, ri)
+    outer = sch.fuse(b, oo, y)
+    peel_partial_tiles(sch, anchor)
+    sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
+    _vectorize_epilogue(sch, epilogue, lanes, columns=True)
+    if worth_parallel(work):
+        sch.parallel(outer)
+    init = sch.decompose_reduction(anchor, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(xi, intrinsic)
+    sch.set_scope(init, 0, TILE_SCOPE)
+    sch.unroll(ov)
+    schedule_rest(sch, producers, rest, lanes, {sch.get(epilogue).name_hint})
+    return sch
 
 
 def _tile_epilogue(sch, anchor):

@@ -35,7 +35,8 @@ from __future__ import annotations
 #: 15: conv tiles over inputs above `conv2d.ROWS_OUTERMOST_BYTES` loop over row tiles outside channel blocks; column
 #: tiles over a padded / strided input pad and split it row tile by row tile; unpadded float max pools of 16+
 #: output columns legalized by TOPI (`pool._window_max_wins`).
-SCHEDULES_VERSION = 15
+#: 16: int8 convs over maps at least one vector wide take the column form (`int8.columns_win`).
+SCHEDULES_VERSION = 16
 
 
 def legalize_map() -> dict:
