@@ -133,6 +133,70 @@ def explicit_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     return out if changed else model
 
 
+def integer_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every ConvTranspose weight that is int8 integers times a scale (Cast(int8) · scale, the
+    foldable form `quant` writes for layers ONNX Runtime runs in float) read through a DequantizeLinear instead,
+    where the layer's input is dequantized (a copy; `model` itself when there is none). Same values bit for bit
+    (DequantizeLinear with zero point 0 is float32(q) · scale); for compilers, which fold Cast · Mul into float
+    constants on import and then cannot compute the layer in integers (the int8 rewrite of
+    `targets/schedules/int8.py` reads DequantizeLinear). Opset ≥ 13 (per-axis DequantizeLinear)."""
+    opset = default_opset(model) or 0
+    if opset < 13:
+        return model
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    readers = Counter(i for n in graph.node for i in n.input)
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in inits:
+            return onnx.numpy_helper.to_array(inits[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Cast" and node.input[0] in inits:
+            to = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+            return onnx.numpy_helper.to_array(inits[node.input[0]]).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        return None
+
+    found = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "ConvTranspose" or len(node.input) < 2 or producer.get(node.input[0]) is None \
+                or producer[node.input[0]].op_type != "DequantizeLinear":
+            continue
+        mul = producer.get(node.input[1])
+        if mul is None or mul.op_type != "Mul" or readers[node.input[1]] != 1:
+            continue
+        for a, b in ((0, 1), (1, 0)):
+            cast = producer.get(mul.input[a])
+            scale = constant(mul.input[b])
+            if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits or scale is None \
+                    or scale.dtype != np.float32:
+                continue
+            q = onnx.numpy_helper.to_array(inits[cast.input[0]])
+            to = next(onnx.helper.get_attribute_value(x) for x in cast.attribute if x.name == "to")
+            axes = [i for i, d in enumerate(scale.shape) if d != 1]
+            if q.dtype != np.int8 or to != onnx.TensorProto.FLOAT or scale.ndim not in (0, q.ndim) \
+                    or len(axes) > 1 or (axes and scale.shape[axes[0]] != q.shape[axes[0]]):
+                continue
+            found.append((index, cast.input[0], scale, axes[0] if axes else None))
+            break
+    if not found:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for index, stored, scale, axis in found:
+        target = out.graph.node[index]
+        name = f"{target.input[1]}_integer"
+        scale_name = f"{name}_scale"
+        out.graph.initializer.append(onnx.numpy_helper.from_array(
+            scale.reshape(-1) if axis is not None else scale.reshape(()), scale_name))
+        attrs = {"axis": axis} if axis is not None else {}
+        out.graph.node.append(onnx.helper.make_node("DequantizeLinear", [stored, scale_name], [name],
+                                                    name=name, **attrs))
+        target.input[1] = name
+    toposort(out.graph)
+    return out
+
+
 def _auto_pad(node: onnx.NodeProto) -> str:
     value = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
     return value.decode() if isinstance(value, bytes) else str(value)

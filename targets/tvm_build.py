@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from squeeze.canonical import explicit_pads, freeze_shapes
+from squeeze.canonical import explicit_pads, freeze_shapes, integer_weights
 from squeeze.errors import TargetError
 from squeeze.registry import provides
 
@@ -68,10 +68,11 @@ def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
 
     The model is first frozen to `shapes` (squeeze.canonical.freeze_shapes, on a copy): TVM's frontend needs the
     shape arithmetic of dynamic-shape exports (Shape→Gather→Concat→Reshape) folded to constants; a Conv's
-    auto_pad=SAME_* becomes explicit pads (squeeze.canonical.explicit_pads).
+    auto_pad=SAME_* becomes explicit pads (squeeze.canonical.explicit_pads); int8 ConvTranspose weights are read
+    through a DequantizeLinear (squeeze.canonical.integer_weights), so that int8 targets see them.
     """
     _tvm = tvm()
-    model = explicit_pads(freeze_shapes(model, shapes))
+    model = explicit_pads(freeze_shapes(integer_weights(model), shapes))
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
     dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
               for i in model.graph.input if i.name in shapes}

@@ -419,3 +419,28 @@ def apply(model: onnx.ModelProto, spec: str, data=None, seed: int = 0):
     result = run_pipeline(model, bind(spec, get_pass), data, shapes, seed=seed)
     assert result.failure is None, result.failure
     return result.model, result.steps
+
+
+def qdq_upsample(c_in: int, c_out: int, k: tuple[int, int], hw: tuple[int, int], axis_scale: bool = True,
+                 seed: int = 3) -> onnx.ModelProto:
+    """x → Q → DQ ─ ConvTranspose k = stride ─ Q → DQ → out, the weight Cast(int8) · scale per output channel (what
+    `quant` writes for a ConvTranspose: the foldable form, ONNX Runtime runs the layer in float)."""
+    rng = np.random.default_rng(seed)
+    wq = rng.integers(-127, 128, size=(c_in, c_out, *k)).astype(np.int8)
+    scale = (rng.random(c_out).astype(np.float32) * 0.01 + 0.002).reshape(1, c_out, 1, 1) if axis_scale \
+        else np.float32(0.004)
+    inits = {"xs": np.float32(0.03), "xz": np.uint8(120), "wq": wq, "wscale": scale, "ys": np.float32(0.07),
+             "yz": np.uint8(110)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("Cast", ["wq"], ["wf"], to=FLOAT),
+             helper.make_node("Mul", ["wf", "wscale"], ["w"]),
+             helper.make_node("ConvTranspose", ["xd", "w"], ["y"], kernel_shape=list(k), strides=list(k)),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [1, c_in, *hw])],
+                              [helper.make_tensor_value_info("out", FLOAT, [1, c_out, hw[0] * k[0], hw[1] * k[1]])],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model

@@ -276,3 +276,27 @@ def test_explicit_pads_spell_auto_pad_as_onnxruntime_pads(auto_pad, stride, kern
     b = ort.InferenceSession(spelled.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(a, b)
     assert canonical.explicit_pads(spelled) is spelled
+
+
+@pytest.mark.parametrize("axis_scale", [True, False], ids=["channel-scales", "one-scale"])
+def test_integer_weights_read_int8_conv_transpose_weights_through_dequantize(axis_scale):
+    """A quantized ConvTranspose's Cast(int8) · scale weight (`quant`'s foldable form) is read through a
+    DequantizeLinear (what int8 compilers take): same values bit for bit; other models come back as they are."""
+    model = graphs.qdq_upsample(6, 5, (2, 2), (4, 7), axis_scale)
+    spelled = canonical.integer_weights(model)
+    onnx.checker.check_model(spelled)
+    conv = next(n for n in spelled.graph.node if n.op_type == "ConvTranspose")
+    producer = next(n for n in spelled.graph.node if conv.input[1] in n.output)
+    assert producer.op_type == "DequantizeLinear" and producer.input[0] == "wq"
+    x = np.random.default_rng(0).normal(size=(1, 6, 4, 7)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (model, spelled))
+    np.testing.assert_array_equal(a, b)
+    assert canonical.integer_weights(spelled) is spelled
+    float_input = onnx.ModelProto()
+    float_input.CopyFrom(model)
+    del float_input.graph.node[:2]  # the input is not dequantized: the layer runs in float anyway
+    float_input.graph.node[2].input[0] = "x"
+    assert canonical.integer_weights(float_input) is float_input

@@ -181,3 +181,41 @@ def test_det_head_upsampling_matches_the_phase_form_bit_for_bit():
     finally:
         conv_transpose.shuffle_pass = original
     assert new.shape == (1, 1, 40, 48) and np.array_equal(new, old)
+
+
+@pytest.mark.parametrize("c_out,axis_scale", [(16, True), (1, True), (24, False)])
+def test_an_int8_conv_transpose_computes_in_int8(c_out, axis_scale):
+    """A quantized ConvTranspose (dequantized uint8 input, int8 weight, quantized output) becomes an int8 1×1 conv
+    (`int8.py`'s kernel, any number of outputs) and a shuffle of the uint8 result; the output is ONNX Runtime's
+    without its graph optimizations, which computes the layer as the QDQ graph says in float (optimized, it lands
+    one quantization step away on 5-16 % of these values: its float ConvTranspose rounds differently)."""
+    from tvm import tirx
+
+    from squeeze.targets.schedules import int8
+    target = _target()
+    if int8.dot_intrinsic(target) is None:
+        pytest.skip("this CPU has no int8 dot-product instruction TVM can use")
+    model = graphs.qdq_upsample(16, c_out, (2, 2), (10, 24), axis_scale)
+    x = np.random.default_rng(5).standard_normal((1, 16, 10, 24)).astype(np.float32)
+    mod = tvm_build.import_onnx(model, {"x": x.shape})
+    assert int8.compute_summary(mod, target)["int8_layers"] == 1
+    fused = _fused(model)
+    names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert any("conv2d_int8" in n for n in names) and "conv2d_transpose" not in " ".join(names), names
+    from tvm import relax
+
+    from squeeze.targets.schedules import conv_transpose
+    with target:
+        moved = conv_transpose.shuffle_pass()(mod)
+    shuffled = []
+    relax.analysis.post_order_visit(moved["main"], lambda e: shuffled.append(str(e.args[0].ty.dtype)) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.permute_dims" else None)
+    assert shuffled == ["uint8"]  # the shuffle moves the quantized bytes, dequantized after it
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    got = _run(model, x)
+    # integer sums are exact, the reference's float sums round: a value on a rounding boundary may differ by a step
+    assert (got == ref).mean() >= 0.999 and np.abs(got - ref).max() <= 0.07 + 1e-6

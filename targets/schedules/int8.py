@@ -1013,9 +1013,10 @@ def compute_summary(mod, target, integer: bool = True) -> dict:
     "float_layers", "instruction"}, counting Conv/Gemm/MatMul layers after `rewrite_qdq` (the report row field);
     `integer` False: a build without squeeze's pipeline (TVM's own dequantizes: every layer is float)."""
     from tvm import relax  # noqa: PLC0415
+    from .conv_transpose import shuffle_pass  # noqa: PLC0415
     found = dot_intrinsic(target) if integer else None
-    with target:
-        rewritten = rewrite_qdq(mod, tables=False) if integer else mod
+    with target:  # as the pipeline's first passes (fuse_passes): a quantized ConvTranspose becomes a 1×1 conv first
+        rewritten = rewrite_qdq(shuffle_pass()(mod), tables=False) if integer else mod
     counts = {"int8": 0, "float": 0}
 
     def visit(expr):
