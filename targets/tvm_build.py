@@ -121,13 +121,15 @@ def compile_module(mod, target, pipeline=None) -> Any:
     """
     _tvm = tvm()
     from tvm import relax  # noqa: PLC0415
-    config = {}
+    config, tir = {}, "default"
     if pipeline is not None:
         from .schedules import COMPILE_CONFIG  # noqa: PLC0415
-        config = COMPILE_CONFIG
+        from .schedules.pipeline import register_tir_pipeline  # noqa: PLC0415
+        config, tir = COMPILE_CONFIG, register_tir_pipeline()
     try:
         with keep_affinity(), pass_context(config):
-            return _tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target))
+            return _tvm.compile(mod, target=target, relax_pipeline=pipeline or relax.get_default_pipeline(target),
+                                tir_pipeline=tir)
     except Exception as exc:
         raise TargetError(f"TVM failed to compile the model: {type(exc).__name__}: {error_line(exc)}") from exc
 

@@ -70,8 +70,8 @@ class _Chain:
         self.last = self.op("Mul", [m, self.const(0.5, "half")], 0.03)
         return self
 
-    def model(self) -> onnx.ModelProto:
-        graph = oh.make_graph(self.nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 6, 9, 11])],
+    def model(self, hw: tuple[int, int] = (9, 11)) -> onnx.ModelProto:
+        graph = oh.make_graph(self.nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 6, *hw])],
                               [oh.make_tensor_value_info(self.last, TP.FLOAT, None)], self.inits)
         model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
         model.ir_version = 8
@@ -186,3 +186,65 @@ def test_what_is_not_a_function_of_one_tensor_is_left_alone():
     cheap.nodes.append(oh.make_node("Relu", [cheap.last], ["relu"]))
     cheap.last = "relu"
     assert "relax.take" not in _ops(_rewritten(cheap.model()))
+
+
+def _vbmi() -> bool:
+    from squeeze.targets.schedules.int8_tables import _has_vbmi
+    return _has_vbmi(_target())
+
+
+@pytest.mark.parametrize("dtype,lanes", [("uint8", 16), ("int8", 16), ("uint8", 20), ("uint8", 64), ("uint8", 4)])
+def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
+    """A vectorized load from a 256-entry byte table at a vector index (a gather) computed by byte permutes
+    (`vector_lookups`: vpermi2b over each half, the half picked by the index's top bit) reads the same entries for
+    every index 0-255 and any lane count up to 64; the built code holds the permutes and not one byte insert."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from squeeze.targets.schedules.pipeline import register_tir_pipeline
+    if not _vbmi():
+        pytest.skip("the host has no AVX-512 VBMI")
+    n = 256 * lanes
+
+    @T.prim_func(s_tir=True)
+    def gather(table: T.Buffer((256,), dtype), index: T.Buffer((n,), "int32"), out: T.Buffer((n,), dtype)):
+        for i in range(n // lanes):
+            for j in T.vectorized(lanes):
+                with T.sblock("lookup"):
+                    v = T.axis.spatial(n, i * lanes + j)
+                    out[v] = table[index[v]]
+
+    lib = tvm.compile(tvm.IRModule({"main": gather.with_attr("global_symbol", "main")}), target=_target(),
+                      tir_pipeline=register_tir_pipeline())
+    asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.mod.inspect_source("asm")
+    assert "vpermi2b" in asm or "vpermt2b" in asm
+    assert "vpinsrb" not in asm
+    rng = np.random.default_rng(lanes)
+    table = rng.integers(-128 if dtype == "int8" else 0, 128 if dtype == "int8" else 256, 256).astype(dtype)
+    index = rng.permutation(np.repeat(np.arange(256, dtype=np.int32), lanes))
+    out = tvm.runtime.tensor(np.zeros(n, dtype))
+    lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(index), out)
+    np.testing.assert_array_equal(out.numpy(), table[index])
+
+
+def test_a_gelu_epilogue_looks_up_with_permutes():
+    """The int8 conv's GELU table is read with byte permutes on a VBMI host (no byte-by-byte gather), in the column
+    form's epilogue (32 columns) and the channel form's (11), with ONNX Runtime's values."""
+    import tvm
+
+    from squeeze.targets import schedules, tvm_build
+    if not _vbmi():
+        pytest.skip("the host has no AVX-512 VBMI")
+    for hw, k in (((6, 32), 8), ((9, 11), 16)):
+        chain = _Chain(channels=k).gelu()
+        chain.last = f"q{chain.count}"  # the quantized GELU is the output: a uint8 table (a float one is not permuted)
+        model = chain.model(hw)
+        model.graph.output[0].type.tensor_type.elem_type = TP.UINT8
+        target = _target()
+        executable = tvm_build.compile_module(tvm_build.import_onnx(model, {"x": (1, 6, *hw)}), target,
+                                              schedules.build_pipeline(target, threads=1))
+        asm = next(m for m in executable.mod.imports if m.kind == "llvm").inspect_source("asm")
+        assert "vpermi2b" in asm or "vpermt2b" in asm, hw
+        x = np.random.default_rng(4).normal(scale=2.0, size=(1, 6, *hw)).astype(np.float32)
+        got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
+        np.testing.assert_array_equal(got, _ort(model, x))

@@ -36,7 +36,8 @@ from __future__ import annotations
 #: tiles over a padded / strided input pad and split it row tile by row tile; unpadded float max pools of 16+
 #: output columns legalized by TOPI (`pool._window_max_wins`).
 #: 16: int8 convs over maps at least one vector wide take the column form (`int8.columns_win`).
-SCHEDULES_VERSION = 16
+#: 17: quantized ConvTransposes as int8 1×1 convs; byte-table lookups as vpermi2b (AVX-512 VBMI).
+SCHEDULES_VERSION = 17
 
 
 def legalize_map() -> dict:
@@ -102,6 +103,27 @@ def fuse_passes(target) -> list:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+
+
+#: the TIR pipeline name `tvm.compile` takes for builds with squeeze's Relax pipeline (`tir_pipeline`)
+TIR_PIPELINE = "squeeze_cpu"
+
+
+def register_tir_pipeline() -> str:
+    """Register (once) and return `TIR_PIPELINE`: TVM's default TIR lowering, then the byte-table gathers as
+    vector permutes (`int8_tables.vector_lookups`)."""
+    import tvm  # noqa: PLC0415
+    from tvm.tirx import compilation_pipeline  # noqa: PLC0415
+
+    from .int8_tables import vector_lookups_pass  # noqa: PLC0415
+    if TIR_PIPELINE not in compilation_pipeline.PIPELINE_MAP:
+        default = compilation_pipeline.PIPELINE_MAP["s_tir"]
+
+        def factory():
+            lower, host, device = default()
+            return tvm.transform.Sequential([lower, vector_lookups_pass()]), host, device
+        compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, factory)
+    return TIR_PIPELINE
 
 
 def fused_module(mod, target):
