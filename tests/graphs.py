@@ -332,15 +332,16 @@ def qdq_weights(rng, shape, axis_len):
 
 
 def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, pad=1, quant_out=True, bias=True,
-              seed=0, weight_zero_point=0, trans_b=False, dilation=1, pads=None) -> onnx.ModelProto:
+              seed=0, weight_zero_point=0, trans_b=False, dilation=1, pads=None, groups=1) -> onnx.ModelProto:
     """x → Q → DQ ─┐
        W_s8 → DQ ──┼→ Conv/Gemm/MatMul (+ DQ(b_s32)) → Q → DQ → out          (the form `quant` writes)
 
     Input `x`, output `out` (`y` with quant_out=False). `trans_b`: a Gemm with its weight stored [k, c] and
-    transB=1, as exporters and `quant` write it; `pads`: a Conv's 4 pads (default `pad` on every side)."""
+    transB=1, as exporters and `quant` write it; `pads`: a Conv's 4 pads (default `pad` on every side); `groups`:
+    a grouped Conv (c = k = groups: depthwise)."""
     rng = np.random.default_rng(seed)
     if op == "Conv":
-        wq, ws = qdq_weights(rng, (k, c, ksize, ksize), k)
+        wq, ws = qdq_weights(rng, (k, c // groups, ksize, ksize), k)
         xshape = [1, c, *hw]
         axis = 0
     elif trans_b:
@@ -363,7 +364,7 @@ def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, p
     if op == "Conv":
         nodes.append(helper.make_node("Conv", ["xd", "wd"] + (["bd"] if bias else []), ["y"], pads=pads or [pad] * 4,
                                   strides=[stride, stride], kernel_shape=[ksize, ksize],
-                                  dilations=[dilation, dilation]))
+                                  dilations=[dilation, dilation], group=groups))
     elif op == "Gemm":
         nodes.append(helper.make_node("Gemm", ["xd", "wd"] + (["bd"] if bias else []), ["y"], transB=int(trans_b)))
     else:

@@ -85,6 +85,10 @@ CASES = {
     "conv_stem_columns": dict(op="Conv", c=3, k=16, hw=(12, 64), stride=2),
     # wide enough for column tiles, but the last one would waste too much: the channel form
     "conv3x3_channel_form_kept": dict(op="Conv", c=40, k=48, hw=(6, 20)),
+    # depthwise: the float depthwise kernel on exact integer values (`_legalize_depthwise_int8`)
+    "depthwise3x3": dict(op="Conv", c=24, k=24, groups=24, hw=(10, 37)),
+    "depthwise5x5_stride2": dict(op="Conv", c=16, k=16, groups=16, ksize=5, pad=2, stride=2, hw=(13, 21)),
+    "depthwise_no_bias_dilation2": dict(op="Conv", c=8, k=8, groups=8, dilation=2, pad=2, hw=(9, 40), bias=False),
     "gemm": dict(op="Gemm", c=40, k=24),
     # the weight stored [k, c] with transB=1, as exporters and `quant` write a Gemm: the rewrite reads the matched
     # permute_dims (the matmul's argument is only the Var bound to it)
@@ -217,6 +221,27 @@ def test_pairs_fit():
     from squeeze.targets.schedules.int8 import _pairs_fit
     assert _pairs_fit(np.array([[64, 64, -127, 1]], np.int8))
     assert not _pairs_fit(np.array([[65, 64, 0, 0]], np.int8))
+
+
+def test_a_depthwise_layer_reads_bytes():
+    """A quantized depthwise conv is an int8 layer: its function reads the uint8 input (converted per padded row
+    tile, not per tap) and the float output variant (no QuantizeLinear after it) matches ONNX Runtime too."""
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import int8, pipeline
+    target = _host()
+    _needs_dot(target)
+    for quant_out in (True, False):
+        model = qdq_model(c=32, k=32, groups=32, hw=(20, 48), quant_out=quant_out)
+        x = _input(model)
+        mod, executable = _build(model, x, target)
+        assert int8.compute_summary(mod, target)["int8_layers"] == 1
+        fused = pipeline.fused_module(tvm_build.import_onnx(model, {"x": x.shape}), target)
+        assert any("depthwise_conv2d_int8" in gv.name_hint for gv in fused.functions), list(fused.functions)
+        got, ref = _run(executable, x), _ort(model, x)
+        if quant_out:
+            np.testing.assert_array_equal(got, ref)
+        else:
+            assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_float_output_layer():

@@ -236,14 +236,24 @@ def legalize_conv2d_transpose(bb, call):
                       primfunc_name_hint="conv2d_transpose")
 
 
-def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp", pad_value: float = 0.0):
-    """Zero-pad `data` so that every tap of a (padded) output of size `out_hw` reads inside the buffer."""
-    from tvm import topi  # noqa: PLC0415
+def pad_to(data, out_hw, kernel_hw, geometry, name="pad_temp", pad_value: float = 0.0, convert: str | None = None):
+    """Zero-pad `data` so that every tap of a (padded) output of size `out_hw` reads inside the buffer.
+    `convert`: the padded copy in this dtype (a stage even where nothing is padded: each value converted once,
+    not at every tap that reads it)."""
+    from tvm import te, tirx, topi  # noqa: PLC0415
     (pt, pl), (h, w) = geometry["pad_before"], geometry["in_hw"]
     (sh, sw), (dh, dw) = geometry["strides"], geometry["dilation"]
     need_h = (out_hw[0] - 1) * sh + (kernel_hw[0] - 1) * dh + 1
     need_w = (out_hw[1] - 1) * sw + (kernel_hw[1] - 1) * dw + 1
     pb, pr = max(0, need_h - h - pt), max(0, need_w - w - pl)
+    if convert is not None:
+        def value(b, ch, y, x):
+            iy, ix = y - pt, x - pl
+            inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w) if pt or pl or pb or pr else tirx.const(True)
+            return tirx.if_then_else(inside, data[b, ch, tirx.max(tirx.min(iy, h - 1), 0),
+                                                  tirx.max(tirx.min(ix, w - 1), 0)].astype(convert),
+                                     tirx.const(pad_value, convert))
+        return te.compute((data.shape[0], data.shape[1], h + pt + pb, w + pl + pr), value, name=name)
     if pt == pl == pb == pr == 0:
         return data
     return topi.nn.pad(data, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=pad_value, name=name)
@@ -351,20 +361,22 @@ def _depthwise_compute(k: int, oh: int, ow: int, cpu, dtype: str, geometry):
 
 
 def window_compute(data, k: int, oh: int, ow: int, kernel_hw, cpu, geometry, term, reducer: str = "sum",
-                   pad_value: float = 0.0):
+                   pad_value: float = 0.0, dtype: str | None = None):
     """`reducer` (sum, max) over each output's r×s input window of `term(tap, o, ry, rx)`, where `tap(c)` is the
     window's input value in channel `c`: a depthwise conv (sum of tap × weight) or a max pool, tiled by
     `DepthwiseConv2d` (`KERNEL` = `DEPTHWISE`). The output is padded to whole tiles, then cropped; the input is
-    padded with `pad_value`, and read through its column phases when strided."""
+    padded with `pad_value`, and read through its column phases when strided. `dtype`: what `term` computes in,
+    which sizes the tile (default: the input's)."""
     from tvm import te  # noqa: PLC0415
-    dtype = str(data.dtype)
+    dtype = dtype or str(data.dtype)
     ht, wt = depthwise_tile(oh, ow, cpu.lanes(dtype), cpu.accumulators(), cpu.full_rate_lanes(dtype))
     (r, s), (sh, sw), (dh, dw) = kernel_hw, geometry["strides"], geometry["dilation"]
     ohp, owp = math.ceil(oh / ht) * ht, math.ceil(ow / wt) * wt
     ry = te.reduce_axis((0, r), "ry")
     rx = te.reduce_axis((0, s), "rx")
     if sw == 1:
-        padded = pad_to(data, (ohp, owp), (r, s), geometry, pad_value=pad_value)
+        convert = dtype if dtype != str(data.dtype) else None
+        padded = pad_to(data, (ohp, owp), (r, s), geometry, pad_value=pad_value, convert=convert)
 
         def window(b, y, x):
             return lambda ch: padded[b, ch, y * sh + ry * dh, x + rx * dw]

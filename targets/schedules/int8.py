@@ -47,6 +47,11 @@ That is the **channel form** (lanes over output channels). Where the map is at l
 each intrinsic below: `vpdpbusd` with an embedded broadcast). The epilogue then runs over columns and stores them
 contiguously, where the channel form transposes channel vectors into NCHW planes through a staging tile.
 
+A **depthwise** conv (groups = channels) has no dot product over input channels: `_legalize_depthwise_int8` runs
+the float depthwise kernel on exact integer values (uint8 taps converted once per padded tile, int8 weights as
+floats; float32 sums are exact up to 513 taps), so it reads and writes bytes like the other int8 layers and
+matches ONNX Runtime's QLinearConv bit for bit.
+
 The intrinsics are TVM tensor intrinsics (`TensorIntrin.register`, applied with `sch.tensorize`) registered
 here, not TVM 0.27's stock ones: its `dot_16x4_vnni` passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`,
 which the bundled LLVM declares on <64 x i8> and rejects, and importing `tvm.s_tir.tensor_intrin` (for
@@ -417,7 +422,7 @@ def _patterns():
 def _rewriter(parts: dict, counter: list, requantize: bool, form):
     def rewrite(orig, matches):
         try:
-            new = form(integer_layer(orig, matches, parts, requantize))
+            new = form(integer_layer(orig, matches, parts, requantize, depthwise=form is relax_form))
         except NoMatch:
             return orig
         counter[0] += 1
@@ -453,8 +458,9 @@ class IntegerLayer:
         return self.multiplier is not None
 
 
-def integer_layer(orig, matches: dict, parts: dict, requantize: bool) -> IntegerLayer:
-    """The integer form of one matched layer (module docstring), or NoMatch."""
+def integer_layer(orig, matches: dict, parts: dict, requantize: bool, depthwise: bool = False) -> IntegerLayer:
+    """The integer form of one matched layer (module docstring), or NoMatch. `depthwise`: a depthwise conv
+    (groups = input channels = output channels) qualifies too (the CPU kernels have one; the mcu's do not)."""
     x = matches[parts["x"]]
     if str(x.ty.dtype) != "uint8" or _value(matches[parts["wz"]]).any():
         raise NoMatch
@@ -468,8 +474,9 @@ def integer_layer(orig, matches: dict, parts: dict, requantize: bool) -> Integer
     if sx is None or zx is None or not (sw > 0).all():
         raise NoMatch
     if conv is not None:
+        groups = int(conv.groups)
         if (str(conv.data_layout), str(conv.kernel_layout), str(conv.out_layout)) != ("NCHW", "OIHW", "NCHW") \
-                or w.ndim != 4 or int(conv.groups) != 1:
+                or w.ndim != 4 or (groups != 1 and not (depthwise and w.shape[1] == 1 and groups == w.shape[0])):
             raise NoMatch
         k = int(w.shape[0])
     else:
@@ -535,7 +542,7 @@ def _conv_int32(attrs, x, w: np.ndarray, zx: int):
         top, left, bottom, right = pads
         data = relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
     return relax.op.nn.conv2d(data, relax.const(w), strides=attrs.strides, padding=[0, 0, 0, 0],
-                              dilation=attrs.dilation, out_dtype="int32")
+                              dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32")
 
 
 def _matmul_weight(perm, w: np.ndarray) -> np.ndarray:
@@ -664,6 +671,10 @@ def legalize_conv2d_int8(bb, call):
     attrs = call.attrs
     data, weight = call.args
     dshape, wshape = static_shape(data), static_shape(weight)
+    if found is not None and dshape is not None and wshape is not None and int(attrs.groups) > 1 \
+            and wshape[1] == 1 and int(attrs.groups) == dshape[1] == wshape[0] and not any(
+            int(p) for p in attrs.padding) and str(attrs.data_layout) == "NCHW":
+        return _legalize_depthwise_int8(bb, call, dshape, wshape)
     if found is None or dshape is None or wshape is None or int(attrs.groups) != 1 or any(
             int(p) for p in attrs.padding) or (str(attrs.data_layout), str(attrs.kernel_layout)) != ("NCHW", "OIHW"):
         return None
@@ -699,6 +710,40 @@ def legalize_conv2d_int8(bb, call):
     args = [data, relax.const(pack_weight_int8(w, kb))] + ([correction] if signed else [])
     compute = _conv_int8_compute(k, oh, ow, (sh, sw), (dh, dw), kv, wt, intrinsic, signed, columns)
     return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
+
+
+def _legalize_depthwise_int8(bb, call, dshape, wshape):
+    """A uint8 × int8 depthwise conv (its input already padded with the zero point) as the float depthwise
+    kernel (`conv2d.window_compute`, scheduled by `DepthwiseConv2d`) on integer values: each tap is the uint8
+    input converted to float32 times the int8 weight as float32. Products and sums of up to 2^24 / (255·128) =
+    513 taps are exact in float32, so the int32 result is the exact integer sum (what ONNX Runtime's QLinearConv
+    computes) for any kernel up to 22×22; the layer reads and writes bytes (its input map at a quarter of the
+    float traffic) and its requantizing epilogue is the int8 convs'. Larger kernels: TVM's own legalization."""
+    from tvm import relax, te  # noqa: PLC0415
+    from .common import default_legalization  # noqa: PLC0415
+    from .conv2d import window_compute  # noqa: PLC0415
+    import tvm  # noqa: PLC0415
+    attrs = call.attrs
+    n, c, h, w = dshape
+    k, _, r, s = wshape
+    if r * s > EXACT_FLOAT_TAPS:
+        return default_legalization("relax.nn.conv2d")(bb, call)
+    sh, sw = (int(v) for v in attrs.strides)
+    dh, dw = (int(v) for v in attrs.dilation)
+    oh, ow = (h - dh * (r - 1) - 1) // sh + 1, (w - dw * (s - 1) - 1) // sw + 1
+    geometry = dict(strides=(sh, sw), dilation=(dh, dw), pad_before=(0, 0), in_hw=(h, w))
+    cpu = describe(tvm.target.Target.current(allow_none=True))
+    weight = relax.const(call.args[1].value.numpy().astype(np.float32))
+
+    def compute(data, wf):
+        acc = window_compute(data, k, oh, ow, (r, s), cpu, geometry,
+                             lambda tap, o, ry, rx: tap(o).astype("float32") * wf[o, 0, ry, rx], dtype="float32")
+        return te.compute(acc.shape, lambda *i: acc(*i).astype("int32"), name="depthwise_int32")
+    return bb.call_te(compute, call.args[0], weight, primfunc_name_hint="depthwise_conv2d_int8")
+
+
+#: taps of a depthwise kernel whose sums `_legalize_depthwise_int8` computes exactly in float32
+EXACT_FLOAT_TAPS = (1 << 24) // (255 * 128)
 
 
 def _conv_int8_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, wt: int, intrinsic: str,

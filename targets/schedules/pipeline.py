@@ -37,7 +37,8 @@ from __future__ import annotations
 #: output columns legalized by TOPI (`pool._window_max_wins`).
 #: 16: int8 convs over maps at least one vector wide take the column form (`int8.columns_win`).
 #: 17: quantized ConvTransposes as int8 1×1 convs; byte-table lookups as vpermi2b (AVX-512 VBMI).
-SCHEDULES_VERSION = 17
+#: 18: quantized depthwise convs in int8 (the float depthwise kernel on integer values, uint8 input).
+SCHEDULES_VERSION = 18
 
 
 def legalize_map() -> dict:
