@@ -84,6 +84,14 @@ INT8_LAYERS = "squeeze.int8_layers"   #: module attribute: how many layers `rewr
 
 # ---------------------------------------------------------------------------------------------- intrinsics
 
+def _x86_dot_ops(lanes: int) -> tuple[str, str, str]:
+    """LLVM's x86 byte dot products at `lanes` int32 lanes (16: AVX-512, 8: AVX2 / AVX-VNNI): vpdpbusd,
+    vpmaddubsw, vpmaddwd."""
+    if lanes == 16:
+        return "llvm.x86.avx512.vpdpbusd.512", "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
+    return "llvm.x86.avx512.vpdpbusd.256", "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+
+
 def _dot_intrinsic(lanes: int, kind: str):
     """(description, implementation) of C[lanes] += Σ_k u8 A[k] · s8 B[lanes, k] over k < 4 on x86.
 
@@ -93,10 +101,7 @@ def _dot_intrinsic(lanes: int, kind: str):
     from tvm.script import tirx as T  # noqa: PLC0415
     nbytes = lanes * 4
     i32, u8, i8, i16 = f"int32x{lanes}", f"uint8x{nbytes}", f"int8x{nbytes}", f"int16x{lanes * 2}"
-    width = "512" if lanes == 16 else "256"
-    vnni = f"llvm.x86.avx512.vpdpbusd.{width}"
-    maddubs = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
-    maddwd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    vnni, maddubs, maddwd = _x86_dot_ops(lanes)
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((lanes, 4), "int8", offset_factor=1),
@@ -144,7 +149,7 @@ def _dot_columns_intrinsic(lanes: int, kind: str):
     nbytes = lanes * 4
     act = "int8" if kind == "sdot" else "uint8"
     i32, a8, i8, i16 = f"int32x{lanes}", f"{act}x{nbytes}", f"int8x{nbytes}", f"int16x{lanes * 2}"
-    width = "512" if lanes == 16 else "256"
+    vnni, maddubs, maddwd = _x86_dot_ops(lanes)
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((lanes, 4), act, offset_factor=1), B: T.Buffer((4,), "int8", offset_factor=1),
@@ -167,15 +172,13 @@ def _dot_columns_intrinsic(lanes: int, kind: str):
             b = T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], "int8x4"), dtype="int32"), lanes), dtype=i8)
             if kind == "vnni":
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{width}"), C.vload([0], dtype=i32),
-                    A.vload([0, 0], dtype=a8), b, dtype=i32)
+                    T.llvm_lookup_intrinsic_id(vnni), C.vload([0], dtype=i32), A.vload([0, 0], dtype=a8), b,
+                    dtype=i32)
             elif kind == "pmadd":
-                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(
-                    "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"),
-                    A.vload([0, 0], dtype=a8), b, dtype=i16)
-                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(
-                    "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"),
-                    pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
+                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(maddubs), A.vload([0, 0], dtype=a8), b,
+                                                dtype=i16)
+                C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(maddwd), pairs, T.broadcast(T.int16(1), lanes * 2), dtype=i32)
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype=i32),
