@@ -218,9 +218,9 @@ def test_avx2_fallback_is_exact_when_pairs_fit(hw):
 
 
 def test_pairs_fit():
-    from squeeze.targets.schedules.int8 import _pairs_fit
-    assert _pairs_fit(np.array([[64, 64, -127, 1]], np.int8))
-    assert not _pairs_fit(np.array([[65, 64, 0, 0]], np.int8))
+    from squeeze.targets.schedules.dot_intrinsics import pairs_fit
+    assert pairs_fit(np.array([[64, 64, -127, 1]], np.int8))
+    assert not pairs_fit(np.array([[65, 64, 0, 0]], np.int8))
 
 
 def test_a_depthwise_layer_reads_bytes():
