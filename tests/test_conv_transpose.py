@@ -219,3 +219,18 @@ def test_an_int8_conv_transpose_computes_in_int8(c_out, axis_scale):
     got = _run(model, x)
     # integer sums are exact, the reference's float sums round: a value on a rounding boundary may differ by a step
     assert (got == ref).mean() >= 0.999 and np.abs(got - ref).max() <= 0.07 + 1e-6
+
+
+def test_without_int8_dot_products_a_quantized_conv_transpose_keeps_the_k_rule():
+    """On a CPU without an int8 dot product (x86-64 baseline) the int8 rewrite leaves the layer float, so a
+    quantized ConvTranspose with K ≥ lanes keeps the phase form, as a float one does."""
+    import tvm
+
+    from squeeze.targets.schedules import conv_transpose, int8
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    assert int8.dot_intrinsic(target) is None
+    model = graphs.qdq_upsample(16, 16, (2, 2), (6, 8))
+    with target:
+        func = conv_transpose.as_pointwise(tvm_build.import_onnx(model, {"x": (1, 16, 6, 8)})["main"])
+    ops = _relax_ops(tvm.IRModule({"main": func}))
+    assert "relax.nn.conv2d_transpose" in ops and "relax.permute_dims" not in ops

@@ -126,8 +126,11 @@ def as_pointwise(func):
     parts = dict(x=x, wi=wi, ws=ws, wz=wz, dq=dq)
     root = is_op("relax.nn.conv2d_transpose")(x, w | dq | is_op("relax.multiply")(is_op("relax.astype")(wi), ws))
 
+    from .dot_intrinsics import dot_intrinsic  # noqa: PLC0415
+    integers = dot_intrinsic(target) is not None  # else the int8 rewrite leaves the layer float: the K rule holds
+
     def rewrite(orig, matches):
-        integer = _integer_weight(matches, parts) if w not in matches else None
+        integer = _integer_weight(matches, parts) if w not in matches and integers else None
         if integer is None and w not in matches:
             return orig
         weight = matches[w].value.numpy() if integer is None else integer[0]
