@@ -3,6 +3,7 @@
     python benchmarks/kernels.py squeezenet                       # 1 thread, the model's static input size
     python benchmarks/kernels.py ppocrv6_tiny_det --input-shape x=1x3x640x640 --top 30
     python benchmarks/kernels.py path/to/model.onnx --input-shape input=1x3x224x224 --json /tmp/k.json
+    python benchmarks/kernels.py det_quant.onnx --as-is --input-shape x=1x3x320x320   # a model squeeze wrote
 
 Issue 17's profiling tool: where a compiled model loses to ONNX Runtime. TVM side: every call the Relax VM makes
 (one per fused PrimFunc call) is timed by a VM instrument, `--runs` runs, median per call; ORT side: its own
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--json", help="also write every entry here")
+    p.add_argument("--as-is", action="store_true",
+                   help="profile the file without squeeze's canonical front end: a model squeeze wrote (a `quant` "
+                        "output), which the front end would change (it folds Cast(int8)·scale weights to floats)")
     args = p.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM starts its pool
     from squeeze.model import load_model  # noqa: PLC0415
@@ -134,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except SqueezeError as exc:
         print(f"kernels.py: {exc}", file=sys.stderr)
         return 2
-    from squeeze.canonical import canonicalize  # noqa: PLC0415
-    model, _ = canonicalize(model)  # what squeeze compiles: its canonical front end runs before every pass
+    if not args.as_is:
+        from squeeze.canonical import canonicalize  # noqa: PLC0415
+        model, _ = canonicalize(model)  # what squeeze compiles: its canonical front end runs before every pass
     tvm_rows, tvm_whole = tvm_profile(model, shapes, args.runs)
     ort_rows, ort_whole = ort_profile(model, shapes, args.runs, args.threads)
     t_sum, o_sum = sum(r["ms"] for r in tvm_rows), sum(r["ms"] for r in ort_rows)
