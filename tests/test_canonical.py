@@ -300,3 +300,21 @@ def test_integer_weights_read_int8_conv_transpose_weights_through_dequantize(axi
     del float_input.graph.node[:2]  # the input is not dequantized: the layer runs in float anyway
     float_input.graph.node[2].input[0] = "x"
     assert canonical.integer_weights(float_input) is float_input
+
+
+def test_the_front_end_keeps_compressed_integer_weights():
+    """A weight stored as int8 and decompressed by Cast · scale (what `quant` writes for a layer that runs in float)
+    stays int8 through the front end's constant folding (it folded it to float32, four times the bytes), and the
+    canonical model computes the same."""
+    model = graphs.qdq_upsample(6, 5, (2, 2), (4, 7))
+    canonical_model, _ = canonical.canonicalize(model)
+    stored = {t.name: t.data_type for t in canonical_model.graph.initializer}
+    assert stored.get("wq") == T.INT8
+    assert any(n.op_type == "Cast" and n.input[0] == "wq" for n in canonical_model.graph.node)
+    x = np.random.default_rng(0).normal(size=(1, 6, 4, 7)).astype(np.float32)
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (model, canonical_model))
+    np.testing.assert_array_equal(a, b)
+    frozen = canonical.freeze_shapes(model, {"x": (1, 6, 4, 7)})
+    assert {t.name: t.data_type for t in frozen.graph.initializer}.get("wq") == T.INT8
+    assert [i.name for i in frozen.graph.input] == ["x"]
