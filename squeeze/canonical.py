@@ -338,6 +338,7 @@ def _slim(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> 
     kwargs: dict = {"skip_optimizations": ["graph_fusion", "weight_tying"], "model_check": False}
     if input_shapes:
         kwargs["input_shapes"] = [f"{name}:{','.join(str(d) for d in dims)}" for name, dims in input_shapes.items()]
+    listed = {i.name for i in model.graph.input}  # IR < 4 lists initializers as inputs too: those stay listed
     held, model = _hold_compressed(model)
     if held and input_shapes:
         kwargs["input_shapes"] += [f"{t.name}:{','.join(str(d) for d in t.dims)}" for t in held]
@@ -350,7 +351,7 @@ def _slim(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> 
     finally:
         logger.setLevel(level)
     if held:
-        names = {t.name for t in held}
+        names = {t.name for t in held} - listed
         kept = [i for i in slim.graph.input if i.name not in names]
         del slim.graph.input[:]
         slim.graph.input.extend(kept)
