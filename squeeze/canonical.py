@@ -372,7 +372,7 @@ def _hold_compressed(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], on
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
     held = [t for t in model.graph.initializer if t.data_type in COMPRESSED_TYPES
-            and _elements(t) >= COMPRESSED_MIN_ELEMENTS and readers.get(t.name, set()) - {"DequantizeLinear"}]
+            and int(np.prod(t.dims)) >= COMPRESSED_MIN_ELEMENTS and readers.get(t.name, set()) - {"DequantizeLinear"}]
     if not held:
         return [], model
     names = {t.name for t in held}
@@ -384,20 +384,7 @@ def _hold_compressed(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], on
     listed = {i.name for i in out.graph.input}
     out.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                            for t in held if t.name not in listed)
-    return [_copy(t) for t in held], out
-
-
-def _elements(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count
-
-
-def _copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    out = onnx.TensorProto()
-    out.CopyFrom(tensor)
-    return out
+    return held, out  # `model`'s own tensors, unchanged (extending a graph with them copies them)
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> int:
