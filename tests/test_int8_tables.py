@@ -248,3 +248,21 @@ def test_a_gelu_epilogue_looks_up_with_permutes():
         x = np.random.default_rng(4).normal(scale=2.0, size=(1, 6, *hw)).astype(np.float32)
         got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
         np.testing.assert_array_equal(got, _ort(model, x))
+
+
+def test_a_requantize_is_a_table_where_tables_are_permuted(monkeypatch):
+    """dequantize → quantize at another scale (an int8 layer's output requantized to its concat's scale) costs
+    `MIN_COST_PERMUTED`: a table on a VBMI host, where byte lookups are permutes; arithmetic otherwise. Same values
+    as ONNX Runtime either way."""
+    from squeeze.targets.schedules import int8_tables
+    chain = _Chain(seed=5)
+    chain.qdq(chain.last, 0.07)
+    chain.last = f"q{chain.count}"  # the requantized bytes are the output (as the concat after such a layer reads)
+    model = chain.model()
+    model.graph.output[0].type.tensor_type.elem_type = TP.UINT8
+    for permuted in (True, False):
+        monkeypatch.setattr(int8_tables, "_has_vbmi", lambda target, permuted=permuted: permuted)
+        assert _ops(_rewritten(model)).count("relax.take") == int(permuted)
+    monkeypatch.undo()
+    x = _x(6)
+    np.testing.assert_array_equal(_outputs(model, x, True, monkeypatch), _ort(model, x))

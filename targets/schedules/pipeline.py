@@ -38,7 +38,8 @@ from __future__ import annotations
 #: 16: int8 convs over maps at least one vector wide take the column form (`int8.columns_win`).
 #: 17: quantized ConvTransposes as int8 1×1 convs; byte-table lookups as vpermi2b (AVX-512 VBMI).
 #: 18: quantized depthwise convs in int8 (the float depthwise kernel on integer values, uint8 input).
-SCHEDULES_VERSION = 18
+#: 19: on VBMI targets a requantize (dequantize → quantize) on a byte tensor is a table lookup too.
+SCHEDULES_VERSION = 19
 
 
 def legalize_map() -> dict:
