@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .simd import is_cpu
+from .simd import cpu_features, is_cpu
 
 
 def _x86_dot_ops(lanes: int) -> tuple[str, str, str]:
@@ -180,14 +180,10 @@ def dot_intrinsic(target) -> tuple[str, int, bool] | None:
     The features come from LLVM's view of the target (`-mcpu` / `-mattr`), so a cross build for aarch64 with
     `+dotprod` gets `sdot` and a host build gets what this CPU has.
     """
-    from tvm.target import codegen  # noqa: PLC0415
     if not is_cpu(target):
         return None
     _register_intrinsics()
-    try:
-        features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
-    except Exception:  # noqa: BLE001 (LLVM without this triple's backend)
-        features = set()
+    features = cpu_features(target)
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple.startswith(("aarch64", "arm64")):
         return (SDOT, 4, True) if "dotprod" in features else None

@@ -53,9 +53,10 @@ floats; float32 sums are exact up to 513 taps), so it reads and writes bytes lik
 matches ONNX Runtime's QLinearConv bit for bit.
 
 The intrinsics are TVM tensor intrinsics (`TensorIntrin.register`, applied with `sch.tensorize`) registered
-in `dot_intrinsics.py`, not TVM 0.27's stock ones: its `dot_16x4_vnni` passes <16 x i32> operands to `llvm.x86.avx512.vpdpbusd.512`,
-which the bundled LLVM declares on <64 x i8> and rejects, and importing `tvm.s_tir.tensor_intrin` (for
-`dot_4x4_i8i8s32_sdot`) registers every CUDA intrinsic first: about a minute per build process.
+in `dot_intrinsics.py`, not TVM 0.27's stock ones: its `dot_16x4_vnni` passes <16 x i32> operands to
+`llvm.x86.avx512.vpdpbusd.512`, which the bundled LLVM declares on <64 x i8> and rejects, and importing
+`tvm.s_tir.tensor_intrin` (for `dot_4x4_i8i8s32_sdot`) registers every CUDA intrinsic first: about a minute per
+build process.
 
 `sdot` multiplies signed bytes: the activation is packed as x − 128 (an xor of the sign bit) and 128·ΣW is
 added back to the bias, still exact. `vpmaddubsw` adds two u8×s8 products into a saturating int16: exact only
@@ -486,6 +487,16 @@ def legalize_conv2d_int8(bb, call):
     dh, dw = (int(v) for v in attrs.dilation)
     oh, ow = (h - dh * (r - 1) - 1) // sh + 1, (wd - dw * (s - 1) - 1) // sw + 1
     signed = signed_activations(intrinsic)
+    correction = relax.const((128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)).astype(np.int32)) \
+        if signed else None
+    cpu = describe(target)
+    lanes = cpu.lanes("int32")
+    if columns_win(c, k, r * s, ow, lanes, kb):  # weight [K, C/4, R, S, 4]: channel blocks of one
+        args = [data, relax.const(pack_weight_int8(w, 1).reshape(k, math.ceil(c / 4), r, s, 4))] \
+            + ([correction] if signed else [])
+        compute = _conv_int8_columns_compute(k, oh, ow, (sh, sw), (dh, dw), plan_columns(k, max(4, cpu.registers - 8)),
+                                             lanes, intrinsic + COLUMNS, signed)
+        return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
     # one input-channel group (an image stem): the dot products are few and the requantizing epilogue is most
     # of the time; a tile of kb channels x 16 columns stores 16 contiguous columns per channel (epilogue over
     # columns) instead of scattering channel vectors across NCHW planes (3->64 3x3/2 pad 1 on 224: 725 -> 517 us,
@@ -493,15 +504,6 @@ def legalize_conv2d_int8(bb, call):
     # channel-vector epilogue stays faster, 1x1 16->64 on 55x55: 134 vs 412 us). A partial last tile puts a
     # bounds check in the epilogue and TVM then stores it element by element (squeezenet's stem,
     # 3->64 3x3/2 on 224 -> 111 columns: 1.25 -> 2.9 ms): only where whole tiles cover the row
-    correction = relax.const((128 * w.astype(np.int64).reshape(k, -1).sum(axis=1)).astype(np.int32)) \
-        if signed else None
-    lanes = describe(target).lanes("int32")
-    if columns_win(c, k, r * s, ow, lanes, kb):
-        args = [data, relax.const(pack_weight_columns(w))] + ([correction] if signed else [])
-        kv = plan_columns(k, max(4, describe(target).registers - 8))
-        compute = _conv_int8_columns_compute(k, oh, ow, (sh, sw), (dh, dw), kv, lanes,
-                                             intrinsic + COLUMNS, signed)
-        return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
     span = ow if ow <= 16 else next((d for d in range(16, 7, -1) if ow % d == 0), None)
     columns = c <= 4 and not signed and span is not None
     kv, wt = (1, span) if columns else plan_tile(math.ceil(k / kb), ow, describe(target))
@@ -544,23 +546,29 @@ def _legalize_depthwise_int8(bb, call, dshape, wshape):
 EXACT_FLOAT_TAPS = (1 << 24) // (255 * 128)
 
 
+def _packed_byte(data, b, ch, y, x, signed: bool, likely: bool = False):
+    """data[b, ch, y, x] as the dot products read it (x − 128 as int8 for a signed intrinsic), 0 past the last
+    channel or column (`likely`: the column bound marked `likely`)."""
+    from tvm import tirx  # noqa: PLC0415
+    c, w = int(data.shape[1]), int(data.shape[3])
+    value = data[b, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)]
+    if signed:
+        value = (value.astype("int32") - 128).astype("int8")
+    inside = x < w
+    return tirx.if_then_else(tirx.all(ch < c, tirx.likely(inside) if likely else inside), value,
+                             tirx.const(0, "int8" if signed else "uint8"))
+
+
 def _conv_int8_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, wt: int, intrinsic: str,
                        signed: bool, columns: bool = False):
     def compute(data, packed, correction=None):
-        from tvm import te, tirx  # noqa: PLC0415
+        from tvm import te  # noqa: PLC0415
         n, c, h, w = (int(v) for v in data.shape)
         kblocks, c4, r, s, kb, _ = (int(v) for v in packed.shape)
         owp = math.ceil(ow / wt) * wt
         wp = (owp - 1) * strides[1] + (s - 1) * dilation[1] + 1
-        act = "int8" if signed else "uint8"
-
-        def pack(b, cc, y, x, ci):
-            ch = cc * 4 + ci
-            value = data[b, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)]
-            if signed:
-                value = (value.astype("int32") - 128).astype("int8")
-            return tirx.if_then_else(tirx.all(ch < c, x < w), value, tirx.const(0, act))
-        dp = te.compute((n, c4, h, wp, 4), pack, name="pack_int8")
+        dp = te.compute((n, c4, h, wp, 4), lambda b, cc, y, x, ci: _packed_byte(data, b, cc * 4 + ci, y, x, signed),
+                        name="pack_int8")
         rc = te.reduce_axis((0, c4), "rc")
         ry = te.reduce_axis((0, r), "ry")
         rx = te.reduce_axis((0, s), "rx")
@@ -612,15 +620,6 @@ def plan_columns(k: int, budget: int) -> int:
     return max(d for d in range(1, min(k, budget) + 1) if k % d == 0)
 
 
-def pack_weight_columns(w: np.ndarray) -> np.ndarray:
-    """OIHW int8 → [K, C/4, R, S, 4] (input channels zero-padded to fours)."""
-    k, c, r, s = w.shape
-    cp = math.ceil(c / 4) * 4
-    full = np.zeros((k, cp, r, s), np.int8)
-    full[:, :c] = w
-    return np.ascontiguousarray(full.reshape(k, cp // 4, 4, r, s).transpose(0, 1, 3, 4, 2))
-
-
 def _conv_int8_columns_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, lanes: int, intrinsic: str,
                                signed: bool):
     """The column form: int32 accumulators [N, K, OH, OW'] whose `lanes` lanes are output columns; the activation
@@ -628,22 +627,17 @@ def _conv_int8_columns_compute(k: int, oh: int, ow: int, strides, dilation, kv: 
     output columns read consecutive packed columns at every kernel tap. Columns past the input are zeros; they
     feed only the cropped columns of the last tile."""
     def compute(data, packed, correction=None):
-        from tvm import te, tirx  # noqa: PLC0415
+        from tvm import te  # noqa: PLC0415
         n, c, h, w = (int(v) for v in data.shape)
         _, c4, r, s, _ = (int(v) for v in packed.shape)
         sh, sw = strides
         dh, dw = dilation
         owp = math.ceil(ow / lanes) * lanes
         wq = owp + ((s - 1) * dw) // sw
-        act = "int8" if signed else "uint8"
-
-        def pack(b, cc, y, p, q, ci):
-            ch, x = cc * 4 + ci, q * sw + p
-            value = data[b, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)]
-            if signed:
-                value = (value.astype("int32") - 128).astype("int8")
-            return tirx.if_then_else(tirx.all(ch < c, tirx.likely(x < w)), value, tirx.const(0, act))
-        dp = te.compute((n, c4, h, sw, wq, 4), pack, name="pack_int8")
+        # the guard past the right edge marked likely: LoopPartition splits it off and LLVM vectorizes the
+        # interleave (unmarked, the pack ran byte by byte: 128→16 on 55² 0.218 → 0.151 ms)
+        dp = te.compute((n, c4, h, sw, wq, 4), lambda b, cc, y, p, q, ci: _packed_byte(
+            data, b, cc * 4 + ci, y, q * sw + p, signed, likely=True), name="pack_int8")
         rc = te.reduce_axis((0, c4), "rc")
         ry = te.reduce_axis((0, r), "ry")
         rx = te.reduce_axis((0, s), "rx")

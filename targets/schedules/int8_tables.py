@@ -28,14 +28,15 @@ A chain qualifies when every op in it is an elementwise op of `ONNX_OPS`, every 
 constant (per-tensor scales and zero points, scalars, a quantized scalar's dequantize), every value has q's
 shape, and what a reader outside the chain uses holds enough work to be worth a gather (`MIN_COST`; a lone
 dequantize → relu is left as it is; where byte tables are permutes, `MIN_COST_PERMUTED`: a requantize to another
-scale too, squeezenet int8 2.68 → 2.60 ms, det 4.81 → 4.75, layout within noise, outputs identical). Its result may be quantized (a uint8/int8 table) or float (a float32 table:
-the sigmoid of a detector's probability map).
+scale too, squeezenet int8 2.68 → 2.60 ms, det 4.81 → 4.75, layout within noise, outputs identical). Its result
+may be quantized (a uint8/int8 table) or float (a float32 table: the sigmoid of a detector's probability map).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .common import static_shape
+from .simd import cpu_features, is_cpu
 
 #: the elementwise Relax ops a chain may hold, as the ONNX ops that compute its table
 ONNX_OPS = {"relax.erf": "Erf", "relax.tanh": "Tanh", "relax.sigmoid": "Sigmoid", "relax.exp": "Exp",
@@ -402,10 +403,4 @@ def vector_lookups_pass():
 
 
 def _has_vbmi(target) -> bool:
-    from tvm.target import codegen  # noqa: PLC0415
-    if target is None or str(target.kind.name) != "llvm":
-        return False
-    try:
-        return "avx512vbmi" in {str(f) for f in codegen.llvm_get_cpu_features(target)}
-    except Exception:  # noqa: BLE001 (LLVM without this triple's backend)
-        return False
+    return is_cpu(target) and "avx512vbmi" in cpu_features(target)

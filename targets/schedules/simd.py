@@ -48,15 +48,27 @@ def dtype_bits(dtype: str) -> int:
 
 
 @lru_cache(maxsize=None)
-def _describe(target_json: str) -> Cpu:
+def _features(target_json: str) -> frozenset[str]:
     import tvm  # noqa: PLC0415
     from tvm.target import codegen  # noqa: PLC0415
+    try:
+        return frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(target_json)))
+    except Exception:  # noqa: BLE001 (LLVM without this triple's backend: the baseline of the architecture)
+        return frozenset()
+
+
+def cpu_features(target) -> frozenset[str]:
+    """LLVM's feature names for a `tvm.target.Target` of kind llvm (`-mcpu` / `-mattr`; none where this LLVM lacks
+    the triple's backend), asked once per target."""
+    return _features(str(target))
+
+
+@lru_cache(maxsize=None)
+def _describe(target_json: str) -> Cpu:
+    import tvm  # noqa: PLC0415
     target = tvm.target.Target(target_json)
     triple = str(target.attrs.get("mtriple", "") or "")
-    try:
-        features = {str(f) for f in codegen.llvm_get_cpu_features(target)}
-    except Exception:  # LLVM without this triple's backend: assume the baseline of the architecture
-        features = set()
+    features = _features(target_json)
     if "avx512f" in features:
         double_pumped = str(target.attrs.get("mcpu", "") or "") == "znver4"
         return Cpu(512, 32, True, "x86", 256 if double_pumped else 512)
