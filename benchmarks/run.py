@@ -5,6 +5,7 @@
     python benchmarks/run.py --models mnist_burn --pipelines "cleanup" --out /tmp/b.md
     python benchmarks/run.py --all                 # every per-issue script, then the main table: BENCHMARKS.md whole
     python benchmarks/run.py --all --scripts peers --dry-run   # what --all would run and what it would skip
+    python benchmarks/run.py --all --jobs 2        # two 1-thread scripts at a time (all-core ones alone)
     python benchmarks/run.py --render              # no run: BENCHMARKS.md from the cache and the per-issue tables
 
 `--all` regenerates BENCHMARKS.md whole: it runs every per-issue script in ISSUE_SCRIPTS (each writes
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import datetime as _dt
 import hashlib
 import json
@@ -44,6 +46,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -425,16 +428,23 @@ def table_state(name: str, stamps: dict) -> tuple[str, str]:
     return "current", ran
 
 
-def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | None = None) -> dict:
-    """Run `benchmarks/<script>.py` (default `name`; its output passed through), which writes table `name`; record how
-    it went in `stamps` and run-all.json."""
+#: tables whose scripts time at every core (2-thread rows, `--threads 2` goal runs): `--jobs` runs them alone
+ALL_CORES = {"codegen", "codegen_mobile", "goal"}
+_STAMPS_LOCK = threading.Lock()
+
+
+def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | None = None,
+                     prefix: str = "") -> dict:
+    """Run `benchmarks/<script>.py` (default `name`; its output passed through, each line after `prefix`), which
+    writes table `name`; record how it went in `stamps` and run-all.json."""
     script = script or name
     code, dirty = script_code_key(script)
     command = issue_command(script, extra)
     stamp = {"command": command, "code": code, "head": _git("rev-parse", "--short", "HEAD") or "?", "dirty": dirty,
              "started": _now(), "load_start": _load(), "status": "started"}
-    stamps[name] = stamp
-    _save_stamps(stamps)
+    with _STAMPS_LOCK:
+        stamps[name] = stamp
+        _save_stamps(stamps)
     print(f"[run.py --all] {command} (code {code}, load {stamp['load_start']})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -442,7 +452,7 @@ def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | No
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
-        sys.stderr.write(line)
+        sys.stderr.write(prefix + line)
         tail.append(line.rstrip())
     exit_code = proc.wait()
     stamp.update(ended=_now(), load_end=_load(), seconds=round(time.perf_counter() - t0, 1), exit=exit_code,
@@ -453,32 +463,50 @@ def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | No
         stamp["status"] = "failed"
         last = next((t for t in reversed(tail) if t.strip()), "no output")
         stamp["error"] = last[:200] if exit_code else f"exited 0 but wrote no benchmarks/results/{name}.md"
-    _save_stamps(stamps)
+    with _STAMPS_LOCK:
+        _save_stamps(stamps)
     return stamp
 
 
-def run_all(scripts: list[str], dry_run: bool) -> list[str]:
-    """Run the per-issue scripts named in `scripts` (ISSUE_SCRIPTS order) whose table is not current; return one
-    line per script saying what was done."""
-    stamps, done = load_stamps(), []
-    for name, script, extra in issue_entries():
-        if name not in scripts:
-            continue
+def run_all(scripts: list[str], dry_run: bool, jobs: int = 1) -> list[str]:
+    """Run the per-issue scripts named in `scripts` (ISSUE_SCRIPTS order) whose table is not current, up to `jobs`
+    at a time (those in ALL_CORES alone); return one line per script saying what was done, in ISSUE_SCRIPTS order."""
+    stamps, done, todo = load_stamps(), {}, []
+    order = [entry for entry in issue_entries() if entry[0] in scripts]
+    for name, script, extra in order:
         if not (SCRIPTS_DIR / f"{script}.py").is_file():
-            done.append(f"{name}: no benchmarks/{script}.py in this checkout; left out")
+            done[name] = f"{name}: no benchmarks/{script}.py in this checkout; left out"
             continue
         state, line = table_state(name, stamps)
         if state == "current":
-            done.append(f"{name}: skipped, already produced at the current code ({line})")
+            done[name] = f"{name}: skipped, already produced at the current code ({line})"
         elif dry_run:
-            done.append(f"{name}: would run ({state}: {line})")
+            done[name] = f"{name}: would run ({state}: {line})"
         else:
-            stamp = run_issue_script(name, extra, stamps, script)
-            done.append(f"{name}: {stamp['status']} in {stamp['seconds'] / 60:.1f} min"
-                        + (f" ({stamp['error']})" if stamp.get("error") else ""))
-        if not dry_run:
-            print(f"[run.py --all] {done[-1]}", file=sys.stderr, flush=True)
-    return done
+            todo.append((name, script, extra))
+        if name in done and not dry_run:
+            print(f"[run.py --all] {done[name]}", file=sys.stderr, flush=True)
+
+    def one(entry: tuple[str, str, list[str]]) -> None:
+        name, script, extra = entry
+        stamp = run_issue_script(name, extra, stamps, script, prefix=f"[{name}] " if jobs > 1 else "")
+        done[name] = (f"{name}: {stamp['status']} in {stamp['seconds'] / 60:.1f} min"
+                      + (f" ({stamp['error']})" if stamp.get("error") else ""))
+        print(f"[run.py --all] {done[name]}", file=sys.stderr, flush=True)
+    batch: list = []  # scripts that may share the cores, run `jobs` at a time; an ALL_CORES one waits for them
+
+    def flush() -> None:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, batch))
+        batch.clear()
+    for entry in todo:
+        if entry[0] in ALL_CORES:
+            flush()
+            one(entry)
+        else:
+            batch.append(entry)
+    flush()
+    return [done[name] for name, _, _ in order if name in done]
 
 
 # --- output --------------------------------------------------------------------------------------------------
@@ -707,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true", help="run nothing: rewrite BENCHMARKS.md from --cache (the main "
                    "table at the code its last invocation measured, which the file names) and the per-issue tables")
     p.add_argument("--dry-run", action="store_true", help="with --all: say what would run and what is current")
+    p.add_argument("--jobs", type=int, default=1, help="with --all: per-issue scripts run at once (those that time "
+                   "at every core still run alone); 1, the default, times each on an otherwise idle machine")
     p.add_argument("--no-main", action="store_true", help="with --all: the per-issue scripts only; BENCHMARKS.md "
                    "is left as it is")
     args = p.parse_args(argv)
@@ -719,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"--scripts: unknown {unknown}; known: {known}", file=sys.stderr)
             return 2
-        for line in run_all(args.scripts, args.dry_run):
+        for line in run_all(args.scripts, args.dry_run, args.jobs):
             print(line)
         if args.dry_run or args.no_main:
             return 0

@@ -140,3 +140,32 @@ def test_a_table_made_by_another_script_with_arguments_and_the_records_kept_by_h
     records = text.split("Records kept by hand (2;")[1]
     assert "[notes.md](results/records/notes.md)" in records and "[stray.md](results/stray.md)" in records
     assert text.index("## other table two words") < text.index("## a stray table") < text.index("## notes by hand")
+
+
+def test_jobs_runs_scripts_side_by_side_but_an_all_cores_one_alone(scripts, monkeypatch):
+    """`--jobs 2`: scripts that time on one core share the machine two at a time; one in ALL_CORES (its 2-thread
+    rows need both cores) waits for them and runs alone; the lines come back in ISSUE_SCRIPTS order."""
+    body = textwrap.dedent("""
+        import pathlib, sys, time
+        here = pathlib.Path(__file__).resolve().parent
+        name = pathlib.Path(__file__).stem
+        start = time.time(); time.sleep(0.6)
+        (here / "spans.txt").open("a").write(f"{name} {start} {time.time()}\\n")
+        (here / "results").mkdir(exist_ok=True)
+        (here / "results" / (name + ".md")).write_text("# " + name + "\\n")
+    """)
+    for name in ("one", "two", "three", "solo"):
+        (scripts / f"{name}.py").write_text(body)
+    monkeypatch.setattr(bench, "ISSUE_SCRIPTS", [("one", []), ("solo", []), ("two", []), ("three", [])])
+    monkeypatch.setattr(bench, "ALL_CORES", {"solo"})
+    lines = bench.run_all(["one", "two", "three", "solo"], dry_run=False, jobs=2)
+    assert [line.split(":")[0] for line in lines] == ["one", "solo", "two", "three"]
+    assert all(": ok in " in line for line in lines)
+    spans = {n: (float(a), float(b)) for n, a, b in (row.split() for row in
+                                                     (scripts / "spans.txt").read_text().splitlines())}
+
+    def overlap(a: str, b: str) -> bool:
+        return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+    assert overlap("two", "three")
+    assert not any(overlap("solo", other) for other in ("one", "two", "three"))
+    assert {n for n, s in bench.load_stamps().items() if s["status"] == "ok"} == {"one", "two", "three", "solo"}
