@@ -94,9 +94,9 @@ ISSUE_SCRIPTS: list[tuple] = [
     ("codebook_bits", []), ("data_roles", [])]
 
 
-def issue_entries(entries: list[tuple] | None = None) -> list[tuple[str, str, list[str]]]:
+def issue_entries() -> list[tuple[str, str, list[str]]]:
     """ISSUE_SCRIPTS as (table, script, arguments)."""
-    return [(e[0], e[0], e[1]) if len(e) == 2 else e for e in (ISSUE_SCRIPTS if entries is None else entries)]
+    return [(e[0], e[0], e[1]) if len(e) == 2 else e for e in ISSUE_SCRIPTS]
 
 
 def issue_command(script: str, extra: list[str]) -> str:
