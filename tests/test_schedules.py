@@ -30,10 +30,11 @@ def conv_odd() -> onnx.ModelProto:
 
 
 def conv_strided_no_bias() -> onnx.ModelProto:
-    """x[1,8,15,15] ─ Conv 8→16 3×3 stride 2 pad 1, no bias ─ y   (the conv writes the output itself)"""
+    """x[1,8,31,31] ─ Conv 8→16 3×3 stride 2 pad 1, no bias ─ y   (the conv writes the output itself; its 16 output
+    columns are whole full-rate vectors on 8- and on 16-lane hosts, so `Conv2dColumns` takes it on both)"""
     g = graphs.Builder(2)
     g.conv("x", "y", 8, 16, bias=False, strides=[2, 2], pads=[1, 1, 1, 1])
-    return g.model({"x": [1, 8, 15, 15]}, "y")
+    return g.model({"x": [1, 8, 31, 31]}, "y")
 
 
 def conv_residual_dilated() -> onnx.ModelProto:
