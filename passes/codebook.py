@@ -14,7 +14,8 @@ the inverse of the layer's input Hessian H = X̃ᵀX̃, is spread over the input
 refitted and the assignment repeated (`rounds`). Per layer, the Hessian damping (or the plain nearest-centroid
 assignment) is chosen by the output error on held-out calibration samples: with fewer calibration rows than
 inputs, a lightly damped GPTQ fits directions the data never spans. On the CIFAR corpus models this halves the
-3-bit loss (benchmarks/results/codebook_bits.md).
+3-bit loss (benchmarks/results/codebook_bits.md). Layers with more than MAX_GPTQ_INPUTS inputs per group take the
+nearest-centroid assignment (GPTQ's Hessian inverse grows as the cube of the inputs).
 
 With `scale=channel` (unit=weight), every output channel is first divided by the RMS of its weights and the
 codebook is shared by the normalised weights: w = s_c · c[label], s_c stored as float16 (2 bytes per channel) and
@@ -60,6 +61,9 @@ ZERO_SHARE = 0.01     # at least this fraction of exact zeros: keep them exact w
 RIDGE = 1e-3          # relative ridge of the least-squares refit, towards the k-means centroids
 MAX_Z = 16_000_000    # floats in the refit's design matrix (rows are subsampled to stay under it)
 MAX_GRAM_INPUTS = 4608  # a kernel refit needs the inputs' Gram matrix; larger layers skip the refit
+# GPTQ inverts a D×D input Hessian (D³ work, 8·D² bytes) per damping tried: wider layers take the nearest-centroid
+# assignment with refit. mnist_burn's 11616-input Gemm spent 3 minutes per run there and chose nearest anyway.
+MAX_GPTQ_INPUTS = 4608
 CALIB_ROWS = 8192      # input rows sampled per layer: GPTQ's Hessian needs several times more rows than inputs
 CALIB_BUDGET = 8_000_000  # ... and at most this many floats per layer
 MIN_BIAS_SAMPLES = 64  # per-channel bias corrections from fewer calibration samples are not trusted
@@ -146,6 +150,8 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         if x is not None:
             entry["output_rel_err_kmeans"] = _output_error(layer, w, _expand(centroids, labels, w, s_full), x, x_in)
             gptq = assign == "gptq" and not kernel
+            if gptq and layer.matrix(w).shape[2] > MAX_GPTQ_INPUTS:
+                gptq, entry["gptq_damp"] = False, None  # nearest: too wide for the Hessian inverse
             centroids, labels, s_full = _assign(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
                                                 kernel, s_full, sm, rounds, damp, gptq, entry)
         codes = None
@@ -542,23 +548,47 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
 def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int,
                    sm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations for scalar centroids from Z[p, o, k] = s_o · Σ_{d: label[o,d]=k} X̃[p, d] (s_o: the
-    channel scale, 1 without), target X·Wᵀ."""
+    channel scale, 1 without), target X·Wᵀ.
+
+    Up to MAX_GRAM_INPUTS inputs they are formed from the Gram matrices G = X̃ᵀX̃ and X̃ᵀX over all rows:
+    ZᵀZ[k, l] = Σ_o s_o² Σ_{d: label k, d': label l} G[d, d'] and Zᵀy[k] = Σ_o s_o Σ_{d: label k} (X̃ᵀX·Wᵀ)[d, o],
+    O·D² work instead of the P·O·K² of the design matrix (whose rows are subsampled under MAX_Z; used for wider
+    layers)."""
     import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
     normal = np.zeros((count, count))
     rhs = np.zeros(count)
     groups, outs, inputs = wm.shape
-    keep = max(1, min(x.shape[1], MAX_Z // max(outs * count, 1)))
+    scale = np.ones((groups, outs)) if sm is None else sm
     for g in range(groups):
+        if inputs <= MAX_GRAM_INPUTS:
+            xg = x_in[g].astype(np.float64)
+            gram = xg.T @ xg                                                   # [D, D]
+            target = (xg.T @ x[g].astype(np.float64)) @ wm[g].T                # X̃ᵀX·Wᵀ [D, O]
+            rhs += np.bincount(lab[g].ravel(), (scale[g][:, None] * target.T).ravel(), minlength=count)
+            chunk = max(1, MAX_Z // max(count * inputs, 1))                     # outputs per [o·K, D] block
+            for o0 in range(0, outs, chunk):
+                o1 = min(outs, o0 + chunk)
+                n = o1 - o0
+                cols = (np.arange(n)[:, None] * count + lab[g][o0:o1]).ravel()  # (o, label) of each (o, d)
+                # per output o: the rows of G summed by label → [o, k, d], scaled by s_o²
+                picks = scipy.sparse.csr_matrix((np.ones(n * inputs), (cols, np.tile(np.arange(inputs), n))),
+                                                shape=(n * count, inputs))    # [(o, k), d]: label[o, d] = k
+                summed = np.asarray(picks @ gram).reshape(n, count, inputs)
+                summed *= np.square(scale[g][o0:o1])[:, None, None]
+                by_label = scipy.sparse.csr_matrix((np.ones(n * inputs), (np.arange(n * inputs),
+                                                    lab[g][o0:o1].ravel())), shape=(n * inputs, count))
+                normal += np.asarray((by_label.T @ summed.transpose(0, 2, 1).reshape(n * inputs, count))).T
+            continue
+        keep = max(1, min(x.shape[1], MAX_Z // max(outs * count, 1)))
         xg = x_in[g, :keep].astype(np.float64)
         cols = (np.arange(outs)[:, None] * count + lab[g]).ravel()          # [O·D] column of each weight
         rows = np.tile(np.arange(inputs), outs)
         select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
-        z = np.asarray(xg @ select).reshape(len(xg), outs, count)
-        if sm is not None:
-            z = z * sm[g][None, :, None]
+        z = np.asarray(xg @ select).reshape(len(xg), outs, count) * scale[g][None, :, None]
         y = x[g, :keep].astype(np.float64) @ wm[g].T                      # [P, O] float outputs
-        normal += np.einsum("pok,pol->kl", z, z)
-        rhs += np.einsum("pok,po->k", z, y)
+        flat = z.reshape(-1, count)                                        # BLAS: [P·O, K]
+        normal += flat.T @ flat
+        rhs += flat.T @ y.ravel()
     return normal, rhs
 
 

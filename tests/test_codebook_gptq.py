@@ -89,3 +89,41 @@ def test_pass_uses_gptq_by_default_and_is_deterministic():
     assert all("gptq_damp" in e for e in steps[0]["details"]["per_layer"])
     _, near = graphs.apply(model, "codebook(bits=2,assign=nearest)", data=data, seed=2)
     assert not any("gptq_damp" in e for e in near[0]["details"]["per_layer"])
+
+
+def test_gram_normal_equations_equal_the_design_matrix_ones(monkeypatch):
+    """The refit's normal equations from the inputs' Gram matrices (layers up to MAX_GRAM_INPUTS inputs) are those
+    of the explicit design matrix Z (wider layers), with and without channel scales, across output chunks."""
+    rng = np.random.default_rng(3)
+    groups, outs, dim, count, rows = 2, 7, 23, 8, 120
+    wm = rng.normal(size=(groups, outs, dim))
+    labels = rng.integers(0, count, size=wm.shape)
+    x = rng.normal(size=(groups, rows, dim)).astype(np.float32)
+    x_in = (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
+    for scales in (None, rng.uniform(0.5, 2.0, size=(groups, outs))):
+        gram = cb._weight_system(wm, labels, x, x_in, count, scales)
+        monkeypatch.setattr(cb, "MAX_Z", count * dim * 2)            # two outputs per Gram block
+        chunked = cb._weight_system(wm, labels, x, x_in, count, scales)
+        monkeypatch.setattr(cb, "MAX_GRAM_INPUTS", 0)                 # the design-matrix path, every row kept
+        monkeypatch.setattr(cb, "MAX_Z", 10 ** 9)
+        design = cb._weight_system(wm, labels, x, x_in, count, scales)
+        monkeypatch.undo()
+        for got in (gram, chunked):
+            for a, b in zip(got, design):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.abs(b).max())
+
+
+def test_layers_too_wide_for_the_hessian_inverse_take_the_nearest_assignment(monkeypatch):
+    """GPTQ inverts a D×D Hessian: above MAX_GPTQ_INPUTS inputs the layer is assigned nearest-centroid (recorded
+    as gptq_damp None) and the pass still refits it."""
+    model = graphs.flatten_gemm()
+    data = graphs.random_inputs(model, 96, 0)
+    data = Dataset(data.arrays, None, "test calibration", data.stacked)
+    monkeypatch.setattr(cb, "MAX_GPTQ_INPUTS", 32)                   # the Gemm has 64 inputs, the Conv 27
+    tried, choose = [], cb._choose_damp
+    monkeypatch.setattr(cb, "_choose_damp", lambda layer, *a, **k: tried.append(layer.op) or choose(layer, *a, **k))
+    _, steps = graphs.apply(model, "codebook(bits=2)", data=data, seed=2)
+    rows = {e["op"]: e for e in steps[0]["details"]["per_layer"]}
+    assert tried == ["Conv"]
+    assert rows["Gemm"]["gptq_damp"] is None
+    assert rows["Gemm"]["output_rel_err"] <= rows["Gemm"]["output_rel_err_kmeans"] + 1e-6
