@@ -39,7 +39,9 @@ from __future__ import annotations
 #: 17: quantized ConvTransposes as int8 1×1 convs; byte-table lookups as vpermi2b (AVX-512 VBMI).
 #: 18: quantized depthwise convs in int8 (the float depthwise kernel on integer values, uint8 input).
 #: 19: on VBMI targets a requantize (dequantize → quantize) on a byte tensor is a table lookup too.
-SCHEDULES_VERSION = 19
+#: 20: pointwise convs with many inputs on the column tile (`conv2d.plan_columns`), channel tiles reduce in chunks
+#: of input channels (`conv2d.reduction_chunk`), softmax rows in several accumulator chains and a reciprocal.
+SCHEDULES_VERSION = 20
 
 
 def legalize_map() -> dict:
