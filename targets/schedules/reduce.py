@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import KERNEL, extent, product, root_blocks, schedule_injective, worth_parallel
+from .common import KERNEL, extent, peel_partial_tiles, product, root_blocks, schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 LANE_REDUCE = "lane_reduce"
@@ -95,6 +95,8 @@ class LaneReduce:
             return None
         lanes = describe(target).lanes("float32")
         _inline_single_use(sch)
+        if _rows_in_cache(sch, lanes):
+            return sch
         for block in root_blocks(sch):
             stmt = sch.get(block)
             if str(stmt.annotations.get(KERNEL, "")) == LANE_REDUCE:
@@ -108,6 +110,49 @@ class LaneReduce:
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 schedule_injective(sch, block, lanes)
         return sch
+
+
+def _rows_in_cache(sch, lanes: int) -> bool:
+    """Compute every block of the function row by row, inside the last block's row loop, so that all passes over
+    a row (max, exp, sum, normalise) read it from L1 rather than the whole tensor from L2 or memory each time;
+    rows parallel when large enough. False (nothing done) when the blocks do not share their leading axes."""
+    from tvm import s_tir  # noqa: PLC0415
+    blocks = root_blocks(sch)
+    last = blocks[-1]
+    *lead, _ = sch.get_loops(last)
+    if not lead:
+        return False
+    row = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    try:
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block, row, preserve_unit_loops=True)
+    except s_tir.ScheduleError:
+        return False
+    work = product(extent(sch, lp) or 1 for lp in sch.get_loops(last))
+    for block in _blocks_under(sch, row):
+        stmt = sch.get(block)
+        loops = sch.get_loops(block)
+        if str(stmt.annotations.get(KERNEL, "")) == LANE_REDUCE:
+            *_, lane, red = loops
+            sch.reorder(red, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(block, red)
+        elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+            # the elementwise passes over the row (exp, normalise): whole vectors, the last partial one peeled
+            # (LLVM leaves fast_exp's loop scalar)
+            size = extent(sch, loops[-1]) or 0
+            if size > lanes:
+                _, vec = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vec)
+                if size % lanes:
+                    peel_partial_tiles(sch, block)
+    if worth_parallel(work):
+        sch.parallel(row)
+    return True
+
+
+def _blocks_under(sch, loop) -> list:
+    return list(sch.get_child_blocks(loop))
 
 
 def _inline_single_use(sch) -> None:
