@@ -44,6 +44,13 @@ def planned_threads(threads: int | None):
         _THREADS.reset(token)
 
 
+def mark_parallel(sch: s_tir.Schedule, loop) -> None:
+    """Mark `loop` parallel unless it runs once (then TVM's thread pool would be woken for one iteration: a
+    1×160×1×40 conv of ppocrv6_tiny_rec had a parallel loop of extent 1)."""
+    if (extent(sch, loop) or 2) > 1:
+        sch.parallel(loop)
+
+
 def worth_parallel(work: int, threshold: int = PARALLEL_MIN_WORK) -> bool:
     """Whether a loop nest doing `work` multiply-adds (or elements) should be spread over the thread pool."""
     return _THREADS.get() != 1 and work >= threshold
@@ -191,7 +198,7 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
         sch.vectorize(vec)
     if allow_parallel and len(loops) > 1 and worth_parallel(total, PARALLEL_MIN_ELEMENTS):
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        sch.parallel(outer)
+        mark_parallel(sch, outer)
 
 
 def schedule_rest(sch: s_tir.Schedule, producers: list[str], rest, lanes: int, done=()) -> None:

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, TILE, default_legalization, dtype_or, extent, guarded, inline_epilogue, is_spatial, \
-    kernel_schedule, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
+    kernel_schedule, mark_parallel, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
     tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, dtype_bits, is_cpu
 
@@ -597,7 +597,7 @@ def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: 
                  if is_spatial(sch, b) and sch.get(b).name_hint not in placed]
     # before decompose_reduction: `parallel` needs a complete reduction block
     if parallel if parallel is not None else worth_parallel(work):
-        sch.parallel(outer)
+        mark_parallel(sch, outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     schedule_rest(sch, producers, leftovers, lanes)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import KERNEL, extent, peel_partial_tiles, product, root_blocks, schedule_injective, worth_parallel
+from .common import KERNEL, PARALLEL_MIN_ELEMENTS, extent, mark_parallel, peel_partial_tiles, product, root_blocks, \
+    schedule_injective, worth_parallel
 from .simd import describe, is_cpu
 
 LANE_REDUCE = "lane_reduce"
@@ -108,7 +109,7 @@ class LaneReduce:
                 sch.vectorize(lane)  # before the init is split off: then the block is still a reduction block
                 work = product(extent(sch, lp) or 1 for lp in sch.get_loops(block))
                 if lead and worth_parallel(work):
-                    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+                    mark_parallel(sch, sch.fuse(*lead) if len(lead) > 1 else lead[0])
                 sch.decompose_reduction(block, red)  # the init's lane loop stays vectorized
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 schedule_injective(sch, block, lanes)
@@ -131,7 +132,9 @@ def _rows_in_cache(sch, lanes: int) -> bool:
             sch.compute_at(block, row, preserve_unit_loops=True)
     except s_tir.ScheduleError:
         return False
-    work = product(extent(sch, lp) or 1 for lp in sch.get_loops(last))
+    elements = product(extent(sch, lp) or 1 for lp in sch.get_loops(last))
+    if worth_parallel(elements, PARALLEL_MIN_ELEMENTS):  # an element costs an exp and four passes; parallel
+        mark_parallel(sch, row)  # before the reductions are decomposed (it needs whole reduction blocks)
     for block in sch.get_child_blocks(row):
         stmt = sch.get(block)
         loops = sch.get_loops(block)
@@ -149,8 +152,6 @@ def _rows_in_cache(sch, lanes: int) -> bool:
                 sch.vectorize(vec)
                 if size % lanes:
                     peel_partial_tiles(sch, block)
-    if worth_parallel(work):
-        sch.parallel(row)
     return True
 
 
@@ -209,7 +210,7 @@ class RowReduce:
         *_, ro, ri = sch.get_loops(rf)
         sch.vectorize(ri)
         if spatial and worth_parallel(work):
-            sch.parallel(sch.fuse(*sch.get_loops(rf)[:n_spatial]))
+            mark_parallel(sch, sch.fuse(*sch.get_loops(rf)[:n_spatial]))
         sch.decompose_reduction(rf, ro)
         for other in root_blocks(sch):
             stmt = sch.get(other)
