@@ -337,14 +337,17 @@ def test_a_channel_tile_whose_weights_outgrow_l1_reduces_in_chunks(monkeypatch):
     fused = fused_module(tvm_build.import_onnx(conv_chunked(), {"x": (1, 256, 13, 13)}), target)
     (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
 
-    def loop_extents() -> list[int]:
-        with target:
+    def loop_extents(threads: int = 1) -> list[int]:
+        from squeeze.targets.schedules.common import planned_threads
+        with target, planned_threads(threads):
             sch = next(s for s in (r.apply(func, target, False) for r in rules()) if s is not None)
         block = next(b for b in sch.get_child_blocks(get_root_block(sch))
                      if sch.get(b).annotations.get("squeeze.kernel") == conv2d.CONV
                      and not sch.get(b).name_hint.endswith("_init"))
         return [int(sch.get(lp).extent) for lp in sch.get_loops(block)]
     chunked = loop_extents()
+    # run parallel, its few channel blocks would be the only parallel tasks: not chunked then (rc whole)
+    assert chunked[0] < conv2d.CHUNK_MIN_PARALLEL_TASKS and 256 in loop_extents(threads=2) and 256 not in chunked
     monkeypatch.setattr(conv2d, "CHUNK_WEIGHT_BYTES", 1 << 60)
     whole = loop_extents()
     # chunked: (n·ko, rc_o, yo, xo, rc_i, ...); whole: (n·ko·yo, xo, rc, ...)

@@ -657,7 +657,9 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     xo, xi = sch.split(x, [None, wt])
     padding = _row_padding(sch, anchor, ht) if layout is None and not keep else None
     rows_first = padding is not None or _rows_outermost(sch, anchor, extent(sch, ko))
-    chunk = None if rows_first or layout is not None or keep else reduction_chunk(sch, anchor, kv * kb, ht, wt)
+    spread = parallel if parallel is not None else worth_parallel(work)
+    chunk = None if rows_first or layout is not None or keep else \
+        reduction_chunk(sch, anchor, kv * kb, ht, wt, extent(sch, n) * extent(sch, ko) if spread else None)
     decompose_at = rc
     if chunk is not None:  # the weights of a chunk of input channels stay in L1 while it sweeps every tile
         rco, rci = sch.split(rc, [None, chunk])
@@ -698,17 +700,24 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
 CHUNK_WEIGHT_BYTES = 8 * 1024
 CHUNK_ACCUMULATOR_BYTES = 128 * 1024
 CHUNK_MIN_CHANNELS = 16
+#: a chunked conv's parallel loop runs over its channel blocks only (the row and column tiles are inside the
+#: chunk loop): with fewer blocks than this it is not chunked when it runs parallel (3 blocks on 2 threads: one
+#: thread does two thirds of the work)
+CHUNK_MIN_PARALLEL_TASKS = 8
 
 
-def reduction_chunk(sch, anchor, k_tile: int, ht: int, wt: int) -> int | None:
+def reduction_chunk(sch, anchor, k_tile: int, ht: int, wt: int, tasks: int | None = None) -> int | None:
     """Input channels per reduction chunk of a channel-tile conv, or None to reduce over all of them per tile.
 
     Tile by tile, the reduction streams the weights of its `k_tile` output channels over all C·R·S taps; every
     tile of the map reads them again. Once they outgrow L1 (with the tile's inputs beside them) each tile reads
     them from L2. Chunked, the input channels are split so that a chunk's weights (`CHUNK_WEIGHT_BYTES`) stay in
     L1 while the chunk sweeps every tile of the map; the accumulators of the channel block over the whole map are
-    then kept in memory between chunks (the kc blocking of a GEMM).
+    then kept in memory between chunks (the kc blocking of a GEMM). `tasks`: the channel blocks (× batch) its
+    parallel loop would have, when it is to run parallel (`CHUNK_MIN_PARALLEL_TASKS`).
     """
+    if tasks is not None and tasks < CHUNK_MIN_PARALLEL_TASKS:
+        return None
     packed = sch.get(anchor).reads[1].source
     _, c, r, s, kb = (int(v) for v in packed.shape)
     _, _, y, x, *_ = (int(iv.dom.extent) for iv in sch.get(anchor).iter_vars)
