@@ -41,7 +41,8 @@ from __future__ import annotations
 #: 19: on VBMI targets a requantize (dequantize → quantize) on a byte tensor is a table lookup too.
 #: 20: pointwise convs with many inputs on the column tile (`conv2d.plan_columns`), channel tiles reduce in chunks
 #: of input channels (`conv2d.reduction_chunk`), softmax rows in several accumulator chains and a reciprocal;
-#: transposing epilogues lowered to shuffle networks (`transpose.py`, a TIR pass: records replay unchanged).
+#: transposing epilogues lowered to shuffle networks (`transpose.py`, a TIR pass: records replay unchanged);
+#: quantize divides by its scale with a reciprocal and two FMAs (`int8.divide_exactly`).
 SCHEDULES_VERSION = 20
 
 
