@@ -71,8 +71,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, guarded, inline_epilogue, kernel_schedule, mark_parallel, \
-    peel_partial_tiles, product, schedule_rest, worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, divide_exactly, extent, guarded, inline_epilogue, kernel_schedule, \
+    mark_parallel, peel_partial_tiles, product, schedule_rest, worth_parallel
 from .dot_intrinsics import COLUMNS, INSTRUCTIONS, dot_intrinsic, pairs_fit, signed_activations
 from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
@@ -372,23 +372,6 @@ def round_half_even(value, dtype: str):
     if is_cpu(tvm.target.Target.current(allow_none=True)):  # the LLVM targets
         return tirx.call_llvm_pure_intrin(dtype, "llvm.roundeven", value)
     return tirx.nearbyint(value)
-
-
-def divide_exactly(x, s):
-    """x / s, correctly rounded as IEEE division, from a reciprocal and two FMAs (Markstein): y = x·(1/s),
-    e = x − y·s (exact with an FMA), y + e·(1/s). With 1/s loop-invariant (a scalar or per-channel scale) this is
-    a multiply and two FMAs per element where a vector divide issues once every 5-10 cycles: ppocrv6_tiny_det's
-    int8 SE blocks requantize 64×80×80 maps three times (0.31 ms, most of it in `vdivps`). Exact for quotients
-    in the normal range, which quantization's are (its result is rounded and clamped to 8 bits)."""
-    import tvm  # noqa: PLC0415
-    from tvm import tirx  # noqa: PLC0415
-    dtype = str(x.ty.dtype) if hasattr(x, "ty") else str(x.dtype)  # an expression or a te.Tensor slice
-    if not is_cpu(tvm.target.Target.current(allow_none=True)):
-        return x / s
-    r = tirx.const(1.0, dtype) / s
-    y = x * r
-    e = tirx.call_llvm_pure_intrin(dtype, "llvm.fma", tirx.const(0.0, dtype) - y, s, x)
-    return tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, y)
 
 
 def legalize_quantize(bb, call):
