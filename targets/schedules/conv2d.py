@@ -691,7 +691,7 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     if padding is not None:
         sch.compute_at(padding, outer, preserve_unit_loops=True)
         placed.append(padding)
-    _finish(sch, anchor, decompose_at, outer, work, lanes, leftovers, parallel, placed=placed)
+    _finish(sch, anchor, decompose_at, outer, work, lanes, leftovers, spread, placed=placed)
 
 
 #: L1 bytes the weights of one reduction chunk may take (`reduction_chunk`); the accumulators of a channel block

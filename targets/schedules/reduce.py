@@ -104,9 +104,7 @@ class LaneReduce:
         for block in root_blocks(sch):
             stmt = sch.get(block)
             if str(stmt.annotations.get(KERNEL, "")) == LANE_REDUCE:
-                *lead, lane, red = sch.get_loops(block)
-                sch.reorder(red, lane)
-                sch.vectorize(lane)  # before the init is split off: then the block is still a reduction block
+                lead, red = _lanes_innermost(sch, block)
                 work = product(extent(sch, lp) or 1 for lp in sch.get_loops(block))
                 if lead and worth_parallel(work):
                     mark_parallel(sch, sch.fuse(*lead) if len(lead) > 1 else lead[0])
@@ -114,6 +112,15 @@ class LaneReduce:
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 schedule_injective(sch, block, lanes)
         return sch
+
+
+def _lanes_innermost(sch, block) -> tuple[list, object]:
+    """A `LANE_REDUCE` block's lane loop innermost and vectorized (before its init is split off: then it is still
+    a reduction block); (its leading loops, its reduction loop)."""
+    *lead, lane, red = sch.get_loops(block)
+    sch.reorder(red, lane)
+    sch.vectorize(lane)
+    return lead, red
 
 
 def _rows_in_cache(sch, lanes: int) -> bool:
@@ -139,9 +146,7 @@ def _rows_in_cache(sch, lanes: int) -> bool:
         stmt = sch.get(block)
         loops = sch.get_loops(block)
         if str(stmt.annotations.get(KERNEL, "")) == LANE_REDUCE:
-            *_, lane, red = loops
-            sch.reorder(red, lane)
-            sch.vectorize(lane)
+            _, red = _lanes_innermost(sch, block)
             sch.decompose_reduction(block, red)
         elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
             # the elementwise passes over the row (exp, normalise): whole vectors, the last partial one peeled
