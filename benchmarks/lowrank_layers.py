@@ -20,8 +20,8 @@ unchanged: the same latency with both schedule sets).
 """
 from __future__ import annotations
 
-import atexit
 import argparse
+import atexit
 import datetime as _dt
 import importlib.util
 import io
