@@ -21,11 +21,13 @@ unchanged: the same latency with both schedule sets).
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as _dt
 import importlib.util
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -65,6 +67,7 @@ def baseline_schedules(commit: str):
     data = subprocess.run(["git", "archive", commit, "targets/schedules"], capture_output=True, cwd=REPO,
                           check=True).stdout
     root = Path(tempfile.mkdtemp(prefix="squeeze-schedules-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # imported lazily while the script runs: keep till exit
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(root, filter="data")
     pkg = root / "targets" / "schedules"

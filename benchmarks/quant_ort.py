@@ -11,8 +11,10 @@ others = relative L2 of the outputs against the float model (no labels).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -229,8 +231,12 @@ def main() -> None:
     args = ap.parse_args()
     path = model_path(args.model)
     calib, ev, truth = load_split(args.model, args.calib)
-    folder = Path(args.save or tempfile.mkdtemp())
-    folder.mkdir(parents=True, exist_ok=True)
+    if args.save:
+        folder = Path(args.save)
+        folder.mkdir(parents=True, exist_ok=True)
+    else:  # nothing to keep: the models go with the process
+        folder = Path(tempfile.mkdtemp(prefix="squeeze-quant-ort-"))
+        atexit.register(shutil.rmtree, folder, True)
     ref = run(str(path), ev)
     rows = {"float": {**metric(args.model, ref, truth, ref), "file": path.stat().st_size}}
     samples = {"float": per_sample(args.model, ref, truth, ref)}

@@ -5,7 +5,7 @@
     python benchmarks/run.py --models mnist_burn --pipelines "cleanup" --out /tmp/b.md
     python benchmarks/run.py --all                 # every per-issue script, then the main table: BENCHMARKS.md whole
     python benchmarks/run.py --all --scripts peers --dry-run   # what --all would run and what it would skip
-    python benchmarks/run.py --all --jobs 2        # two 1-thread scripts at a time (all-core ones alone)
+    python benchmarks/run.py --all --jobs 2        # two 1-thread scripts at a time, then all-core ones alone
     python benchmarks/run.py --render              # no run: BENCHMARKS.md from the cache and the per-issue tables
 
 `--all` regenerates BENCHMARKS.md whole: it runs every per-issue script in ISSUE_SCRIPTS (each writes
@@ -470,7 +470,8 @@ def run_issue_script(name: str, extra: list[str], stamps: dict, script: str | No
 
 def run_all(scripts: list[str], dry_run: bool, jobs: int = 1) -> list[str]:
     """Run the per-issue scripts named in `scripts` (ISSUE_SCRIPTS order) whose table is not current, up to `jobs`
-    at a time (those in ALL_CORES alone); return one line per script saying what was done, in ISSUE_SCRIPTS order."""
+    at a time (those in ALL_CORES after them, alone); return one line per script saying what was done, in
+    ISSUE_SCRIPTS order."""
     stamps, done, todo = load_stamps(), {}, []
     order = [entry for entry in issue_entries() if entry[0] in scripts]
     for name, script, extra in order:
@@ -493,19 +494,15 @@ def run_all(scripts: list[str], dry_run: bool, jobs: int = 1) -> list[str]:
         done[name] = (f"{name}: {stamp['status']} in {stamp['seconds'] / 60:.1f} min"
                       + (f" ({stamp['error']})" if stamp.get("error") else ""))
         print(f"[run.py --all] {done[name]}", file=sys.stderr, flush=True)
-    batch: list = []  # scripts that may share the cores, run `jobs` at a time; an ALL_CORES one waits for them
-
-    def flush() -> None:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            list(pool.map(one, batch))
-        batch.clear()
+    # the scripts that may share the cores in one pool, `jobs` at a time (a pool per stretch between ALL_CORES
+    # scripts left a core idle behind each long one: quant_codebook's 80 min before goal); then the ALL_CORES ones,
+    # each alone. With one job, ISSUE_SCRIPTS order.
+    shared = [entry for entry in todo if entry[0] not in ALL_CORES or jobs <= 1]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, shared))
     for entry in todo:
-        if entry[0] in ALL_CORES:
-            flush()
+        if entry not in shared:
             one(entry)
-        else:
-            batch.append(entry)
-    flush()
     return [done[name] for name, _, _ in order if name in done]
 
 
@@ -736,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                    "table at the code its last invocation measured, which the file names) and the per-issue tables")
     p.add_argument("--dry-run", action="store_true", help="with --all: say what would run and what is current")
     p.add_argument("--jobs", type=int, default=1, help="with --all: per-issue scripts run at once (those that time "
-                   "at every core still run alone); 1, the default, times each on an otherwise idle machine")
+                   "at every core run after them, alone); 1, the default, times each on an otherwise idle machine")
     p.add_argument("--no-main", action="store_true", help="with --all: the per-issue scripts only; BENCHMARKS.md "
                    "is left as it is")
     args = p.parse_args(argv)

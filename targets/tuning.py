@@ -113,16 +113,18 @@ def _light_tensor_intrin(arch: str = "x86") -> None:
 
 def _build(mod, target, _params):
     """MetaSchedule's default_build without its tensor-intrinsic import (runs in the builder's worker), lowered
-    as the model build lowers it: partial tiles peeled (`schedules.common.peel_partial_tiles`)."""
+    as the model build lowers it: partial tiles peeled (`schedules.common.peel_partial_tiles`), squeeze's TIR
+    pipeline (byte-table lookups, transposing epilogues: `schedules.pipeline.register_tir_pipeline`)."""
     from tvm.driver import build  # noqa: PLC0415
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # noqa: PLC0415
 
     from .schedules import COMPILE_CONFIG  # noqa: PLC0415
     from .schedules.common import mark_partial_tiles  # noqa: PLC0415
+    from .schedules.pipeline import register_tir_pipeline  # noqa: PLC0415
     from .tvm_build import pass_context  # noqa: PLC0415
     mod = mark_partial_tiles(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod))
     with pass_context(COMPILE_CONFIG):
-        return build(mod, target=target)
+        return build(mod, target=target, pipeline=register_tir_pipeline())
 
 
 def _export_library(mod, cross_compiler: str | None = None) -> str:

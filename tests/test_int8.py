@@ -542,3 +542,28 @@ def test_an_int8_layer_feeding_a_padded_int8_layer(pads):
     got = tvm_build.VMRunner(executable, tvm.cpu(), ["x"]).run({"x": x})[0]
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("scale", [0.0123, 0.28614592552185059, 1 / 3, 0.1, 0.53490763902664185, 1.3 * 2.0 ** -7])
+def test_quantize_divides_exactly_with_a_reciprocal(scale):
+    """`int8.divide_exactly` (a reciprocal and two FMAs) equals IEEE division bit for bit, values half a step off a
+    quantization level included: a quantize rounds them, so a quotient one ulp off would move them a level."""
+    import tvm
+    from tvm import te
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules.int8 import divide_exactly
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    n = 1 << 16
+    with target:
+        x_in = te.placeholder((n,), "float32", name="x")
+        s_in = te.placeholder((), "float32", name="s")
+        out = te.compute((n,), lambda i: divide_exactly(x_in[i], s_in()), name="y")
+        func = te.create_prim_func([x_in, s_in, out])
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(n) * 40).astype(np.float32)
+    x[:2000] = (np.arange(2000, dtype=np.float32) - 1000 + 0.5) * np.float32(scale)  # half steps
+    y = tvm.runtime.tensor(np.zeros(n, np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array(scale, np.float32)), y)
+    np.testing.assert_array_equal(y.numpy(), x / np.float32(scale))

@@ -126,8 +126,25 @@ def concat_bn() -> onnx.ModelProto:
     return g.model({"x": [1, 3, 11, 11]}, "y")
 
 
+def pointwise_wide() -> onnx.ModelProto:
+    """x[1,40,6,80] ─ Conv 40→44 1×1 ─ Relu ─ y   (many inputs, wide rows: the pointwise column tile; 44 outputs
+    pad to whole blocks of 8)"""
+    g = graphs.Builder(11)
+    g.node("Relu", [g.conv("x", "c", 40, 44, k=1)], "y")
+    return g.model({"x": [1, 40, 6, 80]}, "y")
+
+
+def conv_chunked() -> onnx.ModelProto:
+    """x[1,256,13,13] ─ Conv 256→40 1×1 ─ Relu ─ y   (13 columns: the channel tile, whose 256 input channels of
+    weights outgrow L1: reduced in chunks)"""
+    g = graphs.Builder(12)
+    g.node("Relu", [g.conv("x", "c", 256, 40, k=1)], "y")
+    return g.model({"x": [1, 256, 13, 13]}, "y")
+
+
 GRAPHS = {f.__name__: f for f in (conv_odd, conv_strided_no_bias, conv_residual_dilated, conv_big, grouped,
-                                  grouped_padded, depthwise, dense_heads, matmul_batched, pools, concat_bn)}
+                                  grouped_padded, depthwise, dense_heads, matmul_batched, pools, concat_bn,
+                                  pointwise_wide, conv_chunked)}
 
 
 def _target():
@@ -188,6 +205,8 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
     ("pools", {"max_pool2d": "DepthwiseConv2d", "avg_pool2d": "Pool", "mean": "RowReduce"}),  # max: window_compute
     ("concat_bn", {"conv2d": "Conv2dPacked", "concatenate": "Injective"}),
+    ("pointwise_wide", {"conv2d": "Conv2dColumns"}),
+    ("conv_chunked", {"conv2d": "Conv2dPacked"}),
 ])
 def test_each_function_gets_its_rule(name, expected):
     """Every fused function is scheduled, by the rule written for it (a name containing the key)."""
@@ -289,6 +308,53 @@ def test_cpu_facts_for_known_micro_architectures():
     assert (arm.lanes(), arm.accumulators()) == (4, 24)
 
 
+def test_pointwise_convs_with_many_inputs_take_the_wide_column_tile():
+    """1×1 stride-1 convs take the column tile whatever their inputs: 8 channels broadcast, registers − 8
+    accumulators, where the columns pad by ≤ 20 % (13 of 16 lanes do not); a 3×3 with many inputs does not."""
+    import tvm
+
+    from squeeze.targets.schedules.conv2d import ConvPlan, plan_columns
+    from squeeze.targets.schedules.simd import describe
+    intel = describe(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))
+    zen4 = describe(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    assert plan_columns(320, 160, 3, 80, intel, "float32", pointwise=True) == ConvPlan(8, 1, 3, 16)
+    assert plan_columns(320, 160, 3, 80, zen4, "float32", pointwise=True) == ConvPlan(8, 1, 3, 8)
+    assert plan_columns(64, 64, 40, 40, intel, "float32", pointwise=True) == ConvPlan(8, 3, 1, 48)  # 48: 20 %
+    assert plan_columns(160, 160, 1, 40, intel, "float32", pointwise=True) == ConvPlan(8, 3, 1, 48)  # one row
+    assert plan_columns(1000, 512, 13, 13, intel, "float32", pointwise=True) is None
+    assert plan_columns(320, 160, 3, 80, intel, "float32") is None  # not pointwise
+    # few inputs: the 4-channel tile as before, whatever the kernel
+    assert plan_columns(64, 16, 3, 80, intel, "float32") == ConvPlan(4, 1, 3, 16)
+
+
+def test_a_channel_tile_whose_weights_outgrow_l1_reduces_in_chunks(monkeypatch):
+    """`conv2d.reduction_chunk`: the input channels of `conv_chunked`'s channel tile split in chunks whose weights
+    fit `CHUNK_WEIGHT_BYTES`, the chunk loop outside the row and column tiles (outputs: `test_outputs_match_...`)."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    from squeeze.targets.schedules import conv2d, fused_module, rules
+    target = _target()
+    fused = fused_module(tvm_build.import_onnx(conv_chunked(), {"x": (1, 256, 13, 13)}), target)
+    (func,) = [f for gv, f in fused.functions_items() if "conv2d" in gv.name_hint]
+
+    def loop_extents(threads: int = 1) -> list[int]:
+        from squeeze.targets.schedules.common import planned_threads
+        with target, planned_threads(threads):
+            sch = next(s for s in (r.apply(func, target, False) for r in rules()) if s is not None)
+        block = next(b for b in sch.get_child_blocks(get_root_block(sch))
+                     if sch.get(b).annotations.get("squeeze.kernel") == conv2d.CONV
+                     and not sch.get(b).name_hint.endswith("_init"))
+        return [int(sch.get(lp).extent) for lp in sch.get_loops(block)]
+    chunked = loop_extents()
+    # run parallel, its few channel blocks would be the only parallel tasks: not chunked then (rc whole)
+    assert chunked[0] < conv2d.CHUNK_MIN_PARALLEL_TASKS and 256 in loop_extents(threads=2) and 256 not in chunked
+    monkeypatch.setattr(conv2d, "CHUNK_WEIGHT_BYTES", 1 << 60)
+    whole = loop_extents()
+    # chunked: (n·ko, rc_o, yo, xo, rc_i, ...); whole: (n·ko·yo, xo, rc, ...)
+    assert chunked[1] > 1 and chunked[1] * chunked[4] == 256 and whole[2] == 256, (chunked, whole)
+    assert len(chunked) == len(whole) + 2
+
+
 def test_tuning_variants_try_the_models_tiles_first():
     """The capped tiles come first in the variant list; the larger ones the cap rules out come after them."""
     from squeeze.targets.schedules.conv2d import ranked_tiles
@@ -379,7 +445,7 @@ def test_a_conv_without_padding_takes_a_tile_that_divides_its_output():
     (64, 64, (128, 96), True),    # 3.1 MB of input: row tiles outside the 4 channel blocks
     (64, 64, (32, 24), False),    # 0.2 MB: channel blocks outermost, as before
     (16, 32, (256, 160), True),   # the column tile (16 inputs), 2.6 MB
-    (64, 16, (128, 96), False),   # one channel block: nothing to reorder
+    (64, 8, (128, 96), False),    # one channel block (the pointwise column tile's 8): nothing to reorder
 ])
 def test_a_conv_over_a_large_input_loops_over_row_tiles_outside_channel_blocks(c_in, c_out, hw, rows_first,
                                                                               monkeypatch):

@@ -6,12 +6,13 @@ function a schedule without tuning, in milliseconds:
 
 | module | legalization | rule |
 |---|---|---|
-| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv (channel vectors, or column vectors for ≤ 16 input channels), fused vectorized epilogue |
+| `conv2d` | NCHW conv2d with packed weights (plain, grouped), depthwise; ConvTranspose as a packed conv over its stride phases | register-tiled direct conv (channel vectors, reduced in L1-sized chunks of input channels when the weights outgrow L1; or column vectors for ≤ 16 input channels and for pointwise convs), fused vectorized epilogue |
 | `conv_transpose` | (a graph rewrite) ConvTranspose with kernel = stride and fewer outputs than a vector's lanes → 1×1 conv to K·sh·sw channels + pixel shuffle, the elementwise ops after it moved before the shuffle | the conv's rules with the moved ops as epilogue; the shuffle: `injective`'s interleaved store |
 | `conv_pair` | a conv feeding a conv with nothing between (what `lowrank` writes) → one function: the first conv's tile kept channel-blocked | both convs as `conv2d`'s channel tile, the intermediate never transposed |
 | `dense` | MatMul/Gemm with a constant right operand, packed in panels | register tile + split reduction at batch 1 |
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
 | `pool` | max pools that pad (or ceil mode) or have < 16 output columns as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | window maxes: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
+| `transpose` | (a TIR pass after lowering) a channel tile's epilogue loop reading the tile transposed, one strided load per channel | the tile rows loaded whole and transposed by a network of two-input shuffles |
 | `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); gathers that interleave (x // c, x mod c: a pixel shuffle) as an unrolled phase loop LLVM vectorizes; fallback for the rest |
 
 A tile loop whose last tile runs past the output keeps its own loop (outside the parallel one), and

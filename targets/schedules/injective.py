@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, guarded, is_spatial, product, root_blocks, schedule_injective, subexpressions, \
-    worth_parallel
+from .common import extent, guarded, is_spatial, mark_parallel, product, root_blocks, schedule_injective, \
+    subexpressions, worth_parallel
 from .simd import describe, is_cpu
 
 
@@ -157,5 +157,5 @@ class Fallback:
                 spatial.append(loop)
             extents = [extent(sch, lp) for lp in loops]
             if spatial and None not in extents and worth_parallel(product(extents)):
-                sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+                mark_parallel(sch, sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
         return sch

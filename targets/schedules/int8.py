@@ -71,8 +71,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import KERNEL, TILE, TILE_SCOPE, extent, guarded, inline_epilogue, kernel_schedule, peel_partial_tiles, \
-    product, schedule_rest, worth_parallel
+from .common import KERNEL, TILE, TILE_SCOPE, divide_exactly, extent, guarded, inline_epilogue, kernel_schedule, \
+    mark_parallel, peel_partial_tiles, product, schedule_rest, worth_parallel
 from .dot_intrinsics import COLUMNS, INSTRUCTIONS, dot_intrinsic, pairs_fit, signed_activations
 from .int8_tables import lookup_tables
 from .simd import describe, is_cpu
@@ -402,7 +402,7 @@ def legalize_quantize(bb, call):
             return t[idx[ax]]
 
         def body(*idx):
-            scaled = x[idx] if unit else x[idx] / param(s, idx).astype(x.dtype)
+            scaled = x[idx] if unit else divide_exactly(x[idx], param(s, idx).astype(x.dtype))
             value = round_half_even(scaled, str(x.dtype)) + param(z, idx).astype(x.dtype)
             return tirx.max(tirx.min(value, tirx.const(info.max, x.dtype)), tirx.const(info.min, x.dtype)) \
                 .astype(out_dtype)
@@ -723,7 +723,7 @@ class Int8Kernel:
         if _vectorize_epilogue(sch, epilogue, kb, columns) and wt > 1:
             _stage_epilogue(sch, epilogue, xo)
         if worth_parallel(work):  # before tensorize: the tensorized block is no longer a plain reduction
-            sch.parallel(outer)
+            mark_parallel(sch, outer)
         init = sch.decompose_reduction(anchor, rc)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(ki, intrinsic)
@@ -753,7 +753,7 @@ def _schedule_columns(sch, anchor, target):
     sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
     _vectorize_epilogue(sch, epilogue, lanes, columns=True)
     if worth_parallel(work):
-        sch.parallel(outer)
+        mark_parallel(sch, outer)
     init = sch.decompose_reduction(anchor, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(xi, intrinsic)

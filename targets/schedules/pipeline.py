@@ -39,7 +39,11 @@ from __future__ import annotations
 #: 17: quantized ConvTransposes as int8 1×1 convs; byte-table lookups as vpermi2b (AVX-512 VBMI).
 #: 18: quantized depthwise convs in int8 (the float depthwise kernel on integer values, uint8 input).
 #: 19: on VBMI targets a requantize (dequantize → quantize) on a byte tensor is a table lookup too.
-SCHEDULES_VERSION = 19
+#: 20: pointwise convs with many inputs on the column tile (`conv2d.plan_columns`), channel tiles reduce in chunks
+#: of input channels (`conv2d.reduction_chunk`), softmax rows in several accumulator chains and a reciprocal;
+#: transposing epilogues lowered to shuffle networks (`transpose.py`, a TIR pass: records replay unchanged);
+#: quantize divides by its scale with a reciprocal and two FMAs (`int8.divide_exactly`).
+SCHEDULES_VERSION = 20
 
 
 def legalize_map() -> dict:
@@ -113,17 +117,19 @@ TIR_PIPELINE = "squeeze_cpu"
 
 def register_tir_pipeline() -> str:
     """Register (once) and return `TIR_PIPELINE`: TVM's default TIR lowering, then the byte-table gathers as
-    vector permutes (`int8_tables.vector_lookups`)."""
+    vector permutes (`int8_tables.vector_lookups`) and transposing epilogues as shuffle networks
+    (`transpose.transposed_epilogues`)."""
     import tvm  # noqa: PLC0415
     from tvm.tirx import compilation_pipeline  # noqa: PLC0415
 
     from .int8_tables import vector_lookups_pass  # noqa: PLC0415
+    from .transpose import transpose_pass  # noqa: PLC0415
     if TIR_PIPELINE not in compilation_pipeline.PIPELINE_MAP:
         default = compilation_pipeline.PIPELINE_MAP["s_tir"]
 
         def factory():
             lower, host, device = default()
-            return tvm.transform.Sequential([lower, vector_lookups_pass()]), host, device
+            return tvm.transform.Sequential([lower, vector_lookups_pass(), transpose_pass()]), host, device
         compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, factory)
     return TIR_PIPELINE
 

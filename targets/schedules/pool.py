@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, inline_epilogue, product, root_blocks, schedule_injective, schedule_rest, tile_epilogue, \
-    worth_parallel
+from .common import extent, inline_epilogue, mark_parallel, product, root_blocks, schedule_injective, schedule_rest, \
+    tile_epilogue, worth_parallel
 from .simd import describe, is_cpu
 
 CHANNELS_IN_FLIGHT = 8
@@ -117,7 +117,7 @@ class Pool:
             outer = sch.fuse(n, c)
             rest = [b for b in root_blocks(sch) if sch.get(b).name_hint != sch.get(anchor).name_hint]
             if worth_parallel(work):
-                sch.parallel(outer)
+                mark_parallel(sch, outer)
             for block in rest:
                 schedule_injective(sch, block, lanes)
             return sch
@@ -133,7 +133,7 @@ class Pool:
         sch.unroll(inner)
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
         if worth_parallel(work):
-            sch.parallel(outer)
+            mark_parallel(sch, outer)
         sch.decompose_reduction(anchor, ry)
         epilogue_name = sch.get(epilogue).name_hint
         schedule_rest(sch, producers, rest, lanes, {epilogue_name})
