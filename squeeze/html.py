@@ -172,7 +172,8 @@ def _goal_section(report: dict) -> str:
     goal = report.get("goal")
     if not goal:
         return "<p>No --goal: the passes ran with the strengths given.</p>"
-    status = {"met": "goal met", "closest": "goal not met within --max-drop: closest point kept",
+    within = "" if goal.get("max_drop") is None else " within --max-drop"
+    status = {"met": "goal met", "closest": f"goal not met{within}: closest point kept",
               "unreachable": "nothing within --max-drop"}.get(goal["status"], goal["status"])
     head = (f"<p><b>{_esc(goal['goal'])}</b> ({_esc('+'.join(goal['using']))}): {_esc(status)}. Chosen passes: "
             f"<code>{_esc(goal.get('spec') or '(none)')}</code>. Drop measured on {_esc(goal.get('drop_basis'))}; "

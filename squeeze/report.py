@@ -349,9 +349,10 @@ def _goal_lines(goal: dict | None) -> list[str]:
     """The --goal section: status, why, the chosen passes, the measured plans (Pareto points), the plan."""
     if not goal:
         return []
-    status = {"met": "met", "closest": "not met within --max-drop; the closest point is kept",
-              "unreachable": "nothing within --max-drop"}.get(goal["status"], goal["status"])
     limit = "" if goal.get("max_drop") is None else f", --max-drop {goal['max_drop']}"
+    within = " within --max-drop" if limit else ""
+    status = {"met": "met", "closest": f"not met{within}; the closest point is kept",
+              "unreachable": "nothing within --max-drop"}.get(goal["status"], goal["status"])
     lines = ["## Goal", "", f"`{goal['goal']}` with {'+'.join(goal['using'])}{limit}: **{status}**. Chosen passes: `{goal.get('spec') or '(none)'}`. Drop measured on {goal['drop_basis']}; "
              f"search {goal['seconds']:.0f} s (tables {goal['tables']['seconds']:.0f} s"
              f"{', from the cache' if goal['tables'].get('cached') else ''}).", ""]

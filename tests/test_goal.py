@@ -626,3 +626,17 @@ def test_a_bad_keep_through_compress_keeps_the_input(digits):
     assert result.report["final"]["bytes"]["packed"] == result.report["original"]["bytes"]["packed"]
     with pytest.raises(SqueezeError, match="keep entry"):
         result.raise_for_failure()
+
+
+@pytest.mark.parametrize("max_drop", [None, 1.0])
+def test_closest_status_names_max_drop_only_when_one_was_given(max_drop):
+    """A --goal without --max-drop that falls short says 'not met', not 'not met within --max-drop'."""
+    from squeeze import html, report  # noqa: PLC0415
+    goal = {"goal": "latency=1.5x@cpu", "using": ["prune"], "status": "closest", "max_drop": max_drop,
+            "spec": "prune(ratio=0.1)", "drop_basis": "validation", "seconds": 3, "tables": {"seconds": 1},
+            "why": [], "budgets": {}, "points": []}
+    text = "\n".join(report._goal_lines(goal))
+    page = html._goal_section({"goal": goal})
+    for shown in (text, page):
+        assert ("within --max-drop" in shown) == (max_drop is not None)
+        assert "not met" in shown

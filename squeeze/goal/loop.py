@@ -263,7 +263,8 @@ def _relax(predictor: LossModel, budgets, measure, measured: dict, max_drop, his
             measured[key] = measure(plan, f"relax {way:.0%}")
         point = measured[key]
         if point["within_max_drop"]:
-            history.append(f"closest point within --max-drop {max_drop}: {_show_ratios(point['ratios'])} "
+            within = "" if max_drop is None else f" within --max-drop {max_drop}"
+            history.append(f"closest point{within}: {_show_ratios(point['ratios'])} "
                            f"(bytes, MACs smaller; latency faster), drop {show(point['drop'])}")
             return plan, point
     return None
