@@ -150,8 +150,6 @@ def codebook(graph: gs.Graph, ctx: Context, *,
         if x is not None:
             entry["output_rel_err_kmeans"] = _output_error(layer, w, _expand(centroids, labels, w, s_full), x, x_in)
             gptq = assign == "gptq" and not kernel
-            if gptq and layer.matrix(w).shape[2] > MAX_GPTQ_INPUTS:
-                gptq, entry["gptq_damp"] = False, None  # nearest: too wide for the Hessian inverse
             centroids, labels, s_full = _assign(layer, w, centroids, labels, x, x_in, samples[layer.name], zero,
                                                 kernel, s_full, sm, rounds, damp, gptq, entry)
         codes = None
@@ -220,10 +218,12 @@ def _usable(layers: list[Layer], skipped: dict[str, str]) -> list[Layer]:
 def _assign(layer: Layer, w, centroids, labels, x, x_in, samples, zero, kernel: bool, s_full, sm, rounds: int,
             damp: float, gptq: bool, entry: dict):
     """Fit the codebook on the calibration rows: GPTQ assignment (with `damp`, or the damping or nearest
-    assignment chosen on held-out samples when it is 0) or nearest-centroid with a least-squares refit. Returns
-    (centroids, labels, channel scales); records the damping chosen in `entry`."""
+    assignment chosen on held-out samples when it is 0; nearest above MAX_GPTQ_INPUTS inputs) or nearest-centroid
+    with a least-squares refit. Returns (centroids, labels, channel scales); records the damping in `entry`."""
     chosen = None
-    if gptq:
+    if gptq and layer.matrix(w).shape[2] > MAX_GPTQ_INPUTS:
+        entry["gptq_damp"] = None                        # nearest: too wide for GPTQ's Hessian inverse
+    elif gptq:
         chosen = damp or _choose_damp(layer, w, centroids, labels, x, x_in, samples, zero, rounds, s_full, sm)
         entry["gptq_damp"] = chosen
     if chosen is None:
