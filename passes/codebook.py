@@ -548,48 +548,64 @@ def _refit(layer: Layer, w: np.ndarray, centroids: np.ndarray, labels: np.ndarra
 def _weight_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int,
                    sm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations for scalar centroids from Z[p, o, k] = s_o · Σ_{d: label[o,d]=k} X̃[p, d] (s_o: the
-    channel scale, 1 without), target X·Wᵀ.
+    channel scale, 1 without), target X·Wᵀ, summed over the groups.
 
-    Up to MAX_GRAM_INPUTS inputs they are formed from the Gram matrices G = X̃ᵀX̃ and X̃ᵀX over all rows:
-    ZᵀZ[k, l] = Σ_o s_o² Σ_{d: label k, d': label l} G[d, d'] and Zᵀy[k] = Σ_o s_o Σ_{d: label k} (X̃ᵀX·Wᵀ)[d, o],
-    O·D² work instead of the P·O·K² of the design matrix (whose rows are subsampled under MAX_Z; used for wider
-    layers)."""
-    import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
-    normal = np.zeros((count, count))
-    rhs = np.zeros(count)
+    Up to MAX_GRAM_INPUTS inputs they are formed from the Gram matrices (`_gram_system`: O·D² work), above from
+    the design matrix Z itself (`_design_system`: P·O·K², rows subsampled under MAX_Z)."""
     groups, outs, inputs = wm.shape
     scale = np.ones((groups, outs)) if sm is None else sm
+    system = _gram_system if inputs <= MAX_GRAM_INPUTS else _design_system
+    normal = np.zeros((count, count))
+    rhs = np.zeros(count)
     for g in range(groups):
-        if inputs <= MAX_GRAM_INPUTS:
-            xg = x_in[g].astype(np.float64)
-            gram = xg.T @ xg                                                   # [D, D]
-            target = (xg.T @ x[g].astype(np.float64)) @ wm[g].T                # X̃ᵀX·Wᵀ [D, O]
-            rhs += np.bincount(lab[g].ravel(), (scale[g][:, None] * target.T).ravel(), minlength=count)
-            chunk = max(1, MAX_Z // max(count * inputs, 1))                     # outputs per [o·K, D] block
-            for o0 in range(0, outs, chunk):
-                o1 = min(outs, o0 + chunk)
-                n = o1 - o0
-                cols = (np.arange(n)[:, None] * count + lab[g][o0:o1]).ravel()  # (o, label) of each (o, d)
-                # per output o: the rows of G summed by label → [o, k, d], scaled by s_o²
-                picks = scipy.sparse.csr_matrix((np.ones(n * inputs), (cols, np.tile(np.arange(inputs), n))),
-                                                shape=(n * count, inputs))    # [(o, k), d]: label[o, d] = k
-                summed = np.asarray(picks @ gram).reshape(n, count, inputs)
-                summed *= np.square(scale[g][o0:o1])[:, None, None]
-                by_label = scipy.sparse.csr_matrix((np.ones(n * inputs), (np.arange(n * inputs),
-                                                    lab[g][o0:o1].ravel())), shape=(n * inputs, count))
-                normal += np.asarray((by_label.T @ summed.transpose(0, 2, 1).reshape(n * inputs, count))).T
-            continue
-        keep = max(1, min(x.shape[1], MAX_Z // max(outs * count, 1)))
-        xg = x_in[g, :keep].astype(np.float64)
-        cols = (np.arange(outs)[:, None] * count + lab[g]).ravel()          # [O·D] column of each weight
-        rows = np.tile(np.arange(inputs), outs)
-        select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
-        z = np.asarray(xg @ select).reshape(len(xg), outs, count) * scale[g][None, :, None]
-        y = x[g, :keep].astype(np.float64) @ wm[g].T                      # [P, O] float outputs
-        flat = z.reshape(-1, count)                                        # BLAS: [P·O, K]
-        normal += flat.T @ flat
-        rhs += flat.T @ y.ravel()
+        n, r = system(wm[g], lab[g], x[g], x_in[g], count, scale[g])
+        normal += n
+        rhs += r
     return normal, rhs
+
+
+def _gram_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int, scale: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One group's normal equations from G = X̃ᵀX̃ and X̃ᵀX over all rows: ZᵀZ[k, l] = Σ_o s_o² Σ_{d: label k,
+    d': label l} G[d, d'] and Zᵀy[k] = Σ_o s_o Σ_{d: label k} (X̃ᵀX·Wᵀ)[d, o]. `wm`, `lab`: [O, D]; `x`, `x_in`:
+    [P, D]; `scale`: [O]."""
+    import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
+    outs, inputs = wm.shape
+    xt = x_in.astype(np.float64)
+    gram = xt.T @ xt                                                       # [D, D]
+    target = (xt.T @ x.astype(np.float64)) @ wm.T                          # X̃ᵀX·Wᵀ [D, O]
+    rhs = np.bincount(lab.ravel(), (scale[:, None] * target.T).ravel(), minlength=count)
+    normal = np.zeros((count, count))
+    chunk = max(1, MAX_Z // max(count * inputs, 1))                        # outputs per [o·K, D] block
+    for o0 in range(0, outs, chunk):
+        o1 = min(outs, o0 + chunk)
+        n = o1 - o0
+        cols = (np.arange(n)[:, None] * count + lab[o0:o1]).ravel()       # (o, label) of each (o, d)
+        # per output o: the rows of G summed by label → [o, k, d], scaled by s_o²
+        picks = scipy.sparse.csr_matrix((np.ones(n * inputs), (cols, np.tile(np.arange(inputs), n))),
+                                        shape=(n * count, inputs))       # [(o, k), d]: label[o, d] = k
+        summed = np.asarray(picks @ gram).reshape(n, count, inputs)
+        summed *= np.square(scale[o0:o1])[:, None, None]
+        # ... then its columns summed by label: Σ_o Σ_{d': label l} summed[o, k, d']
+        by_label = scipy.sparse.csr_matrix((np.ones(n * inputs), (np.arange(n * inputs), lab[o0:o1].ravel())),
+                                           shape=(n * inputs, count))
+        normal += np.asarray(by_label.T @ summed.transpose(0, 2, 1).reshape(n * inputs, count)).T
+    return normal, rhs
+
+
+def _design_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int,
+                   scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One group's normal equations from the design matrix Z [P·O, K] (rows subsampled under MAX_Z)."""
+    import scipy.sparse  # noqa: PLC0415 (only when the pass runs)
+    outs, inputs = wm.shape
+    keep = max(1, min(len(x), MAX_Z // max(outs * count, 1)))
+    cols = (np.arange(outs)[:, None] * count + lab).ravel()                # [O·D] column of each weight
+    rows = np.tile(np.arange(inputs), outs)
+    select = scipy.sparse.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(inputs, outs * count))
+    z = np.asarray(x_in[:keep].astype(np.float64) @ select).reshape(keep, outs, count) * scale[None, :, None]
+    y = x[:keep].astype(np.float64) @ wm.T                                 # [P, O] float outputs
+    flat = z.reshape(-1, count)
+    return flat.T @ flat, flat.T @ y.ravel()
 
 
 def _kernel_system(wm: np.ndarray, lab: np.ndarray, x: np.ndarray, x_in: np.ndarray, count: int, dim: int
