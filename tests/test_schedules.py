@@ -412,6 +412,40 @@ def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
             assert kv * ht * wt >= 8, (oh, ow, blocks, (kv, ht, wt))
 
 
+def test_pointwise_tiles_span_channel_blocks_and_pad_them_to_a_multiple():
+    """A 1×1 conv keeps one broadcast live, so its tile may hold more accumulators than a k×k conv's 16; a load-bound
+    one-block tile (13 broadcasts, 1 weight vector, 13 FMAs) loses to two blocks (15 loads, 26 FMAs); 63 blocks
+    are padded to 64 for kv = 2 (the weights and the crop)."""
+    import numpy as np
+
+    from squeeze.targets.schedules.conv2d import pack_weight, plan_conv, pointwise_tiles
+    from squeeze.targets.schedules.simd import Cpu
+    cpu = Cpu(vector_bits=512, registers=32, fma=True, arch="x86", full_rate_bits=512)
+    plan = plan_conv(1000, 512, 1, 13, 13, cpu, "float32", unpadded=True, pointwise=True, taps=1)
+    assert (plan.kb, plan.kv, plan.ht, plan.wt) == (16, 2, 1, 13)
+    assert plan.kv * plan.ht * plan.wt > cpu.accumulators()  # 26 accumulators: more than a 3×3 tile may hold
+    for kv, ht, wt in pointwise_tiles(13, 13, 63, 1, 32)[:20]:
+        assert kv * (ht * wt + 1) + 2 <= 32
+    packed = pack_weight(np.ones((1000, 8, 1, 1), np.float32), 16, kv=2)
+    assert packed.shape == (64, 8, 1, 1, 16) and packed[62].sum() == 8 * 8 and not packed[63].any()  # 1000 = 62·16 + 8
+    # the same shape as a 3×3 conv: the k×k tile model and its accumulator cap
+    plan3 = plan_conv(1000, 512, 1, 13, 13, cpu, "float32", taps=9)
+    assert plan3.kv * plan3.ht * plan3.wt <= cpu.accumulators()
+
+
+def test_kxk_tiles_span_channel_blocks_only_where_their_weights_stay_in_l1():
+    """`weight_kvs`: squeezenet's 32→128 3×3 on 27×27 in 4 blocks × 1×3 streamed 73 KB of weights per tile from L2
+    (0.39 ms; 1 block × 1×14 0.32 ms); a map that is one tile reads them once, whatever their size."""
+    from squeeze.targets.schedules.conv2d import TILE_WEIGHT_BYTES, plan_conv, weight_kvs
+    from squeeze.targets.schedules.simd import Cpu
+    cpu = Cpu(vector_bits=512, registers=32, fma=True, arch="x86", full_rate_bits=512)
+    assert weight_kvs(32, 9, 16, 27, 27) == (1, 2)  # 2 blocks: 36 KB
+    assert 2 * 32 * 9 * 16 * 4 <= TILE_WEIGHT_BYTES < 3 * 32 * 9 * 16 * 4
+    assert plan_conv(128, 32, 1, 27, 27, cpu, "float32", taps=9).kv <= 2
+    assert plan_conv(128, 64, 1, 2, 2, cpu, "float32", taps=9).kv == 4  # one tile: 4 blocks × 2×2
+    assert weight_kvs(32, 0, 16, 27, 27) == (1, 2, 3, 4)  # taps unknown: no limit
+
+
 def test_depthwise_tile_computes_the_fewest_columns_then_the_fewest_instructions():
     """A depthwise tile's width: a multiple of the full-rate vector width (`step`) up to two vectors, the one that
     computes the fewest columns past the output, then the fewest vector instructions per row; rows make about 4

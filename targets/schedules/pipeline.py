@@ -43,7 +43,10 @@ from __future__ import annotations
 #: of input channels (`conv2d.reduction_chunk`), softmax rows in several accumulator chains and a reciprocal;
 #: transposing epilogues lowered to shuffle networks (`transpose.py`, a TIR pass: records replay unchanged);
 #: quantize divides by its scale with a reciprocal and two FMAs (`int8.divide_exactly`).
-SCHEDULES_VERSION = 20
+#: 21: 1×1 conv tiles with their channel vectors innermost and up to registers − kv − 2 accumulators
+#: (`conv2d.pointwise_tiles`), channel blocks padded to a multiple of kv; k×k tiles span several channel blocks
+#: only where their weights stay in L1 (`conv2d.weight_kvs`).
+SCHEDULES_VERSION = 21
 
 
 def legalize_map() -> dict:
