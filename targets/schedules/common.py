@@ -25,8 +25,12 @@ PARALLEL_MIN_WORK = 1 << 19
 #: The same for loops that copy or transform elements (padding, column phases, concat, elementwise chains): an
 #: element costs several multiply-adds' time. Squeezenet at 2 threads (7 interleaved rounds, one process):
 #: 512 K → 64 K elements 4.40 → 4.25 ms (its convs' 55×55 padding copies and the stem's phase split had run on
-#: one thread: 64→16 1×1 on 55×55 0.098 → 0.068 ms).
-PARALLEL_MIN_ELEMENTS = 1 << 16
+#: one thread: 64→16 1×1 on 55×55 0.098 → 0.068 ms). Pools and row reductions count their window elements
+#: against it too (they had counted them as multiply-adds), and 64 K → 16 K elements: squeezenet at 2 threads
+#: 1.42 → 1.37× ONNX Runtime (its 3×3 convs' padding copies, 13×13 max pool and global mean had run on one
+#: thread), ppocrv6_tiny_det 0.84 → 0.82, _rec 0.90 → 0.89, cifar10_resnet4b 0.99 → 0.99, sri_resnet_a 0.96 →
+#: 0.93, mnist_burn 0.63 → 0.59 (7 interleaved rounds, one process).
+PARALLEL_MIN_ELEMENTS = 1 << 14
 
 #: The thread count the code being scheduled will run with, when the build knows it (`planned_threads`).
 _THREADS: ContextVar[int | None] = ContextVar("squeeze_schedule_threads", default=None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import extent, inline_epilogue, mark_parallel, product, root_blocks, schedule_injective, schedule_rest, \
+from .common import PARALLEL_MIN_ELEMENTS, extent, inline_epilogue, mark_parallel, product, root_blocks, schedule_injective, schedule_rest, \
     tile_epilogue, worth_parallel
 from .simd import describe, is_cpu
 
@@ -116,7 +116,7 @@ class Pool:
         if width >= 2:
             outer = sch.fuse(n, c)
             rest = [b for b in root_blocks(sch) if sch.get(b).name_hint != sch.get(anchor).name_hint]
-            if worth_parallel(work):
+            if worth_parallel(work, PARALLEL_MIN_ELEMENTS):
                 mark_parallel(sch, outer)
             for block in rest:
                 schedule_injective(sch, block, lanes)
@@ -132,7 +132,7 @@ class Pool:
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
         sch.unroll(inner)
         producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
-        if worth_parallel(work):
+        if worth_parallel(work, PARALLEL_MIN_ELEMENTS):
             mark_parallel(sch, outer)
         sch.decompose_reduction(anchor, ry)
         epilogue_name = sch.get(epilogue).name_hint

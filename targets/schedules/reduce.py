@@ -106,7 +106,7 @@ class LaneReduce:
             if str(stmt.annotations.get(KERNEL, "")) == LANE_REDUCE:
                 lead, red = _lanes_innermost(sch, block)
                 work = product(extent(sch, lp) or 1 for lp in sch.get_loops(block))
-                if lead and worth_parallel(work):
+                if lead and worth_parallel(work, PARALLEL_MIN_ELEMENTS):
                     mark_parallel(sch, sch.fuse(*lead) if len(lead) > 1 else lead[0])
                 sch.decompose_reduction(block, red)  # the init's lane loop stays vectorized
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
@@ -214,7 +214,7 @@ class RowReduce:
         rf = sch.rfactor(inner, factor_axis=len(sch.get(block).writes[0].region))
         *_, ro, ri = sch.get_loops(rf)
         sch.vectorize(ri)
-        if spatial and worth_parallel(work):
+        if spatial and worth_parallel(work, PARALLEL_MIN_ELEMENTS):
             mark_parallel(sch, sch.fuse(*sch.get_loops(rf)[:n_spatial]))
         sch.decompose_reduction(rf, ro)
         for other in root_blocks(sch):
