@@ -412,6 +412,27 @@ def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
             assert kv * ht * wt >= 8, (oh, ow, blocks, (kv, ht, wt))
 
 
+def test_division_by_a_constant_is_a_reciprocal_with_the_same_quotients():
+    """`injective.legalize_divide`: x / c for a scalar and a per-channel constant, computed as x·(1/c) and two FMAs,
+    gives the correctly rounded quotient bit for bit (numpy's float32 division; x·(1/c) alone would not)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from squeeze.data import Dataset
+    rng = np.random.default_rng(5)
+    per_channel = rng.uniform(0.1, 9.0, (1, 8, 1, 1)).astype(np.float32)
+    scalar = np.array(1.4142135, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["x", "s"], ["a"]), helper.make_node("Div", ["a", "c"], ["y"])], "div",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 7])],
+        [numpy_helper.from_array(scalar, "s"), numpy_helper.from_array(per_channel, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = (rng.standard_normal((1, 8, 5, 7)) * 1e3).astype(np.float32)
+    got, _ = _compile_and_run(model, Dataset({"x": x}))
+    assert np.array_equal(got[0], (x / scalar) / per_channel)
+
+
 def test_pointwise_tiles_span_channel_blocks_and_pad_them_to_a_multiple():
     """A 1×1 conv keeps one broadcast live, so its tile may hold more accumulators than a k×k conv's 16; a load-bound
     one-block tile (13 broadcasts, 1 weight vector, 13 FMAs) loses to two blocks (15 loads, 26 FMAs); 63 blocks

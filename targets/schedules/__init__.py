@@ -13,7 +13,7 @@ function a schedule without tuning, in milliseconds:
 | `reduce` | softmax over the innermost axis as lane-wide partial reductions and `fast_exp` | vector accumulators (`LaneReduce`); sums/maxes over trailing contiguous axes via rfactor (`RowReduce`) |
 | `pool` | max pools that pad (or ceil mode) or have < 16 output columns as a window max on the depthwise tile (`conv2d.window_compute`, input padded by a plain copy); others TOPI | window maxes: `DepthwiseConv2d`; other window pools: parallel channels (LLVM vectorizes); global pools: 8 channels in flight |
 | `transpose` | (a TIR pass after lowering) a channel tile's epilogue loop reading the tile transposed, one strided load per channel | the tile rows loaded whole and transposed by a network of two-input shuffles |
-| `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable) | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); gathers that interleave (x // c, x mod c: a pixel shuffle) as an unrolled phase loop LLVM vectorizes; fallback for the rest |
+| `injective` | (TOPI); float32 Erf, Sigmoid, Exp with `fast_erf`/`fast_exp` (vectorizable); division by a constant as a reciprocal and two FMAs, correctly rounded | elementwise chains, concat, padding (left to LLVM: TVM's vectorized if_then_else is 8× slower); gathers that interleave (x // c, x mod c: a pixel shuffle) as an unrolled phase loop LLVM vectorizes; fallback for the rest |
 
 A tile loop whose last tile runs past the output keeps its own loop (outside the parallel one), and
 `common.peel_partial_tiles` annotates the kernel so that `common.mark_partial_tiles`, run on the scheduled module

@@ -46,13 +46,15 @@ from __future__ import annotations
 #: 21: 1×1 conv tiles with their channel vectors innermost and up to registers − kv − 2 accumulators
 #: (`conv2d.pointwise_tiles`), channel blocks padded to a multiple of kv; k×k tiles span several channel blocks
 #: only where their weights stay in L1 (`conv2d.weight_kvs`).
-SCHEDULES_VERSION = 21
+#: 22: float division by a constant as a reciprocal and two FMAs (`injective.legalize_divide`): other fused
+#: functions (GELU, HardSwish, HardSigmoid epilogues).
+SCHEDULES_VERSION = 22
 
 
 def legalize_map() -> dict:
     from .conv2d import legalize_conv2d, legalize_conv2d_transpose  # noqa: PLC0415
     from .dense import legalize_matmul  # noqa: PLC0415
-    from .injective import legalize_erf, legalize_exp, legalize_sigmoid  # noqa: PLC0415
+    from .injective import legalize_divide, legalize_erf, legalize_exp, legalize_sigmoid  # noqa: PLC0415
     from .int8 import int8_legalizations  # noqa: PLC0415
     from .int8_tables import legalize_lookup  # noqa: PLC0415
     from .pool import legalize_max_pool2d  # noqa: PLC0415
@@ -61,7 +63,8 @@ def legalize_map() -> dict:
                                "relax.nn.conv2d_transpose":
                                legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
                                "relax.nn.softmax": legalize_softmax, "relax.sigmoid": legalize_sigmoid,
-                               "relax.exp": legalize_exp, "relax.take": legalize_lookup})
+                               "relax.exp": legalize_exp, "relax.take": legalize_lookup,
+                               "relax.divide": legalize_divide})
 
 
 def rules() -> list:
