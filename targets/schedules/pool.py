@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import PARALLEL_MIN_ELEMENTS, extent, inline_epilogue, mark_parallel, product, root_blocks, schedule_injective, schedule_rest, \
-    tile_epilogue, worth_parallel
+from .common import PARALLEL_MIN_ELEMENTS, extent, inline_epilogue, mark_parallel, product, root_blocks, \
+    schedule_injective, schedule_rest, tile_epilogue, worth_parallel
 from .simd import describe, is_cpu
 
 CHANNELS_IN_FLIGHT = 8
