@@ -449,6 +449,9 @@ def test_pointwise_tiles_span_channel_blocks_and_pad_them_to_a_multiple():
         assert kv * (ht * wt + 1) + 2 <= 32
     packed = pack_weight(np.ones((1000, 8, 1, 1), np.float32), 16, kv=2)
     assert packed.shape == (64, 8, 1, 1, 16) and packed[62].sum() == 8 * 8 and not packed[63].any()  # 1000 = 62·16 + 8
+    # a grouped 1×1 conv keeps the k×k model: its groups are padded to whole blocks, never to kv of them
+    grouped = plan_conv(20, 5, 4, 13, 13, cpu, "float32", unpadded=True, pointwise=True, taps=1)
+    assert 4 % grouped.kv == 0 and grouped.kv * grouped.ht * grouped.wt <= cpu.accumulators()
     # the same shape as a 3×3 conv: the k×k tile model and its accumulator cap
     plan3 = plan_conv(1000, 512, 1, 13, 13, cpu, "float32", taps=9)
     assert plan3.kv * plan3.ht * plan3.wt <= cpu.accumulators()

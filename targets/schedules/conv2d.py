@@ -234,13 +234,15 @@ def legalize_conv2d(bb, call):
                           primfunc_name_hint="depthwise_conv2d")
     pointwise = (r, s, sh, sw) == (1, 1, 1, 1) and not any((pt, pl, pb, pr))
     plan = plan_conv(k, cg, groups, oh, ow, cpu, dtype, unpadded=not any((pt, pl, pb, pr)),
-                     pointwise=pointwise and groups == 1, taps=r * s)
+                     pointwise=pointwise, taps=r * s)
     columns = plan_columns(k, cg, oh, ow, cpu, dtype, pointwise) if groups == 1 else None
     if columns is not None:
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
         return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
                           primfunc_name_hint="conv2d")
-    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if pointwise else 1))
+    # a pointwise plan pads the channel blocks to a multiple of its kv (`pointwise_tiles`, one group only)
+    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if pointwise and groups == 1
+                                     else 1))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
 
 
