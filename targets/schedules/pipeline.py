@@ -44,7 +44,7 @@ from __future__ import annotations
 #: transposing epilogues lowered to shuffle networks (`transpose.py`, a TIR pass: records replay unchanged);
 #: quantize divides by its scale with a reciprocal and two FMAs (`int8.divide_exactly`).
 #: 21: 1×1 conv tiles with their channel vectors innermost and up to registers − kv − 2 accumulators
-#: (`conv2d.pointwise_tiles`), channel blocks padded to a multiple of kv; k×k tiles span several channel blocks
+#: (`tiles.pointwise_tiles`), channel blocks padded to a multiple of kv; k×k tiles span several channel blocks
 #: only where their weights stay in L1 (`conv2d.weight_kvs`).
 #: 22: float division by a constant as a reciprocal and two FMAs (`injective.legalize_divide`): other fused
 #: functions (GELU, HardSwish, HardSigmoid epilogues).
