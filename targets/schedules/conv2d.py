@@ -208,9 +208,8 @@ def legalize_conv2d(bb, call):
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
         return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
                           primfunc_name_hint="conv2d")
-    # a pointwise plan pads the channel blocks to a multiple of its kv (`pointwise_tiles`, one group only)
-    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if pointwise and groups == 1
-                                     else 1))
+    # blocks padded to a multiple of the tile's kv (a pointwise plan's may not divide them; a k×k plan's does)
+    packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if groups == 1 else 1))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
 
 
