@@ -567,3 +567,35 @@ def test_quantize_divides_exactly_with_a_reciprocal(scale):
     y = tvm.runtime.tensor(np.zeros(n, np.float32))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array(scale, np.float32)), y)
     np.testing.assert_array_equal(y.numpy(), x / np.float32(scale))
+
+
+def test_a_chain_of_quantizes_stays_linear_in_size():
+    """Each quantize reads its operand once (`divide_exactly` binds it with a Let): a chain of requantizes in one
+    epilogue (an SE block's multiply → quantize → dequantize → add → quantize …) grew as 3ⁿ written out, which
+    took ppocrv6_tiny_det's int8 build 73 s and 2.5 GB; the chain still computes what the division does."""
+    import tvm
+    from tvm import te
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules.int8 import divide_exactly
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    depth, n, scale = 12, 4096, np.float32(0.0625 * 3)
+
+    def chain(v, s):
+        for _ in range(depth):
+            v = tvm.tirx.round(divide_exactly(v, s)) * s + 1.0
+        return v
+    with target:
+        x_in = te.placeholder((n,), "float32", name="x")
+        s_in = te.placeholder((), "float32", name="s")
+        out = te.compute((n,), lambda i: chain(x_in[i], s_in()), name="y")
+        func = te.create_prim_func([x_in, s_in, out])
+    assert len(func.script()) < 20_000  # 3¹² copies of x written out would be millions of characters
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    x = (np.random.default_rng(2).standard_normal(n) * 10).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros(n, np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.array(scale, np.float32)), y)
+    want = x.copy()
+    for _ in range(depth):
+        want = np.round(want / scale).astype(np.float32) * scale + np.float32(1.0)
+    np.testing.assert_array_equal(y.numpy(), want)

@@ -388,7 +388,9 @@ def divide_exactly(x, s):
     dtype = str(x.ty.dtype) if hasattr(x, "ty") else str(x.dtype)  # an expression or a te.Tensor slice
     if not is_cpu(tvm.target.Target.current(allow_none=True)):
         return x / s
+    # x and y are bound once (Let): written out, every quantize repeated its operand three times, and a chain of
+    # quantize → dequantize → … inlined into one epilogue grew as 3ⁿ (minutes of TIR passes, gigabytes)
+    xv, yv = tirx.Var("x", dtype), tirx.Var("y", dtype)
     r = tirx.const(1.0, dtype) / s
-    y = x * r
-    e = tirx.call_llvm_pure_intrin(dtype, "llvm.fma", tirx.const(0.0, dtype) - y, s, x)
-    return tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, y)
+    e = tirx.call_llvm_pure_intrin(dtype, "llvm.fma", tirx.const(0.0, dtype) - yv, s, xv)
+    return tirx.Let(xv, x, tirx.Let(yv, xv * r, tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, yv)))
