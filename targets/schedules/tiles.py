@@ -111,7 +111,7 @@ def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile
     kv, ht, wt = tile
     acc = kv * vectors_per_block * ht * wt
     loads = kv * vectors_per_block + ht * wt
-    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
+    useful = _covered_share(oh, ow, ht, wt)
     return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / (max(acc / 2, loads * LOAD_CYCLES, 4) + 1)
 
 
@@ -119,5 +119,9 @@ def tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, in
     """`ranked_tiles`' model of a tile's useful multiply-adds per step."""
     kv, ht, wt = tile
     acc = kv * vectors_per_block * ht * wt
-    useful = (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
-    return useful * acc / (max(acc / 2, 4) + 1)
+    return _covered_share(oh, ow, ht, wt) * acc / (max(acc / 2, 4) + 1)
+
+
+def _covered_share(oh: int, ow: int, ht: int, wt: int) -> float:
+    """The share of an ht × wt tile grid's outputs that lie inside the oh × ow map (the rest is padding)."""
+    return (oh * ow) / (math.ceil(oh / ht) * ht * math.ceil(ow / wt) * wt)
