@@ -227,6 +227,40 @@ def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
     np.testing.assert_array_equal(out.numpy(), table[index])
 
 
+@pytest.mark.parametrize("dtype,lanes", [("float32", 16), ("float32", 8), ("int32", 16)])
+def test_word_lookups_are_one_gather_instruction(dtype, lanes):
+    """A vectorized load of 8 or 16 float32/int32 lanes at a vector index (a float table's lookup) is one AVX-512
+    gather (`vector_lookups(avx512=True)`), not a scalar load and insert per lane, and reads the same entries."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from squeeze.targets.schedules.int8_tables import _has_avx512
+    from squeeze.targets.schedules.pipeline import register_tir_pipeline
+    if not _has_avx512(_target()):
+        pytest.skip("the host has no AVX-512")
+    n = 256 * lanes
+
+    @T.prim_func(s_tir=True)
+    def gather(table: T.Buffer((256,), dtype), index: T.Buffer((n,), "int32"), out: T.Buffer((n,), dtype)):
+        for i in range(n // lanes):
+            for j in T.vectorized(lanes):
+                with T.sblock("lookup"):
+                    v = T.axis.spatial(n, i * lanes + j)
+                    out[v] = table[index[v]]
+
+    lib = tvm.compile(tvm.IRModule({"main": gather.with_attr("global_symbol", "main")}), target=_target(),
+                      tir_pipeline=register_tir_pipeline())
+    asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.mod.inspect_source("asm")
+    assert ("vgatherdps" if dtype == "float32" else "vpgatherdd") in asm
+    assert "vinsertps" not in asm and "vpinsrd" not in asm
+    rng = np.random.default_rng(lanes)
+    table = (rng.standard_normal(256) * 100).astype(dtype)
+    index = rng.permutation(np.repeat(np.arange(256, dtype=np.int32), lanes))
+    out = tvm.runtime.tensor(np.zeros(n, dtype))
+    lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(index), out)
+    np.testing.assert_array_equal(out.numpy(), table[index])
+
+
 def test_a_gelu_epilogue_looks_up_with_permutes():
     """The int8 conv's GELU table is read with byte permutes on a VBMI host (no byte-by-byte gather), in the column
     form's epilogue (32 columns) and the channel form's (11), with ONNX Runtime's values."""

@@ -135,6 +135,10 @@ class Injective:
         return sch
 
 
+#: the divisions `interleave_factor` reads: floor and truncated (TOPI's nearest-neighbour resize indexes its input
+#: with truncated `Div` of the output coordinate, which is never negative, so the two agree)
+_DIVISIONS = (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod)
+
 #: largest phase count `interleave_factor` takes (a 2×2 or 4×4 upsampling: 2 or 4; beyond, the unrolled phases
 #: outgrow what LLVM interleaves)
 MAX_INTERLEAVE = 4
@@ -154,7 +158,7 @@ def interleave_factor(sch, block) -> int | None:
     if size is None:
         return None
     found = {int(node.b.value) for node in subexpressions(stmt.body)
-             if isinstance(node, (tirx.FloorDiv, tirx.FloorMod)) and isinstance(node.b, tirx.IntImm)
+             if isinstance(node, _DIVISIONS) and isinstance(node.b, tirx.IntImm)
              and 1 < int(node.b.value) <= MAX_INTERLEAVE and any(e.same_as(last) for e in subexpressions(node.a))}
     factors = [c for c in found if size % c == 0]
     return max(factors) if factors and all(max(factors) % c == 0 for c in factors) else None

@@ -50,7 +50,10 @@ from __future__ import annotations
 #: functions (GELU, HardSwish, HardSigmoid epilogues).
 #: 23: `divide_exactly` binds its operand with a Let (the same arithmetic; a quantize chain's TIR no longer grows
 #: as 3ⁿ, so the legalized functions, and their workload keys, changed).
-SCHEDULES_VERSION = 23
+#: 24: nearest-neighbour resizes (TOPI indexes them with truncated `Div`) stored through the phase loop
+#: (`injective.interleave_factor`) instead of gathered; float32/int32 gathers as AVX-512 gather instructions
+#: (`int8_tables.vector_lookups`, a TIR pass: records replay unchanged).
+SCHEDULES_VERSION = 24
 
 
 def legalize_map() -> dict:
@@ -125,8 +128,8 @@ TIR_PIPELINE = "squeeze_cpu"
 
 def register_tir_pipeline() -> str:
     """Register (once) and return `TIR_PIPELINE`: TVM's default TIR lowering, then the byte-table gathers as
-    vector permutes (`int8_tables.vector_lookups`) and transposing epilogues as shuffle networks
-    (`transpose.transposed_epilogues`)."""
+    vector permutes and 32-bit gathers as gather instructions (`int8_tables.vector_lookups`), and transposing
+    epilogues as shuffle networks (`transpose.transposed_epilogues`)."""
     import tvm  # noqa: PLC0415
     from tvm.tirx import compilation_pipeline  # noqa: PLC0415
 
