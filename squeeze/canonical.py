@@ -133,13 +133,18 @@ def explicit_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     return out if changed else model
 
 
+#: layers whose weight (input 1) `integer_weights` reads through a DequantizeLinear
+INTEGER_WEIGHT_LAYERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
 def integer_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with every ConvTranspose weight that is int8 integers times a scale (Cast(int8) · scale, the
-    foldable form `quant` writes for layers ONNX Runtime runs in float) read through a DequantizeLinear instead,
-    where the layer's input is dequantized (a copy; `model` itself when there is none). Same values bit for bit
-    (DequantizeLinear with zero point 0 is float32(q) · scale); for compilers, which fold Cast · Mul into float
-    constants on import and then cannot compute the layer in integers (the int8 rewrite of
-    `targets/schedules/int8.py` reads DequantizeLinear). Opset ≥ 13 (per-axis DequantizeLinear)."""
+    """`model` with every weight of an `INTEGER_WEIGHT_LAYERS` layer that is int8 integers times a scale
+    (Cast(int8) · scale, the foldable form `quant` writes for layers ONNX Runtime runs in float: a ConvTranspose,
+    a layer whose output stays float) read through a DequantizeLinear instead, where the layer's input is
+    dequantized (a copy; `model` itself when there is none). Same values bit for bit (DequantizeLinear with zero
+    point 0 is float32(q) · scale); for compilers, which fold Cast · Mul into float constants on import and then
+    cannot compute the layer in integers (the int8 rewrite of `targets/schedules/int8.py` reads DequantizeLinear;
+    a float-output layer computes Σ (x − zx)·w exactly, then · sx·sw). Opset ≥ 13 (per-axis DequantizeLinear)."""
     opset = default_opset(model) or 0
     if opset < 13:
         return model
@@ -159,7 +164,7 @@ def integer_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
     found = []
     for index, node in enumerate(graph.node):
-        if node.op_type != "ConvTranspose" or len(node.input) < 2 or producer.get(node.input[0]) is None \
+        if node.op_type not in INTEGER_WEIGHT_LAYERS or len(node.input) < 2 or producer.get(node.input[0]) is None \
                 or producer[node.input[0]].op_type != "DequantizeLinear":
             continue
         mul = producer.get(node.input[1])
