@@ -53,7 +53,9 @@ from __future__ import annotations
 #: 24: nearest-neighbour resizes (TOPI indexes them with truncated `Div`) stored through the phase loop
 #: (`injective.interleave_factor`) instead of gathered; float32/int32 gathers as AVX-512 gather instructions
 #: (`int8_tables.vector_lookups`, a TIR pass: records replay unchanged).
-SCHEDULES_VERSION = 24
+#: 25: an int8 layer's zero-point padding fused into the conv that reads it (`fuse_padding.py`: other fused
+#: functions, so other workload keys).
+SCHEDULES_VERSION = 25
 
 
 def legalize_map() -> dict:
@@ -96,6 +98,7 @@ def fuse_passes(target) -> list:
 
     from .conv_pair import fuse_conv_pairs_pass  # noqa: PLC0415
     from .conv_transpose import shuffle_pass  # noqa: PLC0415
+    from .fuse_padding import fuse_padding_pass  # noqa: PLC0415
     from .int8 import qdq_rewrite_pass  # noqa: PLC0415
     from .int8_tables import lookups_elementwise_pass  # noqa: PLC0415
     return [
@@ -118,6 +121,7 @@ def fuse_passes(target) -> list:
         lookups_elementwise_pass(),  # table lookups (int8_tables.py) fuse into the int8 layer before them
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
+        fuse_padding_pass(),  # an int8 layer's zero-point padding into the conv that reads it (fuse_padding.py)
         relax.transform.FuseTIR(),
     ]
 
