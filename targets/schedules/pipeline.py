@@ -54,7 +54,8 @@ from __future__ import annotations
 #: (`injective.interleave_factor`) instead of gathered; float32/int32 gathers as AVX-512 gather instructions
 #: (`int8_tables.vector_lookups`, a TIR pass: records replay unchanged).
 #: 25: an int8 layer's zero-point padding fused into the conv that reads it (`fuse_padding.py`: other fused
-#: functions, so other workload keys).
+#: functions, so other workload keys); quantized values read back without their casts through bytes
+#: (`int8_epilogue.round_trips`, a TIR pass).
 SCHEDULES_VERSION = 25
 
 
@@ -131,12 +132,14 @@ TIR_PIPELINE = "squeeze_cpu"
 
 
 def register_tir_pipeline() -> str:
-    """Register (once) and return `TIR_PIPELINE`: TVM's default TIR lowering, then the byte-table gathers as
+    """Register (once) and return `TIR_PIPELINE`: TVM's default TIR lowering, then quantized values read back
+    without their round trip through bytes (`int8_epilogue.round_trips`), the byte-table gathers as
     vector permutes and 32-bit gathers as gather instructions (`int8_tables.vector_lookups`), and transposing
     epilogues as shuffle networks (`transpose.transposed_epilogues`)."""
     import tvm  # noqa: PLC0415
     from tvm.tirx import compilation_pipeline  # noqa: PLC0415
 
+    from .int8_epilogue import round_trips_pass  # noqa: PLC0415
     from .int8_tables import vector_lookups_pass  # noqa: PLC0415
     from .transpose import transpose_pass  # noqa: PLC0415
     if TIR_PIPELINE not in compilation_pipeline.PIPELINE_MAP:
@@ -144,7 +147,8 @@ def register_tir_pipeline() -> str:
 
         def factory():
             lower, host, device = default()
-            return tvm.transform.Sequential([lower, vector_lookups_pass(), transpose_pass()]), host, device
+            return tvm.transform.Sequential([lower, round_trips_pass(), vector_lookups_pass(), transpose_pass()]), \
+                host, device
         compilation_pipeline.register_tir_pipeline(TIR_PIPELINE, factory)
     return TIR_PIPELINE
 

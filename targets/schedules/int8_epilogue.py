@@ -1,0 +1,108 @@
+"""Exact shortcuts in int8 epilogues after TVM's lowering: a quantized value read back as a number.
+
+A QDQ chain between int8 layers (an SE block's multiply → quantize → dequantize → add → quantize, a residual add
+after a conv) inlines into one epilogue as
+
+    q = uint8(clamp(round_half_even(x / s) + z, 0, 255))        (quantize)
+    d = float32(int32(q) − z′) · s′                               (dequantize)
+
+and LLVM computes d as written: float → int32 → bytes → int32 → float, four conversions per vector, because it
+cannot tell that the clamped value is already a whole number inside the byte range. It is: a rounded value plus an
+integer zero point, clamped to integer bounds. `round_trips` rewrites, for such a value M (float, integral by
+construction, bounds within the 8-bit type),
+
+    int32(uint8(M)) → int32(M),   float32(uint8(M)) → M,   float32(int32(M) − c) → M − float32(c)  (constant c)
+
+— the same numbers (integers below 2^24 are exact in float32), so the same bytes out. The uint8 value is still
+computed where it is stored.
+"""
+from __future__ import annotations
+
+#: the LLVM intrinsics whose result is a whole number
+_ROUNDING = ("llvm.roundeven", "llvm.nearbyint", "llvm.rint", "llvm.floor", "llvm.ceil", "llvm.trunc")
+#: the 8-bit types a quantize casts to, and their ranges
+_BYTES = {"uint8": (0, 255), "int8": (-128, 127)}
+#: integers that float32 holds exactly
+_EXACT = 1 << 24
+
+
+def round_trips(func):
+    """`func` (lowered TIR) with the conversions of whole numbers through an 8-bit type removed (module
+    docstring)."""
+    import tvm  # noqa: PLC0415
+    from tvm import tirx  # noqa: PLC0415
+    from tvm_ffi import structural_mutate  # noqa: PLC0415
+    rounding = {int(tirx.call_llvm_pure_intrin("float32", name, tirx.FloatImm("float32", 0.5)).args[0].value)
+                for name in _ROUNDING}
+
+    def const(e):
+        e = e.value if isinstance(e, tirx.Broadcast) else e
+        return e.value if isinstance(e, (tirx.FloatImm, tirx.IntImm)) else None
+
+    def integral(e) -> bool:
+        if isinstance(e, tvm.ir.expr.Call):
+            return str(e.op.name) in ("tirx.call_llvm_pure_intrin", "tirx.call_llvm_intrin") \
+                and isinstance(e.args[0], tirx.IntImm) and int(e.args[0].value) in rounding
+        if isinstance(e, tirx.Cast):
+            return str(e.value.ty.dtype).startswith(("int", "uint"))
+        if isinstance(e, tirx.Broadcast):
+            return integral(e.value)
+        if isinstance(e, (tirx.Add, tirx.Sub, tirx.Min, tirx.Max)):
+            return integral(e.a) and integral(e.b)
+        value = const(e)
+        return isinstance(value, float) and value.is_integer()
+
+    def clamped(e, low: float, high: float) -> bool:
+        """e = max(min(A, h), l) or min(max(A, l), h), A integral, low ≤ l ≤ h ≤ high."""
+        if isinstance(e, tirx.Max) and isinstance(e.a, tirx.Min):
+            lo, hi, inner = const(e.b), const(e.a.b), e.a.a
+        elif isinstance(e, tirx.Min) and isinstance(e.a, tirx.Max):
+            lo, hi, inner = const(e.a.b), const(e.b), e.a.a
+        else:
+            return False
+        return lo is not None and hi is not None and low <= lo <= hi <= high and integral(inner)
+
+    def scalar(dtype) -> str:
+        return str(dtype.with_lanes(1))
+
+    def through_bytes(cast, mutator):
+        cast = mutator.default_mutate(cast)
+        inner = cast.value
+        if not (isinstance(inner, tirx.Cast) and scalar(inner.ty.dtype) in _BYTES
+                and scalar(inner.value.ty.dtype) == "float32"
+                and clamped(inner.value, *_BYTES[scalar(inner.ty.dtype)])):
+            return cast
+        to = scalar(cast.ty.dtype)
+        if to == "float32":
+            return inner.value
+        if to in ("int16", "int32", "int64"):
+            return tirx.Cast(cast.ty.dtype, inner.value)
+        return cast
+
+    def minus_constant(cast, mutator):
+        cast = mutator.default_mutate(cast)
+        diff = cast.value
+        if not (scalar(cast.ty.dtype) == "float32" and isinstance(diff, tirx.Sub) and isinstance(diff.a, tirx.Cast)
+                and scalar(diff.a.value.ty.dtype) == "float32" and clamped(diff.a.value, -_EXACT, _EXACT)):
+            return cast
+        c = const(diff.b)
+        if not isinstance(c, int) or abs(c) >= _EXACT:
+            return cast
+        return tirx.Sub(diff.a.value, tirx.Cast(cast.ty.dtype, diff.b))
+
+    body = structural_mutate(func.body, [(tirx.Cast, through_bytes)])
+    return func.with_body(structural_mutate(body, [(tirx.Cast, minus_constant)]))
+
+
+def round_trips_pass():
+    """`round_trips` as a TIR module pass (run after TVM's lowering, when the epilogues are inlined)."""
+    import tvm  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="SqueezeRoundTrips")
+    def _pass(mod, _ctx):
+        out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        for gv, func in mod.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                out[gv] = round_trips(func)
+        return out
+    return _pass
