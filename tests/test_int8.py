@@ -83,6 +83,10 @@ CASES = {
     "conv3x3_columns_dilation2": dict(op="Conv", c=12, k=16, hw=(7, 40), dilation=2, pad=2),
     "conv1x1_columns_partial_tile": dict(op="Conv", ksize=1, pad=0, c=16, k=32, hw=(5, 37)),
     "conv_stem_columns": dict(op="Conv", c=3, k=16, hw=(12, 64), stride=2),
+    # column tiles of two column vectors (`column_vectors`: the map's vectors pair up), the last tile partial
+    # (ONNX Runtime's unoptimized float reference lands a step off on one value of some other shapes)
+    "conv1x1_columns_two_vectors": dict(op="Conv", ksize=1, pad=0, c=32, k=24, hw=(5, 64)),
+    "conv3x3_columns_two_vectors_partial": dict(op="Conv", c=16, k=64, hw=(6, 55)),
     # wide enough for column tiles, but the last one would waste too much: the channel form
     "conv3x3_channel_form_kept": dict(op="Conv", c=40, k=48, hw=(6, 20)),
     # depthwise: the float depthwise kernel on exact integer values (`_legalize_depthwise_int8`)
@@ -116,11 +120,13 @@ def test_bit_exact_with_onnxruntime_int8(case):
 FORMS = {"conv3x3_pad1": "channels", "conv_stem_stride2_column_tiles": "channels", "conv1x1_columns": "columns",
          "conv3x3_columns_stride2_odd_width": "columns", "conv3x3_columns_dilation2": "columns",
          "conv1x1_columns_partial_tile": "columns", "conv_stem_columns": "columns",
-         "conv3x3_channel_form_kept": "channels"}
+         "conv3x3_channel_form_kept": "channels", "conv1x1_columns_two_vectors": "columns",
+         "conv3x3_columns_two_vectors_partial": "columns"}
 
 
-def _kernel_forms(model: onnx.ModelProto, x: np.ndarray, target) -> set[str]:
-    """The int8 kernel forms (`squeeze.kernel` annotations) in `model`'s fused functions for `target`."""
+def _kernel_forms(model: onnx.ModelProto, x: np.ndarray, target, key: str | None = None) -> set[str]:
+    """The int8 kernel forms (`squeeze.kernel` annotations; another block annotation: `key`) in `model`'s fused
+    functions for `target`."""
     from tvm import s_tir, tirx
     from tvm_ffi import structural_walk
 
@@ -132,7 +138,7 @@ def _kernel_forms(model: onnx.ModelProto, x: np.ndarray, target) -> set[str]:
     for func in fused.functions.values():
         if isinstance(func, tirx.PrimFunc):
             structural_walk(func.body, [(s_tir.SBlock, lambda block: found.update(
-                str(v) for k, v in block.annotations.items() if k == KERNEL))])
+                str(v) for k, v in block.annotations.items() if k == (key or KERNEL)))])
     return found
 
 
@@ -147,6 +153,21 @@ def test_kernel_form(case):
     model = qdq_model(**CASES[case])
     forms = _kernel_forms(model, _input(model), target)
     assert forms == {int8.CONV_INT8_COLUMNS if FORMS[case] == "columns" else int8.CONV_INT8}, forms
+
+
+def test_column_vectors_pair_up_or_stay_one():
+    """Two column vectors per tile where the map's vectors pair up (an odd count would leave half a tile the
+    tensorized update cannot take), one otherwise; the channels per tile share the register budget."""
+    from squeeze.targets.schedules.int8 import column_vectors, plan_columns
+    assert [column_vectors(ow, 16) for ow in (55, 27, 64, 160, 13, 16, 80, 112, 40)] == [2, 2, 2, 2, 1, 1, 1, 1, 1]
+    assert plan_columns(64, 24 // 2) == 8 and plan_columns(64, 24) == 16 and plan_columns(1000, 12) == 10
+    from squeeze.targets.schedules import int8
+    target = _host()
+    if _needs_dot(target)[1] != 16:
+        pytest.skip("the cases are sized for 16 int32 lanes")
+    for case, vectors in (("conv1x1_columns_two_vectors", "2"), ("conv1x1_columns", "1")):
+        model = qdq_model(**CASES[case])
+        assert _kernel_forms(model, _input(model), target, int8.COLUMN_VECTORS) == {vectors}, case
 
 
 def test_columns_win():

@@ -227,10 +227,11 @@ def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
     np.testing.assert_array_equal(out.numpy(), table[index])
 
 
-@pytest.mark.parametrize("dtype,lanes", [("float32", 16), ("float32", 8), ("int32", 16)])
+@pytest.mark.parametrize("dtype,lanes", [("float32", 16), ("float32", 8), ("int32", 16), ("float32", 32)])
 def test_word_lookups_are_one_gather_instruction(dtype, lanes):
     """A vectorized load of 8 or 16 float32/int32 lanes at a vector index (a float table's lookup) is one AVX-512
-    gather (`vector_lookups(avx512=True)`), not a scalar load and insert per lane, and reads the same entries."""
+    gather (`vector_lookups(avx512=True)`; 32 lanes: two), not a scalar load and insert per lane, and reads the
+    same entries."""
     import tvm
     from tvm.script import tirx as T
 

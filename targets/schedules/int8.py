@@ -81,6 +81,7 @@ CONV_INT8 = "conv2d_int8_packed"
 CONV_INT8_COLUMNS = "conv2d_int8_columns"
 DENSE_INT8 = "dense_int8_packed"
 EPILOGUE_COLUMNS = "squeeze.epilogue_columns"  #: block attribute: vectorize the epilogue over output columns
+COLUMN_VECTORS = "squeeze.column_vectors"  #: block attribute: column vectors per column tile (`column_vectors`)
 INT8_LAYERS = "squeeze.int8_layers"   #: module attribute: how many layers `rewrite_qdq` turned into int8 compute
 
 
@@ -494,8 +495,10 @@ def legalize_conv2d_int8(bb, call):
     if columns_win(c, k, r * s, ow, lanes, kb):  # weight [K, C/4, R, S, 4]: channel blocks of one
         args = [data, relax.const(pack_weight_int8(w, 1).reshape(k, math.ceil(c / 4), r, s, 4))] \
             + ([correction] if signed else [])
-        compute = _conv_int8_columns_compute(k, oh, ow, (sh, sw), (dh, dw), plan_columns(k, max(4, cpu.registers - 8)),
-                                             lanes, intrinsic + COLUMNS, signed)
+        vectors = column_vectors(ow, lanes)
+        kv = plan_columns(k, max(4, cpu.registers - 8) // vectors)
+        compute = _conv_int8_columns_compute(k, oh, ow, (sh, sw), (dh, dw), kv, lanes, intrinsic + COLUMNS, signed,
+                                             vectors)
         return bb.call_te(compute, *args, primfunc_name_hint="conv2d_int8")
     # one input-channel group (an image stem): the dot products are few and the requantizing epilogue is most
     # of the time; a tile of kb channels x 16 columns stores 16 contiguous columns per channel (epilogue over
@@ -614,14 +617,24 @@ def columns_win(c: int, k: int, taps: int, ow: int, lanes: int, kb: int) -> bool
 
 
 def plan_columns(k: int, budget: int) -> int:
-    """Output channels per column tile (one accumulator vector each): the largest divisor of `k` within the
-    register `budget` (the registers less 8: 24 of AVX-512's 32; with one or two column vectors per tile and
-    budgets 12-24 measured on AVX-512, one vector and 24 were never slower)."""
+    """Output channels per column tile (`column_vectors` accumulators each): the largest divisor of `k` within
+    the register `budget` (the registers less 8: 24 of AVX-512's 32, over the tile's column vectors)."""
     return max(d for d in range(1, min(k, budget) + 1) if k % d == 0)
 
 
+def column_vectors(ow: int, lanes: int) -> int:
+    """Column vectors per column tile: 2 where the map's vectors pair up (kv channels × 2 vectors: each weight
+    broadcast feeds two dot products, each column load kv/2 … kv of them, where one vector issued a load per dot
+    product), else 1 (an odd count would leave a half tile, which the tensorized update cannot take). Measured
+    (Intel Xeon, two `vpdpbusd` ports, 1 thread, one process): squeezenet int8's column layers 0.68-0.89 of
+    the one-vector tile (16→64 3×3 on 55² 0.336 → 0.300 ms, 16→64 1×1 on 55² 0.065 → 0.044); its stem (7
+    vectors) kept one vector and 24 channels, which two vectors of 12 made 1.33× slower."""
+    count = math.ceil(ow / lanes)
+    return 2 if count >= 2 and count % 2 == 0 else 1
+
+
 def _conv_int8_columns_compute(k: int, oh: int, ow: int, strides, dilation, kv: int, lanes: int, intrinsic: str,
-                               signed: bool):
+                               signed: bool, vectors: int = 1):
     """The column form: int32 accumulators [N, K, OH, OW'] whose `lanes` lanes are output columns; the activation
     packed [N, C/4, H, sw, W', 4]: columns split into the stride's sw phases (x = q·sw + p), so that consecutive
     output columns read consecutive packed columns at every kernel tap. Columns past the input are zeros; they
@@ -647,7 +660,8 @@ def _conv_int8_columns_compute(k: int, oh: int, ow: int, strides, dilation, kv: 
             return te.sum(dp[b, rc, y * sh + ry * dh, (rx * dw) % sw, x + (rx * dw) // sw, ri].astype("int32")
                           * packed[o, rc, ry, rx, ri].astype("int32"), axis=[rc, ry, rx, ri])
         conv = te.compute((n, k, oh, owp), body, name="conv2d_int8",
-                          attrs={KERNEL: CONV_INT8_COLUMNS, TILE: [kv, 1, lanes], "squeeze.intrinsic": intrinsic})
+                          attrs={KERNEL: CONV_INT8_COLUMNS, TILE: [kv, 1, lanes], "squeeze.intrinsic": intrinsic,
+                                 COLUMN_VECTORS: vectors})
 
         def crop(b, o, y, x):
             value = conv[b, o, y, x]
@@ -735,10 +749,12 @@ class Int8Kernel:
 
 
 def _schedule_columns(sch, anchor, target):
-    """The column form: a tile of kv output channels × `lanes` output columns, one accumulator vector per
-    channel; each kernel tap loads one vector of `lanes` packed columns and multiplies it by kv broadcast weights;
-    the epilogue runs over the columns and stores them contiguously (NCHW)."""
+    """The column form: a tile of kv output channels × `COLUMN_VECTORS` vectors of `lanes` output columns, one
+    accumulator vector per channel and vector; each kernel tap loads the tile's vectors of packed columns and
+    multiplies each by kv broadcast weights; the epilogue runs over the columns and stores them contiguously
+    (NCHW)."""
     kv, _, lanes = (int(v) for v in sch.get(anchor).annotations[TILE])
+    vectors = int(sch.get(anchor).annotations.get(COLUMN_VECTORS, 1))
     intrinsic = str(sch.get(anchor).annotations["squeeze.intrinsic"])
     work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
     producers = [sch.get(b).name_hint for b in sch.get_producers(anchor)]
@@ -746,12 +762,12 @@ def _schedule_columns(sch, anchor, target):
     epilogue = _tile_epilogue(sch, anchor)
     b, o, y, x, rc, ry, rx, ri = sch.get_loops(anchor)
     oo, ov = sch.split(o, [None, kv])
-    xo, xi = sch.split(x, [None, lanes])
-    sch.reorder(b, oo, y, xo, rc, ry, rx, ov, xi, ri)
+    xo, xv, xi = sch.split(x, [None, vectors, lanes])
+    sch.reorder(b, oo, y, xo, rc, ry, rx, ov, xv, xi, ri)
     outer = sch.fuse(b, oo, y)
     peel_partial_tiles(sch, anchor)
     sch.reverse_compute_at(epilogue, xo, preserve_unit_loops=True)
-    _vectorize_epilogue(sch, epilogue, lanes, columns=True)
+    _vectorize_epilogue(sch, epilogue, lanes * vectors, columns=True)
     if worth_parallel(work):
         mark_parallel(sch, outer)
     init = sch.decompose_reduction(anchor, rc)
@@ -759,6 +775,7 @@ def _schedule_columns(sch, anchor, target):
     sch.tensorize(xi, intrinsic)
     sch.set_scope(init, 0, TILE_SCOPE)
     sch.unroll(ov)
+    sch.unroll(xv)
     schedule_rest(sch, producers, rest, lanes, {sch.get(epilogue).name_hint})
     return sch
 

@@ -55,7 +55,8 @@ from __future__ import annotations
 #: (`int8_tables.vector_lookups`, a TIR pass: records replay unchanged).
 #: 25: an int8 layer's zero-point padding fused into the conv that reads it (`fuse_padding.py`: other fused
 #: functions, so other workload keys); quantized values read back without their casts through bytes
-#: (`int8_epilogue.round_trips`, a TIR pass).
+#: (`int8_epilogue.round_trips`, a TIR pass); int8 column tiles of two column vectors where the map's vectors pair
+#: up (`int8.column_vectors`).
 SCHEDULES_VERSION = 25
 
 
