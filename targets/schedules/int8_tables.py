@@ -365,11 +365,10 @@ def vector_lookups(func, vbmi: bool, avx512: bool = False):
     every index a 256-entry buffer can be read at.
 
     `avx512`: each gather of 8 or 16 float32/int32 lanes at an int32 index becomes one `vgatherdps`/`vpgatherdd`
-    (8 lanes: the index repeated to 16, the first 8 kept; the same addresses are read; a multiple of 16 lanes:
-    one per 16). The float tables of int8
-    epilogues (an SE gate's hard sigmoid, `(dequantize(e) + 1)·½` of a GELU whose conv output stays float) were
-    read lane by lane (vpextrd + vinsertps, both on one port): the GELU layer of ppocrv6_tiny_det int8 0.28 →
-    0.17 ms at 1 thread."""
+    (8 lanes: the index repeated to 16, the first 8 kept, the same addresses read; a multiple of 16 lanes: one
+    per 16). The float tables of int8 epilogues (an SE gate's hard sigmoid, `(dequantize(e) + 1)·½` of a GELU
+    whose conv output stays float) were read lane by lane (vpextrd + vinsertps, both on one port): the GELU
+    layer of ppocrv6_tiny_det int8 0.28 → 0.17 ms at 1 thread."""
     if not (vbmi or avx512):
         return func
     import tvm  # noqa: PLC0415
