@@ -394,3 +394,18 @@ def divide_exactly(x, s):
     r = tirx.const(1.0, dtype) / s
     e = tirx.call_llvm_pure_intrin(dtype, "llvm.fma", tirx.const(0.0, dtype) - yv, s, xv)
     return tirx.Let(xv, x, tirx.Let(yv, xv * r, tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, yv)))
+
+
+def var_uses(func) -> dict:
+    """Relax var → how many calls, tuples and function results read it."""
+    from tvm import relax  # noqa: PLC0415
+    counts: dict = {}
+
+    def visit(expr):
+        args = expr.args if isinstance(expr, relax.Call) else expr.fields if isinstance(expr, relax.Tuple) else \
+            [expr.body] if isinstance(expr, relax.SeqExpr) else []
+        for arg in args:
+            if isinstance(arg, relax.Var):
+                counts[arg] = counts.get(arg, 0) + 1
+    relax.analysis.post_order_visit(func, visit)
+    return counts

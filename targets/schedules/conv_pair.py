@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from .common import KERNEL, TILE, dtype_or, find_kernel, root_blocks, static_shape
+from .common import KERNEL, TILE, dtype_or, find_kernel, root_blocks, static_shape, var_uses
 from .conv2d import ConvPlan, pad_to, pack_weight, plan_columns, plan_conv, schedule_channel_tile
 from .simd import describe, is_cpu
 
@@ -97,7 +97,7 @@ def fuse_conv_pairs(mod):
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            uses = _uses(func)
+            uses = var_uses(func)
             bb.update_func(gv, rewrite_call(root, rewrite, func))
     if not fused:
         return mod
@@ -105,21 +105,6 @@ def fuse_conv_pairs(mod):
     for gvar in {g.name_hint: g for g in fused}.values():
         out[gvar] = out[gvar].with_attr("op_pattern", OUT_EWISE_FUSABLE)
     return relax.transform.DeadCodeElimination()(out)
-
-
-def _uses(func) -> dict:
-    """Relax var → how many calls, tuples and function results read it."""
-    from tvm import relax  # noqa: PLC0415
-    counts: dict = {}
-
-    def visit(expr):
-        args = expr.args if isinstance(expr, relax.Call) else expr.fields if isinstance(expr, relax.Tuple) else \
-            [expr.body] if isinstance(expr, relax.SeqExpr) else []
-        for arg in args:
-            if isinstance(arg, relax.Var):
-                counts[arg] = counts.get(arg, 0) + 1
-    relax.analysis.post_order_visit(func, visit)
-    return counts
 
 
 def fuse_conv_pairs_pass():

@@ -15,7 +15,7 @@ its input (the padding block inlines into `pad_temp` / `pack_int8`), reading the
 """
 from __future__ import annotations
 
-from .common import KERNEL, guarded, root_blocks
+from .common import KERNEL, guarded, root_blocks, var_uses
 from .conv2d import DEPTHWISE
 from .int8 import CONV_INT8, CONV_INT8_COLUMNS
 
@@ -40,9 +40,9 @@ def fuse_padding(mod):
     if "main" not in [gv.name_hint for gv in mod.functions]:
         return mod
     main = mod["main"]
-    uses = _uses(main)
+    uses = var_uses(main)
     builder = relax.BlockBuilder(mod)
-    blocks, moved = [], []
+    blocks, moved = [], set()
     for block in main.body.blocks:
         pads, bindings = {}, []
         for binding in block.bindings:
@@ -53,14 +53,14 @@ def fuse_padding(mod):
                 index = next((i for i, a in enumerate(value.args) if isinstance(a, relax.Var) and a in pads), None)
                 if index is not None:
                     pad = pads.pop(value.args[index])
-                    moved.append(value.args[index])
+                    moved.add(value.args[index])
                     gvar = builder.add_func(_with_padding(mod[value.op], index, pad), value.op.name_hint)
                     args = list(value.args)
                     args[index] = pad.args[1].fields[0]
                     binding = relax.VarBinding(binding.var, relax.Call(gvar, args, value.attrs, value.ty_args,
                                                                        ret_ty=value.ty))
             bindings.append(binding)
-        blocks.append(type(block)([b for b in bindings if not any(b.var.same_as(v) for v in moved)]))
+        blocks.append(type(block)([b for b in bindings if b.var not in moved]))
     if not moved:
         return mod
     out = builder.get()
@@ -81,25 +81,6 @@ def _with_padding(group, index: int, pad):
                          *first.bindings])
     return relax.Function(params, relax.SeqExpr([first, *rest], group.body.body), group.ret_ty, group.is_pure,
                           group.attrs)
-
-
-def _uses(func) -> dict:
-    """How many times each Var of `func` is read (call arguments, tuple fields of arguments, the output)."""
-    from tvm import relax  # noqa: PLC0415
-    uses: dict = {}
-
-    def read(expr):
-        for v in (expr.fields if isinstance(expr, relax.Tuple) else [expr]):
-            if isinstance(v, relax.Var):
-                uses[v] = uses.get(v, 0) + 1
-
-    def visit(expr):
-        if isinstance(expr, relax.Call):
-            for a in expr.args:
-                read(a)
-    relax.analysis.post_order_visit(func, visit)
-    read(func.body.body)
-    return uses
 
 
 def _call_tir(value) -> bool:
