@@ -57,7 +57,9 @@ from __future__ import annotations
 #: functions, so other workload keys); quantized values read back without their casts through bytes
 #: (`int8_epilogue.round_trips`, a TIR pass); int8 column tiles of two column vectors where the map's vectors pair
 #: up (`int8.column_vectors`).
-SCHEDULES_VERSION = 25
+#: 26: a quantize's exact division computes x − y·s as fma(y, −s, x) (−s folds or hoists: one op less per
+#: element; the same rounding); one-value constants compiled into the kernels that read them (`scalar_args.py`).
+SCHEDULES_VERSION = 26
 
 
 def legalize_map() -> dict:
@@ -168,6 +170,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
     schedules make nothing parallel (`common.planned_threads`).
     """
     from .common import mark_partial_tiles, planned_threads  # noqa: PLC0415
+    from .scalar_args import specialize  # noqa: PLC0415
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
@@ -183,6 +186,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
             with planned_threads(threads):
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
             mod = mark_partial_tiles(mod)
+            mod = specialize(mod)  # one-value constant arguments compiled into the kernels (scalar_args.py)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 
