@@ -62,3 +62,28 @@ def test_an_unclamped_cast_keeps_its_wraparound():
         x[i], tirx.const(255.0, "float32")), tirx.const(0.0, "float32")))), name="not_whole")
     func = te.create_prim_func([x, not_whole])
     assert round_trips(func).script() == func.script()
+
+
+@pytest.mark.parametrize("dtype,zero,back", [("uint8", 121, 121), ("int8", -3, -3), ("uint8", 121, 120)])
+def test_the_zero_point_moves_into_the_clamp_bounds(dtype, zero, back):
+    """clamp(round(x·2.5) + z) − z, the dequantize of a quantize at the same zero point, becomes clamp(round(x·2.5),
+    lo − z, hi − z): no add or subtract of z left, the same values across the range, the clamps and the ties. At
+    another zero point (z′ ≠ z) the subtraction stays."""
+    from tvm import te, tirx
+
+    from squeeze.targets.schedules.int8_epilogue import round_trips
+    n = 1024
+    x = te.placeholder((n,), "float32", name="x")
+    deq = te.compute((n,), lambda i: tirx.Cast("float32", tirx.Cast("int32", _quantize(tirx, x[i], zero, dtype))
+                                                           - back) * tirx.const(0.37, "float32"), name="deq")
+    func = te.create_prim_func([x, deq])
+    rewritten = round_trips(func).script()
+    shifted = f"T.float32({float((255 if dtype == 'uint8' else 127) - zero)})" in rewritten
+    assert shifted == (zero == back) and ("- " in rewritten or "+ 3" in rewritten) == (zero != back), rewritten
+    values = np.concatenate([np.linspace(-120, 120, n - 8), [0.2, 0.6, -0.2, 1e6, -1e6, 51.0, -51.2, 0.0]])
+    outs = []
+    for f in (func, round_trips(func)):
+        got = __import__("tvm").runtime.tensor(np.zeros(n, np.float32))
+        _build(f)["main"](__import__("tvm").runtime.tensor(values.astype(np.float32)), got)
+        outs.append(got.numpy())
+    np.testing.assert_array_equal(*outs)

@@ -13,9 +13,15 @@ construction, bounds within the 8-bit type),
 
     int32(uint8(M)) → int32(M),   float32(uint8(M)) → M,   float32(int32(M) − c) → M − float32(c)  (constant c)
 
-— the same numbers (integers below 2^24 are exact in float32), so the same bytes out. The uint8 value is still
-computed where it is stored. (A NaN activation, which the float → uint8 conversion leaves undefined, now stays NaN
-in the dequantized value.)
+and a zero point added before the clamp and taken off after it moves into the bounds:
+
+    clamp(R + z, lo, hi) − z → clamp(R, lo − z, hi − z)          (R a whole number, z, lo, hi integer constants)
+
+— the same numbers (integers below 2^24 are exact in float32; an R beyond that clamps to the same bound either
+way), so the same bytes out. The uint8 value is still computed where it is stored. The last rule needs the zero
+point as a constant, which `scalar_args` makes it: two ops less per requantize → dequantize step (an int8 layer's
+output read back by a residual add or an activation). (A NaN activation, which the float → uint8 conversion
+leaves undefined, now stays NaN in the dequantized value.)
 """
 from __future__ import annotations
 
@@ -84,16 +90,43 @@ def round_trips(func):
     def minus_constant(cast, mutator):
         cast = mutator.default_mutate(cast)
         diff = cast.value
-        if not (scalar(cast.ty.dtype) == "float32" and isinstance(diff, tirx.Sub) and isinstance(diff.a, tirx.Cast)
-                and scalar(diff.a.value.ty.dtype) == "float32" and clamped(diff.a.value, -_EXACT, _EXACT)):
+        if not (scalar(cast.ty.dtype) == "float32" and isinstance(diff, (tirx.Sub, tirx.Add))
+                and isinstance(diff.a, tirx.Cast) and scalar(diff.a.value.ty.dtype) == "float32"
+                and clamped(diff.a.value, -_EXACT, _EXACT)):
             return cast
         c = const(diff.b)
         if not isinstance(c, int) or abs(c) >= _EXACT:
-            return cast
-        return tirx.Sub(diff.a.value, tirx.Cast(cast.ty.dtype, diff.b))
+            return cast  # (a negative zero point's subtraction reads as an Add)
+        return type(diff)(diff.a.value, tirx.Cast(cast.ty.dtype, diff.b))
+
+    def number(e):
+        """The value of a float32 constant, or of an integer constant converted to float32, else None."""
+        if isinstance(e, tirx.Cast) and scalar(e.ty.dtype) == "float32" and isinstance(const(e.value), int):
+            return float(const(e.value))
+        value = const(e)
+        return float(value) if isinstance(value, float) and scalar(e.ty.dtype) == "float32" else None
+
+    def shifted_clamp(sub, mutator):  # clamp − z, or clamp + (−z)
+        sub = mutator.default_mutate(sub)
+        c, clamp = number(sub.b), sub.a
+        c = -c if c is not None and isinstance(sub, tirx.Add) else c
+        if c is None or not isinstance(clamp, (tirx.Max, tirx.Min)) or not isinstance(clamp.a, (tirx.Max, tirx.Min)) \
+                or type(clamp) is type(clamp.a) or not isinstance(clamp.a.a, tirx.Add):
+            return sub
+        outer, inner, shift = number(clamp.b), number(clamp.a.b), clamp.a.a
+        if number(shift.b) != c or not integral(shift.a) or outer is None or inner is None \
+                or not all(v.is_integer() and abs(v) < _EXACT for v in (c, outer, inner)):
+            return sub
+
+        def imm(value: float):
+            lanes = int(sub.ty.dtype.lanes)
+            value = tirx.FloatImm("float32", value)
+            return value if lanes == 1 else tirx.Broadcast(value, lanes)
+        return type(clamp)(type(clamp.a)(shift.a, imm(inner - c)), imm(outer - c))
 
     body = structural_mutate(func.body, [(tirx.Cast, through_bytes)])
-    return func.with_body(structural_mutate(body, [(tirx.Cast, minus_constant)]))
+    body = structural_mutate(body, [(tirx.Cast, minus_constant)])
+    return func.with_body(structural_mutate(body, [(tirx.Sub, shifted_clamp), (tirx.Add, shifted_clamp)]))
 
 
 @cache

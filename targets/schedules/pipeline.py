@@ -4,6 +4,7 @@
       → AnnotateTIROpPattern → FoldConstant → FuseOps → FuseTIR          (`fuse_passes`: what tuning sees)
       → [MetaScheduleApplyDatabase]                                       (tuned functions, when given a database)
       → ApplyDefaultSchedule(rules)                                        (everything not tuned)
+      → scalar_args.specialize                    (one-value constant arguments compiled into kernel copies)
       → TVM's dataflow lowering and finalization
 
 The first FoldConstant turns constant sub-graphs (a transposed Gemm weight, BatchNorm's scale) into constants

@@ -46,7 +46,7 @@ def specialize(mod):
 
     def rewrite(value):
         if not (isinstance(value, relax.Call) and value.op.same_as(call_tir) and isinstance(value.args[1], relax.Tuple)
-                and isinstance(mod[value.args[0]], tirx.PrimFunc)):
+                and isinstance(value.args[0], tvm.ir.GlobalVar) and isinstance(mod[value.args[0]], tirx.PrimFunc)):
             return value
         pairs = tuple((i, v) for i, v in ((i, scalar_value(a)) for i, a in enumerate(value.args[1].fields))
                       if v is not None)
