@@ -1,5 +1,6 @@
 """Small helpers the test modules share (one copy each): calibration data that the passes treat as real, a real
-report to add target rows to, the files a run left in its output folder, and .npz files written into tmp_path."""
+report to add target rows to, the files a run left in its output folder, .npz files written into tmp_path, and the
+functions a compiled module's `main` calls."""
 from __future__ import annotations
 
 import copy
@@ -46,3 +47,19 @@ def write_npz(folder: Path, name: str = "data.npz", **arrays) -> Path:
     path = Path(folder) / name
     np.savez(path, **arrays)
     return path
+
+
+def main_calls(mod) -> list[str]:
+    """The names of the functions a Relax module's `main` calls, in order (call_tir PrimFuncs and fused groups)."""
+    from tvm import relax  # noqa: PLC0415
+
+    from squeeze.targets.schedules.common import is_call_tir  # noqa: PLC0415
+    names = []
+
+    def visit(expr):
+        if is_call_tir(expr):
+            names.append(expr.args[0].name_hint)
+        elif isinstance(expr, relax.Call) and isinstance(expr.op, relax.GlobalVar):
+            names.append(expr.op.name_hint)
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names

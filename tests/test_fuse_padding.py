@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import graphs
+from helpers import main_calls
 
 CASES = {
     "conv3x3": dict(c=8, k=16, hw=(10, 37)),
@@ -33,22 +34,6 @@ def _target():
     return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
 
 
-def _main_calls(fused) -> list[str]:
-    """The names of the functions `main` calls (call_tir PrimFuncs and fused groups)."""
-    import tvm
-    from tvm import relax
-    names = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call):
-            if isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-                names.append(expr.args[0].name_hint)
-            elif isinstance(expr.op, relax.GlobalVar):
-                names.append(expr.op.name_hint)
-    relax.analysis.post_order_visit(fused["main"], visit)
-    return names
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_padding_is_computed_in_the_conv(case):
     """A padded int8 conv or depthwise conv: `main` calls no padding function of its own (the padding is in the
@@ -67,7 +52,7 @@ def test_the_padding_is_computed_in_the_conv(case):
     assert shape[1] == 5
     mod = tvm_build.import_onnx(model, {"x": x.shape})
     fused = pipeline.fused_module(mod, target)
-    calls = _main_calls(fused)
+    calls = main_calls(fused)
     assert not any(name.startswith("pad") for name in calls), calls
     assert any("conv2d_int8" in name for name in calls), calls
     executable = tvm_build.compile_module(mod, target, build_pipeline(target, threads=1))

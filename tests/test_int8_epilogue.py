@@ -69,6 +69,7 @@ def test_the_zero_point_moves_into_the_clamp_bounds(dtype, zero, back):
     """clamp(round(x·2.5) + z) − z, the dequantize of a quantize at the same zero point, becomes clamp(round(x·2.5),
     lo − z, hi − z): no add or subtract of z left, the same values across the range, the clamps and the ties. At
     another zero point (z′ ≠ z) the subtraction stays."""
+    import tvm
     from tvm import te, tirx
 
     from squeeze.targets.schedules.int8_epilogue import round_trips
@@ -83,7 +84,7 @@ def test_the_zero_point_moves_into_the_clamp_bounds(dtype, zero, back):
     values = np.concatenate([np.linspace(-120, 120, n - 8), [0.2, 0.6, -0.2, 1e6, -1e6, 51.0, -51.2, 0.0]])
     outs = []
     for f in (func, round_trips(func)):
-        got = __import__("tvm").runtime.tensor(np.zeros(n, np.float32))
-        _build(f)["main"](__import__("tvm").runtime.tensor(values.astype(np.float32)), got)
+        got = tvm.runtime.tensor(np.zeros(n, np.float32))
+        _build(f)["main"](tvm.runtime.tensor(values.astype(np.float32)), got)
         outs.append(got.numpy())
     np.testing.assert_array_equal(*outs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from helpers import main_calls
+
 
 def _module():
     """main(x) = f(f(x, 0.37, 3), 0.37, 3) + f(x, 0.5, 3): three calls of one kernel `f(x, scale, zero)` =
@@ -38,25 +40,13 @@ def _run(mod, x):
     return relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
-def _called(mod) -> list[str]:
-    import tvm
-    from tvm import relax
-    names = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-            names.append(expr.args[0].name_hint)
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return names
-
-
 def test_each_set_of_values_gets_its_own_copy_with_the_values_compiled_in():
     from tvm import tirx
 
     from squeeze.targets.schedules.scalar_args import specialize
     mod = _module()
     out = specialize(mod)
-    calls = _called(out)
+    calls = main_calls(out)
     assert len(calls) == 3 and calls[0] == calls[1] != calls[2], calls  # (0.37, 3) twice, (0.5, 3) once
     prims = {gv.name_hint: f for gv, f in out.functions.items() if isinstance(f, tirx.PrimFunc)}
     assert sorted(prims) == sorted(set(calls)), "the unspecialized kernel is dropped"

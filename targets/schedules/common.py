@@ -399,6 +399,13 @@ def divide_exactly(x, s):
     return tirx.Let(xv, x, tirx.Let(yv, xv * r, tirx.call_llvm_pure_intrin(dtype, "llvm.fma", e, r, yv)))
 
 
+def is_call_tir(value) -> bool:
+    """`value` is a Relax `call_tir` (a call of a PrimFunc of the module)."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir"
+
+
 def var_uses(func) -> dict:
     """Relax var → how many calls, tuples and function results read it."""
     from tvm import relax  # noqa: PLC0415

@@ -15,7 +15,7 @@ its input (the padding block inlines into `pad_temp` / `pack_int8`), reading the
 """
 from __future__ import annotations
 
-from .common import KERNEL, guarded, root_blocks, var_uses
+from .common import KERNEL, guarded, is_call_tir, root_blocks, var_uses
 from .conv2d import DEPTHWISE
 from .int8 import CONV_INT8, CONV_INT8_COLUMNS
 
@@ -47,7 +47,7 @@ def fuse_padding(mod):
         pads, bindings = {}, []
         for binding in block.bindings:
             value = binding.value
-            if _call_tir(value) and uses.get(binding.var, 0) == 1 and _is_padding(mod[value.args[0]]):
+            if is_call_tir(value) and uses.get(binding.var, 0) == 1 and _is_padding(mod[value.args[0]]):
                 pads[binding.var] = value
             elif _group_call(mod, value) and _has_kernel(mod, mod[value.op]):
                 index = next((i for i, a in enumerate(value.args) if isinstance(a, relax.Var) and a in pads), None)
@@ -83,12 +83,6 @@ def _with_padding(group, index: int, pad):
                           group.attrs)
 
 
-def _call_tir(value) -> bool:
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.call_tir"
-
-
 def _group_call(mod, value) -> bool:
     from tvm import relax  # noqa: PLC0415
     return isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar) \
@@ -112,7 +106,7 @@ def _has_kernel(mod, group) -> bool:
     found = []
 
     def visit(expr):
-        if _call_tir(expr):
+        if is_call_tir(expr):
             sch = s_tir.Schedule(mod[expr.args[0]])
             found.extend(str(sch.get(b).annotations.get(KERNEL, "")) for b in root_blocks(sch))
     relax.analysis.post_order_visit(group, visit)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .common import is_call_tir
+
 #: the element types whose one-value constants are compiled in
 DTYPES = ("float32", "int8", "uint8", "int32")
 
@@ -26,11 +28,10 @@ DTYPES = ("float32", "int8", "uint8", "int32")
 def scalar_value(arg) -> float | int | None:
     """The value of a one-value Relax constant of a `DTYPES` type (a float or an int), else None."""
     import tvm  # noqa: PLC0415
-    if not isinstance(arg, tvm.ir.GenericConst):
-        return None
+    if not isinstance(arg, tvm.ir.GenericConst) or str(arg.value.dtype) not in DTYPES \
+            or any(int(d) != 1 for d in arg.value.shape):
+        return None  # (a weight is not copied out to find that out)
     array = arg.value.numpy()
-    if array.size != 1 or str(array.dtype) not in DTYPES:
-        return None
     value = array.reshape(()).item()
     return float(value) if array.dtype == np.float32 else int(value)
 
@@ -40,12 +41,11 @@ def specialize(mod):
     PrimFunc with those values compiled in (`with_scalars`)."""
     import tvm  # noqa: PLC0415
     from tvm import relax, tirx  # noqa: PLC0415
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     builder = relax.BlockBuilder(mod)
     copies: dict = {}  # (function name, its (parameter index, value) pairs) → GlobalVar of the copy
 
     def rewrite(value):
-        if not (isinstance(value, relax.Call) and value.op.same_as(call_tir) and isinstance(value.args[1], relax.Tuple)
+        if not (is_call_tir(value) and isinstance(value.args[1], relax.Tuple)
                 and isinstance(value.args[0], tvm.ir.GlobalVar) and isinstance(mod[value.args[0]], tirx.PrimFunc)):
             return value
         pairs = tuple((i, v) for i, v in ((i, scalar_value(a)) for i, a in enumerate(value.args[1].fields))
