@@ -60,10 +60,11 @@ def tvm_runner(path: Path, feed: dict):
     import tvm  # noqa: PLC0415
 
     from squeeze.targets import tvm_build  # noqa: PLC0415
+    from squeeze.targets.cpu import Cpu  # noqa: PLC0415
     from squeeze.targets.schedules import build_pipeline, int8  # noqa: PLC0415
     model = onnx.load(str(path))
     shapes = {k: v.shape for k, v in feed.items()}
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    target = Cpu().tvm_target()
     mod = tvm_build.import_onnx(model, shapes)
     with target:
         layers = int8.int8_layers(int8.rewrite_qdq(mod, tables=False))

@@ -63,6 +63,11 @@ def host_cpu() -> str:
     return tvm().get_global_func("target.llvm_get_system_cpu")()
 
 
+def host_triple() -> str:
+    """The host's LLVM target triple ("x86_64-…-linux-gnu", "aarch64-…")."""
+    return tvm().get_global_func("target.llvm_get_system_triple")()
+
+
 def import_onnx(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]):
     """Relax module for `model` with static input shapes; TargetError naming the ops TVM lacks.
 

@@ -65,6 +65,33 @@ def test_the_llvm_target_names_the_host_cpu(built):
     assert str(Cpu(mcpu="x86-64").tvm_target().attrs["mcpu"]) == "x86-64"
 
 
+@pytest.mark.skipif(not tvm_build.host_triple().startswith("x86_64"), reason="an x86 LLVM option")
+def test_data_dependent_integer_selects_stay_conditional_moves():
+    """A uint8 3×3/2 max pool over 55 output columns: LLVM vectorizes 48 of them and takes the rest in scalar code,
+    whose max LLVM's `znver4` tuning turns into compare-and-branch unless the cpu target's LLVM options keep the
+    `cmov` (a branch on activation values mispredicts: 3× slower in int8 squeezenet)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from squeeze.targets.cpu import X86_LLVM_OPTIONS
+    from squeeze.targets.schedules import build_pipeline
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2])
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 111, 111])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 8, 55, 55])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    target = Cpu(mcpu="znver4").tvm_target()  # compiled, not run: any x86-64 host
+    assert list(target.attrs["cl-opt"]) == list(X86_LLVM_OPTIONS)
+    executable = tvm_build.compile_module(tvm_build.import_onnx(model, {"x": (1, 8, 111, 111)}), target,
+                                          build_pipeline(target, threads=1))
+    module = executable.mod.imports[0] if executable.mod.imports else executable.mod
+    ops = [line.split()[0] for line in module.inspect_source("asm").splitlines()
+           if line.startswith("\t") and not line.lstrip().startswith(".")]
+    byte_branches = sum(a == "cmpb" and b in ("ja", "jae", "jb", "jbe") for a, b in zip(ops, ops[1:]))
+    assert byte_branches == 0  # 27 without the option (TVM 0.27, LLVM 22)
+    assert any(op.startswith("cmov") for op in ops)
+
+
 @pytest.mark.corpus
 def test_unsupported_slice_is_named(corpus, tmp_path):
     model = load_model(corpus.ROOT / "ultraface_rfb320/model.onnx")
