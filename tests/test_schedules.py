@@ -318,7 +318,10 @@ def test_pointwise_convs_with_many_inputs_take_the_wide_column_tile():
     intel = describe(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))
     zen4 = describe(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
     assert plan_columns(320, 160, 3, 80, intel, "float32", pointwise=True) == ConvPlan(8, 1, 3, 16)
-    assert plan_columns(320, 160, 3, 80, zen4, "float32", pointwise=True) == ConvPlan(8, 1, 3, 8)
+    # Zen 4: the 16-lane vector where it tiles the row exactly (80 = 5 × 16), else its full-rate 8 lanes (76, 40)
+    assert plan_columns(320, 160, 3, 80, zen4, "float32", pointwise=True) == ConvPlan(8, 1, 3, 16)
+    assert plan_columns(320, 160, 3, 76, zen4, "float32", pointwise=True) == ConvPlan(8, 1, 3, 8)
+    assert plan_columns(64, 64, 40, 40, zen4, "float32", pointwise=True) == ConvPlan(8, 1, 3, 8)
     assert plan_columns(64, 64, 40, 40, intel, "float32", pointwise=True) == ConvPlan(8, 3, 1, 48)  # 48: 20 %
     assert plan_columns(160, 160, 1, 40, intel, "float32", pointwise=True) == ConvPlan(8, 3, 1, 48)  # one row
     assert plan_columns(1000, 512, 13, 13, intel, "float32", pointwise=True) is None

@@ -60,7 +60,8 @@ from __future__ import annotations
 #: up (`int8.column_vectors`).
 #: 26: a quantize's exact division computes x − y·s as fma(y, −s, x) (−s folds or hoists: one op less per
 #: element; the same rounding); one-value constants compiled into the kernels that read them (`scalar_args.py`).
-SCHEDULES_VERSION = 26
+#: 27: pointwise column tiles in the CPU's widest vector where it tiles the row (Zen 4); the tile's lanes in `TILE`.
+SCHEDULES_VERSION = 27
 
 
 def legalize_map() -> dict:
