@@ -206,8 +206,7 @@ def legalize_conv2d(bb, call):
     columns = plan_columns(k, cg, oh, ow, cpu, dtype, pointwise) if groups == 1 else None
     if columns is not None:
         packed = relax.const(pack_weight(weight.value.numpy(), columns.kb))
-        return bb.call_te(_columns_compute(k, oh, ow, columns, geometry, cpu.full_rate_lanes(dtype)), data, packed,
-                          primfunc_name_hint="conv2d")
+        return bb.call_te(_columns_compute(k, oh, ow, columns, geometry), data, packed, primfunc_name_hint="conv2d")
     # blocks padded to a multiple of the tile's kv (a pointwise plan's may not divide them; a k×k plan's does)
     packed = relax.const(pack_weight(weight.value.numpy(), plan.kb, groups, plan.kv if groups == 1 else 1))
     return bb.call_te(_conv_compute(k, groups, oh, ow, plan, geometry), data, packed, primfunc_name_hint="conv2d")
@@ -469,7 +468,7 @@ def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str, pointwise: b
     return ConvPlan(kb, kv, max(1, min(oh, acc // (kv * kb))), kv * lanes)
 
 
-def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry, lanes: int):
+def _columns_compute(k: int, oh: int, ow: int, plan: ConvPlan, geometry):
     """out[n, o, y, x] as `_conv_compute`, the tile's accumulators vectors along x (`Conv2dColumns`)."""
     def compute(data, packed):
         from tvm import te  # noqa: PLC0415
