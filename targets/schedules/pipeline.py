@@ -61,7 +61,9 @@ from __future__ import annotations
 #: 26: a quantize's exact division computes x − y·s as fma(y, −s, x) (−s folds or hoists: one op less per
 #: element; the same rounding); one-value constants compiled into the kernels that read them (`scalar_args.py`).
 #: 27: pointwise column tiles in the CPU's widest vector where it tiles the row (Zen 4); the tile's lanes in `TILE`.
-SCHEDULES_VERSION = 27
+#: 28: pointwise convs without padding take the tile that divides their map where it models within 25 % of the best
+#: (`conv2d.EXACT_TILE_SHARE` 0.95 → 0.75).
+SCHEDULES_VERSION = 28
 
 
 def legalize_map() -> dict:
