@@ -5,6 +5,7 @@
       → [MetaScheduleApplyDatabase]                                       (tuned functions, when given a database)
       → ApplyDefaultSchedule(rules)                                        (everything not tuned)
       → scalar_args.specialize                    (one-value constant arguments compiled into kernel copies)
+      → concat.elide_concats                      (a concat's producers store into its output)
       → TVM's dataflow lowering and finalization
 
 The first FoldConstant turns constant sub-graphs (a transposed Gemm weight, BatchNorm's scale) into constants
@@ -174,6 +175,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
     schedules make nothing parallel (`common.planned_threads`).
     """
     from .common import mark_partial_tiles, planned_threads  # noqa: PLC0415
+    from .concat import elide_concats  # noqa: PLC0415
     from .scalar_args import specialize  # noqa: PLC0415
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
@@ -191,6 +193,7 @@ def build_pipeline(target, database=None, threads: int | None = None):
                 mod = dl.ApplyDefaultSchedule(*rules())(mod)
             mod = mark_partial_tiles(mod)
             mod = specialize(mod)  # one-value constant arguments compiled into the kernels (scalar_args.py)
+            mod = elide_concats(mod)  # the kernels before a concat store into its output (concat.py)
             mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
         return mod
 
