@@ -12,7 +12,8 @@ each kernel keeps the schedule it was given, tuned or default.
 """
 from __future__ import annotations
 
-from .common import is_call_tir, var_uses
+from .common import is_call_tir, product, var_uses
+from .simd import dtype_bits
 
 #: function attribute of the functions `elide_concats` builds: the kernels they hold, in order
 FUSED = "squeeze.concat_of"
@@ -46,10 +47,10 @@ def _rewrite_function(mod, builder, func):
         producers = {b.var: b for b in bindings if isinstance(b, relax.VarBinding) and _tir_call(mod, b.value)}
         drop, replace = set(), {}
         for binding in bindings:
-            parts = _parts(mod, binding, producers, uses)
+            axis, parts = _parts(mod, binding, producers, uses) or (None, None)
             if parts is None or drop & {id(p) for p in parts}:
                 continue
-            replace[id(binding)] = _fused_binding(mod, builder, binding, parts)
+            replace[id(binding)] = _fused_binding(mod, builder, binding, axis, parts)
             drop |= {id(p) for p in parts}
         if replace:
             changed = True
@@ -68,24 +69,27 @@ def _tir_call(mod, value) -> bool:
         and len(mod[value.args[0]].params) == len(value.args[1].fields) + 1
 
 
-def _parts(mod, binding, producers: dict, uses: dict) -> list | None:
-    """The bindings of a concat's inputs, in order, when `binding` is a concat this can write in place."""
+def _parts(mod, binding, producers: dict, uses: dict) -> tuple[int, list] | None:
+    """(the concat axis, the bindings of the concat's inputs in order) when `binding` is a concat this can write in
+    place, else None."""
     from tvm import relax  # noqa: PLC0415
     if not isinstance(binding, relax.VarBinding) or not _tir_call(mod, binding.value):
         return None
     inputs = list(binding.value.args[1].fields)
-    if len(inputs) < 2 or concat_axis(mod[binding.value.args[0]]) is None:
+    concat = mod[binding.value.args[0]]
+    axis = concat_axis(concat) if len(inputs) >= 2 else None
+    if axis is None:
         return None
     parts = [producers.get(v) for v in inputs]
-    # each input: a var bound to its own kernel's call, read by the concat only
-    if any(p is None or uses.get(v, 0) != 1 for p, v in zip(parts, inputs)) or len(set(inputs)) != len(inputs):
+    # each input: a var bound to its own kernel's call, read by the concat only (once: not twice in its inputs)
+    if any(p is None or uses.get(v, 0) != 1 for p, v in zip(parts, inputs)):
         return None
     kernels = [p.value.args[0] for p in parts]
     if len({k.name_hint for k in kernels}) != len(kernels):  # one PrimFunc twice: its variables would clash
         return None
     if any(FUSED in (mod[k].attrs or {}) for k in kernels):
         return None
-    return parts if _aligned_runs(mod[binding.value.args[0]]) else None
+    return (axis, parts) if _aligned_runs(concat, axis) else None
 
 
 #: bytes each input's run of the concat's output must start at a multiple of: the kernels' vector stores may
@@ -93,14 +97,10 @@ def _parts(mod, binding, producers: dict, uses: dict) -> list | None:
 RUN_ALIGNMENT = 64
 
 
-def _aligned_runs(func) -> bool:
-    from tvm import DataType  # noqa: PLC0415
+def _aligned_runs(func, axis: int) -> bool:
     *ins, out = func.params
-    axis = concat_axis(func)
-    inner = 1
-    for d in out.shape[axis + 1:]:
-        inner *= int(d)
-    run_bytes = [int(p.shape[axis]) * inner * DataType(str(out.dtype)).bits // 8 for p in ins]
+    inner = product(int(d) for d in out.shape[axis + 1:]) * dtype_bits(str(out.dtype)) // 8
+    run_bytes = [int(p.shape[axis]) * inner for p in ins]
     return all(sum(run_bytes[:i]) % RUN_ALIGNMENT == 0 for i in range(len(ins)))
 
 
@@ -156,15 +156,13 @@ def _leaf_loads(expr, loads: list) -> bool:
     return False
 
 
-def _fused_binding(mod, builder, concat, parts: list):
+def _fused_binding(mod, builder, concat, axis: int, parts: list):
     """The binding that replaces `concat` and its producers: one call of a new PrimFunc holding the producers'
     kernels in order, each one's output buffer declared over its run of the concat's output."""
     from tvm import relax, s_tir, tirx  # noqa: PLC0415
     call = concat.value
-    concat_func = mod[call.args[0]]
-    out = concat_func.params[-1]
-    axis = concat_axis(concat_func)
-    out = tirx.decl_buffer([tirx.IntImm("int64", int(d)) for d in out.shape], str(out.dtype), "concat_out")
+    given = mod[call.args[0]].params[-1]
+    out = tirx.decl_buffer([tirx.IntImm("int64", int(d)) for d in given.shape], str(given.dtype), "concat_out")
     params, stmts, args, names, start = [], [], [], [], 0
     for part in parts:
         gvar = part.value.args[0]
