@@ -142,9 +142,23 @@ def conv_chunked() -> onnx.ModelProto:
     return g.model({"x": [1, 256, 13, 13]}, "y")
 
 
+def global_mean() -> onnx.ModelProto:
+    """x[1,12,13,13] ─ Relu ─ GlobalAveragePool ─ y: 169 elements a channel, summed lanes first (`legalize_mean`)"""
+    g = graphs.Builder(10)
+    g.node("GlobalAveragePool", [g.node("Relu", ["x"], "relu")], "y")
+    return g.model({"x": [1, 12, 13, 13]}, "y")
+
+
+def row_mean() -> onnx.ModelProto:
+    """x[2,5,200] ─ ReduceMean(last axis, keepdims 0) ─ y[2,5]: 12 vectors of 16 and 8 elements a row"""
+    g = graphs.Builder(11)
+    g.node("ReduceMean", ["x"], "y", axes=[-1], keepdims=0)
+    return g.model({"x": [2, 5, 200]}, "y")
+
+
 GRAPHS = {f.__name__: f for f in (conv_odd, conv_strided_no_bias, conv_residual_dilated, conv_big, grouped,
                                   grouped_padded, depthwise, dense_heads, matmul_batched, pools, concat_bn,
-                                  pointwise_wide, conv_chunked)}
+                                  pointwise_wide, conv_chunked, global_mean, row_mean)}
 
 
 def _target():
@@ -207,6 +221,8 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("concat_bn", {"conv2d": "Conv2dPacked", "concatenate": "Injective"}),
     ("pointwise_wide", {"conv2d": "Conv2dColumns"}),
     ("conv_chunked", {"conv2d": "Conv2dPacked"}),
+    ("global_mean", {"mean": "LaneReduce"}),
+    ("row_mean", {"mean": "LaneReduce"}),
 ])
 def test_each_function_gets_its_rule(name, expected):
     """Every fused function is scheduled, by the rule written for it (a name containing the key)."""
@@ -462,6 +478,24 @@ def test_pointwise_tiles_span_channel_blocks_and_pad_them_to_a_multiple():
     # the same shape as a 3×3 conv: the k×k tile model and its accumulator cap
     plan3 = plan_conv(1000, 512, 1, 13, 13, cpu, "float32", taps=9)
     assert plan3.kv * plan3.ht * plan3.wt <= cpu.accumulators()
+
+
+def test_a_pointwise_tile_that_leaves_its_epilogue_no_registers_pays_for_the_spills_over_its_steps():
+    """2 blocks × 1×13 keeps 30 of 32 registers live and spills around its transposing epilogue: over squeezenet's
+    48 or 64 input channels that costs more than the second block saves (one block × 1×13 ran 15-18 % faster), over
+    512 (its classifier) it does not."""
+    from squeeze.targets.schedules.conv2d import plan_conv
+    from squeeze.targets.schedules.simd import Cpu
+    from squeeze.targets.schedules.tiles import EPILOGUE_REGISTERS, pointwise_rate
+    cpu = Cpu(vector_bits=512, registers=32, fma=True, arch="x86", full_rate_bits=512)
+    for k, c in ((192, 48), (256, 64)):
+        plan = plan_conv(k, c, 1, 13, 13, cpu, "float32", unpadded=True, pointwise=True, taps=1)
+        assert (plan.kv, plan.ht, plan.wt) == (1, 1, 13), (k, c, plan)
+    assert plan_conv(1000, 512, 1, 13, 13, cpu, "float32", unpadded=True, pointwise=True, taps=1).kv == 2
+    assert 2 * (13 + 1) + 2 > 32 - EPILOGUE_REGISTERS >= 2 * (10 + 1) + 2
+    # no charge where the steps are unknown, or for a tile that leaves the epilogue its registers
+    assert pointwise_rate(13, 13, 12, 1, (2, 1, 13)) == pointwise_rate(13, 13, 12, 1, (2, 1, 13), 32, 0)
+    assert pointwise_rate(20, 20, 8, 1, (2, 1, 10), 32, 8) == pointwise_rate(20, 20, 8, 1, (2, 1, 10))
 
 
 def test_kxk_tiles_span_channel_blocks_only_where_their_weights_stay_in_l1():

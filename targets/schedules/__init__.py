@@ -33,7 +33,8 @@ database first, when tuning has one). The conv and dense rules also offer `varia
 parallel on/off), which `targets/tuning.py` measures before MetaSchedule's own search.
 
 What the rules plan with (`simd.Cpu`): vector width from the CPU's features, how many accumulators a register
-tile may hold (16 on x86, where larger tiles spill; a 1×1 conv's up to registers − kv − 2, `tiles.pointwise_tiles`),
+tile may hold (16 on x86, where larger tiles spill; a 1×1 conv's up to registers − kv − 2, `tiles.pointwise_tiles`,
+charged for spilling around its epilogue past registers − kv − 5),
 and the widest vector the FMA units take at full rate per lane (Zen 4: 256 of 512 bits, so a channel count like 24
 uses 3 × 8 lanes rather than 2 × 16 with zeros). Loops go parallel above 512 K multiply-adds (copies,
 elementwise loops, pools and row reductions above 16 K elements), and never when the build is for one thread

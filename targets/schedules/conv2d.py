@@ -137,10 +137,10 @@ def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtyp
     blocks = kp // kb
     if pointwise and groups == 1:
         def ranked(exact: bool) -> list:
-            return pointwise_tiles(oh, ow, blocks, vectors, cpu.registers, exact=exact)
+            return pointwise_tiles(oh, ow, blocks, vectors, cpu.registers, exact=exact, steps=c_per_group)
 
         def rate(tile) -> float:
-            return pointwise_rate(oh, ow, blocks, vectors, tile)
+            return pointwise_rate(oh, ow, blocks, vectors, tile, cpu.registers, c_per_group)
     else:
         kvs = weight_kvs(c_per_group, taps, kb, oh, ow, dtype_bits(dtype) // 8)
 

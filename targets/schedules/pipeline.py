@@ -64,7 +64,9 @@ from __future__ import annotations
 #: 27: pointwise column tiles in the CPU's widest vector where it tiles the row (Zen 4); the tile's lanes in `TILE`.
 #: 28: pointwise convs without padding take the tile that divides their map where it models within 25 % of the best
 #: (`conv2d.EXACT_TILE_SHARE` 0.95 → 0.75).
-SCHEDULES_VERSION = 28
+#: 29: means over trailing axes of 8+ vectors summed lanes first (`reduce.legalize_mean`); pointwise tiles that spill
+#: around their epilogue charged for it over their reduction steps (`tiles.EPILOGUE_REGISTERS`).
+SCHEDULES_VERSION = 29
 
 
 def legalize_map() -> dict:
@@ -74,13 +76,13 @@ def legalize_map() -> dict:
     from .int8 import int8_legalizations  # noqa: PLC0415
     from .int8_tables import legalize_lookup  # noqa: PLC0415
     from .pool import legalize_max_pool2d  # noqa: PLC0415
-    from .reduce import legalize_softmax  # noqa: PLC0415
+    from .reduce import legalize_mean, legalize_softmax  # noqa: PLC0415
     return int8_legalizations({"relax.nn.conv2d": legalize_conv2d, "relax.nn.max_pool2d": legalize_max_pool2d,
                                "relax.nn.conv2d_transpose":
                                legalize_conv2d_transpose, "relax.matmul": legalize_matmul, "relax.erf": legalize_erf,
                                "relax.nn.softmax": legalize_softmax, "relax.sigmoid": legalize_sigmoid,
                                "relax.exp": legalize_exp, "relax.take": legalize_lookup,
-                               "relax.divide": legalize_divide})
+                               "relax.divide": legalize_divide, "relax.mean": legalize_mean})
 
 
 def rules() -> list:

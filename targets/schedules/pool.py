@@ -8,7 +8,8 @@ read one tensor, and only get parallel channels: LLVM vectorizes the plain loop 
 vectorizing the output columns in TIR is 8-60× slower (stride-2 windows become lane-by-lane loads; measured
 on a 3×3/2 max pool over 64×111×111: 83 µs plain, 650 µs with 11-lane vectors, 4.7 ms with 16 lanes and a
 tail). A global pool (1×1 output) keeps 8 channels' running sums in flight instead, so the additions of
-different channels overlap rather than wait on one long dependency chain (1000×13×13: 91 → 48 µs).
+different channels overlap rather than wait on one long dependency chain (1000×13×13: 91 → 48 µs); a mean of
+rows at least `reduce.MEAN_MIN_VECTORS` vectors long is legalized lanes first instead (`reduce.legalize_mean`).
 """
 from __future__ import annotations
 

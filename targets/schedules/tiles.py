@@ -80,10 +80,23 @@ POINTWISE_MAX_BLOCK_WASTE = 1.05
 LOAD_CYCLES = 0.6
 
 
+#: registers a pointwise tile's epilogue needs beside its accumulators: it transposes them to NCHW through a
+#: shuffle network (`transpose.py`), and a tile that keeps more than `registers` − this many live in its steps
+#: spills them all around it (2 blocks × 1×13 on 32 registers, 30 live: 109 spill stores and 122 reloads per
+#: tile; 1 × 1×13 or 2 × 1×10: under 30)
+EPILOGUE_REGISTERS = 3
+#: `pointwise_rate`'s charge per accumulator of a spilling tile, once per tile (amortized over its reduction
+#: steps): squeezenet's 48→192 1×1 on 13×13 (48 steps), Zen 4, 1 thread, 7 interleaved rounds: 2 blocks × 1×13
+#: 0.041 ms, 1 block × 1×13 0.034 (64→256: 0.065 / 0.057), where the model without it put 2 blocks 1.5× ahead;
+#: over 512 steps (its 512→1000) the charge is small and the two-block tile stays
+SPILL_CYCLES = 16
+
+
 def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, registers: int,
-                    exact: bool = False) -> list[tuple[int, int, int]]:
+                    exact: bool = False, steps: int = 0) -> list[tuple[int, int, int]]:
     """The register tiles of a 1×1 conv (one group), best-first (`pointwise_rate`); `exact`: only tiles whose
-    rows and columns divide the output (no padded copy of the input).
+    rows and columns divide the output (no padded copy of the input); `steps`: its input channels (0: unknown,
+    no charge for spilling epilogues).
 
     A 1×1 conv has no kernel-width taps that share input scalars, so with the channel vectors innermost
     (`schedule_channel_tile`) a step keeps only the kv·vectors weight vectors and one broadcast live beside the
@@ -99,20 +112,27 @@ def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, reg
                 if kv * vectors_per_block * (ht * wt + 1) + 2 > registers:
                     break
                 if not exact or not (oh % ht or ow % wt):
-                    scored.append((pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt)), (kv, ht, wt)))
+                    rate = pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt), registers, steps)
+                    scored.append((rate, (kv, ht, wt)))
     scored.sort(key=lambda item: -round(item[0], 9))
     return [tile for _, tile in scored] or [(1, 1, 1)]
 
 
-def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
+def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile: tuple[int, int, int],
+                   registers: int = 0, steps: int = 0) -> float:
     """`pointwise_tiles`' model of a tile's useful multiply-adds per step: each step loads kv·vectors weight
     vectors and broadcasts ht·wt inputs for kv·vectors·ht·wt FMAs; two FMA pipes, loads at `LOAD_CYCLES` each, so
-    a 1×13 tile of one block (14 loads, 13 FMAs) is load-bound where 2 blocks × 13 (15 loads, 26 FMAs) is not."""
+    a 1×13 tile of one block (14 loads, 13 FMAs) is load-bound where 2 blocks × 13 (15 loads, 26 FMAs) is not.
+    Given the `registers` and the reduction's `steps`, a tile that leaves its epilogue fewer than
+    `EPILOGUE_REGISTERS` pays `SPILL_CYCLES` per accumulator, spread over the steps."""
     kv, ht, wt = tile
     acc = kv * vectors_per_block * ht * wt
     loads = kv * vectors_per_block + ht * wt
     useful = _covered_share(oh, ow, ht, wt)
-    return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / (max(acc / 2, loads * LOAD_CYCLES, 4) + 1)
+    cycles = max(acc / 2, loads * LOAD_CYCLES, 4) + 1
+    if steps and kv * vectors_per_block * (ht * wt + 1) + 2 > registers - EPILOGUE_REGISTERS:
+        cycles += SPILL_CYCLES * acc / steps
+    return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / cycles
 
 
 def tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
