@@ -149,6 +149,15 @@ def global_mean() -> onnx.ModelProto:
     return g.model({"x": [1, 12, 13, 13]}, "y")
 
 
+def pool_wide() -> onnx.ModelProto:
+    """x[1,3,9,111] ─ Relu ─ MaxPool 3×3 s2 (55 columns) ─ Relu ─ y: a separable max pool with an elementwise op
+    fused on each side"""
+    g = graphs.Builder(12)
+    h = g.node("MaxPool", [g.node("Relu", ["x"], "relu1")], "mp", kernel_shape=[3, 3], strides=[2, 2])
+    g.node("Relu", [g.node("Neg", [h], "neg")], "y")
+    return g.model({"x": [1, 3, 9, 111]}, "y")
+
+
 def row_mean() -> onnx.ModelProto:
     """x[2,5,200] ─ ReduceMean(last axis, keepdims 0) ─ y[2,5]: 12 vectors of 16 and 8 elements a row"""
     g = graphs.Builder(11)
@@ -158,7 +167,7 @@ def row_mean() -> onnx.ModelProto:
 
 GRAPHS = {f.__name__: f for f in (conv_odd, conv_strided_no_bias, conv_residual_dilated, conv_big, grouped,
                                   grouped_padded, depthwise, dense_heads, matmul_batched, pools, concat_bn,
-                                  pointwise_wide, conv_chunked, global_mean, row_mean)}
+                                  pointwise_wide, conv_chunked, global_mean, row_mean, pool_wide)}
 
 
 def _target():
@@ -217,7 +226,9 @@ def _rules_applied(model: onnx.ModelProto) -> dict[str, str]:
     ("depthwise", {"depthwise_conv2d": "DepthwiseConv2d"}),
     ("dense_heads", {"dense": "DensePacked", "log_softmax": "Fallback"}),
     ("matmul_batched", {"dense": "DensePacked", "softmax": "Fallback"}),
-    ("pools", {"max_pool2d": "DepthwiseConv2d", "avg_pool2d": "Pool", "mean": "RowReduce"}),  # max: window_compute
+    # max: the unpadded one separable (`pool._separable_max`), the padded one a window max (`window_compute`)
+    ("pools", {"max_pool2d": "Pool", "max_pool2d1": "DepthwiseConv2d", "avg_pool2d": "Pool", "mean": "RowReduce"}),
+    ("pool_wide", {"max_pool2d": "Pool"}),
     ("concat_bn", {"conv2d": "Conv2dPacked", "concatenate": "Injective"}),
     ("pointwise_wide", {"conv2d": "Conv2dColumns"}),
     ("conv_chunked", {"conv2d": "Conv2dPacked"}),

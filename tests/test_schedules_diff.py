@@ -157,6 +157,8 @@ def pools(kind: str, hw: tuple[int, int] = (13, 11)) -> onnx.ModelProto:
         h = g.node("ReduceMean", [h], "mean", axes=[2, 3], keepdims=1)
     elif kind == "max_upper":
         h = g.node("MaxPool", [h], "pool", kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER")
+    elif kind == "max_s2":  # unpadded, strided: separable (`pool._separable_max`)
+        h = g.node("MaxPool", [h], "pool", kernel_shape=[3, 3], strides=[2, 2])
     elif kind == "max_s2_ceil":
         h = g.node("MaxPool", [h], "pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
     elif kind == "avg_2x1":  # recognisers pool height only
@@ -286,8 +288,9 @@ def _patterns() -> dict[str, Pattern]:
     # inputs over `ROWS_OUTERMOST_BYTES` (2.1 and 2.3 MB): row tiles outside the channel blocks, channel and column tile
     out.append(Pattern("conv_c32_k40_3x3_s1_p1_rowsfirst", lambda: narrow_conv(32, 40, 3, 1, 1, (130, 128))))
     out.append(Pattern("narrow_c16_k24_1x1_rowsfirst", lambda: narrow_conv(16, 24, 1, 1, 0, (200, 180))))
-    for kind in ("gap", "reduce_mean", "max_upper", "max_s2_ceil", "avg_2x1"):
+    for kind in ("gap", "reduce_mean", "max_upper", "max_s2", "max_s2_ceil", "avg_2x1"):
         out.append(Pattern(f"pool_{kind}", lambda kind=kind: pools(kind)))
+    out.append(Pattern("pool_max_s2_9x111", lambda: pools("max_s2", (9, 111))))  # 55 columns: separable
     for kind in ("gap", "reduce_mean", "max_rows"):
         out.append(Pattern(f"pool_{kind}_16x40", lambda kind=kind: pools(kind, (16, 40))))
     for kind in ("matmul_gelu", "layernorm", "layernorm_decomposed", "attention", "softmax_head", "softmax_wide",
@@ -304,7 +307,7 @@ PATTERNS = _patterns()
 #: the default run's part: one of each family, the shapes that broke before first
 FAST = ["dw3x3_s2_same_d1_c5", "dw5x5_s1_upper_d1_c16", "dw3x3_s2_same_c4_rowtiles", "grouped_g3_c3_3x3_s2",
         "narrow_c3_k64_3x3_s2_p0_w50", "convT_2x2_s2_p0_op0_g1", "conv_c24_k20_3x3_s2_p1_w104",
-        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40",
+        "resize_linear_half_pixel", "pw_pad_after", "pw_se", "pw_gelu", "pool_gap", "pool_gap_16x40", "pool_max_s2",
         "seq_attention", "seq_softmax_wide", "fpn_head", "d2s_crd_b2"]
 
 

@@ -66,7 +66,9 @@ from __future__ import annotations
 #: (`conv2d.EXACT_TILE_SHARE` 0.95 → 0.75).
 #: 29: means over trailing axes of 8+ vectors summed lanes first (`reduce.legalize_mean`); pointwise tiles that spill
 #: around their epilogue charged for it over their reduction steps (`tiles.EPILOGUE_REGISTERS`).
-SCHEDULES_VERSION = 29
+#: 30: unpadded strided float max pools with short or wide rows in two passes, rows then columns
+#: (`pool._separable_max`).
+SCHEDULES_VERSION = 30
 
 
 def legalize_map() -> dict:
