@@ -67,7 +67,8 @@ from __future__ import annotations
 #: 29: means over trailing axes of 8+ vectors summed lanes first (`reduce.legalize_mean`); pointwise tiles that spill
 #: around their epilogue charged for it over their reduction steps (`tiles.EPILOGUE_REGISTERS`).
 #: 30: unpadded strided float max pools with short or wide rows in two passes, rows then columns
-#: (`pool._separable_max`).
+#: (`pool._separable_max`); pointwise tiles ranked with 512-bit FMAs at half rate where they are (Zen 4,
+#: `conv2d.pointwise_fma_cycles`).
 SCHEDULES_VERSION = 30
 
 
