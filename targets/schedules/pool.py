@@ -85,10 +85,10 @@ def _separable_max(data, kernel_hw, strides, out_hw):
 
 
 def legalize_max_pool2d(bb, call):
-    """relax.nn.max_pool2d (NCHW, static shapes) → a window max tiled like a depthwise conv
-    (`conv2d.window_compute`: register tile over rows and columns, strided windows read through column phases,
-    the input padded with the lowest value, per channel, as far as the windows and the whole tiles read),
-    where `_window_max_wins`, else TVM's legalization.
+    """relax.nn.max_pool2d (NCHW, static shapes) → a max over rows, then columns, where `_separable_wins`
+    (`_separable_max`); else a window max tiled like a depthwise conv (`conv2d.window_compute`: register tile over
+    rows and columns, strided windows read through column phases, the input padded with the lowest value, per
+    channel, as far as the windows and the whole tiles read), where `_window_max_wins`; else TVM's legalization.
 
     The padding is a plain copy in cache and the taps read without a bounds check. TOPI computes ceil mode as
     one more row and column of −∞ padding whether a window reads it or not, copied in a loop of its own with a
