@@ -1,6 +1,7 @@
 """`schedules/pool.legalize_max_pool2d`: a max pool (ceil mode included) compiles to a window max whose taps read
 without a bounds check (the input is padded beforehand, by a plain copy, where a window or a whole tile reads
-past the map), and TVM's outputs equal ONNX Runtime's."""
+past the map), or, unpadded and strided, to a max over rows then columns (`_separable_max`), and TVM's outputs
+equal ONNX Runtime's."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,9 +50,12 @@ def test_max_pool_matches_onnxruntime_and_pads_only_when_read(name):
     mod = tvm_build.import_onnx(model, shapes)
     fused = schedules.fused_module(mod, target)
     text = "\n".join(f.script() for _, f in fused.functions_items() if isinstance(f, tirx.PrimFunc))
-    window = text[text.index('T.sblock("depthwise_conv2d_nchw")'):]
-    window = window[:window.index("T.sblock(", 1)] if "T.sblock(" in window[1:] else window
-    assert "if_then_else" not in window, window  # the taps: no bounds check, whatever the padding
+    if 'T.sblock("depthwise_conv2d_nchw")' in text:
+        window = text[text.index('T.sblock("depthwise_conv2d_nchw")'):]
+        window = window[:window.index("T.sblock(", 1)] if "T.sblock(" in window[1:] else window
+        assert "if_then_else" not in window, window  # the taps: no bounds check, whatever the padding
+    else:  # unpadded and strided: rows, then columns, reading the map in place
+        assert 'T.sblock("pool_columns")' in text and "if_then_else" not in text, text
     got, ref = _run_against_onnxruntime(model, mod, target, seed=5)
     assert np.array_equal(got, ref), f"{name}: max |Δ| {np.abs(got - ref).max():.2e}"
 
@@ -67,18 +71,19 @@ def _run_against_onnxruntime(model, mod, target, seed: int) -> tuple[np.ndarray,
     return np.stack([runner.run(s)[0] for s in data.samples(len(data))]).reshape(ref.shape), ref
 
 
-@pytest.mark.parametrize("c, hw, k, s, pads, ceil, window", [
-    (8, 111, 3, 2, [0, 0, 0, 0], 0, False),   # 55 columns, no padding: TOPI's nest reads the map in place
-    (8, 40, 2, 1, [0, 0, 0, 0], 0, False),    # stride 1, 39 columns
-    (8, 40, 2, 1, [0, 0, 1, 1], 0, True),     # padded bottom/right (ppocrv6_tiny_det's): the window max
-    (8, 40, 3, 2, [1, 1, 1, 1], 0, True),     # padded
-    (8, 39, 3, 2, [0, 0, 0, 0], 1, True),     # ceil mode: TOPI would pad in a copy of its own
-    (8, 27, 3, 2, [0, 0, 0, 0], 0, True),     # 13 columns: too short for LLVM to vectorize TOPI's nest
+@pytest.mark.parametrize("c, hw, k, s, pads, ceil, kind", [
+    (8, 111, 3, 2, [0, 0, 0, 0], 0, "separable"),  # 55 columns, unpadded, strided: rows, then columns
+    (8, 27, 3, 2, [0, 0, 0, 0], 0, "separable"),   # 13 columns: too short for LLVM to vectorize TOPI's nest
+    (8, 79, 3, 2, [0, 0, 0, 0], 0, "topi"),        # 39 columns: TOPI's nest reads the map in place
+    (8, 40, 2, 1, [0, 0, 0, 0], 0, "topi"),        # stride 1, 39 columns
+    (8, 40, 2, 1, [0, 0, 1, 1], 0, "window"),      # padded bottom/right (ppocrv6_tiny_det's): the window max
+    (8, 40, 3, 2, [1, 1, 1, 1], 0, "window"),      # padded
+    (8, 39, 3, 2, [0, 0, 0, 0], 1, "window"),      # ceil mode: TOPI would pad in a copy of its own
 ])
-def test_a_float_max_pool_is_a_window_max_where_it_pads_or_is_narrow(c, hw, k, s, pads, ceil, window):
-    """`pool._window_max_wins` for float32 (measurements in its docstring): the window max where the pool pads
-    (explicitly or by ceil mode) or has fewer than 16 output columns, TOPI's loop nest (the `Pool` rule) else;
-    both equal ONNX Runtime."""
+def test_a_float_max_pool_is_a_window_max_where_it_pads_separable_where_strided(c, hw, k, s, pads, ceil, kind):
+    """`pool._window_max_wins` and `_separable_wins` for float32 (measurements in their docstrings): the window max
+    where the pool pads (explicitly or by ceil mode), rows then columns where it is unpadded, strided and under 16
+    or at least 48 output columns, TOPI's loop nest (the `Pool` rule) else; all equal ONNX Runtime."""
     from tvm import tirx
 
     from squeeze.targets import schedules
@@ -87,6 +92,8 @@ def test_a_float_max_pool_is_a_window_max_where_it_pads_or_is_narrow(c, hw, k, s
     mod = tvm_build.import_onnx(model, resolve_shapes(input_specs(model), {}))
     text = "\n".join(f.script() for _, f in schedules.fused_module(mod, target).functions_items()
                      if isinstance(f, tirx.PrimFunc))
-    assert ('T.sblock("depthwise_conv2d_nchw")' in text) == window
+    found = "window" if 'T.sblock("depthwise_conv2d_nchw")' in text else \
+        "separable" if 'T.sblock("pool_columns")' in text else "topi"
+    assert found == kind
     got, ref = _run_against_onnxruntime(model, mod, target, seed=7)
     assert np.array_equal(got, ref)
