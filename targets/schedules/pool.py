@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .common import PARALLEL_MIN_ELEMENTS, extent, inline_epilogue, mark_parallel, product, root_blocks, \
+from .common import KERNEL, PARALLEL_MIN_ELEMENTS, extent, inline_epilogue, mark_parallel, product, root_blocks, \
     schedule_injective, schedule_rest, tile_epilogue, worth_parallel
 from .simd import describe, is_cpu
 
@@ -71,8 +71,6 @@ def _separable_max(data, kernel_hw, strides, out_hw):
     columns along the stride (`pool_columns`, annotated `SEPARABLE`): r + s compares an output, not r·s, and the
     strided pass reads a row the first pass left in L1."""
     from tvm import te  # noqa: PLC0415
-
-    from .common import KERNEL  # noqa: PLC0415
     (r, s), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
     n, c = data.shape[:2]
     width = (ow - 1) * sw + s
@@ -194,24 +192,20 @@ def _schedule_separable(sch, target) -> bool:
     (batch, channel, row) loop, both inner loops left to LLVM's loop vectorizer (the row pass contiguous, the
     column pass an interleaved access group: whole-vector loads and shuffles); other blocks (an elementwise op fused
     before or after) on their own. False (nothing done) where the function has no `SEPARABLE` block."""
-    from .common import KERNEL  # noqa: PLC0415
-    blocks = root_blocks(sch)
-    columns = [b for b in blocks if str(sch.get(b).annotations.get(KERNEL, "")) == SEPARABLE]
+    columns = [b for b in root_blocks(sch) if str(sch.get(b).annotations.get(KERNEL, "")) == SEPARABLE]
     if len(columns) != 1:
         return False
     anchor = columns[0]
-    rows = sch.get_producers(anchor)
+    rows = [b for b in sch.get_producers(anchor) if sch.get(b).name_hint.startswith("pool_rows")]
     n, c, y, *_ = sch.get_loops(anchor)
     work = product(extent(sch, lp) for lp in sch.get_loops(anchor))
     outer = sch.fuse(n, c, y)
     for block in rows:
-        if sch.get(block).name_hint.startswith("pool_rows"):
-            sch.compute_at(block, outer, preserve_unit_loops=True)
+        sch.compute_at(block, outer, preserve_unit_loops=True)
     if worth_parallel(work, PARALLEL_MIN_ELEMENTS):
         mark_parallel(sch, outer)
     lanes = describe(target).lanes(str(sch.get(anchor).writes[0].source.dtype))
-    placed = {sch.get(anchor).name_hint} | {sch.get(b).name_hint for b in rows
-                                           if sch.get(b).name_hint.startswith("pool_rows")}
+    placed = {sch.get(b).name_hint for b in (anchor, *rows)}
     for block in root_blocks(sch):
         if sch.get(block).name_hint not in placed:
             schedule_injective(sch, block, lanes)

@@ -81,9 +81,10 @@ def legalize_mean(bb, call):
     x = call.args[0]
     target = tvm.target.Target.current(allow_none=True)
     shape = static_shape(x)
-    axes = None if call.attrs.axis is None else sorted(int(a) % len(shape or [1]) for a in call.attrs.axis)
-    if not is_cpu(target) or shape is None or str(x.ty.dtype) != "float32" or not axes \
-            or axes != list(range(axes[0], len(shape))):
+    if not is_cpu(target) or shape is None or str(x.ty.dtype) != "float32" or not call.attrs.axis:
+        return default_legalization("relax.mean")(bb, call)
+    axes = sorted(int(a) % len(shape) for a in call.attrs.axis)
+    if axes != list(range(axes[0], len(shape))):  # not the trailing axes
         return default_legalization("relax.mean")(bb, call)
     lanes = describe(target).lanes("float32")
     lead, trailing = shape[:axes[0]], shape[axes[0]:]

@@ -109,7 +109,7 @@ def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, reg
             continue
         for ht in range(1, min(oh, 4) + 1):
             for wt in range(1, ow + 1):
-                if kv * vectors_per_block * (ht * wt + 1) + 2 > registers:
+                if _pointwise_live(kv * vectors_per_block, ht * wt) > registers:
                     break
                 if not exact or not (oh % ht or ow % wt):
                     rate = pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt), registers, steps,
@@ -134,9 +134,15 @@ def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile
     loads = kv * vectors_per_block + ht * wt
     useful = _covered_share(oh, ow, ht, wt)
     cycles = max(acc * fma_cycles, loads * LOAD_CYCLES, 4) + 1
-    if steps and kv * vectors_per_block * (ht * wt + 1) + 2 > registers - EPILOGUE_REGISTERS:
+    if steps and _pointwise_live(kv * vectors_per_block, ht * wt) > registers - EPILOGUE_REGISTERS:
         cycles += SPILL_CYCLES * acc / steps
     return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / cycles
+
+
+def _pointwise_live(vectors: int, pixels: int) -> int:
+    """Registers a pointwise tile keeps live in a step: `vectors` weight vectors, their accumulators for each of its
+    `pixels`, the broadcast input and one more."""
+    return vectors * (pixels + 1) + 2
 
 
 def tile_rate(oh: int, ow: int, vectors_per_block: int, tile: tuple[int, int, int]) -> float:
