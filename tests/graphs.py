@@ -8,6 +8,7 @@ tests share: running a spec through the real pass manager, op counts, and the ou
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -323,32 +324,51 @@ def fails_checker() -> onnx.ModelProto:
 QDQ_XS, QDQ_XZ, QDQ_YS, QDQ_YZ = np.float32(0.02), np.uint8(100), np.float32(0.05), np.uint8(7)
 
 
-def qdq_weights(rng, shape, axis_len):
+@lru_cache(maxsize=None)
+def host_weight_limit() -> int:
+    """The largest |int8 weight| the tests' QDQ models use on this host: 127 where its int8 dot product is exact
+    for any weights (VNNI, aarch64 sdot) or where there is none; 63 where it is `vpmaddubsw` (AVX2 / AVX-512BW
+    without VNNI), which adds two products into a saturating int16, exact only while |w₀|+|w₁| ≤ 128
+    (`dot_intrinsics.pairs_fit`): squeeze keeps a layer whose weights break that in float, and ONNX Runtime's
+    kernels on such a CPU saturate, so neither would be the int8 computation a test means to compare."""
+    import tvm
+
+    from squeeze.targets import tvm_build
+    from squeeze.targets.schedules import int8
+    found = int8.dot_intrinsic(tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()}))
+    return 127 if found is None or found[2] else 63
+
+
+def qdq_weights(rng, shape, axis_len, limit: int | None = None):
+    """Symmetric int8 weights of `shape` quantized per `axis_len` channels (axis 0 or the last), |w| ≤ `limit`
+    (default `host_weight_limit`), and their scales."""
+    limit = host_weight_limit() if limit is None else limit
     w = rng.normal(size=shape).astype(np.float32)
-    scale = (np.abs(w).reshape(axis_len, -1).max(1) / 127).astype(np.float32) if shape[0] == axis_len else \
-        (np.abs(w).reshape(-1, axis_len).max(0) / 127).astype(np.float32)
+    scale = (np.abs(w).reshape(axis_len, -1).max(1) / limit).astype(np.float32) if shape[0] == axis_len else \
+        (np.abs(w).reshape(-1, axis_len).max(0) / limit).astype(np.float32)
     full = scale.reshape((-1,) + (1,) * (len(shape) - 1)) if shape[0] == axis_len else scale
-    return np.clip(np.round(w / full), -127, 127).astype(np.int8), scale
+    return np.clip(np.round(w / full), -limit, limit).astype(np.int8), scale
 
 
 def qdq_model(op: str = "Conv", *, c=16, k=32, hw=(12, 12), ksize=3, stride=1, pad=1, quant_out=True, bias=True,
-              seed=0, weight_zero_point=0, trans_b=False, dilation=1, pads=None, groups=1) -> onnx.ModelProto:
+              seed=0, weight_zero_point=0, trans_b=False, dilation=1, pads=None, groups=1,
+              weight_limit: int | None = None) -> onnx.ModelProto:
     """x → Q → DQ ─┐
        W_s8 → DQ ──┼→ Conv/Gemm/MatMul (+ DQ(b_s32)) → Q → DQ → out          (the form `quant` writes)
 
     Input `x`, output `out` (`y` with quant_out=False). `trans_b`: a Gemm with its weight stored [k, c] and
     transB=1, as exporters and `quant` write it; `pads`: a Conv's 4 pads (default `pad` on every side); `groups`:
-    a grouped Conv (c = k = groups: depthwise)."""
+    a grouped Conv (c = k = groups: depthwise); `weight_limit`: the largest |int8 weight| (`qdq_weights`)."""
     rng = np.random.default_rng(seed)
     if op == "Conv":
-        wq, ws = qdq_weights(rng, (k, c // groups, ksize, ksize), k)
+        wq, ws = qdq_weights(rng, (k, c // groups, ksize, ksize), k, weight_limit)
         xshape = [1, c, *hw]
         axis = 0
     elif trans_b:
-        wq, ws = qdq_weights(rng, (k, c), k)
+        wq, ws = qdq_weights(rng, (k, c), k, weight_limit)
         xshape, axis = [1, c], 0
     else:
-        wq, ws = qdq_weights(rng, (c, k), k)
+        wq, ws = qdq_weights(rng, (c, k), k, weight_limit)
         xshape = [3, c] if op == "MatMul" else [1, c]
         axis = 1
     bq = rng.integers(-3000, 3000, size=k).astype(np.int32)

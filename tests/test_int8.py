@@ -104,7 +104,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bit_exact_with_onnxruntime_int8(case):
     """Quantized output identical to ONNX Runtime's int8 kernels (QLinearConv / QGemm / QLinearMatMul) and to
-    its exact QDQ reference, and the layer was computed in integers."""
+    its QDQ reference (float32 sums, exact for these sizes: one element of conv5x5_48_channels lands on the other
+    side of a rounding boundary with the weights of a CPU without VNNI, `graphs.host_weight_limit`, so there
+    one output step apart on at most one element), and the layer was computed in integers."""
     from squeeze.targets.schedules import int8
     target = _host()
     _needs_dot(target)
@@ -114,7 +116,11 @@ def test_bit_exact_with_onnxruntime_int8(case):
     got = _run(executable, x)
     assert int8.compute_summary(mod, target)["int8_layers"] == 1
     np.testing.assert_array_equal(got, _ort(model, x))
-    np.testing.assert_array_equal(got, _ort(model, x, optimize=False))
+    reference = _ort(model, x, optimize=False)
+    if graphs.host_weight_limit() == 127:
+        np.testing.assert_array_equal(got, reference)
+    else:
+        assert (got != reference).sum() <= 1 and np.abs(got - reference).max() <= graphs.QDQ_YS * 1.001
 
 
 FORMS = {"conv3x3_pad1": "channels", "conv_stem_stride2_column_tiles": "channels", "conv1x1_columns": "columns",
@@ -223,7 +229,7 @@ def test_avx2_fallback_is_exact_when_pairs_fit(hw):
     if "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("the host cannot run AVX2 code")
     assert int8.dot_intrinsic(target) == ("squeeze_dot_8x4_avx2", 8, False)
-    small = qdq_model(seed=3, hw=hw)
+    small = qdq_model(seed=3, hw=hw, weight_limit=127)
     for init in small.graph.initializer:
         if init.name == "wq":
             init.CopyFrom(nh.from_array((nh.to_array(init) // 2).astype(np.int8), "wq"))
@@ -232,16 +238,26 @@ def test_avx2_fallback_is_exact_when_pairs_fit(hw):
     _, executable = _build(small, x, target)
     assert "vpmaddubsw" in _asm(executable)
     np.testing.assert_array_equal(_run(executable, x), _ort(small, x))
-    big = qdq_model(seed=3, hw=hw)
+    big = qdq_model(seed=3, hw=hw, weight_limit=127)
     _, executable = _build(big, x, target)
     assert "vpmaddubsw" not in _asm(executable)
-    np.testing.assert_array_equal(_run(executable, x), _ort(big, x))
+    if graphs.host_weight_limit() == 127:  # where ONNX Runtime's own int8 kernels saturate too, it is no reference
+        np.testing.assert_array_equal(_run(executable, x), _ort(big, x))
 
 
 def test_pairs_fit():
     from squeeze.targets.schedules.dot_intrinsics import pairs_fit
     assert pairs_fit(np.array([[64, 64, -127, 1]], np.int8))
     assert not pairs_fit(np.array([[65, 64, 0, 0]], np.int8))
+    # an odd channel count (the packing pads a zero channel): its last channel pairs with nothing
+    assert pairs_fit(np.array([[64, 64, 127]], np.int8))
+    assert not pairs_fit(np.array([[64, 64, 127, 2, 0]], np.int8))
+    # a conv's pairs are consecutive input channels at one tap, not consecutive taps of one channel
+    w = np.zeros((1, 2, 1, 2), np.int8)
+    w[0, 0, 0] = [100, 100]      # taps of channel 0: 200 across taps, never added by one vpmaddubsw
+    assert pairs_fit(w)
+    w[0, 1, 0, 1] = 29           # channel 1 at tap 1 pairs with channel 0 at tap 1: 129
+    assert not pairs_fit(w)
 
 
 def test_a_depthwise_layer_reads_bytes():

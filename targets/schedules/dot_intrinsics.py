@@ -204,10 +204,14 @@ def signed_activations(intrinsic: str) -> bool:
 
 
 def pairs_fit(weight: np.ndarray) -> bool:
-    """Whether `vpmaddubsw` is exact on `weight` [K, C/4·4] packed in fours: |w₀|+|w₁| ≤ 128 for each pair it
-    adds into one saturating int16 (255·128 = 32640 ≤ 32767)."""
-    w = np.abs(weight.astype(np.int32)).reshape(weight.shape[0], -1, 2)
-    return bool((w.sum(axis=-1) <= 128).all())
+    """Whether `vpmaddubsw` is exact on `weight` [K, C, taps...] (a conv's OIHW, or a dense weight [N, K]) once
+    packed in fours of input channels per tap (`int8.pack_weight_int8`): |w₀|+|w₁| ≤ 128 for each pair of
+    consecutive input channels at one tap, which it adds into one saturating int16 (255·128 = 32640 ≤ 32767).
+    The packing pads C with zeros to a multiple of 4."""
+    w = np.abs(weight.astype(np.int32))
+    if w.shape[1] % 2:
+        w = np.concatenate([w, np.zeros_like(w[:, :1])], axis=1)
+    return bool((w.reshape(w.shape[0], w.shape[1] // 2, 2, -1).sum(axis=2) <= 128).all())
 
 
 #: dot-product intrinsic → the instruction the report names

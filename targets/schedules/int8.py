@@ -480,7 +480,7 @@ def legalize_conv2d_int8(bb, call):
         return None
     target, intrinsic, kb, exact = found
     w = weight.value.numpy()
-    if not exact and not pairs_fit(w.reshape(w.shape[0], -1)):
+    if not exact and not pairs_fit(w):
         return None
     n, c, h, wd = dshape
     k, _, r, s = wshape
