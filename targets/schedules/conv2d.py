@@ -123,6 +123,11 @@ def weight_kvs(c: int, taps: int, kb: int, oh: int, ow: int, dtype_bytes: int = 
 #: 1 × 1×19 (0.85): 64→64 0.061 → 0.040 / 0.041 → 0.027, 128→128 0.215 → 0.157 / 0.103 → 0.082, 512→512 2.91 →
 #: 2.33 / 1.44 → 1.31; 128→42, 3 × 2×4 → 1 × 1×19 (0.87), 0.098 → 0.059 / 0.056 → 0.036. Hence 0.75, not 0.95.
 EXACT_TILE_SHARE = 0.75
+#: the same share where `pointwise_rate` charges broadcasts FMA slots (`simd.BROADCAST_SLOTS`, Zen 1-3): there the
+#: model ranks one-block tiles as measured, and the exact tile gains only the padded copy. Zen 3, alone, 1 thread:
+#: 512→1000 on 13×13, exact 4 blocks × 1×1 (modelled 0.77 of the best) 4.17 ms, padded 4 × 1×2 3.34; 256→48 on
+#: 13×13, exact 1 × 1×13 (0.68) 0.155, padded 3 × 1×2 0.106
+EXACT_TILE_SHARE_FP_BROADCAST = 0.9
 
 
 def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtype: str,
@@ -140,10 +145,11 @@ def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtyp
 
         def ranked(exact: bool) -> list:
             return pointwise_tiles(oh, ow, blocks, vectors, cpu.registers, exact=exact, steps=c_per_group,
-                                   fma_cycles=fma)
+                                   fma_cycles=fma, broadcast_slots=cpu.broadcast_slots, step_cycles=cpu.step_cycles)
 
         def rate(tile) -> float:
-            return pointwise_rate(oh, ow, blocks, vectors, tile, cpu.registers, c_per_group, fma)
+            return pointwise_rate(oh, ow, blocks, vectors, tile, cpu.registers, c_per_group, fma,
+                                  cpu.broadcast_slots, cpu.step_cycles)
     else:
         kvs = weight_kvs(c_per_group, taps, kb, oh, ow, dtype_bits(dtype) // 8)
 
@@ -155,7 +161,8 @@ def plan_conv(k: int, c_per_group: int, groups: int, oh: int, ow: int, cpu, dtyp
     kv, ht, wt = ranked(False)[0]
     if unpadded and (oh % ht or ow % wt):
         exact = ranked(True)[0]
-        if rate(exact) >= EXACT_TILE_SHARE * rate((kv, ht, wt)):
+        share = EXACT_TILE_SHARE_FP_BROADCAST if cpu.broadcast_slots else EXACT_TILE_SHARE
+        if rate(exact) >= share * rate((kv, ht, wt)):
             kv, ht, wt = exact
     return ConvPlan(kb, kv, ht, wt)
 
@@ -469,7 +476,7 @@ def plan_columns(k: int, c: int, oh: int, ow: int, cpu, dtype: str, pointwise: b
         if padded(kv) <= ow * COLUMNS_MAX_WASTE:
             kb = min(4, k)
             return ConvPlan(kb, kv, max(1, min(oh, cpu.accumulators() // (kv * kb))), kv * lanes)
-    if not pointwise:
+    if not pointwise or cpu.broadcast_slots:
         return None
     wide = cpu.lanes(dtype)
     if wide > lanes and ow % wide == 0:  # the schedule reads the lanes from the tile (`TILE`)

@@ -20,6 +20,8 @@ class Cpu:
     fma: bool
     arch: str
     full_rate_bits: int = 0  #: widest vector the FMA units take at full per-lane rate (0: vector_bits)
+    broadcast_slots: float = 0.0  #: FMA issue slots a scalar broadcast from memory costs (`BROADCAST_SLOTS`)
+    step_cycles: float = 1.0  #: cycles a pointwise tile's reduction step spends beside its FMAs and loads
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of `dtype` in one SIMD register."""
@@ -63,6 +65,21 @@ def cpu_features(target) -> frozenset[str]:
     return _features(str(target))
 
 
+#: CPUs (LLVM -mcpu) whose scalar broadcast to a vector register competes with the FMAs for the floating-point
+#: pipes, unlike Intel's, which broadcast in the load port: AMD Zen 1-3 (AVX2). Zen 4 is modelled by its
+#: double-pumped 512-bit FMAs (`full_rate_bits`) instead.
+FP_BROADCAST_CPUS = frozenset({"znver1", "znver2", "znver3"})
+#: the FMA slots one broadcast costs there, fitted to squeezenet's 1×1 convs on Zen 3 (1 thread, 7 interleaved
+#: rounds, alone, ms; ONNX Runtime in brackets): 512→1000 on 13×13, one 8-channel block × 1×13 6.39, 1 × 1×8 6.30,
+#: 2 × 1×5 4.12, 2 × 2×3 3.69, 3 × 1×3 3.92, 3 × 1×4 3.56, 4 × 1×2 3.53 (3.16); 64→256 on 13×13, 2 × 2×2 0.186,
+#: 1 × 1×13 0.223, 3 × 1×4 0.107, 4 × 1×2 0.111 (0.130): a tile of one block (a broadcast per FMA) runs at half
+#: the rate of one of three or four. With 1 slot `pointwise_rate` put them within 25 %; with 2 slots and 3 cycles
+#: a step (`FP_BROADCAST_STEP_CYCLES`, not 1: tiles of 6-9 accumulators ran slower than their FMA slots, 64→256,
+#: 3 × 1×2 0.154) it ranks them as measured but for 3 × 1×3
+BROADCAST_SLOTS = 2.0
+FP_BROADCAST_STEP_CYCLES = 3.0
+
+
 @lru_cache(maxsize=None)
 def _describe(target_json: str) -> Cpu:
     import tvm  # noqa: PLC0415
@@ -73,6 +90,9 @@ def _describe(target_json: str) -> Cpu:
         double_pumped = str(target.attrs.get("mcpu", "") or "") == "znver4"
         return Cpu(512, 32, True, "x86", 256 if double_pumped else 512)
     if "avx2" in features or "avx" in features:
+        if str(target.attrs.get("mcpu", "") or "") in FP_BROADCAST_CPUS:
+            return Cpu(256, 16, "fma" in features, "x86", broadcast_slots=BROADCAST_SLOTS,
+                       step_cycles=FP_BROADCAST_STEP_CYCLES)
         return Cpu(256, 16, "fma" in features, "x86")
     if triple.startswith(("aarch64", "arm64")) or "neon" in features:
         return Cpu(128, 32, True, "arm")

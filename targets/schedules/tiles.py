@@ -93,7 +93,8 @@ SPILL_CYCLES = 16
 
 
 def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, registers: int,
-                    exact: bool = False, steps: int = 0, fma_cycles: float = 0.5) -> list[tuple[int, int, int]]:
+                    exact: bool = False, steps: int = 0, fma_cycles: float = 0.5,
+                    broadcast_slots: float = 0.0, step_cycles: float = 1.0) -> list[tuple[int, int, int]]:
     """The register tiles of a 1×1 conv (one group), best-first (`pointwise_rate`); `exact`: only tiles whose
     rows and columns divide the output (no padded copy of the input); `steps`: its input channels (0: unknown,
     no charge for spilling epilogues).
@@ -113,14 +114,15 @@ def pointwise_tiles(oh: int, ow: int, k_blocks: int, vectors_per_block: int, reg
                     break
                 if not exact or not (oh % ht or ow % wt):
                     rate = pointwise_rate(oh, ow, k_blocks, vectors_per_block, (kv, ht, wt), registers, steps,
-                                          fma_cycles)
+                                          fma_cycles, broadcast_slots, step_cycles)
                     scored.append((rate, (kv, ht, wt)))
     scored.sort(key=lambda item: -round(item[0], 9))
     return [tile for _, tile in scored] or [(1, 1, 1)]
 
 
 def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile: tuple[int, int, int],
-                   registers: int = 0, steps: int = 0, fma_cycles: float = 0.5) -> float:
+                   registers: int = 0, steps: int = 0, fma_cycles: float = 0.5, broadcast_slots: float = 0.0,
+                   step_cycles: float = 1.0) -> float:
     """`pointwise_tiles`' model of a tile's useful multiply-adds per step: each step loads kv·vectors weight
     vectors and broadcasts ht·wt inputs for kv·vectors·ht·wt FMAs at `fma_cycles` each (two pipes: 0.5; 1 where
     the vectors are twice the full-rate width, `conv2d.pointwise_fma_cycles`), loads at `LOAD_CYCLES` each, so
@@ -128,12 +130,15 @@ def pointwise_rate(oh: int, ow: int, k_blocks: int, vectors_per_block: int, tile
     loads, 26 FMAs) is not; on Zen 4 (512-bit FMAs at half rate) neither is, and the one-block tile wastes no
     padded channels (1000 outputs: 63 blocks, not 64) and spills nothing.
     Given the `registers` and the reduction's `steps`, a tile that leaves its epilogue fewer than
-    `EPILOGUE_REGISTERS` pays `SPILL_CYCLES` per accumulator, spread over the steps."""
+    `EPILOGUE_REGISTERS` pays `SPILL_CYCLES` per accumulator, spread over the steps. Where a broadcast takes
+    FMA issue slots (`simd.BROADCAST_SLOTS`: AMD Zen 1-3), the ht·wt broadcasts add `broadcast_slots` FMAs each,
+    and a step costs `step_cycles` beside them (1 elsewhere).
+    """
     kv, ht, wt = tile
     acc = kv * vectors_per_block * ht * wt
     loads = kv * vectors_per_block + ht * wt
     useful = _covered_share(oh, ow, ht, wt)
-    cycles = max(acc * fma_cycles, loads * LOAD_CYCLES, 4) + 1
+    cycles = max((acc + broadcast_slots * ht * wt) * fma_cycles, loads * LOAD_CYCLES, 4) + step_cycles
     if steps and _pointwise_live(kv * vectors_per_block, ht * wt) > registers - EPILOGUE_REGISTERS:
         cycles += SPILL_CYCLES * acc / steps
     return useful * k_blocks / (math.ceil(k_blocks / kv) * kv) * acc / cycles
