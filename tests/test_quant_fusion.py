@@ -93,6 +93,7 @@ def test_hardswish_joins_the_int8_region(calib_data, tmp_path, op):
     QLinearMul, the gate as a QLinearAdd (HardSigmoid = Add(x, 3) clipped by the uint8 range of [0, 6], the 1/6 in
     the next DequantizeLinear's scale), and no float Add/Clip/Div/HardSigmoid/HardSwish remains after the
     QLinearConv; the outputs stay close to the float model's."""
+    graphs.skip_unless_exact_int8()
     from test_quant import _ort_optimized_ops
     model = _conv_hardswish_conv(op)
     data = calib_data(model, 16)
@@ -152,6 +153,7 @@ def test_elementwise_tails_behind_cheap_functions_join_the_int8_region(build, fu
     """As quantize_static does: the Add/Mul after a decomposed GELU's Erf and the Add after an FPN's Resize read
     int8 tensors, so ONNX Runtime runs them as QLinearAdd/QLinearMul instead of float ops over whole feature maps
     between a DequantizeLinear and a QuantizeLinear; the outputs stay close to the float model's."""
+    graphs.skip_unless_exact_int8()
     from test_quant import _ort_optimized_ops
     model = build()
     data = calib_data(model, 16)
@@ -166,6 +168,7 @@ def test_a_max_pool_between_int8_tensors_keeps_its_input_quantization(calib_data
     """Conv → Relu → MaxPool → Conv: the QuantizeLinear after the pool takes the scale and zero point of the
     DequantizeLinear before it (the pool picks input values: exact), so ONNX Runtime runs an int8 pool instead of
     a float MaxPool between a DequantizeLinear and a QuantizeLinear (squeezenet: 3.28 → 2.79 ms)."""
+    graphs.skip_unless_exact_int8()
     from onnx import numpy_helper
 
     from test_quant import _ort_optimized_ops
