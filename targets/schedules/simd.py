@@ -3,7 +3,9 @@
 `tvm.target.codegen.llvm_get_vector_width` answers 512 for any x86 CPU in TVM 0.27 (even `haswell`), so the
 width is read from the CPU's feature list instead: AVX-512 → 512 bits, AVX/AVX2 → 256, otherwise 128 (SSE,
 NEON on ARM). AMD Zen 4 (`znver4`) runs a 512-bit FMA as two 256-bit halves: per lane, 256-bit vectors are as
-fast there, so a narrower channel block that pads fewer channels costs nothing.
+fast there, so a narrower channel block that pads fewer channels costs nothing. On AMD Zen 1-3 (AVX2) a scalar
+broadcast competes with the FMAs (`BROADCAST_SLOTS`): the pointwise tiles then spread each broadcast over several
+channel blocks, and the column tiles, which broadcast a weight per FMA, are not used for 1×1 convs.
 """
 from __future__ import annotations
 
