@@ -69,7 +69,10 @@ from __future__ import annotations
 #: 30: unpadded strided float max pools with short or wide rows in two passes, rows then columns
 #: (`pool._separable_max`); pointwise tiles ranked with 512-bit FMAs at half rate where they are (Zen 4,
 #: `conv2d.pointwise_fma_cycles`).
-SCHEDULES_VERSION = 30
+#: 31: on AMD Zen 1-3 a broadcast costs FMA slots in the pointwise tile model (`simd.BROADCAST_SLOTS`), the exact
+#: tile must model within 10 % (`conv2d.EXACT_TILE_SHARE_FP_BROADCAST`) and 1×1 convs take no column tile; AVX2
+#: int8 layers checked for saturating pairs as the packing pairs them (`dot_intrinsics.pairs_fit`).
+SCHEDULES_VERSION = 31
 
 
 def legalize_map() -> dict:
