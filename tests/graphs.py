@@ -324,6 +324,14 @@ def fails_checker() -> onnx.ModelProto:
 QDQ_XS, QDQ_XZ, QDQ_YS, QDQ_YZ = np.float32(0.02), np.uint8(100), np.float32(0.05), np.uint8(7)
 
 
+def host_target():
+    """An LLVM target for this host's CPU (what the schedule and int8 tests build for)."""
+    import tvm
+
+    from squeeze.targets import tvm_build
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+
+
 @lru_cache(maxsize=None)
 def host_weight_limit() -> int:
     """The largest |int8 weight| the tests' QDQ models use on this host: 127 where its int8 dot product is exact
@@ -331,11 +339,8 @@ def host_weight_limit() -> int:
     without VNNI), which adds two products into a saturating int16, exact only while |w₀|+|w₁| ≤ 128
     (`dot_intrinsics.pairs_fit`): squeeze keeps a layer whose weights break that in float, and ONNX Runtime's
     kernels on such a CPU saturate, so neither would be the int8 computation a test means to compare."""
-    import tvm
-
-    from squeeze.targets import tvm_build
     from squeeze.targets.schedules import int8
-    found = int8.dot_intrinsic(tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()}))
+    found = int8.dot_intrinsic(host_target())
     return 127 if found is None or found[2] else 63
 
 

@@ -28,10 +28,7 @@ def _after_an_int8_layer(model):
 
 
 def _target():
-    import tvm
-
-    from squeeze.targets import tvm_build
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    return graphs.host_target()
 
 
 @pytest.mark.parametrize("case", list(CASES))

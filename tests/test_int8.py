@@ -33,10 +33,7 @@ def _ort(model: onnx.ModelProto, x: np.ndarray, optimize: bool = True) -> np.nda
 
 
 def _host():
-    import tvm
-
-    from squeeze.targets import tvm_build
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    return graphs.host_target()
 
 
 def _build(model: onnx.ModelProto, x: np.ndarray, target):

@@ -171,8 +171,7 @@ GRAPHS = {f.__name__: f for f in (conv_odd, conv_strided_no_bias, conv_residual_
 
 
 def _target():
-    tvm = tvm_build.tvm()
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm_build.host_cpu()})
+    return graphs.host_target()
 
 
 def _compile_and_run(model: onnx.ModelProto, data) -> tuple[list[np.ndarray], float]:
